@@ -1,0 +1,45 @@
+"""unipack: store a collection of same-architecture checkpoints as one compact bundle.
+
+Fine-tunes of one base model lie near a shared low-dimensional subspace per layer; unipack
+stores a per-tensor mean, shared bases and small per-member coefficients, and reports how far
+every member is from its original. The public API::
+
+    import unipack
+    result = unipack.merge(["a.safetensors", "b.safetensors"], "bundle.upk", max_error=0.01)
+    with unipack.open("bundle.upk") as bundle:
+        state_dict = bundle.load("a")          # dict[str, torch.Tensor]
+        bundle.extract("a", "a.safetensors")  # same names, shapes, dtypes and metadata
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api.bundle import Bundle, open
+from .api.merge import MergeResult, merge
+from .errors import (
+    ChecksumError,
+    FormatError,
+    InputError,
+    MemberNotFoundError,
+    OptionsError,
+    OutputExistsError,
+    UnipackError,
+)
+from .options import MergeOptions
+
+__all__ = [
+    "Bundle",
+    "ChecksumError",
+    "FormatError",
+    "InputError",
+    "MemberNotFoundError",
+    "MergeOptions",
+    "MergeResult",
+    "OptionsError",
+    "OutputExistsError",
+    "UnipackError",
+    "__version__",
+    "merge",
+    "open",
+]

@@ -1,0 +1,136 @@
+"""``unipack.open``: an open bundle, its members, and members materialised on demand.
+
+Loading a member reads only the blobs it needs (each tensor's mean and basis, its own
+coefficients and raw tensors), never another member's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..core.reconstruct import reconstruct
+from ..errors import MemberNotFoundError
+from ..format import dtypes
+from ..format.atomic import atomic_write
+from ..format.container import BundleFile
+from ..format.manifest import Manifest, MemberRecord, TensorRecord
+from ..format.safetensors_file import encode_header
+from .summary import BundleSummary, summarize
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Bundle:
+    """A validated .upk bundle. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._file = BundleFile(path)
+        self.path = self._file.path
+        self.manifest: Manifest = self._file.manifest
+        self._coef_offsets = self.manifest.coef_offsets()
+
+    @property
+    def members(self) -> list[str]:
+        return [m.name for m in self.manifest.members]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.manifest.tensors]
+
+    def member(self, name: str) -> MemberRecord:
+        try:
+            return self.manifest.member(name)
+        except KeyError:
+            shown = ", ".join(self.members[:8]) + (" ..." if len(self.members) > 8 else "")
+            raise MemberNotFoundError(f"{self.path}: no member {name!r}; members: {shown} "
+                                      f"(see `unipack info {self.path}`)") from None
+
+    def iter_arrays(self, member: str) -> Iterator[tuple[TensorRecord, str, np.ndarray]]:
+        """``(record, dtype, array)`` for each tensor of ``member``; arrays held as ``holder(dtype)``."""
+        rec = self.member(member)
+        coefs = self._file.read_blob(rec.coefficients) if rec.coefficients else None
+        for t in self.manifest.tensors:
+            dtype = rec.dtype_of(t)
+            if t.storage == "raw":
+                yield t, dtype, self._file.read_blob(rec.raw[t.name])
+            elif t.storage == "exact":
+                assert t.blob is not None
+                yield t, dtype, self._file.read_blob(t.blob)
+            else:
+                yield t, dtype, dtypes.from_float(self._shared_values(t, coefs), dtype)
+
+    def _shared_values(self, t: TensorRecord, coefs: np.ndarray | None) -> np.ndarray:
+        assert t.mean is not None
+        mean_blob = self.manifest.blobs[t.mean]
+        mean = dtypes.to_float(self._file.read_blob(t.mean), mean_blob.dtype)
+        if t.rank == 0 or coefs is None or t.basis is None:
+            return reconstruct(t, mean, None, None)
+        basis_blob = self.manifest.blobs[t.basis]
+        basis = dtypes.to_float(self._file.read_blob(t.basis), basis_blob.dtype)
+        lo, hi = self._coef_offsets[t.name]
+        coef = dtypes.to_float(coefs[lo:hi], basis_blob.dtype).reshape(t.coef_shape())
+        return reconstruct(t, mean, basis, coef)
+
+    def load_numpy(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
+        """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)``."""
+        return {t.name: (dtype, array) for t, dtype, array in self.iter_arrays(member)}
+
+    def load(self, member: str) -> dict[str, "torch.Tensor"]:
+        """Member ``member`` as a torch state dict (same names, shapes and dtypes as its original)."""
+        from .torch_bridge import to_torch
+
+        return {t.name: to_torch(array, dtype) for t, dtype, array in self.iter_arrays(member)}
+
+    def extract(self, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write ``member`` as a .safetensors file (its original ``__metadata__`` kept), atomically."""
+        rec = self.member(member)
+        out = Path(path)
+        entries = []
+        for t in self.manifest.tensors:
+            dtype = rec.dtype_of(t)
+            shape = self.manifest.blobs[rec.raw[t.name]].shape if t.storage == "raw" else t.shape
+            assert shape is not None
+            numel = 1
+            for d in shape:
+                numel *= d
+            entries.append((t.name, dtype, tuple(shape), numel * dtypes.itemsize(dtype)))
+        header = encode_header(entries, rec.metadata)
+        with atomic_write(out, force=force) as f:
+            f.write(header)
+            for _, dtype, array in self.iter_arrays(member):
+                f.write(dtypes.to_bytes(array, dtype))
+        return out
+
+    def extract_all(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
+        """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
+        out_dir = Path(directory)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [self.extract(name, out_dir / f"{name}.safetensors", force=force) for name in self.members]
+
+    def summary(self) -> BundleSummary:
+        """Bytes by part, ratio and worst errors (what ``unipack info`` prints)."""
+        return summarize(self.manifest, self._file.header)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<unipack.Bundle {str(self.path)!r}: {len(self.members)} members>"
+
+
+def open(path: str | os.PathLike[str]) -> Bundle:  # noqa: A001 - `unipack.open` mirrors builtins.open
+    """Open and validate a .upk bundle (reads only its header)."""
+    return Bundle(path)
+

@@ -1,0 +1,186 @@
+"""``unipack.merge``: pack N checkpoints into one .upk bundle.
+
+One tensor name at a time: plan it (headers only), decompose it (the core reads members one by
+one through ``Checkpoint.values``), and stream its blobs to a spool file. Only the manifest and
+the per-member coefficients stay in memory until the bundle is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .. import __version__
+from ..core.decomposition import Encoded, KeepRaw, TensorJob, decompose
+from ..format import dtypes
+from ..format.atomic import check_writable
+from ..format.container import BundleWriter
+from ..format.manifest import Manifest, MemberRecord, TensorRecord
+from ..options import MergeOptions
+from .inputs import Checkpoint, close_all, open_inputs
+from .plan import TensorPlan, plan_tensors
+
+
+class MergeProgress(Protocol):
+    """What a front end may show while merging (the CLI draws rich progress bars)."""
+
+    def start(self, n_tensors: int, n_members: int) -> None: ...
+    def tensor(self, index: int, name: str) -> None: ...
+    def member_read(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    file_bytes: int
+    input_bytes: int
+    manifest: Manifest
+    seconds: float
+    peak_rss_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / self.file_bytes
+
+    @property
+    def worst_error(self) -> float:
+        return max((max(m.errors, default=0.0) for m in self.manifest.members), default=0.0)
+
+
+def merge(
+    paths: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    options: MergeOptions | None = None,
+    names: Sequence[str] | None = None,
+    force: bool = False,
+    progress: MergeProgress | None = None,
+    **option_fields: Any,
+) -> MergeResult:
+    """Merge checkpoints into ``out``; options as a ``MergeOptions`` or as its field names."""
+    if options is not None and option_fields:
+        raise TypeError("give either options= or option keywords, not both")
+    opts = options or MergeOptions(**option_fields)
+    started = time.perf_counter()
+    out_path = Path(out)
+    check_writable(out_path, force=force)
+    checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
+    try:
+        plans = plan_tensors(checkpoints, opts)
+        with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+            manifest = _Merger(checkpoints, opts, writer, progress).run(plans)
+            size = writer.finish(manifest, out_path, force=force)
+    finally:
+        close_all(checkpoints)
+    return MergeResult(out_path, size, manifest.stats["input_bytes"], manifest,
+                       time.perf_counter() - started, peak_rss_bytes())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class _Merger:
+    def __init__(self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter,
+                 progress: MergeProgress | None) -> None:
+        self.checkpoints, self.options, self.writer, self.progress = checkpoints, options, writer, progress
+        self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
+        n = len(checkpoints)
+        self.coefs: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.raw: list[dict[str, str]] = [{} for _ in range(n)]
+        self.errors: list[list[float]] = [[] for _ in range(n)]
+
+    def run(self, plans: list[TensorPlan]) -> Manifest:
+        if self.progress:
+            self.progress.start(len(plans), len(self.checkpoints))
+        records = []
+        for index, plan in enumerate(plans):
+            if self.progress:
+                self.progress.tensor(index, plan.name)
+            records.append(self._store(plan))
+        return self._manifest(records)
+
+    def _store(self, plan: TensorPlan) -> TensorRecord:
+        if plan.storage == "raw":
+            return self._store_raw(plan, plan.reason)
+        if plan.storage == "exact-candidate":
+            return self._store_exact(plan)
+        assert plan.shape is not None
+        job = TensorJob(
+            name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
+            rule=self.options.rule, max_error=self.options.max_error, rank=self.options.rank,
+            energy=self.options.energy, coef_dtype=self.coef_dtype, gram_limit=self.options.gram_limit,
+        )
+        result = decompose(job, plan.schemes)
+        if isinstance(result, KeepRaw):
+            return self._store_raw(plan, result.reason)
+        return self._store_shared(plan, result)
+
+    def _values(self, i: int, name: str) -> np.ndarray:
+        if self.progress:
+            self.progress.member_read()
+        return self.checkpoints[i].values(name)
+
+    def _store_raw(self, plan: TensorPlan, reason: str) -> TensorRecord:
+        for i, c in enumerate(self.checkpoints):
+            self.raw[i][plan.name] = self.writer.add(f"raw/{i}/{plan.name}", c.read(plan.name), plan.dtypes[i])
+            self.errors[i].append(0.0)
+        return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason)
+
+    def _store_exact(self, plan: TensorPlan) -> TensorRecord:
+        """Non-float tensors: one shared blob if every member holds the same bytes, else raw."""
+        first = self.checkpoints[0].read(plan.name)
+        digest = hashlib.sha256(first.tobytes()).digest()
+        same = len(set(plan.dtypes)) == 1 and all(
+            hashlib.sha256(c.read(plan.name).tobytes()).digest() == digest for c in self.checkpoints[1:]
+        )
+        if not same:
+            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)")
+        blob = self.writer.add(f"exact/{plan.name}", first, plan.dtypes[0])
+        for errors in self.errors:
+            errors.append(0.0)
+        return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, plan.reason, blob=blob)
+
+    def _store_shared(self, plan: TensorPlan, enc: Encoded) -> TensorRecord:
+        mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+        basis = None
+        if enc.basis is not None:
+            basis = self.writer.add(f"basis/{plan.name}", enc.basis, self.coef_dtype)
+            for i, coef in enumerate(enc.coefs):
+                self.coefs[i].append(coef.reshape(-1))
+        for i, err in enumerate(enc.errors):
+            self.errors[i].append(float(err))
+        return TensorRecord(plan.name, "shared", plan.dtypes[0], plan.shape, enc.reason, scheme=enc.scheme,
+                            rank=enc.rank, side=enc.side, matrix=enc.matrix, mean=mean, basis=basis,
+                            energy=round(enc.energy, 6))
+
+    def _manifest(self, records: list[TensorRecord]) -> Manifest:
+        members = []
+        for i, c in enumerate(self.checkpoints):
+            coef = None
+            if self.coefs[i]:
+                coef = self.writer.add(f"coef/{i}", np.concatenate(self.coefs[i]), self.coef_dtype)
+                self.coefs[i] = []  # release as we go
+            overrides = {r.name: d for r, d in zip(records, (c.header.tensors[r.name].dtype for r in records))
+                         if d != r.dtype}
+            members.append(MemberRecord(
+                name=c.name, source=c.path.name, source_bytes=c.header.file_size, metadata=c.header.metadata,
+                coefficients=coef, raw=self.raw[i], dtypes=overrides, errors=tuple(self.errors[i]),
+            ))
+        return Manifest(
+            created_by=f"unipack {__version__}", options=self.options.to_dict(), tensors=tuple(records),
+            members=tuple(members), blobs=self.writer.blobs,
+            stats={"input_bytes": sum(c.header.file_size for c in self.checkpoints)},
+        )

@@ -1,0 +1,197 @@
+"""What a decomposition takes and gives, the rank rules, and the scheme registry.
+
+A scheme (``rows``, ``flat``) fits a ``TensorJob`` into a ``SchemeModel``: mean, spectrum and
+whatever it needs to pick a rank. ``decompose`` then applies the rank rule the user chose,
+encodes at that rank (rounding basis and coefficients to their storage dtype and every member
+to its own dtype), measures each member's real error, raises the rank while the
+``max-error`` budget is missed, and gives up for ``KeepRaw`` where raw storage is cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..format import dtypes
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor name across all members, and the rule for its rank."""
+
+    name: str
+    shape: tuple[int, ...]
+    member_dtypes: tuple[str, ...]  # each member's input dtype (float)
+    load: Callable[[int], np.ndarray]  # member i's values as float64, in ``shape``
+    rule: str  # max-error | rank | energy
+    max_error: float | None
+    rank: int | None
+    energy: float | None
+    coef_dtype: str  # F32 | F16 | BF16
+    gram_limit: int
+
+    @property
+    def n_members(self) -> int:
+        return len(self.member_dtypes)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(self.numel * dtypes.itemsize(d) for d in self.member_dtypes)
+
+    @property
+    def mean_dtype(self) -> str:
+        # The mean is kept at the members' own precision: finer would cost bytes and buy nothing
+        # once a member is rounded back to its dtype.
+        return dtypes.widest_float(frozenset(self.member_dtypes))
+
+
+@dataclass
+class Encoded:
+    """A tensor stored as mean + basis + per-member coefficients (arrays in storage dtypes)."""
+
+    scheme: str
+    rank: int
+    side: str | None
+    matrix: tuple[int, int] | None
+    mean: np.ndarray  # held as dtypes.holder(mean_dtype), in the tensor's shape
+    mean_dtype: str
+    basis: np.ndarray | None  # held as holder(coef dtype); None at rank 0
+    coefs: list[np.ndarray]  # one per member, held as holder(coef dtype)
+    errors: list[float]  # each member's relative error after all rounding
+    energy: float  # fraction of centred variance the rank keeps
+    reason: str
+
+
+@dataclass(frozen=True)
+class KeepRaw:
+    """The tensor is cheaper, or only possible within budget, stored raw per member."""
+
+    reason: str
+
+
+class SchemeModel(Protocol):
+    """A fitted scheme: its spectrum, and encoding at any rank."""
+
+    scheme: str
+    eigenvalues: np.ndarray  # descending centred variance per component
+
+    def max_rank(self) -> int:
+        """Largest meaningful rank (beyond it the data is already exact)."""
+
+    def bytes_at(self, rank: int) -> int:
+        """Stored bytes (before lossless compression) of mean + basis + all coefficients."""
+
+    def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
+        """Smallest rank <= cap at which every member is estimated within ``max_error``."""
+
+    def encode(self, rank: int) -> Encoded:
+        """Round and encode at ``rank``; errors are measured, not estimated."""
+
+
+#: A scheme's fitting function returns its candidate models (rows: one per basis side).
+Fit = Callable[[TensorJob], Sequence[SchemeModel]]
+
+#: Registered schemes: name -> fitting function.
+SCHEMES: dict[str, Fit] = {}
+
+
+def register(name: str) -> Callable[[Fit], Fit]:
+    def wrap(fit: Fit) -> Fit:
+        SCHEMES[name] = fit
+        return fit
+    return wrap
+
+
+def energy_rank(eigenvalues: np.ndarray, fraction: float) -> int:
+    """Smallest k whose top-k eigenvalues hold ``fraction`` of the total."""
+    total = float(eigenvalues.sum())
+    if total <= 0.0 or fraction <= 0.0:
+        return 0
+    kept = np.cumsum(eigenvalues) / total
+    return int(min(np.searchsorted(kept, fraction - 1e-12) + 1, eigenvalues.size))
+
+
+def kept_energy(eigenvalues: np.ndarray, rank: int) -> float:
+    total = float(eigenvalues.sum())
+    return 1.0 if total <= 0.0 else float(eigenvalues[:rank].sum() / total)
+
+
+def decompose(job: TensorJob, schemes: Sequence[str]) -> Encoded | KeepRaw:
+    """Fit every candidate of ``schemes``, keep the one needing the fewest bytes under the
+    rank rule, and encode it; or keep the tensor raw where that is cheaper."""
+    best: tuple[int, SchemeModel, int, int] | None = None  # (bytes, model, rank, cap)
+    for scheme in schemes:
+        for model in SCHEMES[scheme](job):
+            cap = _affordable_rank(model, job.raw_bytes)
+            rank = _rank_by_rule(model, job, cap) if cap >= 0 else None
+            if rank is not None and rank <= cap and (best is None or model.bytes_at(rank) < best[0]):
+                best = (model.bytes_at(rank), model, rank, cap)
+    if best is None:
+        return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
+    _, model, rank, cap = best
+    if job.rule != "max-error":
+        return _with_reason(model.encode(rank), _rule_text(job))
+    assert job.max_error is not None
+    while True:
+        encoded = model.encode(rank)
+        if max(encoded.errors, default=0.0) <= job.max_error:
+            return _with_reason(encoded, _rule_text(job))
+        if rank >= cap:
+            return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
+        # Rounding (basis, coefficients, output dtype) pushed a member over: a little more rank.
+        rank = min(cap, rank + max(1, rank // 8))
+
+
+def _rule_text(job: TensorJob) -> str:
+    if job.rule == "rank":
+        return f"fixed rank {job.rank}"
+    if job.rule == "energy":
+        return f"energy {job.energy}"
+    return f"max-error {job.max_error}"
+
+
+def _rank_by_rule(model: SchemeModel, job: TensorJob, cap: int) -> int | None:
+    if job.rule == "rank":
+        assert job.rank is not None
+        return min(job.rank, model.max_rank())
+    if job.rule == "energy":
+        assert job.energy is not None
+        return energy_rank(model.eigenvalues, job.energy)
+    assert job.max_error is not None
+    return model.rank_for_max_error(job.max_error, cap)
+
+
+def _with_reason(encoded: Encoded, rule: str) -> Encoded:
+    encoded.reason = f"{rule}: rank {encoded.rank} of {encoded.scheme}"
+    return encoded
+
+
+def _affordable_rank(model: SchemeModel, raw_bytes: int) -> int:
+    """Largest rank <= max_rank() costing fewer bytes than raw storage; -1 if even rank 0 does not."""
+    cap = model.max_rank()
+    if model.bytes_at(cap) < raw_bytes:
+        return cap
+    if model.bytes_at(0) >= raw_bytes:
+        return -1
+    lo, hi = 0, cap  # invariant: bytes_at(lo) < raw_bytes <= bytes_at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if model.bytes_at(mid) < raw_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def store_as(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(held, as_float64)``: values rounded to ``dtype`` and what they read back as."""
+    held = dtypes.from_float(values, dtype)
+    return held, dtypes.to_float(held, dtype)

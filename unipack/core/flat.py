@@ -1,0 +1,106 @@
+"""The ``flat`` scheme: each member's whole tensor is one vector; per member k numbers.
+
+With N members the centred vectors span at most N-1 directions, found from the N x N Gram of
+inner products (never a D x D matrix). Blocks of members are held while the Gram is filled, with
+the block size capped in bytes, so memory does not grow with N. Per-member truncation errors
+follow exactly from the Gram's eigendecomposition, so no probing pass is needed to pick a rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..format import dtypes
+from .decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from .linalg import fix_signs, eigh_desc, least_squares_projector, rel_error
+
+#: Bytes of members held at once while filling the Gram.
+BLOCK_BYTES = 256 * 1024 * 1024
+
+
+class FlatModel:
+    scheme = "flat"
+
+    def __init__(self, job: TensorJob) -> None:
+        self.job = job
+        self.dim = job.numel
+        self.coef_itemsize = dtypes.itemsize(job.coef_dtype)
+        self._fit()
+
+    def _vector(self, i: int) -> np.ndarray:
+        return self.job.load(i).reshape(-1)
+
+    def _fit(self) -> None:
+        job, n_members = self.job, self.job.n_members
+        total = np.zeros(self.dim)
+        self.norms = np.zeros(n_members)
+        for i in range(n_members):
+            x = self._vector(i)
+            total += x
+            self.norms[i] = np.linalg.norm(x)
+        held, self.mean_q = store_as(total / n_members, job.mean_dtype)
+        self.mean_held = held.reshape(job.shape)
+        self.gram = self._centred_gram()
+        self.eigenvalues, self.q = eigh_desc(self.gram)
+
+    def _centred_gram(self) -> np.ndarray:
+        n_members = self.job.n_members
+        gram = np.zeros((n_members, n_members))
+        block = max(1, min(n_members, BLOCK_BYTES // (8 * max(self.dim, 1))))
+        for lo in range(0, n_members, block):
+            hi = min(n_members, lo + block)
+            held = np.stack([self._vector(i) - self.mean_q for i in range(lo, hi)])
+            gram[lo:hi, lo:hi] = held @ held.T
+            for j in range(hi, n_members):
+                col = held @ (self._vector(j) - self.mean_q)
+                gram[lo:hi, j] = col
+                gram[j, lo:hi] = col
+        return gram
+
+    def max_rank(self) -> int:
+        tol = float(self.eigenvalues[0]) * 1e-12 if self.eigenvalues.size else 0.0
+        return int(np.sum(self.eigenvalues > tol)) if tol > 0 else 0
+
+    def bytes_at(self, rank: int) -> int:
+        mean = self.dim * dtypes.itemsize(self.job.mean_dtype)
+        return mean + rank * (self.dim + self.job.n_members) * self.coef_itemsize
+
+    def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
+        targets = (max_error * self.norms * 0.98) ** 2
+        residual = np.diag(self.gram)[:, None] - np.concatenate(
+            [np.zeros((self.job.n_members, 1)), np.cumsum(self.q**2 * self.eigenvalues, axis=1)], axis=1)
+        ok = np.all(residual[:, : cap + 1] <= targets[:, None], axis=0)
+        return int(np.argmax(ok)) if ok.any() else (cap if cap > 0 else None)
+
+    def encode(self, rank: int) -> Encoded:
+        job = self.job
+        basis_held = None
+        basis = np.zeros((0, self.dim))
+        if rank:
+            # basis_j = sum_i q_ij d_i / sqrt(lambda_j): unit vectors along the principal directions.
+            scale = self.q[:, :rank] / np.sqrt(self.eigenvalues[:rank])
+            acc = np.zeros((rank, self.dim))
+            for i in range(job.n_members):
+                acc += np.outer(scale[i], self._vector(i) - self.mean_q)
+            acc = fix_signs(acc.T).T
+            basis_held, basis = store_as(acc, job.coef_dtype)
+        projector = least_squares_projector(basis.T)
+        coefs, errors = [], []
+        for i in range(job.n_members):
+            x = self._vector(i)
+            approx = self.mean_q
+            if rank:
+                coef_held, coef = store_as((x - self.mean_q) @ projector, job.coef_dtype)
+                coefs.append(coef_held)
+                approx = self.mean_q + coef @ basis
+            out = dtypes.round_trip(approx, job.member_dtypes[i])
+            errors.append(rel_error(x, out, float(self.norms[i])))
+        return Encoded(
+            scheme="flat", rank=rank, side=None, matrix=None, mean=self.mean_held, mean_dtype=job.mean_dtype,
+            basis=basis_held, coefs=coefs, errors=errors, energy=kept_energy(self.eigenvalues, rank), reason="",
+        )
+
+
+@register("flat")
+def fit_flat(job: TensorJob) -> list[FlatModel]:
+    return [FlatModel(job)]

@@ -1,0 +1,47 @@
+"""Small linear-algebra helpers with the determinism a byte-identical bundle needs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, clipped at 0) and eigenvectors of a symmetric PSD matrix.
+
+    Each eigenvector's sign is fixed so that its largest-magnitude entry is positive: the
+    decomposition is otherwise defined only up to sign, and a bundle must be reproducible.
+    """
+    sym = (gram + gram.T) * 0.5  # accumulated Grams drift from exact symmetry by rounding
+    values, vectors = np.linalg.eigh(sym)
+    order = np.arange(values.size - 1, -1, -1)
+    values = np.clip(values[order], 0.0, None)
+    vectors = vectors[:, order]
+    return values, fix_signs(vectors)
+
+
+def fix_signs(vectors: np.ndarray) -> np.ndarray:
+    """Flip columns so that each column's largest-magnitude entry is positive."""
+    if vectors.size == 0:
+        return vectors
+    idx = np.argmax(np.abs(vectors), axis=0)
+    signs = np.sign(vectors[idx, np.arange(vectors.shape[1])])
+    signs[signs == 0] = 1.0
+    return vectors * signs
+
+
+def least_squares_projector(basis: np.ndarray) -> np.ndarray:
+    """``P`` with ``X @ P`` the best coefficients of rows of X on the columns of ``basis``.
+
+    A rounded (fp16/bf16) basis is no longer exactly orthonormal; solving the normal equations
+    instead of multiplying by ``basis`` keeps the coefficients optimal for the stored basis.
+    """
+    gram = basis.T @ basis
+    return np.linalg.solve(gram, basis.T).T if gram.size else basis
+
+
+def rel_error(original: np.ndarray, approx: np.ndarray, norm: float) -> float:
+    """``||original - approx||_F / norm`` (0 when both are zero)."""
+    diff = float(np.linalg.norm((original - approx).ravel()))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / norm

@@ -1,0 +1,36 @@
+"""The errors unipack raises on purpose.
+
+Every failure a user can cause (bad input file, bad option, corrupt bundle) is a
+``UnipackError``: the CLI turns it into one line on stderr and a non-zero exit, the Python
+API lets it propagate. Anything else escaping is a bug in unipack.
+"""
+
+from __future__ import annotations
+
+
+class UnipackError(Exception):
+    """Base class: a problem with the user's input, options or files (not a unipack bug)."""
+
+
+class FormatError(UnipackError):
+    """A file is not what it claims to be: truncated, malformed, corrupt or of an unknown version."""
+
+
+class ChecksumError(FormatError):
+    """A blob's bytes do not match the checksum recorded for it."""
+
+
+class InputError(UnipackError):
+    """The checkpoints given to merge cannot be merged as they are (names, shapes, dtypes)."""
+
+
+class OptionsError(UnipackError):
+    """Options that are invalid or contradict each other."""
+
+
+class MemberNotFoundError(UnipackError):
+    """A member name that the bundle does not hold."""
+
+
+class OutputExistsError(UnipackError):
+    """An output path exists and overwriting was not asked for."""

@@ -1,0 +1,169 @@
+"""The .upk container: a valid safetensors file whose tensors are unipack's blobs.
+
+``BundleWriter`` streams blobs to a spool file as the merge produces them (sizes are unknown
+until the end), then writes header + manifest + data atomically. ``BundleFile`` validates a
+bundle's header and manifest on open and reads any one blob with ``pread``, checking its
+checksum, without touching the rest of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ChecksumError, FormatError
+from . import codec, dtypes
+from .atomic import atomic_write, spool_file
+from .manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
+from .safetensors_file import (
+    SafetensorsHeader,
+    TensorEntry,
+    encode_header,
+    read_bytes,
+    read_header,
+    strict_json,
+)
+
+WHAT = "unipack bundle (.upk)"
+
+
+class BundleWriter:
+    """Collects blobs in a spool file; :meth:`finish` writes the bundle atomically."""
+
+    def __init__(self, spool: "os.PathLike[str] | object", codec_name: str, level: int) -> None:
+        self._spool = spool
+        self._codec, self._level = codec_name, level
+        self._entries: list[tuple[str, str, tuple[int, ...], int]] = []  # header entries in data order
+        self.blobs: dict[str, BlobRecord] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def spooled(cls, out: Path, codec_name: str, level: int) -> Iterator["BundleWriter"]:
+        with spool_file(out.parent, out.name) as f:
+            yield cls(f, codec_name, level)
+
+    def add(self, name: str, array: np.ndarray, dtype: str) -> str:
+        """Store ``array`` (held as ``dtypes.holder(dtype)``) as blob ``name``; returns the name."""
+        if name in self.blobs:
+            raise ValueError(f"blob {name!r} written twice")
+        data = dtypes.to_bytes(array, dtype)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self._level)
+        shape = tuple(int(d) for d in array.shape)
+        self.blobs[name] = BlobRecord(dtype, shape, used, shuffled, codec.sha256(stored))
+        if used == "none":  # an ordinary tensor that any safetensors tool can read
+            self._entries.append((name, dtype, shape, len(stored)))
+        else:
+            self._entries.append((name, "U8", (len(stored),), len(stored)))
+        self._spool.write(stored)  # type: ignore[attr-defined]
+        return name
+
+    def finish(self, manifest: Manifest, out: Path, *, force: bool) -> int:
+        """Write ``out`` = header (with the manifest) + spooled data; returns the file size."""
+        text = manifest.to_json()
+        metadata = {"format": FORMAT_NAME, "format_version": str(manifest.format_version),
+                    "manifest_sha256": codec.sha256(text.encode("utf-8")), "manifest": text}
+        header = encode_header(self._entries, metadata)
+        spool = self._spool
+        spool.flush()  # type: ignore[attr-defined]
+        spool.seek(0)  # type: ignore[attr-defined]
+        with atomic_write(out, force=force) as f:
+            f.write(header)
+            shutil.copyfileobj(spool, f, 1 << 22)  # type: ignore[arg-type]
+            size = f.tell()
+        return size
+
+
+class BundleFile:
+    """An open, validated bundle. Reading a blob reads only that blob's bytes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.header = read_header(self.path, what=WHAT)
+        self.manifest = _read_manifest(self.header)
+        _check_layout(self.header, self.manifest)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+
+    @property
+    def file_size(self) -> int:
+        return self.header.file_size
+
+    def entry(self, blob: str) -> TensorEntry:
+        return self.header.tensors[blob]
+
+    def read_blob(self, name: str) -> np.ndarray:
+        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
+        if self._fd is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        rec = self.manifest.blobs[name]
+        stored = read_bytes(self._fd, self.header.tensors[name], self.path)
+        if codec.sha256(stored) != rec.sha256:
+            raise ChecksumError(f"{self.path}: blob {name!r} is corrupt (checksum mismatch); "
+                                f"the file was damaged after it was written: re-download or re-merge it")
+        data = codec.decode(stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes,
+                            f"{self.path}: blob {name!r}")
+        return dtypes.from_bytes(data, rec.dtype, rec.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "BundleFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _read_manifest(header: SafetensorsHeader) -> Manifest:
+    p = header.path
+    meta = header.metadata or {}
+    if meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{p}: not a {WHAT}: its safetensors metadata has no "
+                          f"format={FORMAT_NAME!r} (is it a plain checkpoint?)")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or int(version) not in SUPPORTED_VERSIONS:
+        raise FormatError(f"{p}: .upk format version {version!r} is not supported by this unipack "
+                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
+    text = meta.get("manifest")
+    if text is None:
+        raise FormatError(f"{p}: corrupt {WHAT}: the manifest is missing")
+    if codec.sha256(text.encode("utf-8")) != meta.get("manifest_sha256"):
+        raise ChecksumError(f"{p}: the manifest is corrupt (checksum mismatch); re-download or re-merge it")
+    manifest = Manifest.from_json(strict_json(text, f"{p}: manifest"), str(p))
+    if manifest.format_version != int(version):
+        raise FormatError(f"{p}: header says format version {version}, manifest says {manifest.format_version}")
+    return manifest
+
+
+def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
+    """Header tensors and manifest blobs correspond one to one, and the data has no gaps."""
+    p = header.path
+    names, blobs = set(header.tensors), set(manifest.blobs)
+    if names != blobs:
+        extra, missing = sorted(names - blobs)[:3], sorted(blobs - names)[:3]
+        raise FormatError(f"{p}: header and manifest disagree (stored but unlisted: {extra}; "
+                          f"listed but not stored: {missing})")
+    cursor = header.data_start
+    for e in header.tensors.values():  # in data order
+        if e.start != cursor:
+            raise FormatError(f"{p}: gap or overlap before blob {e.name!r} in the data section")
+        cursor = e.end
+        rec = manifest.blobs[e.name]
+        if rec.codec == "none":
+            if (e.dtype, e.shape) != (rec.dtype, rec.shape):
+                raise FormatError(f"{p}: blob {e.name!r} is stored as {e.dtype}{list(e.shape)} but the "
+                                  f"manifest says {rec.dtype}{list(rec.shape)}")
+        elif e.dtype != "U8" or len(e.shape) != 1:
+            raise FormatError(f"{p}: compressed blob {e.name!r} must be stored as a 1-D U8 tensor")
+    if cursor != header.file_size:
+        raise FormatError(f"{p}: {header.file_size - cursor} unaccounted bytes after the last blob")

@@ -1,0 +1,418 @@
+"""The .upk manifest: what a bundle holds and how to rebuild every member, as typed records.
+
+``Manifest.to_json`` writes it; ``Manifest.from_json`` reads it back with a strict schema
+check (types, ranges, references between records), so code past this module can trust it.
+The layout is specified in ``format_spec/upk-v1.md``; change both together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FormatError
+from . import dtypes
+
+FORMAT_NAME = "unipack.upk"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+STORAGES = ("shared", "raw", "exact")
+SCHEMES = ("rows", "flat")
+SIDES = ("right", "left")
+
+MAX_NAME_CHARS = 255
+MAX_TENSOR_NAME_CHARS = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_member_name(name: object, where: str = "member name") -> str:
+    """Member names become file names (``extract --all``): keep them inert."""
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"{where}: must be a non-empty string")
+    if len(name) > MAX_NAME_CHARS:
+        raise FormatError(f"{where}: {len(name)} characters (at most {MAX_NAME_CHARS})")
+    if _CONTROL.search(name) or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise FormatError(f"{where} {name!r}: control characters, path separators and leading dots "
+                          f"are not allowed")
+    return name
+
+
+def check_tensor_name(name: object, where: str = "tensor name") -> str:
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"{where}: must be a non-empty string")
+    if len(name) > MAX_TENSOR_NAME_CHARS or _CONTROL.search(name):
+        raise FormatError(f"{where} {name[:80]!r}: too long or contains control characters")
+    return name
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """A stored array: its logical dtype and shape, how its bytes are coded, and their checksum."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str = "none"
+    shuffle: bool = False
+    sha256: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Logical (decoded) size in bytes."""
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """How one tensor name is stored across all members."""
+
+    name: str
+    storage: str  # shared | raw | exact
+    dtype: str  # the members' dtype (a member's entry in MemberRecord.dtypes overrides it)
+    shape: tuple[int, ...] | None  # None only for raw tensors whose shape varies by member
+    reason: str  # why this storage and rank were chosen, for humans
+    scheme: str | None = None  # shared: rows | flat
+    rank: int = 0
+    side: str | None = None  # rows: the basis spans the right (columns) or left (rows) side
+    matrix: tuple[int, int] | None = None  # rows: the 2-D view (shape[0], prod(shape[1:]))
+    mean: str | None = None
+    basis: str | None = None
+    blob: str | None = None  # exact: the one blob all members share
+    energy: float | None = None  # shared: fraction of centred variance the rank keeps
+
+    def coef_shape(self) -> tuple[int, ...]:
+        """Shape of one member's coefficients for this (shared) tensor."""
+        if self.storage != "shared":
+            return (0,)
+        if self.scheme == "flat":
+            return (self.rank,)
+        assert self.matrix is not None
+        m, n = self.matrix
+        return (m, self.rank) if self.side == "right" else (self.rank, n)
+
+    def basis_shape(self) -> tuple[int, ...]:
+        assert self.shape is not None
+        if self.scheme == "flat":
+            return (self.rank, math.prod(self.shape))
+        assert self.matrix is not None
+        m, n = self.matrix
+        return (n, self.rank) if self.side == "right" else (m, self.rank)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    name: str
+    source: str  # the input's file name
+    source_bytes: int  # the input file's size
+    metadata: dict[str, str] | None  # the input's safetensors __metadata__, verbatim
+    coefficients: str | None  # blob holding all this member's coefficients, or None if rank 0 everywhere
+    raw: dict[str, str] = field(default_factory=dict)  # tensor name -> blob, for raw tensors
+    dtypes: dict[str, str] = field(default_factory=dict)  # tensor name -> dtype where it differs
+    errors: tuple[float, ...] = ()  # relative Frobenius error per tensor, aligned with Manifest.tensors
+
+    def dtype_of(self, tensor: TensorRecord) -> str:
+        return self.dtypes.get(tensor.name, tensor.dtype)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    created_by: str
+    options: dict[str, Any]
+    tensors: tuple[TensorRecord, ...]
+    members: tuple[MemberRecord, ...]
+    blobs: dict[str, BlobRecord]
+    format_version: int = FORMAT_VERSION
+    stats: dict[str, Any] = field(default_factory=dict)  # informative numbers (input bytes, timings)
+
+    def member(self, name: str) -> MemberRecord:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def coef_offsets(self) -> dict[str, tuple[int, int]]:
+        """Element range of each shared tensor's coefficients inside a member's coefficient blob."""
+        out: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for t in self.tensors:
+            if t.storage == "shared" and t.rank > 0:
+                n = math.prod(t.coef_shape())
+                out[t.name] = (offset, offset + n)
+                offset += n
+        return out
+
+    # -- serialisation -------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "created_by": self.created_by,
+            "options": self.options,
+            "stats": self.stats,
+            "tensors": [_tensor_to_doc(t) for t in self.tensors],
+            "members": [_member_to_doc(m) for m in self.members],
+            "blobs": {name: _blob_to_doc(b) for name, b in self.blobs.items()},
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    @staticmethod
+    def from_json(doc: Any, where: str) -> Manifest:
+        return _parse_manifest(doc, where)
+
+
+def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": t.name, "storage": t.storage, "dtype": t.dtype,
+                           "shape": None if t.shape is None else list(t.shape), "reason": t.reason}
+    if t.storage == "shared":
+        doc.update(scheme=t.scheme, rank=t.rank, mean=t.mean, basis=t.basis, energy=t.energy)
+        if t.scheme == "rows":
+            doc.update(side=t.side, matrix=list(t.matrix) if t.matrix else None)
+    if t.storage == "exact":
+        doc["blob"] = t.blob
+    return doc
+
+
+def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
+    return {"name": m.name, "source": m.source, "source_bytes": m.source_bytes, "metadata": m.metadata,
+            "coefficients": m.coefficients, "raw": m.raw, "dtypes": m.dtypes, "errors": list(m.errors)}
+
+
+def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
+    return {"dtype": b.dtype, "shape": list(b.shape), "codec": b.codec, "shuffle": b.shuffle,
+            "sha256": b.sha256}
+
+
+# -- strict parsing ------------------------------------------------------------------------------
+
+class _Doc:
+    """Typed access to one JSON object with errors that say where the problem is."""
+
+    def __init__(self, doc: Any, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise FormatError(f"{where}: expected a JSON object")
+        self.doc, self.where = doc, where
+
+    def _get(self, key: str, optional: bool) -> Any:
+        if key not in self.doc:
+            if optional:
+                return None
+            raise FormatError(f"{self.where}: missing field {key!r}")
+        return self.doc[key]
+
+    def str(self, key: str, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            raise FormatError(f"{self.where}: field {key!r} must be a string")
+        return v
+
+    def int(self, key: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise FormatError(f"{self.where}: field {key!r} must be an integer in [{lo}, {hi}]")
+        return v
+
+    def num(self, key: str, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise FormatError(f"{self.where}: field {key!r} must be a finite number")
+        return float(v)
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        v = self.str(key)
+        if v not in allowed:
+            raise FormatError(f"{self.where}: field {key!r} is {v!r}, expected one of {allowed}")
+        return v
+
+    def shape(self, key: str, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, list) or len(v) > 16 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 2**53 for d in v
+        ):
+            raise FormatError(f"{self.where}: field {key!r} must be a list of at most 16 non-negative integers")
+        return tuple(v)
+
+    def obj(self, key: str, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, dict):
+            raise FormatError(f"{self.where}: field {key!r} must be an object")
+        return v
+
+    def list(self, key: str) -> list[Any]:
+        v = self._get(key, False)
+        if not isinstance(v, list):
+            raise FormatError(f"{self.where}: field {key!r} must be a list")
+        return v
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise FormatError(f"{where}: must map strings to strings")
+    return dict(value)
+
+
+def _parse_manifest(raw: Any, where: str) -> Manifest:
+    d = _Doc(raw, f"{where}: manifest")
+    if d.str("format") != FORMAT_NAME:
+        raise FormatError(f"{where}: manifest format is {d.doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = d.int("format_version", 0, 2**31)
+    if version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"{where}: .upk format version {version} is not supported by this unipack "
+                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
+    blobs: dict[str, BlobRecord] = {}
+    for name, spec in d.obj("blobs").items():
+        b = _Doc(spec, f"{where}: blob {name!r}")
+        sha = b.str("sha256")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise FormatError(f"{where}: blob {name!r}: sha256 must be 64 lowercase hex digits")
+        shuffle = b.doc.get("shuffle", False)
+        if not isinstance(shuffle, bool):
+            raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
+        blobs[name] = BlobRecord(dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),
+                                 b.shape("shape"), b.choice("codec", ("none", "zstd")), shuffle, sha)
+    tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]", blobs) for i, t in enumerate(d.list("tensors")))
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise FormatError(f"{where}: manifest lists a tensor name twice")
+    members = tuple(_parse_member(m, f"{where}: members[{i}]", tensors, blobs)
+                    for i, m in enumerate(d.list("members")))
+    if len({m.name for m in members}) != len(members):
+        raise FormatError(f"{where}: manifest lists a member name twice")
+    manifest = Manifest(created_by=d.str("created_by"), options=d.obj("options"), tensors=tensors,
+                        members=members, blobs=blobs, format_version=version,
+                        stats=d.obj("stats", optional=True) or {})
+    _check_references(manifest, where)
+    return manifest
+
+
+def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorRecord:
+    d = _Doc(raw, where)
+    name = check_tensor_name(d.str("name"), f"{where}: name")
+    where = f"{where.rsplit(':', 1)[0]}: tensor {name!r}"
+    d.where = where
+    storage = d.choice("storage", STORAGES)
+    dtype = dtypes.check_dtype(d.doc.get("dtype"), where)
+    shape = d.shape("shape", optional=storage == "raw")
+    rec = TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=d.str("reason"))
+    if storage == "exact":
+        return TensorRecord(**{**rec.__dict__, "blob": d.str("blob")})
+    if storage == "raw":
+        return rec
+    if dtype not in dtypes.FLOAT_DTYPES:
+        raise FormatError(f"{where}: shared tensors must have a float dtype, not {dtype}")
+    scheme = d.choice("scheme", SCHEMES)
+    side = d.choice("side", SIDES) if scheme == "rows" else None
+    matrix = None
+    assert shape is not None
+    numel = math.prod(shape)
+    if scheme == "rows":
+        matrix = d.shape("matrix")
+        if len(shape) < 1 or len(matrix) != 2 or matrix[0] != shape[0] or matrix[0] * matrix[1] != numel:
+            raise FormatError(f"{where}: matrix {list(matrix)} is not the 2-D view of shape {list(shape)}")
+        limit = matrix[1] if side == "right" else matrix[0]
+    else:
+        limit = numel
+    rank = d.int("rank", 0, limit)
+    energy = d.num("energy", optional=True)
+    return TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=rec.reason, scheme=scheme,
+                        rank=rank, side=side, matrix=matrix, mean=d.str("mean"),
+                        basis=d.str("basis", optional=True), energy=energy)
+
+
+def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
+                  blobs: dict[str, BlobRecord]) -> MemberRecord:
+    d = _Doc(raw, where)
+    name = check_member_name(d.str("name"), f"{where}: name")
+    d.where = where = f"{where.rsplit(':', 1)[0]}: member {name!r}"
+    metadata = d.obj("metadata", optional=True)
+    errors = d.list("errors")
+    if len(errors) != len(tensors) or not all(
+        isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0 for e in errors
+    ):
+        raise FormatError(f"{where}: errors must list one non-negative number per tensor ({len(tensors)})")
+    member_dtypes = _str_map(d.obj("dtypes"), f"{where}: dtypes")
+    for dt in member_dtypes.values():
+        dtypes.check_dtype(dt, f"{where}: dtypes")
+    return MemberRecord(
+        name=name, source=d.str("source"), source_bytes=d.int("source_bytes"),
+        metadata=None if metadata is None else _str_map(metadata, f"{where}: metadata"),
+        coefficients=d.str("coefficients", optional=True), raw=_str_map(d.obj("raw"), f"{where}: raw"),
+        dtypes=member_dtypes, errors=tuple(float(e) for e in errors),
+    )
+
+
+def _check_references(m: Manifest, where: str) -> None:
+    """Every blob a record names exists with the shape it must have; no blob is unaccounted for."""
+    used: set[str] = set()
+
+    def blob(name: str | None, what: str, shape: tuple[int, ...] | None, dtype: str | None) -> BlobRecord:
+        if name is None or name not in m.blobs:
+            raise FormatError(f"{where}: {what} refers to blob {name!r}, which the manifest does not list")
+        if name in used:
+            raise FormatError(f"{where}: blob {name!r} is referenced twice")
+        used.add(name)
+        b = m.blobs[name]
+        if shape is not None and b.shape != shape:
+            raise FormatError(f"{where}: {what}: blob {name!r} has shape {list(b.shape)}, expected {list(shape)}")
+        if dtype is not None and b.dtype != dtype:
+            raise FormatError(f"{where}: {what}: blob {name!r} has dtype {b.dtype}, expected {dtype}")
+        return b
+
+    coef_dtype = None
+    by_name = {t.name: t for t in m.tensors}
+    for t in m.tensors:
+        what = f"tensor {t.name!r}"
+        if t.storage == "exact":
+            blob(t.blob, what, t.shape, t.dtype)
+        elif t.storage == "shared":
+            mean = blob(t.mean, f"{what} mean", t.shape, None)
+            if mean.dtype not in dtypes.FLOAT_DTYPES:
+                raise FormatError(f"{where}: {what}: mean blob must be float")
+            if t.rank > 0:
+                b = blob(t.basis, f"{what} basis", t.basis_shape(), coef_dtype)
+                coef_dtype = coef_dtype or b.dtype
+                if b.dtype not in dtypes.FLOAT_DTYPES:
+                    raise FormatError(f"{where}: {what}: basis blob must be float")
+            elif t.basis is not None:
+                raise FormatError(f"{where}: {what}: rank 0 but a basis blob is named")
+    total = sum(b - a for a, b in m.coef_offsets().values())
+    for mem in m.members:
+        what = f"member {mem.name!r}"
+        for tname, dt in mem.dtypes.items():
+            t = by_name.get(tname)
+            if t is None:
+                raise FormatError(f"{where}: {what}: dtype given for unknown tensor {tname!r}")
+            if (t.dtype in dtypes.FLOAT_DTYPES) != (dt in dtypes.FLOAT_DTYPES):
+                raise FormatError(f"{where}: {what}: tensor {tname!r} dtype {dt} differs in kind from {t.dtype}")
+        if total:
+            blob(mem.coefficients, f"{what} coefficients", (total,), coef_dtype)
+        elif mem.coefficients is not None:
+            raise FormatError(f"{where}: {what}: names a coefficient blob but no tensor has rank > 0")
+        raw_names = {t.name for t in m.tensors if t.storage == "raw"}
+        if set(mem.raw) != raw_names:
+            raise FormatError(f"{where}: {what}: raw blobs {sorted(mem.raw)} do not match the raw tensors "
+                              f"{sorted(raw_names)}")
+        for tname, bname in mem.raw.items():
+            t = by_name[tname]
+            b = blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
+            del b
+    unused = set(m.blobs) - used
+    if unused:
+        raise FormatError(f"{where}: blobs {sorted(unused)[:5]} are not referenced by any record")
