@@ -1,0 +1,153 @@
+"""The ``unipack`` command line: a thin front end over the Python API.
+
+User errors (``UnipackError``) become one line on stderr and exit code 1; usage errors exit 2
+(click's convention). Data goes to stdout, progress and diagnostics to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .api.bundle import open as open_bundle
+from .api.merge import MergeResult, merge
+from .errors import UnipackError
+from .options import MergeOptions
+from .render import ProgressBars, info_table, merge_summary
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def merge_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one click option per ``MergeOptions`` field, from the field's own metadata."""
+    for f in reversed(dataclasses.fields(MergeOptions)):
+        meta = dict(f.metadata)
+        flag, help_text = meta.pop("flag"), meta.pop("help")
+        if "choices" in meta:
+            meta["type"] = click.Choice(meta.pop("choices"))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if meta.get("multiple"):
+            default = ()
+        show = default not in (None, (), False)
+        command = click.option(flag, f.name, default=default, show_default=show, help=help_text, **meta)(command)
+    return command
+
+
+class InternalError(click.ClickException):
+    exit_code = 3
+
+
+class UnipackGroup(click.Group):
+    """Turns unipack's own errors into click errors: one line, ``Error: ...``, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except UnipackError as exc:
+            raise click.ClickException(str(exc)) from None
+        except MemoryError:
+            raise click.ClickException("out of memory; try fewer or smaller inputs, or more RAM") from None
+        except Exception as exc:  # a bug in unipack, not the user's fault: say so in one line
+            if os.environ.get("UNIPACK_DEBUG"):
+                raise
+            raise InternalError(f"internal error: {type(exc).__name__}: {exc} (a bug: please report "
+                                f"it; UNIPACK_DEBUG=1 shows the traceback)") from None
+
+
+@click.group(cls=UnipackGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="unipack")
+def cli() -> None:
+    """Pack many fine-tunes of one base model into one compact bundle, and get any one back."""
+
+
+@cli.command("merge")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle to write (.upk).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@merge_options
+def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, **fields: Any) -> None:
+    """Merge same-architecture .safetensors checkpoints into one bundle."""
+    options = MergeOptions(**{k: v for k, v in fields.items()})
+    bars = None if quiet else ProgressBars(err_console)
+    try:
+        result: MergeResult = merge(list(inputs), output, options=options, force=force, progress=bars)
+    finally:
+        if bars:
+            bars.stop()
+    err_console.print(merge_summary(result))
+
+
+@cli.command("extract")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--member", "-m", help="Member to extract.")
+@click.option("--all", "all_members", is_flag=True, help="Extract every member into the -o directory.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output .safetensors file (default <member>.safetensors), or directory with --all.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Path | None, force: bool) -> None:
+    """Materialise a member (or --all) as .safetensors with its original names, shapes and dtypes."""
+    if all_members == (member is not None):
+        raise click.UsageError("give exactly one of --member NAME or --all")
+    with open_bundle(bundle) as b:
+        if all_members:
+            paths = b.extract_all(output or Path("."), force=force)
+            for p in paths:
+                click.echo(str(p))
+            return
+        assert member is not None
+        rec = b.member(member)
+        path = b.extract(member, output or Path(f"{member}.safetensors"), force=force)
+        worst = max(rec.errors, default=0.0)
+        click.echo(str(path))
+        err_console.print(f"extracted [bold]{member}[/]: worst relative error {worst:.3g} on any tensor "
+                          f"({'exact' if worst == 0 else 'lossy'})")
+
+
+@cli.command("info")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--tensors", is_flag=True, help="Also list every tensor's storage, scheme and rank.")
+def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
+    """Members, storage by scheme, ranks, bytes by part, ratio and worst error per member."""
+    with open_bundle(bundle) as b:
+        summary = b.summary()
+        if as_json:
+            doc = summary.to_dict()
+            if tensors:
+                doc["tensors"] = [
+                    {"name": t.name, "storage": t.storage, "scheme": t.scheme, "rank": t.rank, "side": t.side,
+                     "energy": t.energy, "reason": t.reason} for t in b.manifest.tensors
+                ]
+            click.echo(json.dumps(doc, indent=2))
+            return
+        for renderable in info_table(summary, b.manifest if tensors else None):
+            out_console.print(renderable)
+
+
+@cli.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("unipack-demo"), show_default=True,
+              help="Where the bundle and extracted members are written.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the demo population is cached (default $UNIPACK_CACHE or ~/.cache/unipack/demo).")
+def demo_cmd(workdir: Path, cache_dir: Path | None) -> None:
+    """Build a population of real fine-tunes (UCI digits), merge, inspect, extract, re-score."""
+    from .demo.run import run_demo
+
+    run_demo(workdir, cache_dir, out_console, err_console)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="unipack")
