@@ -295,9 +295,12 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
                     for i, m in enumerate(d.list("members")))
     if len({m.name for m in members}) != len(members):
         raise FormatError(f"{where}: manifest lists a member name twice")
+    stats = d.obj("stats", optional=True) or {}
+    input_bytes = stats.get("input_bytes", 0)
+    if not isinstance(input_bytes, int) or isinstance(input_bytes, bool) or input_bytes < 0:
+        raise FormatError(f"{where}: manifest stats.input_bytes must be a non-negative integer")
     manifest = Manifest(created_by=d.str("created_by"), options=d.obj("options"), tensors=tensors,
-                        members=members, blobs=blobs, format_version=version,
-                        stats=d.obj("stats", optional=True) or {})
+                        members=members, blobs=blobs, format_version=version, stats=stats)
     _check_references(manifest, where)
     return manifest
 
