@@ -66,7 +66,7 @@ class FlatModel:
         return mean + rank * (self.dim + self.job.n_members) * self.coef_itemsize
 
     def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
-        targets = (max_error * self.norms * 0.98) ** 2
+        targets = (max_error * np.where(self.norms > 0, self.norms, 1.0) * 0.98) ** 2
         residual = np.diag(self.gram)[:, None] - np.concatenate(
             [np.zeros((self.job.n_members, 1)), np.cumsum(self.q**2 * self.eigenvalues, axis=1)], axis=1)
         ok = np.all(residual[:, : cap + 1] <= targets[:, None], axis=0)

@@ -58,7 +58,7 @@ class RowsModel:
         """Probe V's columns in doubling chunks; stop at the first rank meeting the budget."""
         n_members = self.job.n_members
         # 2% headroom for the rounding that encode() adds on top of the truncation error.
-        targets = (max_error * self.norms * 0.98) ** 2
+        targets = (max_error * np.where(self.norms > 0, self.norms, 1.0) * 0.98) ** 2
         residual = np.zeros(n_members)
         captured: list[np.ndarray] = []
         start, width = 0, FIRST_PROBE

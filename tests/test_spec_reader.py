@@ -1,0 +1,954 @@
+"""An independent .upk v1 reader, written from ``format_spec/upk-v1.md`` alone, checked against unipack.
+
+The reader part of this file (everything above the "Fixtures" banner) was written from the
+specification only, without looking at unipack's implementation, and uses nothing but the
+standard library and numpy (plus ``zstandard``, imported lazily, for ``codec: "zstd"`` blobs).
+If the two disagree, the tests follow the specification: see the section numbers quoted in the
+comments ("§2.1" etc. refer to format_spec/upk-v1.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+# ======================================================================================
+# The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
+# ======================================================================================
+
+SUPPORTED_VERSIONS = (1,)
+_MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
+
+# §2.2: name -> (numpy dtype used to hold the array, size in bytes)
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2),
+    "BF16": ("<u2", 2),  # held as its 16-bit pattern
+    "F8_E4M3": ("u1", 1), "F8_E5M2": ("u1", 1),  # held as 8-bit patterns
+    "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
+    "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1),
+    "BOOL": ("u1", 1),  # converted to numpy bool after checking 0/1
+}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_COEF_DTYPES = ("F32", "F16", "BF16")  # §3.2: the coefficient dtype
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class SpecFormatError(Exception):
+    """The file breaks a rule of the v1 specification."""
+
+
+class SpecChecksumError(SpecFormatError):
+    """A SHA-256 recorded in the file does not match the bytes."""
+
+
+class SpecVersionError(SpecFormatError):
+    """A format version this reader does not support."""
+
+
+def _strict_json(text: str, what: str) -> Any:
+    """JSON with duplicate keys and NaN/Infinity literals rejected (§2.1, §3)."""
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise SpecFormatError(f"{what}: duplicate JSON key {key!r}")
+            out[key] = value
+        return out
+
+    def constant(name: str) -> Any:
+        raise SpecFormatError(f"{what}: {name} is not valid JSON")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs_hook, parse_constant=constant)
+    except json.JSONDecodeError as exc:
+        raise SpecFormatError(f"{what}: not valid JSON ({exc})") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SpecFormatError(msg)
+
+
+def _shape_ok(shape: Any) -> bool:
+    return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+
+
+def _prod(shape: list[int]) -> int:
+    return math.prod(shape)  # math.prod([]) == 1: a scalar has one element
+
+
+def _bf16_to_f64(bits: np.ndarray) -> np.ndarray:
+    """§4 step 2: shift the 16 bits left by 16 and read as binary32."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+
+def _f64_to_bf16(w: np.ndarray) -> np.ndarray:
+    """§4 step 3: round to binary32, then to its upper 16 bits, ties to even; NaN stays NaN."""
+    f32 = np.ascontiguousarray(w, dtype=np.float64).astype(np.float32)
+    bits = f32.view(np.uint32).astype(np.uint64)
+    rounded = (bits + np.uint64(0x7FFF) + ((bits >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+    nan = np.isnan(f32)
+    quiet = (bits >> np.uint64(16)) | np.uint64(0x0040)  # keep sign, force a quiet NaN
+    return np.where(nan, quiet, rounded).astype(np.uint16)
+
+
+def _widen(arr: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return _bf16_to_f64(arr)
+    _need(dtype in _FLOAT_DTYPES, f"expected a float dtype, got {dtype}")
+    return arr.astype(np.float64)
+
+
+def _round_to(w: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F64":
+        return w.astype(np.float64)
+    if dtype == "F32":
+        return w.astype(np.float32)
+    if dtype == "F16":
+        return w.astype(np.float16)
+    if dtype == "BF16":
+        return _f64_to_bf16(w)
+    raise SpecFormatError(f"a shared tensor cannot have dtype {dtype}")
+
+
+class SpecBundle:
+    """A validated v1 bundle (§4.2: every check is made before any number is used)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._read_header()
+        self._check_manifest()
+
+    # ---------------------------------------------------------------- §2 layout
+    def _read_header(self) -> None:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            _need(len(head) == 8, "file shorter than 8 bytes")
+            (h,) = struct.unpack("<Q", head)
+            _need(h <= _MAX_HEADER, f"header length {h} exceeds 100 MiB")
+            _need(8 + h <= size, f"header length {h} exceeds the file ({size} bytes)")
+            raw_header = f.read(h)
+        try:
+            text = raw_header.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecFormatError(f"header is not UTF-8 ({exc})") from None
+        header = _strict_json(text, "header")
+        _need(isinstance(header, dict), "header is not a JSON object")
+        self.data_start = 8 + h
+        self.data_len = size - self.data_start
+
+        meta = header.pop("__metadata__", None)
+        _need(isinstance(meta, dict), "header has no __metadata__ object")
+        _need(set(meta) == {"format", "format_version", "manifest", "manifest_sha256"},
+              f"__metadata__ must have exactly format, format_version, manifest, manifest_sha256; "
+              f"got {sorted(meta)}")
+        _need(all(isinstance(v, str) for v in meta.values()), "__metadata__ values must be strings")
+        _need(meta["format"] == "unipack.upk", f"format is {meta['format']!r}, not 'unipack.upk'")
+        _need(re.fullmatch(r"[0-9]+", meta["format_version"]) is not None,
+              f"format_version {meta['format_version']!r} is not a decimal string")
+        version = int(meta["format_version"])
+        if version not in SUPPORTED_VERSIONS:
+            raise SpecVersionError(
+                f"file has format version {version}; this reader supports version(s) "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+        self.version = version
+        self.meta = meta
+
+        # Blob entries and the tiling rule.
+        self.entries: dict[str, dict[str, Any]] = {}
+        ranges = []
+        for name, entry in header.items():
+            _need(isinstance(entry, dict), f"header entry {name!r} is not an object")
+            dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            _need(dtype in _DTYPES, f"blob {name!r}: unknown dtype {dtype!r}")
+            _need(_shape_ok(shape), f"blob {name!r}: bad shape {shape!r}")
+            _need(isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs),
+                  f"blob {name!r}: bad data_offsets {offs!r}")
+            b, e = offs
+            _need(0 <= b <= e <= self.data_len,
+                  f"blob {name!r}: offsets {offs} outside the data section ({self.data_len} bytes)")
+            _need(e - b == _prod(shape) * _DTYPES[dtype][1],
+                  f"blob {name!r}: {e - b} bytes for shape {shape} of {dtype}")
+            self.entries[name] = {"dtype": dtype, "shape": shape, "begin": b, "end": e}
+            ranges.append((b, e, name))
+        cursor = 0
+        for b, e, name in sorted(ranges):
+            _need(b >= cursor, f"blob {name!r} overlaps the previous blob")
+            _need(b == cursor, f"gap of {b - cursor} bytes before blob {name!r}")
+            cursor = e
+        _need(cursor == self.data_len, f"{self.data_len - cursor} bytes after the last blob")
+
+    # ---------------------------------------------------------------- §3 manifest
+    def _check_manifest(self) -> None:
+        text = self.meta["manifest"]
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest != self.meta["manifest_sha256"]:
+            raise SpecChecksumError(f"manifest sha256 mismatch: recorded {self.meta['manifest_sha256']}, "
+                                    f"computed {digest}")
+        m = _strict_json(text, "manifest")
+        _need(isinstance(m, dict), "manifest is not a JSON object")
+        _need(m.get("format") == "unipack.upk", "manifest format is not 'unipack.upk'")
+        mv = m.get("format_version")
+        _need(_is_int(mv), f"manifest format_version {mv!r} is not an integer")
+        if mv not in SUPPORTED_VERSIONS:
+            raise SpecVersionError(f"file has format version {mv}; this reader supports version(s) "
+                                   f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+        _need(mv == self.version, f"format_version differs: header {self.version}, manifest {mv}")
+        self.manifest = m
+
+        # Blob records (§3.1) against the header entries (§3.5: the same set).
+        blobs = m.get("blobs")
+        _need(isinstance(blobs, dict), "manifest blobs is not an object")
+        _need(set(blobs) == set(self.entries),
+              f"blobs in header and manifest differ: {sorted(set(blobs) ^ set(self.entries))}")
+        for name, rec in blobs.items():
+            _need(isinstance(rec, dict), f"blob record {name!r} is not an object")
+            dtype, shape, codec = rec.get("dtype"), rec.get("shape"), rec.get("codec")
+            _need(dtype in _DTYPES, f"blob record {name!r}: unknown dtype {dtype!r}")
+            _need(_shape_ok(shape), f"blob record {name!r}: bad shape")
+            _need(codec in ("none", "zstd"), f"blob record {name!r}: unknown codec {codec!r}")
+            _need(isinstance(rec.get("shuffle"), bool), f"blob record {name!r}: shuffle is not a bool")
+            _need(isinstance(rec.get("sha256"), str) and _HEX64.fullmatch(rec["sha256"]) is not None,
+                  f"blob record {name!r}: sha256 is not 64 lowercase hex digits")
+            entry = self.entries[name]
+            if codec == "none":
+                _need(entry["dtype"] == dtype and entry["shape"] == shape,
+                      f"blob {name!r}: codec none but header says {entry['dtype']} {entry['shape']}")
+                _need(rec["shuffle"] is False, f"blob {name!r}: shuffle with codec none")
+            else:
+                _need(entry["dtype"] == "U8" and entry["shape"] == [entry["end"] - entry["begin"]],
+                      f"blob {name!r}: a zstd blob must be U8 of its stored length")
+                if _DTYPES[dtype][1] == 1:
+                    _need(rec["shuffle"] is False, f"blob {name!r}: shuffle with a 1-byte dtype")
+        self.blobs = blobs
+
+        # Tensor records (§3.2).
+        tensors = m.get("tensors")
+        members = m.get("members")
+        _need(isinstance(tensors, list), "manifest tensors is not a list")
+        _need(isinstance(members, list) and members, "manifest members is not a non-empty list")
+        used: dict[str, str] = {}
+
+        def use(blob: Any, why: str, dtype: str | None = None, shape: list[int] | None = None,
+                float_ok: bool = False) -> None:
+            _need(isinstance(blob, str), f"{why}: blob name is not a string")
+            _need(blob in blobs, f"{why}: blob {blob!r} does not exist")
+            _need(blob not in used, f"blob {blob!r} used twice ({used.get(blob)}; {why})")
+            used[blob] = why
+            rec = blobs[blob]
+            if float_ok:
+                _need(rec["dtype"] in _FLOAT_DTYPES, f"{why}: blob {blob!r} is not float")
+            if dtype is not None:
+                _need(rec["dtype"] == dtype, f"{why}: blob {blob!r} is {rec['dtype']}, expected {dtype}")
+            if shape is not None:
+                _need(rec["shape"] == shape, f"{why}: blob {blob!r} has shape {rec['shape']}, expected {shape}")
+
+        names: set[str] = set()
+        coef_dtypes = {blobs[t["basis"]]["dtype"] for t in tensors
+                       if isinstance(t, dict) and t.get("storage") == "shared"
+                       and isinstance(t.get("basis"), str) and t["basis"] in blobs}
+        _need(len(coef_dtypes) <= 1, f"basis blobs have different dtypes: {sorted(coef_dtypes)}")
+        self.coef_dtype = coef_dtypes.pop() if coef_dtypes else None
+        _need(self.coef_dtype is None or self.coef_dtype in _COEF_DTYPES,
+              f"coefficient dtype {self.coef_dtype} is not F32, F16 or BF16")
+        self.coef_layout: dict[str, tuple[int, list[int]]] = {}  # name -> (offset, C shape)
+        coef_total = 0
+        raw_names = []
+        for t in tensors:
+            _need(isinstance(t, dict), "tensor record is not an object")
+            name = t.get("name")
+            _need(isinstance(name, str) and name not in names, f"bad or duplicate tensor name {name!r}")
+            names.add(name)
+            storage, dtype, shape = t.get("storage"), t.get("dtype"), t.get("shape")
+            _need(storage in ("shared", "raw", "exact"), f"{name}: unknown storage {storage!r}")
+            _need(dtype in _DTYPES, f"{name}: unknown dtype {dtype!r}")
+            _need(isinstance(t.get("reason"), str), f"{name}: reason is not a string")
+            _need(_shape_ok(shape) or (shape is None and storage == "raw"), f"{name}: bad shape {shape!r}")
+            if storage == "raw":
+                raw_names.append(name)
+            elif storage == "exact":
+                use(t.get("blob"), f"exact {name}", dtype=dtype, shape=shape)
+            else:
+                _need(dtype in _FLOAT_DTYPES, f"{name}: shared tensor with non-float dtype {dtype}")
+                scheme, k = t.get("scheme"), t.get("rank")
+                _need(scheme in ("rows", "flat"), f"{name}: unknown scheme {scheme!r}")
+                _need(_is_int(k) and k >= 0, f"{name}: bad rank {k!r}")
+                _need(t.get("energy") is None or _is_number(t.get("energy")), f"{name}: bad energy")
+                use(t.get("mean"), f"mean of {name}", shape=shape, float_ok=True)
+                if scheme == "flat":
+                    d = _prod(shape)
+                    _need(k <= d, f"{name}: rank {k} > D {d}")
+                    basis_shape, c_shape = [k, d], [k]
+                else:
+                    side = t.get("side")
+                    _need(side in ("right", "left"), f"{name}: unknown side {side!r}")
+                    _need(len(shape) >= 1, f"{name}: rows scheme needs at least one dimension")
+                    mm, nn = shape[0], _prod(shape[1:])
+                    _need(t.get("matrix") == [mm, nn], f"{name}: matrix {t.get('matrix')} != {[mm, nn]}")
+                    if side == "right":
+                        _need(k <= nn, f"{name}: rank {k} > n {nn}")
+                        basis_shape, c_shape = [nn, k], [mm, k]
+                    else:
+                        _need(k <= mm, f"{name}: rank {k} > m {mm}")
+                        basis_shape, c_shape = [mm, k], [k, nn]
+                if k == 0:
+                    _need(t.get("basis") is None, f"{name}: rank 0 with a basis")
+                else:
+                    use(t.get("basis"), f"basis of {name}", dtype=self.coef_dtype, shape=basis_shape)
+                    self.coef_layout[name] = (coef_total, c_shape)
+                    coef_total += _prod(c_shape)
+        self.tensors = tensors
+        self.coef_total = coef_total
+
+        # Member records (§3.3).
+        member_names: set[str] = set()
+        by_name = {t["name"]: t for t in tensors}
+        for i, mem in enumerate(members):
+            _need(isinstance(mem, dict), f"member {i} is not an object")
+            mname = mem.get("name")
+            _need(isinstance(mname, str) and 1 <= len(mname) <= 255 and not mname.startswith(".")
+                  and not any(c in mname for c in "/\\")
+                  and not any(unicodedata.category(c) == "Cc" for c in mname),
+                  f"member {i}: invalid name {mname!r}")
+            _need(mname not in member_names, f"duplicate member name {mname!r}")
+            member_names.add(mname)
+            _need(isinstance(mem.get("source"), str), f"member {mname}: source is not a string")
+            _need(_is_int(mem.get("source_bytes")) and mem["source_bytes"] >= 0, f"member {mname}: bad source_bytes")
+            md = mem.get("metadata")
+            _need(md is None or (isinstance(md, dict) and all(isinstance(v, str) for v in md.values())),
+                  f"member {mname}: metadata is not null or a string->string object")
+            dts = mem.get("dtypes")
+            _need(isinstance(dts, dict) and all(k in by_name and v in _DTYPES for k, v in dts.items()),
+                  f"member {mname}: bad dtypes map")
+            errs = mem.get("errors")
+            _need(isinstance(errs, list) and len(errs) == len(tensors) and all(_is_number(e) and e >= 0 for e in errs),
+                  f"member {mname}: errors must be one non-negative number per tensor")
+            raw = mem.get("raw")
+            _need(isinstance(raw, dict) and set(raw) == set(raw_names),
+                  f"member {mname}: raw map must name exactly the raw tensors")
+            for tname, t in by_name.items():
+                mdt = dts.get(tname, t["dtype"])
+                if t["storage"] == "raw":
+                    use(raw[tname], f"raw {tname} of {mname}", dtype=mdt, shape=t["shape"])
+                elif t["storage"] == "exact":
+                    _need(mdt == t["dtype"], f"{mname}: exact tensor {tname} with member dtype {mdt}")
+                else:
+                    _need(mdt in _FLOAT_DTYPES, f"{mname}: shared tensor {tname} with dtype {mdt}")
+            coef = mem.get("coefficients")
+            if coef_total > 0 or self.coef_layout:
+                use(coef, f"coefficients of {mname}", dtype=self.coef_dtype, shape=[coef_total])
+            else:
+                _need(coef is None, f"member {mname}: coefficients without any shared rank>0 tensor")
+        self.members = {mem["name"]: mem for mem in members}
+        unused = set(blobs) - set(used)
+        _need(not unused, f"blobs not referenced by the manifest: {sorted(unused)}")
+
+    # ---------------------------------------------------------------- blobs and members
+    def blob_stored_bytes(self, name: str) -> bytes:
+        entry = self.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + entry["begin"])
+            data = f.read(entry["end"] - entry["begin"])
+        _need(len(data) == entry["end"] - entry["begin"], f"blob {name!r} is truncated")
+        return data
+
+    def decode_blob(self, name: str) -> np.ndarray:
+        rec = self.blobs[name]
+        stored = self.blob_stored_bytes(name)
+        digest = hashlib.sha256(stored).hexdigest()
+        if digest != rec["sha256"]:  # §3.1: verify before decoding
+            raise SpecChecksumError(f"blob {name!r}: sha256 mismatch (recorded {rec['sha256']}, computed {digest})")
+        np_dtype, size = _DTYPES[rec["dtype"]]
+        n = _prod(rec["shape"])
+        logical = n * size
+        if rec["codec"] == "zstd":
+            import zstandard  # lazily: only zstd blobs need it
+
+            try:
+                content_size = zstandard.get_frame_parameters(stored).content_size
+            except zstandard.ZstdError as exc:
+                raise SpecFormatError(f"blob {name!r}: not a zstd frame ({exc})") from None
+            _need(content_size not in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR),
+                  f"blob {name!r}: zstd frame does not declare its content size")
+            _need(content_size == logical, f"blob {name!r}: frame declares {content_size} bytes, expected {logical}")
+            try:
+                data = zstandard.ZstdDecompressor().decompress(
+                    stored, max_output_size=logical, allow_extra_data=False)
+            except zstandard.ZstdError as exc:
+                raise SpecFormatError(f"blob {name!r}: bad zstd frame ({exc})") from None
+            _need(len(data) == logical, f"blob {name!r}: decompressed to {len(data)} bytes, expected {logical}")
+            if rec["shuffle"]:
+                data = np.frombuffer(data, np.uint8).reshape(size, n).T.tobytes()
+        else:
+            data = stored
+        arr = np.frombuffer(data, dtype=np_dtype).reshape(rec["shape"]).copy()
+        if rec["dtype"] == "BOOL":
+            _need(bool(np.all(arr <= 1)), f"blob {name!r}: BOOL value other than 0 or 1")
+            arr = arr.astype(np.bool_)
+        return arr
+
+    def read_member(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
+        """§4: rebuild every tensor of ``member``, in the order of ``tensors``."""
+        if member not in self.members:
+            raise KeyError(member)
+        mem = self.members[member]
+        coef = None
+        if mem.get("coefficients") is not None:
+            coef = _widen(self.decode_blob(mem["coefficients"]), self.coef_dtype)
+        out: dict[str, tuple[str, np.ndarray]] = {}
+        for t in self.tensors:
+            name = t["name"]
+            mdt = mem["dtypes"].get(name, t["dtype"])
+            if t["storage"] == "raw":
+                out[name] = (mdt, self.decode_blob(mem["raw"][name]))
+                continue
+            if t["storage"] == "exact":
+                out[name] = (mdt, self.decode_blob(t["blob"]))
+                continue
+            shape = t["shape"]
+            mean = _widen(self.decode_blob(t["mean"]), self.blobs[t["mean"]]["dtype"])
+            if t["rank"] == 0:
+                w = mean
+            else:
+                basis = _widen(self.decode_blob(t["basis"]), self.coef_dtype)
+                off, c_shape = self.coef_layout[name]
+                c = coef[off:off + _prod(c_shape)].reshape(c_shape)
+                if t["scheme"] == "flat":
+                    w = mean + (c @ basis).reshape(shape)
+                else:
+                    mm, nn = t["matrix"]
+                    if t["side"] == "right":
+                        w = (mean.reshape(mm, nn) + c @ basis.T).reshape(shape)
+                    else:
+                        w = (mean.reshape(mm, nn) + basis @ c).reshape(shape)
+            out[name] = (mdt, _round_to(w, mdt))
+        return out
+
+
+def _read_member(path: str | Path, member_name: str) -> dict[str, tuple[str, np.ndarray]]:
+    """Tensor name -> (dtype name, array) of one member; BF16 as uint16 bits, F8 as uint8 bits."""
+    return SpecBundle(path).read_member(member_name)
+
+
+# ======================================================================================
+# Fixtures (these may use unipack's public API, safetensors and torch)
+# ======================================================================================
+
+import torch  # noqa: E402
+from safetensors.torch import load_file as _st_load, save_file as _st_save  # noqa: E402
+
+import unipack  # noqa: E402
+
+_TORCH_TO_SPEC = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                  torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                  torch.uint8: "U8", torch.bool: "BOOL"}
+_SPEC_TO_TORCH = {v: k for k, v in _TORCH_TO_SPEC.items()}
+N_MEMBERS = 5
+
+
+def _population(tmp: Path, dtypes: list[str], seed: int = 0) -> list[Path]:
+    """Synthetic fine-tunes: base weights + each member a mix of two "task vectors" + small noise.
+
+    Member i's delta on every float tensor is ``a_i * T1 + b_i * T2`` (plus noise far below the
+    default 1% error budget). Matrix task vectors are low-rank (so the ``rows`` scheme wins),
+    except for ``blocks.0.mix.weight`` whose task vectors are full-rank (so ``flat`` wins).
+    """
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "blocks.0.wide.weight": (16, 96),      # wide: rows, side right
+        "blocks.0.tall.weight": (96, 16),      # tall: rows, side left
+        "blocks.0.mix.weight": (24, 24),       # full-rank task vectors: flat
+        "blocks.0.conv.weight": (8, 4, 3, 3),  # 4-D conv kernel
+        "blocks.0.wide.bias": (64,),           # 1-D: flat
+        "blocks.0.norm.weight": (96,),         # 1-D norm: flat
+        "blocks.0.norm.bias": (96,),           # 1-D, unchanged but for tiny noise: rank 0
+    }
+    base = {k: rng.standard_normal(s) * 0.5 for k, s in shapes.items()}
+    base["blocks.0.norm.weight"] = 1.0 + rng.standard_normal(96) * 0.02
+    tasks = {}
+    for k, s in shapes.items():
+        if len(s) >= 2 and k != "blocks.0.mix.weight":
+            m, n = s[0], math.prod(s[1:])
+            tasks[k] = [(rng.standard_normal((m, 2)) @ rng.standard_normal((2, n)) / np.sqrt(n)).reshape(s)
+                        for _ in range(2)]
+        else:
+            tasks[k] = [rng.standard_normal(s) * 0.3 for _ in range(2)]
+    tasks["blocks.0.norm.bias"] = [np.zeros(96), np.zeros(96)]
+    position_ids = np.arange(32, dtype=np.int64).reshape(1, 32)
+    paths = []
+    for i, dt in enumerate(dtypes):
+        a, b = rng.standard_normal(2) * 0.3
+        sd = {k: base[k] + a * t1 + b * t2 + rng.standard_normal(base[k].shape) * 1e-5
+              for k, (t1, t2) in tasks.items()}
+        heads = 2 + i % 3  # task heads whose shape differs by member
+        sd["classifier.weight"] = rng.standard_normal((heads, 16)) * 0.2
+        sd["classifier.bias"] = rng.standard_normal(heads) * 0.1
+        sd["adapter.gate.weight"] = base["blocks.0.wide.weight"][:8, :8] + 1e-3 * rng.standard_normal((8, 8))
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(_SPEC_TO_TORCH[dt]) for k, v in sd.items()}
+        tensors["embeddings.position_ids"] = torch.from_numpy(position_ids.copy())   # identical: exact
+        tensors["bn.num_batches_tracked"] = torch.tensor(100 * i + 7, dtype=torch.int64)  # differs: raw
+        path = tmp / f"m{i}.safetensors"
+        _st_save(tensors, str(path), metadata={"member": f"m{i}", "dtype": dt})
+        paths.append(path)
+    return paths
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "none-f32": {"members": ["F32"] * N_MEMBERS, "options": {"codec": "none"}},
+    "zstd-f32": {"members": ["F32"] * N_MEMBERS, "options": {}},
+    "coef-f16": {"members": ["F32"] * N_MEMBERS, "options": {"dtype": "float16"}},
+    "coef-bf16": {"members": ["F32"] * N_MEMBERS, "options": {"dtype": "bfloat16"}},
+    "members-f16": {"members": ["F16"] * N_MEMBERS, "options": {}},
+    "members-bf16": {"members": ["BF16"] * N_MEMBERS, "options": {}},
+    "mixed-f16-f32": {"members": ["F32", "F32", "F16", "F32", "F32"], "options": {}},
+}
+_COMMON = {"raw": ("adapter.*",), "raw_mismatched": True}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Path]]]:
+    out = {}
+    for key, spec in VARIANTS.items():
+        d = tmp_path_factory.mktemp(key)
+        paths = _population(d, spec["members"])
+        target = d / "bundle.upk"
+        unipack.merge([str(p) for p in paths], str(target), **_COMMON, **spec["options"])
+        out[key] = (target, paths)
+    return out
+
+
+def _original(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """The input file as {name: (spec dtype, array)}; BF16 as uint16 bits."""
+    out = {}
+    for name, t in _st_load(str(path)).items():
+        dt = _TORCH_TO_SPEC[t.dtype]
+        arr = t.view(torch.int16).numpy().view(np.uint16) if dt == "BF16" else t.numpy()
+        out[name] = (dt, arr)
+    return out
+
+
+def _as_f64(arr: np.ndarray, dtype: str) -> np.ndarray:
+    return _bf16_to_f64(arr) if dtype == "BF16" else arr.astype(np.float64)
+
+
+def _ordered(arr: np.ndarray) -> np.ndarray:
+    """Float bit patterns mapped to integers whose difference counts units in the last place."""
+    nbits = arr.dtype.itemsize * 8
+    bits = arr.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize]).astype(np.int64) \
+        if nbits < 64 else arr.view(np.int64)
+    if nbits == 64:
+        return np.where(bits < 0, np.int64(-(2 ** 63)) - bits, bits)
+    sign = (bits >> (nbits - 1)) & 1
+    mag = bits & ((1 << (nbits - 1)) - 1)
+    return np.where(sign == 1, -mag, mag)
+
+
+def _unipack_numpy(path: Path, member: str) -> dict[str, tuple[str, np.ndarray]]:
+    with unipack.open(str(path)) as b:
+        got = b.load_numpy(member)
+    out = {}
+    for name, (dt, arr) in got.items():
+        arr = np.asarray(arr)
+        dt = str(dt)
+        out[name] = (dt, arr)
+    return out
+
+
+def _member_names(path: Path) -> list[str]:
+    return [m["name"] for m in SpecBundle(path).manifest["members"]]
+
+
+# ======================================================================================
+# Tests
+# ======================================================================================
+
+
+def test_manifest_shows_expected_choices(bundles):
+    path, _ = bundles["zstd-f32"]
+    tensors = {t["name"]: t for t in SpecBundle(path).manifest["tensors"]}
+    wide, tall = tensors["blocks.0.wide.weight"], tensors["blocks.0.tall.weight"]
+    assert (wide["storage"], wide["scheme"], wide["side"]) == ("shared", "rows", "right")
+    assert (tall["storage"], tall["scheme"], tall["side"]) == ("shared", "rows", "left")
+    mix, conv = tensors["blocks.0.mix.weight"], tensors["blocks.0.conv.weight"]
+    assert (mix["storage"], mix["scheme"]) == ("shared", "flat")
+    assert (conv["storage"], conv["scheme"], conv["shape"], conv["matrix"]) == ("shared", "rows", [8, 4, 3, 3], [8, 36])
+    for name in ("blocks.0.wide.bias", "blocks.0.norm.weight", "blocks.0.norm.bias"):
+        assert (tensors[name]["storage"], tensors[name]["scheme"]) == ("shared", "flat"), name
+    assert tensors["blocks.0.norm.bias"]["rank"] == 0 and tensors["blocks.0.norm.bias"]["basis"] is None
+    assert tensors["embeddings.position_ids"]["storage"] == "exact"
+    assert tensors["bn.num_batches_tracked"]["storage"] == "raw"
+    assert tensors["classifier.weight"]["storage"] == "raw" and tensors["classifier.weight"]["shape"] is None
+    assert tensors["classifier.bias"]["storage"] == "raw" and tensors["classifier.bias"]["shape"] is None
+    assert tensors["adapter.gate.weight"]["storage"] == "raw"
+    assert tensors["adapter.gate.weight"]["shape"] == [8, 8]
+
+
+def test_codec_none_bundle_has_no_zstd_blob(bundles):
+    path, _ = bundles["none-f32"]
+    sb = SpecBundle(path)
+    assert {rec["codec"] for rec in sb.blobs.values()} == {"none"}
+    # ... and the default bundle does use zstd
+    assert "zstd" in {rec["codec"] for rec in SpecBundle(bundles["zstd-f32"][0]).blobs.values()}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reader_matches_unipack_and_originals(bundles, variant):
+    path, inputs = bundles[variant]
+    sb = SpecBundle(path)
+    tensors = sb.manifest["tensors"]
+    names = _member_names(path)
+    assert len(names) == len(inputs)
+    checked_shared = 0
+    for i, member in enumerate(names):
+        mem = sb.members[member]
+        mine = sb.read_member(member)
+        theirs = _unipack_numpy(path, member)
+        orig = _original(inputs[i])
+        assert list(mine) == [t["name"] for t in tensors]
+        assert set(mine) == set(orig) == set(theirs), member
+        assert mem["metadata"] == {"member": f"m{i}", "dtype": VARIANTS[variant]["members"][i]}
+
+        mismatched = total = 0
+        for j, t in enumerate(tensors):
+            name = t["name"]
+            dt, arr = mine[name]
+            odt, oarr = orig[name]
+            udt, uarr = theirs[name]
+            # dtype and shape are those of the member's original file
+            assert dt == odt, (member, name, dt, odt)
+            assert arr.shape == oarr.shape, (member, name)
+            assert uarr.shape == arr.shape and uarr.dtype.itemsize == arr.dtype.itemsize, (member, name)
+            if t["storage"] in ("raw", "exact"):
+                # bit-exact against the original file and against unipack
+                assert arr.tobytes() == oarr.tobytes(), (member, name)
+                assert arr.tobytes() == np.ascontiguousarray(uarr).tobytes(), (member, name)
+                assert mem["errors"][j] == 0, (member, name)
+                continue
+            checked_shared += 1
+            # Shared tensors: the reference arithmetic is float64 with ordinary dot products
+            # (§4); BLAS may sum in a different order than unipack does, so a rounded value
+            # may, in rare ties, land one unit in the last place away. Allow only that.
+            ua = np.ascontiguousarray(uarr).view(arr.dtype) if uarr.dtype != arr.dtype else uarr
+            if not np.array_equal(arr.view(np.uint8), np.ascontiguousarray(ua).view(np.uint8)):
+                diff = np.abs(_ordered(np.ascontiguousarray(arr)) - _ordered(np.ascontiguousarray(ua)))
+                assert diff.max() <= 1, (member, name, int(diff.max()))
+                mismatched += int(np.count_nonzero(diff))
+            total += arr.size
+            # the reader's result has exactly the error the manifest records (§4.3)
+            w = _as_f64(oarr, odt)
+            w_hat = _as_f64(arr, dt)
+            err = np.linalg.norm((w - w_hat).ravel()) / np.linalg.norm(w.ravel())
+            assert err == pytest.approx(mem["errors"][j], rel=1e-6, abs=1e-12), (member, name)
+            if sb.manifest["options"].get("max_error") is not None:
+                assert err <= sb.manifest["options"]["max_error"] * (1 + 1e-9), (member, name)
+        assert mismatched <= max(1, total // 1000), (member, mismatched, total)
+    assert checked_shared > 0
+
+
+def test_mixed_population_records_member_dtypes(bundles):
+    path, _ = bundles["mixed-f16-f32"]
+    sb = SpecBundle(path)
+    f16 = sb.manifest["members"][2]
+    shared_float = [t["name"] for t in sb.manifest["tensors"] if t["dtype"] in _FLOAT_DTYPES]
+    for name in shared_float:
+        t = next(t for t in sb.manifest["tensors"] if t["name"] == name)
+        assert f16["dtypes"].get(name, t["dtype"]) == "F16", name
+        for k in (0, 1, 3, 4):
+            assert sb.manifest["members"][k]["dtypes"].get(name, t["dtype"]) == "F32", name
+
+
+def test_coefficient_dtypes(bundles):
+    for variant, expected in (("zstd-f32", "F32"), ("coef-f16", "F16"), ("coef-bf16", "BF16")):
+        sb = SpecBundle(bundles[variant][0])
+        assert sb.coef_dtype == expected, variant
+        for mem in sb.manifest["members"]:
+            assert sb.blobs[mem["coefficients"]]["dtype"] == expected
+
+
+def _flip_byte(src: Path, dst: Path, blob: str) -> None:
+    sb = SpecBundle(src)
+    entry = sb.entries[blob]
+    assert entry["end"] > entry["begin"]
+    data = bytearray(src.read_bytes())
+    pos = sb.data_start + (entry["begin"] + entry["end"]) // 2
+    data[pos] ^= 0x5A
+    dst.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("variant", ["none-f32", "zstd-f32"])
+def test_corrupted_blob_is_detected(bundles, tmp_path, variant):
+    path, _ = bundles[variant]
+    sb = SpecBundle(path)
+    shared = next(t for t in sb.manifest["tensors"] if t["name"] == "blocks.0.wide.weight")
+    member = _member_names(path)[1]
+    for blob in (shared["mean"], sb.members[member]["coefficients"]):
+        bad = tmp_path / f"bad-{blob.replace('/', '_')}.upk"
+        _flip_byte(path, bad, blob)
+        with pytest.raises(SpecChecksumError, match=re.escape(blob)):
+            _read_member(bad, member)
+        with pytest.raises(unipack.ChecksumError, match=re.escape(blob)):
+            with unipack.open(str(bad)) as b:
+                b.load_numpy(member)
+
+
+def test_bundle_is_valid_safetensors(bundles):
+    from safetensors import safe_open
+
+    for variant in ("none-f32", "zstd-f32", "members-bf16"):
+        path, _ = bundles[variant]
+        sb = SpecBundle(path)
+        with safe_open(str(path), "np") as f:
+            assert set(f.keys()) == set(sb.blobs)
+            meta = f.metadata()
+            assert meta["format"] == "unipack.upk" and meta["format_version"] == "1"
+            assert hashlib.sha256(meta["manifest"].encode()).hexdigest() == meta["manifest_sha256"]
+            for name, rec in sb.blobs.items():
+                if rec["codec"] == "none" and rec["dtype"] in ("F32", "F16", "F64", "I64"):
+                    arr = f.get_tensor(name)
+                    assert list(arr.shape) == rec["shape"]
+                    assert arr.dtype == np.dtype(_DTYPES[rec["dtype"]][0])
+                    assert np.array_equal(arr, sb.decode_blob(name)), name
+                elif rec["codec"] == "zstd":
+                    arr = f.get_tensor(name)
+                    assert arr.dtype == np.uint8 and arr.ndim == 1
+                    assert arr.tobytes() == sb.blob_stored_bytes(name)
+    # Every blob (including BF16 ones) through the torch backend.
+    path, _ = bundles["members-bf16"]
+    sb = SpecBundle(path)
+    with safe_open(str(path), "pt") as f:
+        for name, rec in sb.blobs.items():
+            t = f.get_tensor(name)
+            if rec["codec"] == "none":
+                assert _TORCH_TO_SPEC[t.dtype] == rec["dtype"] and list(t.shape) == rec["shape"]
+
+
+# ---------------------------------------------------------------- structural rules (§2.1, §5)
+
+
+def _rewrite(src: Path, dst: Path, edit_header=None, edit_manifest=None, tail: bytes = b"",
+             header_text=None, resign: bool = True, length_prefix=None) -> None:
+    """Re-serialise ``src`` with a modified header and/or manifest."""
+    data = src.read_bytes()
+    (h,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + h])
+    body = data[8 + h:]
+    if edit_manifest is not None:
+        manifest = json.loads(header["__metadata__"]["manifest"])
+        edit_manifest(manifest)
+        text = json.dumps(manifest)
+        header["__metadata__"]["manifest"] = text
+        if resign:
+            header["__metadata__"]["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    if edit_header is not None:
+        edit_header(header)
+    text = header_text(header) if header_text is not None else json.dumps(header)
+    raw = text.encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    prefix = len(raw) if length_prefix is None else length_prefix(len(raw))
+    dst.write_bytes(struct.pack("<Q", prefix) + raw + body + tail)
+
+
+def _dup_key(header: dict) -> str:
+    text = json.dumps(header)
+    name = next(k for k in header if k != "__metadata__")
+    entry = json.dumps(header[name])
+    return text[:-1] + f", {json.dumps(name)}: {entry}}}"
+
+
+def _shift_last(header: dict) -> None:
+    # move the last blob one byte further: a gap before it (and, unless a byte is appended, past the end)
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [b + 1, e + 1]
+
+
+def _overlap(header: dict) -> None:
+    # move the last blob one byte back: it overlaps its neighbour, one byte is left over at the end
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [b - 1, e - 1]
+
+
+def _extra_blob(header: dict) -> None:
+    # a well-tiled blob (its 8 bytes are appended as ``tail``) that the manifest does not list
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["unlisted"] = {"dtype": "U8", "shape": [8], "data_offsets": [end, end + 8]}
+
+
+def _manifest_dup_key(header: dict) -> None:
+    meta = header["__metadata__"]
+    text = meta["manifest"].rstrip()
+    assert text.endswith("}")
+    meta["manifest"] = text[:-1] + ', "format_version": 1}'
+    meta["manifest_sha256"] = hashlib.sha256(meta["manifest"].encode()).hexdigest()
+
+
+def _set_version(m: dict) -> None:
+    m["format_version"] = 2
+
+
+def _tamper_manifest(m: dict) -> None:
+    m["members"][0]["errors"][0] = 0.5
+
+
+_MALFORMED = {
+    "duplicate-key": dict(header_text=_dup_key),
+    "trailing-bytes": dict(tail=b"\0" * 8),
+    "past-the-end": dict(edit_header=_shift_last),
+    "gap": dict(edit_header=_shift_last, tail=b"\0"),
+    "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
+    "version-2": dict(edit_manifest=_set_version,
+                      edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "2")),
+    "versions-disagree": dict(edit_manifest=_set_version),
+    "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
+    "overlap": dict(edit_header=_overlap),
+    "unlisted-blob": dict(edit_header=_extra_blob, tail=b"\1" * 8),
+    "header-not-object": dict(header_text=lambda h: json.dumps([h])),
+    "header-over-100MiB": dict(length_prefix=lambda n: 100 * 1024 * 1024 + 1),
+    "header-longer-than-file": dict(length_prefix=lambda n: 50 * 1024 * 1024),
+    "nan-in-manifest": dict(edit_manifest=lambda m: m["members"][0]["errors"].__setitem__(0, float("nan"))),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_structural_rules(bundles, tmp_path, case):
+    path, _ = bundles["none-f32"]
+    bad = tmp_path / f"{case}.upk"
+    _rewrite(path, bad, **_MALFORMED[case])
+    member = _member_names(path)[0]
+    with pytest.raises(SpecFormatError) as mine:
+        _read_member(bad, member)
+    with pytest.raises(unipack.FormatError) as theirs:
+        with unipack.open(str(bad)) as b:
+            b.load_numpy(member)
+    if case == "version-2":
+        assert isinstance(mine.value, SpecVersionError)
+        assert "2" in str(mine.value) and "1" in str(mine.value)
+        assert "2" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
+    if case == "manifest-sha256":
+        assert isinstance(mine.value, SpecChecksumError)
+
+
+def test_rewrite_roundtrip_is_accepted(bundles, tmp_path):
+    """The re-serialiser used above produces a valid bundle when nothing is changed."""
+    path, _ = bundles["none-f32"]
+    same = tmp_path / "same.upk"
+    _rewrite(path, same)
+    member = _member_names(path)[0]
+    a, b = _read_member(same, member), _read_member(path, member)
+    assert all(a[k][1].tobytes() == b[k][1].tobytes() for k in a)
+    with unipack.open(str(same)) as bundle:
+        bundle.load_numpy(member)
+
+
+# ---------------------------------------------------------------- more checks
+
+
+def test_writer_layout_conventions(bundles):
+    """§2: writers pad to 8 bytes and start with the magic (readers must not rely on it)."""
+    for path, _ in bundles.values():
+        data = path.read_bytes()
+        (h,) = struct.unpack("<Q", data[:8])
+        assert (8 + h) % 8 == 0
+        assert data[8:8 + 38] == b'{"__metadata__":{"format":"unipack.upk"'[:38]
+
+
+def test_codec_none_needs_no_zstandard(bundles, monkeypatch):
+    """A codec-none bundle is read with the standard library and numpy only."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # any ``import zstandard`` now fails
+    path, _ = bundles["none-f32"]
+    for member in _member_names(path):
+        assert _read_member(path, member)
+    with pytest.raises(ImportError):
+        _read_member(bundles["zstd-f32"][0], _member_names(path)[0])
+
+
+@pytest.mark.parametrize("variant", ["members-f16", "members-bf16", "mixed-f16-f32"])
+def test_low_precision_members_have_shared_tensors(bundles, variant):
+    """The F16/BF16 rounding of §4 step 3 is really exercised by the variants above."""
+    path, _ = bundles[variant]
+    sb = SpecBundle(path)
+    want = "BF16" if variant == "members-bf16" else "F16"
+    hits = [(m["name"], t["name"]) for m in sb.manifest["members"] for t in sb.tensors
+            if t["storage"] == "shared" and t["rank"] > 0 and m["dtypes"].get(t["name"], t["dtype"]) == want]
+    assert hits
+
+
+def test_non_float_and_float8_tensors(tmp_path):
+    """§2.2: F8, BOOL and U8 tensors are stored exactly (exact or raw), bit for bit."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        sd = {
+            "w": torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32)),
+            "mask_same": torch.tensor([True, False, True]),
+            "mask_diff": torch.tensor([True, bool(i % 2), False]),
+            "f8_diff": torch.from_numpy(rng.standard_normal(6).astype(np.float32)).to(torch.float8_e4m3fn),
+            "f8_same": torch.ones(4).to(torch.float8_e5m2),
+            "u8": torch.tensor([1, 2, i], dtype=torch.uint8),
+        }
+        p = tmp_path / f"q{i}.safetensors"
+        _st_save(sd, str(p))
+        paths.append(p)
+    out = tmp_path / "q.upk"
+    unipack.merge([str(p) for p in paths], str(out))
+    sb = SpecBundle(out)
+    storage = {t["name"]: t["storage"] for t in sb.tensors}
+    assert storage["mask_same"] == storage["f8_same"] == "exact"
+    assert storage["mask_diff"] == storage["f8_diff"] == storage["u8"] == "raw"
+    for i, member in enumerate(_member_names(out)):
+        mine = _read_member(out, member)
+        theirs = _unipack_numpy(out, member)
+        orig = _st_load(str(paths[i]))
+        for name in ("mask_same", "mask_diff", "f8_diff", "f8_same", "u8"):
+            dt, arr = mine[name]
+            assert dt == theirs[name][0]
+            assert arr.tobytes() == np.ascontiguousarray(theirs[name][1]).tobytes()
+            assert arr.tobytes() == orig[name].view(torch.uint8).numpy().tobytes()
+        assert mine["mask_same"][1].dtype == np.bool_
+
+
+@pytest.mark.parametrize("rule", [{"rank": 1}, {"energy": 0.99}])
+def test_member_with_all_zero_tensor(tmp_path, rule):
+    """§4.3 divides by ||W||_F, which is 0 for an all-zero tensor; §3 forbids NaN/Infinity.
+
+    The spec does not say what ``errors[j]`` is then, but a bundle must stay a valid v1 file:
+    merge has to write a finite number (or refuse with a UnipackError), not crash.
+    """
+    rng = np.random.default_rng(4)
+    t = rng.standard_normal(512).astype(np.float32)
+    paths = []
+    for i, scale in enumerate((0.0, 1.0, 2.5, -1.0)):
+        p = tmp_path / f"z{i}.safetensors"
+        _st_save({"z": torch.from_numpy(t * np.float32(scale))}, str(p))
+        paths.append(p)
+    out = tmp_path / "z.upk"
+    try:
+        unipack.merge([str(p) for p in paths], str(out), **rule)
+    except unipack.UnipackError:
+        return  # refusing is acceptable
+    sb = SpecBundle(out)  # validates the manifest (no NaN/Infinity, errors are numbers)
+    for member in _member_names(out):
+        assert _read_member(out, member)["z"][1].shape == (512,)
+        assert all(math.isfinite(e) for e in sb.members[member]["errors"])
