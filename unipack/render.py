@@ -31,7 +31,8 @@ class ProgressBars:
     def __init__(self, console: Console) -> None:
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True,
+            # No bars where nobody watches (logs, pipes): they would only leave blank lines behind.
+            console=console, transient=True, disable=not console.is_terminal,
         )
         self._tensors = self._progress.add_task("tensors", total=None)
         self._reads = self._progress.add_task("member reads", total=None)

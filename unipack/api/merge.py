@@ -8,6 +8,7 @@ the per-member coefficients stay in memory until the bundle is written atomicall
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -83,6 +84,19 @@ def merge(
                        time.perf_counter() - started, peak_rss_bytes())
 
 
+def round_up(value: float, digits: int = 9) -> float:
+    """``value`` rounded up to ``digits`` significant digits.
+
+    The last digits of a float64 norm depend on the BLAS's summation order (its thread count);
+    recording 9 digits keeps bundles byte-identical across machines, and rounding up never
+    understates an error.
+    """
+    if value <= 0.0 or not math.isfinite(value):
+        return value
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
     import resource
@@ -115,8 +129,13 @@ class _Merger:
     def _store(self, plan: TensorPlan) -> TensorRecord:
         if plan.storage == "raw":
             return self._store_raw(plan, plan.reason)
-        if plan.storage == "exact-candidate":
+        identical, non_finite = self._survey(plan)
+        if identical:
             return self._store_exact(plan)
+        if plan.storage == "exact-candidate":
+            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)")
+        if non_finite is not None:
+            return self._store_raw(plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)")
         assert plan.shape is not None
         job = TensorJob(
             name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
@@ -139,19 +158,33 @@ class _Merger:
             self.errors[i].append(0.0)
         return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason)
 
+    def _survey(self, plan: TensorPlan) -> tuple[bool, str | None]:
+        """One cheap pass: are all members bit-identical, and does any hold NaN/inf?
+
+        Identical tensors (frozen layers, buffers) are stored once, exactly, so even signed zeros
+        and NaN payloads survive; non-finite values would poison the decomposition.
+        """
+        digest = None
+        identical = len(set(plan.dtypes)) == 1
+        non_finite = None
+        for c, dtype in zip(self.checkpoints, plan.dtypes):
+            array = c.read(plan.name)
+            if identical:
+                d = hashlib.sha256(array.tobytes()).digest()
+                identical = digest is None or d == digest
+                digest = digest or d
+            if non_finite is None and dtype in dtypes.FLOAT_DTYPES and \
+                    not np.isfinite(dtypes.to_float(array, dtype)).all():
+                non_finite = c.name
+        return identical, non_finite
+
     def _store_exact(self, plan: TensorPlan) -> TensorRecord:
-        """Non-float tensors: one shared blob if every member holds the same bytes, else raw."""
-        first = self.checkpoints[0].read(plan.name)
-        digest = hashlib.sha256(first.tobytes()).digest()
-        same = len(set(plan.dtypes)) == 1 and all(
-            hashlib.sha256(c.read(plan.name).tobytes()).digest() == digest for c in self.checkpoints[1:]
-        )
-        if not same:
-            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)")
-        blob = self.writer.add(f"exact/{plan.name}", first, plan.dtypes[0])
+        """A tensor every member holds bit for bit: one blob, shared by all."""
+        blob = self.writer.add(f"exact/{plan.name}", self.checkpoints[0].read(plan.name), plan.dtypes[0])
         for errors in self.errors:
             errors.append(0.0)
-        return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, plan.reason, blob=blob)
+        reason = plan.reason or "identical in every member"
+        return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, reason, blob=blob)
 
     def _store_shared(self, plan: TensorPlan, enc: Encoded) -> TensorRecord:
         mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
@@ -161,7 +194,7 @@ class _Merger:
             for i, coef in enumerate(enc.coefs):
                 self.coefs[i].append(coef.reshape(-1))
         for i, err in enumerate(enc.errors):
-            self.errors[i].append(float(err))
+            self.errors[i].append(round_up(float(err)))
         return TensorRecord(plan.name, "shared", plan.dtypes[0], plan.shape, enc.reason, scheme=enc.scheme,
                             rank=enc.rank, side=enc.side, matrix=enc.matrix, mean=mean, basis=basis,
                             energy=round(enc.energy, 6))

@@ -50,7 +50,7 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
                 continue
             plans.append(TensorPlan(name, "raw", "shape differs between members", (), None, member_dtypes))
         elif not floats[0]:
-            plans.append(TensorPlan(name, "exact-candidate", f"{member_dtypes[0]} tensor stored exactly", (),
+            plans.append(TensorPlan(name, "exact-candidate", f"{member_dtypes[0]} tensor, identical in every member", (),
                                     shape, member_dtypes))
         elif entries[0].numel == 0:
             plans.append(TensorPlan(name, "raw", "empty tensor", (), shape, member_dtypes))

@@ -137,11 +137,14 @@ def decompose(job: TensorJob, schemes: Sequence[str]) -> Encoded | KeepRaw:
     if best is None:
         return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
     _, model, rank, cap = best
-    if job.rule != "max-error":
-        return _with_reason(model.encode(rank), _rule_text(job))
-    assert job.max_error is not None
     while True:
         encoded = model.encode(rank)
+        if not all(math.isfinite(e) for e in encoded.errors):
+            return KeepRaw(f"values overflow the {job.coef_dtype} coefficients (stored raw; "
+                           f"--dtype float32 or bfloat16 avoids this)")
+        if job.rule != "max-error":
+            return _with_reason(encoded, _rule_text(job))
+        assert job.max_error is not None
         if max(encoded.errors, default=0.0) <= job.max_error:
             return _with_reason(encoded, _rule_text(job))
         if rank >= cap:

@@ -87,7 +87,8 @@ def from_float(values: np.ndarray, dtype: str) -> np.ndarray:
             out[nan] = ((f32.view(np.uint32)[nan] >> 16) | 0x0040).astype(np.uint16)
         return out
     if dtype == "F16":
-        return np.asarray(values).astype(np.float16)
+        with np.errstate(over="ignore"):  # out-of-range values become inf; callers check for it
+            return np.asarray(values).astype(np.float16)
     if dtype == "F32":
         return np.asarray(values).astype(np.float32)
     if dtype == "F64":
