@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from .errors import UnipackError
 from .options import MergeOptions
 from .render import ProgressBars, info_table, merge_summary
 
-err_console = Console(stderr=True)
-out_console = Console()
+# Pipes and CI logs have no width; rich would fall back to 80 columns and cut member names.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def merge_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -141,11 +143,14 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
               help="Where the bundle and extracted members are written.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where the demo population is cached (default $UNIPACK_CACHE or ~/.cache/unipack/demo).")
-def demo_cmd(workdir: Path, cache_dir: Path | None) -> None:
+@click.option("--small", is_flag=True, help="A quick 4-member population (what the tests run).")
+def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
     """Build a population of real fine-tunes (UCI digits), merge, inspect, extract, re-score."""
-    from .demo.run import run_demo
-
-    run_demo(workdir, cache_dir, out_console, err_console)
+    try:
+        from .demo.run import run_demo
+    except ImportError as exc:
+        raise UnipackError(f"the demo needs an optional dependency ({exc.name}): pip install 'unipack[demo]'") from None
+    run_demo(workdir, cache_dir, out_console, err_console, small=small)
 
 
 def main() -> None:
