@@ -450,3 +450,18 @@ def test_float16_coefficients_out_of_range(tmp_path: Path, rule: dict) -> None:
     with unipack.open(out_dir / "b.upk") as b:
         for name in b.members:
             assert bool(torch.isfinite(b.load(name)["v"]).all())
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path: Path, population) -> None:
+    """Temp files are created 0600; the renamed output must follow the umask like open() would."""
+    import os
+    import stat
+
+    out = tmp_path / "b.upk"
+    unipack.merge(population.paths, out)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
+    with unipack.open(out) as b:
+        extracted = b.extract(b.members[0], tmp_path / "m.safetensors")
+    assert stat.S_IMODE(extracted.stat().st_mode) == 0o666 & ~mask

@@ -35,6 +35,8 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool) -> Iterator[Binar
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates 0600; the output should get the permissions a plain open() would give.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -50,6 +52,12 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool) -> Iterator[Binar
                                f"if any, is intact") from None
         raise
     _fsync_dir(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
