@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -35,7 +36,7 @@ WHAT = "unipack bundle (.upk)"
 class BundleWriter:
     """Collects blobs in a spool file; :meth:`finish` writes the bundle atomically."""
 
-    def __init__(self, spool: "os.PathLike[str] | object", codec_name: str, level: int) -> None:
+    def __init__(self, spool: BinaryIO, codec_name: str, level: int) -> None:
         self._spool = spool
         self._codec, self._level = codec_name, level
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []  # header entries in data order
@@ -59,7 +60,7 @@ class BundleWriter:
             self._entries.append((name, dtype, shape, len(stored)))
         else:
             self._entries.append((name, "U8", (len(stored),), len(stored)))
-        self._spool.write(stored)  # type: ignore[attr-defined]
+        self._spool.write(stored)
         return name
 
     def finish(self, manifest: Manifest, out: Path, *, force: bool) -> int:
@@ -69,11 +70,11 @@ class BundleWriter:
                     "manifest_sha256": codec.sha256(text.encode("utf-8")), "manifest": text}
         header = encode_header(self._entries, metadata)
         spool = self._spool
-        spool.flush()  # type: ignore[attr-defined]
-        spool.seek(0)  # type: ignore[attr-defined]
+        spool.flush()
+        spool.seek(0)
         with atomic_write(out, force=force) as f:
             f.write(header)
-            shutil.copyfileobj(spool, f, 1 << 22)  # type: ignore[arg-type]
+            shutil.copyfileobj(spool, f, 1 << 22)
             size = f.tell()
         return size
 
