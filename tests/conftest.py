@@ -559,7 +559,7 @@ def bad_case(kind: str, tmp: Path) -> BadCase:
             mentions, exc = [str(target)], unipack.UnipackError
         return BadCase(["info", str(target)], lambda: _with_bundle(target, lambda b: b.summary()), exc, mentions)
     if kind == "corrupt_blob":
-        blob = f"mean/a.weight"
+        blob = "mean/a.weight"
         lo, hi = blob_range(bundle, blob)
         flip_byte(bundle, (lo + hi) // 2)
         target = out_dir / "m.safetensors"

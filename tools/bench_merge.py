@@ -208,7 +208,6 @@ def member_delta(spec: PopulationSpec, member: int, index: int, dirs: SharedDire
                  shape: tuple[int, ...]) -> np.ndarray:
     """D_i for one tensor: shared-subspace part + private low-rank part + dense noise (float64)."""
     rng = _rng(spec, 2, member, index)
-    s = dirs.u.shape[1]
     mix = dirs.common + rng.standard_normal(dirs.common.shape)
     mix = mix * dirs.decay[:, None] if mix.ndim == 2 else mix * dirs.decay
     mix = _scaled(mix, float(np.linalg.norm(mix)), spec.shared_frac * dirs.norm)  # U, V orthonormal
