@@ -116,7 +116,7 @@ def energy_rank(eigenvalues: np.ndarray, fraction: float) -> int:
     if total <= 0.0 or fraction <= 0.0:
         return 0
     kept = np.cumsum(eigenvalues) / total
-    return int(min(np.searchsorted(kept, fraction - 1e-12) + 1, eigenvalues.size))
+    return min(int(np.searchsorted(kept, fraction - 1e-12)) + 1, int(eigenvalues.size))
 
 
 def kept_energy(eigenvalues: np.ndarray, rank: int) -> float:

@@ -195,7 +195,10 @@ def _save_checkpoint(model: nn.Module, path: Path, metadata: dict[str, str]) -> 
 
 
 def _write_json(path: Path, payload: object) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    _atomic_write(path, write)
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ class _Doc:
             raise FormatError(f"{self.where}: missing field {key!r}")
         return self.doc[key]
 
-    def str(self, key: str, optional: bool = False) -> Any:
+    def text(self, key: str, optional: bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:
             return None
@@ -215,7 +215,7 @@ class _Doc:
             raise FormatError(f"{self.where}: field {key!r} must be a string")
         return v
 
-    def int(self, key: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> Any:
+    def integer(self, key: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:
             return None
@@ -232,7 +232,7 @@ class _Doc:
         return float(v)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
-        v = self.str(key)
+        v = self.text(key)
         if v not in allowed:
             raise FormatError(f"{self.where}: field {key!r} is {v!r}, expected one of {allowed}")
         return v
@@ -255,7 +255,7 @@ class _Doc:
             raise FormatError(f"{self.where}: field {key!r} must be an object")
         return v
 
-    def list(self, key: str) -> list[Any]:
+    def array(self, key: str) -> list[Any]:
         v = self._get(key, False)
         if not isinstance(v, list):
             raise FormatError(f"{self.where}: field {key!r} must be a list")
@@ -270,16 +270,16 @@ def _str_map(value: Any, where: str) -> dict[str, str]:
 
 def _parse_manifest(raw: Any, where: str) -> Manifest:
     d = _Doc(raw, f"{where}: manifest")
-    if d.str("format") != FORMAT_NAME:
+    if d.text("format") != FORMAT_NAME:
         raise FormatError(f"{where}: manifest format is {d.doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = d.int("format_version", 0, 2**31)
+    version = d.integer("format_version", 0, 2**31)
     if version not in SUPPORTED_VERSIONS:
         raise FormatError(f"{where}: .upk format version {version} is not supported by this unipack "
                           f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
     blobs: dict[str, BlobRecord] = {}
     for name, spec in d.obj("blobs").items():
         b = _Doc(spec, f"{where}: blob {name!r}")
-        sha = b.str("sha256")
+        sha = b.text("sha256")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise FormatError(f"{where}: blob {name!r}: sha256 must be 64 lowercase hex digits")
         shuffle = b.doc.get("shuffle", False)
@@ -287,19 +287,19 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
             raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
         blobs[name] = BlobRecord(dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),
                                  b.shape("shape"), b.choice("codec", ("none", "zstd")), shuffle, sha)
-    tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]", blobs) for i, t in enumerate(d.list("tensors")))
+    tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]", blobs) for i, t in enumerate(d.array("tensors")))
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise FormatError(f"{where}: manifest lists a tensor name twice")
     members = tuple(_parse_member(m, f"{where}: members[{i}]", tensors, blobs)
-                    for i, m in enumerate(d.list("members")))
+                    for i, m in enumerate(d.array("members")))
     if len({m.name for m in members}) != len(members):
         raise FormatError(f"{where}: manifest lists a member name twice")
     stats = d.obj("stats", optional=True) or {}
     input_bytes = stats.get("input_bytes", 0)
     if not isinstance(input_bytes, int) or isinstance(input_bytes, bool) or input_bytes < 0:
         raise FormatError(f"{where}: manifest stats.input_bytes must be a non-negative integer")
-    manifest = Manifest(created_by=d.str("created_by"), options=d.obj("options"), tensors=tensors,
+    manifest = Manifest(created_by=d.text("created_by"), options=d.obj("options"), tensors=tensors,
                         members=members, blobs=blobs, format_version=version, stats=stats)
     _check_references(manifest, where)
     return manifest
@@ -307,15 +307,15 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
 
 def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorRecord:
     d = _Doc(raw, where)
-    name = check_tensor_name(d.str("name"), f"{where}: name")
+    name = check_tensor_name(d.text("name"), f"{where}: name")
     where = f"{where.rsplit(':', 1)[0]}: tensor {name!r}"
     d.where = where
     storage = d.choice("storage", STORAGES)
     dtype = dtypes.check_dtype(d.doc.get("dtype"), where)
     shape = d.shape("shape", optional=storage == "raw")
-    rec = TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=d.str("reason"))
+    rec = TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=d.text("reason"))
     if storage == "exact":
-        return TensorRecord(**{**rec.__dict__, "blob": d.str("blob")})
+        return TensorRecord(**{**rec.__dict__, "blob": d.text("blob")})
     if storage == "raw":
         return rec
     if dtype not in dtypes.FLOAT_DTYPES:
@@ -332,20 +332,20 @@ def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorR
         limit = matrix[1] if side == "right" else matrix[0]
     else:
         limit = numel
-    rank = d.int("rank", 0, limit)
+    rank = d.integer("rank", 0, limit)
     energy = d.num("energy", optional=True)
     return TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=rec.reason, scheme=scheme,
-                        rank=rank, side=side, matrix=matrix, mean=d.str("mean"),
-                        basis=d.str("basis", optional=True), energy=energy)
+                        rank=rank, side=side, matrix=matrix, mean=d.text("mean"),
+                        basis=d.text("basis", optional=True), energy=energy)
 
 
 def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
                   blobs: dict[str, BlobRecord]) -> MemberRecord:
     d = _Doc(raw, where)
-    name = check_member_name(d.str("name"), f"{where}: name")
+    name = check_member_name(d.text("name"), f"{where}: name")
     d.where = where = f"{where.rsplit(':', 1)[0]}: member {name!r}"
     metadata = d.obj("metadata", optional=True)
-    errors = d.list("errors")
+    errors = d.array("errors")
     if len(errors) != len(tensors) or not all(
         isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0 for e in errors
     ):
@@ -354,9 +354,9 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
     for dt in member_dtypes.values():
         dtypes.check_dtype(dt, f"{where}: dtypes")
     return MemberRecord(
-        name=name, source=d.str("source"), source_bytes=d.int("source_bytes"),
+        name=name, source=d.text("source"), source_bytes=d.integer("source_bytes"),
         metadata=None if metadata is None else _str_map(metadata, f"{where}: metadata"),
-        coefficients=d.str("coefficients", optional=True), raw=_str_map(d.obj("raw"), f"{where}: raw"),
+        coefficients=d.text("coefficients", optional=True), raw=_str_map(d.obj("raw"), f"{where}: raw"),
         dtypes=member_dtypes, errors=tuple(float(e) for e in errors),
     )
 
@@ -399,11 +399,13 @@ def _check_references(m: Manifest, where: str) -> None:
     for mem in m.members:
         what = f"member {mem.name!r}"
         for tname, dt in mem.dtypes.items():
-            t = by_name.get(tname)
-            if t is None:
+            known = by_name.get(tname)
+            if known is None:
                 raise FormatError(f"{where}: {what}: dtype given for unknown tensor {tname!r}")
-            if (t.dtype in dtypes.FLOAT_DTYPES) != (dt in dtypes.FLOAT_DTYPES):
-                raise FormatError(f"{where}: {what}: tensor {tname!r} dtype {dt} differs in kind from {t.dtype}")
+            if known.storage == "exact":
+                raise FormatError(f"{where}: {what}: overrides the dtype of exact tensor {tname!r}")
+            if (known.dtype in dtypes.FLOAT_DTYPES) != (dt in dtypes.FLOAT_DTYPES):
+                raise FormatError(f"{where}: {what}: tensor {tname!r} dtype {dt} differs in kind from {known.dtype}")
         if total:
             blob(mem.coefficients, f"{what} coefficients", (total,), coef_dtype)
         elif mem.coefficients is not None:
