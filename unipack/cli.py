@@ -138,6 +138,24 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
             out_console.print(renderable)
 
 
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify_cmd(bundle: Path) -> None:
+    """Check a bundle's header, manifest and every blob's checksum; exit 0 if sound, 1 if not."""
+    try:
+        with open_bundle(bundle) as b:
+            problems = b.verify()
+            blobs, members = len(b.manifest.blobs), len(b.members)
+    except UnipackError as exc:
+        problems = [str(exc)]
+        blobs = members = 0
+    if problems:
+        for line in problems:
+            click.echo(f"Error: {line}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified)")
+
+
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("unipack-demo"), show_default=True,
               help="Where the bundle and extracted members are written.")

@@ -118,6 +118,28 @@ class Bundle:
             raise UnipackError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
         return [self.extract(name, out_dir / f"{name}.safetensors", force=force) for name in self.members]
 
+    def verify(self) -> list[str]:
+        """Check every blob (checksum, decoding) and rebuild every member; never writes anything.
+
+        Returns one line per problem found; an empty list means the bundle is sound. Opening the
+        bundle already validated its header and manifest.
+        """
+        problems = []
+        for name in self.manifest.blobs:
+            try:
+                self._file.read_blob(name)
+            except UnipackError as exc:
+                problems.append(str(exc))
+        if problems:
+            return problems
+        for member in self.members:
+            try:
+                for _ in self.iter_arrays(member):
+                    pass
+            except UnipackError as exc:
+                problems.append(f"member {member!r}: {exc}")
+        return problems
+
     def summary(self) -> BundleSummary:
         """Bytes by part, ratio and worst errors (what ``unipack info`` prints)."""
         return summarize(self.manifest, self._file.header)

@@ -21,6 +21,16 @@ CODECS = ("none", "zstd")
 #: keeps it readable as an ordinary tensor by any safetensors tool).
 MIN_SAVING = 0.02
 
+#: A zstd blob may decode to at most MAX_RATIO x its stored size + RATIO_SLACK bytes. Readers
+#: refuse more before allocating anything, so a tiny "bomb" cannot claim gigabytes; writers
+#: store blobs that compress better than that plainly (rare: huge all-zero tensors).
+MAX_RATIO = 1024
+RATIO_SLACK = 65536
+
+
+def max_decoded_size(stored_size: int) -> int:
+    return stored_size * MAX_RATIO + RATIO_SLACK
+
 
 def sha256(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -48,7 +58,7 @@ def encode(data: bytes, itemsize: int, codec: str, level: int) -> tuple[bytes, s
     # declared size before decompressing anything.
     compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
     packed = compressor.compress(payload)
-    if len(packed) > len(data) * (1 - MIN_SAVING):
+    if len(packed) > len(data) * (1 - MIN_SAVING) or len(data) > max_decoded_size(len(packed)):
         return data, "none", False
     return packed, "zstd", shuffled
 
@@ -62,6 +72,9 @@ def decode(stored: bytes | bytearray, codec: str, shuffled: bool, itemsize: int,
         return stored
     if codec != "zstd":
         raise FormatError(f"{where}: unknown codec {codec!r}")
+    if expected_size > max_decoded_size(len(stored)):
+        raise FormatError(f"{where}: claims {expected_size} decoded bytes from {len(stored)} stored, beyond "
+                          f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)")
     try:
         params = zstandard.get_frame_parameters(bytes(stored[:18]))
     except zstandard.ZstdError as exc:
