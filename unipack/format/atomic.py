@@ -72,11 +72,22 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def spool_file(directory: Path, stem: str) -> Iterator[BinaryIO]:
-    """A scratch file beside the output (same filesystem), always removed afterwards."""
-    fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".spool", dir=directory)
+    """A scratch file beside the output (same filesystem), always removed afterwards.
+
+    It lives beside the output so the final copy stays on one filesystem; a full disk there is
+    the common failure, and it is reported like any failed write.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".spool", dir=directory)
+    except OSError as exc:
+        raise UnipackError(f"{directory / stem}: cannot create a scratch file in {directory} "
+                           f"({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "w+b") as f:
             yield f
+    except OSError as exc:
+        raise UnipackError(f"{directory / stem}: write failed ({exc.strerror or exc}) while spooling "
+                           f"blobs; the previous file, if any, is intact") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)

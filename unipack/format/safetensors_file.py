@@ -159,7 +159,10 @@ def read_bytes(fd: int, entry: TensorEntry, path: Path) -> bytearray:
     view = memoryview(buf)
     got = 0
     while got < entry.nbytes:
-        chunk = os.preadv(fd, [view[got:]], entry.start + got)
+        try:
+            chunk = os.preadv(fd, [view[got:]], entry.start + got)
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot read tensor {entry.name!r} ({exc.strerror or exc})") from None
         if chunk <= 0:
             raise FormatError(f"{path}: truncated while reading tensor {entry.name!r}")
         got += chunk
