@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,7 +133,7 @@ def _read_manifest(header: SafetensorsHeader) -> Manifest:
         raise FormatError(f"{p}: not a {WHAT}: its safetensors metadata has no "
                           f"format={FORMAT_NAME!r} (is it a plain checkpoint?)")
     version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) not in SUPPORTED_VERSIONS:
+    if not re.fullmatch(r"[0-9]{1,9}", version) or int(version) not in SUPPORTED_VERSIONS:
         raise FormatError(f"{p}: .upk format version {version!r} is not supported by this unipack "
                           f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
     text = meta.get("manifest")

@@ -282,7 +282,7 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
         sha = b.text("sha256")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise FormatError(f"{where}: blob {name!r}: sha256 must be 64 lowercase hex digits")
-        shuffle = b.doc.get("shuffle", False)
+        shuffle = b.doc.get("shuffle")
         if not isinstance(shuffle, bool):
             raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
         blobs[name] = BlobRecord(dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),

@@ -69,12 +69,29 @@ def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def strict_json(text: bytes | str, where: str) -> Any:
+    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN/Infinity, no lone surrogates."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        doc = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constants)
+        _check_strings(doc)
+        return doc
+    except (UnicodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{where}: invalid JSON header ({exc})") from None
+
+
+def _check_strings(value: Any) -> None:
+    """JSON may escape lone surrogates (``\\ud800``) that are not text: refuse them here, once,
+    so no name or metadata string can fail to encode later (as a file name, in a header)."""
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k.encode("utf-8")
+            _check_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v)
 
 
 def _no_constants(name: str) -> Any:
