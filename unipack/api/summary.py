@@ -13,7 +13,6 @@ from ..format.manifest import Manifest
 from ..format.safetensors_file import SafetensorsHeader
 
 PARTS = ("header", "means", "bases", "coefficients", "raw", "exact")
-_PREFIX_PART = {"mean": "means", "basis": "bases", "coef": "coefficients", "raw": "raw", "exact": "exact"}
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,26 @@ class BundleSummary:
         return d
 
 
+def _blob_parts(manifest: Manifest) -> dict[str, str]:
+    """Each blob's part, from the records that reference it (blob names are not normative)."""
+    roles: dict[str, str] = {}
+    for t in manifest.tensors:
+        for blob, part in ((t.mean, "means"), (t.basis, "bases"), (t.blob, "exact")):
+            if blob is not None:
+                roles[blob] = part
+    for m in manifest.members:
+        if m.coefficients is not None:
+            roles[m.coefficients] = "coefficients"
+        roles.update(dict.fromkeys(m.raw.values(), "raw"))
+    return roles
+
+
 def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
     parts = dict.fromkeys(PARTS, 0)
     parts["header"] = header.data_start
     stored = {name: e.nbytes for name, e in header.tensors.items()}
-    for name, nbytes in stored.items():
-        parts[_PREFIX_PART[name.split("/", 1)[0]]] += nbytes
+    for name, part in _blob_parts(manifest).items():
+        parts[part] += stored[name]
     counts: dict[str, int] = {}
     ranks = []
     for t in manifest.tensors:
