@@ -1,0 +1,99 @@
+"""Fuzz the bundle reader: corrupt bundles must give a UnipackError, never another exception.
+
+The harness lives in ``tools/fuzz_upk.py``; here it runs in-process for a short, fixed-seed
+budget (``UNIPACK_FUZZ_SECONDS``, default 60, the "short run" of the safety issue; 0 skips it), plus a few hand-picked mutations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+import unipack
+
+_TOOL = Path(__file__).resolve().parent.parent / "tools" / "fuzz_upk.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("fuzz_upk", _TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fuzz_upk", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz_upk = _load_tool()
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, bytes]]:
+    return fuzz_upk.build_seeds(tmp_path_factory.mktemp("fuzz-seeds"))
+
+
+def _expect_unipack_error(data: bytes, tmp_path: Path, label: str) -> unipack.UnipackError:
+    outcome, exc, _ = fuzz_upk.run_one(data, str(tmp_path / f"{label}.upk"))
+    assert outcome == "rejected", (
+        f"{label}: expected a UnipackError, got outcome {outcome!r} ({type(exc).__name__ if exc else None}: {exc})")
+    assert isinstance(exc, unipack.UnipackError)
+    return exc
+
+
+def test_seeds_are_valid_and_varied(seeds: list[tuple[str, bytes]], tmp_path: Path) -> None:
+    assert len(seeds) >= 4
+    for name, data in seeds:
+        outcome, exc, _ = fuzz_upk.run_one(data, str(tmp_path / f"{name}.upk"))
+        assert outcome == "ok", f"seed {name}: {exc!r}"
+    parsed = {name: fuzz_upk.parse(data) for name, data in seeds}
+    codecs = {b["codec"] for p in parsed.values() for b in p.manifest["blobs"].values()}
+    storages = {t["storage"] for p in parsed.values() for t in p.manifest["tensors"]}
+    assert codecs == {"none", "zstd"}
+    assert storages == {"shared", "raw", "exact"}
+
+
+def test_hand_picked_mutations_are_rejected(seeds: list[tuple[str, bytes]], tmp_path: Path) -> None:
+    for name, data in seeds:
+        # truncated to 7 bytes: shorter than the length prefix
+        _expect_unipack_error(data[:7], tmp_path, f"{name}-trunc7")
+        # header length zeroed
+        _expect_unipack_error(b"\0" * 8 + data[8:], tmp_path, f"{name}-zero-hlen")
+        # one byte of the manifest string changed (manifest_sha256 left as it was)
+        p = fuzz_upk.parse(data)
+        text = p.header["__metadata__"]["manifest"]
+        i = text.index('"tensors"') + 2
+        flipped = text[:i] + chr(ord(text[i]) ^ 0x01) + text[i + 1:]
+        bad = fuzz_upk.serialize(p, fix_manifest_sha=False, manifest_text=flipped)
+        exc = _expect_unipack_error(bad, tmp_path, f"{name}-manifest-byte")
+        assert isinstance(exc, unipack.ChecksumError)
+        # a flipped bit in a blob's stored bytes: caught by the blob checksum when loading
+        hlen = struct.unpack("<Q", data[:8])[0]
+        body = bytearray(data)
+        body[8 + hlen] ^= 0x10
+        _expect_unipack_error(bytes(body), tmp_path, f"{name}-blob-bit")
+
+
+def test_manifest_sha_refix_reaches_manifest_checks(seeds: list[tuple[str, bytes]], tmp_path: Path) -> None:
+    """With manifest_sha256 recomputed, a broken manifest is rejected by the manifest parser."""
+    _, data = seeds[0]
+    p = fuzz_upk.parse(data)
+    p.manifest["tensors"][0]["rank"] = -1
+    if p.manifest["tensors"][0]["storage"] != "shared":
+        p.manifest["tensors"][0]["storage"] = "bogus"
+    exc = _expect_unipack_error(fuzz_upk.serialize(p), tmp_path, "refixed")
+    assert not isinstance(exc, unipack.ChecksumError), exc
+
+
+def test_fuzz_reader_finds_nothing(tmp_path: Path) -> None:
+    seconds = float(os.environ.get("UNIPACK_FUZZ_SECONDS", "60"))
+    if seconds <= 0:
+        pytest.skip("UNIPACK_FUZZ_SECONDS=0")
+    result = fuzz_upk.fuzz(seconds, seed=12345, findings_dir=tmp_path / "findings")
+    assert result.executions > 0
+    if result.findings:
+        pytest.fail("the bundle reader raised non-UnipackError exceptions or was too slow (inputs saved "
+                    f"under {tmp_path / 'findings'}):\n" + result.summary(), pytrace=False)
