@@ -24,7 +24,6 @@ from .atomic import atomic_write, spool_file
 from .manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
 from .safetensors_file import (
     SafetensorsHeader,
-    TensorEntry,
     encode_header,
     read_bytes,
     read_header,
@@ -89,13 +88,6 @@ class BundleFile:
         self.manifest = _read_manifest(self.header)
         _check_layout(self.header, self.manifest)
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
-
-    @property
-    def file_size(self) -> int:
-        return self.header.file_size
-
-    def entry(self, blob: str) -> TensorEntry:
-        return self.header.tensors[blob]
 
     def read_blob(self, name: str) -> np.ndarray:
         """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""

@@ -11,10 +11,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import FormatError
 from . import dtypes
+from .safetensors_file import MAX_DIM, MAX_NDIM, is_int
 
 FORMAT_NAME = "unipack.upk"
 FORMAT_VERSION = 1
@@ -207,29 +209,25 @@ class _Doc:
             raise FormatError(f"{self.where}: missing field {key!r}")
         return self.doc[key]
 
-    def text(self, key: str, optional: bool = False) -> Any:
+    def _typed(self, key: str, optional: bool, ok: Callable[[Any], bool], what: str) -> Any:
+        """The field's value if ``ok(value)``; None if it is optional and absent or null."""
         v = self._get(key, optional)
         if v is None and optional:
             return None
-        if not isinstance(v, str):
-            raise FormatError(f"{self.where}: field {key!r} must be a string")
+        if not ok(v):
+            raise FormatError(f"{self.where}: field {key!r} must be {what}")
         return v
+
+    def text(self, key: str, optional: bool = False) -> Any:
+        return self._typed(key, optional, lambda v: isinstance(v, str), "a string")
 
     def integer(self, key: str, lo: int = 0, hi: int = 2**62, optional: bool = False) -> Any:
-        v = self._get(key, optional)
-        if v is None and optional:
-            return None
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise FormatError(f"{self.where}: field {key!r} must be an integer in [{lo}, {hi}]")
-        return v
+        return self._typed(key, optional, lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]")
 
     def num(self, key: str, optional: bool = False) -> Any:
-        v = self._get(key, optional)
-        if v is None and optional:
-            return None
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise FormatError(f"{self.where}: field {key!r} must be a finite number")
-        return float(v)
+        v = self._typed(key, optional, lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v),
+                        "a finite number")
+        return None if v is None else float(v)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
         v = self.text(key)
@@ -238,28 +236,17 @@ class _Doc:
         return v
 
     def shape(self, key: str, optional: bool = False) -> Any:
-        v = self._get(key, optional)
-        if v is None and optional:
-            return None
-        if not isinstance(v, list) or len(v) > 16 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 2**53 for d in v
-        ):
-            raise FormatError(f"{self.where}: field {key!r} must be a list of at most 16 non-negative integers")
-        return tuple(v)
+        v = self._typed(key, optional,
+                        lambda v: isinstance(v, list) and len(v) <= MAX_NDIM
+                        and all(is_int(d) and 0 <= d <= MAX_DIM for d in v),
+                        f"a list of at most {MAX_NDIM} non-negative integers")
+        return None if v is None else tuple(v)
 
     def obj(self, key: str, optional: bool = False) -> Any:
-        v = self._get(key, optional)
-        if v is None and optional:
-            return None
-        if not isinstance(v, dict):
-            raise FormatError(f"{self.where}: field {key!r} must be an object")
-        return v
+        return self._typed(key, optional, lambda v: isinstance(v, dict), "an object")
 
     def array(self, key: str) -> list[Any]:
-        v = self._get(key, False)
-        if not isinstance(v, list):
-            raise FormatError(f"{self.where}: field {key!r} must be a list")
-        return v
+        return self._typed(key, False, lambda v: isinstance(v, list), "a list")  # type: ignore[no-any-return]
 
 
 def _str_map(value: Any, where: str) -> dict[str, str]:

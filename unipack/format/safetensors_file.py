@@ -98,7 +98,8 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON true/false parse as bools, which subclass int)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -152,11 +153,11 @@ def _parse_entry(p: Path, name: str, spec: Any, data_start: int, data_len: int) 
     dtype = dtypes.check_dtype(spec.get("dtype"), where)
     shape = spec.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
-        _is_int(d) and 0 <= d <= MAX_DIM for d in shape
+        is_int(d) and 0 <= d <= MAX_DIM for d in shape
     ):
         raise FormatError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers")
     offsets = spec.get("data_offsets")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise FormatError(f"{where}: data_offsets must be two integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
