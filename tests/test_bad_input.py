@@ -78,6 +78,9 @@ class _ExplodingProgress:
     def member_read(self) -> None:
         pass
 
+    def lossless(self, done: int, total: int) -> None:
+        pass
+
 
 @pytest.mark.parametrize("exc", [_Boom("stop"), KeyboardInterrupt()])
 def test_interrupted_merge_leaves_no_temp_files(tmp_path: Path, exc: BaseException) -> None:

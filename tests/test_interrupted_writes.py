@@ -97,6 +97,9 @@ class CountingProgress:
         if self.interrupt_after is not None and self.reads >= self.interrupt_after:
             raise KeyboardInterrupt
 
+    def lossless(self, done: int, total: int) -> None:
+        pass
+
 
 def _open_fds_to(paths: list[Path]) -> list[str]:
     targets = {str(p.resolve()) for p in paths}

@@ -320,6 +320,9 @@ class TensorTracer:
     def member_read(self) -> None:
         pass
 
+    def lossless(self, done: int, total: int) -> None:
+        pass
+
     def close(self) -> None:
         """End the tensor in progress (called on the next tensor and once after the merge)."""
         if self._name is None:

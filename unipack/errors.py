@@ -34,3 +34,7 @@ class MemberNotFoundError(UnipackError):
 
 class OutputExistsError(UnipackError):
     """An output path exists and overwriting was not asked for."""
+
+
+class EvalError(UnipackError):
+    """A user's evaluation function could not be loaded, raised, or returned something unusable."""

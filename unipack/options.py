@@ -19,6 +19,7 @@ DEFAULT_MAX_ERROR = 0.01
 SCHEMES = ("auto", "rows", "flat")
 DTYPES = ("float32", "float16", "bfloat16")
 CODECS = ("zstd", "none")
+LOSSLESS = ("auto", "full", "sample", "off")
 
 
 def _opt(default: Any, flag: str, help: str, **cli: Any) -> Any:
@@ -54,6 +55,13 @@ class MergeOptions:
     gram_limit: int = _opt(4096, "--gram-limit", "Largest side length of the Gram matrix the rows scheme may "
                            "form; a matrix with both sides larger uses the flat scheme.", type=int)
 
+    baselines: bool = _opt(True, "--baselines/--no-baselines", "Also measure, per member and tensor, the "
+                           "per-member truncated SVD at equal bytes (for `unipack report`; costs one small "
+                           "eigendecomposition per member and tensor).")
+    lossless: str = _opt("auto", "--lossless-baseline", "Measure the inputs compressed losslessly (zstd -19) "
+                         "for the report: full, sample (an estimate from 64 MiB), off, or auto (full up "
+                         "to 256 MiB of inputs, else sample).", choices=LOSSLESS)
+
     def __post_init__(self) -> None:
         given = [n for n in ("max_error", "rank", "energy") if getattr(self, n) is not None]
         if len(given) > 1:
@@ -67,7 +75,7 @@ class MergeOptions:
             raise OptionsError(f"--rank {self.rank}: must be >= 0")
         if self.energy is not None and not 0 <= self.energy <= 1:
             raise OptionsError(f"--energy {self.energy}: must be in [0, 1]")
-        for name, allowed in (("scheme", SCHEMES), ("dtype", DTYPES), ("codec", CODECS)):
+        for name, allowed in (("scheme", SCHEMES), ("dtype", DTYPES), ("codec", CODECS), ("lossless", LOSSLESS)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"--{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if not 1 <= self.zstd_level <= 22:

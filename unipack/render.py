@@ -49,6 +49,10 @@ class ProgressBars:
     def member_read(self) -> None:
         self._progress.advance(self._reads)
 
+    def lossless(self, done: int, total: int) -> None:
+        self._progress.update(self._tensors, total=total, completed=done,
+                              description="lossless baseline (zstd -19)")
+
     def stop(self) -> None:
         self._progress.stop()
 

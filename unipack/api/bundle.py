@@ -33,7 +33,6 @@ class Bundle:
         self._file = BundleFile(path)
         self.path = self._file.path
         self.manifest: Manifest = self._file.manifest
-        self._coef_offsets = self.manifest.coef_offsets()
 
     @property
     def members(self) -> list[str]:
@@ -55,17 +54,19 @@ class Bundle:
         """``(record, dtype, array)`` for each tensor of ``member``; arrays held as ``holder(dtype)``."""
         rec = self.member(member)
         coefs = self._file.read_blob(rec.coefficients) if rec.coefficients else None
+        offsets = self.manifest.coef_offsets(rec)
         for t in self.manifest.tensors:
             dtype = rec.dtype_of(t)
-            if t.storage == "raw":
+            if t.name in rec.raw:  # a raw tensor, or one this member overrides (spec §4.4)
                 yield t, dtype, self._file.read_blob(rec.raw[t.name])
             elif t.storage == "exact":
                 assert t.blob is not None
                 yield t, dtype, self._file.read_blob(t.blob)
             else:
-                yield t, dtype, dtypes.from_float(self._shared_values(t, coefs), dtype)
+                yield t, dtype, dtypes.from_float(self._shared_values(t, coefs, offsets), dtype)
 
-    def _shared_values(self, t: TensorRecord, coefs: np.ndarray | None) -> np.ndarray:
+    def _shared_values(self, t: TensorRecord, coefs: np.ndarray | None,
+                       offsets: dict[str, tuple[int, int]]) -> np.ndarray:
         assert t.mean is not None
         mean_blob = self.manifest.blobs[t.mean]
         mean = dtypes.to_float(self._file.read_blob(t.mean), mean_blob.dtype)
@@ -73,7 +74,7 @@ class Bundle:
             return reconstruct(t, mean, None, None)
         basis_blob = self.manifest.blobs[t.basis]
         basis = dtypes.to_float(self._file.read_blob(t.basis), basis_blob.dtype)
-        lo, hi = self._coef_offsets[t.name]
+        lo, hi = offsets[t.name]
         coef = dtypes.to_float(coefs[lo:hi], basis_blob.dtype).reshape(t.coef_shape())
         return reconstruct(t, mean, basis, coef)
 
@@ -94,7 +95,7 @@ class Bundle:
         entries = []
         for t in self.manifest.tensors:
             dtype = rec.dtype_of(t)
-            shape = self.manifest.blobs[rec.raw[t.name]].shape if t.storage == "raw" else t.shape
+            shape = self.manifest.blobs[rec.raw[t.name]].shape if t.name in rec.raw else t.shape
             assert shape is not None
             numel = 1
             for d in shape:

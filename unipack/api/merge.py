@@ -20,11 +20,13 @@ import numpy as np
 
 from .. import __version__
 from ..core.decomposition import Encoded, KeepRaw, TensorJob, decompose
+from ..core.fidelity import MemberFidelity, round_sig, spectrum
 from ..format import dtypes
 from ..format.atomic import check_writable
 from ..format.container import BundleWriter
-from ..format.manifest import Manifest, MemberRecord, TensorRecord
+from ..format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
 from ..options import MergeOptions
+from . import lossless
 from .inputs import Checkpoint, close_all, open_inputs
 from .plan import TensorPlan, plan_tensors
 
@@ -35,6 +37,7 @@ class MergeProgress(Protocol):
     def start(self, n_tensors: int, n_members: int) -> None: ...
     def tensor(self, index: int, name: str) -> None: ...
     def member_read(self) -> None: ...
+    def lossless(self, done: int, total: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,11 @@ class _Merger:
         self.coefs: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.raw: list[dict[str, str]] = [{} for _ in range(n)]
         self.errors: list[list[float]] = [[] for _ in range(n)]
+        self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
+        self.lossless: list[lossless.LosslessSize | None] = [None] * n
 
     def run(self, plans: list[TensorPlan]) -> Manifest:
+        self._measure_lossless()
         if self.progress:
             self.progress.start(len(plans), len(self.checkpoints))
         records = []
@@ -141,11 +147,22 @@ class _Merger:
             name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
             rule=self.options.rule, max_error=self.options.max_error, rank=self.options.rank,
             energy=self.options.energy, coef_dtype=self.coef_dtype, gram_limit=self.options.gram_limit,
+            baselines=self.options.baselines,
         )
         result = decompose(job, plan.schemes)
         if isinstance(result, KeepRaw):
             return self._store_raw(plan, result.reason)
         return self._store_shared(plan, result)
+
+    def _measure_lossless(self) -> None:
+        sizes = [c.header.file_size for c in self.checkpoints]
+        mode = lossless.plan_mode(self.options.lossless, sum(sizes))
+        if mode is None:
+            return
+        for i, c in enumerate(self.checkpoints):
+            if self.progress:
+                self.progress.lossless(i, len(self.checkpoints))
+            self.lossless[i] = lossless.measure(c.path, sizes[i], mode, sizes[i] / max(sum(sizes), 1))
 
     def _values(self, i: int, name: str) -> np.ndarray:
         if self.progress:
@@ -156,6 +173,7 @@ class _Merger:
         for i, c in enumerate(self.checkpoints):
             self.raw[i][plan.name] = self.writer.add(f"raw/{i}/{plan.name}", c.read(plan.name), plan.dtypes[i])
             self.errors[i].append(0.0)
+            self.fidelity[i].append(EXACT)
         return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason)
 
     def _survey(self, plan: TensorPlan) -> tuple[bool, str | None]:
@@ -181,8 +199,9 @@ class _Merger:
     def _store_exact(self, plan: TensorPlan) -> TensorRecord:
         """A tensor every member holds bit for bit: one blob, shared by all."""
         blob = self.writer.add(f"exact/{plan.name}", self.checkpoints[0].read(plan.name), plan.dtypes[0])
-        for errors in self.errors:
+        for errors, fidelity in zip(self.errors, self.fidelity):
             errors.append(0.0)
+            fidelity.append(EXACT)
         reason = plan.reason or "identical in every member"
         return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, reason, blob=blob)
 
@@ -195,9 +214,11 @@ class _Merger:
                 self.coefs[i].append(coef.reshape(-1))
         for i, err in enumerate(enc.errors):
             self.errors[i].append(round_up(float(err)))
+            self.fidelity[i].append(enc.fidelity[i])
+        head, variance = spectrum(enc.eigenvalues)
         return TensorRecord(plan.name, "shared", plan.dtypes[0], plan.shape, enc.reason, scheme=enc.scheme,
                             rank=enc.rank, side=enc.side, matrix=enc.matrix, mean=mean, basis=basis,
-                            energy=round(enc.energy, 6))
+                            energy=round(enc.energy, 6), spectrum=tuple(head), variance=variance)
 
     def _manifest(self, records: list[TensorRecord]) -> Manifest:
         members = []
@@ -208,12 +229,35 @@ class _Merger:
                 self.coefs[i] = []  # release as we go
             overrides = {r.name: d for r, d in zip(records, (c.header.tensors[r.name].dtype for r in records))
                          if d != r.dtype}
+            measured = self.lossless[i]
             members.append(MemberRecord(
                 name=c.name, source=c.path.name, source_bytes=c.header.file_size, metadata=c.header.metadata,
                 coefficients=coef, raw=self.raw[i], dtypes=overrides, errors=tuple(self.errors[i]),
+                lossless_bytes=measured.compressed_bytes if measured else None,
+                fidelity=fidelity_record(self.fidelity[i], self.options.baselines),
             ))
+        stats: dict[str, Any] = {"input_bytes": sum(c.header.file_size for c in self.checkpoints)}
+        if all(self.lossless):
+            stats["lossless"] = {"codec": "zstd", "level": lossless.LEVEL,
+                                 "sampled": any(m.sampled for m in self.lossless if m)}
         return Manifest(
             created_by=f"unipack {__version__}", options=self.options.to_dict(), tensors=tuple(records),
-            members=tuple(members), blobs=self.writer.blobs,
-            stats={"input_bytes": sum(c.header.file_size for c in self.checkpoints)},
+            members=tuple(members), blobs=self.writer.blobs, stats=stats,
         )
+
+
+#: What a member's raw or exact tensor records: nothing lost, nothing to compare.
+EXACT = MemberFidelity(norm=0.0, delta_error=0.0, mean_error=0.0, svd_error=0.0, svd_rank=0)
+
+
+def fidelity_record(per_tensor: list[MemberFidelity], baselines: bool) -> FidelityRecord:
+    """One member's informative numbers, rounded (see ``round_sig``) for the manifest."""
+    def column(values: Sequence[float | None]) -> tuple[float, ...]:
+        return tuple(round_sig(float(v or 0.0)) for v in values)
+
+    return FidelityRecord(
+        norms=column([f.norm for f in per_tensor]), delta_errors=column([f.delta_error for f in per_tensor]),
+        mean_errors=column([f.mean_error for f in per_tensor]),
+        svd_errors=column([f.svd_error for f in per_tensor]) if baselines else None,
+        svd_ranks=tuple(int(f.svd_rank or 0) for f in per_tensor) if baselines else None,
+    )

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from ..format import dtypes
+from .fidelity import MemberFidelity
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TensorJob:
     energy: float | None
     coef_dtype: str  # F32 | F16 | BF16
     gram_limit: int
+    baselines: bool = True  # also measure the per-member SVD baseline (see fidelity.py)
 
     @property
     def n_members(self) -> int:
@@ -68,6 +70,8 @@ class Encoded:
     errors: list[float]  # each member's relative error after all rounding
     energy: float  # fraction of centred variance the rank keeps
     reason: str
+    fidelity: list[MemberFidelity]  # one per member: delta error and baselines
+    eigenvalues: np.ndarray  # the fitted model's full centred spectrum, descending
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..format import dtypes
 from .decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from .fidelity import measure
 from .linalg import fix_signs, eigh_desc, least_squares_projector, rel_error
 
 #: Bytes of members held at once while filling the Gram (a constant: memory must not grow with N).
@@ -95,7 +96,10 @@ class FlatModel:
             acc = fix_signs(acc.T).T
             basis_held, basis = store_as(acc, job.coef_dtype)
         projector = least_squares_projector(basis.T)
-        coefs, errors = [], []
+        coefs, errors, fidelity = [], [], []
+        svd_values = rank * (1 + self.dim / job.n_members) if job.baselines else None
+        # The per-member SVD baseline sees the tensor as a matrix, as the rows scheme does.
+        matrix = (job.shape[0], self.dim // job.shape[0]) if len(job.shape) > 1 and job.shape[0] else (1, self.dim)
         for i in range(job.n_members):
             x = self._vector(i)
             approx = self.mean_q
@@ -105,9 +109,12 @@ class FlatModel:
                 approx = self.mean_q + coef @ basis
             out = dtypes.round_trip(approx, job.member_dtypes[i])
             errors.append(rel_error(x, out, float(self.norms[i])))
+            fidelity.append(measure(x.reshape(matrix), out.reshape(matrix), self.mean_q.reshape(matrix),
+                                    float(self.norms[i]), job.member_dtypes[i], job.coef_dtype, svd_values))
         return Encoded(
             scheme="flat", rank=rank, side=None, matrix=None, mean=self.mean_held, mean_dtype=job.mean_dtype,
             basis=basis_held, coefs=coefs, errors=errors, energy=kept_energy(self.eigenvalues, rank), reason="",
+            fidelity=fidelity, eigenvalues=self.eigenvalues,
         )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..format import dtypes
 from .decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from .fidelity import measure
 from .linalg import eigh_desc, least_squares_projector, rel_error
 
 #: Columns of V probed per pass when searching the smallest rank that meets a budget.
@@ -91,7 +92,9 @@ class RowsModel:
         job = self.job
         basis_held, basis = store_as(self.vectors[:, :rank], job.coef_dtype)
         projector = least_squares_projector(basis)
-        coefs, errors = [], []
+        coefs, errors, fidelity = [], [], []
+        # The per-member SVD baseline gets this member's coefficients plus its share of the basis.
+        svd_values = rank * (self.r + self.p / job.n_members) if job.baselines else None
         for i in range(job.n_members):
             x = self._oriented(i)
             approx = self.mean_q
@@ -101,13 +104,15 @@ class RowsModel:
                 approx = self.mean_q + coef @ basis.T
             out = dtypes.round_trip(approx, job.member_dtypes[i])
             errors.append(rel_error(x, out, float(self.norms[i])))
+            fidelity.append(measure(x, out, self.mean_q, float(self.norms[i]), job.member_dtypes[i],
+                                    job.coef_dtype, svd_values))
             if coef_held is not None:
                 coefs.append(coef_held if self.side == "right" else np.ascontiguousarray(coef_held.T))
         return Encoded(
             scheme="rows", rank=rank, side=self.side, matrix=self.matrix, mean=self.mean_held,
             mean_dtype=job.mean_dtype, basis=basis_held if rank else None, coefs=coefs, errors=errors,
-            energy=kept_energy(self.eigenvalues, rank),
-            reason="",
+            energy=kept_energy(self.eigenvalues, rank), reason="", fidelity=fidelity,
+            eigenvalues=self.eigenvalues,
         )
 
 

@@ -88,6 +88,8 @@ class TensorRecord:
     basis: str | None = None
     blob: str | None = None  # exact: the one blob all members share
     energy: float | None = None  # shared: fraction of centred variance the rank keeps
+    spectrum: tuple[float, ...] | None = None  # shared: leading centred eigenvalues, descending (informative)
+    variance: float | None = None  # shared: total centred variance, the sum of all eigenvalues (informative)
 
     def coef_shape(self) -> tuple[int, ...]:
         """Shape of one member's coefficients for this (shared) tensor."""
@@ -109,6 +111,21 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
+class FidelityRecord:
+    """Informative per-tensor numbers for one member, aligned with ``Manifest.tensors``.
+
+    Measured at merge (or add) time for shared tensors; 0 for tensors the member holds raw or
+    exactly. See ``core/fidelity.py`` for their definitions.
+    """
+
+    norms: tuple[float, ...]  # ||W||
+    delta_errors: tuple[float, ...]  # ||W - Ŵ|| / ||W - M||
+    mean_errors: tuple[float, ...]  # mean-only baseline, relative to ||W||
+    svd_errors: tuple[float, ...] | None = None  # per-member SVD at equal bytes, relative to ||W||
+    svd_ranks: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class MemberRecord:
     name: str
     source: str  # the input's file name
@@ -118,6 +135,10 @@ class MemberRecord:
     raw: dict[str, str] = field(default_factory=dict)  # tensor name -> blob, for raw tensors
     dtypes: dict[str, str] = field(default_factory=dict)  # tensor name -> dtype where it differs
     errors: tuple[float, ...] = ()  # relative Frobenius error per tensor, aligned with Manifest.tensors
+    added: bool = False  # joined by `unipack add` (projected onto existing bases), not by the merge
+    lossless_bytes: int | None = None  # the input losslessly compressed (zstd -19), informative
+    fidelity: FidelityRecord | None = None
+    metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "bundle": {...}}
 
     def dtype_of(self, tensor: TensorRecord) -> str:
         return self.dtypes.get(tensor.name, tensor.dtype)
@@ -139,12 +160,16 @@ class Manifest:
                 return m
         raise KeyError(name)
 
-    def coef_offsets(self) -> dict[str, tuple[int, int]]:
-        """Element range of each shared tensor's coefficients inside a member's coefficient blob."""
+    def coef_offsets(self, member: MemberRecord | None = None) -> dict[str, tuple[int, int]]:
+        """Element range of each shared tensor's coefficients inside ``member``'s coefficient blob.
+
+        A tensor the member holds raw (an override, see spec §4.4) has no coefficients there.
+        """
         out: dict[str, tuple[int, int]] = {}
         offset = 0
+        overrides = member.raw if member is not None else {}
         for t in self.tensors:
-            if t.storage == "shared" and t.rank > 0:
+            if t.storage == "shared" and t.rank > 0 and t.name not in overrides:
                 n = math.prod(t.coef_shape())
                 out[t.name] = (offset, offset + n)
                 offset += n
@@ -175,6 +200,8 @@ def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
                            "shape": None if t.shape is None else list(t.shape), "reason": t.reason}
     if t.storage == "shared":
         doc.update(scheme=t.scheme, rank=t.rank, mean=t.mean, basis=t.basis, energy=t.energy)
+        if t.spectrum is not None:
+            doc.update(spectrum=list(t.spectrum), variance=t.variance)
         if t.scheme == "rows":
             doc.update(side=t.side, matrix=list(t.matrix) if t.matrix else None)
     if t.storage == "exact":
@@ -183,8 +210,22 @@ def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
 
 
 def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
-    return {"name": m.name, "source": m.source, "source_bytes": m.source_bytes, "metadata": m.metadata,
-            "coefficients": m.coefficients, "raw": m.raw, "dtypes": m.dtypes, "errors": list(m.errors)}
+    doc: dict[str, Any] = {
+        "name": m.name, "source": m.source, "source_bytes": m.source_bytes, "metadata": m.metadata,
+        "coefficients": m.coefficients, "raw": m.raw, "dtypes": m.dtypes, "errors": list(m.errors)}
+    if m.added:
+        doc["added"] = True
+    if m.lossless_bytes is not None:
+        doc["lossless_bytes"] = m.lossless_bytes
+    if m.fidelity is not None:
+        f = m.fidelity
+        doc["fidelity"] = {"norms": list(f.norms), "delta_errors": list(f.delta_errors),
+                           "mean_errors": list(f.mean_errors)}
+        if f.svd_errors is not None and f.svd_ranks is not None:
+            doc["fidelity"].update(svd_errors=list(f.svd_errors), svd_ranks=list(f.svd_ranks))
+    if m.metrics is not None:
+        doc["metrics"] = m.metrics
+    return doc
 
 
 def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
@@ -241,6 +282,15 @@ class _Doc:
                         and all(is_int(d) and 0 <= d <= MAX_DIM for d in v),
                         f"a list of at most {MAX_NDIM} non-negative integers")
         return None if v is None else tuple(v)
+
+    def numbers(self, key: str, optional: bool = False, count: int | None = None, ints: bool = False) -> Any:
+        """A list of finite non-negative numbers (``count`` long if given) as a tuple."""
+        def ok(v: Any) -> bool:
+            return isinstance(v, list) and (count is None or len(v) == count) and all(
+                (is_int(x) or (not ints and isinstance(x, float) and math.isfinite(x))) and x >= 0 for x in v)
+        what = "integers" if ints else "numbers"
+        v = self._typed(key, optional, ok, f"a list of {'' if count is None else count} non-negative {what}")
+        return None if v is None else tuple(int(x) if ints else float(x) for x in v)
 
     def obj(self, key: str, optional: bool = False) -> Any:
         return self._typed(key, optional, lambda v: isinstance(v, dict), "an object")
@@ -321,9 +371,11 @@ def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorR
         limit = numel
     rank = d.integer("rank", 0, limit)
     energy = d.num("energy", optional=True)
+    spectrum = d.numbers("spectrum", optional=True)
     return TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=rec.reason, scheme=scheme,
                         rank=rank, side=side, matrix=matrix, mean=d.text("mean"),
-                        basis=d.text("basis", optional=True), energy=energy)
+                        basis=d.text("basis", optional=True), energy=energy, spectrum=spectrum,
+                        variance=d.num("variance", optional=spectrum is None))
 
 
 def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
@@ -337,6 +389,20 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
         isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0 for e in errors
     ):
         raise FormatError(f"{where}: errors must list one non-negative number per tensor ({len(tensors)})")
+    fidelity = None
+    if d.obj("fidelity", optional=True) is not None:
+        f = _Doc(d.doc["fidelity"], f"{where}: fidelity")
+        n = len(tensors)
+        svd_errors = f.numbers("svd_errors", optional=True, count=n)
+        fidelity = FidelityRecord(f.numbers("norms", count=n), f.numbers("delta_errors", count=n),
+                                  f.numbers("mean_errors", count=n), svd_errors,
+                                  f.numbers("svd_ranks", optional=svd_errors is None, count=n, ints=True))
+    metrics = d.obj("metrics", optional=True)
+    if metrics is not None:
+        metrics = _metrics(metrics, f"{where}: metrics")
+    added = d.doc.get("added", False)
+    if not isinstance(added, bool):
+        raise FormatError(f"{where}: field 'added' must be true or false")
     member_dtypes = _str_map(d.obj("dtypes"), f"{where}: dtypes")
     for dt in member_dtypes.values():
         dtypes.check_dtype(dt, f"{where}: dtypes")
@@ -344,8 +410,21 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
         name=name, source=d.text("source"), source_bytes=d.integer("source_bytes"),
         metadata=None if metadata is None else _str_map(metadata, f"{where}: metadata"),
         coefficients=d.text("coefficients", optional=True), raw=_str_map(d.obj("raw"), f"{where}: raw"),
-        dtypes=member_dtypes, errors=tuple(float(e) for e in errors),
+        dtypes=member_dtypes, errors=tuple(float(e) for e in errors), added=added,
+        lossless_bytes=d.integer("lossless_bytes", optional=True), fidelity=fidelity, metrics=metrics,
     )
+
+
+def _metrics(value: dict[str, Any], where: str) -> dict[str, dict[str, float]]:
+    """``{"original": {name: number}, "bundle": {...}}``: finite numbers under string keys."""
+    out: dict[str, dict[str, float]] = {}
+    for key, scores in value.items():
+        if not isinstance(scores, dict) or not all(
+                isinstance(k, str) and (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+                for k, v in scores.items()):
+            raise FormatError(f"{where}: {key!r} must map metric names to finite numbers")
+        out[key] = {k: float(v) for k, v in scores.items()}
+    return out
 
 
 def _check_references(m: Manifest, where: str) -> None:
@@ -382,14 +461,14 @@ def _check_references(m: Manifest, where: str) -> None:
                     raise FormatError(f"{where}: {what}: basis blob must be float")
             elif t.basis is not None:
                 raise FormatError(f"{where}: {what}: rank 0 but a basis blob is named")
-    total = sum(b - a for a, b in m.coef_offsets().values())
     for mem in m.members:
+        total = sum(b - a for a, b in m.coef_offsets(mem).values())
         what = f"member {mem.name!r}"
         for tname, dt in mem.dtypes.items():
             known = by_name.get(tname)
             if known is None:
                 raise FormatError(f"{where}: {what}: dtype given for unknown tensor {tname!r}")
-            if known.storage == "exact":
+            if known.storage == "exact" and tname not in mem.raw:
                 raise FormatError(f"{where}: {what}: overrides the dtype of exact tensor {tname!r}")
             if (known.dtype in dtypes.FLOAT_DTYPES) != (dt in dtypes.FLOAT_DTYPES):
                 raise FormatError(f"{where}: {what}: tensor {tname!r} dtype {dt} differs in kind from {known.dtype}")
@@ -398,13 +477,13 @@ def _check_references(m: Manifest, where: str) -> None:
         elif mem.coefficients is not None:
             raise FormatError(f"{where}: {what}: names a coefficient blob but no tensor has rank > 0")
         raw_names = {t.name for t in m.tensors if t.storage == "raw"}
-        if set(mem.raw) != raw_names:
-            raise FormatError(f"{where}: {what}: raw blobs {sorted(mem.raw)} do not match the raw tensors "
-                              f"{sorted(raw_names)}")
+        if not raw_names <= set(mem.raw) or not set(mem.raw) <= set(by_name):
+            raise FormatError(f"{where}: {what}: raw blobs {sorted(mem.raw)[:5]} do not cover the raw tensors "
+                              f"{sorted(raw_names)[:5]} (or name unknown tensors)")
         for tname, bname in mem.raw.items():
             t = by_name[tname]
-            b = blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
-            del b
+            # A raw tensor's shape may vary by member; an override keeps the tensor's shape.
+            blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
     unused = set(m.blobs) - used
     if unused:
         raise FormatError(f"{where}: blobs {sorted(unused)[:5]} are not referenced by any record")

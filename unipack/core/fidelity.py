@@ -1,0 +1,94 @@
+"""How faithful one member's reconstruction is, and what simpler answers would have given.
+
+Measured while encoding, on the same float64 values the recorded error uses, so a report can
+tell its reader whether the shared subspace earned its bytes:
+
+- ``delta_error``: ||W - Ŵ|| / ||W - M||, the part of what makes this member *different* from
+  the mean that did not survive (the plain relative error hides it behind the mean's share).
+- ``mean_error``: the relative error of the mean alone (rank 0), rounded to the member's dtype
+  exactly as a rank-0 bundle would return it.
+- ``svd_error``: the relative error of the per-member alternative at equal bytes: a truncated
+  SVD of this member's own delta W - M, with as many values as this member's coefficients plus
+  its 1/N share of the basis (the subspace's total bytes, split evenly). Its factors are
+  rounded to the coefficient dtype and the result to the member's dtype, like the bundle's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..format import dtypes
+from .linalg import eigh_desc, rel_error
+
+#: Leading eigenvalues kept per tensor for the report's scree curve.
+SPECTRUM_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class MemberFidelity:
+    """One member's numbers for one shared tensor (errors relative to ||W|| unless named)."""
+
+    norm: float  # ||W||_F
+    delta_error: float  # ||W - Ŵ|| / ||W - M|| (absolute error when W equals the mean)
+    mean_error: float  # mean-only baseline
+    svd_error: float | None  # per-member truncated SVD at equal bytes; None when not computed
+    svd_rank: int | None
+
+
+def svd_rank_for_budget(values: float, matrix: tuple[int, int]) -> int:
+    """Rank of a per-member truncated SVD (m x r and r x n factors) that fits ``values`` numbers."""
+    m, n = matrix
+    return int(min(values // (m + n), m, n))
+
+
+def measure(x: np.ndarray, out: np.ndarray, mean: np.ndarray, norm: float, member_dtype: str,
+            coef_dtype: str, svd_values: float | None) -> MemberFidelity:
+    """Fidelity numbers for one member.
+
+    ``x``: the original as a float64 matrix (m x n; either orientation: the SVD does not care),
+    ``out``: what extract returns for it, ``mean``: the stored mean (float64, same view),
+    ``svd_values``: the per-member SVD's budget in numbers, or None to skip that baseline.
+    """
+    delta = x - mean
+    delta_norm = float(np.linalg.norm(delta.ravel()))
+    delta_error = rel_error(x, out, delta_norm)
+    mean_error = rel_error(x, dtypes.round_trip(mean, member_dtype), norm)
+    svd_error = svd_rank = None
+    if svd_values is not None:
+        svd_rank = svd_rank_for_budget(svd_values, x.shape)  # type: ignore[arg-type]
+        svd_error = mean_error if svd_rank == 0 else rel_error(
+            x, dtypes.round_trip(mean + truncated_svd(delta, svd_rank, coef_dtype), member_dtype), norm)
+    return MemberFidelity(norm, delta_error, mean_error, svd_error, svd_rank)
+
+
+def truncated_svd(delta: np.ndarray, rank: int, coef_dtype: str) -> np.ndarray:
+    """Best rank-``rank`` approximation of ``delta`` with both factors rounded to ``coef_dtype``.
+
+    From the eigenvectors of the smaller Gram (m x m or n x n), not a full SVD: the factors
+    stored are U (orthonormal) and U^T delta.
+    """
+    wide = delta.shape[0] <= delta.shape[1]
+    d = delta if wide else delta.T
+    _, vectors = eigh_desc(d @ d.T)
+    u = dtypes.round_trip(vectors[:, :rank], coef_dtype)
+    # Least squares on the rounded U keeps the second factor optimal for what is stored.
+    v = dtypes.round_trip(np.linalg.lstsq(u, d, rcond=None)[0], coef_dtype)
+    approx = u @ v
+    return approx if wide else approx.T
+
+
+def spectrum(eigenvalues: np.ndarray) -> tuple[list[float], float]:
+    """The leading eigenvalues (for the scree curve) and the total centred variance."""
+    head = [round_sig(float(v)) for v in eigenvalues[:SPECTRUM_LENGTH]]
+    return head, round_sig(float(eigenvalues.sum()))
+
+
+def round_sig(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits: report numbers, not bit patterns, and bundles
+    stay byte-identical when the last bits depend on the BLAS's summation order."""
+    if value == 0.0 or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits - 1}e}")
