@@ -138,6 +138,48 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
             out_console.print(renderable)
 
 
+@cli.command("report")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (every number the tables show).")
+@click.option("--png", type=click.Path(path_type=Path), help="Also write plots (scree curves, errors vs "
+              "baselines) to this PNG (needs matplotlib: pip install 'unipack[plots]').")
+@click.option("--member", "-m", help="With --tensors: per-tensor numbers of this member.")
+@click.option("--tensors", is_flag=True, help="Per-tensor table: rank, energy kept, scree, errors vs baselines.")
+@click.option("--eval", "eval_spec", metavar="SPEC", help="Score members with evaluate(state_dict, member_name) "
+              "-> dict[str, float] from path/to/eval.py[:function] or module:function.")
+@click.option("--metric", help="Which metric of the eval's dict to compare (default: its first key).")
+@click.option("--originals", type=click.Path(path_type=Path), help="Folder holding the merge's inputs "
+              "(found by file name): scores the originals and the per-member SVD baseline too.")
+@click.option("--baselines", "recompute", is_flag=True, help="Measure the baselines again from --originals "
+              "(for bundles merged with --no-baselines).")
+def report_cmd(bundle: Path, as_json: bool, png: Path | None, member: str | None, tensors: bool,
+               eval_spec: str | None, metric: str | None, originals: Path | None, recompute: bool) -> None:
+    """Size and fidelity: bytes by part, errors per member, baselines, spectra, eval scores."""
+    from .api.evaluation import load_eval
+    from .api.report import report
+    from .render_report import report_view
+
+    hook = load_eval(eval_spec) if eval_spec else None
+    with open_bundle(bundle) as b:
+        if member is not None:
+            b.member(member)  # a clear error before any work
+        progress = None if as_json or not err_console.is_terminal else \
+            (lambda name: err_console.print(f"evaluating {name} ...", end="\r"))
+        result = report(b, originals=originals, recompute=recompute, hook=hook, metric=metric,
+                        on_member=progress)
+        if png is not None:
+            from .plots import write_png
+
+            write_png(result.to_dict(), png)
+        if as_json:
+            click.echo(result.to_json())
+        else:
+            for renderable in report_view(result, member=member, manifest=b.manifest, show_tensors=tensors):
+                out_console.print(renderable)
+        if png is not None:
+            err_console.print(f"plots written to {png}")
+
+
 @cli.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
 def verify_cmd(bundle: Path) -> None:

@@ -67,7 +67,7 @@ def merge_summary(result: MergeResult) -> Table:
     t.add_row("rule", _rule(result.manifest.options))
     t.add_row("time", f"{result.seconds:.1f} s")
     t.add_row("peak memory", format_bytes(result.peak_rss_bytes))
-    t.add_row("next", f"unipack info {result.path}")
+    t.add_row("next", f"unipack report {result.path}   (bytes by part, errors vs baselines, spectra)")
     return t
 
 

@@ -33,6 +33,7 @@ class Bundle:
         self._file = BundleFile(path)
         self.path = self._file.path
         self.manifest: Manifest = self._file.manifest
+        self.header = self._file.header
 
     @property
     def members(self) -> list[str]:
@@ -77,6 +78,18 @@ class Bundle:
         lo, hi = offsets[t.name]
         coef = dtypes.to_float(coefs[lo:hi], basis_blob.dtype).reshape(t.coef_shape())
         return reconstruct(t, mean, basis, coef)
+
+    def mean_values(self, t: TensorRecord) -> np.ndarray:
+        """A shared tensor's stored mean as float64, in the tensor's shape."""
+        assert t.mean is not None and t.shape is not None
+        return dtypes.to_float(self._file.read_blob(t.mean), self.manifest.blobs[t.mean].dtype).reshape(t.shape)
+
+    def coef_dtype(self) -> str:
+        """The dtype bases and coefficients are stored in (the merge's ``--dtype``)."""
+        for t in self.manifest.tensors:
+            if t.basis is not None:
+                return self.manifest.blobs[t.basis].dtype
+        return {"float16": "F16", "bfloat16": "BF16"}.get(str(self.manifest.options.get("dtype")), "F32")
 
     def load_numpy(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
         """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)``."""
@@ -140,6 +153,10 @@ class Bundle:
             except UnipackError as exc:
                 problems.append(f"member {member!r}: {exc}")
         return problems
+
+    def header_bytes(self) -> bytes:
+        """The file's header as stored (length prefix + JSON + padding), for byte accounting."""
+        return self._file.read_header_bytes()
 
     def summary(self) -> BundleSummary:
         """Bytes by part, ratio and worst errors (what ``unipack info`` prints)."""

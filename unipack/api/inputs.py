@@ -65,20 +65,25 @@ def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
     checkpoints: list[Checkpoint] = []
     try:
         for name, path in zip(names, paths):
-            if not path.is_file():
-                raise InputError(f"{path}: no such file")
-            header = read_header(path, what="safetensors checkpoint")
-            if header.metadata and header.metadata.get("format") == "unipack.upk":
-                raise InputError(f"{path}: is a unipack bundle, not a checkpoint; extract its members first")
-            if not header.tensors:
-                raise InputError(f"{path}: holds no tensors")
-            checkpoints.append(Checkpoint(name, header, os.open(path, os.O_RDONLY)))
+            checkpoints.append(open_checkpoint(path, name))
         _check_same_names(checkpoints)
     except BaseException:
         for c in checkpoints:
             c.close()
         raise
     return checkpoints
+
+
+def open_checkpoint(path: Path, name: str) -> Checkpoint:
+    """Open and validate one checkpoint (a member's original, or a member to add)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    header = read_header(path, what="safetensors checkpoint")
+    if header.metadata and header.metadata.get("format") == "unipack.upk":
+        raise InputError(f"{path}: is a unipack bundle, not a checkpoint; extract its members first")
+    if not header.tensors:
+        raise InputError(f"{path}: holds no tensors")
+    return Checkpoint(name, header, os.open(path, os.O_RDONLY))
 
 
 def default_name(path: Path) -> str:

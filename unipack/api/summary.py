@@ -55,7 +55,7 @@ class BundleSummary:
         return d
 
 
-def _blob_parts(manifest: Manifest) -> dict[str, str]:
+def blob_parts(manifest: Manifest) -> dict[str, str]:
     """Each blob's part, from the records that reference it (blob names are not normative)."""
     roles: dict[str, str] = {}
     for t in manifest.tensors:
@@ -73,7 +73,7 @@ def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
     parts = dict.fromkeys(PARTS, 0)
     parts["header"] = header.data_start
     stored = {name: e.nbytes for name, e in header.tensors.items()}
-    for name, part in _blob_parts(manifest).items():
+    for name, part in blob_parts(manifest).items():
         parts[part] += stored[name]
     counts: dict[str, int] = {}
     ranks = []

@@ -38,6 +38,12 @@ class MemberFidelity:
     svd_rank: int | None
 
 
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view a per-member SVD takes of a tensor: (shape[0], rest), a vector as one row."""
+    numel = math.prod(shape)
+    return (shape[0], numel // shape[0]) if len(shape) > 1 and shape[0] else (1, numel)
+
+
 def svd_rank_for_budget(values: float, matrix: tuple[int, int]) -> int:
     """Rank of a per-member truncated SVD (m x r and r x n factors) that fits ``values`` numbers."""
     m, n = matrix

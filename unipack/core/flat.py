@@ -12,7 +12,7 @@ import numpy as np
 
 from ..format import dtypes
 from .decomposition import Encoded, TensorJob, kept_energy, register, store_as
-from .fidelity import measure
+from .fidelity import matrix_view, measure
 from .linalg import fix_signs, eigh_desc, least_squares_projector, rel_error
 
 #: Bytes of members held at once while filling the Gram (a constant: memory must not grow with N).
@@ -99,7 +99,7 @@ class FlatModel:
         coefs, errors, fidelity = [], [], []
         svd_values = rank * (1 + self.dim / job.n_members) if job.baselines else None
         # The per-member SVD baseline sees the tensor as a matrix, as the rows scheme does.
-        matrix = (job.shape[0], self.dim // job.shape[0]) if len(job.shape) > 1 and job.shape[0] else (1, self.dim)
+        matrix = matrix_view(job.shape)
         for i in range(job.n_members):
             x = self._vector(i)
             approx = self.mean_q

@@ -3,7 +3,8 @@
 ``BundleWriter`` streams blobs to a spool file as the merge produces them (sizes are unknown
 until the end), then writes header + manifest + data atomically. ``BundleFile`` validates a
 bundle's header and manifest on open and reads any one blob with ``pread``, checking its
-checksum, without touching the rest of the file.
+checksum, without touching the rest of the file. ``rewrite_bundle`` joins the two to change a
+bundle after the fact: its blobs are copied verbatim and only the manifest and new blobs differ.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import ChecksumError, FormatError
 from . import codec, dtypes
-from .atomic import atomic_write, spool_file
+from .atomic import atomic_write, check_writable, spool_file
 from .manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
 from .safetensors_file import (
     SafetensorsHeader,
@@ -63,6 +64,24 @@ class BundleWriter:
         self._spool.write(stored)
         return name
 
+    def add_stored(self, name: str, record: BlobRecord, stored: bytes | bytearray) -> str:
+        """Append a blob that is already encoded (``stored`` as read by ``BundleFile.read_stored``).
+
+        The bytes are written verbatim, so a copied blob keeps its codec and checksum; they are
+        checked against ``record`` because a mismatch would only surface in a later reader.
+        """
+        if name in self.blobs:
+            raise ValueError(f"blob {name!r} written twice")
+        if codec.sha256(stored) != record.sha256 or (record.codec == "none" and len(stored) != record.nbytes):
+            raise ValueError(f"blob {name!r}: stored bytes do not match its record")
+        self.blobs[name] = record
+        if record.codec == "none":
+            self._entries.append((name, record.dtype, record.shape, len(stored)))
+        else:
+            self._entries.append((name, "U8", (len(stored),), len(stored)))
+        self._spool.write(stored)
+        return name
+
     def finish(self, manifest: Manifest, out: Path, *, force: bool) -> int:
         """Write ``out`` = header (with the manifest) + spooled data; returns the file size."""
         text = manifest.to_json()
@@ -89,18 +108,29 @@ class BundleFile:
         _check_layout(self.header, self.manifest)
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
-    def read_blob(self, name: str) -> np.ndarray:
-        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
+    def read_stored(self, name: str) -> bytes:
+        """The blob's bytes as stored in the file (still encoded), checksum verified."""
         if self._fd is None:
             raise FormatError(f"{self.path}: bundle is closed")
-        rec = self.manifest.blobs[name]
         stored = read_bytes(self._fd, self.header.tensors[name], self.path)
-        if codec.sha256(stored) != rec.sha256:
+        if codec.sha256(stored) != self.manifest.blobs[name].sha256:
             raise ChecksumError(f"{self.path}: blob {name!r} is corrupt (checksum mismatch); "
                                 f"the file was damaged after it was written: re-download or re-merge it")
+        return stored  # a bytearray: copying it to bytes would double the memory of a large blob
+
+    def read_blob(self, name: str) -> np.ndarray:
+        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
+        rec = self.manifest.blobs[name]
+        stored = self.read_stored(name)
         data = codec.decode(stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes,
                             f"{self.path}: blob {name!r}")
         return dtypes.from_bytes(data, rec.dtype, rec.shape)
+
+    def read_header_bytes(self) -> bytes:
+        """The header exactly as stored: 8-byte length, JSON, padding."""
+        if self._fd is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        return os.pread(self._fd, self.header.data_start, 0)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -1,0 +1,97 @@
+"""The simple answers a bundle is compared against, as whole members.
+
+- *mean only*: every shared tensor replaced by its mean (rank 0); raw and exact tensors kept.
+  Built from the bundle alone.
+- *per-member SVD at equal bytes*: each member's own delta from the mean, truncated to the
+  rank its share of the bundle's bytes buys (its coefficients plus 1/N of the bases). Needs the
+  member's original weights.
+
+The per-tensor numbers (``FidelityRecord``) are recorded at merge time; this module rebuilds
+whole state dicts (for ``--eval``) and recomputes the numbers for bundles merged without them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..core.fidelity import MemberFidelity, matrix_view, measure, svd_rank_for_budget, truncated_svd
+from ..format import dtypes
+from ..format.manifest import FidelityRecord, MemberRecord, TensorRecord
+from .bundle import Bundle
+from .inputs import Checkpoint
+from .merge import EXACT, fidelity_record
+
+Arrays = dict[str, tuple[str, np.ndarray]]  # name -> (dtype, array held as dtypes.holder(dtype))
+
+
+def is_projected(t: TensorRecord, member: MemberRecord) -> bool:
+    """Whether this member's tensor comes from the mean and bases (not raw, override or exact)."""
+    return t.storage == "shared" and t.name not in member.raw
+
+
+def svd_budget(t: TensorRecord, n_members: int) -> float:
+    """Numbers a member's SVD may store for ``t``: its coefficients plus 1/N of the basis."""
+    if t.rank == 0:
+        return 0.0
+    return math.prod(t.coef_shape()) + math.prod(t.basis_shape()) / n_members
+
+
+def mean_only(bundle: Bundle, member: str) -> Arrays:
+    """The member as a rank-0 bundle would return it."""
+    rec = bundle.member(member)
+    out: Arrays = {}
+    for t, dtype, array in bundle.iter_arrays(member):
+        if is_projected(t, rec):
+            array = dtypes.from_float(bundle.mean_values(t), dtype)
+        out[t.name] = (dtype, array)
+    return out
+
+
+def per_member_svd(bundle: Bundle, member: str, original: Checkpoint) -> Arrays:
+    """The member as its own truncated SVD at equal bytes (factors rounded like the bundle's)."""
+    rec = bundle.member(member)
+    coef_dtype = bundle.coef_dtype()
+    ranks = _svd_ranks(bundle, rec)
+    out: Arrays = {}
+    for index, (t, dtype, array) in enumerate(bundle.iter_arrays(member)):
+        if is_projected(t, rec):
+            assert t.shape is not None
+            view = matrix_view(t.shape)
+            mean = bundle.mean_values(t).reshape(view)
+            approx = mean
+            if ranks[index]:
+                delta = original.values(t.name).reshape(view) - mean
+                approx = mean + truncated_svd(delta, ranks[index], coef_dtype)
+            array = dtypes.from_float(approx.reshape(t.shape), dtype)
+        out[t.name] = (dtype, array)
+    return out
+
+
+def _svd_ranks(bundle: Bundle, rec: MemberRecord) -> list[int]:
+    if rec.fidelity is not None and rec.fidelity.svd_ranks is not None:
+        return list(rec.fidelity.svd_ranks)
+    n = len(bundle.members)
+    return [svd_rank_for_budget(svd_budget(t, n), matrix_view(t.shape)) if is_projected(t, rec) and t.shape
+            else 0 for t in bundle.manifest.tensors]
+
+
+def measure_member(bundle: Bundle, member: str, original: Checkpoint) -> FidelityRecord:
+    """The member's fidelity numbers, recomputed from its original (``report --baselines``)."""
+    rec = bundle.member(member)
+    coef_dtype = bundle.coef_dtype()
+    n = len(bundle.members)
+    per_tensor: list[MemberFidelity] = []
+    for t, dtype, array in bundle.iter_arrays(member):
+        if not is_projected(t, rec):
+            per_tensor.append(EXACT)
+            continue
+        assert t.shape is not None
+        view = matrix_view(t.shape)
+        x = original.values(t.name).reshape(view)
+        out = dtypes.to_float(array, dtype).reshape(view)
+        norm = float(np.linalg.norm(x.ravel()))
+        per_tensor.append(measure(x, out, bundle.mean_values(t).reshape(view), norm, dtype, coef_dtype,
+                                  svd_budget(t, n)))
+    return fidelity_record(per_tensor, baselines=True)

@@ -1,0 +1,94 @@
+"""Score members with the user's eval hook: the original, the bundle's reconstruction, and the
+baselines (mean only; per-member SVD at equal bytes), so a report shows what the bytes buy in
+the metric users care about (accuracy points), not only in weight error.
+
+Metrics are higher-is-better; a *drop* is original minus method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError
+from .baselines import Arrays, mean_only, per_member_svd
+from .bundle import Bundle
+from .evaluation import EvalHook, pick_metric
+from .inputs import Checkpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+#: Table columns, in order.
+COLUMNS = ("original", "unipack", "mean-only", "svd")
+
+
+def as_torch(arrays: Arrays) -> dict[str, "torch.Tensor"]:
+    from .torch_bridge import to_torch
+
+    return {name: to_torch(array, dtype) for name, (dtype, array) in arrays.items()}
+
+
+def checkpoint_state(c: Checkpoint) -> dict[str, "torch.Tensor"]:
+    """An original checkpoint as a torch state dict (bf16 and float8 kept)."""
+    from .torch_bridge import to_torch
+
+    return {name: to_torch(c.read(name), e.dtype) for name, e in c.header.tensors.items()}
+
+
+def score_members(bundle: Bundle, hook: EvalHook, originals: Mapping[str, Path], metric: str | None,
+                  *, baselines: bool = True, members: Sequence[str] | None = None,
+                  on_member: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``{"eval", "metric", "members": {name: {column: scores | None}}, "drops": {...}}``.
+
+    A member's original comes from ``originals`` (its file) or, failing that, from the scores
+    recorded in the bundle at merge time (``--max-drop``), marked ``"original_recorded"``.
+    """
+    table: dict[str, dict[str, dict[str, float] | None]] = {}
+    recorded: list[str] = []
+    for name in members if members is not None else bundle.members:
+        if on_member:
+            on_member(name)
+        row: dict[str, dict[str, float] | None] = dict.fromkeys(COLUMNS)
+        row["unipack"] = hook(bundle.load(name), name)
+        if baselines:
+            row["mean-only"] = hook(as_torch(mean_only(bundle, name)), name)
+        if name in originals:
+            original = open_checkpoint(originals[name], name)
+            try:
+                _check_same_tensors(bundle, name, original)
+                row["original"] = hook(checkpoint_state(original), name)
+                if baselines:
+                    row["svd"] = hook(as_torch(per_member_svd(bundle, name, original)), name)
+            finally:
+                original.close()
+        else:
+            stored = bundle.member(name).metrics or {}
+            if "original" in stored:
+                row["original"] = dict(stored["original"])
+                recorded.append(name)
+        table[name] = row
+    first = next(iter(table.values()))["unipack"] if table else {}
+    chosen = pick_metric(first or {}, metric, hook.spec)
+    return {"eval": hook.spec, "metric": chosen, "members": table, "original_recorded": recorded,
+            "drops": drops(table, chosen)}
+
+
+def drops(table: Mapping[str, Mapping[str, Mapping[str, float] | None]], metric: str) -> dict[str, Any]:
+    """Per column: the largest and the mean drop from the original, over members that have both."""
+    out: dict[str, Any] = {}
+    for column in COLUMNS[1:]:
+        values = [row["original"][metric] - row[column][metric]  # type: ignore[index]
+                  for row in table.values()
+                  if row.get("original") and row.get(column) and metric in row[column]  # type: ignore[operator]
+                  and metric in row["original"]]  # type: ignore[operator]
+        out[column] = {"worst": max(values), "mean": sum(values) / len(values), "members": len(values)} \
+            if values else None
+    return out
+
+
+def _check_same_tensors(bundle: Bundle, name: str, original: Checkpoint) -> None:
+    if set(original.header.tensors) != set(bundle.tensor_names):
+        raise InputError(f"{original.path}: its tensor names differ from member {name!r} of {bundle.path}; "
+                         f"is it really that member's original?")
