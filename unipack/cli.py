@@ -22,7 +22,7 @@ from .api.bundle import open as open_bundle
 from .api.merge import MergeResult, merge
 from .errors import UnipackError
 from .options import MergeOptions
-from .render import ProgressBars, info_table, merge_summary
+from .render import ProgressBars, format_bytes, info_table, merge_summary
 
 # Pipes and CI logs have no width; rich would fall back to 80 columns and cut member names.
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -78,13 +78,32 @@ def cli() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle to write (.upk).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--eval", "eval_spec", metavar="SPEC", help="Score every member with evaluate(state_dict, "
+              "member_name) -> dict[str, float] (path/to/eval.py[:function] or module:function) and record "
+              "original and reconstructed scores in the bundle.")
+@click.option("--max-drop", type=float, help="With --eval: tighten --max-error until no member's metric drops "
+              "by more than this (in the metric's units, e.g. 0.5 accuracy points).")
+@click.option("--metric", help="With --eval: which metric of the eval's dict (default: its first key).")
 @merge_options
-def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, **fields: Any) -> None:
+def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, eval_spec: str | None,
+              max_drop: float | None, metric: str | None, **fields: Any) -> None:
     """Merge same-architecture .safetensors checkpoints into one bundle."""
     options = MergeOptions(**{k: v for k, v in fields.items()})
+    if (max_drop is not None or metric is not None) and eval_spec is None:
+        raise click.UsageError("--max-drop and --metric need --eval SPEC (the function that scores a member)")
     bars = None if quiet else ProgressBars(err_console)
     try:
-        result: MergeResult = merge(list(inputs), output, options=options, force=force, progress=bars)
+        if eval_spec is None:
+            result: MergeResult = merge(list(inputs), output, options=options, force=force, progress=bars)
+        else:
+            from .api.evaluation import load_eval
+            from .api.fidelity_target import merge_with_eval
+
+            result = merge_with_eval(list(inputs), output, load_eval(eval_spec), max_drop=max_drop, metric=metric,
+                                     options=options, force=force, progress=bars,
+                                     on_attempt=lambda a: err_console.print(
+                                         f"max-error {a.max_error:.3g}: {format_bytes(a.file_bytes)}, largest drop "
+                                         f"{a.worst_drop:.3g} ({a.worst_member})"))
     finally:
         if bars:
             bars.stop()

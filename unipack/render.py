@@ -65,6 +65,13 @@ def merge_summary(result: MergeResult) -> Table:
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
     t.add_row("ratio", f"{result.ratio:.2f}x smaller, at worst relative error {worst:.3g} ({worst_member})")
     t.add_row("rule", _rule(result.manifest.options))
+    evaluation = result.manifest.stats.get("evaluation")
+    if isinstance(evaluation, dict):
+        target = evaluation.get("max_drop")
+        verdict = "" if target is None else (f" (target {target}: {'met' if evaluation.get('met') else 'NOT met'}, "
+                                             f"{len(evaluation.get('attempts', []))} attempts)")
+        t.add_row("eval", f"{evaluation.get('metric')}: largest drop {evaluation.get('worst_drop', 0):.3g} "
+                          f"({evaluation.get('worst_member')}){verdict}")
     t.add_row("time", f"{result.seconds:.1f} s")
     t.add_row("peak memory", format_bytes(result.peak_rss_bytes))
     t.add_row("next", f"unipack report {result.path}   (bytes by part, errors vs baselines, spectra)")
