@@ -31,6 +31,12 @@ def is_projected(t: TensorRecord, member: MemberRecord) -> bool:
     return t.storage == "shared" and t.name not in member.raw
 
 
+def replaced_by_mean(t: TensorRecord, member: MemberRecord) -> bool:
+    """Whether the mean-only baseline replaces this tensor: projected ones, and those the merge
+    kept raw only because raw was cheaper (not task-specific heads, not NaN or integer data)."""
+    return is_projected(t, member) or (t.storage == "raw" and t.raw_cause == "budget")
+
+
 def svd_budget(t: TensorRecord, n_members: int) -> float:
     """Numbers a member's SVD may store for ``t``: its coefficients plus 1/N of the basis."""
     if t.rank == 0:
@@ -39,14 +45,29 @@ def svd_budget(t: TensorRecord, n_members: int) -> float:
 
 
 def mean_only(bundle: Bundle, member: str) -> Arrays:
-    """The member as a rank-0 bundle would return it."""
+    """The member as a rank-0 bundle would return it (task-specific raw tensors kept)."""
     rec = bundle.member(member)
     out: Arrays = {}
     for t, dtype, array in bundle.iter_arrays(member):
         if is_projected(t, rec):
             array = dtypes.from_float(bundle.mean_values(t), dtype)
+        elif replaced_by_mean(t, rec):
+            array = dtypes.from_float(_raw_mean(bundle, t), dtype)
         out[t.name] = (dtype, array)
     return out
+
+
+def _raw_mean(bundle: Bundle, t: TensorRecord) -> np.ndarray:
+    """The members' mean of a tensor the bundle holds raw, at the widest member precision."""
+    total = None
+    member_dtypes = set()
+    for m in bundle.manifest.members:
+        dtype = m.dtype_of(t)
+        member_dtypes.add(dtype)
+        values = dtypes.to_float(bundle.read_blob(m.raw[t.name]), dtype)
+        total = values if total is None else total + values
+    assert total is not None
+    return dtypes.round_trip(total / len(bundle.manifest.members), dtypes.widest_float(frozenset(member_dtypes)))
 
 
 def per_member_svd(bundle: Bundle, member: str, original: Checkpoint) -> Arrays:

@@ -84,6 +84,10 @@ class Bundle:
         assert t.mean is not None and t.shape is not None
         return dtypes.to_float(self._file.read_blob(t.mean), self.manifest.blobs[t.mean].dtype).reshape(t.shape)
 
+    def read_blob(self, name: str) -> np.ndarray:
+        """One blob's array (held as ``dtypes.holder(dtype)``), checksum verified."""
+        return self._file.read_blob(name)
+
     def coef_dtype(self) -> str:
         """The dtype bases and coefficients are stored in (the merge's ``--dtype``)."""
         for t in self.manifest.tensors:

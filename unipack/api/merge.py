@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..core.decomposition import Encoded, KeepRaw, TensorJob, decompose
 from ..core.fidelity import MemberFidelity, round_sig, spectrum
+from ..core.linalg import rel_error
 from ..format import dtypes
 from ..format.atomic import check_writable
 from ..format.container import BundleWriter
@@ -134,14 +135,15 @@ class _Merger:
 
     def _store(self, plan: TensorPlan) -> TensorRecord:
         if plan.storage == "raw":
-            return self._store_raw(plan, plan.reason)
+            return self._store_raw(plan, plan.reason, "requested")
         identical, non_finite = self._survey(plan)
         if identical:
             return self._store_exact(plan)
         if plan.storage == "exact-candidate":
-            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)")
+            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)", "values")
         if non_finite is not None:
-            return self._store_raw(plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)")
+            return self._store_raw(plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)",
+                                   "values")
         assert plan.shape is not None
         job = TensorJob(
             name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
@@ -151,7 +153,7 @@ class _Merger:
         )
         result = decompose(job, plan.schemes)
         if isinstance(result, KeepRaw):
-            return self._store_raw(plan, result.reason)
+            return self._store_raw(plan, result.reason, "budget")
         return self._store_shared(plan, result)
 
     def _measure_lossless(self) -> None:
@@ -169,12 +171,36 @@ class _Merger:
             self.progress.member_read()
         return self.checkpoints[i].values(name)
 
-    def _store_raw(self, plan: TensorPlan, reason: str) -> TensorRecord:
+    def _store_raw(self, plan: TensorPlan, reason: str, cause: str) -> TensorRecord:
         for i, c in enumerate(self.checkpoints):
             self.raw[i][plan.name] = self.writer.add(f"raw/{i}/{plan.name}", c.read(plan.name), plan.dtypes[i])
             self.errors[i].append(0.0)
-            self.fidelity[i].append(EXACT)
-        return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason)
+        if cause == "budget":
+            for i, f in enumerate(self._mean_only_errors(plan)):
+                self.fidelity[i].append(f)
+        else:
+            for fidelity in self.fidelity:
+                fidelity.append(EXACT)
+        return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason, raw_cause=cause)
+
+    def _mean_only_errors(self, plan: TensorPlan) -> list[MemberFidelity]:
+        """A tensor the merge kept raw (cheaper than its subspace) still has a mean-only baseline:
+        the report must not credit the mean with tensors it would have had to replace."""
+        mean_dtype = dtypes.widest_float(frozenset(plan.dtypes))
+        total = None
+        for i in range(len(self.checkpoints)):
+            x = self._values(i, plan.name)
+            total = x.copy() if total is None else total + x
+        assert total is not None
+        mean = dtypes.round_trip(total / len(self.checkpoints), mean_dtype)
+        out = []
+        for i, dtype in enumerate(plan.dtypes):
+            x = self._values(i, plan.name)
+            norm = float(np.linalg.norm(x.ravel()))
+            out.append(MemberFidelity(norm=norm, delta_error=0.0,
+                                      mean_error=rel_error(x, dtypes.round_trip(mean, dtype), norm),
+                                      svd_error=0.0, svd_rank=0))
+        return out
 
     def _survey(self, plan: TensorPlan) -> tuple[bool, str | None]:
         """One cheap pass: are all members bit-identical, and does any hold NaN/inf?

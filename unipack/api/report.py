@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..format import dtypes
 from ..format.manifest import FidelityRecord, Manifest, MemberRecord
 from ..format.safetensors_file import SafetensorsHeader
-from .baselines import is_projected
+from .baselines import is_projected, replaced_by_mean
 from .summary import blob_parts
 
 if TYPE_CHECKING:
@@ -147,11 +147,22 @@ def build_report(manifest: Manifest, header: SafetensorsHeader, header_bytes: by
         lossless=sum(v for v in lossless_values if v is not None) if all(v is not None for v in lossless_values)
         and lossless_values else None,
         lossless_sampled=bool(isinstance(lossless_stats, dict) and lossless_stats.get("sampled")),
-        parts=parts, mean_only=header.file_size - parts["bases"] - parts["coefficients"],
+        parts=parts, mean_only=_mean_only_bytes(manifest, parts, stored),
     )
     return Report(path=str(header.path), created_by=manifest.created_by, format_version=manifest.format_version,
                   rule=rule_text(manifest.options), options=dict(manifest.options), bytes=byte_report,
                   members=members, tensors=tensors, overall=_overall(members, tensors))
+
+
+def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str, int]) -> int:
+    """About what a rank-0 bundle would cost: no bases or coefficients, and one mean in place of
+    the per-member copies of every tensor the merge kept raw only because raw was cheaper."""
+    size = sum(parts.values()) - parts["bases"] - parts["coefficients"]
+    for t in manifest.tensors:
+        if t.storage == "raw" and t.raw_cause == "budget":
+            copies = [stored[m.raw[t.name]] for m in manifest.members]
+            size -= sum(copies) - max(copies, default=0)
+    return size
 
 
 def _byte_parts(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes,
@@ -220,8 +231,8 @@ def _tensor_reports(manifest: Manifest, stored: dict[str, int],
         own += sum(stored[m.raw[t.name]] for m in manifest.members if t.name in m.raw)
         errors: dict[str, float | None] = dict.fromkeys(METHODS)
         winner = None
-        if t.storage == "shared":
-            members = [m for m in manifest.members if is_projected(t, m)]
+        if t.storage == "shared" or t.raw_cause == "budget":
+            members = [m for m in manifest.members if replaced_by_mean(t, m)]
             records = [fidelity.get(m.name, m.fidelity) for m in members]
             if members:
                 errors["unipack"] = sum(m.errors[i] for m in members) / len(members)

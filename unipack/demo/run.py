@@ -1,9 +1,11 @@
 """``unipack demo``: the whole product on real fine-tunes, in a few minutes on a laptop CPU.
 
 Builds (or reuses from the cache) a population of tiny ViTs fine-tuned on distinct tasks over
-scikit-learn's UCI digits, merges them at the default budget, prints ``info``, extracts every
-member back to .safetensors, and scores each extracted member on its task's held-out split
-next to the original and next to the plain mean (rank 0) as a baseline.
+scikit-learn's UCI digits, merges them at the default budget, and prints ``unipack report`` with
+the demo's own eval function: bytes by part, errors against the baselines, and the held-out
+accuracy of every member as original vs unipack vs the mean alone vs per-member SVD at equal
+bytes. Then it extracts every member back to .safetensors and checks the files score the same,
+and shows the same population at a few other budgets.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from rich.console import Console
 from rich.table import Table
 
 from ..api.bundle import open as open_bundle
+from ..api.evaluation import load_eval
 from ..api.merge import merge
-from ..render import ProgressBars, format_bytes, info_table, merge_summary
+from ..api.report import report
+from ..render import ProgressBars, format_bytes, merge_summary
+from ..render_report import report_view
 
 #: Task heads have a different number of classes per member: store them raw, per member.
 HEAD_PATTERN = "classifier.*"
+#: The demo's eval hook, as a user would name it on the command line.
+EVAL_SPEC = "unipack.demo.evaluate:evaluate"
 
 
 def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, *,
@@ -34,48 +41,43 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
     started = time.perf_counter()
     members = build_population(cache_dir or default_cache_dir(), log=lambda s: err.print(f"  {s}"), small=small)
     err.print(f"  {len(members)} members ready in {time.perf_counter() - started:.1f} s")
+    originals = members[0].path.parent
 
-    err.print(f"[bold]2/4[/] unipack merge {len(members)} members -> {workdir / 'demo.upk'} (--raw '{HEAD_PATTERN}')")
+    bundle_path = workdir / "demo.upk"
+    err.print(f"[bold]2/4[/] unipack merge {originals}/*.safetensors -o {bundle_path} --raw '{HEAD_PATTERN}'")
     bars = ProgressBars(err)
     try:
-        result = merge([m.path for m in members], workdir / "demo.upk", force=True, raw=(HEAD_PATTERN,),
-                       progress=bars)
+        result = merge([m.path for m in members], bundle_path, force=True, raw=(HEAD_PATTERN,), progress=bars)
     finally:
         bars.stop()
     err.print(merge_summary(result))
-    # The honest baseline: the mean alone (rank 0 everywhere, heads still raw).
-    baseline = merge([m.path for m in members], workdir / "mean-only.upk", force=True, raw=(HEAD_PATTERN,),
-                     rank=0)
 
-    err.print(f"[bold]3/4[/] unipack info {result.path}")
-    with open_bundle(result.path) as bundle:
-        for renderable in info_table(bundle.summary()):
+    err.print(f"[bold]3/4[/] unipack report {bundle_path} --tensors --eval {EVAL_SPEC} --originals {originals}")
+    with open_bundle(bundle_path) as bundle:
+        rep = report(bundle, originals=originals, hook=load_eval(EVAL_SPEC))
+        for renderable in report_view(rep, manifest=bundle.manifest, show_tensors=True):
             out.print(renderable)
-        err.print(f"[bold]4/4[/] unipack extract --all -> {workdir / 'members'}; scoring every member")
+        err.print(f"[bold]4/4[/] unipack extract --all -> {workdir / 'members'}; the files score as the report says")
         extracted = bundle.extract_all(workdir / "members", force=True)
-        errors = {m.name: max(m.errors) for m in bundle.manifest.members}
+    assert rep.evaluation is not None
+    scores = rep.evaluation["members"]
+    for member, path in zip(members, extracted):
+        again = evaluate(load_file(str(path)), member.name)["accuracy"]
+        if again != scores[member.name]["unipack"]["accuracy"]:
+            raise RuntimeError(f"{path}: scores {again} but the bundle's member scored "
+                               f"{scores[member.name]['unipack']['accuracy']}")
+    err.print(f"  {len(extracted)} extracted files re-scored: identical to the report's unipack column")
 
-    table = Table(title="held-out accuracy (%): original vs unipack vs mean only", title_justify="left")
-    for col in ("member", "classes", "original", "unipack", "Δ points", "mean only", "worst rel. error"):
-        table.add_column(col, justify="left" if col == "member" else "right")
-    worst_drop = mean_drop = 0.0
-    with open_bundle(baseline.path) as mean_only:
-        for member, path in zip(members, extracted):
-            original = evaluate(load_file(str(member.path)), member.name)["accuracy"]
-            packed = evaluate(load_file(str(path)), member.name)["accuracy"]
-            mean_acc = evaluate(mean_only.load(member.name), member.name)["accuracy"]
-            worst_drop = max(worst_drop, original - packed)
-            mean_drop = max(mean_drop, original - mean_acc)
-            table.add_row(member.name, str(member.task.num_labels), f"{original:.2f}", f"{packed:.2f}",
-                          f"{packed - original:+.2f}", f"{mean_acc:.2f}", f"{errors[member.name]:.3g}")
-    out.print(table)
     sweep = _budget_sweep(members, workdir, err)
     out.print(sweep)
+    drops = rep.evaluation["drops"]
+    worst_drop, mean_drop = drops["unipack"]["worst"], drops["mean-only"]["worst"]
     out.print(
         f"[bold]unipack:[/] {len(members)} members, {format_bytes(result.input_bytes)} -> "
         f"{format_bytes(result.file_bytes)} ({result.ratio:.2f}x) at the default budget, worst relative "
         f"error {result.worst_error:.3g} per tensor; largest accuracy drop {worst_drop:.2f} points. "
-        f"The mean alone is {baseline.ratio:.2f}x but loses up to {mean_drop:.2f} points."
+        f"The mean alone would be about {rep.bytes.inputs / rep.bytes.mean_only:.2f}x but loses up to "
+        f"{mean_drop:.2f} points."
     )
     return {"ratio": result.ratio, "worst_error": result.worst_error, "worst_drop": worst_drop}
 

@@ -25,6 +25,7 @@ SUPPORTED_VERSIONS = (1,)
 STORAGES = ("shared", "raw", "exact")
 SCHEMES = ("rows", "flat")
 SIDES = ("right", "left")
+RAW_CAUSES = ("requested", "budget", "values")
 
 MAX_NAME_CHARS = 255
 MAX_TENSOR_NAME_CHARS = 1024
@@ -90,6 +91,7 @@ class TensorRecord:
     energy: float | None = None  # shared: fraction of centred variance the rank keeps
     spectrum: tuple[float, ...] | None = None  # shared: leading centred eigenvalues, descending (informative)
     variance: float | None = None  # shared: total centred variance, the sum of all eigenvalues (informative)
+    raw_cause: str | None = None  # raw: requested (--raw, shapes differ) | budget (cheaper raw) | values (NaN, ints)
 
     def coef_shape(self) -> tuple[int, ...]:
         """Shape of one member's coefficients for this (shared) tensor."""
@@ -206,6 +208,8 @@ def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
             doc.update(side=t.side, matrix=list(t.matrix) if t.matrix else None)
     if t.storage == "exact":
         doc["blob"] = t.blob
+    if t.storage == "raw" and t.raw_cause is not None:
+        doc["raw_cause"] = t.raw_cause
     return doc
 
 
@@ -354,7 +358,10 @@ def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorR
     if storage == "exact":
         return TensorRecord(**{**rec.__dict__, "blob": d.text("blob")})
     if storage == "raw":
-        return rec
+        cause = d.doc.get("raw_cause")
+        if cause is not None and cause not in RAW_CAUSES:
+            raise FormatError(f"{where}: field 'raw_cause' is {cause!r}, expected one of {RAW_CAUSES}")
+        return TensorRecord(**{**rec.__dict__, "raw_cause": cause})
     if dtype not in dtypes.FLOAT_DTYPES:
         raise FormatError(f"{where}: shared tensors must have a float dtype, not {dtype}")
     scheme = d.choice("scheme", SCHEMES)
