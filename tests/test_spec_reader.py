@@ -322,6 +322,7 @@ class SpecBundle:
         # Member records (§3.3).
         member_names: set[str] = set()
         by_name = {t["name"]: t for t in tensors}
+        self.member_layout: dict[str, dict[str, tuple[int, list[int]]]] = {}
         for i, mem in enumerate(members):
             _need(isinstance(mem, dict), f"member {i} is not an object")
             mname = mem.get("name")
@@ -343,19 +344,28 @@ class SpecBundle:
             _need(isinstance(errs, list) and len(errs) == len(tensors) and all(_is_number(e) and e >= 0 for e in errs),
                   f"member {mname}: errors must be one non-negative number per tensor")
             raw = mem.get("raw")
-            _need(isinstance(raw, dict) and set(raw) == set(raw_names),
-                  f"member {mname}: raw map must name exactly the raw tensors")
+            # §3.3: every raw tensor, plus overrides of shared or exact tensors.
+            _need(isinstance(raw, dict) and set(raw_names) <= set(raw) <= set(by_name),
+                  f"member {mname}: raw map must name every raw tensor and only known tensors")
             for tname, t in by_name.items():
                 mdt = dts.get(tname, t["dtype"])
-                if t["storage"] == "raw":
+                if tname in raw:
                     use(raw[tname], f"raw {tname} of {mname}", dtype=mdt, shape=t["shape"])
                 elif t["storage"] == "exact":
                     _need(mdt == t["dtype"], f"{mname}: exact tensor {tname} with member dtype {mdt}")
                 else:
-                    _need(mdt in _FLOAT_DTYPES, f"{mname}: shared tensor {tname} with dtype {mdt}")
+                    _need(t["storage"] == "raw" or mdt in _FLOAT_DTYPES,
+                          f"{mname}: shared tensor {tname} with dtype {mdt}")
+            # The member's own coefficient layout: the shared rank>0 tensors it does not override.
+            layout, total = {}, 0
+            for tname, (_, c_shape) in self.coef_layout.items():
+                if tname not in raw:
+                    layout[tname] = (total, c_shape)
+                    total += _prod(c_shape)
+            self.member_layout[mname] = layout
             coef = mem.get("coefficients")
-            if coef_total > 0 or self.coef_layout:
-                use(coef, f"coefficients of {mname}", dtype=self.coef_dtype, shape=[coef_total])
+            if total > 0:
+                use(coef, f"coefficients of {mname}", dtype=self.coef_dtype, shape=[total])
             else:
                 _need(coef is None, f"member {mname}: coefficients without any shared rank>0 tensor")
         self.members = {mem["name"]: mem for mem in members}
@@ -418,7 +428,7 @@ class SpecBundle:
         for t in self.tensors:
             name = t["name"]
             mdt = mem["dtypes"].get(name, t["dtype"])
-            if t["storage"] == "raw":
+            if name in mem["raw"]:  # a raw tensor, or this member's override (§4 step 1)
                 out[name] = (mdt, self.decode_blob(mem["raw"][name]))
                 continue
             if t["storage"] == "exact":
@@ -430,7 +440,7 @@ class SpecBundle:
                 w = mean
             else:
                 basis = _widen(self.decode_blob(t["basis"]), self.coef_dtype)
-                off, c_shape = self.coef_layout[name]
+                off, c_shape = self.member_layout[member][name]
                 c = coef[off:off + _prod(c_shape)].reshape(c_shape)
                 if t["scheme"] == "flat":
                     w = mean + (c @ basis).reshape(shape)
