@@ -3,6 +3,8 @@
 1. A static scan (``ast``, not grep) of every ``.py`` under ``unipack/`` for the ways Python
    turns bytes into code: pickle and friends, ``eval``/``exec``/``compile``/``__import__``,
    ``torch.load`` without ``weights_only=True``, ``np.load`` with ``allow_pickle=True``.
+   One exception, listed in ``ALLOWED``: ``--eval SPEC`` imports the evaluation module the user
+   named on the command line (never anything read from a bundle or a checkpoint).
 2. A real pickle whose unpickling would create a marker file, disguised as ``evil.safetensors``
    and ``evil.bin`` (raw pickle, and torch.save's zip format), handed to ``unipack.merge`` and
    ``unipack.open``: a clean UnipackError, and the marker never appears.
@@ -30,6 +32,11 @@ FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "pickletools", "marshal", "
                      "joblib", "copyreg"}
 #: Builtins that run or import code given as data.
 FORBIDDEN_BUILTINS = {"eval", "exec", "compile", "__import__"}
+#: The only offences tolerated: (file under unipack's parent, offence) -> how many times exactly.
+#: ``unipack/api/evaluation.py`` imports the module the user names with ``--eval module:function``;
+#: that name comes from the user's command line, never from data unipack reads. The exact count
+#: makes a second dynamic import there (or a stale entry here) fail the test.
+ALLOWED = {("unipack/api/evaluation.py", "importlib.import_module(...) (dynamic import)"): 1}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -171,9 +178,24 @@ def test_p13_scanner_catches_every_pattern() -> None:
 
 def test_p13_no_code_execution_primitives_in_unipack_source() -> None:
     offences: list[str] = []
+    allowed_seen = dict.fromkeys(ALLOWED, 0)
     for path in python_files():
-        offences += scan_source(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE.parent)))
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        for offence in scan_source(path.read_text(encoding="utf-8"), rel):
+            key = (rel, offence.split(": ", 1)[1])  # "file:line: what" -> (file, what)
+            if key in allowed_seen:
+                allowed_seen[key] += 1
+            else:
+                offences.append(offence)
     assert not offences, "code-execution primitives in unipack/:\n" + "\n".join(offences)
+    assert allowed_seen == ALLOWED, f"allowed offences changed (update ALLOWED deliberately): {allowed_seen}"
+
+
+def test_p13_allowance_is_per_file_not_in_the_scanner() -> None:
+    """The evaluation hook's import is still an offence to the scanner: only ALLOWED excuses it."""
+    source = (PACKAGE / "api" / "evaluation.py").read_text(encoding="utf-8")
+    found = scan_source(source, "unipack/api/other.py")
+    assert [f.split(": ", 1)[1] for f in found] == ["importlib.import_module(...) (dynamic import)"], found
 
 
 # ------------------------------------------------------------------------------------------
