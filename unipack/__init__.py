@@ -6,6 +6,7 @@ every member is from its original. The public API::
 
     import unipack
     result = unipack.merge(["a.safetensors", "b.safetensors"], "bundle.upk", max_error=0.01)
+    unipack.add("bundle.upk", "c.safetensors")  # a later member, projected onto the bundle's bases
     with unipack.open("bundle.upk") as bundle:
         state_dict = bundle.load("a")          # dict[str, torch.Tensor]
         bundle.extract("a", "a.safetensors")  # same names, shapes, dtypes and metadata
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .api.add import AddResult, add
 from .api.bundle import Bundle, open
 from .api.merge import MergeResult, merge
 from .errors import (
@@ -29,6 +31,7 @@ from .errors import (
 from .options import MergeOptions
 
 __all__ = [
+    "AddResult",
     "Bundle",
     "ChecksumError",
     "FormatError",
@@ -40,6 +43,7 @@ __all__ = [
     "OutputExistsError",
     "UnipackError",
     "__version__",
+    "add",
     "merge",
     "open",
 ]

@@ -232,6 +232,23 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
     run_demo(workdir, cache_dir, out_console, err_console, small=small)
 
 
+@cli.command("add")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--name", help="Member name (default: SOURCE's file name without .safetensors).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the grown bundle here and leave BUNDLE as it is (default: rewrite BUNDLE in place).")
+@click.option("--force", is_flag=True, help="Overwrite an existing -o output.")
+def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, force: bool) -> None:
+    """Add a checkpoint as a new member, projected onto the bundle's existing bases."""
+    from .api.add import add
+    from .render import add_summary
+
+    result = add(bundle, source, name=name, output=output, force=force)
+    click.echo(str(result.path))
+    err_console.print(add_summary(result))
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="unipack")

@@ -161,7 +161,7 @@ def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------
 
 def _error_panel(ax: Any, members: Sequence[Mapping[str, Any]]) -> None:
-    ax.set_title("(b) worst relative error per member, against baselines of equal size (lower is better)",
+    ax.set_title("(b) worst relative error per member, against the mean alone and per-member SVD at equal bytes (lower is better)",
                  loc="left")
     if not members:
         _empty(ax, "no members")

@@ -127,3 +127,37 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
             tensors.add_row(t.name, t.storage, t.scheme or "-", str(t.rank) if t.storage == "shared" else "-",
                             f"{t.energy:.4f}" if t.energy is not None else "-", t.reason)
         yield tensors
+
+
+from .api.add import AddResult  # noqa: E402 - kept beside the one function that uses it
+
+
+def add_summary(result: AddResult) -> Table:
+    """What ``unipack add`` stored: projected vs raw tensors, the worst error, the bytes it cost,
+    and, plainly, where the bundle's bases could not meet its error budget."""
+    options = result.options
+    t = Table(title="add summary", show_header=False, title_justify="left")
+    t.add_row("member", f"{result.member} (from {result.record.source}, {format_bytes(result.record.source_bytes)})")
+    t.add_row("tensors", f"{result.count('projected')} projected onto the bundle's bases, {result.count('raw')} raw, "
+                         f"{result.count('exact')} identical to the bundle's exact copy, "
+                         f"{result.overrides} stored raw for this member (overrides)")
+    worst = f" ({result.worst_tensor})" if result.worst_tensor else " (every tensor bit-exact)"
+    t.add_row("error", f"worst relative error {result.worst_error:.3g}{worst}")
+    over = [o for o in result.outcomes if o.over_budget]
+    if options.rule != "max-error":
+        t.add_row("budget", _rule(options.to_dict()))
+    elif over:
+        t.add_row("budget", f"max-error {options.max_error} not met within the bundle's bases for {len(over)} "
+                            f"tensor{'s' if len(over) != 1 else ''}: stored them raw "
+                            f"(+{format_bytes(sum(o.stored_bytes for o in over))})", style="bold yellow")
+    else:
+        t.add_row("budget", f"max-error {options.max_error} met within the bundle's bases")
+    other = [o for o in result.outcomes if o.kind == "override" and not o.over_budget]
+    if other:
+        t.add_row("overrides", f"{len(other)} more stored raw (exact copy differs, or NaN/inf values): "
+                               f"+{format_bytes(sum(o.stored_bytes for o in other))}")
+    t.add_row("bytes", f"+{format_bytes(result.bytes_added)}: {result.path} is now "
+                       f"{format_bytes(result.file_bytes_after)} (was {format_bytes(result.file_bytes_before)})")
+    t.add_row("ratio", f"{result.ratio:.2f}x smaller than its inputs, at worst relative error "
+                       f"{result.bundle_worst_error:.3g} over all members")
+    return t

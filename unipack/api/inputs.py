@@ -96,16 +96,21 @@ def _check_same_names(checkpoints: list[Checkpoint]) -> None:
     first = checkpoints[0]
     ref = set(first.header.tensors)
     for c in checkpoints[1:]:
-        names = set(c.header.tensors)
-        if names != ref:
-            missing, extra = sorted(ref - names), sorted(names - ref)
-            parts = []
-            if missing:
-                parts.append(f"lacks {_few(missing)}")
-            if extra:
-                parts.append(f"has extra {_few(extra)}")
-            raise InputError(f"{c.path}: tensor names differ from {first.path}: it {' and '.join(parts)}; "
+        difference = name_difference(ref, set(c.header.tensors))
+        if difference:
+            raise InputError(f"{c.path}: tensor names differ from {first.path}: it {difference}; "
                              f"members must be the same architecture")
+
+
+def name_difference(reference: set[str], names: set[str]) -> str | None:
+    """``"lacks 'a' and has extra 'b'"`` (a few of each), or None if the two sets agree."""
+    missing, extra = sorted(reference - names), sorted(names - reference)
+    parts = []
+    if missing:
+        parts.append(f"lacks {_few(missing)}")
+    if extra:
+        parts.append(f"has extra {_few(extra)}")
+    return " and ".join(parts) or None
 
 
 def _few(names: list[str], limit: int = 5) -> str:

@@ -108,15 +108,18 @@ class BundleFile:
         _check_layout(self.header, self.manifest)
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
-    def read_stored(self, name: str) -> bytes:
-        """The blob's bytes as stored in the file (still encoded), checksum verified."""
+    def read_stored(self, name: str) -> bytes | bytearray:
+        """The blob's bytes as stored in the file (still encoded), checksum verified.
+
+        A fresh bytearray: converting it to ``bytes`` would copy a possibly large blob.
+        """
         if self._fd is None:
             raise FormatError(f"{self.path}: bundle is closed")
         stored = read_bytes(self._fd, self.header.tensors[name], self.path)
         if codec.sha256(stored) != self.manifest.blobs[name].sha256:
             raise ChecksumError(f"{self.path}: blob {name!r} is corrupt (checksum mismatch); "
                                 f"the file was damaged after it was written: re-download or re-merge it")
-        return stored  # a bytearray: copying it to bytes would double the memory of a large blob
+        return stored
 
     def read_blob(self, name: str) -> np.ndarray:
         """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
@@ -191,3 +194,45 @@ def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
             raise FormatError(f"{p}: compressed blob {e.name!r} must be stored as a 1-D U8 tensor")
     if cursor != header.file_size:
         raise FormatError(f"{p}: {header.file_size - cursor} unaccounted bytes after the last blob")
+
+
+def rewrite_bundle(path: Path, update: Callable[[Manifest, BundleWriter], Manifest], *,
+                   out: Path | None = None, force: bool = False) -> int:
+    """Rewrite the bundle at ``path`` with a new manifest and, optionally, new blobs.
+
+    Every existing blob is copied verbatim (checksum verified, never decoded), one at a time
+    and in its data order, so unchanged blobs keep their bytes. Then ``update(old_manifest,
+    writer)`` may append blobs with ``writer.add`` and returns the new manifest, whose ``blobs``
+    must be ``writer.blobs``. The result goes atomically to ``out`` (default: ``path`` itself,
+    which, like any existing output, needs ``force=True``). On any error no file changes and no
+    temp or spool file remains. New blobs are coded as the bundle's recorded options say.
+    Returns the new file's size.
+    """
+    target = Path(out) if out is not None else Path(path)
+    check_writable(target, force=force)  # refuse before copying anything
+    with BundleFile(path) as old:
+        codec_name, level = _recorded_codec(old.manifest.options)
+        with BundleWriter.spooled(target, codec_name, level) as writer:
+            for name in old.header.tensors:  # data order
+                writer.add_stored(name, old.manifest.blobs[name], old.read_stored(name))
+            manifest = update(old.manifest, writer)
+            if manifest.blobs != writer.blobs:
+                raise ValueError("rewrite_bundle: the new manifest must list exactly the writer's blobs")
+            # A reader would refuse an inconsistent manifest: refuse to write one (a bug in
+            # ``update``, not the user's fault, hence not a FormatError).
+            text = manifest.to_json()
+            try:
+                Manifest.from_json(strict_json(text, f"{target}: new manifest"), f"{target} (rewritten)")
+            except FormatError as exc:
+                raise ValueError(f"rewrite_bundle: the new manifest is invalid: {exc}") from None
+            return writer.finish(manifest, target, force=force)
+
+
+def _recorded_codec(options: dict[str, object]) -> tuple[str, int]:
+    """The codec and zstd level the bundle was merged with (zstd level 3 if it does not say)."""
+    name, level = options.get("codec"), options.get("zstd_level")
+    if name not in codec.CODECS:
+        name = "zstd"
+    if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22:
+        level = 3
+    return str(name), level
