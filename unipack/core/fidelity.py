@@ -92,9 +92,11 @@ def spectrum(eigenvalues: np.ndarray) -> tuple[list[float], float]:
     return head, round_sig(float(eigenvalues.sum()))
 
 
-def round_sig(value: float, digits: int = 6) -> float:
-    """``value`` to ``digits`` significant digits: report numbers, not bit patterns, and bundles
-    stay byte-identical when the last bits depend on the BLAS's summation order."""
+def round_sig(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits: report numbers, not bit patterns. Four digits
+    are more than a report prints (three) and keep the manifest small (it holds N x tensors of
+    them); bundles also stay byte-identical when the last bits depend on the BLAS's summation
+    order."""
     if value == 0.0 or not math.isfinite(value):
         return value
     return float(f"{value:.{digits - 1}e}")
