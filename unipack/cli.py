@@ -108,6 +108,12 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, 
         if bars:
             bars.stop()
     err_console.print(merge_summary(result))
+    evaluation = result.manifest.stats.get("evaluation")
+    if isinstance(evaluation, dict) and evaluation.get("met") is False:
+        # The bundle is kept (lossless at budget 0), but a script must not mistake it for success.
+        raise UnipackError(f"--max-drop {evaluation.get('max_drop')} not met even at --max-error 0 (largest drop "
+                           f"{evaluation.get('worst_drop'):.3g}, {evaluation.get('worst_member')}): is the eval "
+                           f"deterministic? The bundle was written to {result.path}")
 
 
 @cli.command("extract")

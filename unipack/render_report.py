@@ -159,10 +159,13 @@ def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
     f = m.fidelity
     for i, rec in enumerate(manifest.tensors):
         storage = "raw (override)" if rec.storage != "raw" and rec.name in m.raw else rec.storage
+        if rec.storage == "raw" and rec.raw_cause:
+            storage += f" ({rec.raw_cause})"
         projected = rec.storage == "shared" and rec.name not in m.raw
+        has_mean = projected or (rec.storage == "raw" and rec.raw_cause == "budget")
         t.add_row(rec.name, storage, str(rec.rank) if projected else "-", _err(m.errors[i]),
                   _err(f.delta_errors[i]) if f and projected else "-",
-                  _err(f.mean_errors[i]) if f and projected else "-",
+                  _err(f.mean_errors[i]) if f and has_mean else "-",
                   _err(f.svd_errors[i]) if f and f.svd_errors and projected else "-",
                   str(f.svd_ranks[i]) if f and f.svd_ranks and projected else "-")
     return t

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from ..core.linalg import rel_error
 from ..core.fidelity import MemberFidelity, matrix_view, measure, svd_rank_for_budget, truncated_svd
 from ..format import dtypes
 from ..format.manifest import FidelityRecord, MemberRecord, TensorRecord
@@ -105,6 +106,12 @@ def measure_member(bundle: Bundle, member: str, original: Checkpoint) -> Fidelit
     n = len(bundle.members)
     per_tensor: list[MemberFidelity] = []
     for t, dtype, array in bundle.iter_arrays(member):
+        if replaced_by_mean(t, rec) and not is_projected(t, rec):  # kept raw only because it was cheaper
+            x = original.values(t.name)
+            norm = float(np.linalg.norm(x.ravel()))
+            per_tensor.append(MemberFidelity(norm, 0.0, rel_error(x, dtypes.round_trip(_raw_mean(bundle, t), dtype),
+                                                                  norm), 0.0, 0))
+            continue
         if not is_projected(t, rec):
             per_tensor.append(EXACT)
             continue

@@ -74,6 +74,7 @@ def merge_with_eval(
 
     def attempt(budget: float, index: int) -> tuple[Attempt, Path, dict[str, dict[str, float]]]:
         trial = out_path.parent / f".{out_path.name}.attempt{index}.upk"
+        trials.append(trial)  # before anything can fail, so the cleanup below always sees it
         result = merge(paths, trial, options=dataclasses.replace(opts, max_error=budget), names=names,
                        force=True, progress=progress)
         with Bundle(trial) as b:
@@ -94,7 +95,6 @@ def merge_with_eval(
         while True:
             a, trial, scores = attempt(budget, len(attempts))
             attempts.append(a)
-            trials.append(trial)
             if max_drop is None or a.worst_drop <= max_drop:
                 best = (a, trial, scores)
                 break
@@ -109,7 +109,6 @@ def merge_with_eval(
                 mid = float(f"{math.sqrt(low * high):.3g}")  # a budget a person can read back
                 a, trial, scores = attempt(mid, len(attempts))
                 attempts.append(a)
-                trials.append(trial)
                 if a.worst_drop <= max_drop:
                     low, best = mid, (a, trial, scores)
                 else:

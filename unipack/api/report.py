@@ -200,11 +200,14 @@ def _member_report(manifest: Manifest, m: MemberRecord, record: FidelityRecord |
     if record is not None:
         # ||E_t|| = error * ||W_t|| and ||D_t|| ~ mean error * ||W_t|| (the mean-only residual).
         lost = kept = 0.0
+        projected = 0
         for i, t in enumerate(manifest.tensors):
             if is_projected(t, m):
+                projected += 1
                 lost += (m.errors[i] * record.norms[i]) ** 2
                 kept += (record.mean_errors[i] * record.norms[i]) ** 2
-        delta = math.sqrt(lost / kept) if kept > 0 else (0.0 if lost == 0 else None)
+        if projected:
+            delta = math.sqrt(lost / kept) if kept > 0 else (0.0 if lost == 0 else None)
     return MemberReport(name=m.name, source=m.source, added=m.added, source_bytes=m.source_bytes, own_bytes=own,
                         amortized_bytes=amortized, errors=errors, delta_error=delta,
                         metrics=dict(m.metrics or {}))
