@@ -129,7 +129,7 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         yield tensors
 
 
-from .api.add import AddResult  # noqa: E402 - kept beside the one function that uses it
+from .api.add import AddResult  # imported here, beside the one function that uses it
 
 
 def add_summary(result: AddResult) -> Table:

@@ -19,7 +19,9 @@ from ..errors import InputError
 from ..format import dtypes
 from ..format.manifest import FidelityRecord, Manifest, MemberRecord
 from ..format.safetensors_file import SafetensorsHeader
-from .baselines import is_projected, replaced_by_mean
+from .baselines import is_projected, measure_member, replaced_by_mean
+from .inputs import open_checkpoint
+from .scoring import score_members
 from .summary import blob_parts
 
 if TYPE_CHECKING:
@@ -307,10 +309,6 @@ def report(bundle: Bundle, *, originals: Path | None = None, recompute: bool = F
     ``--no-baselines``, or to check recorded ones). ``hook``: score every member with the user's
     eval function (and the originals and baselines where available).
     """
-    from .baselines import measure_member
-    from .inputs import open_checkpoint
-    from .scoring import score_members
-
     found = find_originals(bundle.manifest, originals) if originals is not None else {}
     if recompute and not found:
         raise InputError("recomputing baselines needs the members' originals: add --originals DIR")
