@@ -12,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .api.add import AddResult
 from .api.merge import MergeResult
+from .api.report import rule_text
 from .api.summary import BundleSummary
 from .format.manifest import Manifest
 
@@ -64,7 +66,7 @@ def merge_summary(result: MergeResult) -> Table:
     t.add_row("inputs", f"{len(result.manifest.members)} members, {format_bytes(result.input_bytes)}")
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
     t.add_row("ratio", f"{result.ratio:.2f}x smaller, at worst relative error {worst:.3g} ({worst_member})")
-    t.add_row("rule", _rule(result.manifest.options))
+    t.add_row("rule", rule_text(result.manifest.options))
     evaluation = result.manifest.stats.get("evaluation")
     if isinstance(evaluation, dict):
         target = evaluation.get("max_drop")
@@ -78,18 +80,10 @@ def merge_summary(result: MergeResult) -> Table:
     return t
 
 
-def _rule(options: dict[str, object]) -> str:
-    if options.get("rank") is not None:
-        return f"fixed rank {options['rank']} (errors recorded, not bounded)"
-    if options.get("energy") is not None:
-        return f"energy {options['energy']} (errors recorded, not bounded)"
-    return f"max-error {options.get('max_error')} per member per tensor"
-
-
 def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[RenderableType]:
     yield Text.assemble(
         (f"{s.path}", "bold"), f"  ·  {s.created_by}  ·  format v{s.format_version}  ·  ",
-        f"{len(s.members)} members  ·  {_rule(s.options)}",
+        f"{len(s.members)} members  ·  {rule_text(s.options)}",
     )
     yield Text.assemble(
         ("ratio ", "bold"), f"{s.ratio:.2f}x ", f"({format_bytes(s.input_bytes)} of inputs -> ",
@@ -129,9 +123,6 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         yield tensors
 
 
-from .api.add import AddResult  # imported here, beside the one function that uses it
-
-
 def add_summary(result: AddResult) -> Table:
     """What ``unipack add`` stored: projected vs raw tensors, the worst error, the bytes it cost,
     and, plainly, where the bundle's bases could not meet its error budget."""
@@ -145,7 +136,7 @@ def add_summary(result: AddResult) -> Table:
     t.add_row("error", f"worst relative error {result.worst_error:.3g}{worst}")
     over = [o for o in result.outcomes if o.over_budget]
     if options.rule != "max-error":
-        t.add_row("budget", _rule(options.to_dict()))
+        t.add_row("budget", rule_text(options.to_dict()))
     elif over:
         t.add_row("budget", f"max-error {options.max_error} not met within the bundle's bases for {len(over)} "
                             f"tensor{'s' if len(over) != 1 else ''}: stored them raw "

@@ -36,18 +36,20 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import EvalError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_FUNCTION = "evaluate"
 #: Longest user-supplied text (an exception message, a repr) quoted in an error line.
 _QUOTE_LIMIT = 200
 
-EvalFunction = Callable[[Mapping[str, torch.Tensor], str], Any]
+EvalFunction = Callable[[Mapping[str, "torch.Tensor"], str], Any]
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class EvalHook:
     spec: str
     function: EvalFunction
 
-    def __call__(self, state_dict: Mapping[str, torch.Tensor], member_name: str) -> dict[str, float]:
+    def __call__(self, state_dict: Mapping[str, "torch.Tensor"], member_name: str) -> dict[str, float]:
         try:
             raw = self.function(state_dict, member_name)
         except Exception as exc:
@@ -247,8 +249,9 @@ def _as_float(value: object) -> float | None:
         return None
     if isinstance(value, numbers.Real):  # int, float, numpy integer/floating scalars
         return float(value)
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor result means the user's code imported torch already
+    if isinstance(value, _array_types()) and value.ndim == 0:
+        if torch is not None and isinstance(value, torch.Tensor):
             ok = not value.dtype.is_complex and value.dtype != torch.bool
         else:
             ok = value.dtype.kind in "iuf"
@@ -256,10 +259,16 @@ def _as_float(value: object) -> float | None:
     return None
 
 
+def _array_types() -> tuple[type, ...]:
+    """numpy arrays, and torch tensors if torch is loaded (unipack's CLI does not import it to start)."""
+    torch = sys.modules.get("torch")
+    return (np.ndarray, torch.Tensor) if torch is not None else (np.ndarray,)
+
+
 def _describe(value: object) -> str:
     if value is None:
         return "None"
-    if isinstance(value, (torch.Tensor, np.ndarray)):
+    if isinstance(value, _array_types()):
         return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
     return f"{type(value).__name__} {_quote(value)}"
 
