@@ -59,8 +59,8 @@ class MergeOptions:
                            "per-member truncated SVD at equal bytes (for `unipack report`; costs one small "
                            "eigendecomposition per member and tensor).")
     lossless: str = _opt("auto", "--lossless-baseline", "Measure the inputs compressed losslessly (zstd -19) "
-                         "for the report: full, sample (an estimate from 64 MiB), off, or auto (full up "
-                         "to 256 MiB of inputs, else sample).", choices=LOSSLESS)
+                         "for the report: full, sample (an estimate from 16 MiB), off, or auto (full up "
+                         "to 64 MiB of inputs, else sample).", choices=LOSSLESS)
 
     def __post_init__(self) -> None:
         given = [n for n in ("max_error", "rank", "energy") if getattr(self, n) is not None]
