@@ -19,3 +19,36 @@ def test_demo_runs_end_to_end_and_reports_accuracy(tmp_path: Path) -> None:
     assert (tmp_path / "w" / "demo.upk").is_file()
     extracted = sorted((tmp_path / "w" / "members").glob("*.safetensors"))
     assert len(extracted) >= 2
+
+
+def test_demo_prints_the_report_accuracy_table_and_it_is_right(tmp_path: Path) -> None:
+    """The issue's "done means": the demo's report shows originals vs unipack vs mean only, and
+    the numbers are the demo eval's own scores of the originals and of the extracted members."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from unipack.demo import evaluate
+
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(cli, ["demo", "--small", "--workdir", str(tmp_path / "w"), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "accuracy by member (unipack.demo.evaluate:evaluate)" in out
+    for column in ("original", "unipack", "mean only", "per-member SVD (equal bytes)"):
+        assert column in out
+    assert "bytes by part" in out and "baselines" in out and "add summary" in out
+    originals = next(p.parent for p in cache.rglob("*.safetensors") if p.parent.name != "base")
+    report = CliRunner().invoke(cli, ["report", str(tmp_path / "w" / "demo.upk"), "--json", "--eval",
+                                      "unipack.demo.evaluate:evaluate", "--originals", str(originals)])
+    assert report.exit_code == 0, report.output
+    doc = json.loads(report.stdout)
+    scores = doc["evaluation"]["members"]
+    assert doc["evaluation"]["metric"] == "accuracy"
+    for path in sorted((tmp_path / "w" / "members").glob("*.safetensors")):
+        name = path.stem
+        assert scores[name]["unipack"]["accuracy"] == evaluate(load_file(str(path)), name)["accuracy"]
+        original = evaluate(load_file(str(originals / path.name)), name)["accuracy"]
+        assert scores[name]["original"]["accuracy"] == original
+        # the drop shown in the table is the difference of those two numbers
+        assert f"({scores[name]['unipack']['accuracy'] - original:+.3g})" in out

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from ..api.add import add
 from ..api.bundle import open as open_bundle
 from ..api.evaluation import load_eval
 from ..api.merge import merge
 from ..api.report import report
-from ..render import ProgressBars, format_bytes, merge_summary
+from ..render import ProgressBars, add_summary, format_bytes, merge_summary
 from ..render_report import report_view
 
 #: Task heads have a different number of classes per member: store them raw, per member.
@@ -68,6 +70,7 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
                                f"{scores[member.name]['unipack']['accuracy']}")
     err.print(f"  {len(extracted)} extracted files re-scored: identical to the report's unipack column")
 
+    held_out = _held_out(members, workdir, out, err)
     sweep = _budget_sweep(members, workdir, err)
     out.print(sweep)
     drops = rep.evaluation["drops"]
@@ -77,9 +80,33 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
         f"{format_bytes(result.file_bytes)} ({result.ratio:.2f}x) at the default budget, worst relative "
         f"error {result.worst_error:.3g} per tensor; largest accuracy drop {worst_drop:.2f} points. "
         f"The mean alone would be about {rep.bytes.inputs / rep.bytes.mean_only:.2f}x but loses up to "
-        f"{mean_drop:.2f} points."
+        f"{mean_drop:.2f} points. A member held out of the merge and added later ({held_out['member']}) "
+        f"costs {format_bytes(held_out['bytes_added'])} and scores {held_out['drop']:+.2f} points vs its original."
     )
-    return {"ratio": result.ratio, "worst_error": result.worst_error, "worst_drop": worst_drop}
+    return {"ratio": result.ratio, "worst_error": result.worst_error, "worst_drop": worst_drop,
+            "held_out_drop": held_out["drop"]}
+
+
+def _held_out(members: list, workdir: Path, out: Console, err: Console) -> dict[str, Any]:  # type: ignore[type-arg]
+    """Merge all members but the last, then ``unipack add`` the last: how well do the others' bases
+    serve a fine-tune they never saw? (``add`` stores raw whatever they cannot bring within budget.)"""
+    from safetensors.torch import load_file
+
+    from . import evaluate
+
+    *merged, last = members
+    path = workdir / "held-out.upk"
+    err.print(f"[bold]+[/] held-out member: merge {len(merged)} members, then unipack add {path} "
+              f"{last.path.name} --name {last.name}")
+    merge([m.path for m in merged], path, force=True, raw=(HEAD_PATTERN,))
+    result = add(path, last.path, name=last.name)
+    out.print(add_summary(result))
+    original = evaluate(load_file(str(last.path)), last.name)["accuracy"]
+    with open_bundle(path) as bundle:
+        added = evaluate(bundle.load(last.name), last.name)["accuracy"]
+    out.print(f"{last.name} (added): held-out accuracy {added:.2f}% vs {original:.2f}% for its original "
+              f"({added - original:+.2f} points)")
+    return {"member": last.name, "bytes_added": result.bytes_added, "drop": added - original}
 
 
 #: Other budgets worth knowing about: (label, merge options).
