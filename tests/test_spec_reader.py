@@ -962,3 +962,33 @@ def test_member_with_all_zero_tensor(tmp_path, rule):
     for member in _member_names(out):
         assert _read_member(out, member)["z"][1].shape == (512,)
         assert all(math.isfinite(e) for e in sb.members[member]["errors"])
+
+
+def test_reader_follows_overrides_of_an_added_member(tmp_path):
+    """§3.3 overrides and per-member coefficient layouts: a member added with `unipack add` whose
+    tensors partly could not be projected reads back identically in the spec reader and unipack."""
+    (tmp_path / "pop").mkdir()
+    paths = _population(tmp_path / "pop", ["F32"] * N_MEMBERS)
+    bundle = tmp_path / "bundle.upk"
+    unipack.merge([str(p) for p in paths[:-1]], str(bundle), **_COMMON)
+    family = paths[-1]  # same generator: most tensors project within budget
+    stranger = tmp_path / "stranger.safetensors"  # unrelated values: the bases cannot hold it
+    rng = np.random.default_rng(7)
+    _st_save({name: (torch.from_numpy(rng.standard_normal(tuple(t.shape))).to(t.dtype) if t.is_floating_point()
+                     else t) for name, t in _st_load(str(family)).items()}, str(stranger))
+    unipack.add(bundle, family, name="family")
+    unipack.add(bundle, stranger, name="stranger")
+    sb = SpecBundle(bundle)
+    shared = {t["name"] for t in sb.manifest["tensors"] if t["storage"] == "shared"}
+    overrides = set(sb.members["stranger"]["raw"]) & shared
+    assert overrides, "the stranger should need overrides"
+    for member, source in (("family", family), ("stranger", stranger)):
+        mine, theirs, orig = sb.read_member(member), _unipack_numpy(bundle, member), _original(source)
+        for name, (dt, arr) in mine.items():
+            assert theirs[name][0] == dt and np.array_equal(theirs[name][1], arr), (member, name)
+            if name in sb.members[member]["raw"]:  # raw or override: bit-exact
+                assert np.array_equal(orig[name][1], arr), (member, name)
+    # the stranger's coefficient blob holds only the tensors it does not override
+    coef = sb.members["stranger"].get("coefficients")
+    expected = sum(_prod(c_shape) for name, (_, c_shape) in sb.coef_layout.items() if name not in overrides)
+    assert (sb.blobs[coef]["shape"] if coef else [0]) == [expected]
