@@ -162,7 +162,7 @@ def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
         if rec.storage == "raw" and rec.raw_cause:
             storage += f" ({rec.raw_cause})"
         projected = rec.storage == "shared" and rec.name not in m.raw
-        has_mean = projected or (rec.storage == "raw" and rec.raw_cause == "budget")
+        has_mean = rec.storage == "shared" or (rec.storage == "raw" and rec.raw_cause == "budget")
         t.add_row(rec.name, storage, str(rec.rank) if projected else "-", _err(m.errors[i]),
                   _err(f.delta_errors[i]) if f and projected else "-",
                   _err(f.mean_errors[i]) if f and has_mean else "-",

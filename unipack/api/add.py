@@ -294,8 +294,11 @@ class _Adder:
             return
         max_error = self.options.max_error
         if self.options.rule == "max-error" and max_error is not None and p.error > max_error:
+            # Stored raw, bit-exact; a mean-only bundle would still hold the mean here (spec 4.4).
+            mean_only = dataclasses.replace(p.fidelity, delta_error=0.0, svd_error=0.0, svd_rank=0)
             self._store_raw(t, dtype, array, "override", f"projection error {p.error:.3g} exceeds max-error "
-                                                         f"{max_error}: stored raw", over_budget=True)
+                                                         f"{max_error}: stored raw", over_budget=True,
+                            fidelity=mean_only)
             return
         if p.coef is not None:
             self.coefs.append(p.coef.reshape(-1))

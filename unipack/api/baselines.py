@@ -33,9 +33,10 @@ def is_projected(t: TensorRecord, member: MemberRecord) -> bool:
 
 
 def replaced_by_mean(t: TensorRecord, member: MemberRecord) -> bool:
-    """Whether the mean-only baseline replaces this tensor: projected ones, and those the merge
-    kept raw only because raw was cheaper (not task-specific heads, not NaN or integer data)."""
-    return is_projected(t, member) or (t.storage == "raw" and t.raw_cause == "budget")
+    """Whether the mean-only baseline replaces this tensor: every shared one (also where this
+    member overrides it), and those the merge kept raw only because raw was cheaper -- not
+    task-specific heads, not NaN or integer data."""
+    return t.storage == "shared" or (t.storage == "raw" and t.raw_cause == "budget")
 
 
 def svd_budget(t: TensorRecord, n_members: int) -> float:
@@ -50,7 +51,7 @@ def mean_only(bundle: Bundle, member: str) -> Arrays:
     rec = bundle.member(member)
     out: Arrays = {}
     for t, dtype, array in bundle.iter_arrays(member):
-        if is_projected(t, rec):
+        if t.storage == "shared":
             array = dtypes.from_float(bundle.mean_values(t), dtype)
         elif replaced_by_mean(t, rec):
             array = dtypes.from_float(_raw_mean(bundle, t), dtype)
@@ -106,11 +107,11 @@ def measure_member(bundle: Bundle, member: str, original: Checkpoint) -> Fidelit
     n = len(bundle.members)
     per_tensor: list[MemberFidelity] = []
     for t, dtype, array in bundle.iter_arrays(member):
-        if replaced_by_mean(t, rec) and not is_projected(t, rec):  # kept raw only because it was cheaper
+        if replaced_by_mean(t, rec) and not is_projected(t, rec):  # raw for its bytes, or an override
             x = original.values(t.name)
             norm = float(np.linalg.norm(x.ravel()))
-            per_tensor.append(MemberFidelity(norm, 0.0, rel_error(x, dtypes.round_trip(_raw_mean(bundle, t), dtype),
-                                                                  norm), 0.0, 0))
+            mean = bundle.mean_values(t) if t.storage == "shared" else _raw_mean(bundle, t)
+            per_tensor.append(MemberFidelity(norm, 0.0, rel_error(x, dtypes.round_trip(mean, dtype), norm), 0.0, 0))
             continue
         if not is_projected(t, rec):
             per_tensor.append(EXACT)
