@@ -10,6 +10,7 @@ every member is from its original. The public API::
     with unipack.open("bundle.upk") as bundle:
         state_dict = bundle.load("a")          # dict[str, torch.Tensor]
         bundle.extract("a", "a.safetensors")  # same names, shapes, dtypes and metadata
+        r = unipack.report(bundle)             # bytes, errors, baselines: what `unipack report` prints
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ __version__ = "0.1.0"
 
 from .api.add import AddResult, add
 from .api.bundle import Bundle, open
+from .api.evaluation import load_eval
 from .api.merge import MergeResult, merge
+from .api.report import Report, report
 from .errors import (
     ChecksumError,
+    EvalError,
     FormatError,
     InputError,
     MemberNotFoundError,
@@ -34,6 +38,7 @@ __all__ = [
     "AddResult",
     "Bundle",
     "ChecksumError",
+    "EvalError",
     "FormatError",
     "InputError",
     "MemberNotFoundError",
@@ -41,9 +46,12 @@ __all__ = [
     "MergeResult",
     "OptionsError",
     "OutputExistsError",
+    "Report",
     "UnipackError",
     "__version__",
     "add",
+    "load_eval",
     "merge",
     "open",
+    "report",
 ]
