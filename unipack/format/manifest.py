@@ -44,6 +44,18 @@ def check_member_name(name: object, where: str = "member name") -> str:
     return name
 
 
+#: Largest config file kept verbatim per member (config.json and friends are a few KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def check_config_name(name: object, where: str = "config file name") -> str:
+    """Config files are written back into a folder (``extract --format hf``): a plain ``*.json`` name."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}", name) \
+            or not name.endswith(".json"):
+        raise FormatError(f"{where}: {str(name)[:80]!r} is not a plain .json file name")
+    return name
+
+
 def check_tensor_name(name: object, where: str = "tensor name") -> str:
     if not isinstance(name, str) or not name:
         raise FormatError(f"{where}: must be a non-empty string")
@@ -140,7 +152,8 @@ class MemberRecord:
     added: bool = False  # joined by `unipack add` (projected onto existing bases), not by the merge
     lossless_bytes: int | None = None  # the input losslessly compressed (zstd -19), informative
     fidelity: FidelityRecord | None = None
-    metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "bundle": {...}}
+    metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "unipack": {...}}
+    configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
 
     def dtype_of(self, tensor: TensorRecord) -> str:
         return self.dtypes.get(tensor.name, tensor.dtype)
@@ -229,6 +242,8 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
             doc["fidelity"].update(svd_errors=list(f.svd_errors), svd_ranks=list(f.svd_ranks))
     if m.metrics is not None:
         doc["metrics"] = m.metrics
+    if m.configs is not None:
+        doc["configs"] = m.configs
     return doc
 
 
@@ -407,6 +422,11 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
     metrics = d.obj("metrics", optional=True)
     if metrics is not None:
         metrics = _metrics(metrics, f"{where}: metrics")
+    configs = d.obj("configs", optional=True)
+    if configs is not None:
+        configs = _str_map(configs, f"{where}: configs")
+        for file_name in configs:
+            check_config_name(file_name, f"{where}: configs")
     added = d.doc.get("added", False)
     if not isinstance(added, bool):
         raise FormatError(f"{where}: field 'added' must be true or false")
@@ -419,6 +439,7 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
         coefficients=d.text("coefficients", optional=True), raw=_str_map(d.obj("raw"), f"{where}: raw"),
         dtypes=member_dtypes, errors=tuple(float(e) for e in errors), added=added,
         lossless_bytes=d.integer("lossless_bytes", optional=True), fidelity=fidelity, metrics=metrics,
+        configs=configs,
     )
 
 
