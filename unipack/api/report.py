@@ -142,12 +142,12 @@ def build_report(manifest: Manifest, header: SafetensorsHeader, header_bytes: by
         own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)
         members.append(_member_report(manifest, m, record, own, own + shared_bytes // n))
     tensors = _tensor_reports(manifest, stored, fidelity)
-    lossless_values = [m.lossless_bytes for m in manifest.members]
+    measured = [m.lossless_bytes for m in manifest.members if m.lossless_bytes is not None]
+    complete = bool(measured) and len(measured) == len(manifest.members)  # a partial sum would flatter
     lossless_stats = manifest.stats.get("lossless")
     byte_report = ByteReport(
         file=header.file_size, inputs=int(manifest.stats.get("input_bytes", 0)),
-        lossless=sum(v for v in lossless_values if v is not None) if all(v is not None for v in lossless_values)
-        and lossless_values else None,
+        lossless=sum(measured) if complete else None,
         lossless_sampled=bool(isinstance(lossless_stats, dict) and lossless_stats.get("sampled")),
         parts=parts, mean_only=_mean_only_bytes(manifest, parts, stored),
     )
