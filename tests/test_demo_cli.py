@@ -38,6 +38,8 @@ def test_demo_prints_the_report_accuracy_table_and_it_is_right(tmp_path: Path) -
     for column in ("original", "unipack", "mean only", "per-member SVD (equal bytes)"):
         assert column in out
     assert "bytes by part" in out and "baselines" in out and "add summary" in out
+    assert "ONNX Runtime CPUExecutionProvider vs torch" in out and "PASS: max abs diff" in out
+    assert len(list((tmp_path / "w").glob("*.onnx"))) == 1
     originals = next(p.parent for p in cache.rglob("*.safetensors") if p.parent.name != "base")
     report = CliRunner().invoke(cli, ["report", str(tmp_path / "w" / "demo.upk"), "--json", "--eval",
                                       "unipack.demo.evaluate:evaluate", "--originals", str(originals)])

@@ -7,7 +7,10 @@
    named on the command line (never anything read from a bundle or a checkpoint).
 2. A real pickle whose unpickling would create a marker file, disguised as ``evil.safetensors``
    and ``evil.bin`` (raw pickle, and torch.save's zip format), handed to ``unipack.merge`` and
-   ``unipack.open``: a clean UnipackError, and the marker never appears.
+   ``unipack.open``: a clean UnipackError, and the marker never appears. ``.bin``/``.pt`` inputs
+   are PyTorch state dicts, read only with ``torch.load(weights_only=True)``: the payload must be
+   refused there, also as the ``pytorch_model.bin`` (or one shard of it) of a Hugging Face folder,
+   through ``merge``, ``add`` and the CLI.
 """
 
 from __future__ import annotations
@@ -248,6 +251,11 @@ def test_p13_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+#: What unipack says when torch.load(weights_only=True) refuses a pickle.
+REFUSED = ("not a plain state dict loadable with torch.load(weights_only=True) (refusing to unpickle arbitrary "
+           "objects)")
+
+
 @pytest.fixture
 def good_inputs(tmp_path: Path) -> list[Path]:
     g = torch.Generator().manual_seed(1)
@@ -278,6 +286,9 @@ def test_p13_pickle_disguised_as_checkpoint(tmp_path: Path, good_inputs: list[Pa
             unipack.merge(order, out)
         assert isinstance(info.value, (InputError, FormatError)), repr(info.value)
         assert str(evil) in str(info.value), str(info.value)
+        if suffix in (".bin", ".pt"):  # read as a PyTorch pickle: refused by weights_only's unpickler
+            assert isinstance(info.value, InputError), repr(info.value)
+            assert REFUSED in str(info.value) and "\n" not in str(info.value), str(info.value)
         assert not marker.exists(), "unipack.merge unpickled the input: the marker file was created"
         assert list(out_dir.iterdir()) == [], "a failed merge left files behind"
     with pytest.raises(UnipackError) as info:
@@ -300,3 +311,52 @@ def test_p13_cli_merge_and_info_do_not_unpickle(tmp_path: Path, good_inputs: lis
     r = runner.invoke(unipack.cli.cli, ["info", str(evil)])
     assert r.exit_code != 0
     assert not marker.exists()
+
+
+def _hostile_folder(root: Path, marker: Path, payload: bytes, sharded: bool) -> tuple[Path, Path]:
+    """A Hugging Face folder whose pytorch_model.bin (or its second shard) is the payload."""
+    import json
+
+    folder = root / ("hostile-sharded" if sharded else "hostile")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    if not sharded:
+        evil = folder / "pytorch_model.bin"
+        evil.write_bytes(payload)
+        return folder, evil
+    torch.save({"weight": torch.zeros(4, 4)}, folder / "pytorch_model-00001-of-00002.bin")
+    evil = folder / "pytorch_model-00002-of-00002.bin"
+    evil.write_bytes(payload)
+    index = {"weight_map": {"weight": "pytorch_model-00001-of-00002.bin", "bias": evil.name}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return folder, evil
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("kind", ["torch_zip", "torch_legacy", "os_system_p2", "open"])
+def test_p13_hostile_pytorch_model_bin_in_a_folder(tmp_path: Path, good_inputs: list[Path], kind: str,
+                                                   sharded: bool) -> None:
+    from click.testing import CliRunner
+
+    import unipack.cli
+
+    marker = tmp_path / "MARKER"
+    folder, evil = _hostile_folder(tmp_path / "in", marker, _pickle_payloads(tmp_path, marker)[kind], sharded)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(InputError) as info:
+        unipack.merge([*good_inputs, folder], out_dir / "x.upk")
+    assert str(evil) in str(info.value) and REFUSED in str(info.value), str(info.value)
+    assert not marker.exists(), "merge unpickled a folder's pytorch_model.bin: the marker file was created"
+    r = CliRunner().invoke(unipack.cli.cli, ["merge", str(folder), *map(str, good_inputs), "-o",
+                                             str(out_dir / "x.upk"), "-q"])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and REFUSED in r.output, r.output
+    assert not marker.exists()
+    assert list(out_dir.iterdir()) == []
+    bundle = tmp_path / "good.upk"
+    unipack.merge(good_inputs, bundle)
+    before = bundle.read_bytes()
+    with pytest.raises(InputError, match="refusing to unpickle arbitrary objects"):
+        unipack.add(bundle, folder)
+    assert not marker.exists(), "add unpickled a folder's pytorch_model.bin: the marker file was created"
+    assert bundle.read_bytes() == before

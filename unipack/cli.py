@@ -19,6 +19,7 @@ from rich.console import Console
 
 from . import __version__
 from .api.bundle import open as open_bundle
+from .api.inputs import resolve_names
 from .api.merge import MergeResult, merge
 from .errors import UnipackError
 from .options import MergeOptions
@@ -84,23 +85,28 @@ def cli() -> None:
 @click.option("--max-drop", type=float, help="With --eval: tighten --max-error until no member's metric drops "
               "by more than this (in the metric's units, e.g. 0.5 accuracy points).")
 @click.option("--metric", help="With --eval: which metric of the eval's dict (default: its first key).")
+@click.option("--name", "name_pairs", multiple=True, metavar="SOURCE=NAME", help="Call the member from input "
+              "SOURCE (its path as given, or its default name: the file name without suffix, or the folder "
+              "name) NAME. Repeatable.")
 @merge_options
 def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, eval_spec: str | None,
-              max_drop: float | None, metric: str | None, **fields: Any) -> None:
-    """Merge same-architecture .safetensors checkpoints into one bundle."""
+              max_drop: float | None, metric: str | None, name_pairs: tuple[str, ...], **fields: Any) -> None:
+    """Merge same-architecture checkpoints (.safetensors, .bin/.pt, Hugging Face folders) into one bundle."""
     options = MergeOptions(**{k: v for k, v in fields.items()})
     if (max_drop is not None or metric is not None) and eval_spec is None:
         raise click.UsageError("--max-drop and --metric need --eval SPEC (the function that scores a member)")
+    names = resolve_names(inputs, name_pairs) if name_pairs else None
     bars = None if quiet else ProgressBars(err_console)
     try:
         if eval_spec is None:
-            result: MergeResult = merge(list(inputs), output, options=options, force=force, progress=bars)
+            result: MergeResult = merge(list(inputs), output, options=options, names=names, force=force,
+                                        progress=bars)
         else:
             from .api.evaluation import load_eval
             from .api.fidelity_target import merge_with_eval
 
             result = merge_with_eval(list(inputs), output, load_eval(eval_spec), max_drop=max_drop, metric=metric,
-                                     options=options, force=force, progress=bars,
+                                     options=options, names=names, force=force, progress=bars,
                                      on_attempt=lambda a: err_console.print(
                                          f"max-error {a.max_error:.3g}: {format_bytes(a.file_bytes)}, largest drop "
                                          f"{a.worst_drop:.3g} ({a.worst_member})"))
@@ -116,18 +122,62 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, 
                            f"deterministic? The bundle was written to {result.path}")
 
 
+def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--max-shard-size`` as bytes; a malformed size is a usage error (exit 2), like a bad choice."""
+    from .api.hf_folder import parse_size
+    from .errors import OptionsError
+
+    try:
+        return None if value is None else parse_size(value)
+    except OptionsError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
 @cli.command("extract")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--member", "-m", help="Member to extract.")
 @click.option("--all", "all_members", is_flag=True, help="Extract every member into the -o directory.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output .safetensors file (default <member>.safetensors), or directory with --all.")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Path | None, force: bool) -> None:
-    """Materialise a member (or --all) as .safetensors with its original names, shapes and dtypes."""
+              help="Output .safetensors file (default <member>.safetensors), folder with --format hf (default "
+                   "<member>), or directory with --all (default .).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+              help="safetensors: one file per member. hf: a Hugging Face model folder (config files + weights) "
+                   "that transformers' from_pretrained loads.")
+@click.option("--max-shard-size", metavar="SIZE", callback=_shard_size,
+              help="With --format hf: split weights into shards of at most SIZE (default 5GB; 500MB, 5GiB or "
+                   "bytes; GB = 10^9, GiB = 2^30), with model.safetensors.index.json.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs (with --format hf: replace the folder "
+              "as a whole, once the new one is complete).")
+def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Path | None, fmt: str,
+                max_shard_size: int | None, force: bool) -> None:
+    """Materialise a member (or --all) as .safetensors, or with --format hf as a Hugging Face model folder."""
     if all_members == (member is not None):
         raise click.UsageError("give exactly one of --member NAME or --all")
+    if max_shard_size is not None and fmt != "hf":
+        raise click.UsageError("--max-shard-size applies to --format hf only")
     with open_bundle(bundle) as b:
+        if fmt == "hf":
+            from .api.hf_folder import DEFAULT_MAX_SHARD_SIZE
+
+            limit = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+            if all_members:
+                exports = b.extract_hf_all(output or Path("."), max_shard_size=limit, force=force)
+            else:
+                assert member is not None
+                exports = [b.extract_hf(member, output or Path(member), max_shard_size=limit, force=force)]
+            for export in exports:
+                click.echo(str(export.directory))
+                if export.note:
+                    click.echo(f"Warning: {export.note}", err=True)
+            if not all_members:
+                export = exports[0]
+                worst = max(b.member(export.member).errors, default=0.0)
+                shards = sum(f.endswith(".safetensors") for f in export.files)
+                files = len(export.files)
+                counts = f"{files} file{'s' if files != 1 else ''} ({shards} weight shard{'s' if shards != 1 else ''})"
+                err_console.print(f"extracted [bold]{export.member}[/] as a Hugging Face folder: {counts}, worst "
+                                  f"relative error {worst:.3g} on any tensor ({'exact' if worst == 0 else 'lossy'})")
+            return
         if all_members:
             paths = b.extract_all(output or Path("."), force=force)
             for p in paths:
@@ -241,7 +291,7 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
 @cli.command("add")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--name", help="Member name (default: SOURCE's file name without .safetensors).")
+@click.option("--name", help="Member name (default: SOURCE's file or folder name, without .safetensors, .bin or .pt).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Write the grown bundle here and leave BUNDLE as it is (default: rewrite BUNDLE in place).")
 @click.option("--force", is_flag=True, help="Overwrite an existing -o output.")
@@ -253,6 +303,34 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
     result = add(bundle, source, name=name, output=output, force=force)
     click.echo(str(result.path))
     err_console.print(add_summary(result))
+
+
+@cli.command("export")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--member", "-m", required=True, help="Member to export.")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path),
+              help="ONNX file to write (weights over 1.5 GiB go to FILE.data beside it).")
+@click.option("--model", "model_spec", metavar="SPEC", help="Factory build(state_dict, member_name) -> (module, "
+              "example_input) from path/to/model.py[:function] or module:function (default function: build); "
+              "needed for members without a Hugging Face config.json.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Largest absolute difference allowed between ONNX Runtime's and torch's outputs.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def export_cmd(bundle: Path, member: str, onnx_path: Path, model_spec: str | None, atol: float, force: bool) -> None:
+    """Export a member to ONNX and check it against torch with ONNX Runtime; exit 1 if it differs."""
+    from .api.onnx_export import OnnxCheck, export_onnx
+    from .errors import OnnxCheckError
+
+    with open_bundle(bundle) as b:
+        try:
+            check = export_onnx(b, member, onnx_path, model=model_spec, atol=atol, force=force)
+        except OnnxCheckError as exc:
+            assert isinstance(exc.check, OnnxCheck)
+            for line in exc.check.lines():  # the numbers first, then the one error line
+                click.echo(line)
+            raise
+    for line in check.lines():
+        click.echo(line)
 
 
 def main() -> None:

@@ -38,3 +38,20 @@ class OutputExistsError(UnipackError):
 
 class EvalError(UnipackError):
     """A user's evaluation function could not be loaded, raised, or returned something unusable."""
+
+
+class ModelError(UnipackError):
+    """A member could not be built as a torch module or exported: no config and no ``--model``,
+    a factory that raised or returned something unusable, a state dict that does not fit."""
+
+
+class OnnxCheckError(ModelError):
+    """An exported model's outputs differ from torch's by more than the tolerance.
+
+    The file is kept (to inspect it); ``check`` holds every measured number so that the CLI can
+    print them before the error line.
+    """
+
+    def __init__(self, message: str, check: object) -> None:
+        super().__init__(message)
+        self.check = check

@@ -84,7 +84,10 @@ class AddResult:
 
 def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name: str | None = None,
         output: str | os.PathLike[str] | None = None, force: bool = False) -> AddResult:
-    """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file name).
+    """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
+
+    ``source`` is anything ``merge`` takes: a ``.safetensors`` file, a ``.bin``/``.pt`` state dict
+    or a Hugging Face model folder (whose config files are kept with the member).
 
     The bundle is rewritten in place, or written to ``output`` (which needs ``force`` to
     replace an existing file). Everything the new member needs is checked from headers before
@@ -150,12 +153,12 @@ def _member_name(name: str | None, source: Path, manifest: Manifest, bundle: Pat
 
 def _check_tensors(manifest: Manifest, checkpoint: Checkpoint, bundle: Path) -> None:
     """Names, dtype kinds and shapes must fit the bundle's records (headers only)."""
-    difference = name_difference({t.name for t in manifest.tensors}, set(checkpoint.header.tensors))
+    difference = name_difference({t.name for t in manifest.tensors}, set(checkpoint.tensors))
     if difference:
         raise InputError(f"{checkpoint.path}: tensor names differ from bundle {bundle}: it {difference}; "
                          f"a new member must have the same architecture as the bundle's members")
     for t in manifest.tensors:
-        e = checkpoint.header.tensors[t.name]
+        e = checkpoint.tensors[t.name]
         if (e.dtype in dtypes.FLOAT_DTYPES) != (t.dtype in dtypes.FLOAT_DTYPES):
             raise InputError(f"{checkpoint.path}: tensor {t.name!r} is {e.dtype} but {t.dtype} in bundle "
                              f"{bundle}: float and non-float versions of one tensor cannot be mixed")
@@ -198,7 +201,7 @@ class _Adder:
         self.coef_dtype = _coef_dtype(old)
         records = []
         for t in old.tensors:
-            dtype, array = c.header.tensors[t.name].dtype, c.read(t.name)
+            dtype, array = c.tensors[t.name].dtype, c.read(t.name)
             if t.storage == "raw":
                 t = self._raw(t, dtype, array)
             elif t.storage == "exact":
@@ -211,13 +214,12 @@ class _Adder:
             coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
         measured = self._lossless()
         member = MemberRecord(
-            name=c.name, source=c.path.name, source_bytes=c.header.file_size, metadata=c.header.metadata,
+            name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
             coefficients=coef_blob, raw=self.raw,
-            dtypes={t.name: c.header.tensors[t.name].dtype for t in old.tensors
-                    if c.header.tensors[t.name].dtype != t.dtype},
+            dtypes={t.name: c.tensors[t.name].dtype for t in old.tensors if c.tensors[t.name].dtype != t.dtype},
             errors=tuple(self.errors), added=True,
             lossless_bytes=measured.compressed_bytes if measured else None,
-            fidelity=fidelity_record(self.fidelity, self.options.baselines),
+            fidelity=fidelity_record(self.fidelity, self.options.baselines), configs=c.configs,
         )
         self.manifest = dataclasses.replace(old, tensors=tuple(records), members=old.members + (member,),
                                             blobs=writer.blobs, stats=self._stats(measured))
@@ -310,16 +312,15 @@ class _Adder:
         """zstd -19 size of the new input, measured only if the bundle records that baseline."""
         if "lossless" not in self.old.stats:
             return None
-        size = self.checkpoint.header.file_size
-        mode = lossless.plan_mode(self.options.lossless, size)
-        return lossless.measure(self.checkpoint.path, size, mode) if mode is not None else None
+        mode = lossless.plan_mode(self.options.lossless, self.checkpoint.file_size)
+        return lossless.measure_files(self.checkpoint.files, mode) if mode is not None else None
 
     def _stats(self, measured: lossless.LosslessSize | None) -> dict[str, Any]:
         """The old stats, every key kept, with the new input counted."""
         old = self.old
         stats = dict(old.stats)
         before = old.stats.get("input_bytes", sum(m.source_bytes for m in old.members))
-        stats["input_bytes"] = int(before) + self.checkpoint.header.file_size
+        stats["input_bytes"] = int(before) + self.checkpoint.file_size
         recorded = stats.get("lossless")
         if measured is None:
             stats.pop("lossless", None)  # it promises a lossless size for every member (spec 3.6)

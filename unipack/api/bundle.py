@@ -20,10 +20,14 @@ from ..format.atomic import atomic_write
 from ..format.container import BundleFile
 from ..format.manifest import Manifest, MemberRecord, TensorRecord
 from ..format.safetensors_file import encode_header
+from .hf_folder import DEFAULT_MAX_SHARD_SIZE, HFExport, write_hf_folder, write_hf_folders
 from .summary import BundleSummary, summarize
 
 if TYPE_CHECKING:
     import torch
+
+    from .modules import Factory
+    from .onnx_export import OnnxCheck
 
 
 class Bundle:
@@ -105,10 +109,10 @@ class Bundle:
 
         return {t.name: to_torch(array, dtype) for t, dtype, array in self.iter_arrays(member)}
 
-    def extract(self, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-        """Write ``member`` as a .safetensors file (its original ``__metadata__`` kept), atomically."""
+    def tensor_entries(self, member: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """``(name, dtype, shape, nbytes)`` of each tensor of ``member``, in ``iter_arrays`` order,
+        from the manifest alone: headers and shard plans are made before any data is read."""
         rec = self.member(member)
-        out = Path(path)
         entries = []
         for t in self.manifest.tensors:
             dtype = rec.dtype_of(t)
@@ -118,7 +122,13 @@ class Bundle:
             for d in shape:
                 numel *= d
             entries.append((t.name, dtype, tuple(shape), numel * dtypes.itemsize(dtype)))
-        header = encode_header(entries, rec.metadata)
+        return entries
+
+    def extract(self, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write ``member`` as a .safetensors file (its original ``__metadata__`` kept), atomically."""
+        rec = self.member(member)
+        out = Path(path)
+        header = encode_header(self.tensor_entries(member), rec.metadata)
         with atomic_write(out, force=force) as f:
             f.write(header)
             for _, dtype, array in self.iter_arrays(member):
@@ -135,6 +145,18 @@ class Bundle:
         except OSError as exc:
             raise UnipackError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
         return [self.extract(name, out_dir / f"{name}.safetensors", force=force) for name in self.members]
+
+    def extract_hf(self, member: str, directory: str | os.PathLike[str], *,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> HFExport:
+        """Write ``member`` as a Hugging Face folder (its recorded configs + safetensors weights,
+        sharded above ``max_shard_size`` bytes or a size like ``"500MB"``) that
+        ``transformers.AutoModel*.from_pretrained`` loads; atomically, via a temp folder."""
+        return write_hf_folder(self, member, directory, max_shard_size=max_shard_size, force=force)
+
+    def extract_hf_all(self, directory: str | os.PathLike[str], *,
+                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> list[HFExport]:
+        """Every member as a Hugging Face folder ``directory/<member>/``."""
+        return write_hf_folders(self, directory, max_shard_size=max_shard_size, force=force)
 
     def verify(self) -> list[str]:
         """Check every blob (checksum, decoding) and rebuild every member; never writes anything.
@@ -165,6 +187,21 @@ class Bundle:
     def summary(self) -> BundleSummary:
         """Bytes by part, ratio and worst errors (what ``unipack info`` prints)."""
         return summarize(self.manifest, self._file.header)
+
+    def to_module(self, member: str, model: str | Factory | None = None) -> torch.nn.Module:
+        """``member`` as a torch module in eval mode, its weights loaded strictly: built by transformers
+        from its recorded config.json, or by ``model``, a factory SPEC or callable (unipack.api.modules)."""
+        from .modules import build_module
+
+        return build_module(self, member, model).module
+
+    def export_onnx(self, member: str, out: str | os.PathLike[str], *, model: str | Factory | None = None,
+                    atol: float = 1e-4, force: bool = False) -> OnnxCheck:
+        """Write ``member`` as an ONNX model and check it against torch with ONNX Runtime (raises
+        OnnxCheckError, keeping the file, past ``atol``); see unipack.api.onnx_export."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, member, out, model=model, atol=atol, force=force)
 
     def close(self) -> None:
         self._file.close()

@@ -16,6 +16,9 @@ Metric convention: **higher is better**, and a metric's *drop* is ``original - r
 (positive means the bundle lost something). A metric where lower is better (a loss, perplexity)
 should be returned negated.
 
+``unipack export --model SPEC`` (unipack.api.modules) loads its model factory with the same
+``load_function``; only the option named in its errors and its default function differ.
+
 Safety: this is the one place unipack runs code it did not ship, and only code the user named
 on the command line or passed to the API. Nothing read from a bundle or a checkpoint ever
 reaches ``load_eval`` (tests/test_no_code_execution.py allows ``importlib.import_module`` here
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EvalError
+from ..errors import EvalError, UnipackError
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +53,23 @@ DEFAULT_FUNCTION = "evaluate"
 _QUOTE_LIMIT = 200
 
 EvalFunction = Callable[[Mapping[str, "torch.Tensor"], str], Any]
+
+
+@dataclass(frozen=True)
+class HookKind:
+    """Which option a SPEC came from, so that loading errors name that option and its defaults.
+
+    ``--eval`` and ``--model`` (unipack.api.modules) load user functions the same way; only the
+    words in their error lines, their default function name and their error class differ.
+    """
+
+    option: str  # "eval": errors read "eval SPEC: ..."
+    default_function: str  # the function a SPEC without ":function" names
+    example: str  # how a file SPEC looks, e.g. "path/to/eval.py"
+    error: type[UnipackError]
+
+
+EVAL = HookKind("eval", DEFAULT_FUNCTION, "path/to/eval.py", EvalError)
 
 
 @dataclass(frozen=True)
@@ -109,46 +129,52 @@ def pick_metric(results: Mapping[str, float], metric: str | None, spec: str) -> 
 def load_eval(spec: str) -> EvalHook:
     """Load the function SPEC names (see the module docstring) without calling it."""
     spec = spec.strip()
+    return EvalHook(spec=spec, function=load_function(spec, EVAL))
+
+
+def load_function(spec: str, kind: HookKind) -> Callable[..., Any]:
+    """Load the function SPEC names (a file or module, see the module docstring); errors per ``kind``."""
+    spec = spec.strip()
     if not spec:
-        raise EvalError("eval: empty SPEC; give path/to/eval.py[:function] or module[:function]")
-    path, module_name, function = _parse(spec)
+        raise kind.error(f"{kind.option}: empty SPEC; give {kind.example}[:function] or module[:function]")
+    path, module_name, function = _parse(spec, kind)
     if path is not None:
-        module = _load_file(spec, path)
+        module = _load_file(spec, path, kind)
         where = str(path)
     else:
         assert module_name is not None
-        module = _load_module(spec, module_name)
+        module = _load_module(spec, module_name, kind)
         where = f"module {module_name!r}"
     fn = getattr(module, function, None)
     if fn is None:
         found = _function_names(module)
         hint = f" (it defines {', '.join(found)})" if found else ""
-        raise EvalError(f"eval {spec}: {where} has no function {function!r}{hint}; "
-                        f"name one with SPEC:function")
+        raise kind.error(f"{kind.option} {spec}: {where} has no function {function!r}{hint}; "
+                         f"name one with SPEC:function")
     if not callable(fn):
-        raise EvalError(f"eval {spec}: {function!r} in {where} is not callable ({type(fn).__name__}); "
-                        f"name a function with SPEC:function")
-    return EvalHook(spec=spec, function=fn)
+        raise kind.error(f"{kind.option} {spec}: {function!r} in {where} is not callable ({type(fn).__name__}); "
+                         f"name a function with SPEC:function")
+    return fn
 
 
 # ------------------------------------------------------------------------------------------
 # parsing SPEC
 # ------------------------------------------------------------------------------------------
 
-def _parse(spec: str) -> tuple[Path | None, str | None, str]:
+def _parse(spec: str, kind: HookKind) -> tuple[Path | None, str | None, str]:
     """(path, None, function) for a file, (None, module, function) for a module."""
     # The whole SPEC as a path first, so that a file whose name contains ':' still loads.
     if _looks_like_path(spec):
-        return _checked_path(spec, spec), None, DEFAULT_FUNCTION
+        return _checked_path(spec, spec, kind), None, kind.default_function
     head, colon, tail = spec.rpartition(":")
-    target, function = (head, tail) if colon else (spec, DEFAULT_FUNCTION)
+    target, function = (head, tail) if colon else (spec, kind.default_function)
     if colon and not function.isidentifier():
-        raise EvalError(f"eval {spec}: {function!r} is not a function name; use SPEC:function")
+        raise kind.error(f"{kind.option} {spec}: {function!r} is not a function name; use SPEC:function")
     if _looks_like_path(target):
-        return _checked_path(spec, target), None, function
+        return _checked_path(spec, target, kind), None, function
     if not all(part.isidentifier() for part in target.split(".")):
-        raise EvalError(f"eval {spec}: {target!r} is neither an existing file nor a module name; "
-                        f"give path/to/eval.py[:function] or module[:function]")
+        raise kind.error(f"{kind.option} {spec}: {target!r} is neither an existing file nor a module name; "
+                         f"give {kind.example}[:function] or module[:function]")
     return None, target, function
 
 
@@ -156,14 +182,14 @@ def _looks_like_path(text: str) -> bool:
     return text.endswith(".py") or Path(text).is_file()
 
 
-def _checked_path(spec: str, text: str) -> Path:
+def _checked_path(spec: str, text: str, kind: HookKind) -> Path:
     path = Path(text)
     if not path.exists():
-        raise EvalError(f"eval {spec}: file {text} not found; check the path")
+        raise kind.error(f"{kind.option} {spec}: file {text} not found; check the path")
     if not path.is_file():
-        raise EvalError(f"eval {spec}: {text} is not a file; give path/to/eval.py")
+        raise kind.error(f"{kind.option} {spec}: {text} is not a file; give {kind.example}")
     if path.suffix != ".py":
-        raise EvalError(f"eval {spec}: {text} is not a .py file; give path/to/eval.py[:function]")
+        raise kind.error(f"{kind.option} {spec}: {text} is not a .py file; give {kind.example}[:function]")
     return path.resolve()
 
 
@@ -171,17 +197,17 @@ def _checked_path(spec: str, text: str) -> Path:
 # importing
 # ------------------------------------------------------------------------------------------
 
-def _load_file(spec: str, path: Path) -> ModuleType:
+def _load_file(spec: str, path: Path, kind: HookKind) -> ModuleType:
     """Execute ``path`` as a fresh module named after its full path.
 
     The name is unique per file, so two ``eval.py`` in different folders never collide, and the
     module sits in ``sys.modules`` (while running and afterwards) because dataclasses, pickling
     and ``typing.get_type_hints`` in the user's code look themselves up there.
     """
-    name = "unipack_user_eval_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    name = f"unipack_user_{kind.option}_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise EvalError(f"eval {spec}: {path} cannot be loaded as a Python module; give path/to/eval.py")
+        raise kind.error(f"{kind.option} {spec}: {path} cannot be loaded as a Python module; give {kind.example}")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:
@@ -189,32 +215,32 @@ def _load_file(spec: str, path: Path) -> ModuleType:
             module_spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(name, None)
-        raise EvalError(f"eval {spec}: syntax error in {exc.filename or path}, line {exc.lineno}: "
-                        f"{_quote_text(exc.msg)}") from None
+        raise kind.error(f"{kind.option} {spec}: syntax error in {exc.filename or path}, line {exc.lineno}: "
+                         f"{_quote_text(exc.msg)}") from None
     except (Exception, SystemExit) as exc:  # SystemExit: a script that calls sys.exit() on import
         sys.modules.pop(name, None)
-        raise EvalError(f"eval {spec}: importing {path} raised {type(exc).__name__}: {_first_line(exc)}"
-                        f"{_user_line(exc, path)}") from exc
+        raise kind.error(f"{kind.option} {spec}: importing {path} raised {type(exc).__name__}: {_first_line(exc)}"
+                         f"{_user_line(exc, path)}") from exc
     return module
 
 
-def _load_module(spec: str, module_name: str) -> ModuleType:
+def _load_module(spec: str, module_name: str, kind: HookKind) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         # Only a missing *target* means the name is wrong; a module it imports being missing
         # (scikit-learn, say) is a broken environment, reported as an import failure below.
         if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise EvalError(f"eval {spec}: no module named {module_name!r}; check the name, or give a "
-                            f"path to a .py file") from None
-        raise EvalError(f"eval {spec}: importing module {module_name!r} raised ModuleNotFoundError: "
-                        f"{_first_line(exc)}{_last_line(exc)}") from exc
+            raise kind.error(f"{kind.option} {spec}: no module named {module_name!r}; check the name, or give a "
+                             f"path to a .py file") from None
+        raise kind.error(f"{kind.option} {spec}: importing module {module_name!r} raised ModuleNotFoundError: "
+                         f"{_first_line(exc)}{_last_line(exc)}") from exc
     except SyntaxError as exc:
-        raise EvalError(f"eval {spec}: syntax error in {exc.filename}, line {exc.lineno}: "
-                        f"{_quote_text(exc.msg)}") from None
+        raise kind.error(f"{kind.option} {spec}: syntax error in {exc.filename}, line {exc.lineno}: "
+                         f"{_quote_text(exc.msg)}") from None
     except (Exception, SystemExit) as exc:
-        raise EvalError(f"eval {spec}: importing module {module_name!r} raised {type(exc).__name__}: "
-                        f"{_first_line(exc)}{_last_line(exc)}") from exc
+        raise kind.error(f"{kind.option} {spec}: importing module {module_name!r} raised {type(exc).__name__}: "
+                         f"{_first_line(exc)}{_last_line(exc)}") from exc
 
 
 @contextlib.contextmanager

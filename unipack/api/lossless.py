@@ -10,6 +10,7 @@ so the sample is what dominates the uncertainty, not the level.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,6 +64,18 @@ def measure(path: Path, size: int, mode: str, share: float = 1.0) -> LosslessSiz
             return LosslessSize(round(compressed * size / read), True, read)
     except OSError as exc:
         raise InputError(f"{path}: cannot read for the lossless baseline ({exc.strerror or exc})") from None
+
+
+def measure_files(files: Sequence[tuple[Path, int]], mode: str, share: float = 1.0) -> LosslessSize:
+    """zstd -19 size of a member's weight files (a folder's shards) summed; an estimate if any was sampled.
+
+    Each file gets its part of ``share`` in proportion to its size, so a sharded member is sampled
+    as evenly as one file of the same size.
+    """
+    total = sum(size for _, size in files)
+    parts = [measure(path, size, mode, share * size / max(total, 1)) for path, size in files]
+    return LosslessSize(sum(p.compressed_bytes for p in parts), any(p.sampled for p in parts),
+                        sum(p.read_bytes for p in parts))
 
 
 def _compressed_size(f: BinaryIO, length: int) -> int:

@@ -157,14 +157,14 @@ class _Merger:
         return self._store_shared(plan, result)
 
     def _measure_lossless(self) -> None:
-        sizes = [c.header.file_size for c in self.checkpoints]
+        sizes = [c.file_size for c in self.checkpoints]
         mode = lossless.plan_mode(self.options.lossless, sum(sizes))
         if mode is None:
             return
         for i, c in enumerate(self.checkpoints):
             if self.progress:
                 self.progress.lossless(i, len(self.checkpoints))
-            self.lossless[i] = lossless.measure(c.path, sizes[i], mode, sizes[i] / max(sum(sizes), 1))
+            self.lossless[i] = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1))
 
     def _values(self, i: int, name: str) -> np.ndarray:
         if self.progress:
@@ -253,16 +253,16 @@ class _Merger:
             if self.coefs[i]:
                 coef = self.writer.add(f"coef/{i}", np.concatenate(self.coefs[i]), self.coef_dtype)
                 self.coefs[i] = []  # release as we go
-            overrides = {r.name: d for r, d in zip(records, (c.header.tensors[r.name].dtype for r in records))
+            overrides = {r.name: d for r, d in zip(records, (c.tensors[r.name].dtype for r in records))
                          if d != r.dtype}
             measured = self.lossless[i]
             members.append(MemberRecord(
-                name=c.name, source=c.path.name, source_bytes=c.header.file_size, metadata=c.header.metadata,
+                name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
                 coefficients=coef, raw=self.raw[i], dtypes=overrides, errors=tuple(self.errors[i]),
                 lossless_bytes=measured.compressed_bytes if measured else None,
-                fidelity=fidelity_record(self.fidelity[i], self.options.baselines),
+                fidelity=fidelity_record(self.fidelity[i], self.options.baselines), configs=c.configs,
             ))
-        stats: dict[str, Any] = {"input_bytes": sum(c.header.file_size for c in self.checkpoints)}
+        stats: dict[str, Any] = {"input_bytes": sum(c.file_size for c in self.checkpoints)}
         if all(self.lossless):
             stats["lossless"] = {"codec": "zstd", "level": lossless.LEVEL,
                                  "sampled": any(m.sampled for m in self.lossless if m)}

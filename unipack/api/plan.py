@@ -30,8 +30,8 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
     first = checkpoints[0]
     plans: list[TensorPlan] = []
     mismatched: list[str] = []
-    for name in first.header.tensors:
-        entries = [c.header.tensors[name] for c in checkpoints]
+    for name in first.tensors:
+        entries = [c.tensors[name] for c in checkpoints]
         member_dtypes = tuple(e.dtype for e in entries)
         shapes = {e.shape for e in entries}
         shape = entries[0].shape if len(shapes) == 1 else None
@@ -39,7 +39,7 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
         if any(floats) and not all(floats):
             odd = next(c for c, f in zip(checkpoints, floats) if f != floats[0])
             raise InputError(f"tensor {name!r} is {entries[0].dtype} in {first.path} but "
-                             f"{odd.header.tensors[name].dtype} in {odd.path}: float and non-float "
+                             f"{odd.tensors[name].dtype} in {odd.path}: float and non-float "
                              f"versions of one tensor cannot be merged")
         pattern = options.raw_pattern_for(name)
         if pattern is not None:
@@ -61,7 +61,7 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
         for name in mismatched[:3]:
             by_shape: dict[tuple[int, ...], Checkpoint] = {}
             for c in checkpoints:
-                by_shape.setdefault(c.header.tensors[name].shape, c)
+                by_shape.setdefault(c.tensors[name].shape, c)
             examples.append(f"{name!r} (" + " vs ".join(f"{list(s)} in {c.path.name}" for s, c in
                                                        list(by_shape.items())[:2]) + ")")
         more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""

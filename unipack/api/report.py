@@ -289,12 +289,15 @@ def _overall(members: list[MemberReport], tensors: list[TensorReport]) -> dict[s
 
 
 def find_originals(manifest: Manifest, directory: Path) -> dict[str, Path]:
-    """Each member's original in ``directory``, found by its recorded source file name."""
+    """Each member's original in ``directory``, found by its recorded source (a file or a model folder)."""
     if not directory.is_dir():
         raise InputError(f"--originals {directory}: not a directory; give the folder holding the merge's inputs")
-    found = {m.name: directory / m.source for m in manifest.members if (directory / m.source).is_file()}
+    # A source is a plain file or folder name; a bundle naming "../x" must not send us elsewhere.
+    found = {m.name: directory / m.source for m in manifest.members
+             if m.source not in ("", ".", "..") and "/" not in m.source and "\\" not in m.source
+             and ((directory / m.source).is_file() or (directory / m.source).is_dir())}
     if not found:
-        raise InputError(f"--originals {directory}: none of the members' source files "
+        raise InputError(f"--originals {directory}: none of the members' source files or folders "
                          f"({', '.join(m.source for m in manifest.members[:3])}, ...) is there")
     return found
 

@@ -34,7 +34,7 @@ def checkpoint_state(c: Checkpoint) -> dict[str, "torch.Tensor"]:
     """An original checkpoint as a torch state dict (bf16 and float8 kept)."""
     from .torch_bridge import to_torch
 
-    return {name: to_torch(c.read(name), e.dtype) for name, e in c.header.tensors.items()}
+    return {name: to_torch(c.read(name), e.dtype) for name, e in c.tensors.items()}
 
 
 def score_members(bundle: Bundle, hook: EvalHook, originals: Mapping[str, Path], metric: str | None,
@@ -89,6 +89,6 @@ def drops(table: Mapping[str, Mapping[str, Mapping[str, float] | None]], metric:
 
 
 def _check_same_tensors(bundle: Bundle, name: str, original: Checkpoint) -> None:
-    if set(original.header.tensors) != set(bundle.tensor_names):
+    if set(original.tensors) != set(bundle.tensor_names):
         raise InputError(f"{original.path}: its tensor names differ from member {name!r} of {bundle.path}; "
                          f"is it really that member's original?")

@@ -254,3 +254,15 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> TinyViTConfig
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build(state_dict: dict[str, torch.Tensor], member_name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The demo's model factory for ``unipack export --model unipack.demo.model:build``.
+
+    Sized from the member's own weights (heads differ between members), weights not loaded
+    (unipack loads them strictly), and one held-out digit of the member's task as the example.
+    """
+    from .tasks import task_for_member
+
+    images, _ = task_for_member(member_name).data("test")
+    return build_model(config_from_state_dict(dict(state_dict))), images[:1]

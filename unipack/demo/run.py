@@ -5,7 +5,8 @@ scikit-learn's UCI digits, merges them at the default budget, and prints ``unipa
 the demo's own eval function: bytes by part, errors against the baselines, and the held-out
 accuracy of every member as original vs unipack vs the mean alone vs per-member SVD at equal
 bytes. Then it extracts every member back to .safetensors and checks the files score the same,
-and shows the same population at a few other budgets.
+exports one member to ONNX through the demo's model factory (checked by ONNX Runtime), adds a
+member held out of the merge with ``unipack add``, and shows a few other budgets.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from ..api.add import add
 from ..api.bundle import open as open_bundle
 from ..api.evaluation import load_eval
 from ..api.merge import merge
+from ..api.onnx_export import export_onnx
 from ..api.report import report
 from ..render import ProgressBars, add_summary, format_bytes, merge_summary
 from ..render_report import report_view
 
 #: Task heads have a different number of classes per member: store them raw, per member.
 HEAD_PATTERN = "classifier.*"
-#: The demo's eval hook, as a user would name it on the command line.
+#: The demo's eval hook and model factory, as a user would name them on the command line.
 EVAL_SPEC = "unipack.demo.evaluate:evaluate"
+MODEL_SPEC = "unipack.demo.model:build"
 
 
 def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, *,
@@ -70,6 +73,7 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
                                f"{scores[member.name]['unipack']['accuracy']}")
     err.print(f"  {len(extracted)} extracted files re-scored: identical to the report's unipack column")
 
+    _export_onnx(bundle_path, members[1].name, workdir, out, err)
     held_out = _held_out(members, workdir, out, err)
     sweep = _budget_sweep(members, workdir, err)
     out.print(sweep)
@@ -85,6 +89,16 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
     )
     return {"ratio": result.ratio, "worst_error": result.worst_error, "worst_drop": worst_drop,
             "held_out_drop": held_out["drop"]}
+
+
+def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, err: Console) -> None:
+    """One member to ONNX through the demo's own model factory, checked by ONNX Runtime."""
+    target = workdir / f"{member}.onnx"
+    err.print(f"[bold]+[/] unipack export {bundle_path} --member {member} --onnx {target} --model {MODEL_SPEC}")
+    with open_bundle(bundle_path) as bundle:
+        check = export_onnx(bundle, member, target, model=MODEL_SPEC, force=True)
+    for line in check.lines():
+        out.print(line, highlight=False)
 
 
 def _held_out(members: list, workdir: Path, out: Console, err: Console) -> dict[str, Any]:  # type: ignore[type-arg]
