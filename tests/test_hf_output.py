@@ -491,3 +491,29 @@ def test_unknown_member(vit: HFPopulation, tmp_path: Path) -> None:
     result = run("extract", vit.bundle, "-m", "nope", "--format", "hf", "-o", tmp_path / "out")
     assert result.exit_code == 1 and "no member 'nope'" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_folders_in_folders_out(vit: HFPopulation, tmp_path: Path) -> None:
+    """The whole Hugging Face round trip: members saved with ``save_pretrained`` (one of them
+    sharded; the checkpoint's own key names, which transformers may rename on load) are merged as
+    folders, configs come along by themselves, and each folder extracted from a lossless bundle
+    loads with ``from_pretrained`` to exactly the logits of the original folder."""
+    folders = []
+    for i, name in enumerate(vit.names):
+        folder = tmp_path / "in" / name
+        vit.models[name].save_pretrained(folder, safe_serialization=True,
+                                         max_shard_size="20KB" if i == 0 else "5GB")
+        folders.append(folder)
+    assert (folders[0] / "model.safetensors.index.json").is_file()  # really sharded
+    bundle = tmp_path / "from-folders.upk"
+    unipack.merge(folders, bundle, max_error=0.0)
+    with unipack.open(bundle) as b:
+        assert b.members == vit.names  # named after the folders
+        for name in vit.names:
+            assert b.member(name).configs["config.json"].encode("utf-8") == \
+                (tmp_path / "in" / name / "config.json").read_bytes()
+    (tmp_path / "out").mkdir()
+    for name, folder in zip(vit.names, folders):
+        out = tmp_path / "out" / name
+        assert_ok(run("extract", bundle, "--member", name, "--format", "hf", "-o", out))
+        assert torch.equal(logits(load_folder(vit, out), vit.inputs), logits(load_folder(vit, folder), vit.inputs))

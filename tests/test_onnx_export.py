@@ -382,3 +382,29 @@ def test_torch_is_not_imported_by_the_cli_at_start() -> None:
            "if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_members_merged_from_save_pretrained_folders(tmp_path: Path) -> None:
+    """Folders written by ``save_pretrained`` keep the checkpoint's key layout, which transformers
+    may rename on load (v5 does for ViT): to_module then goes through ``from_pretrained`` and gives
+    exactly the original folder's model, and the ONNX export passes."""
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=16, patch_size=4, num_labels=3)
+    folders = []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        transformers.ViTForImageClassification(config).save_pretrained(tmp_path / f"m{i}")
+        folders.append(tmp_path / f"m{i}")
+    unipack.merge(folders, tmp_path / "b.upk", max_error=0.0)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with unipack.open(tmp_path / "b.upk") as b:
+        module = b.to_module("m1")
+        check = b.export_onnx("m1", tmp_path / "m1.onnx")
+    reference = transformers.ViTForImageClassification.from_pretrained(folders[1]).eval()
+    with torch.no_grad():
+        assert torch.equal(module(pixel_values=pixels).logits, reference(pixel_values=pixels).logits)
+    assert check.passed and check.max_abs_diff <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m1.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, reference(pixel_values=pixels).logits.numpy(), atol=1e-4, rtol=0)

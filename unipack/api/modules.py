@@ -137,11 +137,42 @@ def _from_config(bundle: Bundle, member: str, config_text: str) -> MemberModule:
     source = f"transformers {name}"
     with torch.device("meta"):  # shapes and names only: check the fit before allocating anything
         skeleton = _construct(make, config, member, name)
-    _check_fit(skeleton, state, member, source)
+    try:
+        _check_fit(skeleton, state, member, source)
+    except ModelError:
+        # Maybe a checkpoint in the layout save_pretrained writes, which this transformers renames
+        # on load (v5: vit.layers.N.* from vit.encoder.layer.N.*): let transformers itself load it.
+        del skeleton
+        return MemberModule(_via_from_pretrained(transformers, bundle, member, make, name).eval(), example, probe,
+                            f"{source} (from_pretrained)")
     del skeleton
     module = _construct(make, config, member, name)
     _load(module, state, member, source)
     return MemberModule(module.eval(), example, probe, source)
+
+
+def _via_from_pretrained(transformers: ModuleType, bundle: Bundle, member: str, make: Any, name: str) -> torch.nn.Module:
+    """The member written as a Hugging Face folder (a temp dir) and loaded by ``from_pretrained``,
+    demanding a clean load: no missing, unexpected or mismatched keys."""
+    import tempfile
+    from pathlib import Path
+
+    cls = make if isinstance(make, type) else transformers.AutoModel
+    with tempfile.TemporaryDirectory(prefix="unipack-hf-") as tmp:
+        folder = Path(tmp) / member
+        bundle.extract_hf(member, folder)
+        try:
+            module, info = cls.from_pretrained(folder, output_loading_info=True)
+        except Exception as exc:
+            raise ModelError(f"member {member!r}: transformers could not load it as {name}: {one_line(exc)}; "
+                             f"give --model module:function instead") from None
+    problems = [_listed(list(info.get(key) or ()), what) for key, what in
+                (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape"))
+                if info.get(key)]
+    if problems:
+        raise ModelError(f"member {member!r} does not fit transformers {name}: {'; '.join(problems)}; check that "
+                         f"the member and the model match")
+    return module
 
 
 def _import_transformers(member: str) -> ModuleType:
