@@ -16,7 +16,7 @@ import numpy as np
 from ..core.reconstruct import reconstruct
 from ..errors import MemberNotFoundError, UnipackError
 from ..format import dtypes
-from ..format.atomic import atomic_write
+from ..format.atomic import atomic_write, ensure_directory
 from ..format.container import BundleFile
 from ..format.manifest import Manifest, MemberRecord, TensorRecord
 from ..format.safetensors_file import encode_header
@@ -138,12 +138,7 @@ class Bundle:
     def extract_all(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
         out_dir = Path(directory)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UnipackError(f"{out_dir}: exists and is not a directory; give a directory for --all")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UnipackError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
+        ensure_directory(out_dir)
         return [self.extract(name, out_dir / f"{name}.safetensors", force=force) for name in self.members]
 
     def extract_hf(self, member: str, directory: str | os.PathLike[str], *,

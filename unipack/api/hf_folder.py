@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import FormatError, OptionsError, OutputExistsError, UnipackError
 from ..format import dtypes
-from ..format.atomic import atomic_directory, check_replaceable_dir, contains
+from ..format.atomic import atomic_directory, check_replaceable_dir, contains, ensure_directory
 from ..format.manifest import TensorRecord
 from ..format.safetensors_file import encode_header
 
@@ -145,12 +145,7 @@ def write_hf_folders(bundle: Bundle, directory: str | os.PathLike[str], *,
     """
     out_dir = Path(directory)
     limit = parse_size(max_shard_size, "max_shard_size")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UnipackError(f"{out_dir}: exists and is not a directory; give a directory for --all")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UnipackError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
+    ensure_directory(out_dir)
     for name in bundle.members:
         check_hf_target(bundle, out_dir / name, force=force)
     return [write_hf_folder(bundle, name, out_dir / name, max_shard_size=limit, force=force)

@@ -182,3 +182,14 @@ def spool_file(directory: Path, stem: str) -> Iterator[BinaryIO]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)
+
+
+def ensure_directory(directory: Path) -> Path:
+    """``directory``, created with its parents if needed, for ``--all`` outputs; one-line errors."""
+    if directory.exists() and not directory.is_dir():
+        raise UnipackError(f"{directory}: exists and is not a directory; give a directory for --all")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnipackError(f"{directory}: cannot create directory ({exc.strerror or exc})") from None
+    return directory
