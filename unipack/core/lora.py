@@ -1,0 +1,260 @@
+"""Shared two-sided bases for LoRA adapters of one base model, computed from their factors.
+
+An adapter's update to a module is ΔW_i = s_i · B_i · A_i (A_i: r_i x in, B_i: out x r_i). The
+factors are defined only up to an invertible r x r change (B M, M⁻¹ A), so what is compressed is
+the update: orthonormal bases U (out x k_out) and V (in x k_in) shared by all adapters, and a
+per-adapter core C_i = Uᵀ ΔW_i V, so that ΔW_i ≈ U C_i Vᵀ.
+
+Nothing here forms an out x in (or out x out, in x in) matrix: every step works on the factors,
+whose sizes are out x r, r x in and r x r. ``LoraFactors.update`` is the one dense exception,
+meant for tests and small modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decomposition import energy_rank
+from .linalg import fix_signs
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's scale s: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapter's factors for one module: ΔW = scale · b · a."""
+
+    a: np.ndarray  # r x in
+    b: np.ndarray  # out x r
+    scale: float
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.a, dtype=np.float64)
+        b = np.asarray(self.b, dtype=np.float64)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"LoRA factors need a (r x in) and b (out x r); got a {a.shape}, b {b.shape}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"LoRA scale must be finite, got {self.scale}")
+        object.__setattr__(self, "a", a)
+        object.__setattr__(self, "b", b)
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def norm(self) -> float:
+        """||ΔW||_F from r x r Grams: ||s B A||² = s² tr((BᵀB)(AAᵀ))."""
+        sq = self.scale ** 2 * float(np.sum((self.b.T @ self.b) * (self.a @ self.a.T)))
+        return math.sqrt(max(sq, 0.0))
+
+    def update(self) -> np.ndarray:
+        """The dense out x in update (tests and small modules only)."""
+        return self.scale * (self.b @ self.a)
+
+
+class LoraModel:
+    """Bases and spectra fitted to one module's adapters; cores and errors at any (k_out, k_in).
+
+    Each adapter is held as its coordinates in the full fitted bases, p_i = Uᵀ B_i (K_out x r)
+    and q_i = A_i V (r x K_in), so its full core is s_i p_i q_i and a truncated core is a block
+    of it. ``None`` marks an adapter that does not touch the module (a zero update).
+    """
+
+    def __init__(self, out_dim: int, in_dim: int, u: np.ndarray, left_spectrum: np.ndarray, v: np.ndarray,
+                 right_spectrum: np.ndarray, coords: list[tuple[np.ndarray, np.ndarray, float] | None],
+                 norms: np.ndarray) -> None:
+        self.out_dim, self.in_dim = out_dim, in_dim
+        self.u, self.v = u, v  # out x K_out, in x K_in; orthonormal columns, signs fixed
+        # Eigenvalues of Σ ΔW_i ΔW_iᵀ and Σ ΔW_iᵀ ΔW_i, descending (the kept nonzero part).
+        self.left_spectrum, self.right_spectrum = left_spectrum, right_spectrum
+        self._coords = coords  # per adapter (p_i, q_i, s_i) or None
+        self.norms = norms  # ||ΔW_i||_F, one per adapter
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self._coords)
+
+    @property
+    def n_touched(self) -> int:
+        """Adapters that touch this module: the ones that get a stored core."""
+        return sum(c is not None for c in self._coords)
+
+    @property
+    def max_ranks(self) -> tuple[int, int]:
+        """(K_out, K_in): the fitted bases' sizes; at these ranks every update is rebuilt exactly."""
+        return int(self.u.shape[1]), int(self.v.shape[1])
+
+    def stored_values(self, k_out: int, k_in: int) -> int:
+        """Numbers stored at (k_out, k_in): both bases plus one core per touched adapter."""
+        return self.out_dim * k_out + self.in_dim * k_in + self.n_touched * k_out * k_in
+
+    def cores(self, k_out: int, k_in: int) -> list[np.ndarray]:
+        """C_i = s_i (U_kᵀ B_i)(A_i V_k), k_out x k_in; an all-zero core for an untouched module."""
+        self._check(k_out, k_in)
+        return [np.zeros((k_out, k_in)) if c is None else c[2] * (c[0][:k_out] @ c[1][:, :k_in])
+                for c in self._coords]
+
+    def errors(self, k_out: int, k_in: int) -> np.ndarray:
+        """Each adapter's ||ΔW_i - U_k C_i V_kᵀ||_F / ||ΔW_i||_F (absolute where ||ΔW_i|| = 0).
+
+        In the full bases ΔW_i = U (s p q) Vᵀ (exact up to rounding, since U and V span every
+        update's column and row space), so the residual's squared norm is the squared norm of
+        the full core outside its top-left k_out x k_in block:
+            s² ||p[k_out:] q||² + s² ||p[:k_out] q[:, k_in:]||²,
+        each a trace of r x r Grams. Summing the left-out part, rather than subtracting ||C||²
+        from ||ΔW||², keeps small errors accurate (no cancellation) and makes the error
+        exactly 0 at the full ranks.
+        """
+        self._check(k_out, k_in)
+        out = np.zeros(self.n_adapters)
+        for i, c in enumerate(self._coords):
+            if c is None:
+                continue
+            p, q, s = c
+            p_tail, p_head, q_tail = p[k_out:], p[:k_out], q[:, k_in:]
+            sq = s * s * (float(np.sum((p_tail.T @ p_tail) * (q @ q.T)))
+                          + float(np.sum((p_head.T @ p_head) * (q_tail @ q_tail.T))))
+            err = math.sqrt(max(sq, 0.0))
+            out[i] = err / self.norms[i] if self.norms[i] > 0.0 else err
+        return out
+
+    def rank_for_max_error(self, max_error: float) -> tuple[int, int]:
+        """(k_out, k_in) storing few numbers with every adapter within ``max_error``.
+
+        Errors only fall as either rank grows, so each search below is a bisection:
+        1. the smallest k on the diagonal (k_out, k_in) = (min(k, K_out), min(k, K_in));
+        2. from there, shrink one side to its smallest rank with the other fixed, then the other
+           side; done in both orders and the cheaper result kept (the first order on a tie).
+        The result is a local minimum (neither side can drop by one) that costs no more than the
+        best diagonal point; it is not guaranteed to be the global minimum of
+        ``stored_values``. No headroom is taken for later rounding: pass a tighter budget for that.
+        """
+        if not max_error >= 0.0:
+            raise ValueError(f"max_error must be >= 0, got {max_error}")
+        k_out_max, k_in_max = self.max_ranks
+
+        def ok(k_out: int, k_in: int) -> bool:
+            return bool(np.all(self.errors(k_out, k_in) <= max_error))
+
+        k = _smallest(max(k_out_max, k_in_max), lambda k: ok(min(k, k_out_max), min(k, k_in_max)))
+        k_out, k_in = min(k, k_out_max), min(k, k_in_max)
+        out_first_o = _smallest(k_out, lambda ko: ok(ko, k_in))
+        out_first = (out_first_o, _smallest(k_in, lambda ki: ok(out_first_o, ki)))
+        in_first_i = _smallest(k_in, lambda ki: ok(k_out, ki))
+        in_first = (_smallest(k_out, lambda ko: ok(ko, in_first_i)), in_first_i)
+        return min(out_first, in_first, key=lambda ks: self.stored_values(*ks))  # min keeps the first on a tie
+
+    def energy_rank(self, fraction: float) -> tuple[int, int]:
+        """(k_out, k_in): each side's smallest rank whose projection alone keeps ``fraction``
+        of the total Σ ||ΔW_i||², read from that side's spectrum."""
+        return energy_rank(self.left_spectrum, fraction), energy_rank(self.right_spectrum, fraction)
+
+    def _check(self, k_out: int, k_in: int) -> None:
+        k_out_max, k_in_max = self.max_ranks
+        if not (0 <= k_out <= k_out_max and 0 <= k_in <= k_in_max):
+            raise ValueError(f"ranks ({k_out}, {k_in}) outside 0..{self.max_ranks}")
+
+
+def fit(adapters: list[LoraFactors | None], out_dim: int, in_dim: int) -> LoraModel:
+    """Fit shared bases to one module's adapters (``None``: the adapter leaves it untouched).
+
+    The mean is not subtracted, unlike the dense schemes. Updates are already differences from
+    the shared base model; an untouched module must come back as exactly zero, which an
+    uncentred basis does with an all-zero core; and the mean of N rank-r updates has rank up to
+    Σ r_i, so storing it would cost a dense out x in matrix (or as much as the updates
+    themselves) and break the factored form. The paper's LoRA results use this uncentred subspace.
+    """
+    coords_in: list[LoraFactors | None] = []
+    for i, f in enumerate(adapters):
+        if f is not None and (f.out_dim, f.in_dim) != (out_dim, in_dim):
+            raise ValueError(f"adapter {i} is {f.out_dim} x {f.in_dim}, module is {out_dim} x {in_dim}")
+        coords_in.append(f)
+    live = [f for f in coords_in if f is not None and f.rank > 0]
+    # Left: with A_iᵀ = Q_i R_i, ΔW_i = s_i B_i R_iᵀ Q_iᵀ, so Σ ΔW_i ΔW_iᵀ = G Gᵀ for the stack
+    # G = [s_i B_i R_iᵀ] (out x Σ r_i). Right, the same with roles swapped: B_i = P_i L_i gives
+    # ΔW_iᵀ = s_i A_iᵀ L_iᵀ P_iᵀ. The thin SVD of each stack gives the basis and spectrum without
+    # an out x out or in x in Gram, and more accurately than eigh of the stack's own Gram.
+    left = [f.scale * (f.b @ _r_factor(f.a.T).T) for f in live]
+    right = [f.scale * (f.a.T @ _r_factor(f.b).T) for f in live]
+    u, left_spectrum = _basis(left, out_dim)
+    v, right_spectrum = _basis(right, in_dim)
+    coords: list[tuple[np.ndarray, np.ndarray, float] | None] = [
+        None if f is None else (u.T @ f.b, f.a @ v, f.scale) for f in coords_in
+    ]
+    norms = np.array([0.0 if f is None else f.norm for f in coords_in])
+    return LoraModel(out_dim, in_dim, u, left_spectrum, v, right_spectrum, coords, norms)
+
+
+def reconstruct_factors(u_k: np.ndarray, core: np.ndarray, v_k: np.ndarray,
+                        max_rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """PEFT factors (b', a', scale') of rank <= ``max_rank`` for U_k C V_kᵀ.
+
+    With C = X Σ Yᵀ: B' = U_k X √Σ and A' = √Σ Yᵀ V_kᵀ, truncated to the top ``max_rank``
+    singular values (the best approximation of that rank, by Eckart-Young, since U_k and V_k are
+    orthonormal). Exactly-zero directions are dropped, so r' = min(max_rank, rank of C) and may
+    be 0. scale' is 1.0: the extracted adapter sets lora_alpha = r' (or √r' with rsLoRA) so
+    that s = 1, or divides B' by its own s. Splitting √Σ evenly keeps B' and A' balanced.
+    """
+    if max_rank < 0:
+        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+    x, sigma, yt = np.linalg.svd(core, full_matrices=False)
+    tol = sigma[0] * max(core.shape) * np.finfo(np.float64).eps if sigma.size else 0.0
+    keep = min(max_rank, int(np.count_nonzero(sigma > tol)))
+    x, sigma, yt = x[:, :keep], sigma[:keep], yt[:keep]
+    # Determinism: fix X's signs and flip Yᵀ's rows to match (the product is unchanged).
+    x_fixed = fix_signs(x)
+    flips = np.sum(x_fixed * x, axis=0) if keep else np.ones(0)
+    yt = yt * np.sign(flips)[:, None]
+    root = np.sqrt(sigma)
+    return u_k @ (x_fixed * root), (root[:, None] * yt) @ v_k.T, 1.0
+
+
+def _basis(stack: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal basis (signs fixed) and eigenvalues (σ², descending) of Σ G_i G_iᵀ.
+
+    Directions with σ below the usual numerical-rank tolerance carry only rounding and would be
+    chosen arbitrarily by LAPACK; they are dropped so the basis is reproducible.
+    """
+    if not stack:
+        return np.zeros((dim, 0)), np.zeros(0)
+    g = np.concatenate(stack, axis=1)
+    if g.shape[1] == 0:
+        return np.zeros((dim, 0)), np.zeros(0)
+    basis, sigma, _ = np.linalg.svd(g, full_matrices=False)
+    tol = sigma[0] * max(g.shape) * np.finfo(np.float64).eps if sigma.size else 0.0
+    keep = int(np.count_nonzero(sigma > tol))
+    return fix_signs(basis[:, :keep]), sigma[:keep] ** 2
+
+
+def _r_factor(x: np.ndarray) -> np.ndarray:
+    """R of the thin QR x = Q R (min(rows, cols) x cols); Q is never needed."""
+    return np.asarray(np.linalg.qr(x, mode="r"))
+
+
+def _smallest(hi: int, ok: Callable[[int], bool]) -> int:
+    """Smallest k in 0..hi with ok(k), for ok monotone and ok(hi) true."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
