@@ -293,14 +293,14 @@ def test_p02_safetensors_without_unipack_format(tmp_path: Path, base: Base, meta
 # 3. unknown versions
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("version", ["2", "99", "abc", "", "-1", "1.0", "١", "¹", "1\u0000"])
+@pytest.mark.parametrize("version", ["3", "99", "abc", "", "-1", "1.0", "١", "¹", "1\u0000"])
 def test_p03_unknown_header_version(tmp_path: Path, base: Base, version: str) -> None:
     p = base.parts()
     p.meta["format_version"] = version
     open_fails(write(tmp_path, p.assemble()), FormatError, repr(version), "supported: 1")
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [3, 99])
 def test_p03_consistent_future_version(tmp_path: Path, base: Base, version: int) -> None:
     p = base.parts()
     p.meta["format_version"] = str(version)
@@ -308,13 +308,13 @@ def test_p03_consistent_future_version(tmp_path: Path, base: Base, version: int)
     open_fails(write(tmp_path, p.assemble()), FormatError, str(version), "supported: 1")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True, None])
+@pytest.mark.parametrize("version", [3, 0, "1", 1.0, True, None])
 def test_p03_manifest_version_disagrees_with_header(tmp_path: Path, base: Base, version: Any) -> None:
     p = base.parts()
     p.manifest["format_version"] = version
     msg = open_fails(write(tmp_path, p.assemble()), FormatError)
     assert "format_version" in msg or "format version" in msg, msg
-    if version in (2, 0) and not isinstance(version, bool):
+    if version in (3, 0) and not isinstance(version, bool):
         assert str(version) in msg and "supported: 1" in msg, msg
 
 

@@ -813,7 +813,7 @@ def _manifest_dup_key(header: dict) -> None:
 
 
 def _set_version(m: dict) -> None:
-    m["format_version"] = 2
+    m["format_version"] = 3
 
 
 def _tamper_manifest(m: dict) -> None:
@@ -826,8 +826,8 @@ _MALFORMED = {
     "past-the-end": dict(edit_header=_shift_last),
     "gap": dict(edit_header=_shift_last, tail=b"\0"),
     "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
-    "version-2": dict(edit_manifest=_set_version,
-                      edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "2")),
+    "version-3": dict(edit_manifest=_set_version,
+                      edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "3")),
     "versions-disagree": dict(edit_manifest=_set_version),
     "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
     "overlap": dict(edit_header=_overlap),
@@ -850,10 +850,10 @@ def test_structural_rules(bundles, tmp_path, case):
     with pytest.raises(unipack.FormatError) as theirs:
         with unipack.open(str(bad)) as b:
             b.load_numpy(member)
-    if case == "version-2":
+    if case == "version-3":
         assert isinstance(mine.value, SpecVersionError)
-        assert "2" in str(mine.value) and "1" in str(mine.value)
-        assert "2" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
+        assert "3" in str(mine.value) and "1" in str(mine.value)
+        assert "3" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
     if case == "manifest-sha256":
         assert isinstance(mine.value, SpecChecksumError)
 

@@ -20,9 +20,13 @@ from .safetensors_file import MAX_DIM, MAX_NDIM, is_int
 
 FORMAT_NAME = "unipack.upk"
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: Version 2 adds the ``lora`` storage (LoRA adapter modules); a bundle without it stays version 1
+#: so that readers predating it still read every dense bundle.
+LORA_FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
-STORAGES = ("shared", "raw", "exact")
+STORAGES = ("shared", "raw", "exact", "lora")
+LORA_FORMS = ("subspace", "factors")
 SCHEMES = ("rows", "flat")
 SIDES = ("right", "left")
 RAW_CAUSES = ("requested", "budget", "values")
@@ -104,9 +108,28 @@ class TensorRecord:
     spectrum: tuple[float, ...] | None = None  # shared: leading centred eigenvalues, descending (informative)
     variance: float | None = None  # shared: total centred variance, the sum of all eigenvalues (informative)
     raw_cause: str | None = None  # raw: requested (--raw, shapes differ) | budget (cheaper raw) | values (NaN, ints)
+    # lora: a LoRA module (name = the key prefix before ".lora_A.weight"), shape = [out, in] of its update
+    form: str | None = None  # lora: subspace (shared bases U, V + per-member cores) | factors (each member's own A, B)
+    ranks: tuple[int, int] | None = None  # lora subspace: (k_out, k_in), the sizes of U and V
+    left: str | None = None  # lora subspace: U, out x k_out (None when k_out is 0)
+    right: str | None = None  # lora subspace: V, in x k_in (None when k_in is 0)
+
+    @property
+    def lora_keys(self) -> tuple[str, str]:
+        """A LoRA module's two keys in an adapter file: (A, B)."""
+        return f"{self.name}.lora_A.weight", f"{self.name}.lora_B.weight"
+
+    def has_coefficients(self) -> bool:
+        """Whether members touching this record keep coefficients (a block of the coefficient blob)."""
+        if self.storage == "shared":
+            return self.rank > 0
+        return self.storage == "lora" and self.form == "subspace" and self.ranks is not None \
+            and self.ranks[0] * self.ranks[1] > 0
 
     def coef_shape(self) -> tuple[int, ...]:
-        """Shape of one member's coefficients for this (shared) tensor."""
+        """Shape of one member's coefficients for this (shared) tensor, or its core (lora subspace)."""
+        if self.storage == "lora" and self.ranks is not None:
+            return self.ranks
         if self.storage != "shared":
             return (0,)
         if self.scheme == "flat":
@@ -154,6 +177,7 @@ class MemberRecord:
     fidelity: FidelityRecord | None = None
     metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "unipack": {...}}
     configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
+    lora: dict[str, tuple[int, float]] = field(default_factory=dict)  # lora module -> (rank r, PEFT scale s)
 
     def dtype_of(self, tensor: TensorRecord) -> str:
         return self.dtypes.get(tensor.name, tensor.dtype)
@@ -178,13 +202,17 @@ class Manifest:
     def coef_offsets(self, member: MemberRecord | None = None) -> dict[str, tuple[int, int]]:
         """Element range of each shared tensor's coefficients inside ``member``'s coefficient blob.
 
-        A tensor the member holds raw (an override, see spec §4.4) has no coefficients there.
+        A tensor the member holds raw (an override, see spec §4.4) has no coefficients there; a
+        LoRA module has a core only in the members that touch it.
         """
         out: dict[str, tuple[int, int]] = {}
         offset = 0
         overrides = member.raw if member is not None else {}
+        touched = member.lora if member is not None else {}
         for t in self.tensors:
-            if t.storage == "shared" and t.rank > 0 and t.name not in overrides:
+            if t.storage == "lora" and t.name not in touched:
+                continue
+            if t.has_coefficients() and t.name not in overrides:
                 n = math.prod(t.coef_shape())
                 out[t.name] = (offset, offset + n)
                 offset += n
@@ -223,6 +251,13 @@ def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
         doc["blob"] = t.blob
     if t.storage == "raw" and t.raw_cause is not None:
         doc["raw_cause"] = t.raw_cause
+    if t.storage == "lora":
+        doc["form"] = t.form
+        if t.form == "subspace":
+            assert t.ranks is not None
+            doc.update(ranks=list(t.ranks), left=t.left, right=t.right)
+        if t.spectrum is not None:
+            doc.update(spectrum=list(t.spectrum), variance=t.variance)
     return doc
 
 
@@ -244,6 +279,8 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
         doc["metrics"] = m.metrics
     if m.configs is not None:
         doc["configs"] = m.configs
+    if m.lora:
+        doc["lora"] = {module: [rank, scale] for module, (rank, scale) in m.lora.items()}
     return doc
 
 
@@ -378,7 +415,9 @@ def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorR
             raise FormatError(f"{where}: field 'raw_cause' is {cause!r}, expected one of {RAW_CAUSES}")
         return TensorRecord(**{**rec.__dict__, "raw_cause": cause})
     if dtype not in dtypes.FLOAT_DTYPES:
-        raise FormatError(f"{where}: shared tensors must have a float dtype, not {dtype}")
+        raise FormatError(f"{where}: {storage} tensors must have a float dtype, not {dtype}")
+    if storage == "lora":
+        return _parse_lora(d, rec)
     scheme = d.choice("scheme", SCHEMES)
     side = d.choice("side", SIDES) if scheme == "rows" else None
     matrix = None
@@ -398,6 +437,40 @@ def _parse_tensor(raw: Any, where: str, blobs: dict[str, BlobRecord]) -> TensorR
                         rank=rank, side=side, matrix=matrix, mean=d.text("mean"),
                         basis=d.text("basis", optional=True), energy=energy, spectrum=spectrum,
                         variance=d.num("variance", optional=spectrum is None))
+
+
+def _parse_lora(d: _Doc, rec: TensorRecord) -> TensorRecord:
+    """A LoRA module: shape [out, in]; ``subspace`` names U and V and their sizes."""
+    assert rec.shape is not None
+    if len(rec.shape) != 2 or 0 in rec.shape:
+        raise FormatError(f"{d.where}: a lora module's shape must be [out, in], got {list(rec.shape)}")
+    form = d.choice("form", LORA_FORMS)
+    spectrum = d.numbers("spectrum", optional=True)
+    fields = {**rec.__dict__, "form": form, "spectrum": spectrum,
+              "variance": d.num("variance", optional=spectrum is None)}
+    if form == "subspace":
+        ranks = d.shape("ranks")
+        out_dim, in_dim = rec.shape
+        if len(ranks) != 2 or ranks[0] > out_dim or ranks[1] > in_dim:
+            raise FormatError(f"{d.where}: ranks {list(ranks)} must be [k_out <= {out_dim}, k_in <= {in_dim}]")
+        fields.update(ranks=ranks, left=d.text("left", optional=True), right=d.text("right", optional=True))
+    return TensorRecord(**fields)
+
+
+def _parse_lora_map(value: Any, where: str, tensors: tuple[TensorRecord, ...]) -> dict[str, tuple[int, float]]:
+    """A member's ``lora`` map: module -> [rank >= 1, finite scale], modules being lora records."""
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: field 'lora' must be an object")
+    modules = {t.name for t in tensors if t.storage == "lora"}
+    out: dict[str, tuple[int, float]] = {}
+    for module, entry in value.items():
+        if module not in modules:
+            raise FormatError(f"{where}: lora entry {module!r} is not a lora module of this bundle")
+        if not (isinstance(entry, list) and len(entry) == 2 and is_int(entry[0]) and 1 <= entry[0] <= MAX_DIM
+                and (is_int(entry[1]) or isinstance(entry[1], float)) and math.isfinite(entry[1])):
+            raise FormatError(f"{where}: lora entry {module!r} must be [rank >= 1, finite scale]")
+        out[module] = (int(entry[0]), float(entry[1]))
+    return out
 
 
 def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
@@ -427,6 +500,7 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
         configs = _str_map(configs, f"{where}: configs")
         for file_name in configs:
             check_config_name(file_name, f"{where}: configs")
+    lora = _parse_lora_map(d.doc["lora"], where, tensors) if d.doc.get("lora") is not None else {}
     added = d.doc.get("added", False)
     if not isinstance(added, bool):
         raise FormatError(f"{where}: field 'added' must be true or false")
@@ -439,7 +513,7 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
         coefficients=d.text("coefficients", optional=True), raw=_str_map(d.obj("raw"), f"{where}: raw"),
         dtypes=member_dtypes, errors=tuple(float(e) for e in errors), added=added,
         lossless_bytes=d.integer("lossless_bytes", optional=True), fidelity=fidelity, metrics=metrics,
-        configs=configs,
+        configs=configs, lora=lora,
     )
 
 
@@ -489,6 +563,22 @@ def _check_references(m: Manifest, where: str) -> None:
                     raise FormatError(f"{where}: {what}: basis blob must be float")
             elif t.basis is not None:
                 raise FormatError(f"{where}: {what}: rank 0 but a basis blob is named")
+        elif t.storage == "lora":
+            if m.format_version < LORA_FORMAT_VERSION:
+                raise FormatError(f"{where}: {what}: lora modules need format version {LORA_FORMAT_VERSION}, "
+                                  f"the manifest says {m.format_version}")
+            if t.form == "subspace":
+                assert t.shape is not None and t.ranks is not None
+                for side, name, dim, k in (("left", t.left, t.shape[0], t.ranks[0]),
+                                           ("right", t.right, t.shape[1], t.ranks[1])):
+                    if k == 0:
+                        if name is not None:
+                            raise FormatError(f"{where}: {what}: {side} rank 0 but a {side} blob is named")
+                        continue
+                    b = blob(name, f"{what} {side} basis", (dim, k), coef_dtype)
+                    coef_dtype = coef_dtype or b.dtype
+                    if b.dtype not in dtypes.FLOAT_DTYPES:
+                        raise FormatError(f"{where}: {what}: {side} basis blob must be float")
     for mem in m.members:
         total = sum(b - a for a, b in m.coef_offsets(mem).values())
         what = f"member {mem.name!r}"
@@ -505,13 +595,38 @@ def _check_references(m: Manifest, where: str) -> None:
         elif mem.coefficients is not None:
             raise FormatError(f"{where}: {what}: names a coefficient blob but no tensor has rank > 0")
         raw_names = {t.name for t in m.tensors if t.storage == "raw"}
-        if not raw_names <= set(mem.raw) or not set(mem.raw) <= set(by_name):
+        factor_keys = _factor_keys(m, mem)
+        if not raw_names <= set(mem.raw) or not set(mem.raw) <= (set(by_name) | set(factor_keys)):
             raise FormatError(f"{where}: {what}: raw blobs {sorted(mem.raw)[:5]} do not cover the raw tensors "
                               f"{sorted(raw_names)[:5]} (or name unknown tensors)")
+        for key, (t, shape) in factor_keys.items():
+            if key not in mem.raw:
+                raise FormatError(f"{where}: {what}: touches lora module {t.name!r} (stored as factors) but "
+                                  f"has no raw blob for {key!r}")
+            blob(mem.raw[key], f"{what} lora factor {key!r}", shape, mem.dtype_of(t))
         for tname, bname in mem.raw.items():
+            if tname in factor_keys:
+                continue
             t = by_name[tname]
+            if t.storage == "lora":
+                raise FormatError(f"{where}: {what}: raw entry {tname!r} names a lora module; its factors are "
+                                  f"stored under their own keys")
             # A raw tensor's shape may vary by member; an override keeps the tensor's shape.
             blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
     unused = set(m.blobs) - used
     if unused:
         raise FormatError(f"{where}: blobs {sorted(unused)[:5]} are not referenced by any record")
+
+
+def _factor_keys(m: Manifest, mem: MemberRecord) -> dict[str, tuple[TensorRecord, tuple[int, int]]]:
+    """The raw keys a member must have for the ``factors``-form LoRA modules it touches, with
+    each factor's shape: A is r x in, B is out x r."""
+    out: dict[str, tuple[TensorRecord, tuple[int, int]]] = {}
+    for t in m.tensors:
+        if t.storage == "lora" and t.form == "factors" and t.name in mem.lora:
+            assert t.shape is not None
+            rank = mem.lora[t.name][0]
+            a_key, b_key = t.lora_keys
+            out[a_key] = (t, (rank, t.shape[1]))
+            out[b_key] = (t, (t.shape[0], rank))
+    return out
