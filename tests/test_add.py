@@ -574,7 +574,7 @@ def test_add_is_exported_and_has_cli_help() -> None:
 def test_projecting_a_merged_member_reproduces_what_merge_recorded(tmp_path: Path) -> None:
     """The projection is merge's own encoding step on a fixed basis: re-projecting a member that
     was merged gives back its stored coefficients, recorded error and fidelity numbers."""
-    from unipack.api.merge import round_up
+    from unipack.api.merger import round_up
     from unipack.core.project import project
     from unipack.format import dtypes
     from unipack.format.container import BundleFile

@@ -138,11 +138,13 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--member", "-m", help="Member to extract.")
 @click.option("--all", "all_members", is_flag=True, help="Extract every member into the -o directory.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output .safetensors file (default <member>.safetensors), folder with --format hf (default "
-                   "<member>), or directory with --all (default .).")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+              help="Output .safetensors file (default <member>.safetensors), folder with --format hf or peft "
+                   "(default <member>), or directory with --all (default .).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf", "peft"]), default="safetensors",
+              show_default=True,
               help="safetensors: one file per member. hf: a Hugging Face model folder (config files + weights) "
-                   "that transformers' from_pretrained loads.")
+                   "that transformers' from_pretrained loads. peft (LoRA bundles): a PEFT adapter folder "
+                   "(adapter_config.json + adapter_model.safetensors) that PeftModel.from_pretrained loads.")
 @click.option("--max-shard-size", metavar="SIZE", callback=_shard_size,
               help="With --format hf: split weights into shards of at most SIZE (default 5GB; 500MB, 5GiB or "
                    "bytes; GB = 10^9, GiB = 2^30), with model.safetensors.index.json.")
@@ -150,12 +152,26 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
               "as a whole, once the new one is complete).")
 def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Path | None, fmt: str,
                 max_shard_size: int | None, force: bool) -> None:
-    """Materialise a member (or --all) as .safetensors, or with --format hf as a Hugging Face model folder."""
+    """Materialise a member (or --all) as .safetensors, as a Hugging Face model folder (--format hf), or
+    as a PEFT adapter folder (--format peft)."""
     if all_members == (member is not None):
         raise click.UsageError("give exactly one of --member NAME or --all")
     if max_shard_size is not None and fmt != "hf":
         raise click.UsageError("--max-shard-size applies to --format hf only")
     with open_bundle(bundle) as b:
+        if fmt == "peft":
+            if all_members:
+                peft_exports = b.extract_peft_all(output or Path("."), force=force)
+            else:
+                assert member is not None
+                peft_exports = [b.extract_peft(member, output or Path(member), force=force)]
+            for peft_export in peft_exports:
+                click.echo(str(peft_export.directory))
+            if not all_members:
+                worst = max(b.member(member).errors, default=0.0)
+                err_console.print(f"extracted [bold]{member}[/] as a PEFT adapter folder: worst relative error of "
+                                  f"any module's update {worst:.3g} ({'exact' if worst == 0 else 'lossy'})")
+            return
         if fmt == "hf":
             from .api.hf_folder import DEFAULT_MAX_SHARD_SIZE
 

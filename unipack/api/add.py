@@ -32,7 +32,7 @@ from ..format.safetensors_file import read_header
 from ..options import MergeOptions
 from . import lossless
 from .inputs import Checkpoint, default_name, name_difference, open_checkpoint
-from .merge import EXACT, fidelity_record, round_up
+from .merger import EXACT, fidelity_record, round_up
 
 
 @dataclass(frozen=True)

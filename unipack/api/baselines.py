@@ -22,7 +22,7 @@ from ..format import dtypes
 from ..format.manifest import FidelityRecord, MemberRecord, TensorRecord
 from .bundle import Bundle
 from .inputs import Checkpoint
-from .merge import EXACT, fidelity_record
+from .merger import EXACT, fidelity_record
 
 Arrays = dict[str, tuple[str, np.ndarray]]  # name -> (dtype, array held as dtypes.holder(dtype))
 

@@ -20,6 +20,8 @@ from ..format.atomic import atomic_write, ensure_directory
 from ..format.container import BundleFile
 from ..format.manifest import Manifest, MemberRecord, TensorRecord
 from ..format.safetensors_file import encode_header
+from .peft_folder import PeftExport, write_peft_folder, write_peft_folders
+from .lora_members import dense_update, factor_arrays, factor_entries, fan_in_fan_out, update_key
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, HFExport, write_hf_folder, write_hf_folders
 from .summary import BundleSummary, summarize
 
@@ -62,7 +64,10 @@ class Bundle:
         offsets = self.manifest.coef_offsets(rec)
         for t in self.manifest.tensors:
             dtype = rec.dtype_of(t)
-            if t.name in rec.raw:  # a raw tensor, or one this member overrides (spec §4.4)
+            if t.storage == "lora":  # a LoRA module: the member's two factors, if it touches it
+                core = self._core(t, coefs, offsets)
+                yield from factor_arrays(self.manifest, self._file.read_blob, t, rec, core)
+            elif t.name in rec.raw:  # a raw tensor, or one this member overrides (spec §4.4)
                 yield t, dtype, self._file.read_blob(rec.raw[t.name])
             elif t.storage == "exact":
                 assert t.blob is not None
@@ -83,6 +88,19 @@ class Bundle:
         coef = dtypes.to_float(coefs[lo:hi], basis_blob.dtype).reshape(t.coef_shape())
         return reconstruct(t, mean, basis, coef)
 
+    def _core(self, t: TensorRecord, coefs: np.ndarray | None,
+              offsets: dict[str, tuple[int, int]]) -> np.ndarray | None:
+        """A LoRA module's core for the member whose coefficients are ``coefs`` (float64), if stored."""
+        if t.name not in offsets or coefs is None:
+            return None
+        lo, hi = offsets[t.name]
+        return dtypes.to_float(coefs[lo:hi], self.coef_dtype()).reshape(t.coef_shape())
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether this bundle holds PEFT LoRA adapters (its members are adapters, not models)."""
+        return any(t.storage == "lora" for t in self.manifest.tensors)
+
     def mean_values(self, t: TensorRecord) -> np.ndarray:
         """A shared tensor's stored mean as float64, in the tensor's shape."""
         assert t.mean is not None and t.shape is not None
@@ -95,19 +113,47 @@ class Bundle:
     def coef_dtype(self) -> str:
         """The dtype bases and coefficients are stored in (the merge's ``--dtype``)."""
         for t in self.manifest.tensors:
-            if t.basis is not None:
-                return self.manifest.blobs[t.basis].dtype
+            for blob in (t.basis, t.left, t.right):
+                if blob is not None:
+                    return self.manifest.blobs[blob].dtype
         return {"float16": "F16", "bfloat16": "BF16"}.get(str(self.manifest.options.get("dtype")), "F32")
 
     def load_numpy(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
         """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)``."""
         return {t.name: (dtype, array) for t, dtype, array in self.iter_arrays(member)}
 
-    def load(self, member: str) -> dict[str, "torch.Tensor"]:
-        """Member ``member`` as a torch state dict (same names, shapes and dtypes as its original)."""
+    def load(self, member: str, *, lora: str = "factors") -> dict[str, "torch.Tensor"]:
+        """Member ``member`` as a torch state dict (same names, shapes and dtypes as its original).
+
+        For a LoRA bundle, ``lora="factors"`` (the default) gives the adapter file's keys (PEFT
+        factors and modules_to_save tensors); ``lora="updates"`` gives only the dense updates
+        ΔŴ, keyed by the base model's weight they add to (``<module>.weight``, in that weight's
+        layout), in the member's dtype.
+        """
         from .torch_bridge import to_torch
 
+        if lora not in ("factors", "updates"):
+            raise ValueError(f"lora must be 'factors' or 'updates', not {lora!r}")
+        if lora == "updates":
+            return {key: to_torch(array, dtype) for key, dtype, array in self.iter_updates(member)}
         return {t.name: to_torch(array, dtype) for t, dtype, array in self.iter_arrays(member)}
+
+    def iter_updates(self, member: str) -> Iterator[tuple[str, str, np.ndarray]]:
+        """``(base weight key, dtype, ΔŴ)`` for each LoRA module ``member`` touches (one at a time:
+        a dense update is out x in, so only one is held)."""
+        if not self.is_lora:
+            raise UnipackError(f"{self.path}: holds full checkpoints, not LoRA adapters; there are no updates "
+                               f"to load (use load(member))")
+        rec = self.member(member)
+        coefs = self._file.read_blob(rec.coefficients) if rec.coefficients else None
+        offsets = self.manifest.coef_offsets(rec)
+        transposed = fan_in_fan_out(rec)
+        for t in self.manifest.tensors:
+            if t.storage != "lora" or t.name not in rec.lora:
+                continue
+            update = dense_update(self.manifest, self._file.read_blob, t, rec, self._core(t, coefs, offsets))
+            dtype = rec.dtype_of(t)
+            yield update_key(t.name), dtype, dtypes.from_float(update.T if transposed else update, dtype)
 
     def tensor_entries(self, member: str) -> list[tuple[str, str, tuple[int, ...], int]]:
         """``(name, dtype, shape, nbytes)`` of each tensor of ``member``, in ``iter_arrays`` order,
@@ -116,6 +162,10 @@ class Bundle:
         entries = []
         for t in self.manifest.tensors:
             dtype = rec.dtype_of(t)
+            if t.storage == "lora":
+                entries.extend((key, dtype, shape, shape[0] * shape[1] * dtypes.itemsize(dtype))
+                               for key, shape in factor_entries(t, rec))
+                continue
             shape = self.manifest.blobs[rec.raw[t.name]].shape if t.name in rec.raw else t.shape
             assert shape is not None
             numel = 1
@@ -152,6 +202,15 @@ class Bundle:
                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> list[HFExport]:
         """Every member as a Hugging Face folder ``directory/<member>/``."""
         return write_hf_folders(self, directory, max_shard_size=max_shard_size, force=force)
+
+    def extract_peft(self, member: str, directory: str | os.PathLike[str], *, force: bool = False) -> PeftExport:
+        """Write ``member`` of a LoRA bundle as a PEFT adapter folder (its own adapter_config.json +
+        adapter_model.safetensors) that ``peft.PeftModel.from_pretrained(base, directory)`` loads."""
+        return write_peft_folder(self, member, directory, force=force)
+
+    def extract_peft_all(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[PeftExport]:
+        """Every member of a LoRA bundle as a PEFT adapter folder ``directory/<member>/``."""
+        return write_peft_folders(self, directory, force=force)
 
     def verify(self) -> list[str]:
         """Check every blob (checksum, decoding) and rebuild every member; never writes anything.

@@ -31,7 +31,8 @@ from ..options import MergeOptions
 from .bundle import Bundle
 from .evaluation import EvalHook, pick_metric
 from .inputs import close_all, default_name, open_inputs
-from .merge import MergeProgress, MergeResult, merge, peak_rss_bytes
+from .merge import MergeResult, merge, peak_rss_bytes
+from .merger import MergeProgress
 from .scoring import checkpoint_state
 
 #: Budgets below this are treated as 0 (lossless): halving further would only add attempts.

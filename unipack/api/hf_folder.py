@@ -111,6 +111,8 @@ def write_hf_folder(bundle: Bundle, member: str, directory: str | os.PathLike[st
     """Write ``member`` as a Hugging Face model folder at ``directory`` (see the module docstring)."""
     limit = parse_size(max_shard_size, "max_shard_size")
     rec = bundle.member(member)  # a clear error for an unknown member, before any file work
+    if bundle.is_lora:
+        raise OptionsError(f"{bundle.path}: holds LoRA adapters, not models; extract them with --format peft")
     target = Path(directory)
     check_hf_target(bundle, target, force=force)
     entries = bundle.tensor_entries(member)
@@ -145,6 +147,8 @@ def write_hf_folders(bundle: Bundle, directory: str | os.PathLike[str], *,
     """
     out_dir = Path(directory)
     limit = parse_size(max_shard_size, "max_shard_size")
+    if bundle.is_lora:
+        raise OptionsError(f"{bundle.path}: holds LoRA adapters, not models; extract them with --format peft")
     ensure_directory(out_dir)
     for name in bundle.members:
         check_hf_target(bundle, out_dir / name, force=force)

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FormatError, InputError
 from ..format import dtypes
 from ..format.manifest import check_member_name
-from .sources import TORCH_SUFFIXES, TensorInfo, TensorSource, open_source
+from .sources import TORCH_SUFFIXES, PeftAdapterSource, TensorInfo, TensorSource, open_source
 
 #: Suffixes a default member name drops (a folder's name is used as it is).
 NAME_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
@@ -95,7 +95,9 @@ def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
     try:
         for name, path in zip(names, paths):
             checkpoints.append(open_checkpoint(path, name))
-        _check_same_names(checkpoints)
+        if not any(isinstance(c.source, PeftAdapterSource) for c in checkpoints):
+            # Adapters may target different modules; merge_lora checks what they must share.
+            _check_same_names(checkpoints)
     except BaseException:
         close_all(checkpoints)
         raise

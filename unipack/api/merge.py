@@ -7,38 +7,20 @@ the per-member coefficients stay in memory until the bundle is written atomicall
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
-
-from .. import __version__
-from ..core.decomposition import Encoded, KeepRaw, TensorJob, decompose
-from ..core.fidelity import MemberFidelity, round_sig, spectrum
-from ..core.linalg import rel_error
-from ..format import dtypes
 from ..format.atomic import check_writable
 from ..format.container import BundleWriter
-from ..format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
+from ..format.manifest import Manifest
 from ..options import MergeOptions
-from . import lossless
-from .inputs import Checkpoint, close_all, open_inputs
-from .plan import TensorPlan, plan_tensors
-
-
-class MergeProgress(Protocol):
-    """What a front end may show while merging (the CLI draws rich progress bars)."""
-
-    def start(self, n_tensors: int, n_members: int) -> None: ...
-    def tensor(self, index: int, name: str) -> None: ...
-    def member_read(self) -> None: ...
-    def lossless(self, done: int, total: int) -> None: ...
+from .inputs import close_all, open_inputs
+from .merge_lora import LoraMerger, adapter_sources, plan_lora
+from .merger import MergeProgress, Merger
+from .plan import plan_tensors
 
 
 @dataclass(frozen=True)
@@ -78,27 +60,22 @@ def merge(
     check_writable(out_path, force=force)
     checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
     try:
-        plans = plan_tensors(checkpoints, opts)
-        with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
-            manifest = _Merger(checkpoints, opts, writer, progress).run(plans)
-            size = writer.finish(manifest, out_path, force=force)
+        adapters = adapter_sources(checkpoints)
+        if adapters is not None:
+            modules, extras = plan_lora(checkpoints, adapters)
+            with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                merger = LoraMerger(checkpoints, opts, writer, progress)
+                manifest = merger.run_lora(modules, extras)
+                size = writer.finish(manifest, out_path, force=force)
+        else:
+            plans = plan_tensors(checkpoints, opts)
+            with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                manifest = Merger(checkpoints, opts, writer, progress).run(plans)
+                size = writer.finish(manifest, out_path, force=force)
     finally:
         close_all(checkpoints)
     return MergeResult(out_path, size, manifest.stats["input_bytes"], manifest,
                        time.perf_counter() - started, peak_rss_bytes())
-
-
-def round_up(value: float, digits: int = 9) -> float:
-    """``value`` rounded up to ``digits`` significant digits.
-
-    The last digits of a float64 norm depend on the BLAS's summation order (its thread count);
-    recording 9 digits keeps bundles byte-identical across machines, and rounding up never
-    understates an error.
-    """
-    if value <= 0.0 or not math.isfinite(value):
-        return value
-    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
-    return math.ceil(value * scale) / scale
 
 
 def peak_rss_bytes() -> int:
@@ -108,182 +85,3 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-class _Merger:
-    def __init__(self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter,
-                 progress: MergeProgress | None) -> None:
-        self.checkpoints, self.options, self.writer, self.progress = checkpoints, options, writer, progress
-        self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
-        n = len(checkpoints)
-        self.coefs: list[list[np.ndarray]] = [[] for _ in range(n)]
-        self.raw: list[dict[str, str]] = [{} for _ in range(n)]
-        self.errors: list[list[float]] = [[] for _ in range(n)]
-        self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
-        self.lossless: list[lossless.LosslessSize | None] = [None] * n
-
-    def run(self, plans: list[TensorPlan]) -> Manifest:
-        self._measure_lossless()
-        if self.progress:
-            self.progress.start(len(plans), len(self.checkpoints))
-        records = []
-        for index, plan in enumerate(plans):
-            if self.progress:
-                self.progress.tensor(index, plan.name)
-            records.append(self._store(plan))
-        return self._manifest(records)
-
-    def _store(self, plan: TensorPlan) -> TensorRecord:
-        if plan.storage == "raw":
-            return self._store_raw(plan, plan.reason, "requested")
-        identical, non_finite = self._survey(plan)
-        if identical:
-            return self._store_exact(plan)
-        if plan.storage == "exact-candidate":
-            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)", "values")
-        if non_finite is not None:
-            return self._store_raw(plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)",
-                                   "values")
-        assert plan.shape is not None
-        job = TensorJob(
-            name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
-            rule=self.options.rule, max_error=self.options.max_error, rank=self.options.rank,
-            energy=self.options.energy, coef_dtype=self.coef_dtype, gram_limit=self.options.gram_limit,
-            baselines=self.options.baselines,
-        )
-        result = decompose(job, plan.schemes)
-        if isinstance(result, KeepRaw):
-            return self._store_raw(plan, result.reason, "budget")
-        return self._store_shared(plan, result)
-
-    def _measure_lossless(self) -> None:
-        sizes = [c.file_size for c in self.checkpoints]
-        mode = lossless.plan_mode(self.options.lossless, sum(sizes))
-        if mode is None:
-            return
-        for i, c in enumerate(self.checkpoints):
-            if self.progress:
-                self.progress.lossless(i, len(self.checkpoints))
-            self.lossless[i] = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1))
-
-    def _values(self, i: int, name: str) -> np.ndarray:
-        if self.progress:
-            self.progress.member_read()
-        return self.checkpoints[i].values(name)
-
-    def _store_raw(self, plan: TensorPlan, reason: str, cause: str) -> TensorRecord:
-        for i, c in enumerate(self.checkpoints):
-            self.raw[i][plan.name] = self.writer.add(f"raw/{i}/{plan.name}", c.read(plan.name), plan.dtypes[i])
-            self.errors[i].append(0.0)
-        if cause == "budget":
-            for i, f in enumerate(self._mean_only_errors(plan)):
-                self.fidelity[i].append(f)
-        else:
-            for fidelity in self.fidelity:
-                fidelity.append(EXACT)
-        return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason, raw_cause=cause)
-
-    def _mean_only_errors(self, plan: TensorPlan) -> list[MemberFidelity]:
-        """A tensor the merge kept raw (cheaper than its subspace) still has a mean-only baseline:
-        the report must not credit the mean with tensors it would have had to replace."""
-        mean_dtype = dtypes.widest_float(frozenset(plan.dtypes))
-        total = None
-        for i in range(len(self.checkpoints)):
-            x = self._values(i, plan.name)
-            total = x.copy() if total is None else total + x
-        assert total is not None
-        mean = dtypes.round_trip(total / len(self.checkpoints), mean_dtype)
-        out = []
-        for i, dtype in enumerate(plan.dtypes):
-            x = self._values(i, plan.name)
-            norm = float(np.linalg.norm(x.ravel()))
-            out.append(MemberFidelity(norm=norm, delta_error=0.0,
-                                      mean_error=rel_error(x, dtypes.round_trip(mean, dtype), norm),
-                                      svd_error=0.0, svd_rank=0))
-        return out
-
-    def _survey(self, plan: TensorPlan) -> tuple[bool, str | None]:
-        """One cheap pass: are all members bit-identical, and does any hold NaN/inf?
-
-        Identical tensors (frozen layers, buffers) are stored once, exactly, so even signed zeros
-        and NaN payloads survive; non-finite values would poison the decomposition.
-        """
-        digest = None
-        identical = len(set(plan.dtypes)) == 1
-        non_finite = None
-        for c, dtype in zip(self.checkpoints, plan.dtypes):
-            array = c.read(plan.name)
-            if identical:
-                d = hashlib.sha256(array.tobytes()).digest()
-                identical = digest is None or d == digest
-                digest = digest or d
-            if non_finite is None and dtype in dtypes.FLOAT_DTYPES and \
-                    not np.isfinite(dtypes.to_float(array, dtype)).all():
-                non_finite = c.name
-        return identical, non_finite
-
-    def _store_exact(self, plan: TensorPlan) -> TensorRecord:
-        """A tensor every member holds bit for bit: one blob, shared by all."""
-        blob = self.writer.add(f"exact/{plan.name}", self.checkpoints[0].read(plan.name), plan.dtypes[0])
-        for errors, fidelity in zip(self.errors, self.fidelity):
-            errors.append(0.0)
-            fidelity.append(EXACT)
-        reason = plan.reason or "identical in every member"
-        return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, reason, blob=blob)
-
-    def _store_shared(self, plan: TensorPlan, enc: Encoded) -> TensorRecord:
-        mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
-        basis = None
-        if enc.basis is not None:
-            basis = self.writer.add(f"basis/{plan.name}", enc.basis, self.coef_dtype)
-            for i, coef in enumerate(enc.coefs):
-                self.coefs[i].append(coef.reshape(-1))
-        for i, err in enumerate(enc.errors):
-            self.errors[i].append(round_up(float(err)))
-            self.fidelity[i].append(enc.fidelity[i])
-        head, variance = spectrum(enc.eigenvalues)
-        return TensorRecord(plan.name, "shared", plan.dtypes[0], plan.shape, enc.reason, scheme=enc.scheme,
-                            rank=enc.rank, side=enc.side, matrix=enc.matrix, mean=mean, basis=basis,
-                            energy=round(enc.energy, 6), spectrum=tuple(head), variance=variance)
-
-    def _manifest(self, records: list[TensorRecord]) -> Manifest:
-        members = []
-        for i, c in enumerate(self.checkpoints):
-            coef = None
-            if self.coefs[i]:
-                coef = self.writer.add(f"coef/{i}", np.concatenate(self.coefs[i]), self.coef_dtype)
-                self.coefs[i] = []  # release as we go
-            overrides = {r.name: d for r, d in zip(records, (c.tensors[r.name].dtype for r in records))
-                         if d != r.dtype}
-            measured = self.lossless[i]
-            members.append(MemberRecord(
-                name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
-                coefficients=coef, raw=self.raw[i], dtypes=overrides, errors=tuple(self.errors[i]),
-                lossless_bytes=measured.compressed_bytes if measured else None,
-                fidelity=fidelity_record(self.fidelity[i], self.options.baselines), configs=c.configs,
-            ))
-        stats: dict[str, Any] = {"input_bytes": sum(c.file_size for c in self.checkpoints)}
-        if all(self.lossless):
-            stats["lossless"] = {"codec": "zstd", "level": lossless.LEVEL,
-                                 "sampled": any(m.sampled for m in self.lossless if m)}
-        return Manifest(
-            created_by=f"unipack {__version__}", options=self.options.to_dict(), tensors=tuple(records),
-            members=tuple(members), blobs=self.writer.blobs, stats=stats,
-        )
-
-
-#: What a member's raw or exact tensor records: nothing lost, nothing to compare.
-EXACT = MemberFidelity(norm=0.0, delta_error=0.0, mean_error=0.0, svd_error=0.0, svd_rank=0)
-
-
-def fidelity_record(per_tensor: list[MemberFidelity], baselines: bool) -> FidelityRecord:
-    """One member's informative numbers, rounded (see ``round_sig``) for the manifest."""
-    def column(values: Sequence[float | None]) -> tuple[float, ...]:
-        return tuple(round_sig(float(v or 0.0)) for v in values)
-
-    return FidelityRecord(
-        norms=column([f.norm for f in per_tensor]), delta_errors=column([f.delta_error for f in per_tensor]),
-        mean_errors=column([f.mean_error for f in per_tensor]),
-        svd_errors=column([f.svd_error for f in per_tensor]) if baselines else None,
-        svd_ranks=tuple(int(f.svd_rank or 0) for f in per_tensor) if baselines else None,
-    )

@@ -117,6 +117,10 @@ def build_module(bundle: Bundle, member: str, model: str | Factory | None = None
     record = bundle.member(member)  # a clear error for an unknown member before any work
     if model is not None:
         return _from_factory(bundle, member, model)
+    if bundle.is_lora:
+        raise ModelError(f"member {member!r} is a LoRA adapter, not a model: extract it with --format peft and "
+                         f"load it onto its base model with peft, or give --model module:function (a factory "
+                         f"that applies the adapter's state dict to the base and returns it with an example input)")
     config_text = (record.configs or {}).get("config.json")
     if config_text is None:
         raise ModelError(f"member {member!r} has no Hugging Face config.json: give --model module:function "

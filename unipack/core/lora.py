@@ -161,6 +161,57 @@ class LoraModel:
         in_first = (_smallest(k_out, lambda ko: ok(ko, in_first_i)), in_first_i)
         return min(out_first, in_first, key=lambda ks: self.stored_values(*ks))  # min keeps the first on a tie
 
+    def mean_errors(self, max_values: int = 16 * 2**20) -> np.ndarray | None:
+        """The mean-only baseline: each touching adapter's ||ΔW_i - M|| / ||ΔW_i||, with M the mean
+        update of the adapters that touch the module (an untouched one keeps its zero update: 0).
+
+        Worked in the full bases, where ΔW_i has the core F_i = s_i p_i q_i and M the mean core F̄
+        (K_out x K_in): ||F_i - F̄||² = ||ΔW_i||² - 2 s_i <p_iᵀ F̄, q_i> + ||F̄||². None when F̄
+        would exceed ``max_values`` numbers (a huge collection): the baseline is then not measured.
+        """
+        k_out, k_in = self.max_ranks
+        live = [c for c in self._coords if c is not None]
+        if not live or k_out * k_in > max_values:
+            return None if live else np.zeros(self.n_adapters)
+        mean = np.zeros((k_out, k_in))
+        for p, q, s in live:
+            mean += s * (p @ q)
+        mean /= len(live)
+        mean_sq = float(np.sum(mean * mean))
+        out = np.zeros(self.n_adapters)
+        for i, c in enumerate(self._coords):
+            if c is None:
+                continue
+            p, q, s = c
+            cross = s * float(np.sum((p.T @ mean) * q))
+            sq = max(self.norms[i] ** 2 - 2.0 * cross + mean_sq, 0.0)
+            out[i] = math.sqrt(sq) / self.norms[i] if self.norms[i] > 0.0 else math.sqrt(sq)
+        return out
+
+    def svd_baseline(self, k_out: int, k_in: int) -> list[tuple[float, int]]:
+        """Per adapter, (error, rank) of its own truncated SVD at equal bytes (0, 0 if untouched).
+
+        "Equal bytes": its core plus its 1/n share of both bases, as values, buys a rank-q SVD
+        (out + in values per rank), capped at the adapter's own rank. The error is the exact
+        truncation error from the singular values of s_i p_i q_i (those of ΔW_i, since U and V
+        have orthonormal columns), before any rounding: the baseline gets the benefit of the doubt.
+        """
+        self._check(k_out, k_in)
+        share = k_out * k_in + (self.out_dim * k_out + self.in_dim * k_in) / max(self.n_touched, 1)
+        out: list[tuple[float, int]] = []
+        for i, c in enumerate(self._coords):
+            if c is None:
+                out.append((0.0, 0))
+                continue
+            p, q, s = c
+            rank = int(min(share // (self.out_dim + self.in_dim), p.shape[1]))
+            # Singular values of s p q from its r x r core: p = Qp Rp, qᵀ = Qq Rq.
+            sigma = np.linalg.svd(s * (_r_factor(p) @ _r_factor(q.T).T), compute_uv=False)
+            tail = float(np.sum(sigma[rank:] ** 2))
+            err = math.sqrt(tail)
+            out.append((err / self.norms[i] if self.norms[i] > 0.0 else err, rank))
+        return out
+
     def energy_rank(self, fraction: float) -> tuple[int, int]:
         """(k_out, k_in): each side's smallest rank whose projection alone keeps ``fraction``
         of the total Σ ||ΔW_i||², read from that side's spectrum."""
