@@ -118,7 +118,10 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         for col in ("tensor", "storage", "scheme", "rank", "energy kept", "why"):
             tensors.add_column(col)
         for t in manifest.tensors:
-            tensors.add_row(t.name, t.storage, t.scheme or "-", str(t.rank) if t.storage == "shared" else "-",
+            rank = str(t.rank) if t.storage == "shared" else "-"
+            if t.storage == "lora" and t.ranks is not None:
+                rank = f"{t.ranks[0]} x {t.ranks[1]}"  # k_out x k_in of the update space
+            tensors.add_row(t.name, t.storage, t.scheme or t.form or "-", rank,
                             f"{t.energy:.4f}" if t.energy is not None else "-", t.reason)
         yield tensors
 

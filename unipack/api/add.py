@@ -99,6 +99,9 @@ def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name:
         check_writable(out, force=force)
     with BundleFile(bundle_path) as reader:
         manifest = reader.manifest
+        if any(t.storage == "lora" for t in manifest.tensors):
+            raise InputError(f"{bundle_path}: holds LoRA adapters; adding one to an existing bundle is not supported "
+                             f"yet: merge all the adapters again")
         member = _member_name(name, source_path, manifest, bundle_path)
         checkpoint = open_checkpoint(source_path, member)
         try:

@@ -28,14 +28,20 @@ Arrays = dict[str, tuple[str, np.ndarray]]  # name -> (dtype, array held as dtyp
 
 
 def is_projected(t: TensorRecord, member: MemberRecord) -> bool:
-    """Whether this member's tensor comes from the mean and bases (not raw, override or exact)."""
+    """Whether this member's tensor comes from the mean and bases (not raw, override or exact), or
+    its LoRA update from the shared update-space bases."""
+    if t.storage == "lora":
+        return t.form == "subspace" and t.name in member.lora
     return t.storage == "shared" and t.name not in member.raw
 
 
 def replaced_by_mean(t: TensorRecord, member: MemberRecord) -> bool:
     """Whether the mean-only baseline replaces this tensor: every shared one (also where this
     member overrides it), and those the merge kept raw only because raw was cheaper -- not
-    task-specific heads, not NaN or integer data."""
+    task-specific heads, not NaN or integer data. A LoRA module the member touches is replaced
+    by the mean update of the adapters touching it, in either form."""
+    if t.storage == "lora":
+        return t.name in member.lora
     return t.storage == "shared" or (t.storage == "raw" and t.raw_cause == "budget")
 
 

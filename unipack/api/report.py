@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..format import dtypes
-from ..format.manifest import FidelityRecord, Manifest, MemberRecord
+from ..format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
 from ..format.safetensors_file import SafetensorsHeader
 from .baselines import is_projected, measure_member, replaced_by_mean
 from .inputs import open_checkpoint
@@ -164,6 +164,14 @@ def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str
         if t.storage == "raw" and t.raw_cause == "budget":
             copies = [stored[m.raw[t.name]] for m in manifest.members]
             size -= sum(copies) - max(copies, default=0)
+        if t.storage == "lora":
+            # The adapters' own factors go; the mean update comes, stored as cheaply as it can be:
+            # dense, or factored with the rank of the sum (at most the sum of the ranks).
+            size -= sum(stored[m.raw[k]] for m in manifest.members for k in t.lora_keys if k in m.raw)
+            assert t.shape is not None
+            out_dim, in_dim = t.shape
+            rank_sum = sum(m.lora[t.name][0] for m in manifest.members if t.name in m.lora)
+            size += min(out_dim * in_dim, rank_sum * (out_dim + in_dim)) * dtypes.itemsize(t.dtype)
     return size
 
 
@@ -186,7 +194,12 @@ def _byte_parts(manifest: Manifest, header: SafetensorsHeader, header_bytes: byt
 
 
 def _tensor_bytes(manifest: Manifest, member: MemberRecord, index: int) -> int:
+    """What the member's original holds for tensor ``index`` (the weight of its error in a mean)."""
     t = manifest.tensors[index]
+    if t.storage == "lora":  # its two factors, if it touches the module
+        assert t.shape is not None
+        rank = member.lora[t.name][0] if t.name in member.lora else 0
+        return rank * (t.shape[0] + t.shape[1]) * dtypes.itemsize(member.dtype_of(t))
     shape = manifest.blobs[member.raw[t.name]].shape if t.name in member.raw else t.shape or ()
     return math.prod(shape) * dtypes.itemsize(member.dtype_of(t))
 
@@ -232,11 +245,12 @@ def _tensor_reports(manifest: Manifest, stored: dict[str, int],
     coef_share = _coefficient_shares(manifest, stored)
     out = []
     for i, t in enumerate(manifest.tensors):
-        own = sum(stored[b] for b in (t.mean, t.basis, t.blob) if b is not None)
-        own += sum(stored[m.raw[t.name]] for m in manifest.members if t.name in m.raw)
+        own = sum(stored[b] for b in (t.mean, t.basis, t.left, t.right, t.blob) if b is not None)
+        keys = t.lora_keys if t.storage == "lora" else (t.name,)
+        own += sum(stored[m.raw[k]] for m in manifest.members for k in keys if k in m.raw)
         errors: dict[str, float | None] = dict.fromkeys(METHODS)
         winner = None
-        if t.storage == "shared" or t.raw_cause == "budget":
+        if t.storage in ("shared", "lora") or t.raw_cause == "budget":
             members = [m for m in manifest.members if replaced_by_mean(t, m)]
             records = [fidelity.get(m.name, m.fidelity) for m in members]
             if members:
@@ -247,11 +261,18 @@ def _tensor_reports(manifest: Manifest, stored: dict[str, int],
                         errors["svd"] = sum(r.svd_errors[i] for r in records if r and r.svd_errors) / len(members)
                 winner = _winner(errors)
         out.append(TensorReport(
-            name=t.name, storage=t.storage, scheme=t.scheme, rank=t.rank if t.storage == "shared" else None,
+            name=t.name, storage=t.storage, scheme=_scheme_text(t), rank=t.rank if t.storage == "shared" else None,
             energy=t.energy, spectrum=list(t.spectrum or ()), variance=t.variance,
             stored_bytes=own + coef_share.get(t.name, 0), errors=errors, winner=winner,
         ))
     return out
+
+
+def _scheme_text(t: TensorRecord) -> str | None:
+    """The scheme column: rows / flat, or a LoRA module's form (with its ranks k_out x k_in)."""
+    if t.storage != "lora":
+        return t.scheme
+    return f"{t.ranks[0]}x{t.ranks[1]}" if t.form == "subspace" and t.ranks is not None else "factors"
 
 
 def _winner(errors: Mapping[str, float | None]) -> str | None:
@@ -313,6 +334,9 @@ def report(bundle: Bundle, *, originals: Path | None = None, recompute: bool = F
     eval function (and the originals and baselines where available).
     """
     found = find_originals(bundle.manifest, originals) if originals is not None else {}
+    if recompute and bundle.is_lora:
+        raise InputError(f"{bundle.path}: holds LoRA adapters, whose baselines are measured only at merge "
+                         f"time; merge again with --baselines to get them")
     if recompute and not found:
         raise InputError("recomputing baselines needs the members' originals: add --originals DIR")
     fidelity: dict[str, FidelityRecord] = {}

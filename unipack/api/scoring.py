@@ -47,6 +47,9 @@ def score_members(bundle: Bundle, hook: EvalHook, originals: Mapping[str, Path],
     """
     table: dict[str, dict[str, dict[str, float] | None]] = {}
     recorded: list[str] = []
+    # A LoRA adapter's baselines (the mean update, its own SVD) are recorded per module at merge
+    # time, but neither is an adapter of the member's rank that its PEFT state dict could carry.
+    baselines = baselines and not bundle.is_lora
     for name in members if members is not None else bundle.members:
         if on_member:
             on_member(name)
@@ -89,6 +92,6 @@ def drops(table: Mapping[str, Mapping[str, Mapping[str, float] | None]], metric:
 
 
 def _check_same_tensors(bundle: Bundle, name: str, original: Checkpoint) -> None:
-    if set(original.tensors) != set(bundle.tensor_names):
+    if set(original.tensors) != {entry[0] for entry in bundle.tensor_entries(name)}:
         raise InputError(f"{original.path}: its tensor names differ from member {name!r} of {bundle.path}; "
                          f"is it really that member's original?")

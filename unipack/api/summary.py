@@ -59,7 +59,8 @@ def blob_parts(manifest: Manifest) -> dict[str, str]:
     """Each blob's part, from the records that reference it (blob names are not normative)."""
     roles: dict[str, str] = {}
     for t in manifest.tensors:
-        for blob, part in ((t.mean, "means"), (t.basis, "bases"), (t.blob, "exact")):
+        for blob, part in ((t.mean, "means"), (t.basis, "bases"), (t.left, "bases"), (t.right, "bases"),
+                           (t.blob, "exact")):
             if blob is not None:
                 roles[blob] = part
     for m in manifest.members:
@@ -78,7 +79,8 @@ def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
     counts: dict[str, int] = {}
     ranks = []
     for t in manifest.tensors:
-        key = f"shared/{t.scheme}" if t.storage == "shared" else t.storage
+        key = f"shared/{t.scheme}" if t.storage == "shared" else \
+            f"lora/{t.form}" if t.storage == "lora" else t.storage
         counts[key] = counts.get(key, 0) + 1
         if t.storage == "shared":
             ranks.append(t.rank)
