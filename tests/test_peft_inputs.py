@@ -188,6 +188,16 @@ def test_open_source_dispatches_adapter_folders(tmp_path: Path) -> None:
     assert not is_peft_adapter(tmp_path / "missing")
 
 
+def test_adapter_in_a_subfolder_is_pointed_at(tmp_path: Path) -> None:
+    """PEFT writes an adapter not named "default" to DIR/<name>/: naming DIR gets a hint, not the
+    model-folder error."""
+    save_adapter(tmp_path / "run" / "pets", r=2)
+    with pytest.raises(InputError) as info:
+        open_source(tmp_path / "run")
+    message = str(info.value)
+    assert "subfolder 'pets'" in message and str(tmp_path / "run" / "pets") in message, message
+
+
 class PeftAdapterSourceOpen:
     """``with`` for a source: open it, close it whatever happens."""
 
