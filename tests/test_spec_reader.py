@@ -1,8 +1,12 @@
-"""An independent .upk v1 reader, written from ``format_spec/upk-v1.md`` alone, checked against unipack.
+"""An independent .upk reader (format versions 1 and 2), written from ``format_spec/upk-v1.md``
+alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
 specification only, without looking at unipack's implementation, and uses nothing but the
 standard library and numpy (plus ``zstandard``, imported lazily, for ``codec: "zstd"`` blobs).
+It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and version 2
+(LoRA adapters, section 7: ``lora`` records in ``subspace`` or ``factors`` form, the members'
+``lora`` maps, cores in the coefficient blobs, and the reference rebuild of §7.2).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -25,7 +29,7 @@ import pytest
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
 # §2.2: name -> (numpy dtype used to hold the array, size in bytes)
@@ -43,7 +47,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class SpecFormatError(Exception):
-    """The file breaks a rule of the v1 specification."""
+    """The file breaks a rule of the specification (version 1 or 2)."""
 
 
 class SpecChecksumError(SpecFormatError):
@@ -129,8 +133,43 @@ def _round_to(w: np.ndarray, dtype: str) -> np.ndarray:
     raise SpecFormatError(f"a shared tensor cannot have dtype {dtype}")
 
 
+def _factor_keys(module: str) -> tuple[str, str]:
+    """§7.1: the adapter file keys of a LoRA module's factors A (r x in) and B (out x r)."""
+    return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+
+
+def _lora_factors(u: np.ndarray | None, core: np.ndarray | None, v: np.ndarray | None,
+                  r: int, s: float, out_dim: int, in_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """§7.2 steps 1-3: float64 factors A' (r x in), B' (out x r) of a subspace update U C V^T,
+    such that s * B' A' = U C V^T (before rounding). ``core`` is None when k_out * k_in = 0."""
+    a = np.zeros((r, in_dim))
+    b = np.zeros((out_dim, r))
+    if core is None or s == 0:  # a zero update (k_out k_in = 0), or all zero when s = 0
+        return a, b
+    k_out, k_in = core.shape
+    # Step 1: the thin SVD C = X Sigma Y^T; keep q = min(r, #{sigma_j > sigma_1 max(k_out, k_in) 2^-52}).
+    x, sigma, yt = np.linalg.svd(core, full_matrices=False)
+    tol = sigma[0] * max(k_out, k_in) * 2.0 ** -52
+    q = min(r, int(np.count_nonzero(sigma > tol)))
+    x, sigma, yt = x[:, :q], sigma[:q], yt[:q, :]
+    # Step 2: each kept column of X has its largest-magnitude entry (the first on a tie) positive.
+    if q:
+        where = np.argmax(np.abs(x), axis=0)
+        flip = np.where(x[where, np.arange(q)] < 0, -1.0, 1.0)
+        x = x * flip
+        yt = yt * flip[:, None]
+    # Step 3: B0 = U X sqrt(Sigma), A0 = sqrt(Sigma) Y^T V^T; c = 1/|s|; B' = sign(s) sqrt(c) B0, A' = sqrt(c) A0.
+    root = np.sqrt(sigma)
+    b0 = (u @ x) * root
+    a0 = (root[:, None] * yt) @ v.T
+    rc = math.sqrt(1.0 / abs(s))
+    b[:, :q] = (math.copysign(1.0, s) * rc) * b0
+    a[:q, :] = rc * a0
+    return a, b
+
+
 class SpecBundle:
-    """A validated v1 bundle (§4.2: every check is made before any number is used)."""
+    """A validated v1 or v2 bundle (§4.2, §7.3: every check is made before any number is used)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -263,14 +302,19 @@ class SpecBundle:
                 _need(rec["shape"] == shape, f"{why}: blob {blob!r} has shape {rec['shape']}, expected {shape}")
 
         names: set[str] = set()
-        coef_dtypes = {blobs[t["basis"]]["dtype"] for t in tensors
-                       if isinstance(t, dict) and t.get("storage") == "shared"
-                       and isinstance(t.get("basis"), str) and t["basis"] in blobs}
-        _need(len(coef_dtypes) <= 1, f"basis blobs have different dtypes: {sorted(coef_dtypes)}")
+        # §3.2 / §7.1: basis blobs, and the U / V blobs of subspace modules, share the coefficient dtype.
+        coef_dtypes = {blobs[t[key]]["dtype"] for t in tensors if isinstance(t, dict)
+                       for key in (("basis",) if t.get("storage") == "shared" else
+                                   ("left", "right") if t.get("storage") == "lora" and t.get("form") == "subspace"
+                                   else ())
+                       if isinstance(t.get(key), str) and t[key] in blobs}
+        _need(len(coef_dtypes) <= 1, f"basis / U / V blobs have different dtypes: {sorted(coef_dtypes)}")
         self.coef_dtype = coef_dtypes.pop() if coef_dtypes else None
         _need(self.coef_dtype is None or self.coef_dtype in _COEF_DTYPES,
               f"coefficient dtype {self.coef_dtype} is not F32, F16 or BF16")
-        self.coef_layout: dict[str, tuple[int, list[int]]] = {}  # name -> (offset, C shape)
+        self.coef_layout: dict[str, tuple[int, list[int]]] = {}  # shared name -> (offset, C shape)
+        self.core_shapes: dict[str, list[int]] = {}  # subspace module with k_out k_in > 0 -> [k_out, k_in]
+        self.lora_modules: dict[str, dict[str, Any]] = {}  # §7.1: name -> lora record
         coef_total = 0
         raw_names = []
         for t in tensors:
@@ -279,11 +323,36 @@ class SpecBundle:
             _need(isinstance(name, str) and name not in names, f"bad or duplicate tensor name {name!r}")
             names.add(name)
             storage, dtype, shape = t.get("storage"), t.get("dtype"), t.get("shape")
-            _need(storage in ("shared", "raw", "exact"), f"{name}: unknown storage {storage!r}")
+            _need(storage in ("shared", "raw", "exact", "lora"), f"{name}: unknown storage {storage!r}")
             _need(dtype in _DTYPES, f"{name}: unknown dtype {dtype!r}")
             _need(isinstance(t.get("reason"), str), f"{name}: reason is not a string")
             _need(_shape_ok(shape) or (shape is None and storage == "raw"), f"{name}: bad shape {shape!r}")
-            if storage == "raw":
+            if storage == "lora":
+                # §7, §7.3: lora records only in version 2.
+                _need(self.version >= 2, f"{name}: a lora record in a format version {self.version} bundle "
+                                         f"(lora storage needs version 2)")
+                _need(dtype in _FLOAT_DTYPES, f"{name}: lora module with non-float dtype {dtype}")
+                _need(len(shape) == 2 and all(d > 0 for d in shape),
+                      f"{name}: a lora module's shape must be [out, in] with no zero, got {shape}")
+                out_dim, in_dim = shape
+                form = t.get("form")
+                _need(form in ("subspace", "factors"), f"{name}: unknown lora form {form!r}")
+                if form == "subspace":
+                    ranks = t.get("ranks")
+                    _need(isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(k) for k in ranks),
+                          f"{name}: ranks {ranks!r} is not [k_out, k_in]")
+                    k_out, k_in = ranks
+                    _need(0 <= k_out <= out_dim and 0 <= k_in <= in_dim,
+                          f"{name}: ranks {ranks} outside the shape {shape}")
+                    for key, k, blob_shape in (("left", k_out, [out_dim, k_out]), ("right", k_in, [in_dim, k_in])):
+                        if k == 0:
+                            _need(t.get(key) is None, f"{name}: {key} blob with a zero rank")
+                        else:
+                            use(t.get(key), f"{key} of {name}", dtype=self.coef_dtype, shape=blob_shape)
+                    if k_out * k_in > 0:
+                        self.core_shapes[name] = [k_out, k_in]
+                self.lora_modules[name] = t
+            elif storage == "raw":
                 raw_names.append(name)
             elif storage == "exact":
                 use(t.get("blob"), f"exact {name}", dtype=dtype, shape=shape)
@@ -343,31 +412,70 @@ class SpecBundle:
             errs = mem.get("errors")
             _need(isinstance(errs, list) and len(errs) == len(tensors) and all(_is_number(e) and e >= 0 for e in errs),
                   f"member {mname}: errors must be one non-negative number per tensor")
+            # §3.3 / §7.3: the lora map names lora modules, each with [r >= 1 (int), finite s].
+            lora = mem.get("lora")
+            lora = {} if lora is None else lora
+            _need(isinstance(lora, dict), f"member {mname}: lora map is not an object")
+            for mod, rs in lora.items():
+                _need(mod in self.lora_modules, f"member {mname}: lora map names {mod!r}, not a lora module")
+                _need(isinstance(rs, list) and len(rs) == 2, f"member {mname}: lora[{mod!r}] is not [r, s]")
+                _need(_is_int(rs[0]) and rs[0] >= 1, f"member {mname}: lora[{mod!r}] rank {rs[0]!r} is not an int >= 1")
+                _need(_is_number(rs[1]), f"member {mname}: lora[{mod!r}] scale {rs[1]!r} is not a finite number")
             raw = mem.get("raw")
-            # §3.3: every raw tensor, plus overrides of shared or exact tensors.
-            _need(isinstance(raw, dict) and set(raw_names) <= set(raw) <= set(by_name),
-                  f"member {mname}: raw map must name every raw tensor and only known tensors")
+            # §3.3: every raw tensor, plus overrides of shared or exact tensors; §7.1: plus the factor
+            # keys of every factors module the member touches, and never a lora module itself.
+            factor_keys: dict[str, str] = {}  # key -> module
+            for mod in lora:
+                if self.lora_modules[mod]["form"] == "factors":
+                    for key in _factor_keys(mod):
+                        # A key that is also a tensor name would make two tensors of the member's
+                        # file share a name (the spec is silent: this reader refuses it).
+                        _need(key not in by_name, f"{mname}: factor key {key!r} is also a tensor name")
+                        factor_keys[key] = mod
+            _need(isinstance(raw, dict), f"member {mname}: raw map is not an object")
+            _need(not (set(raw) & set(self.lora_modules)),
+                  f"member {mname}: raw map names lora module(s) {sorted(set(raw) & set(self.lora_modules))}")
+            _need(set(raw_names) <= set(raw) <= set(by_name) | set(factor_keys),
+                  f"member {mname}: raw map must name every raw tensor and only known tensors "
+                  f"(or the factor keys of factors modules it touches)")
+            _need(set(factor_keys) <= set(raw),
+                  f"member {mname}: factor blobs missing for {sorted(set(factor_keys) - set(raw))}")
             for tname, t in by_name.items():
                 mdt = dts.get(tname, t["dtype"])
-                if tname in raw:
+                if t["storage"] == "lora":
+                    _need(mdt in _FLOAT_DTYPES, f"{mname}: lora module {tname} with dtype {mdt}")
+                    if tname in lora and t["form"] == "factors":
+                        r = lora[tname][0]
+                        out_dim, in_dim = t["shape"]
+                        key_a, key_b = _factor_keys(tname)
+                        use(raw[key_a], f"{key_a} of {mname}", dtype=mdt, shape=[r, in_dim])
+                        use(raw[key_b], f"{key_b} of {mname}", dtype=mdt, shape=[out_dim, r])
+                elif tname in raw:
                     use(raw[tname], f"raw {tname} of {mname}", dtype=mdt, shape=t["shape"])
                 elif t["storage"] == "exact":
                     _need(mdt == t["dtype"], f"{mname}: exact tensor {tname} with member dtype {mdt}")
                 else:
                     _need(t["storage"] == "raw" or mdt in _FLOAT_DTYPES,
                           f"{mname}: shared tensor {tname} with dtype {mdt}")
-            # The member's own coefficient layout: the shared rank>0 tensors it does not override.
+            # The member's own coefficient layout (§3.3, §7.1), in tensors order: the C of each shared
+            # rank>0 tensor it does not override, and the core of each subspace module with
+            # k_out k_in > 0 that it touches.
             layout, total = {}, 0
-            for tname, (_, c_shape) in self.coef_layout.items():
-                if tname not in raw:
-                    layout[tname] = (total, c_shape)
-                    total += _prod(c_shape)
+            for tname in by_name:
+                if tname in self.coef_layout and tname not in raw:
+                    c_shape = self.coef_layout[tname][1]
+                elif tname in self.core_shapes and tname in lora:
+                    c_shape = self.core_shapes[tname]
+                else:
+                    continue
+                layout[tname] = (total, c_shape)
+                total += _prod(c_shape)
             self.member_layout[mname] = layout
             coef = mem.get("coefficients")
             if total > 0:
                 use(coef, f"coefficients of {mname}", dtype=self.coef_dtype, shape=[total])
             else:
-                _need(coef is None, f"member {mname}: coefficients without any shared rank>0 tensor")
+                _need(coef is None, f"member {mname}: coefficients without any shared rank>0 tensor or core")
         self.members = {mem["name"]: mem for mem in members}
         unused = set(blobs) - set(used)
         _need(not unused, f"blobs not referenced by the manifest: {sorted(unused)}")
@@ -425,9 +533,24 @@ class SpecBundle:
         if mem.get("coefficients") is not None:
             coef = _widen(self.decode_blob(mem["coefficients"]), self.coef_dtype)
         out: dict[str, tuple[str, np.ndarray]] = {}
+        lora = mem.get("lora") or {}
         for t in self.tensors:
             name = t["name"]
             mdt = mem["dtypes"].get(name, t["dtype"])
+            if t["storage"] == "lora":  # §7.2: M.lora_A.weight then M.lora_B.weight, if touched
+                if name not in lora:
+                    continue
+                key_a, key_b = _factor_keys(name)
+                if t["form"] == "factors":
+                    out[key_a] = (mdt, self.decode_blob(mem["raw"][key_a]))
+                    out[key_b] = (mdt, self.decode_blob(mem["raw"][key_b]))
+                    continue
+                r, s = lora[name]
+                u, core, v = self._subspace_parts(member, t, coef)
+                a, b = _lora_factors(u, core, v, r, s, *t["shape"])
+                out[key_a] = (mdt, _round_to(a, mdt))  # §7.2 step 4
+                out[key_b] = (mdt, _round_to(b, mdt))
+                continue
             if name in mem["raw"]:  # a raw tensor, or this member's override (§4 step 1)
                 out[name] = (mdt, self.decode_blob(mem["raw"][name]))
                 continue
@@ -451,6 +574,47 @@ class SpecBundle:
                     else:
                         w = (mean.reshape(mm, nn) + basis @ c).reshape(shape)
             out[name] = (mdt, _round_to(w, mdt))
+        return out
+
+
+    def _subspace_parts(self, member: str, t: dict[str, Any], coef: np.ndarray | None
+                        ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """U, the member's core C and V of a subspace module (float64), or Nones when k_out k_in = 0."""
+        name = t["name"]
+        if name not in self.core_shapes:
+            return None, None, None
+        off, c_shape = self.member_layout[member][name]
+        assert coef is not None
+        core = coef[off:off + _prod(c_shape)].reshape(c_shape)
+        u = _widen(self.decode_blob(t["left"]), self.coef_dtype)
+        v = _widen(self.decode_blob(t["right"]), self.coef_dtype)
+        return u, core, v
+
+    def read_updates(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
+        """§7.1: the dense update (float64, [out, in]) of each lora module ``member`` touches, with the
+        member's dtype for it: U C V^T for subspace (zero when k_out k_in = 0), s B A for factors."""
+        if member not in self.members:
+            raise KeyError(member)
+        mem = self.members[member]
+        lora = mem.get("lora") or {}
+        coef = None
+        if mem.get("coefficients") is not None:
+            coef = _widen(self.decode_blob(mem["coefficients"]), self.coef_dtype)
+        out: dict[str, tuple[str, np.ndarray]] = {}
+        for t in self.tensors:
+            name = t["name"]
+            if t["storage"] != "lora" or name not in lora:
+                continue
+            mdt = mem["dtypes"].get(name, t["dtype"])
+            _, s = lora[name]
+            if t["form"] == "factors":
+                key_a, key_b = _factor_keys(name)
+                a = _widen(self.decode_blob(mem["raw"][key_a]), mdt)
+                b = _widen(self.decode_blob(mem["raw"][key_b]), mdt)
+                out[name] = (mdt, (s * b) @ a)
+                continue
+            u, core, v = self._subspace_parts(member, t, coef)
+            out[name] = (mdt, np.zeros(t["shape"]) if core is None else (u @ core) @ v.T)
         return out
 
 
@@ -992,3 +1156,499 @@ def test_reader_follows_overrides_of_an_added_member(tmp_path):
     coef = sb.members["stranger"].get("coefficients")
     expected = sum(_prod(c_shape) for name, (_, c_shape) in sb.coef_layout.items() if name not in overrides)
     assert (sb.blobs[coef]["shape"] if coef else [0]) == [expected]
+
+
+# ======================================================================================
+# LoRA adapters (format version 2, §7)
+# ======================================================================================
+
+_LORA_TOL = {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3}  # relative rounding of a dense update per dtype
+_PREFIX = "base_model.model."
+
+
+def _write_adapter(d: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], r: int, alpha: float,
+                   dtype: torch.dtype = torch.float32, head: np.ndarray | None = None, **config: Any) -> Path:
+    """A PEFT LoRA folder by hand: ``factors`` maps a module path (``layers.0.q``) to (A, B)."""
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for mod, (a, b) in factors.items():
+        sd[f"{_PREFIX}{mod}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        sd[f"{_PREFIX}{mod}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(b)).to(dtype)
+    if head is not None:
+        sd[f"{_PREFIX}head.weight"] = torch.from_numpy(head).to(dtype)
+    _st_save(sd, str(d / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+           "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}), "use_rslora": False,
+           "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": ["head"] if head is not None else None,
+           "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "base_model_name_or_path": None,
+           "task_type": None, "init_lora_weights": True}
+    cfg.update(config)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _pattern(patterns: dict[str, Any], module: str) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module path or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return None
+
+
+def _expected_rs(cfg: dict[str, Any], module: str) -> tuple[int, float]:
+    """§7: r and s = lora_alpha / r (or / sqrt(r) with rsLoRA), rank_pattern / alpha_pattern applied."""
+    path = module.removeprefix(_PREFIX)
+    r = _pattern(cfg.get("rank_pattern") or {}, path) or cfg["r"]
+    alpha = _pattern(cfg.get("alpha_pattern") or {}, path)
+    alpha = cfg["lora_alpha"] if alpha is None else alpha
+    return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def _low_rank_factors(rng: np.random.Generator, p: np.ndarray, q: np.ndarray, r: int,
+                      noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A (r x in), B (out x r) whose update B A has its columns in span(p) and rows in span(q) (+ noise on B)."""
+    b = p @ rng.standard_normal((p.shape[1], r)) + noise * rng.standard_normal((p.shape[0], r))
+    a = rng.standard_normal((r, q.shape[1])) @ q.T / np.sqrt(q.shape[0])
+    return a, b
+
+
+_LORA_SHAPES = {"layers.0.q": (48, 64), "layers.0.v": (48, 64), "layers.1.fc": (32, 48), "layers.1.o": (32, 32)}
+
+
+def _lora_spaces(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {m: (rng.standard_normal((o, 4)), rng.standard_normal((i, 4))) for m, (o, i) in _LORA_SHAPES.items()}
+
+
+def _subspace_population(tmp: Path, dtype: torch.dtype = torch.float32, n: int = 5, seed: int = 10) -> list[Path]:
+    """(a) adapters whose updates share 4-dim column and row spaces (plus small noise): subspace wins."""
+    rng = np.random.default_rng(seed)
+    spaces = _lora_spaces(rng)
+    dirs = []
+    for i in range(n):
+        factors = {m: _low_rank_factors(rng, *spaces[m], 8, 1e-4) for m in ("layers.0.q", "layers.0.v", "layers.1.fc")}
+        dirs.append(_write_adapter(tmp / f"sub{i}", factors, 8, 16, dtype=dtype,
+                                   head=rng.standard_normal((3, 32)) * 0.1))
+    return dirs
+
+
+def _mixed_population(tmp: Path, seed: int = 11) -> list[Path]:
+    """(b) different ranks, partial target modules, rank/alpha patterns, rsLoRA, a negative scale, an F16
+    adapter, and a module whose updates are all zero (B = 0, PEFT's default initialisation)."""
+    rng = np.random.default_rng(seed)
+    spaces = _lora_spaces(rng)
+
+    def fac(mod: str, r: int) -> tuple[np.ndarray, np.ndarray]:
+        if mod == "layers.1.o":
+            a, _ = _low_rank_factors(rng, *spaces[mod], r, 0.0)
+            return a, np.zeros((_LORA_SHAPES[mod][0], r))
+        return _low_rank_factors(rng, *spaces[mod], r, 1e-4)
+
+    def head() -> np.ndarray:
+        return rng.standard_normal((3, 32)) * 0.1
+
+    return [
+        _write_adapter(tmp / "mix0", {m: fac(m, 8) for m in ("layers.0.q", "layers.0.v", "layers.1.fc", "layers.1.o")},
+                       8, 16, head=head()),
+        _write_adapter(tmp / "mix1", {"layers.0.q": fac("layers.0.q", 4)}, 4, 8, head=head()),
+        _write_adapter(tmp / "mix2", {"layers.0.v": fac("layers.0.v", 6), "layers.1.fc": fac("layers.1.fc", 2),
+                                      "layers.1.o": fac("layers.1.o", 6)},
+                       6, 12, head=head(), rank_pattern={"fc": 2}, alpha_pattern={"fc": 3}),
+        _write_adapter(tmp / "mix3", {"layers.0.q": fac("layers.0.q", 4), "layers.1.fc": fac("layers.1.fc", 4)},
+                       4, 4, dtype=torch.float16, head=head(), use_rslora=True),
+        _write_adapter(tmp / "mix4", {"layers.0.q": fac("layers.0.q", 2), "layers.0.v": fac("layers.0.v", 2)},
+                       2, -4, head=head()),
+    ]
+
+
+def _peft_population(tmp: Path, n: int = 4) -> list[Path]:
+    """(c) adapters saved by peft (init_lora_weights=False: random factors). Module ``q`` is then given
+    factors sharing exact 4-dim update spaces (subspace), ``fc`` keeps peft's independent random factors:
+    under a strict budget a subspace would cost more than the factors, so it is stored as ``factors``."""
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(64, 48)
+            self.fc = torch.nn.Linear(48, 32)
+            self.head = torch.nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never called
+            return self.head(self.fc(self.q(x)))
+
+    rng = np.random.default_rng(12)
+    p, q = rng.standard_normal((48, 4)), rng.standard_normal((64, 4))
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "fc"], modules_to_save=["head"],
+                            init_lora_weights=False, use_rslora=(i == 1))
+        model = get_peft_model(Tiny(), config)
+        a, b = _low_rank_factors(rng, p, q, 8, 0.0)
+        with torch.no_grad():
+            model.base_model.model.q.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            model.base_model.model.q.lora_B["default"].weight.copy_(torch.from_numpy(b))
+            model.base_model.model.head.modules_to_save["default"].weight.add_(0.1 * i)
+        d = tmp / f"peft{i}"
+        model.save_pretrained(str(d))
+        dirs.append(d)
+    return dirs
+
+
+LORA_VARIANTS: dict[str, dict[str, Any]] = {
+    "sub-f32": {"population": "subspace", "options": {"max_error": 0.01}},
+    "sub-coef-f16": {"population": "subspace", "options": {"max_error": 0.01, "dtype": "float16"}},
+    "sub-bf16": {"population": "subspace-bf16", "options": {"max_error": 0.01}},
+    "sub-bf16-coef-bf16": {"population": "subspace-bf16", "options": {"max_error": 0.02, "dtype": "bfloat16"}},
+    "mixed": {"population": "mixed", "options": {"max_error": 0.01}},
+    "peft": {"population": "peft", "options": {"max_error": 1e-4, "codec": "none"}},
+}
+
+
+@pytest.fixture(scope="module")
+def lora_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Path]]]:
+    root = tmp_path_factory.mktemp("lora")
+    pops = {
+        "subspace": _subspace_population(root / "subspace"),
+        "subspace-bf16": _subspace_population(root / "subspace-bf16", dtype=torch.bfloat16, seed=13),
+        "mixed": _mixed_population(root / "mixed"),
+        "peft": _peft_population(root / "peft"),
+    }
+    out = {}
+    for key, spec in LORA_VARIANTS.items():
+        target = root / f"{key}.upk"
+        dirs = pops[spec["population"]]
+        unipack.merge([str(d) for d in dirs], str(target), **spec["options"])
+        out[key] = (target, dirs)
+    return out
+
+
+def _adapter_file(d: Path) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray]]]:
+    return json.loads((d / "adapter_config.json").read_text()), _original(d / "adapter_model.safetensors")
+
+
+def _original_update(orig: dict[str, tuple[str, np.ndarray]], module: str, s: float) -> np.ndarray:
+    key_a, key_b = _factor_keys(module)
+    return s * (_as_f64(orig[key_b][1], orig[key_b][0]) @ _as_f64(orig[key_a][1], orig[key_a][0]))
+
+
+def _rel(diff: np.ndarray, ref: np.ndarray) -> float:
+    den = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(diff)) / (den if den > 0 else 1.0)
+
+
+def _update_key(module: str) -> str:
+    # unipack's API (not the format) keys an update by the base weight it adds to.
+    return module.removeprefix(_PREFIX) + ".weight"
+
+
+def test_lora_bundles_use_expected_forms(lora_bundles):
+    forms = {}
+    for key, (path, _) in lora_bundles.items():
+        sb = SpecBundle(path)
+        assert sb.version == 2 and sb.meta["format_version"] == "2" and sb.manifest["format_version"] == 2
+        forms[key] = {t["name"].removeprefix(_PREFIX): (t["form"], t.get("ranks")) for t in sb.lora_modules.values()}
+        # §7.1: non-factor tensors (modules_to_save heads) are ordinary raw records
+        assert all(t["storage"] in ("lora", "raw") for t in sb.tensors), key
+    for key in ("sub-f32", "sub-coef-f16", "sub-bf16", "sub-bf16-coef-bf16"):
+        assert {f for f, _ in forms[key].values()} == {"subspace"}, (key, forms[key])
+        assert all(ranks[0] * ranks[1] > 0 for _, ranks in forms[key].values()), (key, forms[key])
+    assert SpecBundle(lora_bundles["sub-coef-f16"][0]).coef_dtype == "F16"
+    assert SpecBundle(lora_bundles["sub-bf16-coef-bf16"][0]).coef_dtype == "BF16"
+    assert forms["peft"]["q"] == ("subspace", [4, 4])
+    assert forms["peft"]["fc"][0] == "factors"
+    assert forms["mixed"]["layers.1.o"] == ("subspace", [0, 0])  # every update is zero
+    assert forms["mixed"]["layers.0.q"][0] == "subspace"
+    mixed = SpecBundle(lora_bundles["mixed"][0])
+    assert mixed.members["mix3"]["dtypes"] and set(mixed.members["mix3"]["dtypes"].values()) == {"F16"}
+    assert mixed.members["mix4"]["lora"][_PREFIX + "layers.0.q"][1] < 0  # a negative scale: the sign rule
+
+
+@pytest.mark.parametrize("variant", list(LORA_VARIANTS))
+def test_lora_reader_matches_unipack_and_adapters(lora_bundles, variant):
+    """§7.2: the rebuilt adapter files (bit for bit), the dense updates, and the recorded errors."""
+    path, dirs = lora_bundles[variant]
+    sb = SpecBundle(path)
+    names = _member_names(path)
+    assert len(names) == len(dirs)
+    checked_subspace = mismatched = total = 0
+    for member, d in zip(names, dirs):
+        mem = sb.members[member]
+        cfg, orig = _adapter_file(d)
+        assert json.loads(mem["configs"]["adapter_config.json"]) == cfg
+        mine, theirs = sb.read_member(member), _unipack_numpy(path, member)
+        # same keys, in the same order (tensors order, A then B), as unipack; the adapter file's key set
+        assert list(mine) == list(theirs), member
+        assert set(mine) == set(orig), (member, sorted(set(mine) ^ set(orig)))
+        touched = mem.get("lora") or {}
+        assert set(touched) == {k[:-len(".lora_A.weight")] for k in orig if k.endswith(".lora_A.weight")}
+        for mod, (r, s) in touched.items():
+            er, es = _expected_rs(cfg, mod)
+            assert r == er and s == pytest.approx(es, rel=1e-12), (member, mod, (r, s), (er, es))
+        for key, (dt, arr) in mine.items():
+            udt, uarr = theirs[key]
+            odt, oarr = orig[key]
+            assert dt == udt == odt and arr.shape == uarr.shape == oarr.shape, (member, key, dt, udt, odt)
+            module = key.rsplit(".lora_", 1)[0]
+            uarr = np.ascontiguousarray(uarr)
+            if module not in sb.lora_modules or sb.lora_modules[module]["form"] == "factors":
+                # raw / factors: the stored blobs, bit-exact against the adapter and unipack
+                assert arr.tobytes() == oarr.tobytes() == uarr.tobytes(), (member, key)
+                continue
+            # Factors rebuilt from a subspace (§7.2): both follow the same reference steps, so they
+            # are expected bit for bit. Step 3's "B0 = U X sqrt(Sigma)" does not fix the association:
+            # this reader computes (U X) sqrt(Sigma), unipack U (X sqrt(Sigma)); the float64 values
+            # then differ in the last bit, which survives rounding to F32/F16/BF16 only on rare ties.
+            # Allow exactly that: at most 1 ulp, on a tiny fraction of the elements.
+            total += arr.size
+            if arr.tobytes() != uarr.tobytes():
+                diff = np.abs(_ordered(arr.view(uarr.dtype) if arr.dtype != uarr.dtype else arr) - _ordered(uarr))
+                assert diff.max() <= 1, (member, key, int(diff.max()))
+                mismatched += int(np.count_nonzero(diff))
+
+        # dense updates (§7.1) against unipack's load(member, lora="updates")
+        ups = sb.read_updates(member)
+        with unipack.open(str(path)) as b:
+            their_ups = b.load(member, lora="updates")
+        assert {_update_key(m) for m in ups} == set(their_ups), member
+        for j, t in enumerate(sb.tensors):
+            mod = t["name"]
+            if mod not in ups:
+                assert t["storage"] != "lora" or mem["errors"][j] == 0, (member, mod)
+                continue
+            dt, upd = ups[mod]
+            tu = their_ups[_update_key(mod)]
+            assert _TORCH_TO_SPEC[tu.dtype] == dt and list(tu.shape) == t["shape"], (member, mod)
+            assert _rel(tu.double().numpy() - upd, upd) <= _LORA_TOL[dt], (member, mod)
+            # §7.2: s B' A' = ΔŴ up to the rounding of the factors to the member's dtype
+            s = touched[mod][1]
+            rebuilt = _original_update({k: v for k, v in mine.items()}, mod, s)
+            assert _rel(rebuilt - upd, upd) <= 10 * _LORA_TOL[dt], (member, mod)
+            # §7.2: errors[j] = ||ΔW - s B' A'|| / ||ΔW|| against the original adapter
+            delta = _original_update(orig, mod, s)
+            err = _rel(delta - rebuilt, delta)
+            if t["form"] == "factors":
+                assert err == 0 and mem["errors"][j] == 0, (member, mod)
+            else:
+                checked_subspace += 1
+                # abs 2e-8: unipack measures the error from r x r Grams (||ΔW||^2 - 2<ΔW, ΔŴ> + ||ΔŴ||^2
+                # in effect), which cancels: recorded errors are accurate to ~sqrt(eps) ~ 1e-8 only.
+                assert err == pytest.approx(mem["errors"][j], rel=1e-4, abs=2e-8), (member, mod, err, mem["errors"][j])
+                assert err <= sb.manifest["options"]["max_error"] * (1 + 1e-9), (member, mod)
+    assert checked_subspace > 0
+    assert mismatched <= max(1, total // 10000), (mismatched, total)
+
+
+@pytest.mark.parametrize("variant", ["sub-f32", "mixed", "peft"])
+def test_lora_fidelity_numbers(lora_bundles, variant):
+    """§7.2 (informative, 4 significant digits): norms ||ΔW||, delta_errors = errors, the mean-update
+    baseline, and the adapter's own truncated SVD at q = min(r, floor((k_out k_in + (out k_out +
+    in k_in) / n) / (out + in)))."""
+    path, dirs = lora_bundles[variant]
+    sb = SpecBundle(path)
+    names = _member_names(path)
+    files = {m: _adapter_file(d) for m, d in zip(names, dirs)}
+    deltas: dict[str, dict[str, np.ndarray]] = {m: {} for m in names}
+    for m in names:
+        for mod, (_, s) in (sb.members[m].get("lora") or {}).items():
+            deltas[m][mod] = _original_update(files[m][1], mod, s)
+    for mod, t in sb.lora_modules.items():  # §7.1: spectrum of sum_i ΔW_i ΔW_i^T, variance sum_i ||ΔW_i||^2
+        touching = [deltas[o][mod] for o in names if mod in deltas[o]]
+        variance = sum(float(np.sum(x * x)) for x in touching)
+        if t.get("variance") is not None:
+            assert t["variance"] == pytest.approx(variance, rel=1e-3, abs=1e-12), mod
+        if t.get("spectrum") is not None:
+            eig = np.sort(np.linalg.eigvalsh(sum(x @ x.T for x in touching)))[::-1][:128]
+            got = t["spectrum"]
+            assert len(got) <= 128 and got == sorted(got, reverse=True), mod  # empty for all-zero updates
+            assert np.allclose(got, eig[:len(got)], rtol=1e-3, atol=1e-9 * variance), mod
+    for m in names:
+        fid = sb.members[m].get("fidelity")
+        assert fid is not None
+        for j, t in enumerate(sb.tensors):
+            mod = t["name"]
+            if mod not in deltas[m]:
+                continue
+            delta = deltas[m][mod]
+            touching = [deltas[o][mod] for o in names if mod in deltas[o]]
+            norm = float(np.linalg.norm(delta))
+            assert fid["norms"][j] == pytest.approx(norm, rel=1e-3, abs=1e-12), (m, mod)
+            assert fid["delta_errors"][j] == pytest.approx(sb.members[m]["errors"][j], rel=1e-3, abs=1e-12)
+            mean_err = _rel(delta - sum(touching) / len(touching), delta)
+            assert fid["mean_errors"][j] == pytest.approx(mean_err, rel=1e-3, abs=1e-9), (m, mod)
+            if "svd_errors" not in fid:
+                continue
+            r = sb.members[m]["lora"][mod][0]
+            out_dim, in_dim = t["shape"]
+            if t["form"] == "factors":
+                q, svd_err = r, 0.0
+            else:
+                k_out, k_in = t["ranks"]
+                q = min(r, math.floor((k_out * k_in + (out_dim * k_out + in_dim * k_in) / len(touching))
+                                      / (out_dim + in_dim)))
+                sig = np.linalg.svd(delta, compute_uv=False)
+                svd_err = math.sqrt(max(float(np.sum(sig[q:] ** 2)), 0.0)) / (norm if norm > 0 else 1.0)
+            assert fid["svd_ranks"][j] == q, (m, mod, fid["svd_ranks"][j], q)
+            assert fid["svd_errors"][j] == pytest.approx(svd_err, rel=1e-3, abs=1e-9), (m, mod)
+
+
+def test_lora_untouched_modules_and_zero_updates(lora_bundles):
+    """Partial targets: a member's file holds factors only for the modules it touches; a module whose
+    updates are all zero has ranks [0, 0], no U/V, no core, and rebuilds as zero factors of rank r."""
+    path, _ = lora_bundles["mixed"]
+    sb = SpecBundle(path)
+    zero = _PREFIX + "layers.1.o"
+    t = sb.lora_modules[zero]
+    assert t["left"] is None and t["right"] is None and zero not in sb.core_shapes
+    for member in ("mix0", "mix2"):
+        r = sb.members[member]["lora"][zero][0]
+        files = sb.read_member(member)
+        a, b = files[zero + ".lora_A.weight"][1], files[zero + ".lora_B.weight"][1]
+        assert a.shape == (r, 32) and b.shape == (32, r) and not a.any() and not b.any()
+        assert not sb.read_updates(member)[zero][1].any()
+    mix1 = sb.read_member("mix1")
+    assert [k for k in mix1 if ".lora_" in k] == list(_factor_keys(_PREFIX + "layers.0.q"))
+    # per-member coefficient layouts: only the cores of the subspace modules the member touches
+    for member, mem in sb.members.items():
+        expected = sum(_prod(sb.core_shapes[m]) for m in mem["lora"] if m in sb.core_shapes)
+        coef = mem.get("coefficients")
+        assert (sb.blobs[coef]["shape"] if coef else [0]) == [expected], member
+
+
+def test_lora_bundle_is_valid_safetensors(lora_bundles):
+    from safetensors import safe_open
+
+    path, _ = lora_bundles["peft"]
+    sb = SpecBundle(path)
+    with safe_open(str(path), "np") as f:
+        assert set(f.keys()) == set(sb.blobs) and f.metadata()["format_version"] == "2"
+        for name in sb.blobs:
+            assert np.array_equal(f.get_tensor(name), sb.decode_blob(name)), name
+
+
+# ---------------------------------------------------------------- §7.3 structural rules
+
+
+def _lora_names(sb: SpecBundle) -> tuple[str, str, str]:
+    sub = next(n for n, t in sb.lora_modules.items() if t["form"] == "subspace" and n in sb.core_shapes)
+    fac = next(n for n, t in sb.lora_modules.items() if t["form"] == "factors")
+    head = next(t["name"] for t in sb.tensors if t["storage"] == "raw")
+    return sub, fac, head
+
+
+def _find(m: dict, name: str) -> dict:
+    return next(t for t in m["tensors"] if t["name"] == name)
+
+
+def _lora_mutations(sb: SpecBundle) -> dict[str, dict[str, Any]]:
+    sub, fac, head = _lora_names(sb)
+    left = sb.lora_modules[sub]["left"]
+    out_dim, _ = sb.lora_modules[sub]["shape"]
+    k_out, k_in = sb.lora_modules[sub]["ranks"]
+
+    def version_1(h: dict) -> None:
+        h["__metadata__"]["format_version"] = "1"
+
+    def set_v1(m: dict) -> None:
+        m["format_version"] = 1
+
+    def ranks_too_large(m: dict) -> None:
+        _find(m, sub)["ranks"] = [out_dim + 1, k_in]
+
+    def left_shape_header(h: dict) -> None:  # same bytes, transposed shape: only the §7.3 shape rule fails
+        h[left]["shape"] = [k_out, out_dim]
+
+    def left_shape_manifest(m: dict) -> None:
+        m["blobs"][left]["shape"] = [k_out, out_dim]
+
+    def rank_0(m: dict) -> None:
+        m["members"][0]["lora"][sub][0] = 0
+
+    def names_raw_tensor(m: dict) -> None:
+        m["members"][0]["lora"][head] = [8, 2.0]
+
+    def names_unknown(m: dict) -> None:
+        m["members"][0]["lora"]["base_model.model.nowhere"] = [8, 2.0]
+
+    def scale_string(m: dict) -> None:
+        m["members"][0]["lora"][sub][1] = "2.0"
+
+    def missing_a(m: dict) -> None:
+        del m["members"][0]["raw"][fac + ".lora_A.weight"]
+
+    def untouched_core(m: dict) -> None:  # the member no longer touches a subspace module: its core is extra
+        del m["members"][0]["lora"][sub]
+
+    def left_null(m: dict) -> None:
+        _find(m, sub)["left"] = None
+
+    def factors_a_wrong_shape(m: dict) -> None:  # the member's r no longer matches its factor blobs
+        m["members"][0]["lora"][fac][0] += 1
+
+    def lora_int_dtype(m: dict) -> None:
+        _find(m, sub)["dtype"] = "I32"
+
+    def raw_names_module(module: str) -> dict[str, Any]:
+        """Member 0's raw map names ``module`` itself, with a well-formed extra blob of its shape."""
+        shape = sb.lora_modules[module]["shape"]
+        extra = np.zeros(shape, dtype=np.float32).tobytes()
+
+        def edit_header(h: dict) -> None:
+            end = max(v["data_offsets"][1] for k, v in h.items() if k != "__metadata__")
+            h["raw/0/module"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end + len(extra)]}
+
+        def edit_manifest(m: dict) -> None:
+            m["blobs"]["raw/0/module"] = {"dtype": "F32", "shape": shape, "codec": "none", "shuffle": False,
+                                          "sha256": hashlib.sha256(extra).hexdigest()}
+            m["members"][0]["raw"][module] = "raw/0/module"
+
+        return {"edit_header": edit_header, "edit_manifest": edit_manifest, "tail": extra}
+
+    return {
+        "version-1-with-lora": {"edit_header": version_1, "edit_manifest": set_v1},
+        "ranks-exceed-shape": {"edit_manifest": ranks_too_large},
+        "left-blob-wrong-shape": {"edit_header": left_shape_header, "edit_manifest": left_shape_manifest},
+        "lora-map-rank-0": {"edit_manifest": rank_0},
+        "lora-map-names-raw-tensor": {"edit_manifest": names_raw_tensor},
+        "lora-map-names-unknown": {"edit_manifest": names_unknown},
+        "lora-map-scale-not-number": {"edit_manifest": scale_string},
+        "factors-member-missing-A": {"edit_manifest": missing_a},
+        "factor-blob-rank-mismatch": {"edit_manifest": factors_a_wrong_shape},
+        "core-of-untouched-module": {"edit_manifest": untouched_core},
+        "left-null-with-rank": {"edit_manifest": left_null},
+        "lora-non-float-dtype": {"edit_manifest": lora_int_dtype},
+        "raw-map-names-factors-module": raw_names_module(fac),
+        "raw-map-names-subspace-module": raw_names_module(sub),
+    }
+
+
+_LORA_MUTATIONS = ["version-1-with-lora", "ranks-exceed-shape", "left-blob-wrong-shape", "lora-map-rank-0",
+                   "lora-map-names-raw-tensor", "lora-map-names-unknown", "lora-map-scale-not-number",
+                   "factors-member-missing-A", "factor-blob-rank-mismatch", "core-of-untouched-module",
+                   "left-null-with-rank", "lora-non-float-dtype", "raw-map-names-factors-module",
+                   "raw-map-names-subspace-module"]
+
+
+@pytest.mark.parametrize("case", _LORA_MUTATIONS)
+def test_lora_structural_rules(lora_bundles, tmp_path, case):
+    path, _ = lora_bundles["peft"]  # codec none: one subspace module, one factors module, a raw head
+    sb = SpecBundle(path)
+    mutation = _lora_mutations(sb)[case]
+    bad = tmp_path / f"{case}.upk"
+    _rewrite(path, bad, **mutation)
+    member = _member_names(path)[0]
+    with pytest.raises(SpecFormatError):
+        _read_member(bad, member)
+    with pytest.raises(unipack.FormatError), unipack.open(str(bad)) as b:
+        b.load_numpy(member)
+
+
+def test_lora_rewrite_roundtrip_is_accepted(lora_bundles, tmp_path):
+    """The mutations above start from a bundle both readers accept when nothing is changed."""
+    path, _ = lora_bundles["peft"]
+    same = tmp_path / "same.upk"
+    _rewrite(path, same)
+    for member in _member_names(path):
+        mine = _read_member(same, member)
+        theirs = _unipack_numpy(same, member)
+        assert all(mine[k][1].tobytes() == np.ascontiguousarray(theirs[k][1]).tobytes() for k in mine)
