@@ -379,11 +379,8 @@ def check_recorded_errors(adapters: list[Adapter], path: Path, manifest: Any) ->
                 w, s = a.update(m), a.modules[m][2]
                 err = rel(w, factor_update(factors, m, s))
                 recorded = rec.errors[idx[m]]
-                # abs: errors at float32 rounding level (~5e-8) are recorded ~20% low, see
-                # test_tiny_recorded_errors_are_not_understated (xfail)
-                assert recorded == pytest.approx(err, rel=1e-5, abs=3e-8), (a.name, m)
-                if err > 1e-6:
-                    assert recorded >= err * (1 - 1e-7)  # rounded up, never down
+                assert recorded == pytest.approx(err, rel=1e-5, abs=1e-12), (a.name, m)
+                assert recorded >= err * (1 - 1e-7)  # rounded up, never down
                 # The dense update (before factor rounding) is within the member dtype's rounding of the same.
                 upd = updates[update_key(m)]
                 slack = 1e-6 if upd.dtype in (torch.float32, torch.float64) else 2 * torch.finfo(upd.dtype).eps
@@ -1084,9 +1081,6 @@ def _tiny_errors(adapters: list[Adapter], path: Path, manifest: Any) -> list[tup
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: core.lora_encode.product_error measures ||ΔW - ΔŴ|| from the Gram "
-                   "identity sum((GᵀG)∘(HHᵀ)), which cancels catastrophically: errors at float32 rounding level "
-                   "(~6e-8) are recorded 5-30% below the true error of the extracted factors")
 def test_tiny_recorded_errors_are_not_understated(exact3, exact3_bundle) -> None:
     path, result = exact3_bundle
     pairs = _tiny_errors(exact3, path, result.manifest)
@@ -1095,12 +1089,10 @@ def test_tiny_recorded_errors_are_not_understated(exact3, exact3_bundle) -> None
         assert recorded >= measured * (1 - 1e-6), (measured, recorded)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with a max-error budget at float32 rounding level the understated "
-                   "errors (product_error's Gram cancellation) pass the budget check while the extracted factors "
-                   "miss it")
 def test_tiny_max_error_budget_is_kept(exact3, exact3_bundle, tmp_path) -> None:
     path, result = exact3_bundle
     budget = max(recorded for _, recorded in _tiny_errors(exact3, path, result.manifest))
     again = merge(exact3, tmp_path / "b.upk", max_error=budget)
     for measured, _ in _tiny_errors(exact3, tmp_path / "b.upk", again.manifest):
-        assert measured <= budget, (measured, budget)
+        # Measured in float64 by two methods (QR there, dense here): equal to ~1e-10 relative.
+        assert measured <= budget * (1 + 1e-8), (measured, budget)

@@ -78,11 +78,17 @@ def peft_factors(u: np.ndarray, core: np.ndarray, v: np.ndarray, rank: int, scal
 
 
 def product_error(original: LoraFactors, approx: LoraFactors) -> float:
-    """||ΔW - ΔŴ||_F / ||ΔW||_F (absolute if ΔW = 0) for two factored updates, from Grams:
-    ΔW - ΔŴ = [s B, -ŝ B̂] [A; Â], whose squared norm is the sum of (GᵀG) ∘ (H Hᵀ)."""
+    """||ΔW - ΔŴ||_F / ||ΔW||_F (absolute if ΔW = 0) for two factored updates.
+
+    ΔW - ΔŴ = G H with G = [s B, -ŝ B̂] (out x 2r) and H = [A; Â] (2r x in). With the thin QRs
+    G = Q_g R_g and Hᵀ = Q_h R_h, ||G H|| = ||R_g R_hᵀ|| (2r x 2r): the difference is formed
+    entry by entry, so a tiny error is as accurate as a large one (a Gram-trace formula would
+    subtract ||ΔW||² from nearly itself and lose everything below ~1e-8).
+    """
     g = np.concatenate([original.scale * original.b, -approx.scale * approx.b], axis=1)
     h = np.concatenate([original.a, approx.a], axis=0)
-    diff = math.sqrt(max(float(np.sum((g.T @ g) * (h @ h.T))), 0.0))
+    core = np.asarray(np.linalg.qr(g, mode="r")) @ np.asarray(np.linalg.qr(h.T, mode="r")).T
+    diff = float(np.linalg.norm(core))
     norm = original.norm
     return diff / norm if norm > 0.0 else diff
 
