@@ -106,14 +106,18 @@ def expected_parts(path: Path) -> dict[str, int]:
     manifest_bytes = len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
     padding = len(body) - len(body.rstrip(b" "))
     tensors, members = manifest["tensors"], manifest["members"]
+    # LoRA modules kept as the adapters' own factors: their raw blobs are the "factors" part.
+    factor_keys = {f"{t['name']}.lora_{x}.weight" for t in tensors if t.get("form") == "factors" for x in "AB"}
+    factors = [b for m in members for k, b in m["raw"].items() if k in factor_keys]
     parts = {
         "header": start - manifest_bytes - padding,
         "manifest": manifest_bytes,
         "padding": padding,
         "means": sum(lengths[t["mean"]] for t in tensors if t.get("mean")),
-        "bases": sum(lengths[t["basis"]] for t in tensors if t.get("basis")),
+        "bases": sum(lengths[t[k]] for t in tensors for k in ("basis", "left", "right") if t.get(k)),
         "coefficients": sum(lengths[m["coefficients"]] for m in members if m["coefficients"]),
-        "raw": sum(lengths[b] for m in members for b in m["raw"].values()),
+        "factors": sum(lengths[b] for b in factors),
+        "raw": sum(lengths[b] for m in members for b in m["raw"].values()) - sum(lengths[b] for b in factors),
         "exact": sum(lengths[t["blob"]] for t in tensors if t.get("blob")),
     }
     assert sum(parts.values()) == os.path.getsize(path)
@@ -933,3 +937,44 @@ def test_png(tmp_path: Path, bundles: dict[str, Path]) -> None:
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert f"plots written to {png}" in result.output
     assert sorted(p.name for p in png.parent.iterdir()) == ["report.png"]
+
+
+def _adapter_folders(root: Path, n: int = 8, r: int = 4) -> list[Path]:
+    """Hand-made PEFT adapters: module "shared" in a common 2-dim update space (a subspace
+    record), module "private" random per adapter (kept as its factors)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    u, v = np.linalg.qr(rng.standard_normal((48, 2)))[0], np.linalg.qr(rng.standard_normal((40, 2)))[0]
+    paths = []
+    for i in range(n):
+        folder = root / f"ad{i}"
+        folder.mkdir(parents=True)
+        tensors = {
+            "base_model.model.shared.lora_A.weight": (rng.standard_normal((r, 2)) @ v.T).astype(np.float32),
+            "base_model.model.shared.lora_B.weight": (u @ rng.standard_normal((2, r))).astype(np.float32),
+            "base_model.model.private.lora_A.weight": rng.standard_normal((r, 40)).astype(np.float32),
+            "base_model.model.private.lora_B.weight": rng.standard_normal((48, r)).astype(np.float32),
+            "base_model.model.head.weight": rng.standard_normal((3, 48)).astype(np.float32),
+        }
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["shared", "private"],
+             "modules_to_save": ["head"]}))
+        paths.append(folder)
+    return paths
+
+
+def test_byte_parts_of_a_lora_bundle(tmp_path: Path) -> None:
+    """U and V are bases, cores coefficients, kept factors their own part, heads raw."""
+    paths = _adapter_folders(tmp_path / "adapters")
+    path = tmp_path / "lora.upk"
+    unipack.merge(paths, path, max_error=1e-4)
+    with unipack.open(path) as b:
+        forms = {t.name: t.form for t in b.manifest.tensors if t.storage == "lora"}
+        r = report(b)
+    assert forms == {"base_model.model.shared": "subspace", "base_model.model.private": "factors"}
+    expected = expected_parts(path)
+    assert r.bytes.parts == expected
+    assert expected["bases"] > 0 and expected["coefficients"] > 0 and expected["factors"] > 0 and expected["raw"] > 0
+    assert sum(r.bytes.parts.values()) == os.path.getsize(path)

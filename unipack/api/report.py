@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .evaluation import EvalHook
 
 #: Byte parts of a bundle file, in file order; they add up exactly to the file size.
-PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "raw", "exact")
+PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "factors", "raw", "exact")
 #: The ways of storing a member that the report compares.
 METHODS = ("unipack", "mean-only", "svd")
 

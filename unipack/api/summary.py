@@ -12,7 +12,9 @@ from typing import Any
 from ..format.manifest import Manifest
 from ..format.safetensors_file import SafetensorsHeader
 
-PARTS = ("header", "means", "bases", "coefficients", "raw", "exact")
+#: ``factors``: LoRA modules kept as the adapters' own factors (``form: factors``), apart from ``raw``
+#: so that a LoRA bundle's bytes for updates are bases + coefficients + factors.
+PARTS = ("header", "means", "bases", "coefficients", "factors", "raw", "exact")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ def blob_parts(manifest: Manifest) -> dict[str, str]:
         if m.coefficients is not None:
             roles[m.coefficients] = "coefficients"
         roles.update(dict.fromkeys(m.raw.values(), "raw"))
+    for t in manifest.tensors:
+        if t.storage == "lora" and t.form == "factors":
+            for m in manifest.members:
+                roles.update((m.raw[key], "factors") for key in t.lora_keys if key in m.raw)
     return roles
 
 
