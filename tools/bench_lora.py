@@ -24,8 +24,8 @@ The schemes
   ``Bundle.load(member, lora="updates")`` gives ΔŴ per module. unipack stores a module in the
   update space (U, V, one k_out x k_in core per adapter) or, where that would cost more bytes,
   as the adapters' own factors, exactly (the ``config`` column counts both forms). Bytes: the
-  ``bases`` + ``coefficients`` (+ ``means``) parts of ``unipack.report(bundle)`` plus the blobs
-  of factor-form modules, as stored (after the bundle's lossless codec, zstd level 3 by
+  ``bases`` + ``coefficients`` + ``factors`` (+ ``means``) parts of ``unipack.report(bundle)``,
+  as stored (after the bundle's lossless codec, zstd level 3 by
   default); header/manifest overhead and the heads (the ``modules_to_save`` tensors) are
   counted separately (``--json``), and the whole file for the total ratio.
   Once per run ``PeftModel.from_pretrained(base, <Bundle.extract_peft folder>)`` is checked
@@ -620,10 +620,10 @@ def run_unipack(adapters: list[Adapter], options: dict[str, Any], label: str, ru
                 exact: list[dict[str, np.ndarray]]) -> Result:
     """Merge the adapter folders at one budget; ΔŴ from ``load(lora="updates")``, bytes from the bundle.
 
-    LoRA bytes are the ``bases`` + ``coefficients`` (+ ``means``) parts of ``unipack.report``, plus
-    the blobs of modules stored in the ``factors`` form (the adapters' own factors, kept where the
-    subspace would cost more): the report counts those under ``raw``, with the heads. The worst
-    per-module error is measured here from the loaded updates and set against the report's.
+    LoRA bytes are the ``bases`` + ``coefficients`` + ``factors`` (+ ``means``) parts of
+    ``unipack.report``: ``factors`` are modules kept as the adapters' own factors, where the
+    subspace would cost more; the heads are ``raw``. The worst per-module error is measured here
+    from the loaded updates and set against the report's.
     """
     import unipack
 
@@ -637,15 +637,13 @@ def run_unipack(adapters: list[Adapter], options: dict[str, Any], label: str, ru
         rep = unipack.report(bundle)
         parts = dict(rep.bytes.parts)
         recorded_worst = max(m.errors["unipack"].worst for m in rep.members if m.errors["unipack"])
-        stored = {name: e.nbytes for name, e in bundle.header.tensors.items()}
-        lora_keys = {k for t in bundle.manifest.tensors if t.storage == "lora" for k in t.lora_keys}
-        factor_blobs = sum(stored[blob] for m in bundle.manifest.members for k, blob in m.raw.items() if k in lora_keys)
+        factor_blobs = parts["factors"]
         forms = [(t.form, t.ranks) for t in bundle.manifest.tensors if t.storage == "lora"]
         for ad in adapters:
             loaded = bundle.load(ad.name, lora="updates")
             other_keys |= set(loaded) - {f"{m}.weight" for m in modules}
             ups.append({m: loaded[f"{m}.weight"].double().numpy() for m in modules})
-    lora = parts["bases"] + parts["coefficients"] + parts["means"] + factor_blobs
+    lora = parts["bases"] + parts["coefficients"] + parts["means"] + parts["factors"]
     file_bytes = out.stat().st_size
     measured_worst = max(float(np.linalg.norm(e[m] - u[m]) / np.linalg.norm(e[m])) for e, u in zip(exact, ups)
                          for m in modules)
@@ -656,7 +654,7 @@ def run_unipack(adapters: list[Adapter], options: dict[str, Any], label: str, ru
     if len(sub) < len(forms):
         config += f", {len(forms) - len(sub)} factors"
     return Result("unipack", label, config, lora, file_bytes, ups,
-                  extra={"parts": parts, "factor_form_bytes": factor_blobs, "heads_bytes": parts["raw"] - factor_blobs,
+                  extra={"parts": parts, "factor_form_bytes": factor_blobs, "heads_bytes": parts["raw"],
                          "overhead_bytes": parts["header"] + parts["manifest"] + parts["padding"],
                          "file_bytes": file_bytes, "merge_seconds": seconds, "bundle": str(out),
                          "forms": [[f, list(r) if r else None] for f, r in forms],
