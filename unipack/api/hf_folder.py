@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import FormatError, OptionsError, OutputExistsError, UnipackError
+from ..errors import FormatError, OptionsError, OutputExistsError
 from ..format import dtypes
 from ..format.atomic import atomic_directory, check_replaceable_dir, contains, ensure_directory
 from ..format.manifest import TensorRecord
