@@ -94,7 +94,9 @@ class Bundle:
         if t.name not in offsets or coefs is None:
             return None
         lo, hi = offsets[t.name]
-        return dtypes.to_float(coefs[lo:hi], self.coef_dtype()).reshape(t.coef_shape())
+        basis = t.left or t.right  # a stored core means both ranks > 0; cores share the bases' dtype
+        assert basis is not None
+        return dtypes.to_float(coefs[lo:hi], self.manifest.blobs[basis].dtype).reshape(t.coef_shape())
 
     @property
     def is_lora(self) -> bool:

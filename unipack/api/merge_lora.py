@@ -199,7 +199,7 @@ class LoraMerger(Merger):
             if core is not None and core.size:
                 self.coefs[i].append(core.reshape(-1))
             self.errors[i].append(round_up(float(err)))
-            mean_error, svd_error, svd_rank = baselines(i)
+            mean_error, svd_error, svd_rank = baselines[i]
             self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=err, mean_error=mean_error,
                                                    svd_error=svd_error, svd_rank=svd_rank))
         head, variance = spectrum(model.left_spectrum)
@@ -220,24 +220,22 @@ class LoraMerger(Merger):
             for key in (m.a_key, m.b_key):
                 self.raw[i][key] = self.writer.add(f"raw/{i}/{key}", c.read(key), c.tensors[key].dtype)
             # A factors-form module loses nothing; its mean-only baseline still counts against the mean.
-            mean_error = baselines(i)[0]
+            mean_error = baselines[i][0]
             self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=0.0, mean_error=mean_error,
                                                    svd_error=0.0, svd_rank=f.rank))
         head, variance = spectrum(model.left_spectrum)
         return TensorRecord(module.name, "lora", module.dtype, (module.out_dim, module.in_dim), reason,
-                            form="factors", raw_cause=None, spectrum=tuple(head), variance=variance)
+                            form="factors", spectrum=tuple(head), variance=variance)
 
-    def _baselines(self, model: LoraModel, k_out: int, k_in: int):  # type: ignore[no-untyped-def]
-        """Per adapter i: (mean-only error, per-member SVD error at equal bytes, its rank)."""
+    def _baselines(self, model: LoraModel, k_out: int, k_in: int) -> list[tuple[float, float | None, int | None]]:
+        """Per adapter: (mean-only error, per-member SVD error at equal bytes, its rank); the SVD
+        pair is None without ``--baselines``, the mean error 0 where it is not measured."""
         means = model.mean_errors()
-        svd = model.svd_baseline(k_out, k_in) if self.options.baselines else None
-
-        def of(i: int) -> tuple[float, float | None, int | None]:
-            mean_error = float(means[i]) if means is not None else 0.0
-            if svd is None:
-                return mean_error, None, None
-            return mean_error, svd[i][0], svd[i][1]
-        return of
+        mean_errors = [0.0] * model.n_adapters if means is None else [float(e) for e in means]
+        if not self.options.baselines:
+            return [(e, None, None) for e in mean_errors]
+        return [(e, svd_error, svd_rank) for e, (svd_error, svd_rank) in
+                zip(mean_errors, model.svd_baseline(k_out, k_in))]
 
     # -- extra tensors -------------------------------------------------------------------------------
 
