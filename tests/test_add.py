@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import unipack
-from unipack.api.add import free_member_index
+from unipack.pack.add import free_member_index
 from unipack.cli import cli
 from unipack.format.container import rewrite_bundle
 
@@ -574,7 +574,7 @@ def test_add_is_exported_and_has_cli_help() -> None:
 def test_projecting_a_merged_member_reproduces_what_merge_recorded(tmp_path: Path) -> None:
     """The projection is merge's own encoding step on a fixed basis: re-projecting a member that
     was merged gives back its stored coefficients, recorded error and fidelity numbers."""
-    from unipack.api.merger import round_up
+    from unipack.core.fidelity import round_up
     from unipack.core.project import project
     from unipack.format import dtypes
     from unipack.format.container import BundleFile

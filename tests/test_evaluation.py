@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from unipack.api.evaluation import EvalHook, check_results, load_eval, pick_metric
+from unipack.usercode import EvalHook, check_results, load_eval, pick_metric
 from unipack.errors import EvalError, UnipackError
 
 STATE = {"w": torch.ones(2, 2)}

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import unipack
 from unipack import FormatError, InputError, UnipackError
-from unipack.api.report import find_originals
+from unipack.analysis.report import find_originals
 from unipack.cli import cli
 from unipack.format.manifest import MAX_CONFIG_BYTES
 
@@ -616,7 +616,7 @@ def test_transformers_vit_folders(tmp_path: Path) -> None:
 
 
 def test_lossless_baseline_of_several_files_is_an_estimate_if_any_is_sampled(tmp_path: Path) -> None:
-    from unipack.api import lossless
+    from unipack.pack import lossless
 
     big, small = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
     big.write_bytes(bytes(3 * lossless.WINDOW) + torch.randn(lossless.WINDOW // 4).numpy().tobytes())

@@ -26,8 +26,8 @@ from safetensors.torch import save_model
 
 import unipack
 from unipack import OptionsError, OutputExistsError, UnipackError
-from unipack.api import hf_folder
-from unipack.api.hf_folder import parse_size, plan_shards
+from unipack.export import hf_folder
+from unipack.export.hf_folder import parse_size, plan_shards
 from unipack.cli import cli
 from unipack.format.container import rewrite_bundle
 

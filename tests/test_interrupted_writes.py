@@ -560,7 +560,7 @@ def _corrupt(kind: str, path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["truncated_half", "garbage_header", "different_tensors"])
 def test_bad_last_member_named_before_any_heavy_work(tmp_path: Path, kind: str) -> None:
-    from unipack.api.inputs import Checkpoint
+    from unipack.sources.checkpoint import Checkpoint
 
     paths = _population(tmp_path / "in", 3, n=6, seed=11, size=128)
     bad = paths[-1]

@@ -23,8 +23,8 @@ from conftest import Population, TensorSpec, as64, write_population
 from safetensors.torch import load_file
 
 import unipack
-from unipack.api.evaluation import load_eval
-from unipack.api.fidelity_target import Attempt, merge_with_eval
+from unipack.usercode import load_eval
+from unipack.pack.max_drop import Attempt, merge_with_eval
 from unipack.cli import cli
 from unipack.errors import EvalError, OptionsError
 

@@ -25,8 +25,8 @@ from safetensors.torch import save_file, save_model
 
 import unipack
 import unipack.cli
-from unipack.api import onnx_export
-from unipack.api.modules import build_module
+from unipack.export import onnx as onnx_export
+from unipack.export.torch_module import build_module
 from unipack.format.container import rewrite_bundle
 
 transformers = pytest.importorskip("transformers")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unipack import InputError
-from unipack.api.sources import (
+from unipack.sources import (
     LoraModule,
     PeftAdapterSource,
     is_peft_adapter,

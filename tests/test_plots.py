@@ -10,7 +10,7 @@ import pytest
 from matplotlib.image import imread  # matplotlib is in the `test` extra
 
 from unipack.errors import UnipackError
-from unipack.plots import render_figure, write_png
+from unipack.render.plots import render_figure, write_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

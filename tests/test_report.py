@@ -34,8 +34,8 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import unipack
-from unipack.api.evaluation import load_eval
-from unipack.api.report import report
+from unipack.usercode import load_eval
+from unipack.analysis.report import report
 from unipack.cli import cli
 from unipack.errors import InputError
 
@@ -261,7 +261,7 @@ def test_byte_parts_in_the_terminal_and_json(bundles: dict[str, Path]) -> None:
     assert doc["bytes"]["file"] == os.path.getsize(path)
     text = run("report", path)
     assert_ok(text)
-    from unipack.render import format_bytes
+    from unipack.render.console import format_bytes
 
     rows = {cells(line)[0]: cells(line) for line in text.output.splitlines() if line.startswith("│")}
     for part, n in expected.items():

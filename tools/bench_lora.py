@@ -902,20 +902,9 @@ def originals_bytes(adapters: list[Adapter]) -> dict[str, int]:
 
 
 def unipack_revision() -> dict[str, Any]:
-    """unipack's version, and its git commit (with a dirty flag) when it runs from a checkout."""
-    import unipack
+    from unipack.version import revision
 
-    info: dict[str, Any] = {"version": unipack.__version__}
-    where = Path(unipack.__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
-        info.update(commit=head, dirty=bool(dirty))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+    return revision()
 
 
 def bench(ns: argparse.Namespace) -> dict[str, Any]:

@@ -15,14 +15,14 @@ every member is from its original. The public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from unipack.version import __version__
 
-from .api.add import AddResult, add
-from .api.bundle import Bundle, open
-from .api.evaluation import load_eval
-from .api.merge import MergeResult, merge
-from .api.report import Report, report
-from .errors import (
+from unipack.pack.add import AddResult, add
+from unipack.api import Bundle, open
+from unipack.usercode import load_eval
+from unipack.pack.merge import MergeResult, merge
+from unipack.analysis.report import Report, report
+from unipack.errors import (
     ChecksumError,
     EvalError,
     FormatError,
@@ -34,7 +34,7 @@ from .errors import (
     OutputExistsError,
     UnipackError,
 )
-from .options import MergeOptions
+from unipack.options import MergeOptions
 
 __all__ = [
     "AddResult",

@@ -55,3 +55,17 @@ class OnnxCheckError(ModelError):
     def __init__(self, message: str, check: object) -> None:
         super().__init__(message)
         self.check = check
+
+
+def first_line(exc: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
+    """An exception's first non-blank line, shortened to ``limit`` characters, for a one-line error.
+
+    ``with_type`` prefixes the exception's class name (for errors from other libraries, whose
+    messages often make sense only with it).
+    """
+    line = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
+    if len(line) > limit:
+        line = line[: limit - 1] + "…"
+    if with_type:
+        return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line or "(no message)"

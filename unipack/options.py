@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OptionsError
+from unipack.errors import OptionsError
 
 #: The default fidelity target: every member's relative Frobenius error on every tensor.
 DEFAULT_MAX_ERROR = 0.01

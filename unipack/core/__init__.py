@@ -4,4 +4,4 @@ A decomposition sees its members only through a ``MemberArrays`` source (load me
 tensor as a float array), so it never holds more than a bounded number of members at once.
 """
 
-from . import flat, rows  # noqa: E402,F401  (importing a scheme module registers it)
+from unipack.core import flat, rows  # noqa: E402,F401  (importing a scheme module registers it)

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..format import dtypes
-from .fidelity import MemberFidelity
+from unipack.format import dtypes
+from unipack.core.fidelity import MemberFidelity
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import dtypes
-from .linalg import eigh_desc, rel_error
+from collections.abc import Sequence
+
+from unipack.format import dtypes
+from unipack.format.manifest import FidelityRecord
+from unipack.core.linalg import eigh_desc, rel_error
 
 #: Leading eigenvalues kept per tensor for the report's scree curve.
 SPECTRUM_LENGTH = 128
@@ -115,3 +118,33 @@ def round_sig(value: float, digits: int = 4) -> float:
     if value == 0.0 or not math.isfinite(value):
         return value
     return float(f"{value:.{digits - 1}e}")
+
+
+def round_up(value: float, digits: int = 9) -> float:
+    """``value`` rounded up to ``digits`` significant digits.
+
+    The last digits of a float64 norm depend on the BLAS's summation order (its thread count);
+    recording 9 digits keeps bundles byte-identical across machines, and rounding up never
+    understates an error.
+    """
+    if value <= 0.0 or not math.isfinite(value):
+        return value
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
+
+
+#: What a member's raw or exact tensor records: nothing lost, nothing to compare.
+EXACT = MemberFidelity(norm=0.0, delta_error=0.0, mean_error=0.0, svd_error=0.0, svd_rank=0)
+
+
+def fidelity_record(per_tensor: list[MemberFidelity], baselines: bool) -> FidelityRecord:
+    """One member's informative numbers, rounded (see ``round_sig``) for the manifest."""
+    def column(values: Sequence[float | None]) -> tuple[float, ...]:
+        return tuple(round_sig(float(v or 0.0)) for v in values)
+
+    return FidelityRecord(
+        norms=column([f.norm for f in per_tensor]), delta_errors=column([f.delta_error for f in per_tensor]),
+        mean_errors=column([f.mean_error for f in per_tensor]),
+        svd_errors=column([f.svd_error for f in per_tensor]) if baselines else None,
+        svd_ranks=tuple(int(f.svd_rank or 0) for f in per_tensor) if baselines else None,
+    )

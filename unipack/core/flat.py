@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format import dtypes
-from .decomposition import Encoded, TensorJob, kept_energy, register, store_as
-from .fidelity import matrix_view, measure
-from .linalg import fix_signs, eigh_desc, least_squares_projector, rel_error
+from unipack.format import dtypes
+from unipack.core.decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from unipack.core.fidelity import matrix_view, measure
+from unipack.core.linalg import fix_signs, eigh_desc, least_squares_projector, rel_error
 
 #: Bytes of members held at once while filling the Gram (a constant: memory must not grow with N).
 BLOCK_BYTES = 64 * 1024 * 1024

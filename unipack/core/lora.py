@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decomposition import energy_rank
-from .linalg import fix_signs
+from unipack.core.decomposition import energy_rank
+from unipack.core.linalg import fix_signs
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:

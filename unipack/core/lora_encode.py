@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import dtypes
-from .linalg import least_squares_projector
-from .lora import LoraFactors, LoraModel, reconstruct_factors
+from unipack.format import dtypes
+from unipack.core.linalg import least_squares_projector
+from unipack.core.lora import LoraFactors, LoraModel, reconstruct_factors
 
 
 @dataclass

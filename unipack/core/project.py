@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import dtypes
-from ..format.manifest import TensorRecord
-from .decomposition import store_as
-from .fidelity import MemberFidelity, matrix_view, measure
-from .linalg import least_squares_projector, rel_error
-from .reconstruct import reconstruct
+from unipack.format import dtypes
+from unipack.format.manifest import TensorRecord
+from unipack.core.decomposition import store_as
+from unipack.core.fidelity import MemberFidelity, matrix_view, measure
+from unipack.core.linalg import least_squares_projector, rel_error
+from unipack.core.reconstruct import reconstruct
 
 
 @dataclass(frozen=True)

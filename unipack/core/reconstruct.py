@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format.manifest import TensorRecord
+from unipack.format.manifest import TensorRecord
 
 
 def reconstruct(t: TensorRecord, mean: np.ndarray, basis: np.ndarray | None, coef: np.ndarray | None) -> np.ndarray:

@@ -16,10 +16,10 @@ import math
 
 import numpy as np
 
-from ..format import dtypes
-from .decomposition import Encoded, TensorJob, kept_energy, register, store_as
-from .fidelity import measure
-from .linalg import eigh_desc, least_squares_projector, rel_error
+from unipack.format import dtypes
+from unipack.core.decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from unipack.core.fidelity import measure
+from unipack.core.linalg import eigh_desc, least_squares_projector, rel_error
 
 #: Columns of V probed per pass when searching the smallest rank that meets a budget.
 FIRST_PROBE = 8

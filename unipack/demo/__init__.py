@@ -15,9 +15,9 @@ Training takes about two minutes on 2 CPU cores the first time; the result is ca
 
 from __future__ import annotations
 
-from .evaluate import accuracy_of, evaluate
-from .population import POPULATION_VERSION, Member, build_population, default_cache_dir
-from .tasks import TASKS, Task
+from unipack.demo.evaluate import accuracy_of, evaluate
+from unipack.demo.population import POPULATION_VERSION, Member, build_population, default_cache_dir
+from unipack.demo.tasks import TASKS, Task
 
 __all__ = [
     "POPULATION_VERSION",

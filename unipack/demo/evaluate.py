@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .model import build_model, config_from_state_dict
-from .tasks import task_for_member
+from unipack.demo.model import build_model, config_from_state_dict
+from unipack.demo.tasks import task_for_member
 
 
 @torch.no_grad()

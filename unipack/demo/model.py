@@ -262,7 +262,7 @@ def build(state_dict: dict[str, torch.Tensor], member_name: str) -> tuple[nn.Mod
     Sized from the member's own weights (heads differ between members), weights not loaded
     (unipack loads them strictly), and one held-out digit of the member's task as the example.
     """
-    from .tasks import task_for_member
+    from unipack.demo.tasks import task_for_member
 
     images, _ = task_for_member(member_name).data("test")
     return build_model(config_from_state_dict(dict(state_dict))), images[:1]

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import TinyViTConfig, TinyViTForImageClassification, build_model, count_parameters
-from .tasks import DATA_SPEC, SMALL_TASK_NAMES, TASKS, Split, Task, require_sklearn
+from unipack.demo.model import TinyViTConfig, TinyViTForImageClassification, build_model, count_parameters
+from unipack.demo.tasks import DATA_SPEC, SMALL_TASK_NAMES, TASKS, Split, Task, require_sklearn
 
 #: Bump when the training procedure changes in a way the plan below does not capture.
 POPULATION_VERSION = 1

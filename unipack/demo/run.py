@@ -18,14 +18,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..api.add import add
-from ..api.bundle import open as open_bundle
-from ..api.evaluation import load_eval
-from ..api.merge import merge
-from ..api.onnx_export import export_onnx
-from ..api.report import report
-from ..render import ProgressBars, add_summary, format_bytes, merge_summary
-from ..render_report import report_view
+from unipack.pack.add import add
+from unipack.api import open as open_bundle
+from unipack.usercode import load_eval
+from unipack.pack.merge import merge
+from unipack.export.onnx import export_onnx
+from unipack.analysis.report import report
+from unipack.render.console import ProgressBars, add_summary, format_bytes, merge_summary
+from unipack.render.report_view import report_view
 
 #: Task heads have a different number of classes per member: store them raw, per member.
 HEAD_PATTERN = "classifier.*"
@@ -39,7 +39,7 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
     """Run the demo; ``small`` uses the tests' quick population (4 members, 1 layer)."""
     from safetensors.torch import load_file
 
-    from . import build_population, default_cache_dir, evaluate
+    from unipack.demo import build_population, default_cache_dir, evaluate
 
     workdir.mkdir(parents=True, exist_ok=True)
     err.print(f"[bold]1/4[/] population of fine-tunes (cache: {cache_dir or default_cache_dir()})")
@@ -106,7 +106,7 @@ def _held_out(members: list, workdir: Path, out: Console, err: Console) -> dict[
     serve a fine-tune they never saw? (``add`` stores raw whatever they cannot bring within budget.)"""
     from safetensors.torch import load_file
 
-    from . import evaluate
+    from unipack.demo import evaluate
 
     *merged, last = members
     path = workdir / "held-out.upk"
@@ -136,7 +136,7 @@ def _budget_sweep(members: list, workdir: Path, err: Console) -> Table:  # type:
     """Ratio, weight error and accuracy drop for a few other budgets: the trade-off at a glance."""
     from safetensors.torch import load_file
 
-    from . import evaluate
+    from unipack.demo import evaluate
 
     err.print("[bold]+[/] the same population at other budgets")
     original = {m.name: evaluate(load_file(str(m.path)), m.name)["accuracy"] for m in members}

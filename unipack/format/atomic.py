@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import OutputExistsError, UnipackError
+from unipack.errors import OutputExistsError, UnipackError
 
 
 def check_writable(path: Path, *, force: bool) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import zstandard
 
-from ..errors import FormatError
+from unipack.errors import FormatError
 
 CODECS = ("none", "zstd")
 

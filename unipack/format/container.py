@@ -19,11 +19,11 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import ChecksumError, FormatError
-from . import codec, dtypes
-from .atomic import atomic_write, check_writable, spool_file
-from .manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
-from .safetensors_file import (
+from unipack.errors import ChecksumError, FormatError
+from unipack.format import codec, dtypes
+from unipack.format.atomic import atomic_write, check_writable, spool_file
+from unipack.format.manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
+from unipack.format.safetensors_file import (
     SafetensorsHeader,
     encode_header,
     read_bytes,

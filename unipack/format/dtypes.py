@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import FormatError
+from unipack.errors import FormatError
 
 #: dtype name -> (itemsize, numpy dtype used to hold the bits, little-endian).
 _DTYPES: dict[str, tuple[int, str]] = {

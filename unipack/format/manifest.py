@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import FormatError
-from . import dtypes
-from .safetensors_file import MAX_DIM, MAX_NDIM, is_int
+from unipack.errors import FormatError
+from unipack.format import dtypes
+from unipack.format.safetensors_file import MAX_DIM, MAX_NDIM, is_int
 
 FORMAT_NAME = "unipack.upk"
 FORMAT_VERSION = 1

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError
-from . import dtypes
+from unipack.errors import FormatError
+from unipack.format import dtypes
 
 #: Largest JSON header accepted (the safetensors reference implementation uses the same cap).
 MAX_HEADER_BYTES = 100 * 1024 * 1024

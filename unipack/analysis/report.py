@@ -1,0 +1,356 @@
+"""``unipack report``: what a bundle costs, how faithful every member is, and whether the shared
+subspace beats the simple answers (the mean alone; each member's own SVD at equal bytes).
+
+Everything here is computed from the bundle's header and manifest (numbers recorded at merge
+time), plus, on request, the members' originals and a user's eval function. ``Report.to_dict``
+is what ``--json`` prints: it carries every number the terminal tables show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unipack.errors import InputError
+from unipack.format import dtypes
+from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
+from unipack.format.safetensors_file import SafetensorsHeader
+from unipack.analysis.baselines import is_projected, measure_member, replaced_by_mean
+from unipack.sources.checkpoint import open_checkpoint
+from unipack.analysis.scoring import score_members
+from unipack.bundle.summary import blob_parts
+
+if TYPE_CHECKING:
+    from unipack.bundle.reader import BundleReader
+    from unipack.usercode import EvalHook
+
+#: Byte parts of a bundle file, in file order; they add up exactly to the file size.
+PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "factors", "raw", "exact")
+#: The ways of storing a member that the report compares.
+METHODS = ("unipack", "mean-only", "svd")
+
+
+@dataclass(frozen=True)
+class ByteReport:
+    file: int
+    inputs: int
+    lossless: int | None  # inputs compressed with zstd -19 (None: not measured)
+    lossless_sampled: bool  # lossless is an estimate from evenly spaced samples
+    parts: dict[str, int]
+    mean_only: int  # what the bundle would cost without bases and coefficients (rank 0 everywhere)
+
+    @property
+    def ratio(self) -> float:
+        return self.inputs / self.file if self.file else 0.0
+
+    @property
+    def ratio_vs_lossless(self) -> float | None:
+        return self.lossless / self.file if self.lossless and self.file else None
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Relative errors over a member's tensors: the worst, and the mean weighted by tensor bytes."""
+
+    worst: float
+    mean: float
+    worst_tensor: str | None = None
+
+
+@dataclass(frozen=True)
+class MemberReport:
+    name: str
+    source: str
+    added: bool
+    source_bytes: int
+    own_bytes: int  # its coefficients and raw tensors
+    amortized_bytes: int  # own bytes + 1/N of everything shared (header, means, bases, exact)
+    errors: dict[str, ErrorStats | None]  # by METHODS; None where not measured
+    delta_error: float | None  # ||W - Ŵ|| / ||W - M|| over its projected tensors (None: none)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "original", "unipack", ...
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    storage: str
+    scheme: str | None
+    rank: int | None
+    energy: float | None
+    spectrum: list[float]
+    variance: float | None
+    stored_bytes: int  # its blobs, with its share of each member's coefficient blob (by element count)
+    errors: dict[str, float | None]  # mean relative error over members, by METHODS
+    winner: str | None  # the method with the smallest mean error (ties go to the cheaper one)
+
+
+@dataclass(frozen=True)
+class Report:
+    path: str
+    created_by: str
+    format_version: int
+    rule: str
+    options: dict[str, Any]
+    bytes: ByteReport
+    members: list[MemberReport]
+    tensors: list[TensorReport]
+    overall: dict[str, Any]  # byte-weighted mean error by method, winner, tensors won by method
+    evaluation: dict[str, Any] | None = None  # set by evaluate_report()
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["bytes"]["ratio"] = self.bytes.ratio
+        doc["bytes"]["ratio_vs_lossless"] = self.bytes.ratio_vs_lossless
+        doc["worst_error"] = max((m.errors["unipack"].worst for m in self.members if m.errors["unipack"]),
+                                 default=0.0)
+        # Flat aliases the PNG and simple scripts read: worst/mean error and baselines per member.
+        for m, d in zip(self.members, doc["members"]):
+            unipack = m.errors["unipack"]
+            d["worst_error"] = unipack.worst if unipack else None
+            d["mean_error"] = unipack.mean if unipack else None
+            d["baselines"] = {key: ({"worst_error": s.worst, "mean_error": s.mean} if s else None)
+                              for key, s in (("mean", m.errors["mean-only"]), ("svd", m.errors["svd"]))}
+        return doc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+
+def rule_text(options: Mapping[str, Any]) -> str:
+    if options.get("rank") is not None:
+        return f"fixed rank {options['rank']} (errors recorded, not bounded)"
+    if options.get("energy") is not None:
+        return f"energy {options['energy']} (errors recorded, not bounded)"
+    return f"max-error {options.get('max_error')} per member per tensor"
+
+
+def build_report(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes,
+                 fidelity: Mapping[str, FidelityRecord] | None = None) -> Report:
+    """The report of a bundle; ``fidelity`` overrides recorded numbers (recomputed from originals)."""
+    fidelity = dict(fidelity or {})
+    stored = {name: e.nbytes for name, e in header.tensors.items()}
+    parts = _byte_parts(manifest, header, header_bytes, stored)
+    n = max(len(manifest.members), 1)
+    shared_bytes = sum(parts[p] for p in ("header", "manifest", "padding", "means", "bases", "exact"))
+    members = []
+    for m in manifest.members:
+        record = fidelity.get(m.name, m.fidelity)
+        own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)
+        members.append(_member_report(manifest, m, record, own, own + shared_bytes // n))
+    tensors = _tensor_reports(manifest, stored, fidelity)
+    measured = [m.lossless_bytes for m in manifest.members if m.lossless_bytes is not None]
+    complete = bool(measured) and len(measured) == len(manifest.members)  # a partial sum would flatter
+    lossless_stats = manifest.stats.get("lossless")
+    byte_report = ByteReport(
+        file=header.file_size, inputs=int(manifest.stats.get("input_bytes", 0)),
+        lossless=sum(measured) if complete else None,
+        lossless_sampled=bool(isinstance(lossless_stats, dict) and lossless_stats.get("sampled")),
+        parts=parts, mean_only=_mean_only_bytes(manifest, parts, stored),
+    )
+    return Report(path=str(header.path), created_by=manifest.created_by, format_version=manifest.format_version,
+                  rule=rule_text(manifest.options), options=dict(manifest.options), bytes=byte_report,
+                  members=members, tensors=tensors, overall=_overall(members, tensors))
+
+
+def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str, int]) -> int:
+    """About what a rank-0 bundle would cost: no bases or coefficients, and one mean in place of
+    the per-member copies of every tensor the merge kept raw only because raw was cheaper."""
+    size = sum(parts.values()) - parts["bases"] - parts["coefficients"]
+    for t in manifest.tensors:
+        if t.storage == "raw" and t.raw_cause == "budget":
+            copies = [stored[m.raw[t.name]] for m in manifest.members]
+            size -= sum(copies) - max(copies, default=0)
+        if t.storage == "lora":
+            # The adapters' own factors go; the mean update comes, stored as cheaply as it can be:
+            # dense, or factored with the rank of the sum (at most the sum of the ranks).
+            size -= sum(stored[m.raw[k]] for m in manifest.members for k in t.lora_keys if k in m.raw)
+            assert t.shape is not None
+            out_dim, in_dim = t.shape
+            rank_sum = sum(m.lora[t.name][0] for m in manifest.members if t.name in m.lora)
+            size += min(out_dim * in_dim, rank_sum * (out_dim + in_dim)) * dtypes.itemsize(t.dtype)
+    return size
+
+
+def _byte_parts(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes,
+                stored: dict[str, int]) -> dict[str, int]:
+    """Every byte of the file in exactly one part (header = length prefix + safetensors JSON)."""
+    parts = dict.fromkeys(PARTS, 0)
+    body = header_bytes[8:]
+    parts["padding"] = len(body) - len(body.rstrip(b" "))
+    text = (header.metadata or {}).get("manifest", "")
+    for ascii_only in (False, True):  # as unipack writes it, or as another writer may escape it
+        encoded = json.dumps(text, ensure_ascii=ascii_only).encode("utf-8")
+        if encoded in body:
+            parts["manifest"] = len(encoded)
+            break
+    parts["header"] = header.data_start - parts["manifest"] - parts["padding"]
+    for name, part in blob_parts(manifest).items():
+        parts[part] += stored[name]
+    return parts
+
+
+def _tensor_bytes(manifest: Manifest, member: MemberRecord, index: int) -> int:
+    """What the member's original holds for tensor ``index`` (the weight of its error in a mean)."""
+    t = manifest.tensors[index]
+    if t.storage == "lora":  # its two factors, if it touches the module
+        assert t.shape is not None
+        rank = member.lora[t.name][0] if t.name in member.lora else 0
+        return rank * (t.shape[0] + t.shape[1]) * dtypes.itemsize(member.dtype_of(t))
+    shape = manifest.blobs[member.raw[t.name]].shape if t.name in member.raw else t.shape or ()
+    return math.prod(shape) * dtypes.itemsize(member.dtype_of(t))
+
+
+def _member_report(manifest: Manifest, m: MemberRecord, record: FidelityRecord | None, own: int,
+                   amortized: int) -> MemberReport:
+    weights = [_tensor_bytes(manifest, m, i) for i in range(len(manifest.tensors))]
+    names = [t.name for t in manifest.tensors]
+    errors: dict[str, ErrorStats | None] = {"unipack": _stats(m.errors, weights, names)}
+    errors["mean-only"] = _stats(record.mean_errors, weights, names) if record else None
+    errors["svd"] = _stats(record.svd_errors, weights, names) if record and record.svd_errors else None
+    delta = None
+    if record is not None:
+        # ||E_t|| = error * ||W_t|| and ||D_t|| ~ mean error * ||W_t|| (the mean-only residual).
+        lost = kept = 0.0
+        projected = 0
+        for i, t in enumerate(manifest.tensors):
+            if is_projected(t, m):
+                projected += 1
+                lost += (m.errors[i] * record.norms[i]) ** 2
+                kept += (record.mean_errors[i] * record.norms[i]) ** 2
+        if projected:
+            delta = math.sqrt(lost / kept) if kept > 0 else (0.0 if lost == 0 else None)
+    return MemberReport(name=m.name, source=m.source, added=m.added, source_bytes=m.source_bytes, own_bytes=own,
+                        amortized_bytes=amortized, errors=errors, delta_error=delta,
+                        metrics=dict(m.metrics or {}))
+
+
+def _stats(values: tuple[float, ...] | None, weights: list[int], names: list[str]) -> ErrorStats | None:
+    if values is None:
+        return None
+    total = sum(weights)
+    worst = max(range(len(values)), key=values.__getitem__, default=None)
+    return ErrorStats(
+        worst=values[worst] if worst is not None else 0.0,
+        mean=sum(v * w for v, w in zip(values, weights)) / total if total else 0.0,
+        worst_tensor=names[worst] if worst is not None and values[worst] > 0 else None,
+    )
+
+
+def _tensor_reports(manifest: Manifest, stored: dict[str, int],
+                    fidelity: Mapping[str, FidelityRecord]) -> list[TensorReport]:
+    coef_share = _coefficient_shares(manifest, stored)
+    out = []
+    for i, t in enumerate(manifest.tensors):
+        own = sum(stored[b] for b in (t.mean, t.basis, t.left, t.right, t.blob) if b is not None)
+        keys = t.lora_keys if t.storage == "lora" else (t.name,)
+        own += sum(stored[m.raw[k]] for m in manifest.members for k in keys if k in m.raw)
+        errors: dict[str, float | None] = dict.fromkeys(METHODS)
+        winner = None
+        if t.storage in ("shared", "lora") or t.raw_cause == "budget":
+            members = [m for m in manifest.members if replaced_by_mean(t, m)]
+            records = [fidelity.get(m.name, m.fidelity) for m in members]
+            if members:
+                errors["unipack"] = sum(m.errors[i] for m in members) / len(members)
+                if all(r is not None for r in records):
+                    errors["mean-only"] = sum(r.mean_errors[i] for r in records if r) / len(members)
+                    if all(r is not None and r.svd_errors is not None for r in records):
+                        errors["svd"] = sum(r.svd_errors[i] for r in records if r and r.svd_errors) / len(members)
+                winner = _winner(errors)
+        out.append(TensorReport(
+            name=t.name, storage=t.storage, scheme=_scheme_text(t), rank=t.rank if t.storage == "shared" else None,
+            energy=t.energy, spectrum=list(t.spectrum or ()), variance=t.variance,
+            stored_bytes=own + coef_share.get(t.name, 0), errors=errors, winner=winner,
+        ))
+    return out
+
+
+def _scheme_text(t: TensorRecord) -> str | None:
+    """The scheme column: rows / flat, or a LoRA module's form (with its ranks k_out x k_in)."""
+    if t.storage != "lora":
+        return t.scheme
+    return f"{t.ranks[0]}x{t.ranks[1]}" if t.form == "subspace" and t.ranks is not None else "factors"
+
+
+def _winner(errors: Mapping[str, float | None]) -> str | None:
+    """Smallest error wins; on a tie (within 0.1%) the cheaper method: mean-only, then the bundle."""
+    measured = [(v, rank, k) for rank, k in enumerate(("mean-only", "unipack", "svd"))
+                if (v := errors.get(k)) is not None]
+    if not measured:
+        return None
+    best = min(v for v, _, _ in measured)
+    return min((rank, k) for v, rank, k in measured if v <= best * 1.001 + 1e-12)[1]
+
+
+def _coefficient_shares(manifest: Manifest, stored: dict[str, int]) -> dict[str, int]:
+    """Each tensor's share of the members' (jointly compressed) coefficient blobs, by element count."""
+    shares: dict[str, float] = {}
+    for m in manifest.members:
+        if m.coefficients is None:
+            continue
+        offsets = manifest.coef_offsets(m)
+        total = sum(hi - lo for lo, hi in offsets.values())
+        for name, (lo, hi) in offsets.items():
+            shares[name] = shares.get(name, 0.0) + stored[m.coefficients] * (hi - lo) / total
+    return {k: round(v) for k, v in shares.items()}
+
+
+def _overall(members: list[MemberReport], tensors: list[TensorReport]) -> dict[str, Any]:
+    """Mean over members of each method's byte-weighted mean error, and who wins how often."""
+    mean_error: dict[str, float | None] = {}
+    for method in METHODS:
+        stats = [m.errors[method] for m in members]
+        mean_error[method] = (sum(s.mean for s in stats if s) / len(stats)
+                              if stats and all(s is not None for s in stats) else None)
+    won = {method: sum(1 for t in tensors if t.winner == method) for method in METHODS}
+    return {"mean_error": mean_error, "winner": _winner(mean_error), "tensors_won": won}
+
+
+def find_originals(manifest: Manifest, directory: Path) -> dict[str, Path]:
+    """Each member's original in ``directory``, found by its recorded source (a file or a model folder)."""
+    if not directory.is_dir():
+        raise InputError(f"--originals {directory}: not a directory; give the folder holding the merge's inputs")
+    # A source is a plain file or folder name; a bundle naming "../x" must not send us elsewhere.
+    found = {m.name: directory / m.source for m in manifest.members
+             if m.source not in ("", ".", "..") and "/" not in m.source and "\\" not in m.source
+             and ((directory / m.source).is_file() or (directory / m.source).is_dir())}
+    if not found:
+        raise InputError(f"--originals {directory}: none of the members' source files or folders "
+                         f"({', '.join(m.source for m in manifest.members[:3])}, ...) is there")
+    return found
+
+
+def report(bundle: BundleReader, *, originals: Path | None = None, recompute: bool = False,
+           hook: EvalHook | None = None, metric: str | None = None,
+           on_member: Callable[[str], None] | None = None) -> Report:
+    """The full report of an open bundle.
+
+    ``originals``: folder with the merge's inputs (found by file name). ``recompute``: measure the
+    fidelity numbers and baselines again from the originals (for bundles merged with
+    ``--no-baselines``, or to check recorded ones). ``hook``: score every member with the user's
+    eval function (and the originals and baselines where available).
+    """
+    found = find_originals(bundle.manifest, originals) if originals is not None else {}
+    if recompute and bundle.is_lora:
+        raise InputError(f"{bundle.path}: holds LoRA adapters, whose baselines are measured only at merge "
+                         f"time; merge again with --baselines to get them")
+    if recompute and not found:
+        raise InputError("recomputing baselines needs the members' originals: add --originals DIR")
+    fidelity: dict[str, FidelityRecord] = {}
+    if recompute:
+        for name, path in found.items():
+            original = open_checkpoint(path, name)
+            try:
+                fidelity[name] = measure_member(bundle, name, original)
+            finally:
+                original.close()
+    result = build_report(bundle.manifest, bundle.header, bundle.header_bytes(), fidelity)
+    if hook is None:
+        return result
+    scored = score_members(bundle, hook, found, metric, on_member=on_member)
+    members = [replace(m, metrics={k: v for k, v in scored["members"][m.name].items() if v is not None})
+               for m in result.members]
+    return replace(result, members=members, evaluation=scored)

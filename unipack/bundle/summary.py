@@ -1,0 +1,108 @@
+"""What a bundle costs and how faithful it is: the numbers ``unipack info`` prints.
+
+Bytes are taken from the file's own header, so the parts add up exactly to the file size.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from unipack.format.manifest import Manifest
+from unipack.format.safetensors_file import SafetensorsHeader
+
+#: ``factors``: LoRA modules kept as the adapters' own factors (``form: factors``), apart from ``raw``
+#: so that a LoRA bundle's bytes for updates are bases + coefficients + factors.
+PARTS = ("header", "means", "bases", "coefficients", "factors", "raw", "exact")
+
+
+@dataclass(frozen=True)
+class MemberSummary:
+    name: str
+    source: str
+    source_bytes: int
+    own_bytes: int  # this member's coefficients and raw tensors
+    worst_error: float
+    worst_tensor: str | None
+
+
+@dataclass(frozen=True)
+class BundleSummary:
+    path: str
+    format_version: int
+    created_by: str
+    file_bytes: int
+    input_bytes: int
+    parts: dict[str, int]
+    storage_counts: dict[str, int]  # "shared/rows", "shared/flat", "raw", "exact"
+    rank_min: int | None
+    rank_median: float | None
+    rank_max: int | None
+    members: list[MemberSummary]
+    options: dict[str, Any]
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / self.file_bytes if self.file_bytes else 0.0
+
+    @property
+    def worst_error(self) -> float:
+        return max((m.worst_error for m in self.members), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        d["worst_error"] = self.worst_error
+        return d
+
+
+def blob_parts(manifest: Manifest) -> dict[str, str]:
+    """Each blob's part, from the records that reference it (blob names are not normative)."""
+    roles: dict[str, str] = {}
+    for t in manifest.tensors:
+        for blob, part in ((t.mean, "means"), (t.basis, "bases"), (t.left, "bases"), (t.right, "bases"),
+                           (t.blob, "exact")):
+            if blob is not None:
+                roles[blob] = part
+    for m in manifest.members:
+        if m.coefficients is not None:
+            roles[m.coefficients] = "coefficients"
+        roles.update(dict.fromkeys(m.raw.values(), "raw"))
+    for t in manifest.tensors:
+        if t.storage == "lora" and t.form == "factors":
+            for m in manifest.members:
+                roles.update((m.raw[key], "factors") for key in t.lora_keys if key in m.raw)
+    return roles
+
+
+def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
+    parts = dict.fromkeys(PARTS, 0)
+    parts["header"] = header.data_start
+    stored = {name: e.nbytes for name, e in header.tensors.items()}
+    for name, part in blob_parts(manifest).items():
+        parts[part] += stored[name]
+    counts: dict[str, int] = {}
+    ranks = []
+    for t in manifest.tensors:
+        key = f"shared/{t.scheme}" if t.storage == "shared" else \
+            f"lora/{t.form}" if t.storage == "lora" else t.storage
+        counts[key] = counts.get(key, 0) + 1
+        if t.storage == "shared":
+            ranks.append(t.rank)
+    members = []
+    for m in manifest.members:
+        own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)
+        worst = max(range(len(m.errors)), key=m.errors.__getitem__, default=None)
+        members.append(MemberSummary(
+            m.name, m.source, m.source_bytes, own,
+            m.errors[worst] if worst is not None else 0.0,
+            manifest.tensors[worst].name if worst is not None and m.errors[worst] > 0 else None,
+        ))
+    return BundleSummary(
+        path=str(header.path), format_version=manifest.format_version, created_by=manifest.created_by,
+        file_bytes=header.file_size, input_bytes=int(manifest.stats.get("input_bytes", 0)), parts=parts,
+        storage_counts=counts, rank_min=min(ranks) if ranks else None,
+        rank_median=statistics.median(ranks) if ranks else None, rank_max=max(ranks) if ranks else None,
+        members=members, options=manifest.options,
+    )

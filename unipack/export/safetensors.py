@@ -1,0 +1,38 @@
+"""``extract``: a member as one ``.safetensors`` file, its original ``__metadata__`` kept.
+
+The header is planned from the manifest alone (``BundleReader.tensor_entries``), then the
+member's tensors are written as the reader rebuilds them, one at a time: memory holds one
+tensor, never the whole member. Written atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from unipack.bundle.reader import BundleReader
+from unipack.format import dtypes
+from unipack.format.atomic import atomic_write, ensure_directory
+from unipack.format.safetensors_file import encode_header
+
+
+def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike[str], *,
+                      force: bool = False) -> Path:
+    """Write ``member`` as a .safetensors file at ``path``; returns the path."""
+    rec = bundle.member(member)
+    out = Path(path)
+    header = encode_header(bundle.tensor_entries(member), rec.metadata)
+    with atomic_write(out, force=force) as f:
+        f.write(header)
+        for _, dtype, array in bundle.iter_arrays(member):
+            f.write(dtypes.to_bytes(array, dtype))
+    return out
+
+
+def write_safetensors_all(bundle: BundleReader, directory: str | os.PathLike[str], *,
+                          force: bool = False) -> list[Path]:
+    """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
+    out_dir = Path(directory)
+    ensure_directory(out_dir)
+    return [write_safetensors(bundle, name, out_dir / f"{name}.safetensors", force=force)
+            for name in bundle.members]

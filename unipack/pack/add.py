@@ -1,0 +1,340 @@
+"""``unipack.add``: join a checkpoint that was not in the merge to a bundle, as a new member.
+
+The checkpoint is projected onto the bundle's existing means and bases: only its coefficients
+(and its raw tensors) are stored. Means and bases never change, so every existing member
+rebuilds bit for bit as before. Under the ``max-error`` rule a tensor the bases cannot bring
+within budget is stored raw for this member alone (an *override*): the budget still holds, and
+the result says what it cost. The bundle is rewritten atomically (``rewrite_bundle``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unipack.core.fidelity import MemberFidelity
+from unipack.core.linalg import rel_error
+from unipack.core.project import project
+from unipack.errors import FormatError, InputError, OptionsError, UnipackError
+from unipack.format import dtypes
+from unipack.format.atomic import check_writable
+from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
+from unipack.format.manifest import Manifest, MemberRecord, TensorRecord, check_member_name
+from unipack.format.safetensors_file import read_header
+from unipack.options import MergeOptions
+from unipack.pack import lossless
+from unipack.sources.checkpoint import Checkpoint, default_name, name_difference, open_checkpoint
+from unipack.core.fidelity import EXACT, fidelity_record, round_up
+
+
+@dataclass(frozen=True)
+class TensorOutcome:
+    tensor: str
+    kind: str  # projected | raw | exact (identical to the bundle's copy) | override (raw for this member)
+    error: float  # the relative error recorded for it (0 for raw, exact and overrides: bit-exact)
+    reason: str
+    stored_bytes: int = 0  # bytes of its own blob (raw and overrides); coefficients share one blob
+    over_budget: bool = False  # an override because the projection missed the max-error budget
+
+
+@dataclass(frozen=True)
+class AddResult:
+    path: Path  # the bundle written: the input bundle itself unless ``output`` was given
+    member: str
+    file_bytes_before: int  # the input bundle's size
+    file_bytes_after: int  # the written bundle's size
+    record: MemberRecord  # the new member, as the manifest now lists it
+    outcomes: list[TensorOutcome]  # one per tensor, in the bundle's order
+    budget_met: bool  # False when the bases missed the max-error budget somewhere (see overrides)
+    overrides: int  # tensors stored raw for this member although the bundle shares them
+    override_bytes: int
+    options: MergeOptions  # the bundle's options (its rank rule applied here)
+    input_bytes: int  # the bundle's input bytes, the new member included
+    bundle_worst_error: float  # worst recorded error of any member of the written bundle
+
+    @property
+    def bytes_added(self) -> int:
+        return self.file_bytes_after - self.file_bytes_before
+
+    @property
+    def worst_error(self) -> float:
+        return max(self.record.errors, default=0.0)
+
+    @property
+    def worst_tensor(self) -> str | None:
+        worst = max(self.outcomes, key=lambda o: o.error, default=None)
+        return worst.tensor if worst is not None and worst.error > 0 else None
+
+    @property
+    def ratio(self) -> float:
+        """The written bundle's inputs over its size (print it with ``bundle_worst_error``)."""
+        return self.input_bytes / self.file_bytes_after if self.file_bytes_after else 0.0
+
+    def count(self, kind: str) -> int:
+        return sum(o.kind == kind for o in self.outcomes)
+
+
+def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name: str | None = None,
+        output: str | os.PathLike[str] | None = None, force: bool = False) -> AddResult:
+    """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
+
+    ``source`` is anything ``merge`` takes: a ``.safetensors`` file, a ``.bin``/``.pt`` state dict
+    or a Hugging Face model folder (whose config files are kept with the member).
+
+    The bundle is rewritten in place, or written to ``output`` (which needs ``force`` to
+    replace an existing file). Everything the new member needs is checked from headers before
+    any tensor is read; on any error no file changes.
+    """
+    bundle_path, source_path = Path(bundle), Path(source)
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_writable(out, force=force)
+    with BundleFile(bundle_path) as reader:
+        manifest = reader.manifest
+        if any(t.storage == "lora" for t in manifest.tensors):
+            raise InputError(f"{bundle_path}: holds LoRA adapters; adding one to an existing bundle is not supported "
+                             f"yet: merge all the adapters again")
+        member = _member_name(name, source_path, manifest, bundle_path)
+        checkpoint = open_checkpoint(source_path, member)
+        try:
+            _check_tensors(manifest, checkpoint, bundle_path)
+            options = _options(manifest, bundle_path)
+            adder = _Adder(reader, checkpoint, options)
+            size = rewrite_bundle(bundle_path, adder, out=out, force=force if out is not None else True)
+        finally:
+            checkpoint.close()
+    target = out or bundle_path
+    stored = {e.name: e.nbytes for e in read_header(target).tensors.values()}
+    outcomes = [TensorOutcome(tensor, kind, error, reason, stored[blob] if blob else 0, over)
+                for tensor, kind, error, reason, blob, over in adder.outcomes]
+    overridden = [o for o in outcomes if o.kind == "override"]
+    new = adder.manifest
+    assert new is not None
+    return AddResult(
+        path=target, member=member, file_bytes_before=reader.header.file_size, file_bytes_after=size,
+        record=new.members[-1], outcomes=outcomes, budget_met=not any(o.over_budget for o in outcomes),
+        overrides=len(overridden), override_bytes=sum(o.stored_bytes for o in overridden), options=options,
+        input_bytes=int(new.stats["input_bytes"]),
+        bundle_worst_error=max((max(m.errors, default=0.0) for m in new.members), default=0.0),
+    )
+
+
+def free_member_index(blob_names: Iterable[str]) -> int:
+    """The smallest ``i`` that no ``coef/<i>`` or ``raw/<i>/...`` blob uses yet.
+
+    Not ``len(members)``: blob names are not normative (spec 3.5) and need not be dense.
+    """
+    used = set()
+    for blob in blob_names:
+        match = re.match(r"coef/([0-9]+)$|raw/([0-9]+)/", blob)
+        if match:
+            used.add(int(match.group(1) or match.group(2)))
+    index = 0
+    while index in used:
+        index += 1
+    return index
+
+
+def _member_name(name: str | None, source: Path, manifest: Manifest, bundle: Path) -> str:
+    chosen = default_name(source) if name is None else name
+    try:
+        check_member_name(chosen)
+    except FormatError as exc:
+        raise InputError(f"{source}: {exc}; pass another --name") from None
+    if any(m.name == chosen for m in manifest.members):
+        raise InputError(f"{bundle}: bundle already has a member {chosen!r}; choose another --name")
+    return chosen
+
+
+def _check_tensors(manifest: Manifest, checkpoint: Checkpoint, bundle: Path) -> None:
+    """Names, dtype kinds and shapes must fit the bundle's records (headers only)."""
+    difference = name_difference({t.name for t in manifest.tensors}, set(checkpoint.tensors))
+    if difference:
+        raise InputError(f"{checkpoint.path}: tensor names differ from bundle {bundle}: it {difference}; "
+                         f"a new member must have the same architecture as the bundle's members")
+    for t in manifest.tensors:
+        e = checkpoint.tensors[t.name]
+        if (e.dtype in dtypes.FLOAT_DTYPES) != (t.dtype in dtypes.FLOAT_DTYPES):
+            raise InputError(f"{checkpoint.path}: tensor {t.name!r} is {e.dtype} but {t.dtype} in bundle "
+                             f"{bundle}: float and non-float versions of one tensor cannot be mixed")
+        if t.storage != "raw" and e.shape != t.shape:
+            assert t.shape is not None
+            raise InputError(f"{checkpoint.path}: tensor {t.name!r} has shape {list(e.shape)} but "
+                             f"{list(t.shape)} in bundle {bundle}: shapes differ, and only raw tensors may "
+                             f"vary; re-merge with --raw '{t.name}' (or --raw-mismatched) to add this member")
+
+
+def _options(manifest: Manifest, bundle: Path) -> MergeOptions:
+    """The bundle's recorded options; keys a newer unipack may have added are ignored."""
+    known = {f.name for f in dataclasses.fields(MergeOptions)}
+    try:
+        return MergeOptions.from_dict({k: v for k, v in manifest.options.items() if k in known})
+    except (OptionsError, TypeError, ValueError) as exc:
+        raise FormatError(f"{bundle}: the bundle's recorded options are invalid ({exc}); "
+                          f"re-merge it to add members") from None
+
+
+class _Adder:
+    """The ``update`` step of ``rewrite_bundle``: store the new member, return the new manifest."""
+
+    def __init__(self, reader: BundleFile, checkpoint: Checkpoint, options: MergeOptions) -> None:
+        self.reader, self.checkpoint, self.options = reader, checkpoint, options
+        self.manifest: Manifest | None = None
+        # (tensor, kind, recorded error, reason, its blob or None, over budget): bytes are known after writing
+        self.outcomes: list[tuple[str, str, float, str, str | None, bool]] = []
+        self.raw: dict[str, str] = {}
+        self.errors: list[float] = []
+        self.fidelity: list[MemberFidelity] = []
+        self.coefs: list[np.ndarray] = []
+
+    def __call__(self, old: Manifest, writer: BundleWriter) -> Manifest:
+        if old != self.reader.manifest:
+            raise UnipackError(f"{self.reader.path}: the bundle changed while adding to it; try again")
+        c = self.checkpoint
+        self.old, self.writer = old, writer
+        self.index = free_member_index(old.blobs)
+        self.coef_dtype = _coef_dtype(old)
+        records = []
+        for t in old.tensors:
+            dtype, array = c.tensors[t.name].dtype, c.read(t.name)
+            if t.storage == "raw":
+                t = self._raw(t, dtype, array)
+            elif t.storage == "exact":
+                self._exact(t, dtype, array)
+            else:
+                self._shared(t, dtype, array)
+            records.append(t)
+        coef_blob = None
+        if self.coefs:
+            coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
+        measured = self._lossless()
+        member = MemberRecord(
+            name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
+            coefficients=coef_blob, raw=self.raw,
+            dtypes={t.name: c.tensors[t.name].dtype for t in old.tensors if c.tensors[t.name].dtype != t.dtype},
+            errors=tuple(self.errors), added=True,
+            lossless_bytes=measured.compressed_bytes if measured else None,
+            fidelity=fidelity_record(self.fidelity, self.options.baselines), configs=c.configs,
+        )
+        self.manifest = dataclasses.replace(old, tensors=tuple(records), members=old.members + (member,),
+                                            blobs=writer.blobs, stats=self._stats(measured))
+        return self.manifest
+
+    def _record(self, t: TensorRecord, kind: str, error: float, reason: str, fidelity: MemberFidelity,
+                blob: str | None = None, over_budget: bool = False) -> None:
+        self.errors.append(error)
+        self.fidelity.append(fidelity)
+        self.outcomes.append((t.name, kind, error, reason, blob, over_budget))
+
+    def _store_raw(self, t: TensorRecord, dtype: str, array: np.ndarray, kind: str, reason: str,
+                   over_budget: bool = False, fidelity: MemberFidelity = EXACT) -> None:
+        """The member's own tensor, bit-exact: for raw tensors, and overrides of shared or exact ones."""
+        blob = self.raw[t.name] = self.writer.add(f"raw/{self.index}/{t.name}", array, dtype)
+        self._record(t, kind, 0.0, reason, fidelity, blob, over_budget)
+
+    def _raw(self, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
+        """A tensor every member holds raw; returns its record, updated if its shape now varies."""
+        reason = f"stored raw, as for every member: {t.reason}"
+        if t.shape is not None and array.shape != t.shape:
+            # The record promised one shape for every member; now it varies (spec 3.2), which
+            # the spec files under "requested" (a mean-only baseline cannot replace it any more).
+            cause = "requested" if t.raw_cause == "budget" else t.raw_cause
+            t = dataclasses.replace(t, shape=None, raw_cause=cause)
+        fidelity = self._mean_only(t, dtype, array) if t.raw_cause == "budget" else EXACT
+        self._store_raw(t, dtype, array, "raw", reason, fidelity=fidelity)
+        return t
+
+    def _mean_only(self, t: TensorRecord, dtype: str, array: np.ndarray) -> MemberFidelity:
+        """A tensor the merge kept raw only because raw was cheaper still has a mean-only baseline
+        (spec 4.4), as merge records it: the mean of every member's copy, this one's included."""
+        values = dtypes.to_float(array, dtype)
+        total, kinds = values.copy(), {dtype}
+        for m in self.old.members:
+            kinds.add(m.dtype_of(t))
+            total += dtypes.to_float(self.reader.read_blob(m.raw[t.name]), m.dtype_of(t))
+        mean = dtypes.round_trip(total / (len(self.old.members) + 1), dtypes.widest_float(frozenset(kinds)))
+        norm = float(np.linalg.norm(values.ravel()))
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean_error = rel_error(values, dtypes.round_trip(mean, dtype), norm)
+        if not (math.isfinite(norm) and math.isfinite(mean_error)):  # NaN/inf somewhere: nothing to compare
+            return EXACT
+        return MemberFidelity(norm=norm, delta_error=0.0, mean_error=mean_error, svd_error=0.0, svd_rank=0)
+
+    def _exact(self, t: TensorRecord, dtype: str, array: np.ndarray) -> None:
+        assert t.blob is not None
+        shared = self.reader.read_blob(t.blob)
+        if dtype == t.dtype and array.tobytes() == shared.tobytes():
+            self._record(t, "exact", 0.0, "identical to the bundle's shared copy", EXACT)
+            return
+        what = "values differ" if dtype == t.dtype else f"dtype {dtype} differs"
+        self._store_raw(t, dtype, array, "override", f"its {what} from the bundle's exact copy ({t.dtype}): "
+                                                     f"stored raw")
+
+    def _shared(self, t: TensorRecord, dtype: str, array: np.ndarray) -> None:
+        """Project onto the record's mean and basis, or store raw where that cannot be faithful."""
+        assert t.mean is not None and t.shape is not None
+        values = dtypes.to_float(array, dtype)
+        if not np.isfinite(values).all():
+            self._store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
+            return
+        blobs = self.old.blobs
+        mean = dtypes.to_float(self.reader.read_blob(t.mean), blobs[t.mean].dtype).reshape(t.shape)
+        basis = None
+        if t.rank > 0:
+            assert t.basis is not None
+            basis = dtypes.to_float(self.reader.read_blob(t.basis), blobs[t.basis].dtype)
+        p = project(t, values, mean, basis, member_dtype=dtype, coef_dtype=self.coef_dtype,
+                    n_members=len(self.old.members) + 1, baselines=self.options.baselines)
+        if p.fidelity is None:
+            self._store_raw(t, dtype, array, "override", f"its projection overflows the {self.coef_dtype} "
+                                                         f"coefficients or {dtype}: stored raw")
+            return
+        max_error = self.options.max_error
+        if self.options.rule == "max-error" and max_error is not None and p.error > max_error:
+            # Stored raw, bit-exact; a mean-only bundle would still hold the mean here (spec 4.4).
+            mean_only = dataclasses.replace(p.fidelity, delta_error=0.0, svd_error=0.0, svd_rank=0)
+            self._store_raw(t, dtype, array, "override", f"projection error {p.error:.3g} exceeds max-error "
+                                                         f"{max_error}: stored raw", over_budget=True,
+                            fidelity=mean_only)
+            return
+        if p.coef is not None:
+            self.coefs.append(p.coef.reshape(-1))
+        side = f", {t.side}" if t.scheme == "rows" else ""
+        self._record(t, "projected", round_up(float(p.error)),
+                     f"projected onto the bundle's rank-{t.rank} basis ({t.scheme}{side})", p.fidelity)
+
+    def _lossless(self) -> lossless.LosslessSize | None:
+        """zstd -19 size of the new input, measured only if the bundle records that baseline."""
+        if "lossless" not in self.old.stats:
+            return None
+        mode = lossless.plan_mode(self.options.lossless, self.checkpoint.file_size)
+        return lossless.measure_files(self.checkpoint.files, mode) if mode is not None else None
+
+    def _stats(self, measured: lossless.LosslessSize | None) -> dict[str, Any]:
+        """The old stats, every key kept, with the new input counted."""
+        old = self.old
+        stats = dict(old.stats)
+        before = old.stats.get("input_bytes", sum(m.source_bytes for m in old.members))
+        stats["input_bytes"] = int(before) + self.checkpoint.file_size
+        recorded = stats.get("lossless")
+        if measured is None:
+            stats.pop("lossless", None)  # it promises a lossless size for every member (spec 3.6)
+        elif measured.sampled and isinstance(recorded, dict) and not recorded.get("sampled"):
+            stats["lossless"] = {**recorded, "sampled": True}  # the baseline is now partly an estimate
+        return stats
+
+
+def _coef_dtype(manifest: Manifest) -> str:
+    """The dtype every basis blob shares, which the coefficient blobs use too (spec 3.2)."""
+    for t in manifest.tensors:
+        if t.basis is not None:
+            return manifest.blobs[t.basis].dtype
+    return dtypes.STORAGE_DTYPES.get(str(manifest.options.get("dtype")), "F32")

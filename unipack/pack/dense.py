@@ -1,0 +1,206 @@
+"""The dense merge, one tensor name at a time: plan, decompose, stream blobs, build the manifest.
+
+``Merger`` holds only the manifest's records and each member's coefficients until the end;
+``merge_lora.LoraMerger`` reuses its bookkeeping for PEFT adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from unipack.version import __version__
+from unipack.core.decomposition import Encoded, KeepRaw, TensorJob, decompose
+from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record, round_up, spectrum
+from unipack.core.linalg import rel_error
+from unipack.format import dtypes
+from unipack.format.container import BundleWriter
+from unipack.format.manifest import FORMAT_VERSION, FidelityRecord, Manifest, MemberRecord, TensorRecord
+from unipack.options import MergeOptions
+from unipack.pack import lossless
+from unipack.sources.checkpoint import Checkpoint
+from unipack.pack.plan import TensorPlan
+
+
+class MergeProgress(Protocol):
+    """What a front end may show while merging (the CLI draws rich progress bars)."""
+
+    def start(self, n_tensors: int, n_members: int) -> None: ...
+    def tensor(self, index: int, name: str) -> None: ...
+    def member_read(self) -> None: ...
+    def lossless(self, done: int, total: int) -> None: ...
+
+
+class Merger:
+    def __init__(self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter,
+                 progress: MergeProgress | None) -> None:
+        self.checkpoints, self.options, self.writer, self.progress = checkpoints, options, writer, progress
+        self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
+        n = len(checkpoints)
+        self.coefs: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.raw: list[dict[str, str]] = [{} for _ in range(n)]
+        self.errors: list[list[float]] = [[] for _ in range(n)]
+        self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
+        self.lossless: list[lossless.LosslessSize | None] = [None] * n
+
+    def run(self, plans: list[TensorPlan]) -> Manifest:
+        self._measure_lossless()
+        if self.progress:
+            self.progress.start(len(plans), len(self.checkpoints))
+        records = []
+        for index, plan in enumerate(plans):
+            if self.progress:
+                self.progress.tensor(index, plan.name)
+            records.append(self._store(plan))
+        return self._manifest(records)
+
+    def _store(self, plan: TensorPlan) -> TensorRecord:
+        if plan.storage == "raw":
+            return self._store_raw(plan, plan.reason, "requested")
+        identical, non_finite = self._survey(plan)
+        if identical:
+            return self._store_exact(plan)
+        if plan.storage == "exact-candidate":
+            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)", "values")
+        if non_finite is not None:
+            return self._store_raw(plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)",
+                                   "values")
+        assert plan.shape is not None
+        job = TensorJob(
+            name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
+            rule=self.options.rule, max_error=self.options.max_error, rank=self.options.rank,
+            energy=self.options.energy, coef_dtype=self.coef_dtype, gram_limit=self.options.gram_limit,
+            baselines=self.options.baselines,
+        )
+        result = decompose(job, plan.schemes)
+        if isinstance(result, KeepRaw):
+            return self._store_raw(plan, result.reason, "budget")
+        return self._store_shared(plan, result)
+
+    def _measure_lossless(self) -> None:
+        sizes = [c.file_size for c in self.checkpoints]
+        mode = lossless.plan_mode(self.options.lossless, sum(sizes))
+        if mode is None:
+            return
+        for i, c in enumerate(self.checkpoints):
+            if self.progress:
+                self.progress.lossless(i, len(self.checkpoints))
+            self.lossless[i] = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1))
+
+    def _values(self, i: int, name: str) -> np.ndarray:
+        if self.progress:
+            self.progress.member_read()
+        return self.checkpoints[i].values(name)
+
+    def _store_raw(self, plan: TensorPlan, reason: str, cause: str) -> TensorRecord:
+        for i, c in enumerate(self.checkpoints):
+            self.raw[i][plan.name] = self.writer.add(f"raw/{i}/{plan.name}", c.read(plan.name), plan.dtypes[i])
+            self.errors[i].append(0.0)
+        if cause == "budget":
+            for i, f in enumerate(self._mean_only_errors(plan)):
+                self.fidelity[i].append(f)
+        else:
+            for fidelity in self.fidelity:
+                fidelity.append(EXACT)
+        return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason, raw_cause=cause)
+
+    def _mean_only_errors(self, plan: TensorPlan) -> list[MemberFidelity]:
+        """A tensor the merge kept raw (cheaper than its subspace) still has a mean-only baseline:
+        the report must not credit the mean with tensors it would have had to replace."""
+        mean_dtype = dtypes.widest_float(frozenset(plan.dtypes))
+        total = None
+        for i in range(len(self.checkpoints)):
+            x = self._values(i, plan.name)
+            total = x.copy() if total is None else total + x
+        assert total is not None
+        mean = dtypes.round_trip(total / len(self.checkpoints), mean_dtype)
+        out = []
+        for i, dtype in enumerate(plan.dtypes):
+            x = self._values(i, plan.name)
+            norm = float(np.linalg.norm(x.ravel()))
+            out.append(MemberFidelity(norm=norm, delta_error=0.0,
+                                      mean_error=rel_error(x, dtypes.round_trip(mean, dtype), norm),
+                                      svd_error=0.0, svd_rank=0))
+        return out
+
+    def _survey(self, plan: TensorPlan) -> tuple[bool, str | None]:
+        """One cheap pass: are all members bit-identical, and does any hold NaN/inf?
+
+        Identical tensors (frozen layers, buffers) are stored once, exactly, so even signed zeros
+        and NaN payloads survive; non-finite values would poison the decomposition.
+        """
+        digest = None
+        identical = len(set(plan.dtypes)) == 1
+        non_finite = None
+        for c, dtype in zip(self.checkpoints, plan.dtypes):
+            array = c.read(plan.name)
+            if identical:
+                d = hashlib.sha256(array.tobytes()).digest()
+                identical = digest is None or d == digest
+                digest = digest or d
+            if non_finite is None and dtype in dtypes.FLOAT_DTYPES and \
+                    not np.isfinite(dtypes.to_float(array, dtype)).all():
+                non_finite = c.name
+        return identical, non_finite
+
+    def _store_exact(self, plan: TensorPlan) -> TensorRecord:
+        """A tensor every member holds bit for bit: one blob, shared by all."""
+        blob = self.writer.add(f"exact/{plan.name}", self.checkpoints[0].read(plan.name), plan.dtypes[0])
+        for errors, fidelity in zip(self.errors, self.fidelity):
+            errors.append(0.0)
+            fidelity.append(EXACT)
+        reason = plan.reason or "identical in every member"
+        return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, reason, blob=blob)
+
+    def _store_shared(self, plan: TensorPlan, enc: Encoded) -> TensorRecord:
+        mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+        basis = None
+        if enc.basis is not None:
+            basis = self.writer.add(f"basis/{plan.name}", enc.basis, self.coef_dtype)
+            for i, coef in enumerate(enc.coefs):
+                self.coefs[i].append(coef.reshape(-1))
+        for i, err in enumerate(enc.errors):
+            self.errors[i].append(round_up(float(err)))
+            self.fidelity[i].append(enc.fidelity[i])
+        head, variance = spectrum(enc.eigenvalues)
+        return TensorRecord(plan.name, "shared", plan.dtypes[0], plan.shape, enc.reason, scheme=enc.scheme,
+                            rank=enc.rank, side=enc.side, matrix=enc.matrix, mean=mean, basis=basis,
+                            energy=round(enc.energy, 6), spectrum=tuple(head), variance=variance)
+
+    def _manifest(self, records: list[TensorRecord]) -> Manifest:
+        members = []
+        for i, c in enumerate(self.checkpoints):
+            coef = None
+            if self.coefs[i]:
+                coef = self.writer.add(f"coef/{i}", np.concatenate(self.coefs[i]), self.coef_dtype)
+                self.coefs[i] = []  # release as we go
+            overrides = self._member_dtypes(c, records)
+            measured = self.lossless[i]
+            members.append(MemberRecord(
+                name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
+                coefficients=coef, raw=self.raw[i], dtypes=overrides, errors=tuple(self.errors[i]),
+                lossless_bytes=measured.compressed_bytes if measured else None,
+                fidelity=fidelity_record(self.fidelity[i], self.options.baselines), configs=c.configs,
+                lora=self._member_lora(i),
+            ))
+        stats: dict[str, Any] = {"input_bytes": sum(c.file_size for c in self.checkpoints)}
+        if all(self.lossless):
+            stats["lossless"] = {"codec": "zstd", "level": lossless.LEVEL,
+                                 "sampled": any(m.sampled for m in self.lossless if m)}
+        return Manifest(
+            created_by=f"unipack {__version__}", options=self.options.to_dict(), tensors=tuple(records),
+            members=tuple(members), blobs=self.writer.blobs, stats=stats, format_version=self.format_version,
+        )
+
+    format_version = FORMAT_VERSION
+
+    def _member_dtypes(self, c: Checkpoint, records: list[TensorRecord]) -> dict[str, str]:
+        """The member's dtype where it differs from the record's (MemberRecord.dtypes)."""
+        return {r.name: c.tensors[r.name].dtype for r in records if c.tensors[r.name].dtype != r.dtype}
+
+    def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
+        return {}

@@ -1,0 +1,264 @@
+"""Merging PEFT LoRA adapters: compress what each adapter does to a module, not its factors.
+
+Per LoRA module, the adapters that touch it give updates ΔW_i = s_i B_i A_i. They are stored as
+shared bases U, V and one small core per adapter (``core.lora``), at the ranks the user's rule
+picks; or, where that would cost more bytes than the adapters' own factors, as those factors,
+bit-exact. Tensors that are not LoRA factors (``modules_to_save`` heads, trained biases) are
+stored raw per adapter. Nothing out x in is ever formed, and a module's factors are held only
+while it is being encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from unipack.core.fidelity import MemberFidelity, spectrum
+from unipack.core.lora import LoraFactors, LoraModel, fit
+from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
+from unipack.errors import InputError
+from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
+from unipack.sources.checkpoint import Checkpoint
+from unipack.core.fidelity import EXACT, round_up
+from unipack.pack.dense import Merger
+from unipack.sources import PeftAdapterSource
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One LoRA module across the adapters: its update's shape and who touches it."""
+
+    name: str
+    out_dim: int
+    in_dim: int
+    dtype: str  # the first touching adapter's factor dtype
+    touched: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class ExtraPlan:
+    """A tensor that is not a LoRA factor (a modules_to_save head, a trained bias): raw per adapter."""
+
+    name: str
+    shape: tuple[int, ...] | None  # None where adapters disagree (heads of different tasks)
+    dtypes: tuple[str, ...]
+
+
+def adapter_sources(checkpoints: list[Checkpoint]) -> list[PeftAdapterSource] | None:
+    """Each checkpoint's PEFT source if every input is a PEFT adapter, None if none is."""
+    adapters = [c.source for c in checkpoints if isinstance(c.source, PeftAdapterSource)]
+    if not adapters:
+        return None
+    if len(adapters) != len(checkpoints):
+        odd = next(c for c in checkpoints if not isinstance(c.source, PeftAdapterSource))
+        raise InputError(f"{odd.path}: is a full checkpoint, but other inputs are PEFT adapters; merge adapters "
+                         f"and checkpoints into separate bundles")
+    return adapters
+
+
+def plan_lora(checkpoints: list[Checkpoint], adapters: list[PeftAdapterSource]) -> tuple[list[ModulePlan],
+                                                                                        list[ExtraPlan]]:
+    """Modules in first-seen order (a module no adapter shares with the first comes after its
+    modules), and the extra tensors, which every adapter must have (the same set of keys)."""
+    found: dict[str, tuple[int, int, str, Checkpoint]] = {}
+    for c, a in zip(checkpoints, adapters):
+        for m in a.lora_modules.values():
+            a_info, b_info = a.tensors[m.a_key], a.tensors[m.b_key]
+            if a_info.dtype != b_info.dtype:
+                raise InputError(f"{c.path}: module {m.name!r} has lora_A in {a_info.dtype} but lora_B in "
+                                 f"{b_info.dtype}; save both factors in one dtype")
+            seen = found.get(m.name)
+            if seen is None:
+                found[m.name] = (m.out_dim, m.in_dim, a_info.dtype, c)
+            elif seen[:2] != (m.out_dim, m.in_dim):
+                raise InputError(f"{c.path}: module {m.name!r} is {m.out_dim} x {m.in_dim}, but "
+                                 f"{seen[0]} x {seen[1]} in {seen[3].path}; adapters must be of one base model")
+    modules = [ModulePlan(name, out_dim, in_dim, dtype, tuple(name in a.lora_modules for a in adapters))
+               for name, (out_dim, in_dim, dtype, _) in found.items()]
+    first, first_adapter = checkpoints[0], adapters[0]
+    reference = set(first_adapter.extra_tensors)
+    for c, a in zip(checkpoints[1:], adapters[1:]):
+        if set(a.extra_tensors) != reference:
+            missing = sorted(reference - set(a.extra_tensors))[:3]
+            extra = sorted(set(a.extra_tensors) - reference)[:3]
+            raise InputError(f"{c.path}: its non-LoRA tensors (modules_to_save, biases) differ from {first.path}'s "
+                             f"(lacks {missing}, has extra {extra}); adapters of one bundle must save the same ones")
+    clash = reference & set(found)
+    if clash:
+        raise InputError(f"{first.path}: {sorted(clash)[0]!r} is both a LoRA module and a tensor name; rename one")
+    extras = []
+    for name in first_adapter.extra_tensors:
+        infos = [a.tensors[name] for a in adapters]
+        shapes = {i.shape for i in infos}
+        extras.append(ExtraPlan(name, infos[0].shape if len(shapes) == 1 else None, tuple(i.dtype for i in infos)))
+    return modules, extras
+
+
+class LoraMerger(Merger):
+    """``Merger`` for PEFT adapters: one record per LoRA module, then the extra tensors raw."""
+
+    format_version = LORA_FORMAT_VERSION
+
+    def run_lora(self, modules: list[ModulePlan], extras: list[ExtraPlan]) -> Manifest:
+        adapters = [c.source for c in self.checkpoints]
+        assert all(isinstance(a, PeftAdapterSource) for a in adapters)
+        self.adapters: list[PeftAdapterSource] = adapters  # type: ignore[assignment]
+        self._lora: list[dict[str, tuple[int, float]]] = [{} for _ in self.checkpoints]
+        self._measure_lossless()
+        if self.progress:
+            self.progress.start(len(modules) + len(extras), len(self.checkpoints))
+        records = []
+        for index, module in enumerate(modules):
+            if self.progress:
+                self.progress.tensor(index, module.name)
+            records.append(self._store_module(module))
+        for index, extra in enumerate(extras, start=len(modules)):
+            if self.progress:
+                self.progress.tensor(index, extra.name)
+            records.append(self._store_extra(extra))
+        return self._manifest(records)
+
+    # -- LoRA modules --------------------------------------------------------------------------------
+
+    def _factors(self, module: ModulePlan) -> tuple[list[LoraFactors | None], list[str | None]]:
+        factors: list[LoraFactors | None] = []
+        member_dtypes: list[str | None] = []
+        for i, (c, adapter) in enumerate(zip(self.checkpoints, self.adapters)):
+            m = adapter.lora_modules.get(module.name)
+            if m is None:
+                factors.append(None)
+                member_dtypes.append(None)
+                continue
+            a, b = c.values(m.a_key), c.values(m.b_key)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise InputError(f"{c.path}: module {m.name!r} holds NaN or inf in its LoRA factors; "
+                                 f"the adapter is broken, retrain or drop it")
+            if self.progress:
+                self.progress.member_read()
+            factors.append(LoraFactors(a, b, m.scale))
+            member_dtypes.append(c.tensors[m.a_key].dtype)
+            self._lora[i][module.name] = (m.rank, m.scale)
+        return factors, member_dtypes
+
+    def _store_module(self, module: ModulePlan) -> TensorRecord:
+        factors, member_dtypes = self._factors(module)
+        model = fit(factors, module.out_dim, module.in_dim)
+        own_bytes = factor_bytes(factors, member_dtypes)
+        pattern = self.options.raw_pattern_for(module.name)
+        if pattern is not None:
+            return self._store_factors(module, model, factors, f"--raw {pattern!r}: the adapters' own factors",
+                                       "requested")
+        chosen = self._choose(model, factors, member_dtypes, own_bytes)
+        if isinstance(chosen, str):
+            return self._store_factors(module, model, factors, chosen, "budget")
+        return self._store_subspace(module, model, factors, chosen)
+
+    def _choose(self, model: LoraModel, factors: list[LoraFactors | None], member_dtypes: list[str | None],
+                own_bytes: int) -> EncodedLora | str:
+        """Encode at the rule's ranks (raised while rounding breaks a ``max-error`` budget); or the
+        reason to keep the adapters' own factors, when they cost no more bytes."""
+        opts, (k_out_max, k_in_max) = self.options, model.max_ranks
+        if opts.rule == "rank":
+            assert opts.rank is not None
+            ranks = (min(opts.rank, k_out_max), min(opts.rank, k_in_max))
+        elif opts.rule == "energy":
+            assert opts.energy is not None
+            ranks = model.energy_rank(opts.energy)
+        else:
+            assert opts.max_error is not None
+            ranks = model.rank_for_max_error(opts.max_error)
+        while True:
+            cost = stored_bytes(model, *ranks, self.coef_dtype)
+            if cost >= own_bytes:
+                return (f"{self._rule_text()} needs ranks {ranks[0]} x {ranks[1]} ({cost:,} B), no fewer bytes than "
+                        f"the adapters' own factors ({own_bytes:,} B): stored as factors, exactly")
+            encoded = encode(model, factors, *ranks, self.coef_dtype, member_dtypes)
+            if opts.rule != "max-error" or max(encoded.errors, default=0.0) <= (opts.max_error or 0.0):
+                return encoded
+            if ranks == (k_out_max, k_in_max):
+                return (f"{self._rule_text()} is missed at full rank after rounding to {self.coef_dtype}: "
+                        f"stored as factors, exactly")
+            # Rounding (bases, cores, the adapter's dtype) pushed an adapter over: a little more rank.
+            ranks = (min(k_out_max, ranks[0] + max(1, ranks[0] // 8)), min(k_in_max, ranks[1] + max(1, ranks[1] // 8)))
+
+    def _rule_text(self) -> str:
+        o = self.options
+        return {"rank": f"fixed rank {o.rank}", "energy": f"energy {o.energy}"}.get(o.rule, f"max-error {o.max_error}")
+
+    def _store_subspace(self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None],
+                        enc: EncodedLora) -> TensorRecord:
+        k_out, k_in = enc.ranks
+        left = self.writer.add(f"left/{module.name}", enc.left, self.coef_dtype) if enc.left is not None else None
+        right = self.writer.add(f"right/{module.name}", enc.right, self.coef_dtype) if enc.right is not None else None
+        baselines = self._baselines(model, k_out, k_in)
+        for i, (f, core, err) in enumerate(zip(factors, enc.cores, enc.errors)):
+            if f is None:
+                self.errors[i].append(0.0)
+                self.fidelity[i].append(EXACT)
+                continue
+            if core is not None and core.size:
+                self.coefs[i].append(core.reshape(-1))
+            self.errors[i].append(round_up(float(err)))
+            mean_error, svd_error, svd_rank = baselines[i]
+            self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=err, mean_error=mean_error,
+                                                   svd_error=svd_error, svd_rank=svd_rank))
+        head, variance = spectrum(model.left_spectrum)
+        reason = f"{self._rule_text()}: ranks {k_out} x {k_in} of the update space ({model.n_touched} adapters)"
+        return TensorRecord(module.name, "lora", module.dtype, (module.out_dim, module.in_dim), reason,
+                            form="subspace", ranks=(k_out, k_in), left=left, right=right, spectrum=tuple(head),
+                            variance=variance)
+
+    def _store_factors(self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None],
+                       reason: str, cause: str) -> TensorRecord:
+        baselines = self._baselines(model, 0, 0)
+        for i, (c, f) in enumerate(zip(self.checkpoints, factors)):
+            self.errors[i].append(0.0)
+            if f is None:
+                self.fidelity[i].append(EXACT)
+                continue
+            m = self.adapters[i].lora_modules[module.name]
+            for key in (m.a_key, m.b_key):
+                self.raw[i][key] = self.writer.add(f"raw/{i}/{key}", c.read(key), c.tensors[key].dtype)
+            # A factors-form module loses nothing; its mean-only baseline still counts against the mean.
+            mean_error = baselines[i][0]
+            self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=0.0, mean_error=mean_error,
+                                                   svd_error=0.0, svd_rank=f.rank))
+        head, variance = spectrum(model.left_spectrum)
+        return TensorRecord(module.name, "lora", module.dtype, (module.out_dim, module.in_dim), reason,
+                            form="factors", spectrum=tuple(head), variance=variance)
+
+    def _baselines(self, model: LoraModel, k_out: int, k_in: int) -> list[tuple[float, float | None, int | None]]:
+        """Per adapter: (mean-only error, per-member SVD error at equal bytes, its rank); the SVD
+        pair is None without ``--baselines``, the mean error 0 where it is not measured."""
+        means = model.mean_errors()
+        mean_errors = [0.0] * model.n_adapters if means is None else [float(e) for e in means]
+        if not self.options.baselines:
+            return [(e, None, None) for e in mean_errors]
+        return [(e, svd_error, svd_rank) for e, (svd_error, svd_rank) in
+                zip(mean_errors, model.svd_baseline(k_out, k_in))]
+
+    # -- extra tensors -------------------------------------------------------------------------------
+
+    def _store_extra(self, extra: ExtraPlan) -> TensorRecord:
+        for i, c in enumerate(self.checkpoints):
+            self.raw[i][extra.name] = self.writer.add(f"raw/{i}/{extra.name}", c.read(extra.name), extra.dtypes[i])
+            self.errors[i].append(0.0)
+            self.fidelity[i].append(EXACT)
+        return TensorRecord(extra.name, "raw", extra.dtypes[0], extra.shape,
+                            "not a LoRA factor (modules_to_save, bias): stored per adapter", raw_cause="requested")
+
+    # -- manifest hooks ------------------------------------------------------------------------------
+
+    def _member_dtypes(self, c: Checkpoint, records: list[TensorRecord]) -> dict[str, str]:
+        out = {}
+        for r in records:
+            key = r.lora_keys[0] if r.storage == "lora" else r.name
+            info = c.tensors.get(key)
+            if info is not None and info.dtype != r.dtype:
+                out[r.name] = info.dtype
+        return out
+
+    def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
+        return self._lora[i]
+

@@ -1,0 +1,88 @@
+"""``unipack.merge``: pack N checkpoints into one .upk bundle.
+
+One tensor name at a time: plan it (headers only), decompose it (the core reads members one by
+one through ``Checkpoint.values``), and stream its blobs to a spool file. Only the manifest and
+the per-member coefficients stay in memory until the bundle is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unipack.format.atomic import check_writable
+from unipack.format.container import BundleWriter
+from unipack.format.manifest import Manifest
+from unipack.options import MergeOptions
+from unipack.sources.checkpoint import close_all, open_inputs
+from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
+from unipack.pack.dense import MergeProgress, Merger
+from unipack.pack.plan import plan_tensors
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    file_bytes: int
+    input_bytes: int
+    manifest: Manifest
+    seconds: float
+    peak_rss_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / self.file_bytes
+
+    @property
+    def worst_error(self) -> float:
+        return max((max(m.errors, default=0.0) for m in self.manifest.members), default=0.0)
+
+
+def merge(
+    paths: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    options: MergeOptions | None = None,
+    names: Sequence[str] | None = None,
+    force: bool = False,
+    progress: MergeProgress | None = None,
+    **option_fields: Any,
+) -> MergeResult:
+    """Merge checkpoints into ``out``; options as a ``MergeOptions`` or as its field names."""
+    if options is not None and option_fields:
+        raise TypeError("give either options= or option keywords, not both")
+    opts = options or MergeOptions(**option_fields)
+    started = time.perf_counter()
+    out_path = Path(out)
+    check_writable(out_path, force=force)
+    checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
+    try:
+        adapters = adapter_sources(checkpoints)
+        if adapters is not None:
+            modules, extras = plan_lora(checkpoints, adapters)
+            with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                merger = LoraMerger(checkpoints, opts, writer, progress)
+                manifest = merger.run_lora(modules, extras)
+                size = writer.finish(manifest, out_path, force=force)
+        else:
+            plans = plan_tensors(checkpoints, opts)
+            with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                manifest = Merger(checkpoints, opts, writer, progress).run(plans)
+                size = writer.finish(manifest, out_path, force=force)
+    finally:
+        close_all(checkpoints)
+    return MergeResult(out_path, size, manifest.stats["input_bytes"], manifest,
+                       time.perf_counter() - started, peak_rss_bytes())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

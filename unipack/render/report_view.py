@@ -1,0 +1,202 @@
+"""Terminal rendering of ``unipack report``: bytes, fidelity, baselines, spectra, eval scores.
+
+Every table here has a ``--json`` twin in ``Report.to_dict()``; nothing is printed that the
+JSON does not carry. Ratios always come with the error that goes with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from unipack.analysis.report import METHODS, Report
+from unipack.format.manifest import Manifest
+from unipack.render.console import format_bytes
+
+LABELS = {"unipack": "unipack", "mean-only": "mean only", "svd": "per-member SVD", "original": "original"}
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 24
+
+
+def sparkline(spectrum: list[float], variance: float | None, width: int = SPARK_WIDTH) -> str:
+    """The explained-variance curve (fraction kept at rank 1, 2, ...) as block characters."""
+    if not spectrum or not variance:
+        return ""
+    out, kept = [], 0.0
+    for value in spectrum[:width]:
+        kept += value
+        out.append(SPARK[min(len(SPARK) - 1, int(kept / variance * (len(SPARK) - 1) + 0.5))])
+    return "".join(out)
+
+
+def _times(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.3g}x"
+
+
+def _err(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def report_view(r: Report, *, member: str | None = None, manifest: Manifest | None = None,
+                show_tensors: bool = False) -> Iterator[RenderableType]:
+    added = sum(1 for m in r.members if m.added)
+    yield Text.assemble((r.path, "bold"), f"  ·  {r.created_by}  ·  format v{r.format_version}  ·  "
+                        f"{len(r.members)} members{f' ({added} added)' if added else ''}  ·  {r.rule}")
+    yield _headline(r)
+    yield _bytes_table(r)
+    yield _members_table(r)
+    yield _baselines_table(r)
+    yield from _verdict(r)
+    if show_tensors and member is None:
+        yield _tensors_table(r)
+    if member is not None and manifest is not None:
+        yield _member_tensors_table(r, member, manifest)
+    if r.evaluation is not None:
+        yield _eval_table(r.evaluation)
+
+
+def _headline(r: Report) -> Text:
+    b = r.bytes
+    worst = max((m.errors["unipack"].worst for m in r.members if m.errors["unipack"]), default=0.0)
+    text = Text.assemble(("ratio ", "bold"), f"{b.ratio:.2f}x vs the inputs ({format_bytes(b.inputs)} -> "
+                         f"{format_bytes(b.file)})")
+    if b.ratio_vs_lossless is not None:
+        text.append(f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly (zstd -19: "
+                    f"{format_bytes(b.lossless or 0)}{', estimated from samples' if b.lossless_sampled else ''})")
+    text.append(", at worst relative error ")
+    text.append(f"{worst:.3g}", style="bold")
+    return text
+
+
+def _bytes_table(r: Report) -> Table:
+    t = Table(title="bytes by part", title_justify="left")
+    for col, justify in (("part", "left"), ("bytes", "right"), ("share", "right"), ("", "left")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, n in r.bytes.parts.items():
+        share = n / r.bytes.file if r.bytes.file else 0.0
+        t.add_row(name, format_bytes(n), f"{100 * share:.1f}%", "█" * round(30 * share))
+    t.add_row("total", format_bytes(r.bytes.file), "100.0%", "", style="bold")
+    return t
+
+
+def _members_table(r: Report) -> Table:
+    t = Table(title="members (relative errors; mean = weighted by tensor bytes)", title_justify="left")
+    cols = ("member", "own bytes", "with share", "worst", "mean", "delta lost", "on tensor")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("member", "on tensor") else "right")
+    for m in r.members:
+        u = m.errors["unipack"]
+        t.add_row(m.name + (" (added)" if m.added else ""), format_bytes(m.own_bytes), format_bytes(m.amortized_bytes),
+                  _err(u.worst if u else None), _err(u.mean if u else None), _err(m.delta_error),
+                  (u.worst_tensor if u else None) or "-")
+    t.caption = ("own bytes: its coefficients and raw tensors; with share: plus 1/N of the means, bases and "
+                 "header.  delta lost: ||W-Ŵ|| / ||W-mean||, how much of what makes the member different "
+                 "did not survive.")
+    return t
+
+
+def _baselines_table(r: Report) -> Table:
+    t = Table(title="baselines (per member: mean of byte-weighted errors / worst; per tensor: who wins)",
+              title_justify="left")
+    for col in ("method", "bytes", "mean error", "worst error", "tensors won"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    sizes = {"unipack": r.bytes.file, "mean-only": r.bytes.mean_only, "svd": r.bytes.file}
+    for method in METHODS:
+        worsts = [m.errors[method].worst for m in r.members if m.errors[method] is not None]  # type: ignore[union-attr]
+        measured = len(worsts) == len(r.members) and worsts
+        label = LABELS[method] + (" (equal bytes)" if method == "svd" else "")
+        t.add_row(label, format_bytes(sizes[method]), _err(r.overall["mean_error"][method]),
+                  _err(max(worsts) if measured else None), str(r.overall["tensors_won"][method]),
+                  style="bold" if r.overall["winner"] == method else None)
+    return t
+
+
+def _verdict(r: Report) -> Iterator[Text]:
+    errors = r.overall["mean_error"]
+    ours, mean, svd = errors["unipack"], errors["mean-only"], errors["svd"]
+    if mean is None:
+        yield Text("baselines were not measured (merged with --no-baselines): "
+                   "`unipack report --baselines --originals DIR` measures them", style="yellow")
+        return
+    winner = r.overall["winner"]
+    if winner == "mean-only":
+        yield Text(f"the mean alone does as well as the subspace here (mean error {mean:.3g} vs {ours:.3g}): "
+                   f"the bases and coefficients buy nothing; --rank 0 gives a smaller bundle", style="yellow")
+    elif winner == "svd":
+        yield Text(f"per-member SVD at equal bytes beats the shared subspace (mean error {svd:.3g} vs {ours:.3g}): "
+                   f"the members do not share a useful subspace", style="yellow")
+    else:
+        parts = [f"{_times(mean / ours)} lower than the mean alone" if ours else "exact where the mean alone is not"]
+        if svd is not None and ours:
+            parts.append(f"{_times(svd / ours)} lower than per-member SVD at equal bytes")
+        yield Text(f"the shared subspace wins: mean error {ours:.3g}, " + ", ".join(parts), style="green")
+
+
+def _tensors_table(r: Report) -> Table:
+    t = Table(title=f"tensors: explained variance by rank (first {SPARK_WIDTH} ranks), mean error over members",
+              title_justify="left")
+    for col in ("tensor", "storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only",
+                "SVD", "best"):
+        t.add_column(col, justify="left" if col in ("tensor", "storage", "scree", "best") else "right")
+    for x in r.tensors:
+        storage = f"{x.storage}/{x.scheme}" if x.scheme else x.storage
+        t.add_row(x.name, storage, "-" if x.rank is None else str(x.rank),
+                  "-" if x.energy is None else f"{x.energy:.4f}", sparkline(x.spectrum, x.variance),
+                  format_bytes(x.stored_bytes), _err(x.errors["unipack"]), _err(x.errors["mean-only"]),
+                  _err(x.errors["svd"]), LABELS.get(x.winner or "", "-"))
+    return t
+
+
+def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
+    m = manifest.member(name)
+    t = Table(title=f"member {name}: per tensor (relative errors)", title_justify="left")
+    for col in ("tensor", "storage", "rank", "unipack", "delta lost", "mean only", "SVD", "SVD rank"):
+        t.add_column(col, justify="left" if col in ("tensor", "storage") else "right")
+    f = m.fidelity
+    for i, rec in enumerate(manifest.tensors):
+        storage = "raw (override)" if rec.storage != "raw" and rec.name in m.raw else rec.storage
+        if rec.storage == "raw" and rec.raw_cause:
+            storage += f" ({rec.raw_cause})"
+        projected = rec.storage == "shared" and rec.name not in m.raw
+        has_mean = rec.storage == "shared" or (rec.storage == "raw" and rec.raw_cause == "budget")
+        t.add_row(rec.name, storage, str(rec.rank) if projected else "-", _err(m.errors[i]),
+                  _err(f.delta_errors[i]) if f and projected else "-",
+                  _err(f.mean_errors[i]) if f and has_mean else "-",
+                  _err(f.svd_errors[i]) if f and f.svd_errors and projected else "-",
+                  str(f.svd_ranks[i]) if f and f.svd_ranks and projected else "-")
+    return t
+
+
+def _eval_table(ev: dict[str, Any]) -> Table:
+    metric = ev["metric"]
+    t = Table(title=f"{metric} by member ({ev['eval']}); drop from the original in brackets", title_justify="left")
+    columns = ("original", "unipack", "mean-only", "svd")
+    t.add_column("member")
+    for col in columns:
+        t.add_column(LABELS[col] + (" (equal bytes)" if col == "svd" else ""), justify="right")
+    for name, row in ev["members"].items():
+        cells = [name]
+        original = (row.get("original") or {}).get(metric)
+        for col in columns:
+            scores = row.get(col)
+            if not scores or metric not in scores:
+                cells.append("-")
+                continue
+            value = scores[metric]
+            recorded = col == "original" and name in ev.get("original_recorded", [])
+            cell = f"{value:.4g}" + (" (recorded)" if recorded else "")
+            if col != "original" and original is not None:
+                cell += f" ({value - original:+.3g})"
+            cells.append(cell)
+        t.add_row(*cells)
+    drops = ev["drops"]
+    summary = ["largest / mean drop", ""]
+    for col in columns[1:]:
+        d = drops.get(col)
+        summary.append(f"{d['worst']:.3g} / {d['mean']:.3g}" if d else "-")
+    t.add_row(*summary, style="bold")
+    return t

@@ -1,0 +1,204 @@
+"""Input checkpoints: open, validate up front, and read one tensor at a time.
+
+An input is a ``.safetensors`` file, a PyTorch ``.bin``/``.pt`` state dict, or a Hugging Face
+model folder (see ``sources``); a ``Checkpoint`` gives the rest of unipack the same view of each.
+Every input is checked before any heavy work (header, tensor names, shapes, dtypes), so a bad
+file fails in the first second of a merge with its name in the error, not after an hour.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from unipack.errors import FormatError, InputError
+from unipack.format import dtypes
+from unipack.format.manifest import check_member_name
+from unipack.sources import TORCH_SUFFIXES, PeftAdapterSource, TensorInfo, TensorSource, open_source
+
+if TYPE_CHECKING:
+    import torch
+
+#: Suffixes a default member name drops (a folder's name is used as it is).
+NAME_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+
+
+@dataclass
+class Checkpoint:
+    """One input member: its name and the source its tensors are read from."""
+
+    name: str
+    source: TensorSource
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    @property
+    def source_name(self) -> str:
+        """The file or folder name, as the manifest records it (``MemberRecord.source``)."""
+        return source_name(self.path)
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.source.tensors
+
+    @property
+    def file_size(self) -> int:
+        return self.source.file_size
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return self.source.metadata
+
+    @property
+    def configs(self) -> dict[str, str] | None:
+        return self.source.configs
+
+    @property
+    def files(self) -> tuple[tuple[Path, int], ...]:
+        return self.source.files
+
+    def read(self, tensor: str) -> np.ndarray:
+        """The tensor's array, held as ``dtypes.holder(dtype)``."""
+        return self.source.read(tensor)
+
+    def values(self, tensor: str) -> np.ndarray:
+        """A float tensor's values as float64."""
+        return dtypes.to_float(self.read(tensor), self.tensors[tensor].dtype)
+
+    def state_dict(self) -> dict[str, "torch.Tensor"]:
+        """The whole checkpoint as a torch state dict (bf16 and float8 kept)."""
+        from unipack.format.torch_bridge import to_torch
+
+        return {name: to_torch(self.read(name), e.dtype) for name, e in self.tensors.items()}
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
+    """Open and validate every input; raise a clear error naming the first bad one."""
+    if len(paths) < 2:
+        raise InputError(f"merge needs at least 2 checkpoints, got {len(paths)}")
+    if names is None:
+        names = [default_name(p) for p in paths]
+    if len(names) != len(paths):
+        raise InputError(f"{len(names)} names given for {len(paths)} checkpoints")
+    seen: dict[str, Path] = {}
+    for name, path in zip(names, paths):
+        try:
+            check_member_name(name)
+        except FormatError as exc:
+            raise InputError(f"{path}: {exc}; rename it or give another name (merge --name SOURCE=NAME; names= "
+                             f"in Python)") from None
+        if name in seen:
+            raise InputError(f"duplicate member name {name!r} ({seen[name]} and {path}); rename one or give "
+                             f"distinct names (merge --name SOURCE=NAME; names= in Python)")
+        seen[name] = path
+    checkpoints: list[Checkpoint] = []
+    try:
+        for name, path in zip(names, paths):
+            checkpoints.append(open_checkpoint(path, name))
+        if not any(isinstance(c.source, PeftAdapterSource) for c in checkpoints):
+            # Adapters may target different modules; merge_lora checks what they must share.
+            _check_same_names(checkpoints)
+    except BaseException:
+        close_all(checkpoints)
+        raise
+    return checkpoints
+
+
+def open_checkpoint(path: Path, name: str) -> Checkpoint:
+    """Open and validate one checkpoint (a member's original, or a member to add)."""
+    source = open_source(path)
+    if not source.tensors:
+        source.close()
+        raise InputError(f"{path}: holds no tensors")
+    return Checkpoint(name, source)
+
+
+def source_name(path: Path) -> str:
+    """The file or folder name (``Path("dir/.")`` and ``Path(".")`` name the folder, not ``.``)."""
+    return Path(os.path.abspath(path)).name
+
+
+def default_name(path: Path) -> str:
+    """A member's default name: its file name without its suffix, or its folder name."""
+    name = source_name(path)
+    if path.is_dir():
+        return name
+    for suffix in NAME_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def resolve_names(paths: Sequence[Path], pairs: Sequence[str]) -> list[str]:
+    """Member names for ``paths``: the defaults, with ``SOURCE=NAME`` pairs (``merge --name``) applied.
+
+    SOURCE is an input path exactly as given (compared as a path, so ``./a`` is ``a``) or its
+    default name. The split is at the last ``=``: paths such as ``runs/lr=1e-4/`` are common, names
+    with ``=`` are not.
+    """
+    defaults = [default_name(p) for p in paths]
+    chosen: dict[int, str] = {}
+    for pair in pairs:
+        source, sep, name = pair.rpartition("=")
+        if not sep or not source or not name:
+            raise InputError(f"--name {pair!r}: expected SOURCE=NAME, with SOURCE an input path or its default "
+                             f"name (e.g. --name {defaults[0]}=my-name)")
+        matches = [i for i, p in enumerate(paths) if Path(source) == Path(p)] or \
+                  [i for i, d in enumerate(defaults) if d == source]
+        if not matches:
+            shown = ", ".join(repr(d) for d in defaults[:4]) + (", ..." if len(defaults) > 4 else "")
+            raise InputError(f"--name {pair!r}: {source!r} matches no input; give an input path as listed or "
+                             f"its default name ({shown})")
+        if len(matches) > 1:
+            raise InputError(f"--name {pair!r}: {source!r} is the default name of {len(matches)} inputs "
+                             f"({paths[matches[0]]}, {paths[matches[1]]}); give the input's path instead")
+        index = matches[0]
+        if index in chosen:
+            raise InputError(f"--name {pair!r}: input {paths[index]} is already named {chosen[index]!r}; give "
+                             f"one --name per input")
+        chosen[index] = name
+    return [chosen.get(i, d) for i, d in enumerate(defaults)]
+
+
+def _check_same_names(checkpoints: list[Checkpoint]) -> None:
+    first = checkpoints[0]
+    ref = set(first.tensors)
+    for c in checkpoints[1:]:
+        difference = name_difference(ref, set(c.tensors))
+        if difference:
+            raise InputError(f"{c.path}: tensor names differ from {first.path}: it {difference}; "
+                             f"members must be the same architecture")
+
+
+def name_difference(reference: set[str], names: set[str]) -> str | None:
+    """``"lacks 'a' and has extra 'b'"`` (a few of each), or None if the two sets agree."""
+    missing, extra = sorted(reference - names), sorted(names - reference)
+    parts = []
+    if missing:
+        parts.append(f"lacks {_few(missing)}")
+    if extra:
+        parts.append(f"has extra {_few(extra)}")
+    return " and ".join(parts) or None
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def close_all(checkpoints: list[Checkpoint]) -> None:
+    for c in checkpoints:
+        try:
+            c.close()
+        except OSError:
+            pass
