@@ -575,7 +575,7 @@ def test_projecting_a_merged_member_reproduces_what_merge_recorded(tmp_path: Pat
     """The projection is merge's own encoding step on a fixed basis: re-projecting a member that
     was merged gives back its stored coefficients, recorded error and fidelity numbers."""
     from unipack.core.fidelity import round_up
-    from unipack.core.project import project
+    from unipack.schemes.shared import project
     from unipack.format import dtypes
     from unipack.format.container import BundleFile
 

@@ -1,7 +1,17 @@
 """Fuzz the bundle reader: corrupt bundles must give a UnipackError, never another exception.
 
-The harness lives in ``tools/fuzz_upk.py``; here it runs in-process for a short, fixed-seed
-budget (``UNIPACK_FUZZ_SECONDS``, default 60, the "short run" of the safety issue; 0 skips it), plus a few hand-picked mutations.
+The harness lives in ``tools/fuzz_upk.py``; here it runs in-process with a fixed seed, plus a few
+hand-picked mutations. Time budgets:
+
+* a plain ``pytest`` run does a smoke fuzz of ``UNIPACK_FUZZ_SECONDS`` seconds (default 10; 0 skips it);
+* the long run is opt-in, either through the environment (the "short run" of the safety issue is
+  ``UNIPACK_FUZZ_SECONDS=60``, a long one ``UNIPACK_FUZZ_SECONDS=600 python -m pytest tests/test_fuzz.py``)
+  or through the ``fuzz_long`` marker: ``python -m pytest -m fuzz_long`` runs
+  :func:`test_fuzz_reader_long` for ``UNIPACK_FUZZ_SECONDS`` seconds (default 600). Without ``-m fuzz_long``
+  that test is skipped.
+
+Both run in whichever process (or pytest-xdist worker) collects them; seeds and findings go under
+pytest's temporary directories.
 """
 
 from __future__ import annotations
@@ -88,8 +98,15 @@ def test_manifest_sha_refix_reaches_manifest_checks(seeds: list[tuple[str, bytes
     assert not isinstance(exc, unipack.ChecksumError), exc
 
 
-def test_fuzz_reader_finds_nothing(tmp_path: Path) -> None:
-    seconds = float(os.environ.get("UNIPACK_FUZZ_SECONDS", "60"))
+SMOKE_SECONDS = 10.0  # default budget of a plain pytest run
+LONG_SECONDS = 600.0  # default budget of ``pytest -m fuzz_long``
+
+
+def _env_seconds(default: float) -> float:
+    return float(os.environ.get("UNIPACK_FUZZ_SECONDS", str(default)))
+
+
+def _check_fuzz(seconds: float, tmp_path: Path) -> None:
     if seconds <= 0:
         pytest.skip("UNIPACK_FUZZ_SECONDS=0")
     result = fuzz_upk.fuzz(seconds, seed=12345, findings_dir=tmp_path / "findings")
@@ -97,3 +114,21 @@ def test_fuzz_reader_finds_nothing(tmp_path: Path) -> None:
     if result.findings:
         pytest.fail("the bundle reader raised non-UnipackError exceptions or was too slow (inputs saved "
                     f"under {tmp_path / 'findings'}):\n" + result.summary(), pytrace=False)
+
+
+def _long_run_requested(config: pytest.Config) -> bool:
+    """True when ``-m`` names ``fuzz_long`` (and not as ``not fuzz_long``)."""
+    markexpr = config.getoption("markexpr", "") or ""
+    words = markexpr.replace("(", " ( ").replace(")", " ) ").split()
+    return any(w == "fuzz_long" and (i == 0 or words[i - 1] != "not") for i, w in enumerate(words))
+
+
+def test_fuzz_reader_finds_nothing(tmp_path: Path) -> None:
+    _check_fuzz(_env_seconds(SMOKE_SECONDS), tmp_path)
+
+
+@pytest.mark.fuzz_long
+def test_fuzz_reader_long(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if not _long_run_requested(request.config):
+        pytest.skip("opt-in: python -m pytest -m fuzz_long (or UNIPACK_FUZZ_SECONDS=600 for the smoke run)")
+    _check_fuzz(_env_seconds(LONG_SECONDS), tmp_path)

@@ -4,8 +4,9 @@ Every write goes through ``unipack/format/atomic.py`` (temp file beside the targ
 rename), so whatever happens to the writer, the target path holds either the previous file,
 byte for byte, or the complete new one. After SIGKILL the dead process cannot remove its temp
 and spool files (``.out.upk.*.tmp`` / ``.out.upk.*.spool``); the tests accept exactly those
-names as leftovers and print them. After a Python-level failure (an exception, disk full,
-KeyboardInterrupt) nothing may be left behind.
+names as leftovers and log them (at INFO: shown by ``pytest -rP`` or ``--log-cli-level=INFO``).
+After a Python-level failure (an exception, disk full, KeyboardInterrupt) nothing may be left
+behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -34,6 +36,11 @@ from unipack import FormatError, InputError, UnipackError
 
 # conftest helpers are imported inside functions: the spawned reader processes import this
 # module and should not pay for torch.
+
+# diagnostics (kill moments, leftovers, reader rounds): INFO records, captured like output and
+# shown on request by `pytest -rP` ("Captured log call") or live by `--log-cli-level=INFO`
+logger = logging.getLogger(__name__)
+logger.setLevel(logging.INFO)
 
 BIG_TENSORS = 10  # 6 members x 10 float32 512x512 tensors: a merge of about 2 s here (more when loaded)
 N_MEMBERS = 6
@@ -213,7 +220,7 @@ def _moments(total: float, t_tmp: float) -> list[tuple[str, float | None, float]
     return spread + inside
 
 
-def test_sigkill_during_merge(big: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigkill_during_merge(big: dict[str, Any], tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "out.upk"
@@ -259,8 +266,7 @@ def test_sigkill_during_merge(big: dict[str, Any], tmp_path: Path, capsys: pytes
             (out_dir / n).unlink()
         with contextlib.suppress(FileNotFoundError):
             out.unlink()
-    with capsys.disabled():
-        print("\n[sigkill merge]\n" + "\n".join(report) + f"\n  outcomes: {outcomes}")
+    logger.info("[sigkill merge]\n%s\n  outcomes: %s", "\n".join(report), outcomes)
     assert killed >= len(scenarios) - 2, "most kills should land before the merge finishes"
 
 
@@ -268,7 +274,7 @@ def test_sigkill_during_merge(big: dict[str, Any], tmp_path: Path, capsys: pytes
 # 2. SIGKILL during extract
 # --------------------------------------------------------------------------------------------
 
-def test_sigkill_during_extract(big: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigkill_during_extract(big: dict[str, Any], tmp_path: Path) -> None:
     bundle = big["ref"]
     with unipack.open(bundle) as b:
         member, other = b.members[0], b.members[1]
@@ -301,8 +307,7 @@ def test_sigkill_during_extract(big: dict[str, Any], tmp_path: Path, capsys: pyt
         report.append(f"  kill at {label:<24} rc={rc}: target {state}; leftovers: {left}")
         for n in left:
             (out_dir / n).unlink()
-    with capsys.disabled():
-        print("\n[sigkill extract]\n" + "\n".join(report) + f"\n  outcomes: {outcomes}")
+    logger.info("[sigkill extract]\n%s\n  outcomes: %s", "\n".join(report), outcomes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,7 +617,7 @@ def _reader(path: str, seconds: float, barrier: Any, queue: Any) -> None:
         queue.put((os.getpid(), 0, None, f"{type(exc).__name__}: {exc}"))
 
 
-def test_concurrent_readers(small: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_concurrent_readers(small: dict[str, Any], tmp_path: Path) -> None:
     bundle = tmp_path / "shared.upk"
     unipack.merge(small["paths"], bundle)  # zstd: exercises decoding too
     expected = _bundle_digests(bundle)
@@ -637,5 +642,4 @@ def test_concurrent_readers(small: dict[str, Any], tmp_path: Path, capsys: pytes
         assert rounds >= 1
         assert seen == expected
     assert _dotfiles(tmp_path) == []
-    with capsys.disabled():
-        print(f"\n[concurrent readers] rounds per process: {[r[1] for r in results]}")
+    logger.info("[concurrent readers] rounds per process: %s", [r[1] for r in results])

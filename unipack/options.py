@@ -12,14 +12,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unipack.errors import OptionsError
+from unipack.format.codec import CODECS as CODEC_REGISTRY
+from unipack.format.dtypes import STORAGE_DTYPES
 
 #: The default fidelity target: every member's relative Frobenius error on every tensor.
 DEFAULT_MAX_ERROR = 0.01
 
-SCHEMES = ("auto", "rows", "flat")
-DTYPES = ("float32", "float16", "bfloat16")
-CODECS = ("zstd", "none")
+#: The decompositions ``--scheme`` chooses between (``unipack.schemes.rows`` and ``.flat``).
+DECOMPOSITIONS = ("rows", "flat")
+SCHEMES = ("auto", *DECOMPOSITIONS)
+DTYPES = tuple(STORAGE_DTYPES)
+#: zstd first: the default.
+CODECS = tuple(sorted(CODEC_REGISTRY, key=lambda name: name != "zstd"))
 LOSSLESS = ("auto", "full", "sample", "off")
+
+
+def rule_text(rule: str, *, rank: object = None, energy: object = None, max_error: object = None) -> str:
+    """The rank rule in words, as reasons and reports print it: ``fixed rank 4``, ``max-error 0.01``."""
+    if rule == "rank":
+        return f"fixed rank {rank}"
+    if rule == "energy":
+        return f"energy {energy}"
+    return f"max-error {max_error}"
 
 
 def _opt(default: Any, flag: str, help: str, **cli: Any) -> Any:
@@ -95,6 +109,10 @@ class MergeOptions:
         if self.energy is not None:
             return "energy"
         return "max-error"
+
+    @property
+    def rule_text(self) -> str:
+        return rule_text(self.rule, rank=self.rank, energy=self.energy, max_error=self.max_error)
 
     def raw_pattern_for(self, tensor: str) -> str | None:
         """The first ``--raw`` pattern that names ``tensor``, if any."""

@@ -19,7 +19,9 @@ from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
 from unipack.format.safetensors_file import SafetensorsHeader
-from unipack.analysis.baselines import is_projected, measure_member, replaced_by_mean
+from unipack.options import rule_text as options_rule_text
+from unipack.schemes import scheme_of
+from unipack.analysis.baselines import measure_member
 from unipack.sources.checkpoint import open_checkpoint
 from unipack.analysis.scoring import score_members
 from unipack.bundle.summary import blob_parts
@@ -121,11 +123,12 @@ class Report:
 
 
 def rule_text(options: Mapping[str, Any]) -> str:
-    if options.get("rank") is not None:
-        return f"fixed rank {options['rank']} (errors recorded, not bounded)"
-    if options.get("energy") is not None:
-        return f"energy {options['energy']} (errors recorded, not bounded)"
-    return f"max-error {options.get('max_error')} per member per tensor"
+    """The rank rule a bundle's recorded options name, and whether it bounds the errors."""
+    rule = "rank" if options.get("rank") is not None else "energy" if options.get("energy") is not None \
+        else "max-error"
+    words = options_rule_text(rule, rank=options.get("rank"), energy=options.get("energy"),
+                              max_error=options.get("max_error"))
+    return f"{words} per member per tensor" if rule == "max-error" else f"{words} (errors recorded, not bounded)"
 
 
 def build_report(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes,
@@ -161,17 +164,7 @@ def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str
     the per-member copies of every tensor the merge kept raw only because raw was cheaper."""
     size = sum(parts.values()) - parts["bases"] - parts["coefficients"]
     for t in manifest.tensors:
-        if t.storage == "raw" and t.raw_cause == "budget":
-            copies = [stored[m.raw[t.name]] for m in manifest.members]
-            size -= sum(copies) - max(copies, default=0)
-        if t.storage == "lora":
-            # The adapters' own factors go; the mean update comes, stored as cheaply as it can be:
-            # dense, or factored with the rank of the sum (at most the sum of the ranks).
-            size -= sum(stored[m.raw[k]] for m in manifest.members for k in t.lora_keys if k in m.raw)
-            assert t.shape is not None
-            out_dim, in_dim = t.shape
-            rank_sum = sum(m.lora[t.name][0] for m in manifest.members if t.name in m.lora)
-            size += min(out_dim * in_dim, rank_sum * (out_dim + in_dim)) * dtypes.itemsize(t.dtype)
+        size += scheme_of(t).mean_only_change(t, manifest, stored)
     return size
 
 
@@ -196,12 +189,7 @@ def _byte_parts(manifest: Manifest, header: SafetensorsHeader, header_bytes: byt
 def _tensor_bytes(manifest: Manifest, member: MemberRecord, index: int) -> int:
     """What the member's original holds for tensor ``index`` (the weight of its error in a mean)."""
     t = manifest.tensors[index]
-    if t.storage == "lora":  # its two factors, if it touches the module
-        assert t.shape is not None
-        rank = member.lora[t.name][0] if t.name in member.lora else 0
-        return rank * (t.shape[0] + t.shape[1]) * dtypes.itemsize(member.dtype_of(t))
-    shape = manifest.blobs[member.raw[t.name]].shape if t.name in member.raw else t.shape or ()
-    return math.prod(shape) * dtypes.itemsize(member.dtype_of(t))
+    return scheme_of(t).original_bytes(t, member, manifest)
 
 
 def _member_report(manifest: Manifest, m: MemberRecord, record: FidelityRecord | None, own: int,
@@ -217,7 +205,7 @@ def _member_report(manifest: Manifest, m: MemberRecord, record: FidelityRecord |
         lost = kept = 0.0
         projected = 0
         for i, t in enumerate(manifest.tensors):
-            if is_projected(t, m):
+            if scheme_of(t).projected(t, m):
                 projected += 1
                 lost += (m.errors[i] * record.norms[i]) ** 2
                 kept += (record.mean_errors[i] * record.norms[i]) ** 2
@@ -245,13 +233,12 @@ def _tensor_reports(manifest: Manifest, stored: dict[str, int],
     coef_share = _coefficient_shares(manifest, stored)
     out = []
     for i, t in enumerate(manifest.tensors):
-        own = sum(stored[b] for b in (t.mean, t.basis, t.left, t.right, t.blob) if b is not None)
-        keys = t.lora_keys if t.storage == "lora" else (t.name,)
-        own += sum(stored[m.raw[k]] for m in manifest.members for k in keys if k in m.raw)
+        scheme = scheme_of(t)
+        own = sum(stored[b] for b in scheme.blob_parts(t, manifest))
         errors: dict[str, float | None] = dict.fromkeys(METHODS)
         winner = None
-        if t.storage in ("shared", "lora") or t.raw_cause == "budget":
-            members = [m for m in manifest.members if replaced_by_mean(t, m)]
+        if scheme.compared(t):
+            members = [m for m in manifest.members if scheme.replaced_by_mean(t, m)]
             records = [fidelity.get(m.name, m.fidelity) for m in members]
             if members:
                 errors["unipack"] = sum(m.errors[i] for m in members) / len(members)
@@ -261,18 +248,11 @@ def _tensor_reports(manifest: Manifest, stored: dict[str, int],
                         errors["svd"] = sum(r.svd_errors[i] for r in records if r and r.svd_errors) / len(members)
                 winner = _winner(errors)
         out.append(TensorReport(
-            name=t.name, storage=t.storage, scheme=_scheme_text(t), rank=t.rank if t.storage == "shared" else None,
-            energy=t.energy, spectrum=list(t.spectrum or ()), variance=t.variance,
+            name=t.name, storage=t.storage, scheme=scheme.report_scheme(t), rank=scheme.rank(t),
+            energy=t.params.energy, spectrum=list(t.params.spectrum or ()), variance=t.params.variance,
             stored_bytes=own + coef_share.get(t.name, 0), errors=errors, winner=winner,
         ))
     return out
-
-
-def _scheme_text(t: TensorRecord) -> str | None:
-    """The scheme column: rows / flat, or a LoRA module's form (with its ranks k_out x k_in)."""
-    if t.storage != "lora":
-        return t.scheme
-    return f"{t.ranks[0]}x{t.ranks[1]}" if t.form == "subspace" and t.ranks is not None else "factors"
 
 
 def _winner(errors: Mapping[str, float | None]) -> str | None:

@@ -6,6 +6,7 @@ coefficients and raw tensors), never another member's.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unipack.core.reconstruct import reconstruct
 from unipack.errors import MemberNotFoundError, UnipackError
 from unipack.format import dtypes
 from unipack.format.container import BundleFile
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord
-from unipack.bundle.lora import dense_update, factor_arrays, factor_entries, fan_in_fan_out, update_key
+from unipack.schemes import MemberView, is_lora, scheme_of
+from unipack.schemes.shared import stored_mean
+from unipack.bundle.lora import fan_in_fan_out, update_key
 from unipack.bundle.summary import BundleSummary, summarize
 
 if TYPE_CHECKING:
@@ -51,56 +53,25 @@ class BundleReader:
             raise MemberNotFoundError(f"{self.path}: no member {name!r}; members: {shown} "
                                       f"(see `unipack info {self.path}`)") from None
 
+    def view(self, member: str) -> MemberView:
+        """What a scheme needs to rebuild ``member`` (its coefficient blob is read once, here)."""
+        return MemberView.of(self.manifest, self.member(member), self._file.read_blob)
+
     def iter_arrays(self, member: str) -> Iterator[tuple[TensorRecord, str, np.ndarray]]:
-        """``(record, dtype, array)`` for each tensor of ``member``; arrays held as ``holder(dtype)``."""
-        rec = self.member(member)
-        coefs = self._file.read_blob(rec.coefficients) if rec.coefficients else None
-        offsets = self.manifest.coef_offsets(rec)
+        """``(record, dtype, array)`` for each tensor of ``member``; arrays held as ``holder(dtype)``.
+        A LoRA module yields its two factors (records named by their keys), if the member touches it."""
+        view = self.view(member)
         for t in self.manifest.tensors:
-            dtype = rec.dtype_of(t)
-            if t.storage == "lora":  # a LoRA module: the member's two factors, if it touches it
-                core = self._core(t, coefs, offsets)
-                yield from factor_arrays(self.manifest, self._file.read_blob, t, rec, core)
-            elif t.name in rec.raw:  # a raw tensor, or one this member overrides (spec §4.4)
-                yield t, dtype, self._file.read_blob(rec.raw[t.name])
-            elif t.storage == "exact":
-                assert t.blob is not None
-                yield t, dtype, self._file.read_blob(t.blob)
-            else:
-                yield t, dtype, dtypes.from_float(self._shared_values(t, coefs, offsets), dtype)
-
-    def _shared_values(self, t: TensorRecord, coefs: np.ndarray | None,
-                       offsets: dict[str, tuple[int, int]]) -> np.ndarray:
-        assert t.mean is not None
-        mean_blob = self.manifest.blobs[t.mean]
-        mean = dtypes.to_float(self._file.read_blob(t.mean), mean_blob.dtype)
-        if t.rank == 0 or coefs is None or t.basis is None:
-            return reconstruct(t, mean, None, None)
-        basis_blob = self.manifest.blobs[t.basis]
-        basis = dtypes.to_float(self._file.read_blob(t.basis), basis_blob.dtype)
-        lo, hi = offsets[t.name]
-        coef = dtypes.to_float(coefs[lo:hi], basis_blob.dtype).reshape(t.coef_shape())
-        return reconstruct(t, mean, basis, coef)
-
-    def _core(self, t: TensorRecord, coefs: np.ndarray | None,
-              offsets: dict[str, tuple[int, int]]) -> np.ndarray | None:
-        """A LoRA module's core for the member whose coefficients are ``coefs`` (float64), if stored."""
-        if t.name not in offsets or coefs is None:
-            return None
-        lo, hi = offsets[t.name]
-        basis = t.left or t.right  # a stored core means both ranks > 0; cores share the bases' dtype
-        assert basis is not None
-        return dtypes.to_float(coefs[lo:hi], self.manifest.blobs[basis].dtype).reshape(t.coef_shape())
+            yield from scheme_of(t).member_arrays(view, t)
 
     @property
     def is_lora(self) -> bool:
         """Whether this bundle holds PEFT LoRA adapters (its members are adapters, not models)."""
-        return any(t.storage == "lora" for t in self.manifest.tensors)
+        return is_lora(self.manifest)
 
     def mean_values(self, t: TensorRecord) -> np.ndarray:
         """A shared tensor's stored mean as float64, in the tensor's shape."""
-        assert t.mean is not None and t.shape is not None
-        return dtypes.to_float(self._file.read_blob(t.mean), self.manifest.blobs[t.mean].dtype).reshape(t.shape)
+        return stored_mean(self.manifest, self._file.read_blob, t)
 
     def read_blob(self, name: str) -> np.ndarray:
         """One blob's array (held as ``dtypes.holder(dtype)``), checksum verified."""
@@ -108,11 +79,7 @@ class BundleReader:
 
     def coef_dtype(self) -> str:
         """The dtype bases and coefficients are stored in (the merge's ``--dtype``)."""
-        for t in self.manifest.tensors:
-            for blob in (t.basis, t.left, t.right):
-                if blob is not None:
-                    return self.manifest.blobs[blob].dtype
-        return {"float16": "F16", "bfloat16": "BF16"}.get(str(self.manifest.options.get("dtype")), "F32")
+        return self.manifest.coefficient_dtype()
 
     def load_numpy(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
         """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)``."""
@@ -140,15 +107,13 @@ class BundleReader:
         if not self.is_lora:
             raise UnipackError(f"{self.path}: holds full checkpoints, not LoRA adapters; there are no updates "
                                f"to load (use load(member))")
-        rec = self.member(member)
-        coefs = self._file.read_blob(rec.coefficients) if rec.coefficients else None
-        offsets = self.manifest.coef_offsets(rec)
-        transposed = fan_in_fan_out(rec)
+        view = self.view(member)
+        transposed = fan_in_fan_out(view.member)
         for t in self.manifest.tensors:
-            if t.storage != "lora" or t.name not in rec.lora:
+            update = scheme_of(t).member_update(view, t)
+            if update is None:
                 continue
-            update = dense_update(self.manifest, self._file.read_blob, t, rec, self._core(t, coefs, offsets))
-            dtype = rec.dtype_of(t)
+            dtype = view.member.dtype_of(t)
             yield update_key(t.name), dtype, dtypes.from_float(update.T if transposed else update, dtype)
 
     def tensor_entries(self, member: str) -> list[tuple[str, str, tuple[int, ...], int]]:
@@ -157,17 +122,8 @@ class BundleReader:
         rec = self.member(member)
         entries = []
         for t in self.manifest.tensors:
-            dtype = rec.dtype_of(t)
-            if t.storage == "lora":
-                entries.extend((key, dtype, shape, shape[0] * shape[1] * dtypes.itemsize(dtype))
-                               for key, shape in factor_entries(t, rec))
-                continue
-            shape = self.manifest.blobs[rec.raw[t.name]].shape if t.name in rec.raw else t.shape
-            assert shape is not None
-            numel = 1
-            for d in shape:
-                numel *= d
-            entries.append((t.name, dtype, tuple(shape), numel * dtypes.itemsize(dtype)))
+            for name, dtype, shape in scheme_of(t).member_entries(t, rec, self.manifest.blobs):
+                entries.append((name, dtype, shape, math.prod(shape) * dtypes.itemsize(dtype)))
         return entries
 
     def verify(self) -> list[str]:

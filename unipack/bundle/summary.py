@@ -11,6 +11,7 @@ from typing import Any
 
 from unipack.format.manifest import Manifest
 from unipack.format.safetensors_file import SafetensorsHeader
+from unipack.schemes import scheme_of
 
 #: ``factors``: LoRA modules kept as the adapters' own factors (``form: factors``), apart from ``raw``
 #: so that a LoRA bundle's bytes for updates are bases + coefficients + factors.
@@ -60,19 +61,11 @@ class BundleSummary:
 def blob_parts(manifest: Manifest) -> dict[str, str]:
     """Each blob's part, from the records that reference it (blob names are not normative)."""
     roles: dict[str, str] = {}
-    for t in manifest.tensors:
-        for blob, part in ((t.mean, "means"), (t.basis, "bases"), (t.left, "bases"), (t.right, "bases"),
-                           (t.blob, "exact")):
-            if blob is not None:
-                roles[blob] = part
     for m in manifest.members:
         if m.coefficients is not None:
             roles[m.coefficients] = "coefficients"
-        roles.update(dict.fromkeys(m.raw.values(), "raw"))
     for t in manifest.tensors:
-        if t.storage == "lora" and t.form == "factors":
-            for m in manifest.members:
-                roles.update((m.raw[key], "factors") for key in t.lora_keys if key in m.raw)
+        roles.update(scheme_of(t).blob_parts(t, manifest))
     return roles
 
 
@@ -85,11 +78,11 @@ def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
     counts: dict[str, int] = {}
     ranks = []
     for t in manifest.tensors:
-        key = f"shared/{t.scheme}" if t.storage == "shared" else \
-            f"lora/{t.form}" if t.storage == "lora" else t.storage
-        counts[key] = counts.get(key, 0) + 1
-        if t.storage == "shared":
-            ranks.append(t.rank)
+        scheme = scheme_of(t)
+        counts[scheme.label] = counts.get(scheme.label, 0) + 1
+        rank = scheme.rank(t)
+        if rank is not None:
+            ranks.append(rank)
     members = []
     for m in manifest.members:
         own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)

@@ -1,7 +1,3 @@
-"""The maths: per-tensor decompositions, rank selection and reconstruction. No file I/O here.
-
-A decomposition sees its members only through a ``MemberArrays`` source (load member i's
-tensor as a float array), so it never holds more than a bounded number of members at once.
-"""
-
-from unipack.core import flat, rows  # noqa: E402,F401  (importing a scheme module registers it)
+"""The maths, no file I/O: rank rules and the decomposition loop, linear-algebra helpers with the
+determinism a byte-identical bundle needs, fidelity numbers, and LoRA update spaces from factors.
+The schemes (``unipack.schemes``) fit and encode with these."""

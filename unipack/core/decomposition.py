@@ -1,6 +1,6 @@
-"""What a decomposition takes and gives, the rank rules, and the scheme registry.
+"""What a decomposition takes and gives, and the rank rules.
 
-A scheme (``rows``, ``flat``) fits a ``TensorJob`` into a ``SchemeModel``: mean, spectrum and
+A scheme (``rows``, ``flat``: ``unipack.schemes``) fits a ``TensorJob`` into a ``SchemeModel``: mean, spectrum and
 whatever it needs to pick a rank. ``decompose`` then applies the rank rule the user chose,
 encodes at that rank (rounding basis and coefficients to their storage dtype and every member
 to its own dtype), measures each member's real error, raises the rank while the
@@ -18,6 +18,7 @@ import numpy as np
 
 from unipack.format import dtypes
 from unipack.core.fidelity import MemberFidelity
+from unipack.options import rule_text
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,6 @@ class SchemeModel(Protocol):
 #: A scheme's fitting function returns its candidate models (rows: one per basis side).
 Fit = Callable[[TensorJob], Sequence[SchemeModel]]
 
-#: Registered schemes: name -> fitting function.
-SCHEMES: dict[str, Fit] = {}
-
-
-def register(name: str) -> Callable[[Fit], Fit]:
-    def wrap(fit: Fit) -> Fit:
-        SCHEMES[name] = fit
-        return fit
-    return wrap
-
 
 def energy_rank(eigenvalues: np.ndarray, fraction: float) -> int:
     """Smallest k whose top-k eigenvalues hold ``fraction`` of the total."""
@@ -128,12 +119,12 @@ def kept_energy(eigenvalues: np.ndarray, rank: int) -> float:
     return 1.0 if total <= 0.0 else float(eigenvalues[:rank].sum() / total)
 
 
-def decompose(job: TensorJob, schemes: Sequence[str]) -> Encoded | KeepRaw:
-    """Fit every candidate of ``schemes``, keep the one needing the fewest bytes under the
+def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
+    """Fit every candidate scheme (``fits``), keep the one needing the fewest bytes under the
     rank rule, and encode it; or keep the tensor raw where that is cheaper."""
     best: tuple[int, SchemeModel, int, int] | None = None  # (bytes, model, rank, cap)
-    for scheme in schemes:
-        for model in SCHEMES[scheme](job):
+    for fit in fits:
+        for model in fit(job):
             cap = _affordable_rank(model, job.raw_bytes)
             rank = _rank_by_rule(model, job, cap) if cap >= 0 else None
             if rank is not None and rank <= cap and (best is None or model.bytes_at(rank) < best[0]):
@@ -158,11 +149,7 @@ def decompose(job: TensorJob, schemes: Sequence[str]) -> Encoded | KeepRaw:
 
 
 def _rule_text(job: TensorJob) -> str:
-    if job.rule == "rank":
-        return f"fixed rank {job.rank}"
-    if job.rule == "energy":
-        return f"energy {job.energy}"
-    return f"max-error {job.max_error}"
+    return rule_text(job.rule, rank=job.rank, energy=job.energy, max_error=job.max_error)
 
 
 def _rank_by_rule(model: SchemeModel, job: TensorJob, cap: int) -> int | None:

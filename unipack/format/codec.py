@@ -1,6 +1,6 @@
 """Blob codecs: how a blob's logical bytes become the bytes stored in the file, and back.
 
-Two codecs: ``none`` (stored as is) and ``zstd`` (one zstd frame that records its content
+Codecs sit behind a registry (``CODECS``); two exist: ``none`` (stored as is) and ``zstd`` (one zstd frame that records its content
 size; optionally byte-shuffled first). Shuffling puts byte 0 of every element together, then
 byte 1, ...: float exponents then form long runs, which zstd compresses far better than
 interleaved bytes. Decoding never allocates more than the size the manifest expects.
@@ -9,13 +9,12 @@ interleaved bytes. Decoding never allocates more than the size the manifest expe
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import numpy as np
 import zstandard
 
 from unipack.errors import FormatError
-
-CODECS = ("none", "zstd")
 
 #: Keep a compressed blob only if it saves at least this fraction (else store it plainly, which
 #: keeps it readable as an ordinary tensor by any safetensors tool).
@@ -48,48 +47,93 @@ def unshuffle(data: bytes | bytearray, itemsize: int) -> bytes:
     return np.frombuffer(data, np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
+class Codec(Protocol):
+    """A lossless coding of blob bytes. ``encode`` returns the stored bytes and whether they were
+    byte-shuffled, or None where the coding does not pay; ``decode`` inverts it, to exactly
+    ``expected_size`` bytes or a FormatError naming ``where``."""
+
+    name: str
+
+    def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None: ...
+
+    def decode(self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int,
+               where: str) -> bytes | bytearray: ...
+
+
+class Plain:
+    """``none``: the bytes as they are (an ordinary tensor any safetensors tool reads)."""
+
+    name = "none"
+
+    def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None:
+        return data, False
+
+    def decode(self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int,
+               where: str) -> bytes | bytearray:
+        if len(stored) != expected_size:
+            raise FormatError(f"{where}: {len(stored)} bytes stored, {expected_size} expected")
+        return stored
+
+
+class Zstd:
+    """``zstd``: one zstd frame that records its content size, of the byte-shuffled data."""
+
+    name = "zstd"
+
+    def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None:
+        shuffled = itemsize > 1
+        payload = shuffle(data, itemsize) if shuffled else data
+        # Single-threaded, content size written: deterministic output, and readers can check the
+        # declared size before decompressing anything.
+        compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        packed = compressor.compress(payload)
+        if len(packed) > len(data) * (1 - MIN_SAVING) or len(data) > max_decoded_size(len(packed)):
+            return None
+        return packed, shuffled
+
+    def decode(self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int,
+               where: str) -> bytes | bytearray:
+        if expected_size > max_decoded_size(len(stored)):
+            raise FormatError(f"{where}: claims {expected_size} decoded bytes from {len(stored)} stored, beyond "
+                              f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)")
+        try:
+            params = zstandard.get_frame_parameters(bytes(stored[:18]))
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"{where}: not a zstd frame ({exc})") from None
+        if params.content_size != expected_size:
+            raise FormatError(f"{where}: zstd frame declares {params.content_size} bytes, "
+                              f"the manifest expects {expected_size}")
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            # The frame declares its size and zstd refuses to write past it, so output is bounded.
+            out = dobj.decompress(bytes(stored))
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"{where}: corrupt zstd data ({exc})") from None
+        if len(out) != expected_size or not dobj.eof:
+            raise FormatError(f"{where}: zstd frame is truncated ({len(out)} of {expected_size} bytes)")
+        if dobj.unused_data:
+            raise FormatError(f"{where}: {len(dobj.unused_data)} bytes of trailing data after the zstd frame")
+        return unshuffle(out, itemsize) if shuffled else out
+
+
+#: Registered codecs, by the name the manifest records (spec §3.4).
+CODECS: dict[str, Codec] = {c.name: c for c in (Plain(), Zstd())}
+
+
 def encode(data: bytes, itemsize: int, codec: str, level: int) -> tuple[bytes, str, bool]:
-    """Return ``(stored_bytes, codec_used, shuffled)``; falls back to ``none`` when zstd does not pay."""
+    """Return ``(stored_bytes, codec_used, shuffled)``; falls back to ``none`` when coding does not pay."""
     if codec == "none" or len(data) < 64:
         return data, "none", False
-    shuffled = itemsize > 1
-    payload = shuffle(data, itemsize) if shuffled else data
-    # Single-threaded, content size written: deterministic output, and readers can check the
-    # declared size before decompressing anything.
-    compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
-    packed = compressor.compress(payload)
-    if len(packed) > len(data) * (1 - MIN_SAVING) or len(data) > max_decoded_size(len(packed)):
+    coded = CODECS[codec].encode(data, itemsize, level)
+    if coded is None:
         return data, "none", False
-    return packed, "zstd", shuffled
+    return coded[0], codec, coded[1]
 
 
 def decode(stored: bytes | bytearray, codec: str, shuffled: bool, itemsize: int, expected_size: int,
            where: str) -> bytes | bytearray:
     """Inverse of :func:`encode`; the result is exactly ``expected_size`` bytes or a FormatError."""
-    if codec == "none":
-        if len(stored) != expected_size:
-            raise FormatError(f"{where}: {len(stored)} bytes stored, {expected_size} expected")
-        return stored
-    if codec != "zstd":
+    coder = CODECS.get(codec)
+    if coder is None:
         raise FormatError(f"{where}: unknown codec {codec!r}")
-    if expected_size > max_decoded_size(len(stored)):
-        raise FormatError(f"{where}: claims {expected_size} decoded bytes from {len(stored)} stored, beyond "
-                          f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)")
-    try:
-        params = zstandard.get_frame_parameters(bytes(stored[:18]))
-    except zstandard.ZstdError as exc:
-        raise FormatError(f"{where}: not a zstd frame ({exc})") from None
-    if params.content_size != expected_size:
-        raise FormatError(f"{where}: zstd frame declares {params.content_size} bytes, "
-                          f"the manifest expects {expected_size}")
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        # The frame declares its size and zstd refuses to write past it, so output is bounded.
-        out = dobj.decompress(bytes(stored))
-    except zstandard.ZstdError as exc:
-        raise FormatError(f"{where}: corrupt zstd data ({exc})") from None
-    if len(out) != expected_size or not dobj.eof:
-        raise FormatError(f"{where}: zstd frame is truncated ({len(out)} of {expected_size} bytes)")
-    if dobj.unused_data:
-        raise FormatError(f"{where}: {len(dobj.unused_data)} bytes of trailing data after the zstd frame")
-    return unshuffle(out, itemsize) if shuffled else out
+    return coder.decode(stored, shuffled, itemsize, expected_size, where)

@@ -23,6 +23,7 @@ from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec, dtypes
 from unipack.format.atomic import atomic_write, check_writable, spool_file
 from unipack.format.manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
+from unipack.format.manifest import parse as manifest_json
 from unipack.format.safetensors_file import (
     SafetensorsHeader,
     encode_header,
@@ -84,7 +85,7 @@ class BundleWriter:
 
     def finish(self, manifest: Manifest, out: Path, *, force: bool) -> int:
         """Write ``out`` = header (with the manifest) + spooled data; returns the file size."""
-        text = manifest.to_json()
+        text = manifest_json.to_json(manifest)
         metadata = {"format": FORMAT_NAME, "format_version": str(manifest.format_version),
                     "manifest_sha256": codec.sha256(text.encode("utf-8")), "manifest": text}
         header = encode_header(self._entries, metadata)
@@ -166,7 +167,7 @@ def _read_manifest(header: SafetensorsHeader) -> Manifest:
         raise FormatError(f"{p}: corrupt {WHAT}: the manifest is missing")
     if codec.sha256(text.encode("utf-8")) != meta.get("manifest_sha256"):
         raise ChecksumError(f"{p}: the manifest is corrupt (checksum mismatch); re-download or re-merge it")
-    manifest = Manifest.from_json(strict_json(text, f"{p}: manifest"), str(p))
+    manifest = manifest_json.from_json(strict_json(text, f"{p}: manifest"), str(p))
     if manifest.format_version != int(version):
         raise FormatError(f"{p}: header says format version {version}, manifest says {manifest.format_version}")
     return manifest
@@ -220,9 +221,9 @@ def rewrite_bundle(path: Path, update: Callable[[Manifest, BundleWriter], Manife
                 raise ValueError("rewrite_bundle: the new manifest must list exactly the writer's blobs")
             # A reader would refuse an inconsistent manifest: refuse to write one (a bug in
             # ``update``, not the user's fault, hence not a FormatError).
-            text = manifest.to_json()
+            text = manifest_json.to_json(manifest)
             try:
-                Manifest.from_json(strict_json(text, f"{target}: new manifest"), f"{target} (rewritten)")
+                manifest_json.from_json(strict_json(text, f"{target}: new manifest"), f"{target} (rewritten)")
             except FormatError as exc:
                 raise ValueError(f"rewrite_bundle: the new manifest is invalid: {exc}") from None
             return writer.finish(manifest, target, force=force)

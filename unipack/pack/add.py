@@ -21,18 +21,17 @@ from typing import Any
 import numpy as np
 
 from unipack.core.fidelity import MemberFidelity
-from unipack.core.linalg import rel_error
-from unipack.core.project import project
 from unipack.errors import FormatError, InputError, OptionsError, UnipackError
 from unipack.format import dtypes
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord, check_member_name
+from unipack.schemes import is_lora, scheme_of
 from unipack.format.safetensors_file import read_header
 from unipack.options import MergeOptions
 from unipack.pack import lossless
 from unipack.sources.checkpoint import Checkpoint, default_name, name_difference, open_checkpoint
-from unipack.core.fidelity import EXACT, fidelity_record, round_up
+from unipack.core.fidelity import EXACT, fidelity_record
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name:
         check_writable(out, force=force)
     with BundleFile(bundle_path) as reader:
         manifest = reader.manifest
-        if any(t.storage == "lora" for t in manifest.tensors):
+        if is_lora(manifest):
             raise InputError(f"{bundle_path}: holds LoRA adapters; adding one to an existing bundle is not supported "
                              f"yet: merge all the adapters again")
         member = _member_name(name, source_path, manifest, bundle_path)
@@ -165,7 +164,7 @@ def _check_tensors(manifest: Manifest, checkpoint: Checkpoint, bundle: Path) -> 
         if (e.dtype in dtypes.FLOAT_DTYPES) != (t.dtype in dtypes.FLOAT_DTYPES):
             raise InputError(f"{checkpoint.path}: tensor {t.name!r} is {e.dtype} but {t.dtype} in bundle "
                              f"{bundle}: float and non-float versions of one tensor cannot be mixed")
-        if t.storage != "raw" and e.shape != t.shape:
+        if not scheme_of(t).shape_optional and e.shape != t.shape:
             assert t.shape is not None
             raise InputError(f"{checkpoint.path}: tensor {t.name!r} has shape {list(e.shape)} but "
                              f"{list(t.shape)} in bundle {bundle}: shapes differ, and only raw tensors may "
@@ -201,17 +200,8 @@ class _Adder:
         c = self.checkpoint
         self.old, self.writer = old, writer
         self.index = free_member_index(old.blobs)
-        self.coef_dtype = _coef_dtype(old)
-        records = []
-        for t in old.tensors:
-            dtype, array = c.tensors[t.name].dtype, c.read(t.name)
-            if t.storage == "raw":
-                t = self._raw(t, dtype, array)
-            elif t.storage == "exact":
-                self._exact(t, dtype, array)
-            else:
-                self._shared(t, dtype, array)
-            records.append(t)
+        self.coef_dtype = old.coefficient_dtype()
+        records = [scheme_of(t).add(self, t, c.tensors[t.name].dtype, c.read(t.name)) for t in old.tensors]
         coef_blob = None
         if self.coefs:
             coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
@@ -228,88 +218,28 @@ class _Adder:
                                             blobs=writer.blobs, stats=self._stats(measured))
         return self.manifest
 
+    # -- AddContext: what a scheme calls to store the new member's tensor ------------------------
+
+    def read_blob(self, name: str) -> np.ndarray:
+        return self.reader.read_blob(name)
+
+    def keep(self, t: TensorRecord, kind: str, error: float, reason: str, fidelity: MemberFidelity,
+             coefficients: np.ndarray | None = None) -> None:
+        if coefficients is not None:
+            self.coefs.append(coefficients)
+        self._record(t, kind, error, reason, fidelity)
+
+    def store_raw(self, t: TensorRecord, dtype: str, array: np.ndarray, kind: str, reason: str,
+                  over_budget: bool = False, fidelity: MemberFidelity = EXACT) -> None:
+        """The member's own tensor, bit-exact: for raw tensors, and overrides of shared or exact ones."""
+        blob = self.raw[t.name] = self.writer.add(f"raw/{self.index}/{t.name}", array, dtype)
+        self._record(t, kind, 0.0, reason, fidelity, blob, over_budget)
+
     def _record(self, t: TensorRecord, kind: str, error: float, reason: str, fidelity: MemberFidelity,
                 blob: str | None = None, over_budget: bool = False) -> None:
         self.errors.append(error)
         self.fidelity.append(fidelity)
         self.outcomes.append((t.name, kind, error, reason, blob, over_budget))
-
-    def _store_raw(self, t: TensorRecord, dtype: str, array: np.ndarray, kind: str, reason: str,
-                   over_budget: bool = False, fidelity: MemberFidelity = EXACT) -> None:
-        """The member's own tensor, bit-exact: for raw tensors, and overrides of shared or exact ones."""
-        blob = self.raw[t.name] = self.writer.add(f"raw/{self.index}/{t.name}", array, dtype)
-        self._record(t, kind, 0.0, reason, fidelity, blob, over_budget)
-
-    def _raw(self, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
-        """A tensor every member holds raw; returns its record, updated if its shape now varies."""
-        reason = f"stored raw, as for every member: {t.reason}"
-        if t.shape is not None and array.shape != t.shape:
-            # The record promised one shape for every member; now it varies (spec 3.2), which
-            # the spec files under "requested" (a mean-only baseline cannot replace it any more).
-            cause = "requested" if t.raw_cause == "budget" else t.raw_cause
-            t = dataclasses.replace(t, shape=None, raw_cause=cause)
-        fidelity = self._mean_only(t, dtype, array) if t.raw_cause == "budget" else EXACT
-        self._store_raw(t, dtype, array, "raw", reason, fidelity=fidelity)
-        return t
-
-    def _mean_only(self, t: TensorRecord, dtype: str, array: np.ndarray) -> MemberFidelity:
-        """A tensor the merge kept raw only because raw was cheaper still has a mean-only baseline
-        (spec 4.4), as merge records it: the mean of every member's copy, this one's included."""
-        values = dtypes.to_float(array, dtype)
-        total, kinds = values.copy(), {dtype}
-        for m in self.old.members:
-            kinds.add(m.dtype_of(t))
-            total += dtypes.to_float(self.reader.read_blob(m.raw[t.name]), m.dtype_of(t))
-        mean = dtypes.round_trip(total / (len(self.old.members) + 1), dtypes.widest_float(frozenset(kinds)))
-        norm = float(np.linalg.norm(values.ravel()))
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean_error = rel_error(values, dtypes.round_trip(mean, dtype), norm)
-        if not (math.isfinite(norm) and math.isfinite(mean_error)):  # NaN/inf somewhere: nothing to compare
-            return EXACT
-        return MemberFidelity(norm=norm, delta_error=0.0, mean_error=mean_error, svd_error=0.0, svd_rank=0)
-
-    def _exact(self, t: TensorRecord, dtype: str, array: np.ndarray) -> None:
-        assert t.blob is not None
-        shared = self.reader.read_blob(t.blob)
-        if dtype == t.dtype and array.tobytes() == shared.tobytes():
-            self._record(t, "exact", 0.0, "identical to the bundle's shared copy", EXACT)
-            return
-        what = "values differ" if dtype == t.dtype else f"dtype {dtype} differs"
-        self._store_raw(t, dtype, array, "override", f"its {what} from the bundle's exact copy ({t.dtype}): "
-                                                     f"stored raw")
-
-    def _shared(self, t: TensorRecord, dtype: str, array: np.ndarray) -> None:
-        """Project onto the record's mean and basis, or store raw where that cannot be faithful."""
-        assert t.mean is not None and t.shape is not None
-        values = dtypes.to_float(array, dtype)
-        if not np.isfinite(values).all():
-            self._store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
-            return
-        blobs = self.old.blobs
-        mean = dtypes.to_float(self.reader.read_blob(t.mean), blobs[t.mean].dtype).reshape(t.shape)
-        basis = None
-        if t.rank > 0:
-            assert t.basis is not None
-            basis = dtypes.to_float(self.reader.read_blob(t.basis), blobs[t.basis].dtype)
-        p = project(t, values, mean, basis, member_dtype=dtype, coef_dtype=self.coef_dtype,
-                    n_members=len(self.old.members) + 1, baselines=self.options.baselines)
-        if p.fidelity is None:
-            self._store_raw(t, dtype, array, "override", f"its projection overflows the {self.coef_dtype} "
-                                                         f"coefficients or {dtype}: stored raw")
-            return
-        max_error = self.options.max_error
-        if self.options.rule == "max-error" and max_error is not None and p.error > max_error:
-            # Stored raw, bit-exact; a mean-only bundle would still hold the mean here (spec 4.4).
-            mean_only = dataclasses.replace(p.fidelity, delta_error=0.0, svd_error=0.0, svd_rank=0)
-            self._store_raw(t, dtype, array, "override", f"projection error {p.error:.3g} exceeds max-error "
-                                                         f"{max_error}: stored raw", over_budget=True,
-                            fidelity=mean_only)
-            return
-        if p.coef is not None:
-            self.coefs.append(p.coef.reshape(-1))
-        side = f", {t.side}" if t.scheme == "rows" else ""
-        self._record(t, "projected", round_up(float(p.error)),
-                     f"projected onto the bundle's rank-{t.rank} basis ({t.scheme}{side})", p.fidelity)
 
     def _lossless(self) -> lossless.LosslessSize | None:
         """zstd -19 size of the new input, measured only if the bundle records that baseline."""
@@ -330,11 +260,3 @@ class _Adder:
         elif measured.sampled and isinstance(recorded, dict) and not recorded.get("sampled"):
             stats["lossless"] = {**recorded, "sampled": True}  # the baseline is now partly an estimate
         return stats
-
-
-def _coef_dtype(manifest: Manifest) -> str:
-    """The dtype every basis blob shares, which the coefficient blobs use too (spec 3.2)."""
-    for t in manifest.tensors:
-        if t.basis is not None:
-            return manifest.blobs[t.basis].dtype
-    return dtypes.STORAGE_DTYPES.get(str(manifest.options.get("dtype")), "F32")

@@ -24,6 +24,9 @@ from unipack.options import MergeOptions
 from unipack.pack import lossless
 from unipack.sources.checkpoint import Checkpoint
 from unipack.pack.plan import TensorPlan
+from unipack.schemes.exact import EXACT_SCHEME, ExactParams
+from unipack.schemes.raw import RAW, RawParams
+from unipack.schemes.shared import decomposition
 
 
 class MergeProgress(Protocol):
@@ -76,7 +79,7 @@ class Merger:
             energy=self.options.energy, coef_dtype=self.coef_dtype, gram_limit=self.options.gram_limit,
             baselines=self.options.baselines,
         )
-        result = decompose(job, plan.schemes)
+        result = decompose(job, [decomposition(name).fit for name in plan.schemes])
         if isinstance(result, KeepRaw):
             return self._store_raw(plan, result.reason, "budget")
         return self._store_shared(plan, result)
@@ -106,7 +109,7 @@ class Merger:
         else:
             for fidelity in self.fidelity:
                 fidelity.append(EXACT)
-        return TensorRecord(plan.name, "raw", plan.dtypes[0], plan.shape, reason, raw_cause=cause)
+        return TensorRecord(plan.name, RAW.storage, plan.dtypes[0], plan.shape, reason, RawParams(raw_cause=cause))
 
     def _mean_only_errors(self, plan: TensorPlan) -> list[MemberFidelity]:
         """A tensor the merge kept raw (cheaper than its subspace) still has a mean-only baseline:
@@ -154,7 +157,7 @@ class Merger:
             errors.append(0.0)
             fidelity.append(EXACT)
         reason = plan.reason or "identical in every member"
-        return TensorRecord(plan.name, "exact", plan.dtypes[0], plan.shape, reason, blob=blob)
+        return TensorRecord(plan.name, EXACT_SCHEME.storage, plan.dtypes[0], plan.shape, reason, ExactParams(blob=blob))
 
     def _store_shared(self, plan: TensorPlan, enc: Encoded) -> TensorRecord:
         mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
@@ -167,9 +170,9 @@ class Merger:
             self.errors[i].append(round_up(float(err)))
             self.fidelity[i].append(enc.fidelity[i])
         head, variance = spectrum(enc.eigenvalues)
-        return TensorRecord(plan.name, "shared", plan.dtypes[0], plan.shape, enc.reason, scheme=enc.scheme,
-                            rank=enc.rank, side=enc.side, matrix=enc.matrix, mean=mean, basis=basis,
-                            energy=round(enc.energy, 6), spectrum=tuple(head), variance=variance)
+        scheme = decomposition(enc.scheme)
+        return TensorRecord(plan.name, scheme.storage, plan.dtypes[0], plan.shape, enc.reason,
+                            scheme.encoded_params(enc, mean, basis, tuple(head), variance))
 
     def _manifest(self, records: list[TensorRecord]) -> Manifest:
         members = []

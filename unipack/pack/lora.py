@@ -22,6 +22,9 @@ from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
 from unipack.sources.checkpoint import Checkpoint
 from unipack.core.fidelity import EXACT, round_up
 from unipack.pack.dense import Merger
+from unipack.schemes.lora_factors import LORA_FACTORS, LoraFactorsParams
+from unipack.schemes.lora_subspace import LORA_SUBSPACE, LoraSubspaceParams
+from unipack.schemes.raw import RAW, RawParams
 from unipack.sources import PeftAdapterSource
 
 
@@ -183,8 +186,7 @@ class LoraMerger(Merger):
             ranks = (min(k_out_max, ranks[0] + max(1, ranks[0] // 8)), min(k_in_max, ranks[1] + max(1, ranks[1] // 8)))
 
     def _rule_text(self) -> str:
-        o = self.options
-        return {"rank": f"fixed rank {o.rank}", "energy": f"energy {o.energy}"}.get(o.rule, f"max-error {o.max_error}")
+        return self.options.rule_text
 
     def _store_subspace(self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None],
                         enc: EncodedLora) -> TensorRecord:
@@ -205,9 +207,9 @@ class LoraMerger(Merger):
                                                    svd_error=svd_error, svd_rank=svd_rank))
         head, variance = spectrum(model.left_spectrum)
         reason = f"{self._rule_text()}: ranks {k_out} x {k_in} of the update space ({model.n_touched} adapters)"
-        return TensorRecord(module.name, "lora", module.dtype, (module.out_dim, module.in_dim), reason,
-                            form="subspace", ranks=(k_out, k_in), left=left, right=right, spectrum=tuple(head),
-                            variance=variance)
+        return TensorRecord(module.name, LORA_SUBSPACE.storage, module.dtype, (module.out_dim, module.in_dim), reason,
+                            LoraSubspaceParams(ranks=(k_out, k_in), left=left, right=right, spectrum=tuple(head),
+                                               variance=variance))
 
     def _store_factors(self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None],
                        reason: str, cause: str) -> TensorRecord:
@@ -225,8 +227,8 @@ class LoraMerger(Merger):
             self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=0.0, mean_error=mean_error,
                                                    svd_error=0.0, svd_rank=f.rank))
         head, variance = spectrum(model.left_spectrum)
-        return TensorRecord(module.name, "lora", module.dtype, (module.out_dim, module.in_dim), reason,
-                            form="factors", spectrum=tuple(head), variance=variance)
+        return TensorRecord(module.name, LORA_FACTORS.storage, module.dtype, (module.out_dim, module.in_dim), reason,
+                            LoraFactorsParams(spectrum=tuple(head), variance=variance))
 
     def _baselines(self, model: LoraModel, k_out: int, k_in: int) -> list[tuple[float, float | None, int | None]]:
         """Per adapter: (mean-only error, per-member SVD error at equal bytes, its rank); the SVD
@@ -245,15 +247,16 @@ class LoraMerger(Merger):
             self.raw[i][extra.name] = self.writer.add(f"raw/{i}/{extra.name}", c.read(extra.name), extra.dtypes[i])
             self.errors[i].append(0.0)
             self.fidelity[i].append(EXACT)
-        return TensorRecord(extra.name, "raw", extra.dtypes[0], extra.shape,
-                            "not a LoRA factor (modules_to_save, bias): stored per adapter", raw_cause="requested")
+        return TensorRecord(extra.name, RAW.storage, extra.dtypes[0], extra.shape,
+                            "not a LoRA factor (modules_to_save, bias): stored per adapter",
+                            RawParams(raw_cause="requested"))
 
     # -- manifest hooks ------------------------------------------------------------------------------
 
     def _member_dtypes(self, c: Checkpoint, records: list[TensorRecord]) -> dict[str, str]:
         out = {}
         for r in records:
-            key = r.lora_keys[0] if r.storage == "lora" else r.name
+            key = r.lora_keys[0] if r.params.lora_module else r.name
             info = c.tensors.get(key)
             if info is not None and info.dtype != r.dtype:
                 out[r.name] = info.dtype

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unipack.core.rows import usable_sides
+from unipack.schemes.rows import usable_sides
 from unipack.errors import InputError
 from unipack.format import dtypes
-from unipack.options import MergeOptions
+from unipack.options import DECOMPOSITIONS, MergeOptions
 from unipack.sources.checkpoint import Checkpoint
 
 
@@ -74,4 +74,4 @@ def _schemes_for(shape: tuple[int, ...], options: MergeOptions) -> tuple[str, ..
     """Candidate schemes: ``flat`` only for vectors, scalars and matrices too large for a Gram."""
     if len(shape) < 2 or options.scheme == "flat" or not usable_sides(shape, options.gram_limit):
         return ("flat",)
-    return ("rows", "flat") if options.scheme == "auto" else ("rows",)
+    return DECOMPOSITIONS if options.scheme == "auto" else ("rows",)

@@ -17,6 +17,7 @@ from unipack.pack.merge import MergeResult
 from unipack.analysis.report import rule_text
 from unipack.bundle.summary import BundleSummary
 from unipack.format.manifest import Manifest
+from unipack.schemes import scheme_of
 
 
 def format_bytes(n: float) -> str:
@@ -118,11 +119,9 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         for col in ("tensor", "storage", "scheme", "rank", "energy kept", "why"):
             tensors.add_column(col)
         for t in manifest.tensors:
-            rank = str(t.rank) if t.storage == "shared" else "-"
-            if t.storage == "lora" and t.ranks is not None:
-                rank = f"{t.ranks[0]} x {t.ranks[1]}"  # k_out x k_in of the update space
-            tensors.add_row(t.name, t.storage, t.scheme or t.form or "-", rank,
-                            f"{t.energy:.4f}" if t.energy is not None else "-", t.reason)
+            scheme = scheme_of(t)
+            tensors.add_row(t.name, t.storage, scheme.variant[1] if scheme.variant else "-", scheme.rank_text(t),
+                            f"{t.params.energy:.4f}" if t.params.energy is not None else "-", t.reason)
         yield tensors
 
 

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from unipack.analysis.report import METHODS, Report
 from unipack.format.manifest import Manifest
+from unipack.schemes import scheme_of
 from unipack.render.console import format_bytes
 
 LABELS = {"unipack": "unipack", "mean-only": "mean only", "svd": "per-member SVD", "original": "original"}
@@ -158,14 +159,19 @@ def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
         t.add_column(col, justify="left" if col in ("tensor", "storage") else "right")
     f = m.fidelity
     for i, rec in enumerate(manifest.tensors):
-        storage = "raw (override)" if rec.storage != "raw" and rec.name in m.raw else rec.storage
-        if rec.storage == "raw" and rec.raw_cause:
-            storage += f" ({rec.raw_cause})"
-        projected = rec.storage == "shared" and rec.name not in m.raw
-        has_mean = rec.storage == "shared" or (rec.storage == "raw" and rec.raw_cause == "budget")
-        t.add_row(rec.name, storage, str(rec.rank) if projected else "-", _err(m.errors[i]),
+        scheme = scheme_of(rec)
+        storage = "raw (override)" if scheme.name != "raw" and rec.name in m.raw else rec.storage
+        cause = getattr(rec.params, "raw_cause", None)
+        if cause:
+            storage += f" ({cause})"
+        # Numbers are shown where they were measured: rank, delta lost and SVD for tensors rebuilt
+        # from shared bases, the mean-only error wherever that baseline replaces the tensor.
+        projected = scheme.projected(rec, m)
+        rank = scheme.rank(rec)
+        t.add_row(rec.name, storage, (str(rank) if rank is not None else scheme.rank_text(rec)) if projected else "-",
+                  _err(m.errors[i]),
                   _err(f.delta_errors[i]) if f and projected else "-",
-                  _err(f.mean_errors[i]) if f and has_mean else "-",
+                  _err(f.mean_errors[i]) if f and scheme.replaced_by_mean(rec, m) else "-",
                   _err(f.svd_errors[i]) if f and f.svd_errors and projected else "-",
                   str(f.svd_ranks[i]) if f and f.svd_ranks and projected else "-")
     return t

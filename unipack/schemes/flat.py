@@ -1,4 +1,5 @@
-"""The ``flat`` scheme: each member's whole tensor is one vector; per member k numbers.
+"""``flat`` (storage ``shared``): each member's whole tensor is one vector; per member k numbers
+(spec §4.1.2).
 
 With N members the centred vectors span at most N-1 directions, found from the N x N Gram of
 inner products (never a D x D matrix). Blocks of members are held while the Gram is filled, with
@@ -8,12 +9,68 @@ follow exactly from the Gram's eigendecomposition, so no probing pass is needed 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 
-from unipack.format import dtypes
-from unipack.core.decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from unipack.core.decomposition import Encoded, TensorJob, kept_energy, store_as
 from unipack.core.fidelity import matrix_view, measure
-from unipack.core.linalg import fix_signs, eigh_desc, least_squares_projector, rel_error
+from unipack.core.linalg import eigh_desc, fix_signs, least_squares_projector, rel_error
+from unipack.format import dtypes
+from unipack.format.manifest import TensorRecord
+from unipack.format.manifest.doc import Doc
+from unipack.schemes.registry import register
+from unipack.schemes.shared import SharedParams, SharedScheme
+
+
+@dataclass(frozen=True)
+class FlatParams(SharedParams):
+    scheme_name: ClassVar[str] = "flat"
+
+    def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
+        return self.shared_doc("flat")
+
+    def coef_shape_at(self, tensor: TensorRecord) -> tuple[int, ...]:
+        return (self.rank,)
+
+    def basis_shape(self, tensor: TensorRecord) -> tuple[int, ...]:
+        assert tensor.shape is not None
+        return (self.rank, math.prod(tensor.shape))
+
+    def rebuild(self, tensor: TensorRecord, mean: np.ndarray, basis: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        assert tensor.shape is not None
+        return (mean.reshape(-1) + coef @ basis).reshape(tensor.shape)  # (k,) @ (k, D)
+
+    def solve(self, tensor: TensorRecord, delta: np.ndarray, basis: np.ndarray) -> np.ndarray:
+        return delta.reshape(-1) @ least_squares_projector(basis.T)  # C (k,) with W = M + C @ B, B (k, D)
+
+    def svd_values(self, tensor: TensorRecord, n_members: int) -> float:
+        return flat_svd_values(self.rank, math.prod(tensor.shape or ()), n_members)
+
+
+def flat_svd_values(rank: int, dim: int, n_members: int) -> float:
+    """A member's k coefficients plus its 1/N share of the basis (k x D), in numbers."""
+    return rank * (1 + dim / n_members)
+
+
+class FlatScheme(SharedScheme):
+    name = "flat"
+    variant = ("scheme", "flat")
+
+    def parse_params(self, d: Doc, base: TensorRecord) -> FlatParams:
+        assert base.shape is not None
+        return FlatParams(**self.parse_shared(d, math.prod(base.shape)))
+
+    def encoded_params(self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...],
+                       variance: float) -> FlatParams:
+        return FlatParams(rank=enc.rank, mean=mean, basis=basis, energy=round(enc.energy, 6), spectrum=spectrum,
+                          variance=variance)
+
+    def fit(self, job: TensorJob) -> list[FlatModel]:
+        return [FlatModel(job)]
+
 
 #: Bytes of members held at once while filling the Gram (a constant: memory must not grow with N).
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -97,7 +154,7 @@ class FlatModel:
             basis_held, basis = store_as(acc, job.coef_dtype)
         projector = least_squares_projector(basis.T)
         coefs, errors, fidelity = [], [], []
-        svd_values = rank * (1 + self.dim / job.n_members) if job.baselines else None
+        svd_values = flat_svd_values(rank, self.dim, job.n_members) if job.baselines else None
         # The per-member SVD baseline sees the tensor as a matrix, as the rows scheme does.
         matrix = matrix_view(job.shape)
         for i in range(job.n_members):
@@ -118,6 +175,5 @@ class FlatModel:
         )
 
 
-@register("flat")
-def fit_flat(job: TensorJob) -> list[FlatModel]:
-    return [FlatModel(job)]
+
+FLAT = register(FlatScheme())

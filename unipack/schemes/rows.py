@@ -1,10 +1,10 @@
-"""The ``rows`` scheme: the paper's mode-1 HOSVD, zero-centred.
+"""``rows`` (storage ``shared``): the paper's mode-1 HOSVD, zero-centred (spec §4.1.1).
 
 Each member's tensor is viewed as a matrix W_i (m x n; N-D tensors as shape[0] x rest). The
 rows of all centred D_i = W_i - M are stacked and their principal directions form the basis.
-The basis lives on the longer side so that per-member coefficients (m x k or k x n) are the
-small part. Working in the "oriented" view X_i (W_i, or W_i^T for a left basis) the basis V
-spans X's columns: Ŵ_i = M + C_i V^T with C_i = D_i V.
+The basis lives on the side that costs fewer bytes, so that per-member coefficients (m x k or
+k x n) are the small part. Working in the "oriented" view X_i (W_i, or W_i^T for a left basis)
+the basis V spans X's columns: Ŵ_i = M + C_i V^T with C_i = D_i V.
 
 Statistics are accumulated member by member (sum and Gram X_i^T X_i), so memory holds the
 p x p Gram and one member, never all N.
@@ -13,13 +13,96 @@ p x p Gram and one member, never all N.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from unipack.format import dtypes
-from unipack.core.decomposition import Encoded, TensorJob, kept_energy, register, store_as
+from unipack.core.decomposition import Encoded, TensorJob, kept_energy, store_as
 from unipack.core.fidelity import measure
 from unipack.core.linalg import eigh_desc, least_squares_projector, rel_error
+from unipack.errors import FormatError
+from unipack.format import dtypes
+from unipack.format.manifest import TensorRecord
+from unipack.format.manifest.doc import Doc
+from unipack.schemes.registry import register
+from unipack.schemes.shared import SharedParams, SharedScheme
+
+SIDES = ("right", "left")
+
+
+@dataclass(frozen=True)
+class RowsParams(SharedParams):
+    scheme_name: ClassVar[str] = "rows"
+    side: str = "right"  # the basis spans the right (columns) or left (rows) side
+    matrix: tuple[int, int] = (0, 0)  # the 2-D view (shape[0], prod(shape[1:]))
+
+    def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
+        return {**self.shared_doc("rows"), "side": self.side, "matrix": list(self.matrix)}
+
+    def coef_shape_at(self, tensor: TensorRecord) -> tuple[int, ...]:
+        m, n = self.matrix
+        return (m, self.rank) if self.side == "right" else (self.rank, n)
+
+    def basis_shape(self, tensor: TensorRecord) -> tuple[int, ...]:
+        m, n = self.matrix
+        return (n, self.rank) if self.side == "right" else (m, self.rank)
+
+    def rebuild(self, tensor: TensorRecord, mean: np.ndarray, basis: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        assert tensor.shape is not None
+        delta = coef @ basis.T if self.side == "right" else basis @ coef  # (m,k)@(k,n) or (m,k)@(k,n)
+        return (mean.reshape(self.matrix) + delta).reshape(tensor.shape)
+
+    def solve(self, tensor: TensorRecord, delta: np.ndarray, basis: np.ndarray) -> np.ndarray:
+        d = delta.reshape(self.matrix)
+        if self.side == "right":  # C (m, k) with W = M + C @ B^T, B (n, k)
+            return d @ least_squares_projector(basis)
+        # C (k, n) with W = M + B @ C, B (m, k): the right case on W^T
+        return np.ascontiguousarray((d.T @ least_squares_projector(basis)).T)
+
+    def svd_matrix(self, tensor: TensorRecord) -> tuple[int, int]:
+        return self.matrix
+
+    def svd_values(self, tensor: TensorRecord, n_members: int) -> float:
+        m, n = self.matrix
+        rows, length = (m, n) if self.side == "right" else (n, m)
+        return rows_svd_values(self.rank, rows, length, n_members)
+
+
+def rows_svd_values(rank: int, rows: int, length: int, n_members: int) -> float:
+    """A member's coefficients (rows x rank) plus its 1/N share of the basis (length x rank), in
+    numbers: the per-member SVD's budget at equal bytes. One formula for merge and add, so that
+    a boundary rounds the same way in both."""
+    return rank * (rows + length / n_members)
+
+
+class RowsScheme(SharedScheme):
+    name = "rows"
+    variant = ("scheme", "rows")
+
+    def parse_params(self, d: Doc, base: TensorRecord) -> RowsParams:
+        shape = base.shape
+        assert shape is not None
+        side = d.choice("side", SIDES)
+        matrix = d.shape("matrix")
+        if len(shape) < 1 or len(matrix) != 2 or matrix[0] != shape[0] or matrix[0] * matrix[1] != math.prod(shape):
+            raise FormatError(f"{d.where}: matrix {list(matrix)} is not the 2-D view of shape {list(shape)}")
+        limit = matrix[1] if side == "right" else matrix[0]
+        return RowsParams(side=side, matrix=(matrix[0], matrix[1]), **self.parse_shared(d, limit))
+
+    def encoded_params(self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...],
+                       variance: float) -> RowsParams:
+        assert enc.side is not None and enc.matrix is not None
+        return RowsParams(rank=enc.rank, mean=mean, basis=basis, energy=round(enc.energy, 6), spectrum=spectrum,
+                          variance=variance, side=enc.side, matrix=enc.matrix)
+
+    def describe(self, t: TensorRecord) -> str:
+        assert isinstance(t.params, RowsParams)
+        return f"rows, {t.params.side}"
+
+    def fit(self, job: TensorJob) -> list[RowsModel]:
+        return fit_rows(job)
+
 
 #: Columns of V probed per pass when searching the smallest rank that meets a budget.
 FIRST_PROBE = 8
@@ -94,7 +177,7 @@ class RowsModel:
         projector = least_squares_projector(basis)
         coefs, errors, fidelity = [], [], []
         # The per-member SVD baseline gets this member's coefficients plus its share of the basis.
-        svd_values = rank * (self.r + self.p / job.n_members) if job.baselines else None
+        svd_values = rows_svd_values(rank, self.r, self.p, job.n_members) if job.baselines else None
         for i in range(job.n_members):
             x = self._oriented(i)
             approx = self.mean_q
@@ -122,7 +205,6 @@ def usable_sides(shape: tuple[int, ...], gram_limit: int) -> list[str]:
     return [side for side, dim in (("right", n), ("left", m)) if dim <= gram_limit]
 
 
-@register("rows")
 def fit_rows(job: TensorJob) -> list[RowsModel]:
     """One model per usable side, from a single pass over the members.
 
@@ -153,3 +235,6 @@ def fit_rows(job: TensorJob) -> list[RowsModel]:
                   grams[side], norms)
         for side in sides
     ]
+
+
+ROWS = register(RowsScheme())

@@ -1,0 +1,38 @@
+"""The .upk manifest: what a bundle holds and how to rebuild every member.
+
+- ``records``: the typed records (blobs, tensors, members, the manifest itself);
+- ``names``: the checks on names a manifest holds (members, tensors, config files);
+- ``doc``: typed, located access to the JSON;
+- ``storages``: the registry through which each scheme reads its own record fields;
+- ``parse``: JSON both ways (``to_json``, ``from_json``), ``references``: the rules between records.
+"""
+
+from unipack.format.manifest.names import (
+    MAX_CONFIG_BYTES,
+    MAX_NAME_CHARS,
+    MAX_TENSOR_NAME_CHARS,
+    check_config_name,
+    check_member_name,
+    check_tensor_name,
+)
+from unipack.format.manifest.parse import from_json, to_json
+from unipack.format.manifest.records import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LORA_FORMAT_VERSION,
+    SUPPORTED_VERSIONS,
+    BlobRecord,
+    BlobRef,
+    FidelityRecord,
+    Manifest,
+    MemberRecord,
+    StorageParams,
+    TensorRecord,
+)
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "LORA_FORMAT_VERSION", "MAX_CONFIG_BYTES", "MAX_NAME_CHARS",
+    "MAX_TENSOR_NAME_CHARS", "SUPPORTED_VERSIONS", "BlobRecord", "BlobRef", "FidelityRecord", "Manifest",
+    "MemberRecord", "StorageParams", "TensorRecord", "check_config_name", "check_member_name",
+    "check_tensor_name", "from_json", "to_json",
+]

@@ -1,0 +1,217 @@
+"""The manifest as JSON, both ways: ``to_json`` writes it, ``from_json`` reads it back with a
+strict schema check (types, ranges, references between records), so code past this module can
+trust it. Each record's scheme-specific fields are written and read by its scheme
+(``StorageParams.to_doc``, ``StorageFormat.parse_params``). The layout is specified in
+``format_spec/upk-v1.md``; change both together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from unipack.errors import FormatError
+from unipack.format import codec, dtypes
+from unipack.format.manifest.doc import Doc, str_map
+from unipack.format.manifest.names import check_config_name, check_member_name, check_tensor_name
+from unipack.format.manifest.records import (
+    FORMAT_NAME,
+    SUPPORTED_VERSIONS,
+    BlobRecord,
+    FidelityRecord,
+    Manifest,
+    MemberRecord,
+    TensorRecord,
+)
+from unipack.format.manifest.references import check_references
+from unipack.format.manifest.storages import STORAGE_FORMATS, formats_of, storages
+from unipack.format.safetensors_file import MAX_DIM, is_int
+
+
+def to_json(manifest: Manifest) -> str:
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": manifest.format_version,
+        "created_by": manifest.created_by,
+        "options": manifest.options,
+        "stats": manifest.stats,
+        "tensors": [_tensor_to_doc(t) for t in manifest.tensors],
+        "members": [_member_to_doc(m) for m in manifest.members],
+        "blobs": {name: _blob_to_doc(b) for name, b in manifest.blobs.items()},
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def from_json(doc: Any, where: str) -> Manifest:
+    return _parse_manifest(doc, where)
+
+
+def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": t.name, "storage": t.storage, "dtype": t.dtype,
+                           "shape": None if t.shape is None else list(t.shape), "reason": t.reason}
+    doc.update(t.params.to_doc(t))
+    return doc
+
+
+def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": m.name, "source": m.source, "source_bytes": m.source_bytes, "metadata": m.metadata,
+        "coefficients": m.coefficients, "raw": m.raw, "dtypes": m.dtypes, "errors": list(m.errors)}
+    if m.added:
+        doc["added"] = True
+    if m.lossless_bytes is not None:
+        doc["lossless_bytes"] = m.lossless_bytes
+    if m.fidelity is not None:
+        f = m.fidelity
+        doc["fidelity"] = {"norms": list(f.norms), "delta_errors": list(f.delta_errors),
+                           "mean_errors": list(f.mean_errors)}
+        if f.svd_errors is not None and f.svd_ranks is not None:
+            doc["fidelity"].update(svd_errors=list(f.svd_errors), svd_ranks=list(f.svd_ranks))
+    if m.metrics is not None:
+        doc["metrics"] = m.metrics
+    if m.configs is not None:
+        doc["configs"] = m.configs
+    if m.lora:
+        doc["lora"] = {module: [rank, scale] for module, (rank, scale) in m.lora.items()}
+    return doc
+
+
+def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
+    return {"dtype": b.dtype, "shape": list(b.shape), "codec": b.codec, "shuffle": b.shuffle,
+            "sha256": b.sha256}
+
+
+# -- strict parsing ------------------------------------------------------------------------------
+
+def _parse_manifest(raw: Any, where: str) -> Manifest:
+    d = Doc(raw, f"{where}: manifest")
+    if d.text("format") != FORMAT_NAME:
+        raise FormatError(f"{where}: manifest format is {d.doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = d.integer("format_version", 0, 2**31)
+    if version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"{where}: .upk format version {version} is not supported by this unipack "
+                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
+    blobs: dict[str, BlobRecord] = {}
+    for name, spec in d.obj("blobs").items():
+        b = Doc(spec, f"{where}: blob {name!r}")
+        sha = b.text("sha256")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise FormatError(f"{where}: blob {name!r}: sha256 must be 64 lowercase hex digits")
+        shuffle = b.doc.get("shuffle")
+        if not isinstance(shuffle, bool):
+            raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
+        blobs[name] = BlobRecord(dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),
+                                 b.shape("shape"), b.choice("codec", tuple(codec.CODECS)), shuffle, sha)
+    if not STORAGE_FORMATS:  # registered by unipack.schemes, which `import unipack` loads
+        raise RuntimeError("no storage schemes registered: import unipack first")
+    tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]") for i, t in enumerate(d.array("tensors")))
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise FormatError(f"{where}: manifest lists a tensor name twice")
+    members = tuple(_parse_member(m, f"{where}: members[{i}]", tensors, blobs)
+                    for i, m in enumerate(d.array("members")))
+    if len({m.name for m in members}) != len(members):
+        raise FormatError(f"{where}: manifest lists a member name twice")
+    stats = d.obj("stats", optional=True) or {}
+    input_bytes = stats.get("input_bytes", 0)
+    if not isinstance(input_bytes, int) or isinstance(input_bytes, bool) or input_bytes < 0:
+        raise FormatError(f"{where}: manifest stats.input_bytes must be a non-negative integer")
+    manifest = Manifest(created_by=d.text("created_by"), options=d.obj("options"), tensors=tensors,
+                        members=members, blobs=blobs, format_version=version, stats=stats)
+    check_references(manifest, where)
+    return manifest
+
+
+def _parse_tensor(raw: Any, where: str) -> TensorRecord:
+    d = Doc(raw, where)
+    name = check_tensor_name(d.text("name"), f"{where}: name")
+    where = f"{where.rsplit(':', 1)[0]}: tensor {name!r}"
+    d.where = where
+    storage = d.choice("storage", storages())
+    candidates = formats_of(storage)
+    dtype = dtypes.check_dtype(d.doc.get("dtype"), where)
+    shape = d.shape("shape", optional=candidates[0].shape_optional)
+    base = TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=d.text("reason"))
+    if candidates[0].float_only and dtype not in dtypes.FLOAT_DTYPES:
+        raise FormatError(f"{where}: {storage} tensors must have a float dtype, not {dtype}")
+    scheme = candidates[0]
+    if scheme.variant is not None:  # several schemes share this storage: its field tells which
+        field_name = scheme.variant[0]
+        value = d.choice(field_name, tuple(s.variant[1] for s in candidates if s.variant is not None))
+        scheme = next(s for s in candidates if s.variant == (field_name, value))
+    return TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=base.reason,
+                        params=scheme.parse_params(d, base))
+
+
+def _parse_lora_map(value: Any, where: str, tensors: tuple[TensorRecord, ...]) -> dict[str, tuple[int, float]]:
+    """A member's ``lora`` map: module -> [rank >= 1, finite scale], modules being lora records."""
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: field 'lora' must be an object")
+    modules = {t.name for t in tensors if t.params.lora_module}
+    out: dict[str, tuple[int, float]] = {}
+    for module, entry in value.items():
+        if module not in modules:
+            raise FormatError(f"{where}: lora entry {module!r} is not a lora module of this bundle")
+        if not (isinstance(entry, list) and len(entry) == 2 and is_int(entry[0]) and 1 <= entry[0] <= MAX_DIM
+                and (is_int(entry[1]) or isinstance(entry[1], float)) and math.isfinite(entry[1])):
+            raise FormatError(f"{where}: lora entry {module!r} must be [rank >= 1, finite scale]")
+        out[module] = (int(entry[0]), float(entry[1]))
+    return out
+
+
+def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
+                  blobs: dict[str, BlobRecord]) -> MemberRecord:
+    d = Doc(raw, where)
+    name = check_member_name(d.text("name"), f"{where}: name")
+    d.where = where = f"{where.rsplit(':', 1)[0]}: member {name!r}"
+    metadata = d.obj("metadata", optional=True)
+    errors = d.array("errors")
+    if len(errors) != len(tensors) or not all(
+        isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0 for e in errors
+    ):
+        raise FormatError(f"{where}: errors must list one non-negative number per tensor ({len(tensors)})")
+    fidelity = None
+    if d.obj("fidelity", optional=True) is not None:
+        f = Doc(d.doc["fidelity"], f"{where}: fidelity")
+        n = len(tensors)
+        svd_errors = f.numbers("svd_errors", optional=True, count=n)
+        fidelity = FidelityRecord(f.numbers("norms", count=n), f.numbers("delta_errors", count=n),
+                                  f.numbers("mean_errors", count=n), svd_errors,
+                                  f.numbers("svd_ranks", optional=svd_errors is None, count=n, ints=True))
+    metrics = d.obj("metrics", optional=True)
+    if metrics is not None:
+        metrics = _metrics(metrics, f"{where}: metrics")
+    configs = d.obj("configs", optional=True)
+    if configs is not None:
+        configs = str_map(configs, f"{where}: configs")
+        for file_name in configs:
+            check_config_name(file_name, f"{where}: configs")
+    lora = _parse_lora_map(d.doc["lora"], where, tensors) if d.doc.get("lora") is not None else {}
+    added = d.doc.get("added", False)
+    if not isinstance(added, bool):
+        raise FormatError(f"{where}: field 'added' must be true or false")
+    member_dtypes = str_map(d.obj("dtypes"), f"{where}: dtypes")
+    for dt in member_dtypes.values():
+        dtypes.check_dtype(dt, f"{where}: dtypes")
+    return MemberRecord(
+        name=name, source=d.text("source"), source_bytes=d.integer("source_bytes"),
+        metadata=None if metadata is None else str_map(metadata, f"{where}: metadata"),
+        coefficients=d.text("coefficients", optional=True), raw=str_map(d.obj("raw"), f"{where}: raw"),
+        dtypes=member_dtypes, errors=tuple(float(e) for e in errors), added=added,
+        lossless_bytes=d.integer("lossless_bytes", optional=True), fidelity=fidelity, metrics=metrics,
+        configs=configs, lora=lora,
+    )
+
+
+def _metrics(value: dict[str, Any], where: str) -> dict[str, dict[str, float]]:
+    """``{"original": {name: number}, "bundle": {...}}``: finite numbers under string keys."""
+    out: dict[str, dict[str, float]] = {}
+    for key, scores in value.items():
+        if not isinstance(scores, dict) or not all(
+                isinstance(k, str) and (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+                for k, v in scores.items()):
+            raise FormatError(f"{where}: {key!r} must map metric names to finite numbers")
+        out[key] = {k: float(v) for k, v in scores.items()}
+    return out

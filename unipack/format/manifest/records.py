@@ -1,0 +1,209 @@
+"""The manifest as typed records: what a bundle holds and how to rebuild every member.
+
+A ``TensorRecord`` has the fields every storage shares (name, storage, dtype, shape, reason)
+and ``params``: the storage scheme's own fields, an instance of a ``StorageParams`` subclass
+that the scheme's module defines (``unipack/schemes/``). This module knows no scheme: it asks
+the params what it needs (their JSON fields, their coefficient block, the blobs they name).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from unipack.format import dtypes
+
+FORMAT_NAME = "unipack.upk"
+FORMAT_VERSION = 1
+#: Version 2 adds the ``lora`` storage (LoRA adapter modules); a bundle without it stays version 1
+#: so that readers predating it still read every dense bundle.
+LORA_FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """A stored array: its logical dtype and shape, how its bytes are coded, and their checksum."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str = "none"
+    shuffle: bool = False
+    sha256: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Logical (decoded) size in bytes."""
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A blob a record names, with what the blob must be.
+
+    ``dtype`` is a dtype name, ``"float"`` (any float dtype) or ``"coef"`` (the dtype every basis
+    and coefficient blob of the bundle shares, spec §3.2); ``shape`` None accepts any shape.
+    ``name`` None, or a blob the manifest does not list, is an error.
+    """
+
+    name: str | None
+    what: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    #: Set where the record must *not* name this blob (a rank-0 basis): the complaint if it does.
+    absent: str | None = None
+
+
+class StorageParams:
+    """Base class of every scheme's params. The informative numbers below are shared by the
+    schemes that have a spectrum; a scheme without one keeps the defaults (None)."""
+
+    #: The scheme's registry name (``unipack.schemes``): rows, flat, raw, exact, lora-subspace, ...
+    scheme_name: ClassVar[str] = ""
+    energy: float | None = None
+    spectrum: tuple[float, ...] | None = None
+    variance: float | None = None
+
+    def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
+        """The record's JSON fields after the common ones, in the order the spec lists them."""
+        raise NotImplementedError
+
+    def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
+        """Shape of ``member``'s block of its coefficient blob for this tensor, or None if it has none."""
+        return None
+
+    def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
+        """The blobs the record itself names (shared by every member)."""
+        return []
+
+    def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
+        """Keys ``member.raw`` must hold for this tensor, with each blob's shape (None: any)."""
+        return []
+
+    #: Whether a member may hold the tensor raw instead (an override, spec §4.4).
+    overridable: ClassVar[bool] = True
+    #: Whether the record is a LoRA module (a member's ``lora`` map may name it).
+    lora_module: ClassVar[bool] = False
+
+
+#: Attributes that records had before their params were split out, with their value where a
+#: scheme does not define them: ``t.rank`` reads 0 on a raw tensor, ``t.form`` None on a dense one.
+LEGACY_FIELDS: dict[str, Any] = {
+    "scheme": None, "rank": 0, "side": None, "matrix": None, "mean": None, "basis": None, "blob": None,
+    "raw_cause": None, "form": None, "ranks": None, "left": None, "right": None,
+}
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """How one tensor name is stored across all members."""
+
+    name: str
+    storage: str  # the manifest's "storage" field: shared | raw | exact | lora
+    dtype: str  # the members' dtype (a member's entry in MemberRecord.dtypes overrides it)
+    shape: tuple[int, ...] | None  # None only for raw tensors whose shape varies by member
+    reason: str  # why this storage and rank were chosen, for humans
+    params: StorageParams = field(default_factory=StorageParams)  # the scheme's own fields
+
+    def __getattr__(self, name: str) -> Any:
+        # Reading a scheme field through the record (``t.rank``, ``t.form``) keeps scripts and
+        # tests written against the flat record working; unipack itself reads ``t.params``.
+        if name.startswith("__") or name == "params":
+            raise AttributeError(name)
+        params = object.__getattribute__(self, "params")
+        if hasattr(params, name):
+            return getattr(params, name)
+        if name in LEGACY_FIELDS:
+            return LEGACY_FIELDS[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def lora_keys(self) -> tuple[str, str]:
+        """A LoRA module's two keys in an adapter file: (A, B)."""
+        return f"{self.name}.lora_A.weight", f"{self.name}.lora_B.weight"
+
+    def coef_shape(self, member: MemberRecord | None = None) -> tuple[int, ...]:
+        """Shape of one member's coefficients for this tensor ((0,) where it keeps none)."""
+        return self.params.coefficient_shape(self, member) or (0,)
+
+
+@dataclass(frozen=True)
+class FidelityRecord:
+    """Informative per-tensor numbers for one member, aligned with ``Manifest.tensors``.
+
+    Measured at merge (or add) time for shared tensors; 0 for tensors the member holds raw or
+    exactly. See ``core/fidelity.py`` for their definitions.
+    """
+
+    norms: tuple[float, ...]  # ||W||
+    delta_errors: tuple[float, ...]  # ||W - Ŵ|| / ||W - M||
+    mean_errors: tuple[float, ...]  # mean-only baseline, relative to ||W||
+    svd_errors: tuple[float, ...] | None = None  # per-member SVD at equal bytes, relative to ||W||
+    svd_ranks: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    name: str
+    source: str  # the input's file name
+    source_bytes: int  # the input file's size
+    metadata: dict[str, str] | None  # the input's safetensors __metadata__, verbatim
+    coefficients: str | None  # blob holding all this member's coefficients, or None if rank 0 everywhere
+    raw: dict[str, str] = field(default_factory=dict)  # tensor name -> blob, for raw tensors
+    dtypes: dict[str, str] = field(default_factory=dict)  # tensor name -> dtype where it differs
+    errors: tuple[float, ...] = ()  # relative Frobenius error per tensor, aligned with Manifest.tensors
+    added: bool = False  # joined by `unipack add` (projected onto existing bases), not by the merge
+    lossless_bytes: int | None = None  # the input losslessly compressed (zstd -19), informative
+    fidelity: FidelityRecord | None = None
+    metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "unipack": {...}}
+    configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
+    lora: dict[str, tuple[int, float]] = field(default_factory=dict)  # lora module -> (rank r, PEFT scale s)
+
+    def dtype_of(self, tensor: TensorRecord) -> str:
+        return self.dtypes.get(tensor.name, tensor.dtype)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    created_by: str
+    options: dict[str, Any]
+    tensors: tuple[TensorRecord, ...]
+    members: tuple[MemberRecord, ...]
+    blobs: dict[str, BlobRecord]
+    format_version: int = FORMAT_VERSION
+    stats: dict[str, Any] = field(default_factory=dict)  # informative numbers (input bytes, timings)
+
+    def member(self, name: str) -> MemberRecord:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def coef_offsets(self, member: MemberRecord | None = None) -> dict[str, tuple[int, int]]:
+        """Element range of each tensor's coefficients inside ``member``'s coefficient blob.
+
+        A tensor the member holds raw (an override, see spec §4.4) has no coefficients there; a
+        LoRA module has a core only in the members that touch it.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for t in self.tensors:
+            shape = t.params.coefficient_shape(t, member)
+            if shape is not None:
+                n = math.prod(shape)
+                out[t.name] = (offset, offset + n)
+                offset += n
+        return out
+
+    def coefficient_dtype(self) -> str:
+        """The dtype every basis and coefficient blob shares (spec §3.2): the merge's ``--dtype``."""
+        for t in self.tensors:
+            for ref in t.params.blob_refs(t):
+                if ref.dtype == "coef" and ref.name is not None:
+                    return self.blobs[ref.name].dtype
+        return dtypes.STORAGE_DTYPES.get(str(self.options.get("dtype")), "F32")

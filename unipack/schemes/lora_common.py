@@ -1,0 +1,104 @@
+"""What the two LoRA forms (storage ``lora``, spec §7) share: a record is one LoRA module, shape
+[out, in] of its update, standing for two keys of an adapter file, ``<module>.lora_A.weight``
+(r x in) and ``<module>.lora_B.weight`` (out x r), in the members that touch it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import numpy as np
+
+from unipack.errors import FormatError
+from unipack.format import dtypes
+from unipack.format.manifest import Manifest, MemberRecord, StorageParams, TensorRecord
+from unipack.format.manifest.doc import Doc
+from unipack.schemes.base import Array, MemberView, Scheme
+
+
+@dataclass(frozen=True)
+class LoraParams(StorageParams):
+    lora_module: ClassVar[bool] = True
+    overridable: ClassVar[bool] = False  # its factors are stored under their own keys
+    spectrum: tuple[float, ...] | None = None
+    variance: float | None = None
+
+    @property
+    def form(self) -> str:
+        """The manifest's ``form`` field: subspace or factors."""
+        return self.scheme_name.removeprefix("lora-")
+
+    def spectrum_doc(self) -> dict[str, Any]:
+        return {} if self.spectrum is None else {"spectrum": list(self.spectrum), "variance": self.variance}
+
+
+class LoraScheme(Scheme):
+    storage = "lora"
+    min_format_version = 2
+    lora = True
+
+    def parse_lora(self, d: Doc, base: TensorRecord) -> dict[str, Any]:
+        assert base.shape is not None
+        if len(base.shape) != 2 or 0 in base.shape:
+            raise FormatError(f"{d.where}: a lora module's shape must be [out, in], got {list(base.shape)}")
+        spectrum = d.numbers("spectrum", optional=True)
+        return {"spectrum": spectrum, "variance": d.num("variance", optional=spectrum is None)}
+
+    def factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
+        """The member's factors (A, B) held as ``holder(dtype)``; it touches the module."""
+        raise NotImplementedError
+
+    def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
+        if t.name not in view.member.lora:
+            return
+        dtype = view.member.dtype_of(t)
+        a_key, b_key = t.lora_keys
+        a_held, b_held = self.factors(view, t)
+        yield replace(t, name=a_key, shape=tuple(a_held.shape)), dtype, a_held
+        yield replace(t, name=b_key, shape=tuple(b_held.shape)), dtype, b_held
+
+    def member_entries(self, t: TensorRecord, member: MemberRecord,
+                       blobs: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+        if t.name not in member.lora:
+            return []
+        assert t.shape is not None
+        rank, dtype = member.lora[t.name][0], member.dtype_of(t)
+        a_key, b_key = t.lora_keys
+        return [(a_key, dtype, (rank, t.shape[1])), (b_key, dtype, (t.shape[0], rank))]
+
+    def original_bytes(self, t: TensorRecord, member: MemberRecord, manifest: Manifest) -> int:
+        assert t.shape is not None
+        rank = member.lora[t.name][0] if t.name in member.lora else 0
+        return rank * (t.shape[0] + t.shape[1]) * dtypes.itemsize(member.dtype_of(t))
+
+    def mean_only_change(self, t: TensorRecord, manifest: Manifest, stored: dict[str, int]) -> int:
+        # The adapters' own factors go; the mean update comes, stored as cheaply as it can be:
+        # dense, or factored with the rank of the sum (at most the sum of the ranks).
+        change = -sum(stored[m.raw[k]] for m in manifest.members for k in t.lora_keys if k in m.raw)
+        assert t.shape is not None
+        out_dim, in_dim = t.shape
+        rank_sum = sum(m.lora[t.name][0] for m in manifest.members if t.name in m.lora)
+        return change + min(out_dim * in_dim, rank_sum * (out_dim + in_dim)) * dtypes.itemsize(t.dtype)
+
+    def compared(self, t: TensorRecord) -> bool:
+        return True
+
+    def replaced_by_mean(self, t: TensorRecord, member: MemberRecord) -> bool:
+        # By the mean update of the adapters touching the module, in either form.
+        return t.name in member.lora
+
+
+def factor_shapes(t: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
+    """The keys of a member's two factors with their shapes: A is r x in, B is out x r."""
+    if t.name not in member.lora:
+        return []
+    assert t.shape is not None
+    rank = member.lora[t.name][0]
+    a_key, b_key = t.lora_keys
+    return [(a_key, (rank, t.shape[1])), (b_key, (t.shape[0], rank))]
+
+
+def prod(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
