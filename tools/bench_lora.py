@@ -56,9 +56,10 @@ The schemes
 Equal bytes: for each unipack budget (``--budgets``, default max_error 0.05, 0.2, 0.5 and rank
 2, 4) factor-wise and vlora-dev get the largest configuration whose LoRA bytes are <= unipack's
 LoRA bytes at that budget (float32 for both; unipack stores float32 too unless a budget says
-``dtype=float16``: then factor-wise and vlora-dev store float16 too). A budget ``ratio=R`` (LoRA bytes = originals' LoRA bytes / R) compares the
-other schemes without running unipack. A scheme whose smallest configuration does not fit is
-shown with its smallest configuration and marked ``over``.
+``dtype=float16``: then factor-wise and vlora-dev store float16 too). A budget ``ratio=R`` (LoRA
+bytes = originals' LoRA bytes / R) compares the other schemes without running unipack. A scheme
+whose smallest configuration does not fit is shown with its smallest configuration and marked
+``over``.
 
 The population (deterministic for a seed; no downloads)
 -------------------------------------------------------
@@ -99,7 +100,6 @@ import hashlib
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -143,9 +143,18 @@ TRANSFORMS: dict[str, Any] = {
 }
 #: (label map, input transform); adapter i does TASKS[i % len(TASKS)].
 TASKS = (
-    ("digit", "rot90"), ("digit", "flip_lr"), ("digit", "invert"), ("parity", "rot180"),
-    ("mod3", "transpose"), ("lt5", "flip_ud"), ("prime", "rot270"), ("loops", "invert"),
-    ("mod4", "shift"), ("is7", "rot90"), ("parity", "identity"), ("digit", "shift"),
+    ("digit", "rot90"),
+    ("digit", "flip_lr"),
+    ("digit", "invert"),
+    ("parity", "rot180"),
+    ("mod3", "transpose"),
+    ("lt5", "flip_ud"),
+    ("prime", "rot270"),
+    ("loops", "invert"),
+    ("mod4", "shift"),
+    ("is7", "rot90"),
+    ("parity", "identity"),
+    ("digit", "shift"),
 )
 
 
@@ -322,13 +331,21 @@ def build_population(spec: PopulationSpec, pop_dir: Path, console: Any) -> dict[
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     base = make_model(spec.dim, spec.depth, spec.heads)
-    train(base, list(base.parameters()), *task_data(digits, ("digit", "identity"), "train"), spec.base_epochs,
-          3e-3, spec.seed)
+    train(
+        base,
+        list(base.parameters()),
+        *task_data(digits, ("digit", "identity"), "train"),
+        spec.base_epochs,
+        3e-3,
+        spec.seed,
+    )
     base_acc = accuracy_of(base, *task_data(digits, ("digit", "identity"), "test"), 10)
     base_state = {k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}
     save_file(base_state, str(pop_dir / "base.safetensors"))
-    console.print(f"  base model: {sum(v.numel() for v in base_state.values())} params, digit accuracy "
-                  f"{base_acc:.3f} ({time.perf_counter() - started:.1f}s)")
+    console.print(
+        f"  base model: {sum(v.numel() for v in base_state.values())} params, digit accuracy "
+        f"{base_acc:.3f} ({time.perf_counter() - started:.1f}s)"
+    )
     rows = []
     for a in adapter_plan(spec):
         t0 = time.perf_counter()
@@ -336,8 +353,14 @@ def build_population(spec: PopulationSpec, pop_dir: Path, console: Any) -> dict[
         model = make_model(spec.dim, spec.depth, spec.heads)
         model.load_state_dict(base_state)
         torch.manual_seed(spec.seed if spec.shared_init else a.seed)  # LoRA A init
-        config = peft.LoraConfig(r=a.rank, lora_alpha=spec.lora_alpha, target_modules=list(TARGETS),
-                                 modules_to_save=["head"], use_rslora=a.rslora, lora_dropout=0.0)
+        config = peft.LoraConfig(
+            r=a.rank,
+            lora_alpha=spec.lora_alpha,
+            target_modules=list(TARGETS),
+            modules_to_save=["head"],
+            use_rslora=a.rslora,
+            lora_dropout=0.0,
+        )
         pm = peft.get_peft_model(model, config)
         x, y = task_data(digits, a.task, "train")
         train(pm, [p for p in pm.parameters() if p.requires_grad], x, y, spec.lora_epochs, spec.lora_lr, a.seed)
@@ -345,10 +368,11 @@ def build_population(spec: PopulationSpec, pop_dir: Path, console: Any) -> dict[
         acc = accuracy_of(pm, *task_data(digits, a.task, "test"), classes)
         pm.save_pretrained(str(pop_dir / "adapters" / a.name))
         rows.append({**asdict(a), "classes": classes, "accuracy": acc})
-        console.print(f"  {a.name}: r={a.rank}{' rslora' if a.rslora else ''}, accuracy {acc:.3f} "
-                      f"({time.perf_counter() - t0:.1f}s)")
-    doc = {"spec": asdict(spec), "base_accuracy": base_acc, "adapters": rows,
-           "seconds": time.perf_counter() - started}
+        console.print(
+            f"  {a.name}: r={a.rank}{' rslora' if a.rslora else ''}, accuracy {acc:.3f} "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
+    doc = {"spec": asdict(spec), "base_accuracy": base_acc, "adapters": rows, "seconds": time.perf_counter() - started}
     (pop_dir / "population.json").write_text(json.dumps(doc, indent=1))
     return doc
 
@@ -413,8 +437,21 @@ def read_adapter(folder: Path, row: dict[str, Any]) -> Adapter:
         else:
             head[name] = value
             head_bytes += value.nbytes
-    return Adapter(row["name"], folder, tuple(row["task"]), row["classes"], row["accuracy"], r, scale, a, b, head,
-                   lora_bytes, head_bytes, path.stat().st_size)
+    return Adapter(
+        row["name"],
+        folder,
+        tuple(row["task"]),
+        row["classes"],
+        row["accuracy"],
+        r,
+        scale,
+        a,
+        b,
+        head,
+        lora_bytes,
+        head_bytes,
+        path.stat().st_size,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,18 +500,20 @@ def fit_factor_modules(adapters: list[Adapter]) -> dict[str, FactorModule]:
         cols = np.concatenate([ad.b[m] for ad in adapters], axis=1)  # out x Σr
         _, sa, vt = np.linalg.svd(rows, full_matrices=False)
         ub, sb, _ = np.linalg.svd(cols, full_matrices=False)
-        fitted[m] = FactorModule(vt.T, sa ** 2, ub, sb ** 2, rows.shape[1], cols.shape[0], rows.shape[0])
+        fitted[m] = FactorModule(vt.T, sa**2, ub, sb**2, rows.shape[1], cols.shape[0], rows.shape[0])
     return fitted
 
 
 def factor_bytes(fitted: dict[str, FactorModule], ks: dict[str, tuple[int, int]], itemsize: int) -> int:
     """Bases V_A, U_B and every adapter's r_i x k_A and k_B x r_i coordinates, ``itemsize`` bytes each."""
-    return itemsize * sum(f.in_dim * ks[m][0] + f.out_dim * ks[m][1] + f.sum_r * (ks[m][0] + ks[m][1])
-                     for m, f in fitted.items())
+    return itemsize * sum(
+        f.in_dim * ks[m][0] + f.out_dim * ks[m][1] + f.sum_r * (ks[m][0] + ks[m][1]) for m, f in fitted.items()
+    )
 
 
-def factor_updates(adapters: list[Adapter], fitted: dict[str, FactorModule], ks: dict[str, tuple[int, int]],
-                   dtype: Any) -> list[dict[str, np.ndarray]]:
+def factor_updates(
+    adapters: list[Adapter], fitted: dict[str, FactorModule], ks: dict[str, tuple[int, int]], dtype: Any
+) -> list[dict[str, np.ndarray]]:
     def stored(x: np.ndarray) -> np.ndarray:  # what is stored, as counted in factor_bytes
         return x.astype(dtype).astype(np.float64)
 
@@ -482,7 +521,7 @@ def factor_updates(adapters: list[Adapter], fitted: dict[str, FactorModule], ks:
     for ad in adapters:
         ups = {}
         for m, f in fitted.items():
-            v, u = stored(f.v_a[:, :ks[m][0]]), stored(f.u_b[:, :ks[m][1]])
+            v, u = stored(f.v_a[:, : ks[m][0]]), stored(f.u_b[:, : ks[m][1]])
             a_hat = stored(ad.a[m] @ v) @ v.T
             b_hat = u @ stored(u.T @ ad.b[m])
             ups[m] = ad.scale * (b_hat @ a_hat)
@@ -497,8 +536,9 @@ def energy_k(energy: np.ndarray, fraction: float) -> int:
     return min(int(np.searchsorted(cum, fraction - 1e-12)) + 1, int(energy.size))
 
 
-def factor_allocations(fitted: dict[str, FactorModule], budget: int,
-                       itemsize: int) -> dict[str, dict[str, tuple[int, int]]]:
+def factor_allocations(
+    fitted: dict[str, FactorModule], budget: int, itemsize: int
+) -> dict[str, dict[str, tuple[int, int]]]:
     """The largest uniform-k and the largest equal-energy-fraction allocation within ``budget`` bytes."""
     kmax = max(max(f.v_a.shape[1], f.u_b.shape[1]) for f in fitted.values())
 
@@ -516,8 +556,15 @@ def factor_allocations(fitted: dict[str, FactorModule], budget: int,
     return {f"k={k}": uniform(k), f"energy={lo:.4f}": by_energy(lo)}
 
 
-def run_factorwise(adapters: list[Adapter], fitted: dict[str, FactorModule], budget: int, label: str,
-                   exact: list[dict[str, np.ndarray]], heads_bytes: int, dtype: str) -> Result:
+def run_factorwise(
+    adapters: list[Adapter],
+    fitted: dict[str, FactorModule],
+    budget: int,
+    label: str,
+    exact: list[dict[str, np.ndarray]],
+    heads_bytes: int,
+    dtype: str,
+) -> Result:
     best: Result | None = None
     tried = {}
     itemsize = np.dtype(dtype).itemsize
@@ -525,8 +572,11 @@ def run_factorwise(adapters: list[Adapter], fitted: dict[str, FactorModule], bud
         ups = factor_updates(adapters, fitted, ks, np.dtype(dtype))
         errs = update_errors(exact, ups)
         nbytes = factor_bytes(fitted, ks, itemsize)
-        tried[config] = {"lora_bytes": nbytes, "error_mean": float(np.mean(errs)),
-                         "ranks": {m: list(k) for m, k in ks.items()}}
+        tried[config] = {
+            "lora_bytes": nbytes,
+            "error_mean": float(np.mean(errs)),
+            "ranks": {m: list(k) for m, k in ks.items()},
+        }
         if best is None or np.mean(errs) < np.mean(best.errors):
             best = Result("factor-wise", label, config, nbytes, nbytes + heads_bytes, ups, errors=errs)
     assert best is not None
@@ -571,8 +621,9 @@ def vlora_payload_bytes(weights: list[Any], k: int, itemsize: int) -> int:
     return itemsize * total
 
 
-def run_vlora(adapters: list[Adapter], weights: list[Any], budget: int, label: str, save_dir: Path,
-              heads_bytes: int, dtype: str) -> Result:
+def run_vlora(
+    adapters: list[Adapter], weights: list[Any], budget: int, label: str, save_dir: Path, heads_bytes: int, dtype: str
+) -> Result:
     """vlora at the largest num_components whose saved payload fits ``budget`` (float16: ``to(dtype)``
     before saving, vlora's own way to store half precision)."""
     import warnings
@@ -598,11 +649,27 @@ def run_vlora(adapters: list[Adapter], weights: list[Any], budget: int, label: s
     ups = []
     for ad in adapters:
         rec = sub.reconstruct(ad.name)
-        ups.append({m: ad.scale * (rec.lora_b[m].to(torch.float64).numpy() @ rec.lora_a[m].to(torch.float64).numpy())
-                    for m in modules_of(adapters)})
-    return Result("vlora-dev", label, f"k={k}", payload, files + heads_bytes, ups, over_budget=over,
-                  extra={"num_components": k, "payload_bytes": payload, "files_bytes": files,
-                         "payload_predicted": vlora_payload_bytes(weights, k, itemsize)})
+        ups.append(
+            {
+                m: ad.scale * (rec.lora_b[m].to(torch.float64).numpy() @ rec.lora_a[m].to(torch.float64).numpy())
+                for m in modules_of(adapters)
+            }
+        )
+    return Result(
+        "vlora-dev",
+        label,
+        f"k={k}",
+        payload,
+        files + heads_bytes,
+        ups,
+        over_budget=over,
+        extra={
+            "num_components": k,
+            "payload_bytes": payload,
+            "files_bytes": files,
+            "payload_predicted": vlora_payload_bytes(weights, k, itemsize),
+        },
+    )
 
 
 # -- unipack ---------------------------------------------------------------------------------
@@ -616,8 +683,9 @@ def unipack_has_lora() -> bool:
     return "lora" in inspect.signature(unipack.Bundle.load).parameters
 
 
-def run_unipack(adapters: list[Adapter], options: dict[str, Any], label: str, run_dir: Path,
-                exact: list[dict[str, np.ndarray]]) -> Result:
+def run_unipack(
+    adapters: list[Adapter], options: dict[str, Any], label: str, run_dir: Path, exact: list[dict[str, np.ndarray]]
+) -> Result:
     """Merge the adapter folders at one budget; ΔŴ from ``load(lora="updates")``, bytes from the bundle.
 
     LoRA bytes are the ``bases`` + ``coefficients`` + ``factors`` (+ ``means``) parts of
@@ -645,25 +713,47 @@ def run_unipack(adapters: list[Adapter], options: dict[str, Any], label: str, ru
             ups.append({m: loaded[f"{m}.weight"].double().numpy() for m in modules})
     lora = parts["bases"] + parts["coefficients"] + parts["means"] + parts["factors"]
     file_bytes = out.stat().st_size
-    measured_worst = max(float(np.linalg.norm(e[m] - u[m]) / np.linalg.norm(e[m])) for e, u in zip(exact, ups)
-                         for m in modules)
+    measured_worst = max(
+        float(np.linalg.norm(e[m] - u[m]) / np.linalg.norm(e[m])) for e, u in zip(exact, ups) for m in modules
+    )
     sub = [r for f, r in forms if f == "subspace" and r is not None]
     config = f"{len(sub)} subspace"
     if sub:
         config += f" (k {min(min(r) for r in sub)}-{max(max(r) for r in sub)})"
     if len(sub) < len(forms):
         config += f", {len(forms) - len(sub)} factors"
-    return Result("unipack", label, config, lora, file_bytes, ups,
-                  extra={"parts": parts, "factor_form_bytes": factor_blobs, "heads_bytes": parts["raw"],
-                         "overhead_bytes": parts["header"] + parts["manifest"] + parts["padding"],
-                         "file_bytes": file_bytes, "merge_seconds": seconds, "bundle": str(out),
-                         "forms": [[f, list(r) if r else None] for f, r in forms],
-                         "all_factors": not sub, "other_keys_in_load": sorted(other_keys),
-                         "worst_module_error_measured": measured_worst, "worst_module_error_recorded": recorded_worst})
+    return Result(
+        "unipack",
+        label,
+        config,
+        lora,
+        file_bytes,
+        ups,
+        extra={
+            "parts": parts,
+            "factor_form_bytes": factor_blobs,
+            "heads_bytes": parts["raw"],
+            "overhead_bytes": parts["header"] + parts["manifest"] + parts["padding"],
+            "file_bytes": file_bytes,
+            "merge_seconds": seconds,
+            "bundle": str(out),
+            "forms": [[f, list(r) if r else None] for f, r in forms],
+            "all_factors": not sub,
+            "other_keys_in_load": sorted(other_keys),
+            "worst_module_error_measured": measured_worst,
+            "worst_module_error_recorded": recorded_worst,
+        },
+    )
 
 
-def check_extract_peft(adapter: Adapter, bundle_path: Path, update: dict[str, np.ndarray], spec: PopulationSpec,
-                       base_state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def check_extract_peft(
+    adapter: Adapter,
+    bundle_path: Path,
+    update: dict[str, np.ndarray],
+    spec: PopulationSpec,
+    base_state: dict[str, Any],
+    run_dir: Path,
+) -> dict[str, Any]:
     """``PeftModel.from_pretrained(base, extracted folder)`` vs W0 + ΔŴ (and the original head)."""
     import peft
     import torch
@@ -715,8 +805,9 @@ def update_errors(exact: list[dict[str, np.ndarray]], approx: list[dict[str, np.
     return out
 
 
-def merged_model(spec: PopulationSpec, base_state: dict[str, Any], update: dict[str, np.ndarray],
-                 head: dict[str, np.ndarray]) -> Any:
+def merged_model(
+    spec: PopulationSpec, base_state: dict[str, Any], update: dict[str, np.ndarray], head: dict[str, np.ndarray]
+) -> Any:
     """The base model with W0 + ΔŴ in every target module and the given head."""
     import torch
 
@@ -732,8 +823,14 @@ def merged_model(spec: PopulationSpec, base_state: dict[str, Any], update: dict[
     return model
 
 
-def score(result: Result, adapters: list[Adapter], exact: list[dict[str, np.ndarray]], spec: PopulationSpec,
-          base_state: dict[str, Any], digits: Digits) -> Result:
+def score(
+    result: Result,
+    adapters: list[Adapter],
+    exact: list[dict[str, np.ndarray]],
+    spec: PopulationSpec,
+    base_state: dict[str, Any],
+    digits: Digits,
+) -> Result:
     if not result.errors:
         result.errors = update_errors(exact, result.updates)
     result.accuracies = [
@@ -755,8 +852,9 @@ def parse_budgets(text: str) -> list[dict[str, Any]]:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in ("max_error", "rank", "ratio", "dtype"):
-            raise argparse.ArgumentTypeError(f"--budgets {item!r}: expected max_error=E, rank=K, ratio=R "
-                                             f"(or dtype=float16 after one of them)")
+            raise argparse.ArgumentTypeError(
+                f"--budgets {item!r}: expected max_error=E, rank=K, ratio=R (or dtype=float16 after one of them)"
+            )
         if key == "dtype":
             if not budgets or value.strip() not in ("float32", "float16"):  # numpy has no bfloat16
                 raise argparse.ArgumentTypeError("--budgets: dtype=float32 or dtype=float16, after a budget")
@@ -775,14 +873,22 @@ def budget_label(budget: dict[str, Any]) -> str:
 def summarize(r: Result, adapters: list[Adapter], originals: dict[str, int]) -> dict[str, Any]:
     drops = [100.0 * (ad.accuracy - acc) for ad, acc in zip(adapters, r.accuracies)]
     return {
-        "scheme": r.scheme, "budget": r.budget, "config": r.config, "lora_bytes": r.lora_bytes,
-        "total_bytes": r.total_bytes, "over_budget": r.over_budget,
+        "scheme": r.scheme,
+        "budget": r.budget,
+        "config": r.config,
+        "lora_bytes": r.lora_bytes,
+        "total_bytes": r.total_bytes,
+        "over_budget": r.over_budget,
         "ratio_lora": originals["lora_bytes"] / r.lora_bytes if r.lora_bytes else None,
         "ratio_total": originals["file_bytes"] / r.total_bytes if r.total_bytes else None,
-        "error_mean": float(np.mean(r.errors)), "error_worst": float(np.max(r.errors)),
-        "drop_mean": float(np.mean(drops)), "drop_max": float(np.max(drops)),
-        "per_adapter": [{"name": ad.name, "error": e, "accuracy": acc, "drop_points": d}
-                        for ad, e, acc, d in zip(adapters, r.errors, r.accuracies, drops)],
+        "error_mean": float(np.mean(r.errors)),
+        "error_worst": float(np.max(r.errors)),
+        "drop_mean": float(np.mean(drops)),
+        "drop_max": float(np.max(drops)),
+        "per_adapter": [
+            {"name": ad.name, "error": e, "accuracy": acc, "drop_points": d}
+            for ad, e, acc, d in zip(adapters, r.errors, r.accuracies, drops)
+        ],
         "extra": r.extra,
     }
 
@@ -795,24 +901,61 @@ def render(rows: list[dict[str, Any]], originals: dict[str, int], title: str, co
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("scheme", "budget", "config", "LoRA bytes", "× LoRA", "× total", "ΔW err mean", "ΔW err worst",
-                "acc drop mean", "acc drop max"):
+    for col in (
+        "scheme",
+        "budget",
+        "config",
+        "LoRA bytes",
+        "× LoRA",
+        "× total",
+        "ΔW err mean",
+        "ΔW err worst",
+        "acc drop mean",
+        "acc drop max",
+    ):
         table.add_column(col, justify="left" if col in ("scheme", "budget", "config") else "right")
-    table.add_row("originals", "-", f"{originals['n']} safetensors files", fmt_bytes(originals["lora_bytes"]), "1.0",
-                  "1.0", "0", "0", "0", "0")
-    table.add_row("originals zstd-19", "-", "whole files", "-", "-",
-                  f"{originals['file_bytes'] / originals['zstd19_bytes']:.2f}", "0", "0", "0", "0")
+    table.add_row(
+        "originals",
+        "-",
+        f"{originals['n']} safetensors files",
+        fmt_bytes(originals["lora_bytes"]),
+        "1.0",
+        "1.0",
+        "0",
+        "0",
+        "0",
+        "0",
+    )
+    table.add_row(
+        "originals zstd-19",
+        "-",
+        "whole files",
+        "-",
+        "-",
+        f"{originals['file_bytes'] / originals['zstd19_bytes']:.2f}",
+        "0",
+        "0",
+        "0",
+        "0",
+    )
     last_budget = None
     for r in rows:
         if r["budget"] != last_budget:
             table.add_section()
             last_budget = r["budget"]
         lora = fmt_bytes(r["lora_bytes"]) + (" over" if r["over_budget"] else "")
-        table.add_row(r["scheme"], r["budget"], r["config"], lora,
-                      f"{r['ratio_lora']:.1f}" if r["ratio_lora"] else "-",
-                      f"{r['ratio_total']:.2f}" if r["ratio_total"] else "-",
-                      f"{r['error_mean']:.4f}", f"{r['error_worst']:.4f}", f"{r['drop_mean']:+.2f}",
-                      f"{r['drop_max']:+.2f}")
+        table.add_row(
+            r["scheme"],
+            r["budget"],
+            r["config"],
+            lora,
+            f"{r['ratio_lora']:.1f}" if r["ratio_lora"] else "-",
+            f"{r['ratio_total']:.2f}" if r["ratio_total"] else "-",
+            f"{r['error_mean']:.4f}",
+            f"{r['error_worst']:.4f}",
+            f"{r['drop_mean']:+.2f}",
+            f"{r['drop_max']:+.2f}",
+        )
     console.print(table)
 
 
@@ -848,14 +991,20 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     text = f"at equal bytes, lowest mean ΔW error: {wins(err_wins)}; smallest mean accuracy drop: {wins(acc_wins)}"
     copies = [r["budget"] for r in rows if r["scheme"] == "unipack" and r["extra"].get("all_factors")]
     if copies:
-        text += (f" (at {', '.join(copies)} unipack kept every adapter's own factors, a lossless copy, so the others "
-                 f"were compared with the originals there)")
+        text += (
+            f" (at {', '.join(copies)} unipack kept every adapter's own factors, a lossless copy, so the others "
+            f"were compared with the originals there)"
+        )
     if mean_as_good:
-        text += (f"; the mean-only baseline ({fmt_bytes(mean_row['lora_bytes'])}) does as well as the best scheme "
-                 f"at {', '.join(mean_as_good)}")
+        text += (
+            f"; the mean-only baseline ({fmt_bytes(mean_row['lora_bytes'])}) does as well as the best scheme "
+            f"at {', '.join(mean_as_good)}"
+        )
     else:
-        text += (f"; the mean update alone ({fmt_bytes(mean_row['lora_bytes'])}) is worse than the best scheme at "
-                 f"every budget (error {mean_row['error_mean']:.3f}, drop {mean_row['drop_mean']:+.1f} points)")
+        text += (
+            f"; the mean update alone ({fmt_bytes(mean_row['lora_bytes'])}) is worse than the best scheme at "
+            f"every budget (error {mean_row['error_mean']:.3f}, drop {mean_row['drop_mean']:+.1f} points)"
+        )
     return text + f"; dropping the updates altogether (heads only) costs {zero_row['drop_mean']:+.1f} points"
 
 
@@ -865,21 +1014,32 @@ def verdict(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--adapters", type=int, default=24, help="number of adapters N (default 24, at least 2)")
-    p.add_argument("--budgets", type=parse_budgets, default=parse_budgets(DEFAULT_BUDGETS),
-                   help=f"comma-separated unipack budgets max_error=E / rank=K (each may be followed by "
-                        f"dtype=float16), or ratio=R (default {DEFAULT_BUDGETS})")
+    p.add_argument(
+        "--budgets",
+        type=parse_budgets,
+        default=parse_budgets(DEFAULT_BUDGETS),
+        help=f"comma-separated unipack budgets max_error=E / rank=K (each may be followed by "
+        f"dtype=float16), or ratio=R (default {DEFAULT_BUDGETS})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=64, help="width of the tiny ViT (default 64; a multiple of 4)")
-    p.add_argument("--shared-init", action="store_true",
-                   help="start every adapter from the same LoRA initialisation (default: each its own seed)")
+    p.add_argument(
+        "--shared-init",
+        action="store_true",
+        help="start every adapter from the same LoRA initialisation (default: each its own seed)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("bench-work"), help="where the population and runs go")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; results depend on it)")
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    p.add_argument("--skip-unipack", action="store_true",
-                   help="run only ratio= budgets and the other schemes (for a unipack without LoRA support)")
+    p.add_argument(
+        "--skip-unipack",
+        action="store_true",
+        help="run only ratio= budgets and the other schemes (for a unipack without LoRA support)",
+    )
     return p
 
 
@@ -896,9 +1056,13 @@ def originals_bytes(adapters: list[Adapter]) -> dict[str, int]:
 
     cctx = zstandard.ZstdCompressor(level=19)
     zstd = sum(len(cctx.compress((ad.folder / "adapter_model.safetensors").read_bytes())) for ad in adapters)
-    return {"n": len(adapters), "lora_bytes": sum(ad.lora_bytes for ad in adapters),
-            "head_bytes": sum(ad.head_bytes for ad in adapters), "file_bytes": sum(ad.file_bytes for ad in adapters),
-            "zstd19_bytes": zstd}
+    return {
+        "n": len(adapters),
+        "lora_bytes": sum(ad.lora_bytes for ad in adapters),
+        "head_bytes": sum(ad.head_bytes for ad in adapters),
+        "file_bytes": sum(ad.file_bytes for ad in adapters),
+        "zstd19_bytes": zstd,
+    }
 
 
 def unipack_revision() -> dict[str, Any]:
@@ -921,8 +1085,9 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--dim: a multiple of 4 (4 attention heads)")
     use_unipack = not ns.skip_unipack
     if use_unipack and not unipack_has_lora():
-        raise SystemExit("this unipack has no LoRA support (Bundle.load(..., lora=...)); use --skip-unipack "
-                         "with ratio= budgets")
+        raise SystemExit(
+            "this unipack has no LoRA support (Bundle.load(..., lora=...)); use --skip-unipack with ratio= budgets"
+        )
     spec = PopulationSpec(adapters=ns.adapters, seed=ns.seed, dim=ns.dim, shared_init=ns.shared_init)
     workdir = prepare_workdir(ns.workdir)
     pop_dir, pop = ensure_population(spec, workdir, console)
@@ -937,10 +1102,12 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
     # Sanity: the merged original update reproduces the PEFT model's accuracy.
     exact_acc = score(Result("exact", "-", "", 0, 0, exact), adapters, exact, spec, base_state, digits).accuracies
     mismatch = max(abs(a - ad.accuracy) for a, ad in zip(exact_acc, adapters))
-    console.print(f"{len(adapters)} adapters, {len(modules_of(adapters))} LoRA modules each, ranks "
-                  f"{sorted({ad.rank for ad in adapters})}; originals {fmt_bytes(originals['file_bytes'])} "
-                  f"({fmt_bytes(originals['lora_bytes'])} LoRA, {fmt_bytes(originals['head_bytes'])} heads); "
-                  f"W0+ΔW vs PEFT accuracy: max difference {mismatch:.4f}")
+    console.print(
+        f"{len(adapters)} adapters, {len(modules_of(adapters))} LoRA modules each, ranks "
+        f"{sorted({ad.rank for ad in adapters})}; originals {fmt_bytes(originals['file_bytes'])} "
+        f"({fmt_bytes(originals['lora_bytes'])} LoRA, {fmt_bytes(originals['head_bytes'])} heads); "
+        f"W0+ΔW vs PEFT accuracy: max difference {mismatch:.4f}"
+    )
 
     fitted = fit_factor_modules(adapters)
     vl_weights, r_max = vlora_inputs(adapters)
@@ -960,45 +1127,81 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
             group.append(up)
             target = up.lora_bytes
             if peft_check is None:
-                peft_check = check_extract_peft(adapters[0], Path(up.extra["bundle"]), up.updates[0], spec,
-                                                base_state, run_dir)
+                peft_check = check_extract_peft(
+                    adapters[0], Path(up.extra["bundle"]), up.updates[0], spec, base_state, run_dir
+                )
             console.print(f"[dim]unipack {label}: {fmt_bytes(target)} LoRA ({time.perf_counter() - t0:.1f}s)[/dim]")
         dtype = budget.get("dtype", "float32")  # the competitors store what unipack stores
-        group.append(score(run_factorwise(adapters, fitted, target, label, exact, heads_bytes, dtype), adapters,
-                           exact, spec, base_state, digits))
-        group.append(score(run_vlora(adapters, vl_weights, target, label, run_dir / f"vlora-{label}", heads_bytes,
-                                     dtype), adapters, exact, spec, base_state, digits))
+        group.append(
+            score(
+                run_factorwise(adapters, fitted, target, label, exact, heads_bytes, dtype),
+                adapters,
+                exact,
+                spec,
+                base_state,
+                digits,
+            )
+        )
+        group.append(
+            score(
+                run_vlora(adapters, vl_weights, target, label, run_dir / f"vlora-{label}", heads_bytes, dtype),
+                adapters,
+                exact,
+                spec,
+                base_state,
+                digits,
+            )
+        )
         rows += [summarize(r, adapters, originals) for r in group]
     for r in (mean_only(adapters, exact, heads_bytes), zero_update(adapters, heads_bytes)):
         rows.append(summarize(score(r, adapters, exact, spec, base_state, digits), adapters, originals))
 
-    title = (f"{len(adapters)} LoRA adapters of a {spec.dim}-wide tiny ViT on digits "
-             f"({'shared' if spec.shared_init else 'per-adapter'} LoRA init); LoRA bytes at equal budgets; "
-             f"accuracy drop in points vs each original adapter")
+    title = (
+        f"{len(adapters)} LoRA adapters of a {spec.dim}-wide tiny ViT on digits "
+        f"({'shared' if spec.shared_init else 'per-adapter'} LoRA init); LoRA bytes at equal budgets; "
+        f"accuracy drop in points vs each original adapter"
+    )
     render(rows, originals, title, console)
     if peft_check is not None:
-        console.print(f"PeftModel.from_pretrained(base, extract_peft({peft_check['adapter']})) vs W0+ΔŴ: max abs logit "
-                      f"difference {peft_check['max_abs_logit_diff']:.2e} (logits up to "
-                      f"{peft_check['max_abs_logit']:.1f})")
+        console.print(
+            f"PeftModel.from_pretrained(base, extract_peft({peft_check['adapter']})) vs W0+ΔŴ: max abs logit "
+            f"difference {peft_check['max_abs_logit_diff']:.2e} (logits up to "
+            f"{peft_check['max_abs_logit']:.1f})"
+        )
     ours = [r for r in rows if r["scheme"] == "unipack"]
     if ours:
         overheads = ", ".join(f"{r['budget']} {fmt_bytes(r['extra']['overhead_bytes'])}" for r in ours)
-        checks = ", ".join(f"{r['budget']} {r['extra']['worst_module_error_measured']:.4f} / "
-                           f"{r['extra']['worst_module_error_recorded']:.4f}" for r in ours)
+        checks = ", ".join(
+            f"{r['budget']} {r['extra']['worst_module_error_measured']:.4f} / "
+            f"{r['extra']['worst_module_error_recorded']:.4f}"
+            for r in ours
+        )
         console.print(f"unipack worst per-module ΔW error, measured here / recorded in the bundle: {checks}")
-        console.print(f"unipack header + manifest per bundle (in × total, not in LoRA bytes): {overheads}; heads "
-                      f"(modules_to_save, every scheme keeps them exactly): {fmt_bytes(ours[0]['extra']['heads_bytes'])} "
-                      f"in the bundle, {fmt_bytes(originals['head_bytes'])} in the originals")
+        console.print(
+            f"unipack header + manifest per bundle (in × total, not in LoRA bytes): {overheads}; heads "
+            f"(modules_to_save, every scheme keeps them exactly): {fmt_bytes(ours[0]['extra']['heads_bytes'])} "
+            f"in the bundle, {fmt_bytes(originals['head_bytes'])} in the originals"
+        )
     if r_max != min(ad.rank for ad in adapters):
         console.print(f"[dim]vlora-dev needs one rank: adapters of lower rank were zero-padded to r={r_max}[/dim]")
     line = verdict(rows)
     console.print(f"verdict: {line}")
     seconds = time.perf_counter() - started
     console.print(f"[dim]{seconds:.0f}s in all[/dim]")
-    doc = {"spec": asdict(spec), "population": pop, "originals": originals, "rows": rows, "verdict": line,
-           "peft_check": peft_check, "exact_vs_peft_accuracy_max_diff": mismatch, "vlora_padded_rank": r_max,
-           "unipack": unipack_revision(), "threads": ns.threads, "python": sys.version.split()[0],
-           "seconds": seconds}
+    doc = {
+        "spec": asdict(spec),
+        "population": pop,
+        "originals": originals,
+        "rows": rows,
+        "verdict": line,
+        "peft_check": peft_check,
+        "exact_vs_peft_accuracy_max_diff": mismatch,
+        "vlora_padded_rank": r_max,
+        "unipack": unipack_revision(),
+        "threads": ns.threads,
+        "python": sys.version.split()[0],
+        "seconds": seconds,
+    }
     if ns.json:
         ns.json.write_text(json.dumps(doc, indent=1, default=str))
         console.print(f"wrote {ns.json}")

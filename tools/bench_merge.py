@@ -204,8 +204,9 @@ def _scaled(mat: np.ndarray, norm: float, target: float) -> np.ndarray:
     return mat * (target / norm) if norm > 0 else mat
 
 
-def member_delta(spec: PopulationSpec, member: int, index: int, dirs: SharedDirections,
-                 shape: tuple[int, ...]) -> np.ndarray:
+def member_delta(
+    spec: PopulationSpec, member: int, index: int, dirs: SharedDirections, shape: tuple[int, ...]
+) -> np.ndarray:
     """D_i for one tensor: shared-subspace part + private low-rank part + dense noise (float64)."""
     rng = _rng(spec, 2, member, index)
     mix = dirs.common + rng.standard_normal(dirs.common.shape)
@@ -247,8 +248,10 @@ def build_population(spec: PopulationSpec, pop_dir: Path, count: int) -> dict[st
     bases = [base_tensor(spec, k, name, shape) for k, (name, shape) in enumerate(shapes)]
     dirs = [shared_directions(spec, k, w0) for k, w0 in enumerate(bases)]
     for i in missing:
-        tensors = {name: (bases[k] + member_delta(spec, i, k, dirs[k], shape)).astype(np.float32)
-                   for k, (name, shape) in enumerate(shapes)}
+        tensors = {
+            name: (bases[k] + member_delta(spec, i, k, dirs[k], shape)).astype(np.float32)
+            for k, (name, shape) in enumerate(shapes)
+        }
         tensors.update(classifier(spec, i))
         path = member_path(pop_dir, i)
         tmp = path.with_suffix(".tmp")
@@ -270,8 +273,22 @@ def ensure_population(spec: PopulationSpec, ns: argparse.Namespace, count: int, 
         console.print(f"[dim]reusing {count} members in {pop_dir}[/dim]")
         return paths
     console.print(f"building {missing} members of {n_params(spec) / 1e6:.1f}M params in {pop_dir} ...")
-    done = run_child(["--child", "build", "--params", str(ns.params), "--seed", str(ns.seed), "--count",
-                      str(count), "--pop-dir", str(pop_dir)], None, None)
+    done = run_child(
+        [
+            "--child",
+            "build",
+            "--params",
+            str(ns.params),
+            "--seed",
+            str(ns.seed),
+            "--count",
+            str(count),
+            "--pop-dir",
+            str(pop_dir),
+        ],
+        None,
+        None,
+    )
     console.print(f"[dim]built {done['built']} members in {done['seconds']:.1f}s[/dim]")
     return paths
 
@@ -328,18 +345,29 @@ class TensorTracer:
         if self._name is None:
             return
         hwm = proc_status_bytes("VmHWM") or 0
-        self.rows.append({"tensor": self._name, "seconds": time.perf_counter() - self._t0,
-                          "hwm_bytes": hwm, "raised_peak_bytes": max(0, hwm - self._hwm0)})
+        self.rows.append(
+            {
+                "tensor": self._name,
+                "seconds": time.perf_counter() - self._t0,
+                "hwm_bytes": hwm,
+                "raised_peak_bytes": max(0, hwm - self._hwm0),
+            }
+        )
         self._hwm0 = max(self._hwm0, hwm)
         self._name = None
 
     def report(self, top: int = 6) -> dict[str, Any]:
         by_time = sorted(self.rows, key=lambda r: -r["seconds"])
-        return {"tensor_seconds_total": sum(r["seconds"] for r in self.rows),
-                "slowest_tensors": [(r["tensor"], round(r["seconds"], 2)) for r in by_time[:top]],
-                "peak_raised_by": [(r["tensor"], round(r["raised_peak_bytes"] / MB, 1))
-                                   for r in self.rows if r["raised_peak_bytes"] > 1 * MB],
-                "seconds_by_kind": seconds_by_kind(self.rows)}
+        return {
+            "tensor_seconds_total": sum(r["seconds"] for r in self.rows),
+            "slowest_tensors": [(r["tensor"], round(r["seconds"], 2)) for r in by_time[:top]],
+            "peak_raised_by": [
+                (r["tensor"], round(r["raised_peak_bytes"] / MB, 1))
+                for r in self.rows
+                if r["raised_peak_bytes"] > 1 * MB
+            ],
+            "seconds_by_kind": seconds_by_kind(self.rows),
+        }
 
 
 def seconds_by_kind(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -358,8 +386,9 @@ def child_baseline(result_file: Path) -> None:
 
     import unipack  # noqa: F401
 
-    result_file.write_text(json.dumps({"ru_maxrss_bytes": ru_maxrss_bytes(),
-                                       "vm_hwm_bytes": proc_status_bytes("VmHWM")}))
+    result_file.write_text(
+        json.dumps({"ru_maxrss_bytes": ru_maxrss_bytes(), "vm_hwm_bytes": proc_status_bytes("VmHWM")})
+    )
 
 
 def child_merge(inputs: list[str], out: Path, options: dict[str, Any], result_file: Path) -> None:
@@ -379,15 +408,30 @@ def child_merge(inputs: list[str], out: Path, options: dict[str, Any], result_fi
         summary = bundle.summary()
         manifest = bundle.manifest
         coef_decoded = sum(manifest.blobs[m.coefficients].nbytes for m in manifest.members if m.coefficients)
-    result_file.write_text(json.dumps({
-        "n": len(inputs), "input_bytes": result.input_bytes, "file_bytes": result.file_bytes,
-        "ratio": result.ratio, "worst_error": result.worst_error, "seconds": result.seconds,
-        "wall_seconds": wall, "ru_maxrss_bytes": peak_after_merge,
-        "merge_peak_rss_bytes": result.peak_rss_bytes, "vm_hwm_bytes": hwm_after_merge, "parts": summary.parts,
-        "coef_decoded_bytes": coef_decoded, "storage_counts": summary.storage_counts,
-        "rank_min": summary.rank_min, "rank_median": summary.rank_median, "rank_max": summary.rank_max,
-        "options": summary.options, "trace": tracer.report(),
-    }))
+    result_file.write_text(
+        json.dumps(
+            {
+                "n": len(inputs),
+                "input_bytes": result.input_bytes,
+                "file_bytes": result.file_bytes,
+                "ratio": result.ratio,
+                "worst_error": result.worst_error,
+                "seconds": result.seconds,
+                "wall_seconds": wall,
+                "ru_maxrss_bytes": peak_after_merge,
+                "merge_peak_rss_bytes": result.peak_rss_bytes,
+                "vm_hwm_bytes": hwm_after_merge,
+                "parts": summary.parts,
+                "coef_decoded_bytes": coef_decoded,
+                "storage_counts": summary.storage_counts,
+                "rank_min": summary.rank_min,
+                "rank_median": summary.rank_median,
+                "rank_max": summary.rank_max,
+                "options": summary.options,
+                "trace": tracer.report(),
+            }
+        )
+    )
 
 
 def child_env(threads: int | None) -> dict[str, str]:
@@ -492,17 +536,38 @@ def render(rows: list[dict[str, Any]], baseline: int, label: str, console: Any) 
     from rich.table import Table
 
     table = Table(title=f"unipack.merge — {label}; baseline RSS {baseline / MB:.0f} MB")
-    for col in ("N", "input MB", "bundle MB", "ratio", "worst err", "seconds", "MB/s", "peak RSS MB",
-                "merge peak MB", "RSS−base MB", "coef MB (stored)", "coef MB (decoded)", "ranks min/med/max",
-                "peak raised most by (MB)"):
+    for col in (
+        "N",
+        "input MB",
+        "bundle MB",
+        "ratio",
+        "worst err",
+        "seconds",
+        "MB/s",
+        "peak RSS MB",
+        "merge peak MB",
+        "RSS−base MB",
+        "coef MB (stored)",
+        "coef MB (decoded)",
+        "ranks min/med/max",
+        "peak raised most by (MB)",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            str(r["n"]), f"{r['input_bytes'] / MB:.0f}", f"{r['file_bytes'] / MB:.1f}", f"{r['ratio']:.1f}",
-            f"{r['worst_error']:.4f}", f"{r['seconds']:.1f}", f"{r['throughput_mb_s']:.1f}",
-            f"{r['ru_maxrss_bytes'] / MB:.0f}", f"{r['merge_peak_rss_bytes'] / MB:.0f}",
-            f"{r['rss_minus_baseline_bytes'] / MB:.0f}", f"{r['coef_stored_bytes'] / MB:.2f}",
-            f"{r['coef_decoded_bytes'] / MB:.2f}", f"{r['rank_min']}/{r['rank_median']}/{r['rank_max']}",
+            str(r["n"]),
+            f"{r['input_bytes'] / MB:.0f}",
+            f"{r['file_bytes'] / MB:.1f}",
+            f"{r['ratio']:.1f}",
+            f"{r['worst_error']:.4f}",
+            f"{r['seconds']:.1f}",
+            f"{r['throughput_mb_s']:.1f}",
+            f"{r['ru_maxrss_bytes'] / MB:.0f}",
+            f"{r['merge_peak_rss_bytes'] / MB:.0f}",
+            f"{r['rss_minus_baseline_bytes'] / MB:.0f}",
+            f"{r['coef_stored_bytes'] / MB:.2f}",
+            f"{r['coef_decoded_bytes'] / MB:.2f}",
+            f"{r['rank_min']}/{r['rank_median']}/{r['rank_max']}",
             peak_tensor(r),
         )
     console.print(table)
@@ -515,8 +580,10 @@ def render_notes(rows: list[dict[str, Any]], console: Any) -> None:
     if len(rows) >= 2:
         rss = slope(ns, [r["rss_minus_baseline_bytes"] / MB for r in rows])
         coef = slope(ns, [r["coef_decoded_bytes"] / MB for r in rows])
-        console.print(f"peak RSS grows {rss:.2f} MB per extra member; decoded coefficients grow {coef:.2f} MB "
-                      f"per extra member (excess {rss - coef:+.2f} MB/member)")
+        console.print(
+            f"peak RSS grows {rss:.2f} MB per extra member; decoded coefficients grow {coef:.2f} MB "
+            f"per extra member (excess {rss - coef:+.2f} MB/member)"
+        )
     last = rows[-1]
     kinds = last.get("trace", {}).get("seconds_by_kind", {})
     total = sum(kinds.values()) or 1.0
@@ -525,12 +592,16 @@ def render_notes(rows: list[dict[str, Any]], console: Any) -> None:
     for r in rows:
         hwm = r.get("vm_hwm_bytes")
         if hwm and abs(r["ru_maxrss_bytes"] - hwm) > 0.02 * hwm:
-            console.print(f"[yellow]N={r['n']}: ru_maxrss {r['ru_maxrss_bytes'] / MB:.0f} MB differs from the "
-                          f"process's own VmHWM {hwm / MB:.0f} MB (a parent's peak inherited via exec?)[/yellow]")
+            console.print(
+                f"[yellow]N={r['n']}: ru_maxrss {r['ru_maxrss_bytes'] / MB:.0f} MB differs from the "
+                f"process's own VmHWM {hwm / MB:.0f} MB (a parent's peak inherited via exec?)[/yellow]"
+            )
     busy = [f"N={r['n']}: {r['others_cpu_share']:.0%}" for r in rows if r.get("others_cpu_share", 0.0) > 0.1]
     if busy:
-        console.print(f"[yellow]other processes used part of the machine's CPU time during the merges "
-                      f"({', '.join(busy)}): timings are noisy[/yellow]")
+        console.print(
+            f"[yellow]other processes used part of the machine's CPU time during the merges "
+            f"({', '.join(busy)}): timings are noisy[/yellow]"
+        )
 
 
 def print_profile(path: Path, console: Any, top: int = 25) -> None:
@@ -548,22 +619,39 @@ def print_profile(path: Path, console: Any, top: int = 25) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--members", type=parse_members, default=[8, 16, 32, 64],
-                   help="comma-separated member counts N (default 8,16,32,64)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--members",
+        type=parse_members,
+        default=[8, 16, 32, 64],
+        help="comma-separated member counts N (default 8,16,32,64)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("bench-work"), help="where members and bundles go")
-    p.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
-                   help="merge option passed to unipack.merge, e.g. max_error=0.01, rank=16, energy=0.9, "
-                        "dtype=float16 (repeatable; default: the library default)")
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="merge option passed to unipack.merge, e.g. max_error=0.01, rank=16, energy=0.9, "
+        "dtype=float16 (repeatable; default: the library default)",
+    )
     p.add_argument("--params", type=float, default=20.0, help="model size in millions of parameters (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OPENBLAS/OMP/MKL_NUM_THREADS in the merge children (default: inherit). On a "
-                        "busy machine multi-threaded OpenBLAS can spin and make eigh 10-100x slower: try 1")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="set OPENBLAS/OMP/MKL_NUM_THREADS in the merge children (default: inherit). On a "
+        "busy machine multi-threaded OpenBLAS can spin and make eigh 10-100x slower: try 1",
+    )
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    p.add_argument("--profile", action="store_true",
-                   help="run each merge child under cProfile (slower) and print its top functions")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each merge child under cProfile (slower) and print its top functions",
+    )
     # Internal: what a child process runs.
     p.add_argument("--child", choices=("merge", "baseline", "build"), help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -598,8 +686,15 @@ def prepare_workdir(workdir: Path) -> Path:
     return workdir
 
 
-def merge_one(n: int, paths: list[Path], bundles: Path, options: dict[str, Any], ns: argparse.Namespace,
-              baseline: int, console: Any) -> dict[str, Any]:
+def merge_one(
+    n: int,
+    paths: list[Path],
+    bundles: Path,
+    options: dict[str, Any],
+    ns: argparse.Namespace,
+    baseline: int,
+    console: Any,
+) -> dict[str, Any]:
     """Merge the first ``n`` members in a fresh child; the child's numbers plus derived columns."""
     inputs_file = bundles / f"inputs-{n}.json"
     inputs_file.write_text(json.dumps([str(p.resolve()) for p in paths[:n]]))
@@ -607,12 +702,21 @@ def merge_one(n: int, paths: list[Path], bundles: Path, options: dict[str, Any],
     console.print(f"merging N={n} ...")
     busy0, kids0 = cpu_seconds()
     wall0 = time.perf_counter()
-    args = ["--child", "merge", "--inputs-file", str(inputs_file), "--out", str(bundles / f"bundle-{n}.upk"),
-            "--options-json", json.dumps(options)]
+    args = [
+        "--child",
+        "merge",
+        "--inputs-file",
+        str(inputs_file),
+        "--out",
+        str(bundles / f"bundle-{n}.upk"),
+        "--options-json",
+        json.dumps(options),
+    ]
     row = add_derived(run_child(args, prof, ns.threads), baseline)
     row["others_cpu_share"] = others_share(busy0, kids0, time.perf_counter() - wall0)
-    console.print(f"  N={n}: {row['seconds']:.1f}s, peak RSS {row['ru_maxrss_bytes'] / MB:.0f} MB, "
-                  f"ratio {row['ratio']:.1f}")
+    console.print(
+        f"  N={n}: {row['seconds']:.1f}s, peak RSS {row['ru_maxrss_bytes'] / MB:.0f} MB, ratio {row['ratio']:.1f}"
+    )
     if prof is not None:
         print_profile(prof, console)
     return row
@@ -633,13 +737,31 @@ def others_share(busy0: float | None, kids0: float, wall: float) -> float:
     return others / (wall * (os.cpu_count() or 1))
 
 
-def write_json(path: Path, spec: PopulationSpec, options: dict[str, Any], baseline: int, threads: int | None,
-               rows: list[dict[str, Any]]) -> None:
-    path.write_text(json.dumps({
-        "spec": asdict(spec), "params": n_params(spec), "options": options, "baseline_rss_bytes": baseline,
-        "cpu_count": os.cpu_count(), "threads": threads, "python": sys.version.split()[0],
-        "unipack": unipack_revision(), "rows": rows,
-    }, indent=1, default=list))
+def write_json(
+    path: Path,
+    spec: PopulationSpec,
+    options: dict[str, Any],
+    baseline: int,
+    threads: int | None,
+    rows: list[dict[str, Any]],
+) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "spec": asdict(spec),
+                "params": n_params(spec),
+                "options": options,
+                "baseline_rss_bytes": baseline,
+                "cpu_count": os.cpu_count(),
+                "threads": threads,
+                "python": sys.version.split()[0],
+                "unipack": unipack_revision(),
+                "rows": rows,
+            },
+            indent=1,
+            default=list,
+        )
+    )
 
 
 def bench(ns: argparse.Namespace) -> list[dict[str, Any]]:
@@ -649,8 +771,10 @@ def bench(ns: argparse.Namespace) -> list[dict[str, Any]]:
     spec = spec_for_params(ns.params, ns.seed)
     options = parse_rules(ns.rule)
     workdir = prepare_workdir(ns.workdir)
-    console.print(f"model: hidden {spec.hidden}, {spec.layers} layers, {n_params(spec) / 1e6:.2f}M params "
-                  f"({n_params(spec) * 4 / MB:.0f} MB/member); N = {ns.members}; options {options}")
+    console.print(
+        f"model: hidden {spec.hidden}, {spec.layers} layers, {n_params(spec) / 1e6:.2f}M params "
+        f"({n_params(spec) * 4 / MB:.0f} MB/member); N = {ns.members}; options {options}"
+    )
     paths = ensure_population(spec, ns, max(ns.members), console)
     bundles = workdir / "bundles"
     bundles.mkdir(exist_ok=True)

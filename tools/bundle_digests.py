@@ -59,9 +59,13 @@ def synthetic_population(directory: Path, dtype: str, n: int = 5, seed: int = 0)
 
     rng = np.random.default_rng(seed)
     torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    base = {"enc.0.weight": rng.normal(size=(24, 16)), "enc.0.bias": rng.normal(size=16),
-            "enc.1.weight": rng.normal(size=(16, 40)), "conv.weight": rng.normal(size=(6, 3, 3, 3)),
-            "frozen.weight": rng.normal(size=(8, 8))}
+    base = {
+        "enc.0.weight": rng.normal(size=(24, 16)),
+        "enc.0.bias": rng.normal(size=16),
+        "enc.1.weight": rng.normal(size=(16, 40)),
+        "conv.weight": rng.normal(size=(6, 3, 3, 3)),
+        "frozen.weight": rng.normal(size=(8, 8)),
+    }
     drift = {k: rng.normal(size=(2, *v.shape)) for k, v in base.items()}
     paths = []
     for i in range(n):
@@ -152,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted(set(before) - set(result))
         for k in differ:
             print(f"DIFFERS {k}: {before[k][:16]} -> {result[k][:16]}", file=sys.stderr)
-        print(f"{len(result) - len(differ)} of {len(result)} bundles byte-identical"
-              + (f"; not run: {', '.join(missing)}" if missing else ""), file=sys.stderr)
+        print(
+            f"{len(result) - len(differ)} of {len(result)} bundles byte-identical"
+            + (f"; not run: {', '.join(missing)}" if missing else ""),
+            file=sys.stderr,
+        )
         return 1 if differ else 0
     return 0
 

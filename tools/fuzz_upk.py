@@ -54,8 +54,10 @@ MAX_SAVED_PER_KEY = 3
 # seed bundles
 # ------------------------------------------------------------------------------------------
 
-def _population(rng: Any, n: int, *, dtype: str = "float32", heads: bool = False,
-                ints: bool = False) -> list[dict[str, Any]]:
+
+def _population(
+    rng: Any, n: int, *, dtype: str = "float32", heads: bool = False, ints: bool = False
+) -> list[dict[str, Any]]:
     import numpy as np
 
     base_w = rng.standard_normal((16, 12)).astype(np.float64)
@@ -89,8 +91,11 @@ SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     # name, population kwargs, merge options
     ("zstd-rows-flat", {"n": 3}, {"codec": "zstd", "max_error": 0.05}),
     ("codec-none", {"n": 3}, {"codec": "none", "max_error": 0.05, "scheme": "flat"}),
-    ("f16-raw-heads-int", {"n": 3, "dtype": "float16", "heads": True, "ints": True},
-     {"dtype": "float16", "raw_mismatched": True, "max_error": 0.05}),
+    (
+        "f16-raw-heads-int",
+        {"n": 3, "dtype": "float16", "heads": True, "ints": True},
+        {"dtype": "float16", "raw_mismatched": True, "max_error": 0.05},
+    ),
     ("rank0", {"n": 2, "ints": True}, {"rank": 0}),
     ("rows-rank2-raw-glob", {"n": 4}, {"rank": 2, "scheme": "rows", "raw": ("conv.*",)}),
 ]
@@ -128,6 +133,7 @@ def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
 # bundle structure helpers
 # ------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Parsed:
     header: dict[str, Any]  # the safetensors header, key order kept
@@ -138,10 +144,10 @@ class Parsed:
 def parse(buf: bytes) -> Parsed | None:
     try:
         (hlen,) = struct.unpack("<Q", buf[:8])
-        header = json.loads(buf[8:8 + hlen])
+        header = json.loads(buf[8 : 8 + hlen])
         if not isinstance(header, dict):
             return None
-        data = buf[8 + hlen:]
+        data = buf[8 + hlen :]
         manifest = None
         meta = header.get("__metadata__")
         if isinstance(meta, dict) and isinstance(meta.get("manifest"), str):
@@ -158,8 +164,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def serialize(p: Parsed, *, fix_manifest_sha: bool = True, manifest_text: str | None = None,
-              header_text: str | None = None, pad: bool = True) -> bytes:
+def serialize(
+    p: Parsed,
+    *,
+    fix_manifest_sha: bool = True,
+    manifest_text: str | None = None,
+    header_text: str | None = None,
+    pad: bool = True,
+) -> bytes:
     """Assemble a bundle from parts; ``fix_manifest_sha`` recomputes ``manifest_sha256``."""
     header = p.header
     if manifest_text is None and p.manifest is not None:
@@ -188,23 +200,89 @@ def refix_blob_sha(p: Parsed) -> None:
             continue
         off = spec.get("data_offsets")
         rec = p.manifest["blobs"].get(name)
-        if isinstance(rec, dict) and isinstance(off, list) and len(off) == 2 and all(
-                isinstance(o, int) for o in off):
-            rec["sha256"] = hashlib.sha256(p.data[off[0]:off[1]]).hexdigest()
+        if isinstance(rec, dict) and isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) for o in off):
+            rec["sha256"] = hashlib.sha256(p.data[off[0] : off[1]]).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------
 # mutations
 # ------------------------------------------------------------------------------------------
 
-INTERESTING_INTS = [0, 1, -1, 2, 3, 7, 8, 255, 256, 65535, 2**31 - 1, 2**31, 2**32, 2**53, 2**53 + 1,
-                    2**62, 2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30, -(2**63), -2]
+INTERESTING_INTS = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    7,
+    8,
+    255,
+    256,
+    65535,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**53,
+    2**53 + 1,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64,
+    2**64 + 1,
+    10**30,
+    -(2**63),
+    -2,
+]
 INTERESTING_FLOATS = [0.5, -0.0, 1.5, 1e308, -1e308, 1e-320, 3.0, 2.0**64]
-DTYPES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32",
-          "U16", "U8", "BOOL", "f32", "F4", "", "complex64"]
-STRINGS = ["", "none", "zstd", "lz4", "shared", "raw", "exact", "rows", "flat", "left", "right", "up",
-           "unipack.upk", "1", "2", "0", "x" * 300, "a/b", ".hidden", "\u0000", "\u00e9\u4e2d",
-           "\ud800", "member0", "0" * 64, "g" * 64, "A" * 64]
+DTYPES = [
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U64",
+    "U32",
+    "U16",
+    "U8",
+    "BOOL",
+    "f32",
+    "F4",
+    "",
+    "complex64",
+]
+STRINGS = [
+    "",
+    "none",
+    "zstd",
+    "lz4",
+    "shared",
+    "raw",
+    "exact",
+    "rows",
+    "flat",
+    "left",
+    "right",
+    "up",
+    "unipack.upk",
+    "1",
+    "2",
+    "0",
+    "x" * 300,
+    "a/b",
+    ".hidden",
+    "\u0000",
+    "\u00e9\u4e2d",
+    "\ud800",
+    "member0",
+    "0" * 64,
+    "g" * 64,
+    "A" * 64,
+]
 TYPES = [None, True, False, [], {}, "", 0, -1, 1.5, [1, 2], {"a": 1}, [[]], "[]"]
 
 
@@ -240,11 +318,22 @@ def _new_value(rng: random.Random, old: Any, names: list[str]) -> Any:
     if isinstance(old, bool):
         return not old
     if isinstance(old, int):
-        return rng.choice([rng.choice(INTERESTING_INTS), old + rng.choice([-1, 1]), -old, old * 2,
-                           old + rng.randint(-100, 100), float(old), old + 0.5, old * 2**40])
+        return rng.choice(
+            [
+                rng.choice(INTERESTING_INTS),
+                old + rng.choice([-1, 1]),
+                -old,
+                old * 2,
+                old + rng.randint(-100, 100),
+                float(old),
+                old + 0.5,
+                old * 2**40,
+            ]
+        )
     if isinstance(old, float):
-        return rng.choice([rng.choice(INTERESTING_FLOATS), -old, int(old) if math.isfinite(old) else 0,
-                           old * 1e300, float('nan')])
+        return rng.choice(
+            [rng.choice(INTERESTING_FLOATS), -old, int(old) if math.isfinite(old) else 0, old * 1e300, float("nan")]
+        )
     if isinstance(old, str):
         if old in DTYPES:
             return rng.choice(DTYPES)
@@ -340,7 +429,7 @@ def _dup_key_text(rng: random.Random, text: str) -> tuple[str, str]:
     if not keys:
         return text, "dupkey: none"
     m = rng.choice(keys)
-    return text[: m.end()] + "," + m.group(0) + text[m.end():], f"duplicate key {m.group(1)!r}"
+    return text[: m.end()] + "," + m.group(0) + text[m.end() :], f"duplicate key {m.group(1)!r}"
 
 
 class Mutator:
@@ -364,7 +453,7 @@ class Mutator:
             i = rng.randrange(n)
             k = rng.randint(1, min(8, n - i))
             val = bytes(rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256)]) for _ in range(k))
-            buf[i:i + k] = val
+            buf[i : i + k] = val
             return f"overwrite {k} bytes at {i} with {val.hex()}"
         if op == 2:
             k = rng.choice([0, 1, 7, 8, 9, rng.randrange(n + 1), max(0, n - rng.randint(1, 64))])
@@ -378,12 +467,12 @@ class Mutator:
             other = rng.choice(self.seeds)[1]
             i, j = rng.randrange(n), rng.randrange(len(other))
             k = rng.randint(1, 512)
-            buf[i:i + k] = other[j:j + k]
+            buf[i : i + k] = other[j : j + k]
             return f"splice {k} bytes from another seed at {j} into {i}"
         if op == 5 and n:
             i = rng.randrange(n)
             k = rng.randint(1, 32)
-            del buf[i:i + k]
+            del buf[i : i + k]
             return f"delete {k} bytes at {i}"
         if op == 6 and n:
             i = rng.randrange(n)
@@ -403,10 +492,19 @@ class Mutator:
         p = Parsed(json.loads(json.dumps(base.header)), json.loads(json.dumps(base.manifest)), base.data)
         names = blob_names(p)
         if p.manifest is not None:
-            names = names + [t.get("name") for t in p.manifest.get("tensors", []) if isinstance(t, dict)
-                             and isinstance(t.get("name"), str)] + [
-                m.get("name") for m in p.manifest.get("members", []) if isinstance(m, dict)
-                and isinstance(m.get("name"), str)]
+            names = (
+                names
+                + [
+                    t.get("name")
+                    for t in p.manifest.get("tensors", [])
+                    if isinstance(t, dict) and isinstance(t.get("name"), str)
+                ]
+                + [
+                    m.get("name")
+                    for m in p.manifest.get("members", [])
+                    if isinstance(m, dict) and isinstance(m.get("name"), str)
+                ]
+            )
         desc = []
         target = rng.random()
         n_ops = rng.choice([1, 1, 1, 2, 3])
@@ -445,8 +543,13 @@ class Mutator:
             header_text, d = _dup_key_text(rng, _dumps(p.header))
             desc.append("header text: " + d)
         try:
-            out = serialize(p, fix_manifest_sha=fix_sha, manifest_text=manifest_text, header_text=header_text,
-                            pad=rng.random() < 0.9)
+            out = serialize(
+                p,
+                fix_manifest_sha=fix_sha,
+                manifest_text=manifest_text,
+                header_text=header_text,
+                pad=rng.random() < 0.9,
+            )
         except (UnicodeEncodeError, ValueError) as exc:
             return self.seeds_by_name(seed_name), desc + [f"serialize failed ({exc}); seed used"]
         return out, desc
@@ -473,13 +576,13 @@ class Mutator:
         elif op == 1:
             k = rng.randint(1, min(18, e - b))
             i = rng.randrange(b, e - k + 1)
-            data[i:i + k] = bytes(rng.choice([0, 0xFF, rng.randrange(256)]) for _ in range(k))
+            data[i : i + k] = bytes(rng.choice([0, 0xFF, rng.randrange(256)]) for _ in range(k))
             d = f"overwrite {k} bytes of blob {name!r} at +{i - b}"
         elif op == 2:
             # NaN/Inf patterns into float data
             pat = rng.choice([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x7c", b"\xff\xff\xff\xff"])
             i = rng.randrange(b, max(b + 1, e - len(pat) + 1))
-            data[i:i + len(pat)] = pat
+            data[i : i + len(pat)] = pat
             data = data[: len(p.data)]
             d = f"write {pat.hex()} into blob {name!r} at +{i - b}"
         else:
@@ -504,8 +607,23 @@ class Mutator:
         rec = blobs[name]
         entry = p.header[name]
         op = rng.randrange(3)
-        itemsizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+        itemsizes = {
+            "F64": 8,
+            "F32": 4,
+            "F16": 2,
+            "BF16": 2,
+            "I64": 8,
+            "I32": 4,
+            "I16": 2,
+            "I8": 1,
+            "U64": 8,
+            "U32": 4,
+            "U16": 2,
+            "U8": 1,
+            "BOOL": 1,
+            "F8_E4M3": 1,
+            "F8_E5M2": 1,
+        }
         if rec.get("codec") != "none":
             # compressed: change logical shape/dtype only (stored bytes unchanged)
             if op == 0:
@@ -525,8 +643,18 @@ class Mutator:
             new_shape = shape
         elif op == 1:
             new_dtype = dtype
-            new_shape = rng.choice([[], [0], [1], shape[::-1], shape + [1], [1] + shape, shape[:-1],
-                                    [max(1, _prod(shape) // 2), 2] if _prod(shape) % 2 == 0 else [0]])
+            new_shape = rng.choice(
+                [
+                    [],
+                    [0],
+                    [1],
+                    shape[::-1],
+                    shape + [1],
+                    [1] + shape,
+                    shape[:-1],
+                    [max(1, _prod(shape) // 2), 2] if _prod(shape) % 2 == 0 else [0],
+                ]
+            )
         else:
             new_dtype = rng.choice(list(itemsizes))
             numel = _prod(shape) * itemsizes.get(dtype, 1)
@@ -596,8 +724,18 @@ class Mutator:
         fcs_flag = fhd >> 6
         pos = 5 + (0 if single else 1) + [0, 1, 2, 4][fhd & 3]
         fcs_len = [1 if single else 0, 2, 4, 8][fcs_flag]
-        itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U16": 2,
-                    "U32": 4, "U64": 8}.get(rec.get("dtype"), 1)
+        itemsize = {
+            "F64": 8,
+            "F32": 4,
+            "F16": 2,
+            "BF16": 2,
+            "I64": 8,
+            "I32": 4,
+            "I16": 2,
+            "U16": 2,
+            "U32": 4,
+            "U64": 8,
+        }.get(rec.get("dtype"), 1)
         numel = rng.choice([0, 1, 2**20, 2**26, 2**28, 2**31, 2**36, 2**50])
         if op == 2 and isinstance(rec.get("shape"), list):
             numel = _prod(rec["shape"]) + rng.choice([-1, 1, 2])  # off by a little
@@ -612,12 +750,18 @@ class Mutator:
                 if t.get("scheme") == "rows":
                     t["matrix"] = [numel, 1]
             elif t.get("storage") == "raw" and any(
-                    isinstance(m, dict) and isinstance(m.get("raw"), dict) and name in m["raw"].values()
-                    for m in p.manifest.get("members", [])):
+                isinstance(m, dict) and isinstance(m.get("raw"), dict) and name in m["raw"].values()
+                for m in p.manifest.get("members", [])
+            ):
                 t["shape"] = None
         size = numel * itemsize
-        new = frame[:4] + bytes([(3 << 6) | (fhd & 0x3F)]) + frame[5:pos] + (size % 2**64).to_bytes(8, "little") \
-            + frame[pos + fcs_len:]
+        new = (
+            frame[:4]
+            + bytes([(3 << 6) | (fhd & 0x3F)])
+            + frame[5:pos]
+            + (size % 2**64).to_bytes(8, "little")
+            + frame[pos + fcs_len :]
+        )
         self._replace_blob_bytes(p, name, new)
         p.header[name]["shape"] = [len(new)]
         return f"blob {name!r}: zstd content size and manifest shape -> [{numel}] ({size} bytes)"
@@ -635,8 +779,22 @@ class Mutator:
             mapping = {a: b, b: a}
             d = f"swap blob names {a!r} <-> {b!r} everywhere"
         else:
-            new = rng.choice(["x", "", "mean", "basis/", "/", "exact", "raw/9/zz", "foo/bar", a + "/",
-                              "\u00e9", "coef/0x", "mean" + a])
+            new = rng.choice(
+                [
+                    "x",
+                    "",
+                    "mean",
+                    "basis/",
+                    "/",
+                    "exact",
+                    "raw/9/zz",
+                    "foo/bar",
+                    a + "/",
+                    "\u00e9",
+                    "coef/0x",
+                    "mean" + a,
+                ]
+            )
             if new in blobs:
                 return "rename collision"
             mapping = {a: new}
@@ -689,6 +847,7 @@ def _prod(xs: list[Any]) -> int:
 # the target and the loop
 # ------------------------------------------------------------------------------------------
 
+
 class _Hang(BaseException):
     """Raised by the alarm when one input runs past HANG_SECONDS (BaseException: not swallowed)."""
 
@@ -723,7 +882,7 @@ def _innermost_unipack_frame(tb: Any) -> str:
     for fr in frames:
         norm = fr.filename.replace("\\", "/")
         if "/unipack/" in norm and "/tools/" not in norm:
-            rel = norm[norm.rindex("/unipack/") + 1:]
+            rel = norm[norm.rindex("/unipack/") + 1 :]
             where = f"{rel}:{fr.lineno} in {fr.name}"
     return where
 
@@ -742,11 +901,16 @@ class FuzzResult:
         return self.executions / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
-        lines = [f"executions: {self.executions}", f"seconds: {self.seconds:.1f}",
-                 f"exec/s: {self.exec_per_s:.1f}",
-                 (f"outcomes: {self.ok} accepted, {self.rejected} rejected with UnipackError "
-                  f"({self.mutator_failures} mutator failures fell back to a seed)"),
-                 f"findings: {len(self.findings)} unique"]
+        lines = [
+            f"executions: {self.executions}",
+            f"seconds: {self.seconds:.1f}",
+            f"exec/s: {self.exec_per_s:.1f}",
+            (
+                f"outcomes: {self.ok} accepted, {self.rejected} rejected with UnipackError "
+                f"({self.mutator_failures} mutator failures fell back to a seed)"
+            ),
+            f"findings: {len(self.findings)} unique",
+        ]
         for f in sorted(self.findings.values(), key=lambda f: -f.count):
             lines.append(f"  [{f.count}x] {f.exc_type} at {f.where}: {f.message[:200]}")
             lines.append(f"        seed={f.example_seed}; mutations: {' | '.join(f.example_desc)[:400]}")
@@ -793,9 +957,15 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def fuzz(seconds: float, seed: int, findings_dir: str | os.PathLike[str] | None = "fuzz-findings",
-         *, max_execs: int | None = None, log: Callable[[str], None] | None = None,
-         slow_seconds: float = SLOW_SECONDS) -> FuzzResult:
+def fuzz(
+    seconds: float,
+    seed: int,
+    findings_dir: str | os.PathLike[str] | None = "fuzz-findings",
+    *,
+    max_execs: int | None = None,
+    log: Callable[[str], None] | None = None,
+    slow_seconds: float = SLOW_SECONDS,
+) -> FuzzResult:
     """Fuzz for ``seconds`` (or ``max_execs`` inputs) with a fixed ``seed``; in-process."""
     import warnings
 
@@ -836,8 +1006,7 @@ def fuzz(seconds: float, seed: int, findings_dir: str | os.PathLike[str] | None 
                     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 else:
                     exc_type = "Slow"
-                    where = (_innermost_unipack_frame(exc.__traceback__) if exc is not None
-                             else "<completed>")
+                    where = _innermost_unipack_frame(exc.__traceback__) if exc is not None else "<completed>"
                     message = f"took {took:.2f} s (> {slow_seconds} s), outcome {outcome}"
                     tb_text = message + "\n"
                 key = f"{exc_type}@{where.split(' in ')[0]}"
@@ -850,8 +1019,11 @@ def fuzz(seconds: float, seed: int, findings_dir: str | os.PathLike[str] | None 
                     stem = _slug(key) + f"-{len(f.files)}"
                     (fdir / f"{stem}.upk").write_bytes(data)
                     (fdir / f"{stem}.txt").write_text(
-                        f"key: {key}\nseed bundle: {seed_name}\nmutations:\n  " + "\n  ".join(desc)
-                        + f"\ntook: {took:.3f} s\n\n{tb_text}", encoding="utf-8")
+                        f"key: {key}\nseed bundle: {seed_name}\nmutations:\n  "
+                        + "\n  ".join(desc)
+                        + f"\ntook: {took:.3f} s\n\n{tb_text}",
+                        encoding="utf-8",
+                    )
                     f.files.append(str(fdir / f"{stem}.upk"))
                 if f.count == 1 and log is not None:
                     log(f"NEW FINDING {key}: {exc_type}: {message[:160]}")
@@ -870,12 +1042,14 @@ def _slug(s: str) -> str:
 # CLI
 # ------------------------------------------------------------------------------------------
 
+
 def _limit_memory(mib: int) -> Callable[[], None]:
     def apply() -> None:
         import resource
 
         limit = mib * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
     return apply
 
 
@@ -891,23 +1065,35 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.child or args.memory_mib <= 0:
+
         def log(msg: str) -> None:
             print(msg, file=sys.stderr, flush=True)
 
-        res = fuzz(args.seconds, args.seed, args.findings, max_execs=args.max_execs, log=log,
-                   slow_seconds=args.slow)
+        res = fuzz(args.seconds, args.seed, args.findings, max_execs=args.max_execs, log=log, slow_seconds=args.slow)
         print(res.summary(), flush=True)
         return 1 if res.findings else 0
 
     # parent: re-run this script as a memory-limited child
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--seconds", str(args.seconds), "--seed",
-           str(args.seed), "--findings", args.findings, "--slow", str(args.slow)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--seconds",
+        str(args.seconds),
+        "--seed",
+        str(args.seed),
+        "--findings",
+        args.findings,
+        "--slow",
+        str(args.slow),
+    ]
     if args.max_execs is not None:
         cmd += ["--max-execs", str(args.max_execs)]
     with tempfile.TemporaryDirectory(prefix="fuzz-upk-parent-") as tmp:
         current = os.path.join(tmp, "current.upk")
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   FUZZ_UPK_CURRENT=current)
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", FUZZ_UPK_CURRENT=current
+        )
         proc = subprocess.run(cmd, check=False, preexec_fn=_limit_memory(args.memory_mib), env=env)
         if proc.returncode < 0:
             sig = signal.Signals(-proc.returncode).name
@@ -916,8 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.findings).mkdir(parents=True, exist_ok=True)
                 saved = os.path.join(args.findings, f"crash-{sig}.upk")
                 Path(saved).write_bytes(Path(current).read_bytes())
-            print(f"findings: CRASH: fuzzing child killed by signal {sig}; input saved to {saved}",
-                  file=sys.stderr)
+            print(f"findings: CRASH: fuzzing child killed by signal {sig}; input saved to {saved}", file=sys.stderr)
             return 1
     return proc.returncode
 

@@ -15,13 +15,8 @@ every member is from its original. The public API::
 
 from __future__ import annotations
 
-from unipack.version import __version__
-
-from unipack.pack.add import AddResult, add
-from unipack.api import Bundle, open
-from unipack.usercode import load_eval
-from unipack.pack.merge import MergeResult, merge
 from unipack.analysis.report import Report, report
+from unipack.api import Bundle, open
 from unipack.errors import (
     ChecksumError,
     EvalError,
@@ -35,6 +30,10 @@ from unipack.errors import (
     UnipackError,
 )
 from unipack.options import MergeOptions
+from unipack.pack.add import AddResult, add
+from unipack.pack.merge import MergeResult, merge
+from unipack.usercode import load_eval
+from unipack.version import __version__
 
 __all__ = [
     "AddResult",

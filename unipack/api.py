@@ -35,15 +35,26 @@ class Bundle(BundleReader):
         """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
         return write_safetensors_all(self, directory, force=force)
 
-    def extract_hf(self, member: str, directory: str | os.PathLike[str], *,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> HFExport:
+    def extract_hf(
+        self,
+        member: str,
+        directory: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        force: bool = False,
+    ) -> HFExport:
         """Write ``member`` as a Hugging Face folder (its recorded configs + safetensors weights,
         sharded above ``max_shard_size`` bytes or a size like ``"500MB"``) that
         ``transformers.AutoModel*.from_pretrained`` loads; atomically, via a temp folder."""
         return write_hf_folder(self, member, directory, max_shard_size=max_shard_size, force=force)
 
-    def extract_hf_all(self, directory: str | os.PathLike[str], *,
-                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> list[HFExport]:
+    def extract_hf_all(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        force: bool = False,
+    ) -> list[HFExport]:
         """Every member as a Hugging Face folder ``directory/<member>/``."""
         return write_hf_folders(self, directory, max_shard_size=max_shard_size, force=force)
 
@@ -63,8 +74,15 @@ class Bundle(BundleReader):
 
         return build_module(self, member, model).module
 
-    def export_onnx(self, member: str, out: str | os.PathLike[str], *, model: str | Factory | None = None,
-                    atol: float = 1e-4, force: bool = False) -> OnnxCheck:
+    def export_onnx(
+        self,
+        member: str,
+        out: str | os.PathLike[str],
+        *,
+        model: str | Factory | None = None,
+        atol: float = 1e-4,
+        force: bool = False,
+    ) -> OnnxCheck:
         """Write ``member`` as an ONNX model and check it against torch with ONNX Runtime (raises
         OnnxCheckError, keeping the file, past ``atol``); see unipack.export.onnx."""
         from unipack.export.onnx import export_onnx

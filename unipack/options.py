@@ -45,36 +45,73 @@ class MergeOptions:
     """How to pack members. Exactly one rank rule applies: ``rank``, ``energy`` or ``max_error``."""
 
     max_error: float | None = _opt(
-        None, "--max-error",
+        None,
+        "--max-error",
         f"Per-tensor budget: smallest rank at which every member's relative error "
         f"||W-Ŵ||/||W|| is <= E (default {DEFAULT_MAX_ERROR} unless --rank/--energy is given).",
-        type=float)
-    rank: int | None = _opt(None, "--rank", "Fixed rank K for every shared tensor (lossy: errors are "
-                            "recorded, not bounded).", type=int)
-    energy: float | None = _opt(None, "--energy", "Smallest rank keeping fraction F of each tensor's "
-                                "centred variance (lossy: errors are recorded, not bounded).", type=float)
-    scheme: str = _opt("auto", "--scheme", "Decomposition: rows (mode-1 HOSVD of stacked matrix rows), flat "
-                       "(whole tensor as one vector), auto (per tensor, whichever of the two needs fewer bytes; "
-                       "1-D tensors always use flat).",
-                       choices=SCHEMES)
-    dtype: str = _opt("float32", "--dtype", "Precision of bases and coefficients (the error budget is "
-                      "checked after rounding).", choices=DTYPES)
-    raw: tuple[str, ...] = _opt((), "--raw", "Store tensors matching this glob raw per member "
-                                "(repeatable), e.g. --raw 'classifier.*'.", multiple=True)
-    raw_mismatched: bool = _opt(False, "--raw-mismatched", "Store every tensor whose shape differs between "
-                                "members raw per member (task-specific heads) instead of failing.",
-                                is_flag=True)
+        type=float,
+    )
+    rank: int | None = _opt(
+        None, "--rank", "Fixed rank K for every shared tensor (lossy: errors are recorded, not bounded).", type=int
+    )
+    energy: float | None = _opt(
+        None,
+        "--energy",
+        "Smallest rank keeping fraction F of each tensor's centred variance (lossy: errors are recorded, not bounded).",
+        type=float,
+    )
+    scheme: str = _opt(
+        "auto",
+        "--scheme",
+        "Decomposition: rows (mode-1 HOSVD of stacked matrix rows), flat "
+        "(whole tensor as one vector), auto (per tensor, whichever of the two needs fewer bytes; "
+        "1-D tensors always use flat).",
+        choices=SCHEMES,
+    )
+    dtype: str = _opt(
+        "float32",
+        "--dtype",
+        "Precision of bases and coefficients (the error budget is checked after rounding).",
+        choices=DTYPES,
+    )
+    raw: tuple[str, ...] = _opt(
+        (),
+        "--raw",
+        "Store tensors matching this glob raw per member (repeatable), e.g. --raw 'classifier.*'.",
+        multiple=True,
+    )
+    raw_mismatched: bool = _opt(
+        False,
+        "--raw-mismatched",
+        "Store every tensor whose shape differs between "
+        "members raw per member (task-specific heads) instead of failing.",
+        is_flag=True,
+    )
     codec: str = _opt("zstd", "--codec", "Lossless codec for stored blobs.", choices=CODECS)
     zstd_level: int = _opt(3, "--zstd-level", "zstd level (1-22).", type=int)
-    gram_limit: int = _opt(4096, "--gram-limit", "Largest side length of the Gram matrix the rows scheme may "
-                           "form; a matrix with both sides larger uses the flat scheme.", type=int)
+    gram_limit: int = _opt(
+        4096,
+        "--gram-limit",
+        "Largest side length of the Gram matrix the rows scheme may "
+        "form; a matrix with both sides larger uses the flat scheme.",
+        type=int,
+    )
 
-    baselines: bool = _opt(True, "--baselines/--no-baselines", "Also measure, per member and tensor, the "
-                           "per-member truncated SVD at equal bytes (for `unipack report`; costs one small "
-                           "eigendecomposition per member and tensor).")
-    lossless: str = _opt("auto", "--lossless-baseline", "Measure the inputs compressed losslessly (zstd -19) "
-                         "for the report: full, sample (an estimate from 16 MiB), off, or auto (full up "
-                         "to 64 MiB of inputs, else sample).", choices=LOSSLESS)
+    baselines: bool = _opt(
+        True,
+        "--baselines/--no-baselines",
+        "Also measure, per member and tensor, the "
+        "per-member truncated SVD at equal bytes (for `unipack report`; costs one small "
+        "eigendecomposition per member and tensor).",
+    )
+    lossless: str = _opt(
+        "auto",
+        "--lossless-baseline",
+        "Measure the inputs compressed losslessly (zstd -19) "
+        "for the report: full, sample (an estimate from 16 MiB), off, or auto (full up "
+        "to 64 MiB of inputs, else sample).",
+        choices=LOSSLESS,
+    )
 
     def __post_init__(self) -> None:
         given = [n for n in ("max_error", "rank", "energy") if getattr(self, n) is not None]

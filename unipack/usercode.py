@@ -79,13 +79,14 @@ class EvalHook:
     spec: str
     function: EvalFunction
 
-    def __call__(self, state_dict: Mapping[str, "torch.Tensor"], member_name: str) -> dict[str, float]:
+    def __call__(self, state_dict: Mapping[str, torch.Tensor], member_name: str) -> dict[str, float]:
         try:
             raw = self.function(state_dict, member_name)
         except Exception as exc:
             # Chained so that API users still get the user's traceback; the CLI shows the line.
-            raise EvalError(f"eval {self.spec}: {type(exc).__name__}: {first_line(exc, _QUOTE_LIMIT)} "
-                            f"(member {member_name!r})") from exc
+            raise EvalError(
+                f"eval {self.spec}: {type(exc).__name__}: {first_line(exc, _QUOTE_LIMIT)} (member {member_name!r})"
+            ) from exc
         return check_results(raw, self.spec, member_name)
 
 
@@ -94,20 +95,20 @@ def check_results(raw: object, spec: str, member_name: str) -> dict[str, float]:
     where = f"(member {member_name!r})"
     if not isinstance(raw, Mapping):
         kind = "None" if raw is None else type(raw).__name__
-        raise EvalError(f"eval {spec}: returned {kind}, expected dict[str, float] {where}; "
-                        f"return e.g. {{'accuracy': 94.1}}")
+        raise EvalError(
+            f"eval {spec}: returned {kind}, expected dict[str, float] {where}; return e.g. {{'accuracy': 94.1}}"
+        )
     if not raw:
-        raise EvalError(f"eval {spec}: returned an empty dict {where}; return at least one metric, "
-                        f"e.g. {{'accuracy': 94.1}}")
+        raise EvalError(
+            f"eval {spec}: returned an empty dict {where}; return at least one metric, e.g. {{'accuracy': 94.1}}"
+        )
     results: dict[str, float] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise EvalError(f"eval {spec}: metric name {_quote(key)} is {type(key).__name__}, "
-                            f"expected str {where}")
+            raise EvalError(f"eval {spec}: metric name {_quote(key)} is {type(key).__name__}, expected str {where}")
         number = _as_float(value)
         if number is None:
-            raise EvalError(f"eval {spec}: metric {key!r} is {_describe(value)}, expected a real "
-                            f"number {where}")
+            raise EvalError(f"eval {spec}: metric {key!r} is {_describe(value)}, expected a real number {where}")
         if not math.isfinite(number):
             raise EvalError(f"eval {spec}: metric {key!r} is {number} {where}; return finite numbers")
         results[key] = number
@@ -149,17 +150,21 @@ def load_function(spec: str, kind: HookKind) -> Callable[..., Any]:
     if fn is None:
         found = _function_names(module)
         hint = f" (it defines {', '.join(found)})" if found else ""
-        raise kind.error(f"{kind.option} {spec}: {where} has no function {function!r}{hint}; "
-                         f"name one with SPEC:function")
+        raise kind.error(
+            f"{kind.option} {spec}: {where} has no function {function!r}{hint}; name one with SPEC:function"
+        )
     if not callable(fn):
-        raise kind.error(f"{kind.option} {spec}: {function!r} in {where} is not callable ({type(fn).__name__}); "
-                         f"name a function with SPEC:function")
+        raise kind.error(
+            f"{kind.option} {spec}: {function!r} in {where} is not callable ({type(fn).__name__}); "
+            f"name a function with SPEC:function"
+        )
     return fn
 
 
 # ------------------------------------------------------------------------------------------
 # parsing SPEC
 # ------------------------------------------------------------------------------------------
+
 
 def _parse(spec: str, kind: HookKind) -> tuple[Path | None, str | None, str]:
     """(path, None, function) for a file, (None, module, function) for a module."""
@@ -173,8 +178,10 @@ def _parse(spec: str, kind: HookKind) -> tuple[Path | None, str | None, str]:
     if _looks_like_path(target):
         return _checked_path(spec, target, kind), None, function
     if not all(part.isidentifier() for part in target.split(".")):
-        raise kind.error(f"{kind.option} {spec}: {target!r} is neither an existing file nor a module name; "
-                         f"give {kind.example}[:function] or module[:function]")
+        raise kind.error(
+            f"{kind.option} {spec}: {target!r} is neither an existing file nor a module name; "
+            f"give {kind.example}[:function] or module[:function]"
+        )
     return None, target, function
 
 
@@ -197,6 +204,7 @@ def _checked_path(spec: str, text: str, kind: HookKind) -> Path:
 # importing
 # ------------------------------------------------------------------------------------------
 
+
 def _load_file(spec: str, path: Path, kind: HookKind) -> ModuleType:
     """Execute ``path`` as a fresh module named after its full path.
 
@@ -215,12 +223,15 @@ def _load_file(spec: str, path: Path, kind: HookKind) -> ModuleType:
             module_spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(name, None)
-        raise kind.error(f"{kind.option} {spec}: syntax error in {exc.filename or path}, line {exc.lineno}: "
-                         f"{_quote_text(exc.msg)}") from None
+        raise kind.error(
+            f"{kind.option} {spec}: syntax error in {exc.filename or path}, line {exc.lineno}: {_quote_text(exc.msg)}"
+        ) from None
     except (Exception, SystemExit) as exc:  # SystemExit: a script that calls sys.exit() on import
         sys.modules.pop(name, None)
-        raise kind.error(f"{kind.option} {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc, _QUOTE_LIMIT)}"
-                         f"{_user_line(exc, path)}") from exc
+        raise kind.error(
+            f"{kind.option} {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc, _QUOTE_LIMIT)}"
+            f"{_user_line(exc, path)}"
+        ) from exc
     return module
 
 
@@ -231,16 +242,22 @@ def _load_module(spec: str, module_name: str, kind: HookKind) -> ModuleType:
         # Only a missing *target* means the name is wrong; a module it imports being missing
         # (scikit-learn, say) is a broken environment, reported as an import failure below.
         if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise kind.error(f"{kind.option} {spec}: no module named {module_name!r}; check the name, or give a "
-                             f"path to a .py file") from None
-        raise kind.error(f"{kind.option} {spec}: importing module {module_name!r} raised ModuleNotFoundError: "
-                         f"{first_line(exc, _QUOTE_LIMIT)}{_last_line(exc)}") from exc
+            raise kind.error(
+                f"{kind.option} {spec}: no module named {module_name!r}; check the name, or give a path to a .py file"
+            ) from None
+        raise kind.error(
+            f"{kind.option} {spec}: importing module {module_name!r} raised ModuleNotFoundError: "
+            f"{first_line(exc, _QUOTE_LIMIT)}{_last_line(exc)}"
+        ) from exc
     except SyntaxError as exc:
-        raise kind.error(f"{kind.option} {spec}: syntax error in {exc.filename}, line {exc.lineno}: "
-                         f"{_quote_text(exc.msg)}") from None
+        raise kind.error(
+            f"{kind.option} {spec}: syntax error in {exc.filename}, line {exc.lineno}: {_quote_text(exc.msg)}"
+        ) from None
     except (Exception, SystemExit) as exc:
-        raise kind.error(f"{kind.option} {spec}: importing module {module_name!r} raised {type(exc).__name__}: "
-                         f"{first_line(exc, _QUOTE_LIMIT)}{_last_line(exc)}") from exc
+        raise kind.error(
+            f"{kind.option} {spec}: importing module {module_name!r} raised {type(exc).__name__}: "
+            f"{first_line(exc, _QUOTE_LIMIT)}{_last_line(exc)}"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -260,14 +277,18 @@ def _on_sys_path(directory: Path) -> Iterator[None]:
 
 def _function_names(module: ModuleType) -> list[str]:
     """Up to five public functions the module defines itself (to suggest a SPEC:function)."""
-    names = [n for n, v in vars(module).items()
-             if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__]
+    names = [
+        n
+        for n, v in vars(module).items()
+        if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__
+    ]
     return names[:5] + (["..."] if len(names) > 5 else [])
 
 
 # ------------------------------------------------------------------------------------------
 # describing user values in one short line
 # ------------------------------------------------------------------------------------------
+
 
 def _as_float(value: object) -> float | None:
     """A real number as float; None for anything else (bools, strings, complex, big tensors)."""
@@ -276,12 +297,13 @@ def _as_float(value: object) -> float | None:
     if isinstance(value, numbers.Real):  # int, float, numpy integer/floating scalars
         return float(value)
     torch = sys.modules.get("torch")  # a tensor result means the user's code imported torch already
-    if isinstance(value, _array_types()) and value.ndim == 0:
+    array: Any = value  # a numpy array or torch tensor below
+    if isinstance(value, _array_types()) and array.ndim == 0:
         if torch is not None and isinstance(value, torch.Tensor):
-            ok = not value.dtype.is_complex and value.dtype != torch.bool
+            ok = not array.dtype.is_complex and array.dtype != torch.bool
         else:
-            ok = value.dtype.kind in "iuf"
-        return float(value.item()) if ok else None
+            ok = array.dtype.kind in "iuf"
+        return float(array.item()) if ok else None
     return None
 
 
@@ -295,7 +317,8 @@ def _describe(value: object) -> str:
     if value is None:
         return "None"
     if isinstance(value, _array_types()):
-        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+        array: Any = value
+        return f"a {type(value).__name__} of shape {tuple(array.shape)} and dtype {array.dtype}"
     return f"{type(value).__name__} {_quote(value)}"
 
 
@@ -304,7 +327,7 @@ def _quote(value: object) -> str:
 
 
 def _quote_text(text: str) -> str:
-    return text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT - 1] + "…"
+    return text if len(text) <= _QUOTE_LIMIT else text[: _QUOTE_LIMIT - 1] + "…"
 
 
 def _user_line(exc: BaseException, path: Path) -> str:

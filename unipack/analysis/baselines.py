@@ -12,19 +12,24 @@ whole state dicts (for ``--eval``) and recomputes the numbers for bundles merged
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from unipack.bundle.reader import BundleReader
+from unipack.core.fidelity import (
+    EXACT,
+    MemberFidelity,
+    fidelity_record,
+    matrix_view,
+    measure,
+    svd_rank_for_budget,
+    truncated_svd,
+)
 from unipack.core.linalg import rel_error
-from unipack.core.fidelity import MemberFidelity, matrix_view, measure, svd_rank_for_budget, truncated_svd
 from unipack.format import dtypes
 from unipack.format.manifest import FidelityRecord, MemberRecord, TensorRecord
 from unipack.schemes import scheme_of
 from unipack.schemes.shared import SharedParams
-from unipack.bundle.reader import BundleReader
 from unipack.sources.checkpoint import Checkpoint
-from unipack.core.fidelity import EXACT, fidelity_record
 
 Arrays = dict[str, tuple[str, np.ndarray]]  # name -> (dtype, array held as dtypes.holder(dtype))
 
@@ -72,8 +77,12 @@ def _svd_ranks(bundle: BundleReader, rec: MemberRecord) -> list[int]:
     if rec.fidelity is not None and rec.fidelity.svd_ranks is not None:
         return list(rec.fidelity.svd_ranks)
     n = len(bundle.members)
-    return [svd_rank_for_budget(scheme_of(t).svd_budget(t, n), matrix_view(t.shape)) if _projected(t, rec) and t.shape
-            else 0 for t in bundle.manifest.tensors]
+    return [
+        svd_rank_for_budget(scheme_of(t).svd_budget(t, n), matrix_view(t.shape))
+        if _projected(t, rec) and t.shape
+        else 0
+        for t in bundle.manifest.tensors
+    ]
 
 
 def measure_member(bundle: BundleReader, member: str, original: Checkpoint) -> FidelityRecord:
@@ -99,6 +108,7 @@ def measure_member(bundle: BundleReader, member: str, original: Checkpoint) -> F
         x = original.values(t.name).reshape(view)
         out = dtypes.to_float(array, dtype).reshape(view)
         norm = float(np.linalg.norm(x.ravel()))
-        per_tensor.append(measure(x, out, bundle.mean_values(t).reshape(view), norm, dtype, coef_dtype,
-                                  scheme.svd_budget(t, n)))
+        per_tensor.append(
+            measure(x, out, bundle.mean_values(t).reshape(view), norm, dtype, coef_dtype, scheme.svd_budget(t, n))
+        )
     return fidelity_record(per_tensor, baselines=True)

@@ -15,16 +15,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unipack.analysis.baselines import measure_member
+from unipack.analysis.scoring import score_members
+from unipack.bundle.summary import blob_parts
 from unipack.errors import InputError
-from unipack.format import dtypes
-from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
+from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord
 from unipack.format.safetensors_file import SafetensorsHeader
 from unipack.options import rule_text as options_rule_text
 from unipack.schemes import scheme_of
-from unipack.analysis.baselines import measure_member
 from unipack.sources.checkpoint import open_checkpoint
-from unipack.analysis.scoring import score_members
-from unipack.bundle.summary import blob_parts
 
 if TYPE_CHECKING:
     from unipack.bundle.reader import BundleReader
@@ -107,15 +106,16 @@ class Report:
         doc = asdict(self)
         doc["bytes"]["ratio"] = self.bytes.ratio
         doc["bytes"]["ratio_vs_lossless"] = self.bytes.ratio_vs_lossless
-        doc["worst_error"] = max((m.errors["unipack"].worst for m in self.members if m.errors["unipack"]),
-                                 default=0.0)
+        doc["worst_error"] = max((m.errors["unipack"].worst for m in self.members if m.errors["unipack"]), default=0.0)
         # Flat aliases the PNG and simple scripts read: worst/mean error and baselines per member.
         for m, d in zip(self.members, doc["members"]):
             unipack = m.errors["unipack"]
             d["worst_error"] = unipack.worst if unipack else None
             d["mean_error"] = unipack.mean if unipack else None
-            d["baselines"] = {key: ({"worst_error": s.worst, "mean_error": s.mean} if s else None)
-                              for key, s in (("mean", m.errors["mean-only"]), ("svd", m.errors["svd"]))}
+            d["baselines"] = {
+                key: ({"worst_error": s.worst, "mean_error": s.mean} if s else None)
+                for key, s in (("mean", m.errors["mean-only"]), ("svd", m.errors["svd"]))
+            }
         return doc
 
     def to_json(self) -> str:
@@ -124,15 +124,19 @@ class Report:
 
 def rule_text(options: Mapping[str, Any]) -> str:
     """The rank rule a bundle's recorded options name, and whether it bounds the errors."""
-    rule = "rank" if options.get("rank") is not None else "energy" if options.get("energy") is not None \
-        else "max-error"
-    words = options_rule_text(rule, rank=options.get("rank"), energy=options.get("energy"),
-                              max_error=options.get("max_error"))
+    rule = "rank" if options.get("rank") is not None else "energy" if options.get("energy") is not None else "max-error"
+    words = options_rule_text(
+        rule, rank=options.get("rank"), energy=options.get("energy"), max_error=options.get("max_error")
+    )
     return f"{words} per member per tensor" if rule == "max-error" else f"{words} (errors recorded, not bounded)"
 
 
-def build_report(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes,
-                 fidelity: Mapping[str, FidelityRecord] | None = None) -> Report:
+def build_report(
+    manifest: Manifest,
+    header: SafetensorsHeader,
+    header_bytes: bytes,
+    fidelity: Mapping[str, FidelityRecord] | None = None,
+) -> Report:
     """The report of a bundle; ``fidelity`` overrides recorded numbers (recomputed from originals)."""
     fidelity = dict(fidelity or {})
     stored = {name: e.nbytes for name, e in header.tensors.items()}
@@ -149,14 +153,24 @@ def build_report(manifest: Manifest, header: SafetensorsHeader, header_bytes: by
     complete = bool(measured) and len(measured) == len(manifest.members)  # a partial sum would flatter
     lossless_stats = manifest.stats.get("lossless")
     byte_report = ByteReport(
-        file=header.file_size, inputs=int(manifest.stats.get("input_bytes", 0)),
+        file=header.file_size,
+        inputs=int(manifest.stats.get("input_bytes", 0)),
         lossless=sum(measured) if complete else None,
         lossless_sampled=bool(isinstance(lossless_stats, dict) and lossless_stats.get("sampled")),
-        parts=parts, mean_only=_mean_only_bytes(manifest, parts, stored),
+        parts=parts,
+        mean_only=_mean_only_bytes(manifest, parts, stored),
     )
-    return Report(path=str(header.path), created_by=manifest.created_by, format_version=manifest.format_version,
-                  rule=rule_text(manifest.options), options=dict(manifest.options), bytes=byte_report,
-                  members=members, tensors=tensors, overall=_overall(members, tensors))
+    return Report(
+        path=str(header.path),
+        created_by=manifest.created_by,
+        format_version=manifest.format_version,
+        rule=rule_text(manifest.options),
+        options=dict(manifest.options),
+        bytes=byte_report,
+        members=members,
+        tensors=tensors,
+        overall=_overall(members, tensors),
+    )
 
 
 def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str, int]) -> int:
@@ -168,8 +182,9 @@ def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str
     return size
 
 
-def _byte_parts(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes,
-                stored: dict[str, int]) -> dict[str, int]:
+def _byte_parts(
+    manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes, stored: dict[str, int]
+) -> dict[str, int]:
     """Every byte of the file in exactly one part (header = length prefix + safetensors JSON)."""
     parts = dict.fromkeys(PARTS, 0)
     body = header_bytes[8:]
@@ -192,8 +207,9 @@ def _tensor_bytes(manifest: Manifest, member: MemberRecord, index: int) -> int:
     return scheme_of(t).original_bytes(t, member, manifest)
 
 
-def _member_report(manifest: Manifest, m: MemberRecord, record: FidelityRecord | None, own: int,
-                   amortized: int) -> MemberReport:
+def _member_report(
+    manifest: Manifest, m: MemberRecord, record: FidelityRecord | None, own: int, amortized: int
+) -> MemberReport:
     weights = [_tensor_bytes(manifest, m, i) for i in range(len(manifest.tensors))]
     names = [t.name for t in manifest.tensors]
     errors: dict[str, ErrorStats | None] = {"unipack": _stats(m.errors, weights, names)}
@@ -211,9 +227,17 @@ def _member_report(manifest: Manifest, m: MemberRecord, record: FidelityRecord |
                 kept += (record.mean_errors[i] * record.norms[i]) ** 2
         if projected:
             delta = math.sqrt(lost / kept) if kept > 0 else (0.0 if lost == 0 else None)
-    return MemberReport(name=m.name, source=m.source, added=m.added, source_bytes=m.source_bytes, own_bytes=own,
-                        amortized_bytes=amortized, errors=errors, delta_error=delta,
-                        metrics=dict(m.metrics or {}))
+    return MemberReport(
+        name=m.name,
+        source=m.source,
+        added=m.added,
+        source_bytes=m.source_bytes,
+        own_bytes=own,
+        amortized_bytes=amortized,
+        errors=errors,
+        delta_error=delta,
+        metrics=dict(m.metrics or {}),
+    )
 
 
 def _stats(values: tuple[float, ...] | None, weights: list[int], names: list[str]) -> ErrorStats | None:
@@ -228,8 +252,9 @@ def _stats(values: tuple[float, ...] | None, weights: list[int], names: list[str
     )
 
 
-def _tensor_reports(manifest: Manifest, stored: dict[str, int],
-                    fidelity: Mapping[str, FidelityRecord]) -> list[TensorReport]:
+def _tensor_reports(
+    manifest: Manifest, stored: dict[str, int], fidelity: Mapping[str, FidelityRecord]
+) -> list[TensorReport]:
     coef_share = _coefficient_shares(manifest, stored)
     out = []
     for i, t in enumerate(manifest.tensors):
@@ -247,18 +272,28 @@ def _tensor_reports(manifest: Manifest, stored: dict[str, int],
                     if all(r is not None and r.svd_errors is not None for r in records):
                         errors["svd"] = sum(r.svd_errors[i] for r in records if r and r.svd_errors) / len(members)
                 winner = _winner(errors)
-        out.append(TensorReport(
-            name=t.name, storage=t.storage, scheme=scheme.report_scheme(t), rank=scheme.rank(t),
-            energy=t.params.energy, spectrum=list(t.params.spectrum or ()), variance=t.params.variance,
-            stored_bytes=own + coef_share.get(t.name, 0), errors=errors, winner=winner,
-        ))
+        out.append(
+            TensorReport(
+                name=t.name,
+                storage=t.storage,
+                scheme=scheme.report_scheme(t),
+                rank=scheme.rank(t),
+                energy=t.params.energy,
+                spectrum=list(t.params.spectrum or ()),
+                variance=t.params.variance,
+                stored_bytes=own + coef_share.get(t.name, 0),
+                errors=errors,
+                winner=winner,
+            )
+        )
     return out
 
 
 def _winner(errors: Mapping[str, float | None]) -> str | None:
     """Smallest error wins; on a tie (within 0.1%) the cheaper method: mean-only, then the bundle."""
-    measured = [(v, rank, k) for rank, k in enumerate(("mean-only", "unipack", "svd"))
-                if (v := errors.get(k)) is not None]
+    measured = [
+        (v, rank, k) for rank, k in enumerate(("mean-only", "unipack", "svd")) if (v := errors.get(k)) is not None
+    ]
     if not measured:
         return None
     best = min(v for v, _, _ in measured)
@@ -283,8 +318,9 @@ def _overall(members: list[MemberReport], tensors: list[TensorReport]) -> dict[s
     mean_error: dict[str, float | None] = {}
     for method in METHODS:
         stats = [m.errors[method] for m in members]
-        mean_error[method] = (sum(s.mean for s in stats if s) / len(stats)
-                              if stats and all(s is not None for s in stats) else None)
+        mean_error[method] = (
+            sum(s.mean for s in stats if s) / len(stats) if stats and all(s is not None for s in stats) else None
+        )
     won = {method: sum(1 for t in tensors if t.winner == method) for method in METHODS}
     return {"mean_error": mean_error, "winner": _winner(mean_error), "tensors_won": won}
 
@@ -294,18 +330,31 @@ def find_originals(manifest: Manifest, directory: Path) -> dict[str, Path]:
     if not directory.is_dir():
         raise InputError(f"--originals {directory}: not a directory; give the folder holding the merge's inputs")
     # A source is a plain file or folder name; a bundle naming "../x" must not send us elsewhere.
-    found = {m.name: directory / m.source for m in manifest.members
-             if m.source not in ("", ".", "..") and "/" not in m.source and "\\" not in m.source
-             and ((directory / m.source).is_file() or (directory / m.source).is_dir())}
+    found = {
+        m.name: directory / m.source
+        for m in manifest.members
+        if m.source not in ("", ".", "..")
+        and "/" not in m.source
+        and "\\" not in m.source
+        and ((directory / m.source).is_file() or (directory / m.source).is_dir())
+    }
     if not found:
-        raise InputError(f"--originals {directory}: none of the members' source files or folders "
-                         f"({', '.join(m.source for m in manifest.members[:3])}, ...) is there")
+        raise InputError(
+            f"--originals {directory}: none of the members' source files or folders "
+            f"({', '.join(m.source for m in manifest.members[:3])}, ...) is there"
+        )
     return found
 
 
-def report(bundle: BundleReader, *, originals: Path | None = None, recompute: bool = False,
-           hook: EvalHook | None = None, metric: str | None = None,
-           on_member: Callable[[str], None] | None = None) -> Report:
+def report(
+    bundle: BundleReader,
+    *,
+    originals: Path | None = None,
+    recompute: bool = False,
+    hook: EvalHook | None = None,
+    metric: str | None = None,
+    on_member: Callable[[str], None] | None = None,
+) -> Report:
     """The full report of an open bundle.
 
     ``originals``: folder with the merge's inputs (found by file name). ``recompute``: measure the
@@ -315,8 +364,10 @@ def report(bundle: BundleReader, *, originals: Path | None = None, recompute: bo
     """
     found = find_originals(bundle.manifest, originals) if originals is not None else {}
     if recompute and bundle.is_lora:
-        raise InputError(f"{bundle.path}: holds LoRA adapters, whose baselines are measured only at merge "
-                         f"time; merge again with --baselines to get them")
+        raise InputError(
+            f"{bundle.path}: holds LoRA adapters, whose baselines are measured only at merge "
+            f"time; merge again with --baselines to get them"
+        )
     if recompute and not found:
         raise InputError("recomputing baselines needs the members' originals: add --originals DIR")
     fidelity: dict[str, FidelityRecord] = {}
@@ -331,6 +382,8 @@ def report(bundle: BundleReader, *, originals: Path | None = None, recompute: bo
     if hook is None:
         return result
     scored = score_members(bundle, hook, found, metric, on_member=on_member)
-    members = [replace(m, metrics={k: v for k, v in scored["members"][m.name].items() if v is not None})
-               for m in result.members]
+    members = [
+        replace(m, metrics={k: v for k, v in scored["members"][m.name].items() if v is not None})
+        for m in result.members
+    ]
     return replace(result, members=members, evaluation=scored)

@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unipack.errors import InputError
 from unipack.analysis.baselines import Arrays, mean_only, per_member_svd
 from unipack.bundle.reader import BundleReader
-from unipack.usercode import EvalHook, pick_metric
+from unipack.errors import InputError
 from unipack.sources.checkpoint import Checkpoint, open_checkpoint
+from unipack.usercode import EvalHook, pick_metric
 
 if TYPE_CHECKING:
     import torch
@@ -24,15 +24,22 @@ if TYPE_CHECKING:
 COLUMNS = ("original", "unipack", "mean-only", "svd")
 
 
-def as_torch(arrays: Arrays) -> dict[str, "torch.Tensor"]:
+def as_torch(arrays: Arrays) -> dict[str, torch.Tensor]:
     from unipack.format.torch_bridge import to_torch
 
     return {name: to_torch(array, dtype) for name, (dtype, array) in arrays.items()}
 
 
-def score_members(bundle: BundleReader, hook: EvalHook, originals: Mapping[str, Path], metric: str | None,
-                  *, baselines: bool = True, members: Sequence[str] | None = None,
-                  on_member: Callable[[str], None] | None = None) -> dict[str, Any]:
+def score_members(
+    bundle: BundleReader,
+    hook: EvalHook,
+    originals: Mapping[str, Path],
+    metric: str | None,
+    *,
+    baselines: bool = True,
+    members: Sequence[str] | None = None,
+    on_member: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """``{"eval", "metric", "members": {name: {column: scores | None}}, "drops": {...}}``.
 
     A member's original comes from ``originals`` (its file) or, failing that, from the scores
@@ -67,24 +74,33 @@ def score_members(bundle: BundleReader, hook: EvalHook, originals: Mapping[str, 
         table[name] = row
     first = next(iter(table.values()))["unipack"] if table else {}
     chosen = pick_metric(first or {}, metric, hook.spec)
-    return {"eval": hook.spec, "metric": chosen, "members": table, "original_recorded": recorded,
-            "drops": drops(table, chosen)}
+    return {
+        "eval": hook.spec,
+        "metric": chosen,
+        "members": table,
+        "original_recorded": recorded,
+        "drops": drops(table, chosen),
+    }
 
 
 def drops(table: Mapping[str, Mapping[str, Mapping[str, float] | None]], metric: str) -> dict[str, Any]:
     """Per column: the largest and the mean drop from the original, over members that have both."""
     out: dict[str, Any] = {}
     for column in COLUMNS[1:]:
-        values = [row["original"][metric] - row[column][metric]  # type: ignore[index]
-                  for row in table.values()
-                  if row.get("original") and row.get(column) and metric in row[column]  # type: ignore[operator]
-                  and metric in row["original"]]  # type: ignore[operator]
-        out[column] = {"worst": max(values), "mean": sum(values) / len(values), "members": len(values)} \
-            if values else None
+        values = []
+        for row in table.values():
+            original, scores = row.get("original"), row.get(column)
+            if original and scores and metric in scores and metric in original:
+                values.append(original[metric] - scores[metric])
+        out[column] = (
+            {"worst": max(values), "mean": sum(values) / len(values), "members": len(values)} if values else None
+        )
     return out
 
 
 def _check_same_tensors(bundle: BundleReader, name: str, original: Checkpoint) -> None:
     if set(original.tensors) != {entry[0] for entry in bundle.tensor_entries(name)}:
-        raise InputError(f"{original.path}: its tensor names differ from member {name!r} of {bundle.path}; "
-                         f"is it really that member's original?")
+        raise InputError(
+            f"{original.path}: its tensor names differ from member {name!r} of {bundle.path}; "
+            f"is it really that member's original?"
+        )

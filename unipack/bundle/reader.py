@@ -9,23 +9,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from unipack.bundle.lora import fan_in_fan_out, update_key
+from unipack.bundle.summary import BundleSummary, summarize
 from unipack.errors import MemberNotFoundError, UnipackError
 from unipack.format import dtypes
 from unipack.format.container import BundleFile
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord
 from unipack.schemes import MemberView, is_lora, scheme_of
 from unipack.schemes.shared import stored_mean
-from unipack.bundle.lora import fan_in_fan_out, update_key
-from unipack.bundle.summary import BundleSummary, summarize
 
 if TYPE_CHECKING:
     import torch
-
 
 
 class BundleReader:
@@ -50,8 +48,9 @@ class BundleReader:
             return self.manifest.member(name)
         except KeyError:
             shown = ", ".join(self.members[:8]) + (" ..." if len(self.members) > 8 else "")
-            raise MemberNotFoundError(f"{self.path}: no member {name!r}; members: {shown} "
-                                      f"(see `unipack info {self.path}`)") from None
+            raise MemberNotFoundError(
+                f"{self.path}: no member {name!r}; members: {shown} (see `unipack info {self.path}`)"
+            ) from None
 
     def view(self, member: str) -> MemberView:
         """What a scheme needs to rebuild ``member`` (its coefficient blob is read once, here)."""
@@ -85,7 +84,7 @@ class BundleReader:
         """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)``."""
         return {t.name: (dtype, array) for t, dtype, array in self.iter_arrays(member)}
 
-    def load(self, member: str, *, lora: str = "factors") -> dict[str, "torch.Tensor"]:
+    def load(self, member: str, *, lora: str = "factors") -> dict[str, torch.Tensor]:
         """Member ``member`` as a torch state dict (same names, shapes and dtypes as its original).
 
         For a LoRA bundle, ``lora="factors"`` (the default) gives the adapter file's keys (PEFT
@@ -105,8 +104,10 @@ class BundleReader:
         """``(base weight key, dtype, ΔŴ)`` for each LoRA module ``member`` touches (one at a time:
         a dense update is out x in, so only one is held)."""
         if not self.is_lora:
-            raise UnipackError(f"{self.path}: holds full checkpoints, not LoRA adapters; there are no updates "
-                               f"to load (use load(member))")
+            raise UnipackError(
+                f"{self.path}: holds full checkpoints, not LoRA adapters; there are no updates "
+                f"to load (use load(member))"
+            )
         view = self.view(member)
         transposed = fan_in_fan_out(view.member)
         for t in self.manifest.tensors:
@@ -159,7 +160,7 @@ class BundleReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "BundleReader":
+    def __enter__(self) -> BundleReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

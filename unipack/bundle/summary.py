@@ -87,15 +87,27 @@ def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
     for m in manifest.members:
         own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)
         worst = max(range(len(m.errors)), key=m.errors.__getitem__, default=None)
-        members.append(MemberSummary(
-            m.name, m.source, m.source_bytes, own,
-            m.errors[worst] if worst is not None else 0.0,
-            manifest.tensors[worst].name if worst is not None and m.errors[worst] > 0 else None,
-        ))
+        members.append(
+            MemberSummary(
+                m.name,
+                m.source,
+                m.source_bytes,
+                own,
+                m.errors[worst] if worst is not None else 0.0,
+                manifest.tensors[worst].name if worst is not None and m.errors[worst] > 0 else None,
+            )
+        )
     return BundleSummary(
-        path=str(header.path), format_version=manifest.format_version, created_by=manifest.created_by,
-        file_bytes=header.file_size, input_bytes=int(manifest.stats.get("input_bytes", 0)), parts=parts,
-        storage_counts=counts, rank_min=min(ranks) if ranks else None,
-        rank_median=statistics.median(ranks) if ranks else None, rank_max=max(ranks) if ranks else None,
-        members=members, options=manifest.options,
+        path=str(header.path),
+        format_version=manifest.format_version,
+        created_by=manifest.created_by,
+        file_bytes=header.file_size,
+        input_bytes=int(manifest.stats.get("input_bytes", 0)),
+        parts=parts,
+        storage_counts=counts,
+        rank_min=min(ranks) if ranks else None,
+        rank_median=statistics.median(ranks) if ranks else None,
+        rank_max=max(ranks) if ranks else None,
+        members=members,
+        options=manifest.options,
     )

@@ -17,13 +17,13 @@ from typing import Any
 import click
 from rich.console import Console
 
-from unipack.version import __version__
 from unipack.api import open as open_bundle
-from unipack.sources.checkpoint import resolve_names
-from unipack.pack.merge import MergeResult, merge
 from unipack.errors import UnipackError
 from unipack.options import MergeOptions
+from unipack.pack.merge import MergeResult, merge
 from unipack.render.console import ProgressBars, format_bytes, info_table, merge_summary
+from unipack.sources.checkpoint import resolve_names
+from unipack.version import __version__
 
 # Pipes and CI logs have no width; rich would fall back to 80 columns and cut member names.
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -64,8 +64,10 @@ class UnipackGroup(click.Group):
         except Exception as exc:  # a bug in unipack, not the user's fault: say so in one line
             if os.environ.get("UNIPACK_DEBUG"):
                 raise
-            raise InternalError(f"internal error: {type(exc).__name__}: {exc} (a bug: please report "
-                                f"it; UNIPACK_DEBUG=1 shows the traceback)") from None
+            raise InternalError(
+                f"internal error: {type(exc).__name__}: {exc} (a bug: please report "
+                f"it; UNIPACK_DEBUG=1 shows the traceback)"
+            ) from None
 
 
 @click.group(cls=UnipackGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,18 +81,42 @@ def cli() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle to write (.upk).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--eval", "eval_spec", metavar="SPEC", help="Score every member with evaluate(state_dict, "
-              "member_name) -> dict[str, float] (path/to/eval.py[:function] or module:function) and record "
-              "original and reconstructed scores in the bundle.")
-@click.option("--max-drop", type=float, help="With --eval: tighten --max-error until no member's metric drops "
-              "by more than this (in the metric's units, e.g. 0.5 accuracy points).")
+@click.option(
+    "--eval",
+    "eval_spec",
+    metavar="SPEC",
+    help="Score every member with evaluate(state_dict, "
+    "member_name) -> dict[str, float] (path/to/eval.py[:function] or module:function) and record "
+    "original and reconstructed scores in the bundle.",
+)
+@click.option(
+    "--max-drop",
+    type=float,
+    help="With --eval: tighten --max-error until no member's metric drops "
+    "by more than this (in the metric's units, e.g. 0.5 accuracy points).",
+)
 @click.option("--metric", help="With --eval: which metric of the eval's dict (default: its first key).")
-@click.option("--name", "name_pairs", multiple=True, metavar="SOURCE=NAME", help="Call the member from input "
-              "SOURCE (its path as given, or its default name: the file name without suffix, or the folder "
-              "name) NAME. Repeatable.")
+@click.option(
+    "--name",
+    "name_pairs",
+    multiple=True,
+    metavar="SOURCE=NAME",
+    help="Call the member from input "
+    "SOURCE (its path as given, or its default name: the file name without suffix, or the folder "
+    "name) NAME. Repeatable.",
+)
 @merge_options
-def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, eval_spec: str | None,
-              max_drop: float | None, metric: str | None, name_pairs: tuple[str, ...], **fields: Any) -> None:
+def merge_cmd(
+    inputs: tuple[Path, ...],
+    output: Path,
+    force: bool,
+    quiet: bool,
+    eval_spec: str | None,
+    max_drop: float | None,
+    metric: str | None,
+    name_pairs: tuple[str, ...],
+    **fields: Any,
+) -> None:
     """Merge same-architecture checkpoints (.safetensors, .bin/.pt, Hugging Face folders) into one bundle."""
     options = MergeOptions(**{k: v for k, v in fields.items()})
     if (max_drop is not None or metric is not None) and eval_spec is None:
@@ -99,17 +125,26 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, 
     bars = None if quiet else ProgressBars(err_console)
     try:
         if eval_spec is None:
-            result: MergeResult = merge(list(inputs), output, options=options, names=names, force=force,
-                                        progress=bars)
+            result: MergeResult = merge(list(inputs), output, options=options, names=names, force=force, progress=bars)
         else:
-            from unipack.usercode import load_eval
             from unipack.pack.max_drop import merge_with_eval
+            from unipack.usercode import load_eval
 
-            result = merge_with_eval(list(inputs), output, load_eval(eval_spec), max_drop=max_drop, metric=metric,
-                                     options=options, names=names, force=force, progress=bars,
-                                     on_attempt=lambda a: err_console.print(
-                                         f"max-error {a.max_error:.3g}: {format_bytes(a.file_bytes)}, largest drop "
-                                         f"{a.worst_drop:.3g} ({a.worst_member})"))
+            result = merge_with_eval(
+                list(inputs),
+                output,
+                load_eval(eval_spec),
+                max_drop=max_drop,
+                metric=metric,
+                options=options,
+                names=names,
+                force=force,
+                progress=bars,
+                on_attempt=lambda a: err_console.print(
+                    f"max-error {a.max_error:.3g}: {format_bytes(a.file_bytes)}, largest drop "
+                    f"{a.worst_drop:.3g} ({a.worst_member})"
+                ),
+            )
     finally:
         if bars:
             bars.stop()
@@ -117,15 +152,17 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path, force: bool, quiet: bool, 
     evaluation = result.manifest.stats.get("evaluation")
     if isinstance(evaluation, dict) and evaluation.get("met") is False:
         # The bundle is kept (lossless at budget 0), but a script must not mistake it for success.
-        raise UnipackError(f"--max-drop {evaluation.get('max_drop')} not met even at --max-error 0 (largest drop "
-                           f"{evaluation.get('worst_drop'):.3g}, {evaluation.get('worst_member')}): is the eval "
-                           f"deterministic? The bundle was written to {result.path}")
+        raise UnipackError(
+            f"--max-drop {evaluation.get('max_drop')} not met even at --max-error 0 (largest drop "
+            f"{evaluation.get('worst_drop'):.3g}, {evaluation.get('worst_member')}): is the eval "
+            f"deterministic? The bundle was written to {result.path}"
+        )
 
 
 def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """``--max-shard-size`` as bytes; a malformed size is a usage error (exit 2), like a bad choice."""
-    from unipack.export.hf_folder import parse_size
     from unipack.errors import OptionsError
+    from unipack.export.hf_folder import parse_size
 
     try:
         return None if value is None else parse_size(value)
@@ -137,21 +174,44 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--member", "-m", help="Member to extract.")
 @click.option("--all", "all_members", is_flag=True, help="Extract every member into the -o directory.")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output .safetensors file (default <member>.safetensors), folder with --format hf or peft "
-                   "(default <member>), or directory with --all (default .).")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf", "peft"]), default="safetensors",
-              show_default=True,
-              help="safetensors: one file per member. hf: a Hugging Face model folder (config files + weights) "
-                   "that transformers' from_pretrained loads. peft (LoRA bundles): a PEFT adapter folder "
-                   "(adapter_config.json + adapter_model.safetensors) that PeftModel.from_pretrained loads.")
-@click.option("--max-shard-size", metavar="SIZE", callback=_shard_size,
-              help="With --format hf: split weights into shards of at most SIZE (default 5GB; 500MB, 5GiB or "
-                   "bytes; GB = 10^9, GiB = 2^30), with model.safetensors.index.json.")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs (with --format hf: replace the folder "
-              "as a whole, once the new one is complete).")
-def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Path | None, fmt: str,
-                max_shard_size: int | None, force: bool) -> None:
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output .safetensors file (default <member>.safetensors), folder with --format hf or peft "
+    "(default <member>), or directory with --all (default .).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "hf", "peft"]),
+    default="safetensors",
+    show_default=True,
+    help="safetensors: one file per member. hf: a Hugging Face model folder (config files + weights) "
+    "that transformers' from_pretrained loads. peft (LoRA bundles): a PEFT adapter folder "
+    "(adapter_config.json + adapter_model.safetensors) that PeftModel.from_pretrained loads.",
+)
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    callback=_shard_size,
+    help="With --format hf: split weights into shards of at most SIZE (default 5GB; 500MB, 5GiB or "
+    "bytes; GB = 10^9, GiB = 2^30), with model.safetensors.index.json.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Overwrite existing outputs (with --format hf: replace the folder as a whole, once the new one is complete).",
+)
+def extract_cmd(
+    bundle: Path,
+    member: str | None,
+    all_members: bool,
+    output: Path | None,
+    fmt: str,
+    max_shard_size: int | None,
+    force: bool,
+) -> None:
     """Materialise a member (or --all) as .safetensors, as a Hugging Face model folder (--format hf), or
     as a PEFT adapter folder (--format peft)."""
     if all_members == (member is not None):
@@ -167,10 +227,12 @@ def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Pat
                 peft_exports = [b.extract_peft(member, output or Path(member), force=force)]
             for peft_export in peft_exports:
                 click.echo(str(peft_export.directory))
-            if not all_members:
+            if member is not None:
                 worst = max(b.member(member).errors, default=0.0)
-                err_console.print(f"extracted [bold]{member}[/] as a PEFT adapter folder: worst relative error of "
-                                  f"any module's update {worst:.3g} ({'exact' if worst == 0 else 'lossy'})")
+                err_console.print(
+                    f"extracted [bold]{member}[/] as a PEFT adapter folder: worst relative error of "
+                    f"any module's update {worst:.3g} ({'exact' if worst == 0 else 'lossy'})"
+                )
             return
         if fmt == "hf":
             from unipack.export.hf_folder import DEFAULT_MAX_SHARD_SIZE
@@ -191,8 +253,10 @@ def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Pat
                 shards = sum(f.endswith(".safetensors") for f in export.files)
                 files = len(export.files)
                 counts = f"{files} file{'s' if files != 1 else ''} ({shards} weight shard{'s' if shards != 1 else ''})"
-                err_console.print(f"extracted [bold]{export.member}[/] as a Hugging Face folder: {counts}, worst "
-                                  f"relative error {worst:.3g} on any tensor ({'exact' if worst == 0 else 'lossy'})")
+                err_console.print(
+                    f"extracted [bold]{export.member}[/] as a Hugging Face folder: {counts}, worst "
+                    f"relative error {worst:.3g} on any tensor ({'exact' if worst == 0 else 'lossy'})"
+                )
             return
         if all_members:
             paths = b.extract_all(output or Path("."), force=force)
@@ -204,8 +268,10 @@ def extract_cmd(bundle: Path, member: str | None, all_members: bool, output: Pat
         path = b.extract(member, output or Path(f"{member}.safetensors"), force=force)
         worst = max(rec.errors, default=0.0)
         click.echo(str(path))
-        err_console.print(f"extracted [bold]{member}[/]: worst relative error {worst:.3g} on any tensor "
-                          f"({'exact' if worst == 0 else 'lossy'})")
+        err_console.print(
+            f"extracted [bold]{member}[/]: worst relative error {worst:.3g} on any tensor "
+            f"({'exact' if worst == 0 else 'lossy'})"
+        )
 
 
 @cli.command("info")
@@ -220,8 +286,16 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
             doc = summary.to_dict()
             if tensors:
                 doc["tensors"] = [
-                    {"name": t.name, "storage": t.storage, "scheme": t.scheme, "rank": t.rank, "side": t.side,
-                     "energy": t.energy, "reason": t.reason} for t in b.manifest.tensors
+                    {
+                        "name": t.name,
+                        "storage": t.storage,
+                        "scheme": t.scheme,
+                        "rank": t.rank,
+                        "side": t.side,
+                        "energy": t.energy,
+                        "reason": t.reason,
+                    }
+                    for t in b.manifest.tensors
                 ]
             click.echo(json.dumps(doc, indent=2))
             return
@@ -232,32 +306,60 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
 @cli.command("report")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (every number the tables show).")
-@click.option("--png", type=click.Path(path_type=Path), help="Also write plots (scree curves, errors vs "
-              "baselines) to this PNG (needs matplotlib: pip install 'unipack[plots]').")
+@click.option(
+    "--png",
+    type=click.Path(path_type=Path),
+    help="Also write plots (scree curves, errors vs "
+    "baselines) to this PNG (needs matplotlib: pip install 'unipack[plots]').",
+)
 @click.option("--member", "-m", help="With --tensors: per-tensor numbers of this member.")
 @click.option("--tensors", is_flag=True, help="Per-tensor table: rank, energy kept, scree, errors vs baselines.")
-@click.option("--eval", "eval_spec", metavar="SPEC", help="Score members with evaluate(state_dict, member_name) "
-              "-> dict[str, float] from path/to/eval.py[:function] or module:function.")
+@click.option(
+    "--eval",
+    "eval_spec",
+    metavar="SPEC",
+    help="Score members with evaluate(state_dict, member_name) "
+    "-> dict[str, float] from path/to/eval.py[:function] or module:function.",
+)
 @click.option("--metric", help="Which metric of the eval's dict to compare (default: its first key).")
-@click.option("--originals", type=click.Path(path_type=Path), help="Folder holding the merge's inputs "
-              "(found by file name): scores the originals and the per-member SVD baseline too.")
-@click.option("--baselines", "recompute", is_flag=True, help="Measure the baselines again from --originals "
-              "(for bundles merged with --no-baselines).")
-def report_cmd(bundle: Path, as_json: bool, png: Path | None, member: str | None, tensors: bool,
-               eval_spec: str | None, metric: str | None, originals: Path | None, recompute: bool) -> None:
+@click.option(
+    "--originals",
+    type=click.Path(path_type=Path),
+    help="Folder holding the merge's inputs "
+    "(found by file name): scores the originals and the per-member SVD baseline too.",
+)
+@click.option(
+    "--baselines",
+    "recompute",
+    is_flag=True,
+    help="Measure the baselines again from --originals (for bundles merged with --no-baselines).",
+)
+def report_cmd(
+    bundle: Path,
+    as_json: bool,
+    png: Path | None,
+    member: str | None,
+    tensors: bool,
+    eval_spec: str | None,
+    metric: str | None,
+    originals: Path | None,
+    recompute: bool,
+) -> None:
     """Size and fidelity: bytes by part, errors per member, baselines, spectra, eval scores."""
-    from unipack.usercode import load_eval
     from unipack.analysis.report import report
     from unipack.render.report_view import report_view
+    from unipack.usercode import load_eval
 
     hook = load_eval(eval_spec) if eval_spec else None
     with open_bundle(bundle) as b:
         if member is not None:
             b.member(member)  # a clear error before any work
-        progress = None if as_json or not err_console.is_terminal else \
-            (lambda name: err_console.print(f"evaluating {name} ...", end="\r"))
-        result = report(b, originals=originals, recompute=recompute, hook=hook, metric=metric,
-                        on_member=progress)
+        progress = (
+            None
+            if as_json or not err_console.is_terminal
+            else (lambda name: err_console.print(f"evaluating {name} ...", end="\r"))
+        )
+        result = report(b, originals=originals, recompute=recompute, hook=hook, metric=metric, on_member=progress)
         if png is not None:
             from unipack.render.plots import write_png
 
@@ -290,10 +392,19 @@ def verify_cmd(bundle: Path) -> None:
 
 
 @cli.command("demo")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("unipack-demo"), show_default=True,
-              help="Where the bundle and extracted members are written.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Where the demo population is cached (default $UNIPACK_CACHE or ~/.cache/unipack/demo).")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("unipack-demo"),
+    show_default=True,
+    help="Where the bundle and extracted members are written.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the demo population is cached (default $UNIPACK_CACHE or ~/.cache/unipack/demo).",
+)
 @click.option("--small", is_flag=True, help="A quick 4-member population (what the tests run).")
 def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
     """Build a population of real fine-tunes (UCI digits), merge, inspect, extract, re-score."""
@@ -308,8 +419,12 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--name", help="Member name (default: SOURCE's file or folder name, without .safetensors, .bin or .pt).")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Write the grown bundle here and leave BUNDLE as it is (default: rewrite BUNDLE in place).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Write the grown bundle here and leave BUNDLE as it is (default: rewrite BUNDLE in place).",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing -o output.")
 def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, force: bool) -> None:
     """Add a checkpoint as a new member, projected onto the bundle's existing bases."""
@@ -324,18 +439,33 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
 @cli.command("export")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--member", "-m", required=True, help="Member to export.")
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path),
-              help="ONNX file to write (weights over 1.5 GiB go to FILE.data beside it).")
-@click.option("--model", "model_spec", metavar="SPEC", help="Factory build(state_dict, member_name) -> (module, "
-              "example_input) from path/to/model.py[:function] or module:function (default function: build); "
-              "needed for members without a Hugging Face config.json.")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
-              help="Largest absolute difference allowed between ONNX Runtime's and torch's outputs.")
+@click.option(
+    "--onnx",
+    "onnx_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="ONNX file to write (weights over 1.5 GiB go to FILE.data beside it).",
+)
+@click.option(
+    "--model",
+    "model_spec",
+    metavar="SPEC",
+    help="Factory build(state_dict, member_name) -> (module, "
+    "example_input) from path/to/model.py[:function] or module:function (default function: build); "
+    "needed for members without a Hugging Face config.json.",
+)
+@click.option(
+    "--atol",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Largest absolute difference allowed between ONNX Runtime's and torch's outputs.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def export_cmd(bundle: Path, member: str, onnx_path: Path, model_spec: str | None, atol: float, force: bool) -> None:
     """Export a member to ONNX and check it against torch with ONNX Runtime; exit 1 if it differs."""
-    from unipack.export.onnx import OnnxCheck, export_onnx
     from unipack.errors import OnnxCheckError
+    from unipack.export.onnx import OnnxCheck, export_onnx
 
     with open_bundle(bundle) as b:
         try:

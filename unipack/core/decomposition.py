@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from unipack.format import dtypes
 from unipack.core.fidelity import MemberFidelity
+from unipack.format import dtypes
 from unipack.options import rule_text
 
 
@@ -135,8 +135,10 @@ def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
     while True:
         encoded = model.encode(rank)
         if not all(math.isfinite(e) for e in encoded.errors):
-            return KeepRaw(f"values overflow the {job.coef_dtype} coefficients (stored raw; "
-                           f"--dtype float32 or bfloat16 avoids this)")
+            return KeepRaw(
+                f"values overflow the {job.coef_dtype} coefficients (stored raw; "
+                f"--dtype float32 or bfloat16 avoids this)"
+            )
         if job.rule != "max-error":
             return _with_reason(encoded, _rule_text(job))
         assert job.max_error is not None

@@ -17,15 +17,14 @@ tell its reader whether the shared subspace earned its bytes:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from collections.abc import Sequence
-
+from unipack.core.linalg import eigh_desc, rel_error
 from unipack.format import dtypes
 from unipack.format.manifest import FidelityRecord
-from unipack.core.linalg import eigh_desc, rel_error
 
 #: Leading eigenvalues kept per tensor for the report's scree curve.
 SPECTRUM_LENGTH = 128
@@ -57,8 +56,15 @@ def svd_rank_for_budget(values: float, matrix: tuple[int, int]) -> int:
     return int(min(values // (m + n), m, n))
 
 
-def measure(x: np.ndarray, out: np.ndarray, mean: np.ndarray, norm: float, member_dtype: str,
-            coef_dtype: str, svd_values: float | None) -> MemberFidelity:
+def measure(
+    x: np.ndarray,
+    out: np.ndarray,
+    mean: np.ndarray,
+    norm: float,
+    member_dtype: str,
+    coef_dtype: str,
+    svd_values: float | None,
+) -> MemberFidelity:
     """Fidelity numbers for one member.
 
     ``x``: the original as a float64 matrix (m x n; either orientation: the SVD does not care),
@@ -71,11 +77,14 @@ def measure(x: np.ndarray, out: np.ndarray, mean: np.ndarray, norm: float, membe
     mean_error = rel_error(x, dtypes.round_trip(mean, member_dtype), norm)
     svd_error = svd_rank = None
     if svd_values is not None:
-        svd_rank = svd_rank_for_budget(svd_values, x.shape)  # type: ignore[arg-type]
+        svd_rank = svd_rank_for_budget(svd_values, x.shape)
         if min(x.shape) > SVD_SIDE_LIMIT:
             svd_rank = 0
-        svd_error = mean_error if svd_rank == 0 else truncation_error(delta, svd_rank, delta_norm) / (
-            norm if norm > 0.0 else 1.0)
+        svd_error = (
+            mean_error
+            if svd_rank == 0
+            else truncation_error(delta, svd_rank, delta_norm) / (norm if norm > 0.0 else 1.0)
+        )
     return MemberFidelity(norm, delta_error, mean_error, svd_error, svd_rank)
 
 
@@ -139,11 +148,13 @@ EXACT = MemberFidelity(norm=0.0, delta_error=0.0, mean_error=0.0, svd_error=0.0,
 
 def fidelity_record(per_tensor: list[MemberFidelity], baselines: bool) -> FidelityRecord:
     """One member's informative numbers, rounded (see ``round_sig``) for the manifest."""
+
     def column(values: Sequence[float | None]) -> tuple[float, ...]:
         return tuple(round_sig(float(v or 0.0)) for v in values)
 
     return FidelityRecord(
-        norms=column([f.norm for f in per_tensor]), delta_errors=column([f.delta_error for f in per_tensor]),
+        norms=column([f.norm for f in per_tensor]),
+        delta_errors=column([f.delta_error for f in per_tensor]),
         mean_errors=column([f.mean_error for f in per_tensor]),
         svd_errors=column([f.svd_error for f in per_tensor]) if baselines else None,
         svd_ranks=tuple(int(f.svd_rank or 0) for f in per_tensor) if baselines else None,

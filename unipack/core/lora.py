@@ -61,7 +61,7 @@ class LoraFactors:
     @property
     def norm(self) -> float:
         """||ΔW||_F from r x r Grams: ||s B A||² = s² tr((BᵀB)(AAᵀ))."""
-        sq = self.scale ** 2 * float(np.sum((self.b.T @ self.b) * (self.a @ self.a.T)))
+        sq = self.scale**2 * float(np.sum((self.b.T @ self.b) * (self.a @ self.a.T)))
         return math.sqrt(max(sq, 0.0))
 
     def update(self) -> np.ndarray:
@@ -77,9 +77,17 @@ class LoraModel:
     of it. ``None`` marks an adapter that does not touch the module (a zero update).
     """
 
-    def __init__(self, out_dim: int, in_dim: int, u: np.ndarray, left_spectrum: np.ndarray, v: np.ndarray,
-                 right_spectrum: np.ndarray, coords: list[tuple[np.ndarray, np.ndarray, float] | None],
-                 norms: np.ndarray) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        in_dim: int,
+        u: np.ndarray,
+        left_spectrum: np.ndarray,
+        v: np.ndarray,
+        right_spectrum: np.ndarray,
+        coords: list[tuple[np.ndarray, np.ndarray, float] | None],
+        norms: np.ndarray,
+    ) -> None:
         self.out_dim, self.in_dim = out_dim, in_dim
         self.u, self.v = u, v  # out x K_out, in x K_in; orthonormal columns, signs fixed
         # Eigenvalues of Σ ΔW_i ΔW_iᵀ and Σ ΔW_iᵀ ΔW_i, descending (the kept nonzero part).
@@ -108,8 +116,7 @@ class LoraModel:
     def cores(self, k_out: int, k_in: int) -> list[np.ndarray]:
         """C_i = s_i (U_kᵀ B_i)(A_i V_k), k_out x k_in; an all-zero core for an untouched module."""
         self._check(k_out, k_in)
-        return [np.zeros((k_out, k_in)) if c is None else c[2] * (c[0][:k_out] @ c[1][:, :k_in])
-                for c in self._coords]
+        return [np.zeros((k_out, k_in)) if c is None else c[2] * (c[0][:k_out] @ c[1][:, :k_in]) for c in self._coords]
 
     def errors(self, k_out: int, k_in: int) -> np.ndarray:
         """Each adapter's ||ΔW_i - U_k C_i V_kᵀ||_F / ||ΔW_i||_F (absolute where ||ΔW_i|| = 0).
@@ -129,8 +136,14 @@ class LoraModel:
                 continue
             p, q, s = c
             p_tail, p_head, q_tail = p[k_out:], p[:k_out], q[:, k_in:]
-            sq = s * s * (float(np.sum((p_tail.T @ p_tail) * (q @ q.T)))
-                          + float(np.sum((p_head.T @ p_head) * (q_tail @ q_tail.T))))
+            sq = (
+                s
+                * s
+                * (
+                    float(np.sum((p_tail.T @ p_tail) * (q @ q.T)))
+                    + float(np.sum((p_head.T @ p_head) * (q_tail @ q_tail.T)))
+                )
+            )
             err = math.sqrt(max(sq, 0.0))
             out[i] = err / self.norms[i] if self.norms[i] > 0.0 else err
         return out
@@ -253,8 +266,9 @@ def fit(adapters: list[LoraFactors | None], out_dim: int, in_dim: int) -> LoraMo
     return LoraModel(out_dim, in_dim, u, left_spectrum, v, right_spectrum, coords, norms)
 
 
-def reconstruct_factors(u_k: np.ndarray, core: np.ndarray, v_k: np.ndarray,
-                        max_rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+def reconstruct_factors(
+    u_k: np.ndarray, core: np.ndarray, v_k: np.ndarray, max_rank: int
+) -> tuple[np.ndarray, np.ndarray, float]:
     """PEFT factors (b', a', scale') of rank <= ``max_rank`` for U_k C V_kᵀ.
 
     With C = X Σ Yᵀ: B' = U_k X √Σ and A' = √Σ Yᵀ V_kᵀ, truncated to the top ``max_rank``

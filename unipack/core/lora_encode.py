@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unipack.format import dtypes
 from unipack.core.linalg import least_squares_projector
 from unipack.core.lora import LoraFactors, LoraModel, reconstruct_factors
+from unipack.format import dtypes
 
 
 @dataclass
@@ -30,8 +30,14 @@ class EncodedLora:
     errors: list[float]  # per adapter: relative error of its extracted factors (0 if untouched)
 
 
-def encode(model: LoraModel, adapters: list[LoraFactors | None], k_out: int, k_in: int, coef_dtype: str,
-           member_dtypes: list[str | None]) -> EncodedLora:
+def encode(
+    model: LoraModel,
+    adapters: list[LoraFactors | None],
+    k_out: int,
+    k_in: int,
+    coef_dtype: str,
+    member_dtypes: list[str | None],
+) -> EncodedLora:
     """Round U_k, V_k to ``coef_dtype``, fit each core to the rounded bases, round it, and
     measure each adapter's extracted factors (rounded to its own dtype) against the original."""
     u_held, u = _rounded(model.u[:, :k_out], coef_dtype)
@@ -56,8 +62,9 @@ def encode(model: LoraModel, adapters: list[LoraFactors | None], k_out: int, k_i
     return EncodedLora((k_out, k_in), u_held if k_out else None, v_held if k_in else None, cores, errors)
 
 
-def peft_factors(u: np.ndarray, core: np.ndarray, v: np.ndarray, rank: int, scale: float,
-                 dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def peft_factors(
+    u: np.ndarray, core: np.ndarray, v: np.ndarray, rank: int, scale: float, dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(B', A') as float64 values already rounded to ``dtype``, with s · B' A' ≈ U core Vᵀ.
 
     B', A' have exactly the adapter's rank r (zero columns / rows pad an update of lower rank),
@@ -100,8 +107,11 @@ def stored_bytes(model: LoraModel, k_out: int, k_in: int, coef_dtype: str) -> in
 
 def factor_bytes(adapters: list[LoraFactors | None], member_dtypes: list[str | None]) -> int:
     """Bytes of the adapters' own factors (the ``factors`` form, and the inputs' LoRA part)."""
-    return sum(f.rank * (f.out_dim + f.in_dim) * dtypes.itemsize(d)
-               for f, d in zip(adapters, member_dtypes) if f is not None and d is not None)
+    return sum(
+        f.rank * (f.out_dim + f.in_dim) * dtypes.itemsize(d)
+        for f, d in zip(adapters, member_dtypes)
+        if f is not None and d is not None
+    )
 
 
 def _rounded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:

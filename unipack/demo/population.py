@@ -276,14 +276,26 @@ def _train_population(plan: TrainingPlan, tasks: list[Task], directory: Path, sa
         pretrain_labels = _PRETRAIN_CLASSES_PER_VIEW * len(plan.pretrain_task_names)
         torch.manual_seed(plan.seed)
         base = build_model(replace(plan.config, num_labels=pretrain_labels))
-        say(f"demo population: training into {directory} "
-            f"({count_parameters(base) - count_parameters(base.classifier):,} parameters before the head)")
+        say(
+            f"demo population: training into {directory} "
+            f"({count_parameters(base) - count_parameters(base.classifier):,} parameters before the head)"
+        )
         x, y = _pretrain_data(plan, "train")
-        _fit(base, x, y, epochs=plan.pretrain_epochs, body_lr=plan.pretrain_lr, head_lr=plan.pretrain_lr,
-             plan=plan, seed=plan.seed)
+        _fit(
+            base,
+            x,
+            y,
+            epochs=plan.pretrain_epochs,
+            body_lr=plan.pretrain_lr,
+            head_lr=plan.pretrain_lr,
+            plan=plan,
+            seed=plan.seed,
+        )
         base_acc = _accuracy(base, *_pretrain_data(plan, "test"))
-        say(f"  base, pretrained on {pretrain_labels} (view, digit) classes: held-out accuracy {base_acc:.1f}%  "
-            f"[{time.perf_counter() - started:.1f}s]")
+        say(
+            f"  base, pretrained on {pretrain_labels} (view, digit) classes: held-out accuracy {base_acc:.1f}%  "
+            f"[{time.perf_counter() - started:.1f}s]"
+        )
         _save_checkpoint(base, directory / _BASE_FILE, _base_metadata(plan, pretrain_labels, base_acc))
         base_state = {name: t.clone() for name, t in base.state_dict().items()}
 
@@ -296,27 +308,40 @@ def _train_population(plan: TrainingPlan, tasks: list[Task], directory: Path, sa
             model.load_state_dict(base_state)
             model.reset_classifier(task.num_labels)
             x, y = task.data("train")
-            _fit(model, x, y, epochs=plan.finetune_epochs, body_lr=plan.finetune_lr, head_lr=plan.head_lr,
-                 plan=plan, seed=seed)
+            _fit(
+                model,
+                x,
+                y,
+                epochs=plan.finetune_epochs,
+                body_lr=plan.finetune_lr,
+                head_lr=plan.head_lr,
+                plan=plan,
+                seed=seed,
+            )
             acc = _accuracy(model, *task.data("test"))
             accuracies[task.member_name] = acc
             _save_checkpoint(model, directory / f"{task.member_name}.safetensors", _member_metadata(task, plan, acc))
-            say(f"  {task.member_name:<24} {task.num_labels:>2} classes  held-out accuracy {acc:5.1f}%  "
-                f"(majority class {task.majority_rate():4.1f}%)  [{time.perf_counter() - t0:.1f}s]")
+            say(
+                f"  {task.member_name:<24} {task.num_labels:>2} classes  held-out accuracy {acc:5.1f}%  "
+                f"(majority class {task.majority_rate():4.1f}%)  [{time.perf_counter() - t0:.1f}s]"
+            )
 
     seconds = time.perf_counter() - started
     files = [_BASE_FILE] + [f"{task.member_name}.safetensors" for task in tasks]
-    _write_json(directory / _DONE, {
-        "population_version": POPULATION_VERSION,
-        "key": plan.key(),
-        "plan": asdict(plan),
-        "base": _BASE_FILE,
-        "base_accuracy": base_acc,
-        "members": [task.member_name for task in tasks],
-        "accuracy": accuracies,
-        "sha256": {name: _sha256(directory / name) for name in files},
-        "seconds": round(seconds, 2),
-    })
+    _write_json(
+        directory / _DONE,
+        {
+            "population_version": POPULATION_VERSION,
+            "key": plan.key(),
+            "plan": asdict(plan),
+            "base": _BASE_FILE,
+            "base_accuracy": base_acc,
+            "members": [task.member_name for task in tasks],
+            "accuracy": accuracies,
+            "sha256": {name: _sha256(directory / name) for name in files},
+            "seconds": round(seconds, 2),
+        },
+    )
     say(f"demo population: built {len(tasks)} members in {seconds:.1f}s")
 
 

@@ -18,14 +18,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from unipack.pack.add import add
-from unipack.api import open as open_bundle
-from unipack.usercode import load_eval
-from unipack.pack.merge import merge
-from unipack.export.onnx import export_onnx
 from unipack.analysis.report import report
+from unipack.api import open as open_bundle
+from unipack.demo.population import Member
+from unipack.export.onnx import export_onnx
+from unipack.pack.add import add
+from unipack.pack.merge import merge
 from unipack.render.console import ProgressBars, add_summary, format_bytes, merge_summary
 from unipack.render.report_view import report_view
+from unipack.usercode import load_eval
 
 #: Task heads have a different number of classes per member: store them raw, per member.
 HEAD_PATTERN = "classifier.*"
@@ -34,8 +35,9 @@ EVAL_SPEC = "unipack.demo.evaluate:evaluate"
 MODEL_SPEC = "unipack.demo.model:build"
 
 
-def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, *,
-             small: bool = False) -> dict[str, float]:
+def run_demo(
+    workdir: Path, cache_dir: Path | None, out: Console, err: Console, *, small: bool = False
+) -> dict[str, float]:
     """Run the demo; ``small`` uses the tests' quick population (4 members, 1 layer)."""
     from safetensors.torch import load_file
 
@@ -69,8 +71,9 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
     for member, path in zip(members, extracted):
         again = evaluate(load_file(str(path)), member.name)["accuracy"]
         if again != scores[member.name]["unipack"]["accuracy"]:
-            raise RuntimeError(f"{path}: scores {again} but the bundle's member scored "
-                               f"{scores[member.name]['unipack']['accuracy']}")
+            raise RuntimeError(
+                f"{path}: scores {again} but the bundle's member scored {scores[member.name]['unipack']['accuracy']}"
+            )
     err.print(f"  {len(extracted)} extracted files re-scored: identical to the report's unipack column")
 
     _export_onnx(bundle_path, members[1].name, workdir, out, err)
@@ -87,8 +90,12 @@ def run_demo(workdir: Path, cache_dir: Path | None, out: Console, err: Console, 
         f"{mean_drop:.2f} points. A member held out of the merge and added later ({held_out['member']}) "
         f"costs {format_bytes(held_out['bytes_added'])} and scores {held_out['drop']:+.2f} points vs its original."
     )
-    return {"ratio": result.ratio, "worst_error": result.worst_error, "worst_drop": worst_drop,
-            "held_out_drop": held_out["drop"]}
+    return {
+        "ratio": result.ratio,
+        "worst_error": result.worst_error,
+        "worst_drop": worst_drop,
+        "held_out_drop": held_out["drop"],
+    }
 
 
 def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, err: Console) -> None:
@@ -101,7 +108,7 @@ def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, er
         out.print(line, highlight=False)
 
 
-def _held_out(members: list, workdir: Path, out: Console, err: Console) -> dict[str, Any]:  # type: ignore[type-arg]
+def _held_out(members: list[Member], workdir: Path, out: Console, err: Console) -> dict[str, Any]:
     """Merge all members but the last, then ``unipack add`` the last: how well do the others' bases
     serve a fine-tune they never saw? (``add`` stores raw whatever they cannot bring within budget.)"""
     from safetensors.torch import load_file
@@ -110,16 +117,20 @@ def _held_out(members: list, workdir: Path, out: Console, err: Console) -> dict[
 
     *merged, last = members
     path = workdir / "held-out.upk"
-    err.print(f"[bold]+[/] held-out member: merge {len(merged)} members, then unipack add {path} "
-              f"{last.path.name} --name {last.name}")
+    err.print(
+        f"[bold]+[/] held-out member: merge {len(merged)} members, then unipack add {path} "
+        f"{last.path.name} --name {last.name}"
+    )
     merge([m.path for m in merged], path, force=True, raw=(HEAD_PATTERN,))
     result = add(path, last.path, name=last.name)
     out.print(add_summary(result))
     original = evaluate(load_file(str(last.path)), last.name)["accuracy"]
     with open_bundle(path) as bundle:
         added = evaluate(bundle.load(last.name), last.name)["accuracy"]
-    out.print(f"{last.name} (added): held-out accuracy {added:.2f}% vs {original:.2f}% for its original "
-              f"({added - original:+.2f} points)")
+    out.print(
+        f"{last.name} (added): held-out accuracy {added:.2f}% vs {original:.2f}% for its original "
+        f"({added - original:+.2f} points)"
+    )
     return {"member": last.name, "bytes_added": result.bytes_added, "drop": added - original}
 
 
@@ -132,7 +143,7 @@ SWEEP: tuple[tuple[str, dict[str, object]], ...] = (
 )
 
 
-def _budget_sweep(members: list, workdir: Path, err: Console) -> Table:  # type: ignore[type-arg]
+def _budget_sweep(members: list[Member], workdir: Path, err: Console) -> Table:
     """Ratio, weight error and accuracy drop for a few other budgets: the trade-off at a glance."""
     from safetensors.torch import load_file
 
@@ -144,11 +155,15 @@ def _budget_sweep(members: list, workdir: Path, err: Console) -> Table:  # type:
     for col in ("merge options", "ratio", "worst rel. error", "largest drop", "mean drop"):
         table.add_column(col, justify="left" if col == "merge options" else "right")
     for label, options in SWEEP:
-        result = merge([m.path for m in members], workdir / "sweep.upk", force=True, raw=(HEAD_PATTERN,),
-                       **options)  # type: ignore[arg-type]
+        result = merge([m.path for m in members], workdir / "sweep.upk", force=True, raw=(HEAD_PATTERN,), **options)  # type: ignore[arg-type]
         with open_bundle(result.path) as bundle:
             drops = [original[m.name] - evaluate(bundle.load(m.name), m.name)["accuracy"] for m in members]
-        table.add_row(label, f"{result.ratio:.2f}x", f"{result.worst_error:.3g}", f"{max(drops):.2f}",
-                      f"{sum(drops) / len(drops):.2f}")
+        table.add_row(
+            label,
+            f"{result.ratio:.2f}x",
+            f"{result.worst_error:.3g}",
+            f"{max(drops):.2f}",
+            f"{sum(drops) / len(drops):.2f}",
+        )
     (workdir / "sweep.upk").unlink(missing_ok=True)
     return table

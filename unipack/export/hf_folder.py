@@ -22,12 +22,11 @@ import numpy as np
 
 from unipack.bundle.reader import BundleReader
 from unipack.errors import FormatError, OptionsError
+from unipack.export.targets import check_folder_target
 from unipack.format import dtypes
 from unipack.format.atomic import atomic_directory, ensure_directory
 from unipack.format.manifest import TensorRecord
 from unipack.format.safetensors_file import encode_header
-from unipack.export.targets import check_folder_target
-
 
 #: ``save_pretrained``'s default shard limit, in the same units (GB = 10^9 bytes).
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -36,8 +35,18 @@ INDEX_NAME = "model.safetensors.index.json"
 
 Entry = tuple[str, str, tuple[int, ...], int]  # name, dtype, shape, nbytes (as encode_header takes)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"\s*([+-]?[0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
@@ -56,8 +65,10 @@ class HFExport:
         """The one line to show a user when the folder cannot be loaded as it is, else None."""
         if self.has_config:
             return None
-        return (f"no config.json recorded for member {self.member}: the folder has weights only "
-                f"(merge the member's Hugging Face folder to keep its config)")
+        return (
+            f"no config.json recorded for member {self.member}: the folder has weights only "
+            f"(merge the member's Hugging Face folder to keep its config)"
+        )
 
 
 def parse_size(value: str | int, what: str = "--max-shard-size") -> int:
@@ -73,8 +84,10 @@ def parse_size(value: str | int, what: str = "--max-shard-size") -> int:
     else:
         m = _SIZE.fullmatch(str(value))
         if m is None or m.group(2).lower() not in _UNITS:
-            raise OptionsError(f"{what}: {str(value)[:40]!r} is not a size; give bytes or a number with "
-                               f"KB/MB/GB (powers of 10) or KiB/MiB/GiB (powers of 2), e.g. 5GB or 500MB")
+            raise OptionsError(
+                f"{what}: {str(value)[:40]!r} is not a size; give bytes or a number with "
+                f"KB/MB/GB (powers of 10) or KiB/MiB/GiB (powers of 2), e.g. 5GB or 500MB"
+            )
         try:
             number = Decimal(m.group(1)) * _UNITS[m.group(2).lower()]
         except InvalidOperation:  # pragma: no cover - the pattern admits only plain decimals
@@ -105,8 +118,14 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def write_hf_folder(bundle: BundleReader, member: str, directory: str | os.PathLike[str], *,
-                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> HFExport:
+def write_hf_folder(
+    bundle: BundleReader,
+    member: str,
+    directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+) -> HFExport:
     """Write ``member`` as a Hugging Face model folder at ``directory`` (see the module docstring)."""
     limit = parse_size(max_shard_size, "max_shard_size")
     rec = bundle.member(member)  # a clear error for an unknown member, before any file work
@@ -130,15 +149,22 @@ def write_hf_folder(bundle: BundleReader, member: str, directory: str | os.PathL
             _write_shard(tmp / name, shard, metadata, arrays)
             written.append(name)
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(e[3] for e in entries)},
-                     "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+            index = {
+                "metadata": {"total_size": sum(e[3] for e in entries)},
+                "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard},
+            }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             written.append(INDEX_NAME)
     return HFExport(member, target, tuple(written), len(shards) > 1, "config.json" in configs)
 
 
-def write_hf_folders(bundle: BundleReader, directory: str | os.PathLike[str], *,
-                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> list[HFExport]:
+def write_hf_folders(
+    bundle: BundleReader,
+    directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+) -> list[HFExport]:
     """Every member into ``directory/<member>/`` (member names are validated inert).
 
     Every target is checked before the first is written, so a refused one does not leave the
@@ -151,12 +177,12 @@ def write_hf_folders(bundle: BundleReader, directory: str | os.PathLike[str], *,
     ensure_directory(out_dir)
     for name in bundle.members:
         check_folder_target(bundle, out_dir / name, force=force)
-    return [write_hf_folder(bundle, name, out_dir / name, max_shard_size=limit, force=force)
-            for name in bundle.members]
+    return [write_hf_folder(bundle, name, out_dir / name, max_shard_size=limit, force=force) for name in bundle.members]
 
 
-def _write_shard(path: Path, shard: list[Entry], metadata: dict[str, str],
-                 arrays: Iterator[tuple[TensorRecord, str, np.ndarray]]) -> None:
+def _write_shard(
+    path: Path, shard: list[Entry], metadata: dict[str, str], arrays: Iterator[tuple[TensorRecord, str, np.ndarray]]
+) -> None:
     """One shard: its header from the plan, then its tensors' bytes as the bundle yields them."""
     with open(path, "xb") as f:
         f.write(encode_header(shard, metadata))
@@ -164,6 +190,8 @@ def _write_shard(path: Path, shard: list[Entry], metadata: dict[str, str],
             t, got_dtype, array = next(arrays)
             data = dtypes.to_bytes(array, got_dtype)
             if t.name != name or got_dtype != dtype or len(data) != nbytes:
-                raise FormatError(f"{path.name}: tensor {name!r} does not match its planned "
-                                  f"{dtype} {nbytes}-byte entry (corrupt bundle?)")
+                raise FormatError(
+                    f"{path.name}: tensor {name!r} does not match its planned "
+                    f"{dtype} {nbytes}-byte entry (corrupt bundle?)"
+                )
             f.write(data)

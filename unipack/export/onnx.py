@@ -35,9 +35,9 @@ from unipack.errors import (
     OutputExistsError,
     UnipackError,
 )
-from unipack.format.atomic import check_writable
 from unipack.errors import first_line as one_line
 from unipack.export.torch_module import Factory, Inputs, MemberModule, build_module
+from unipack.format.atomic import check_writable
 
 if TYPE_CHECKING:
     from unipack.bundle.reader import BundleReader
@@ -89,21 +89,31 @@ class OnnxCheck:
         """The check as the CLI prints it."""
         size = sum(f.stat().st_size for f in self.files if f.exists())
         data = f" + external data {self.files[1].name}" if len(self.files) > 1 else ""
-        out = [(f"member {self.member!r} ({self.source}) -> {self.path}{data}: opset {self.opset}, "
-                f"{size / 1024:.0f} KiB"),
-               f"ONNX Runtime {self.provider} vs torch, outputs: {', '.join(self.outputs)}"]
+        out = [
+            (f"member {self.member!r} ({self.source}) -> {self.path}{data}: opset {self.opset}, {size / 1024:.0f} KiB"),
+            f"ONNX Runtime {self.provider} vs torch, outputs: {', '.join(self.outputs)}",
+        ]
         width = max(len(r.inputs) for r in self.runs)
-        out += [f"  {r.inputs:<{width}}  max abs diff {r.max_abs_diff:.3g}, max rel diff {r.max_rel_diff:.3g}"
-                for r in self.runs]
+        out += [
+            f"  {r.inputs:<{width}}  max abs diff {r.max_abs_diff:.3g}, max rel diff {r.max_rel_diff:.3g}"
+            for r in self.runs
+        ]
         verdict = "PASS" if self.passed else "FAIL"
         sign = "<=" if self.passed else ">"
         out.append(f"{verdict}: max abs diff {self.max_abs_diff:.3g} {sign} atol {self.atol:g}")
         return out
 
 
-def export_onnx(bundle: BundleReader, member: str, out: str | os.PathLike[str], *, model: str | Factory | None = None,
-                atol: float = 1e-4, force: bool = False,
-                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> OnnxCheck:
+def export_onnx(
+    bundle: BundleReader,
+    member: str,
+    out: str | os.PathLike[str],
+    *,
+    model: str | Factory | None = None,
+    atol: float = 1e-4,
+    force: bool = False,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> OnnxCheck:
     """Export ``member`` of ``bundle`` to ``out`` and check it with ONNX Runtime (see the module docstring).
 
     ``model`` is a factory SPEC or callable (unipack.export.torch_module) for members without a Hugging
@@ -130,20 +140,23 @@ def export_onnx(bundle: BundleReader, member: str, out: str | os.PathLike[str], 
 
     session = _session(onnxruntime, path)
     if len(session.get_outputs()) != len(names):
-        raise ModelError(f"{path}: the ONNX model has {len(session.get_outputs())} outputs but the torch module "
-                         f"returns {len(names)} tensors ({', '.join(names)}); the file was kept")
+        raise ModelError(
+            f"{path}: the ONNX model has {len(session.get_outputs())} outputs but the torch module "
+            f"returns {len(names)} tensors ({', '.join(names)}); the file was kept"
+        )
     runs = []
     for inputs, reference in zip((built.example, built.probe), expected):
         got = _run(session, inputs, path)
         abs_diff, rel_diff = _differences([t for _, t in reference], got)
         runs.append(OnnxRun(inputs.describe(), abs_diff, rel_diff))
-    check = OnnxCheck(path, files, member, built.source, tuple(names), tuple(runs), atol,
-                      session.get_providers()[0])
+    check = OnnxCheck(path, files, member, built.source, tuple(names), tuple(runs), atol, session.get_providers()[0])
     if not check.passed:
-        raise OnnxCheckError(f"{path}: ONNX Runtime's outputs differ from torch's by {check.max_abs_diff:.3g} "
-                             f"(max abs diff; max rel diff {check.max_rel_diff:.3g}) > atol {atol:g} on member "
-                             f"{member!r}; the file was kept: inspect it, or raise --atol if that is acceptable",
-                             check)
+        raise OnnxCheckError(
+            f"{path}: ONNX Runtime's outputs differ from torch's by {check.max_abs_diff:.3g} "
+            f"(max abs diff; max rel diff {check.max_rel_diff:.3g}) > atol {atol:g} on member "
+            f"{member!r}; the file was kept: inspect it, or raise --atol if that is acceptable",
+            check,
+        )
     return check
 
 
@@ -152,11 +165,12 @@ def _import_onnx() -> ModuleType:
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
         import onnx_ir  # noqa: F401 - ships with onnxscript; writes the model
-        import onnxruntime  # type: ignore[import-untyped]
+        import onnxruntime
         import onnxscript  # noqa: F401 - torch's exporter needs it
     except ImportError as exc:
-        raise UnipackError(f"ONNX export needs onnx and onnxruntime (missing: {exc.name}): "
-                           f"pip install 'unipack[onnx]'") from None
+        raise UnipackError(
+            f"ONNX export needs onnx and onnxruntime (missing: {exc.name}): pip install 'unipack[onnx]'"
+        ) from None
     return onnxruntime
 
 
@@ -173,8 +187,10 @@ def _flatten(value: Any, name: str) -> list[tuple[str, Any]]:
         return [pair for k, v in items for pair in _flatten(v, k if name == "output" else f"{name}.{k}")]
     if isinstance(value, (tuple, list)):
         return [pair for i, v in enumerate(value) for pair in _flatten(v, f"{name}_{i}")]
-    raise ModelError(f"the module returned {type(value).__name__} in its output ({name}); ONNX export needs "
-                     f"tensors, tuples or dicts of tensors")
+    raise ModelError(
+        f"the module returned {type(value).__name__} in its output ({name}); ONNX export needs "
+        f"tensors, tuples or dicts of tensors"
+    )
 
 
 def _export(built: MemberModule, output_names: list[str], member: str) -> Any:
@@ -189,13 +205,23 @@ def _export(built: MemberModule, output_names: list[str], member: str) -> Any:
     dynamic: Any = example.dynamic if example.kwargs else tuple(example.dynamic.get(n) for n in example.names)
     try:
         with _quiet():
-            return torch.onnx.export(built.module, example.args, kwargs=example.kwargs or None, dynamo=True,
-                                     input_names=example.names, output_names=output_names,
-                                     dynamic_shapes=dynamic, opset_version=OPSET, verbose=False)
+            return torch.onnx.export(
+                built.module,
+                example.args,
+                kwargs=example.kwargs or None,
+                dynamo=True,
+                input_names=example.names,
+                output_names=output_names,
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                verbose=False,
+            )
     except Exception as exc:
-        raise ModelError(f"member {member!r}: torch.onnx.export failed on {built.source}: {type(exc).__name__}: "
-                         f"{one_line(exc, 300)}; a module must be traceable by torch.export with a dynamic batch "
-                         f"axis") from None
+        raise ModelError(
+            f"member {member!r}: torch.onnx.export failed on {built.source}: {type(exc).__name__}: "
+            f"{one_line(exc, 300)}; a module must be traceable by torch.export with a dynamic batch "
+            f"axis"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -242,8 +268,9 @@ def _write(program: Any, path: Path, data_path: Path | None) -> tuple[Path, ...]
         for src, dst in moves:
             os.replace(src, dst)
     except OSError as exc:
-        raise UnipackError(f"{path}: write failed ({exc.strerror or exc}); the previous file, if any, "
-                           f"is intact") from None
+        raise UnipackError(
+            f"{path}: write failed ({exc.strerror or exc}); the previous file, if any, is intact"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync(path.parent)
@@ -263,8 +290,9 @@ def _session(onnxruntime: ModuleType, path: Path) -> Any:
     try:
         return onnxruntime.InferenceSession(str(path), providers=[PROVIDER])
     except Exception as exc:
-        raise ModelError(f"{path}: ONNX Runtime cannot load the exported model: {one_line(exc)}; "
-                         f"the file was kept") from None
+        raise ModelError(
+            f"{path}: ONNX Runtime cannot load the exported model: {one_line(exc)}; the file was kept"
+        ) from None
 
 
 def _run(session: Any, inputs: Inputs, path: Path) -> list[np.ndarray]:
@@ -272,14 +300,18 @@ def _run(session: Any, inputs: Inputs, path: Path) -> list[np.ndarray]:
     feed = {}
     for spec in session.get_inputs():
         if spec.name not in tensors:
-            raise ModelError(f"{path}: the ONNX model wants an input {spec.name!r} that the example does not "
-                             f"have ({', '.join(tensors)}); the file was kept")
+            raise ModelError(
+                f"{path}: the ONNX model wants an input {spec.name!r} that the example does not "
+                f"have ({', '.join(tensors)}); the file was kept"
+            )
         feed[spec.name] = tensors[spec.name].detach().cpu().numpy()
     try:
         return list(session.run(None, feed))
     except Exception as exc:
-        raise ModelError(f"{path}: ONNX Runtime failed on the input with {inputs.describe()}: {one_line(exc)}; "
-                         f"the export may not have kept that axis dynamic; the file was kept") from None
+        raise ModelError(
+            f"{path}: ONNX Runtime failed on the input with {inputs.describe()}: {one_line(exc)}; "
+            f"the export may not have kept that axis dynamic; the file was kept"
+        ) from None
 
 
 def _differences(reference: list[torch.Tensor], got: list[np.ndarray]) -> tuple[float, float]:
@@ -305,4 +337,3 @@ def _differences(reference: list[torch.Tensor], got: list[np.ndarray]) -> tuple[
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
     return worst_abs, worst_rel
-

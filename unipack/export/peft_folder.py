@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from unipack.bundle.reader import BundleReader
 from unipack.errors import OptionsError
-from unipack.format.atomic import atomic_directory, ensure_directory
 from unipack.export.safetensors import write_safetensors
 from unipack.export.targets import check_folder_target
-
-from unipack.bundle.reader import BundleReader
+from unipack.format.atomic import atomic_directory, ensure_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,15 +33,18 @@ class PeftExport:
     files: tuple[str, ...]
 
 
-def write_peft_folder(bundle: BundleReader, member: str, directory: str | os.PathLike[str], *,
-                      force: bool = False) -> PeftExport:
+def write_peft_folder(
+    bundle: BundleReader, member: str, directory: str | os.PathLike[str], *, force: bool = False
+) -> PeftExport:
     """Write ``member`` as a PEFT adapter folder at ``directory`` (see the module docstring)."""
     check_lora_bundle(bundle)
     rec = bundle.member(member)
     config = (rec.configs or {}).get(CONFIG_NAME)
     if config is None:  # every merged adapter records it; a hand-edited manifest might not
-        raise OptionsError(f"{bundle.path}: member {member!r} has no recorded {CONFIG_NAME}; extract it as "
-                           f"safetensors instead (extract --format safetensors)")
+        raise OptionsError(
+            f"{bundle.path}: member {member!r} has no recorded {CONFIG_NAME}; extract it as "
+            f"safetensors instead (extract --format safetensors)"
+        )
     target = Path(directory)
     check_folder_target(bundle, target, force=force)
     with atomic_directory(target, force=force) as tmp:
@@ -51,7 +53,9 @@ def write_peft_folder(bundle: BundleReader, member: str, directory: str | os.Pat
     return PeftExport(member, target, (CONFIG_NAME, WEIGHTS_NAME))
 
 
-def write_peft_folders(bundle: BundleReader, directory: str | os.PathLike[str], *, force: bool = False) -> list[PeftExport]:
+def write_peft_folders(
+    bundle: BundleReader, directory: str | os.PathLike[str], *, force: bool = False
+) -> list[PeftExport]:
     """Every member into ``directory/<member>/``; every target is checked before the first is written."""
     check_lora_bundle(bundle)
     out_dir = Path(directory)
@@ -63,5 +67,7 @@ def write_peft_folders(bundle: BundleReader, directory: str | os.PathLike[str], 
 
 def check_lora_bundle(bundle: BundleReader) -> None:
     if not bundle.is_lora:
-        raise OptionsError(f"{bundle.path}: holds full checkpoints, not LoRA adapters; extract them with "
-                           f"--format safetensors or --format hf")
+        raise OptionsError(
+            f"{bundle.path}: holds full checkpoints, not LoRA adapters; extract them with "
+            f"--format safetensors or --format hf"
+        )

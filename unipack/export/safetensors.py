@@ -16,8 +16,7 @@ from unipack.format.atomic import atomic_write, ensure_directory
 from unipack.format.safetensors_file import encode_header
 
 
-def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike[str], *,
-                      force: bool = False) -> Path:
+def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Write ``member`` as a .safetensors file at ``path``; returns the path."""
     rec = bundle.member(member)
     out = Path(path)
@@ -29,10 +28,10 @@ def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike
     return out
 
 
-def write_safetensors_all(bundle: BundleReader, directory: str | os.PathLike[str], *,
-                          force: bool = False) -> list[Path]:
+def write_safetensors_all(
+    bundle: BundleReader, directory: str | os.PathLike[str], *, force: bool = False
+) -> list[Path]:
     """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
     out_dir = Path(directory)
     ensure_directory(out_dir)
-    return [write_safetensors(bundle, name, out_dir / f"{name}.safetensors", force=force)
-            for name in bundle.members]
+    return [write_safetensors(bundle, name, out_dir / f"{name}.safetensors", force=force) for name in bundle.members]

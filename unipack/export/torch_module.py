@@ -47,6 +47,7 @@ import torch
 
 from unipack.errors import ModelError, UnipackError
 from unipack.errors import first_line as one_line
+from unipack.export.hf_folder import write_hf_folder
 from unipack.usercode import HookKind, load_function
 
 if TYPE_CHECKING:
@@ -119,19 +120,24 @@ def build_module(bundle: BundleReader, member: str, model: str | Factory | None 
     if model is not None:
         return _from_factory(bundle, member, model)
     if bundle.is_lora:
-        raise ModelError(f"member {member!r} is a LoRA adapter, not a model: extract it with --format peft and "
-                         f"load it onto its base model with peft, or give --model module:function (a factory "
-                         f"that applies the adapter's state dict to the base and returns it with an example input)")
+        raise ModelError(
+            f"member {member!r} is a LoRA adapter, not a model: extract it with --format peft and "
+            f"load it onto its base model with peft, or give --model module:function (a factory "
+            f"that applies the adapter's state dict to the base and returns it with an example input)"
+        )
     config_text = (record.configs or {}).get("config.json")
     if config_text is None:
-        raise ModelError(f"member {member!r} has no Hugging Face config.json: give --model module:function "
-                         f"(a factory returning the module and an example input)")
+        raise ModelError(
+            f"member {member!r} has no Hugging Face config.json: give --model module:function "
+            f"(a factory returning the module and an example input)"
+        )
     return _from_config(bundle, member, config_text)
 
 
 # ------------------------------------------------------------------------------------------
 # Hugging Face members
 # ------------------------------------------------------------------------------------------
+
 
 def _from_config(bundle: BundleReader, member: str, config_text: str) -> MemberModule:
     transformers = _import_transformers(member)
@@ -148,35 +154,51 @@ def _from_config(bundle: BundleReader, member: str, config_text: str) -> MemberM
         # Maybe a checkpoint in the layout save_pretrained writes, which this transformers renames
         # on load (v5: vit.layers.N.* from vit.encoder.layer.N.*): let transformers itself load it.
         del skeleton
-        return MemberModule(_via_from_pretrained(transformers, bundle, member, make, name).eval(), example, probe,
-                            f"{source} (from_pretrained)")
+        return MemberModule(
+            _via_from_pretrained(transformers, bundle, member, make, name).eval(),
+            example,
+            probe,
+            f"{source} (from_pretrained)",
+        )
     del skeleton
     module = _construct(make, config, member, name)
     _load(module, state, member, source)
     return MemberModule(module.eval(), example, probe, source)
 
 
-def _via_from_pretrained(transformers: ModuleType, bundle: BundleReader, member: str, make: Any, name: str) -> torch.nn.Module:
+def _via_from_pretrained(
+    transformers: ModuleType, bundle: BundleReader, member: str, make: Any, name: str
+) -> torch.nn.Module:
     """The member written as a Hugging Face folder (a temp dir) and loaded by ``from_pretrained``,
     demanding a clean load: no missing, unexpected or mismatched keys."""
     import tempfile
     from pathlib import Path
 
-    cls = make if isinstance(make, type) else transformers.AutoModel
+    cls: Any = make if isinstance(make, type) else transformers.AutoModel
     with tempfile.TemporaryDirectory(prefix="unipack-hf-") as tmp:
         folder = Path(tmp) / member
-        bundle.extract_hf(member, folder)
+        write_hf_folder(bundle, member, folder)
         try:
             module, info = cls.from_pretrained(folder, output_loading_info=True)
         except Exception as exc:
-            raise ModelError(f"member {member!r}: transformers could not load it as {name}: {one_line(exc)}; "
-                             f"give --model module:function instead") from None
-    problems = [_listed(list(info.get(key) or ()), what) for key, what in
-                (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape"))
-                if info.get(key)]
+            raise ModelError(
+                f"member {member!r}: transformers could not load it as {name}: {one_line(exc)}; "
+                f"give --model module:function instead"
+            ) from None
+    problems = [
+        _listed(list(info.get(key) or ()), what)
+        for key, what in (
+            ("missing_keys", "missing"),
+            ("unexpected_keys", "unexpected"),
+            ("mismatched_keys", "of another shape"),
+        )
+        if info.get(key)
+    ]
     if problems:
-        raise ModelError(f"member {member!r} does not fit transformers {name}: {'; '.join(problems)}; check that "
-                         f"the member and the model match")
+        raise ModelError(
+            f"member {member!r} does not fit transformers {name}: {'; '.join(problems)}; check that "
+            f"the member and the model match"
+        )
     return module
 
 
@@ -184,8 +206,9 @@ def _import_transformers(member: str) -> ModuleType:
     try:
         import transformers
     except ImportError:
-        raise UnipackError(f"member {member!r} is a Hugging Face model; building it needs transformers: "
-                           f"pip install 'unipack[hf]'") from None
+        raise UnipackError(
+            f"member {member!r} is a Hugging Face model; building it needs transformers: pip install 'unipack[hf]'"
+        ) from None
     return transformers
 
 
@@ -196,14 +219,16 @@ def _hf_config(transformers: ModuleType, text: str, member: str) -> Any:
     except ValueError as exc:
         raise ModelError(f"{where} is not valid JSON ({exc}); give --model module:function instead") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
-        raise ModelError(f"{where} has no \"model_type\"; give --model module:function instead")
+        raise ModelError(f'{where} has no "model_type"; give --model module:function instead')
     try:
         # The config class is found by model_type in transformers' own table (no remote code).
         return transformers.AutoConfig.for_model(**doc)
     except Exception as exc:
-        raise ModelError(f"{where} (model_type {doc['model_type']!r}) cannot be read by transformers "
-                         f"{transformers.__version__}: {one_line(exc)}; upgrade transformers or give "
-                         f"--model module:function") from None
+        raise ModelError(
+            f"{where} (model_type {doc['model_type']!r}) cannot be read by transformers "
+            f"{transformers.__version__}: {one_line(exc)}; upgrade transformers or give "
+            f"--model module:function"
+        ) from None
 
 
 def _model_class(transformers: ModuleType, config: Any) -> tuple[Callable[[Any], torch.nn.Module], str]:
@@ -224,8 +249,10 @@ def _construct(make: Callable[[Any], torch.nn.Module], config: Any, member: str,
     try:
         return make(config)
     except Exception as exc:
-        raise ModelError(f"member {member!r}: transformers could not build {name} from its config.json: "
-                         f"{one_line(exc)}; give --model module:function instead") from None
+        raise ModelError(
+            f"member {member!r}: transformers could not build {name} from its config.json: "
+            f"{one_line(exc)}; give --model module:function instead"
+        ) from None
 
 
 def _config_inputs(config: Any, member: str) -> tuple[Inputs, Inputs]:
@@ -235,19 +262,26 @@ def _config_inputs(config: Any, member: str) -> tuple[Inputs, Inputs]:
     positions = _count(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
     if image_size is not None and channels is not None:
         sides = [image_size] * 2 if _count(image_size) else image_size
-        height, width = (_count(sides[0]), _count(sides[1])) if isinstance(sides, (list, tuple)) and len(sides) == 2 \
+        height, width = (
+            (_count(sides[0]), _count(sides[1]))
+            if isinstance(sides, (list, tuple)) and len(sides) == 2
             else (None, None)
+        )
         if height is None or width is None or channels * height * width > MAX_IMAGE_ELEMENTS:
-            raise ModelError(f"member {member!r}: config.json's image_size {image_size!r} is not a usable image "
-                             f"size; give --model module:function instead")
+            raise ModelError(
+                f"member {member!r}: config.json's image_size {image_size!r} is not a usable image "
+                f"size; give --model module:function instead"
+            )
         return _images(1, channels, height, width), _images(PROBE_BATCH, channels, height, width)
     if vocab is not None and positions is not None:
         length = min(TEXT_LENGTH, positions)
         return _tokens(1, length, vocab), _tokens(PROBE_BATCH, max(1, 2 * length // 3), vocab)
-    raise ModelError(f"member {member!r}: cannot make an example input for model_type {config.model_type!r} "
-                     f"(its config.json has neither image_size and num_channels nor vocab_size and "
-                     f"max_position_embeddings): give --model module:function (a factory returning the module "
-                     f"and an example input)")
+    raise ModelError(
+        f"member {member!r}: cannot make an example input for model_type {config.model_type!r} "
+        f"(its config.json has neither image_size and num_channels nor vocab_size and "
+        f"max_position_embeddings): give --model module:function (a factory returning the module "
+        f"and an example input)"
+    )
 
 
 def _images(batch: int, channels: int, height: int, width: int) -> Inputs:
@@ -261,9 +295,11 @@ def _tokens(batch: int, length: int, vocab: int) -> Inputs:
     ids = torch.randint(0, vocab, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.long)
     if batch > 1:
-        mask[-1, (length + 1) // 2:] = 0  # one padded row, so that the mask really is used
+        mask[-1, (length + 1) // 2 :] = 0  # one padded row, so that the mask really is used
     axes = {0: "batch", 1: "sequence"}
-    return Inputs(kwargs={"input_ids": ids, "attention_mask": mask}, dynamic={"input_ids": axes, "attention_mask": axes})
+    return Inputs(
+        kwargs={"input_ids": ids, "attention_mask": mask}, dynamic={"input_ids": axes, "attention_mask": axes}
+    )
 
 
 def _count(value: object) -> int | None:
@@ -274,6 +310,7 @@ def _count(value: object) -> int | None:
 # ------------------------------------------------------------------------------------------
 # user factories
 # ------------------------------------------------------------------------------------------
+
 
 def _from_factory(bundle: BundleReader, member: str, model: str | Factory) -> MemberModule:
     spec = model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
@@ -287,8 +324,9 @@ def _from_factory(bundle: BundleReader, member: str, model: str | Factory) -> Me
         raise ModelError(f"{where}: {type(exc).__name__}: {one_line(exc)} (member {member!r})") from exc
     expected = "expected (torch.nn.Module, example_inputs)"
     if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise ModelError(f"{where}: returned {_kind(result)}, {expected} (member {member!r}); return "
-                         f"(module, example_input)")
+        raise ModelError(
+            f"{where}: returned {_kind(result)}, {expected} (member {member!r}); return (module, example_input)"
+        )
     module, raw_inputs = result
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"{where}: returned {_kind(module)} as the module, {expected} (member {member!r})")
@@ -299,8 +337,10 @@ def _from_factory(bundle: BundleReader, member: str, model: str | Factory) -> Me
 
 
 def _factory_inputs(raw: object, where: str, member: str) -> Inputs:
-    problem = (f"{where}: returned {_kind(raw)} as the example input, expected a tensor, a tuple of tensors or "
-               f"a dict of tensors (member {member!r})")
+    problem = (
+        f"{where}: returned {_kind(raw)} as the example input, expected a tensor, a tuple of tensors or "
+        f"a dict of tensors (member {member!r})"
+    )
     if isinstance(raw, torch.Tensor):
         raw = (raw,)
     if isinstance(raw, (tuple, list)):
@@ -308,8 +348,9 @@ def _factory_inputs(raw: object, where: str, member: str) -> Inputs:
             raise ModelError(problem)
         inputs = Inputs(args=tuple(raw))
     elif isinstance(raw, Mapping):
-        if not raw or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, torch.Tensor)
-                              for k, v in raw.items()):
+        if not raw or not all(
+            isinstance(k, str) and k.isidentifier() and isinstance(v, torch.Tensor) for k, v in raw.items()
+        ):
             raise ModelError(problem)
         inputs = Inputs(kwargs=dict(raw))
     else:
@@ -324,8 +365,9 @@ def _probe(example: Inputs) -> Inputs:
     Floats get the example's mean and spread, integers its range (token ids stay valid ids).
     """
     generator = torch.Generator().manual_seed(SEED + 1)
-    batch = PROBE_BATCH if all(t.shape[0] != PROBE_BATCH for t in example.tensors.values() if t.ndim) \
-        else PROBE_BATCH + 1
+    batch = (
+        PROBE_BATCH if all(t.shape[0] != PROBE_BATCH for t in example.tensors.values() if t.ndim) else PROBE_BATCH + 1
+    )
 
     def draw(t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
@@ -354,19 +396,32 @@ def _probe(example: Inputs) -> Inputs:
 # loading the state dict strictly
 # ------------------------------------------------------------------------------------------
 
+
 def _check_fit(module: torch.nn.Module, state: Mapping[str, torch.Tensor], member: str, source: str) -> None:
     """A ModelError naming every missing, unexpected and wrongly shaped key, if any."""
     own = module.state_dict(keep_vars=True)
-    missing = [k for k in own if k not in state and not _tied_elsewhere(k, own, state)
-               and not _ignored(module, "_keys_to_ignore_on_load_missing", k)]
+    missing = [
+        k
+        for k in own
+        if k not in state
+        and not _tied_elsewhere(k, own, state)
+        and not _ignored(module, "_keys_to_ignore_on_load_missing", k)
+    ]
     unexpected = [k for k in state if k not in own and not _ignored(module, "_keys_to_ignore_on_load_unexpected", k)]
-    shapes = [f"{k}: bundle {tuple(state[k].shape)} vs module {tuple(own[k].shape)}"
-              for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [_listed(n, what) for n, what in ((missing, "missing"), (unexpected, "unexpected"),
-                                                (shapes, "of another shape")) if n]
+    shapes = [
+        f"{k}: bundle {tuple(state[k].shape)} vs module {tuple(own[k].shape)}"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        _listed(n, what)
+        for n, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+        if n
+    ]
     if problems:
-        raise ModelError(f"member {member!r} does not fit {source}: {'; '.join(problems)}; check that the "
-                         f"member and the model match")
+        raise ModelError(
+            f"member {member!r} does not fit {source}: {'; '.join(problems)}; check that the member and the model match"
+        )
 
 
 def _load(module: torch.nn.Module, state: Mapping[str, torch.Tensor], member: str, source: str) -> None:

@@ -51,8 +51,9 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool) -> Iterator[Binar
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError):
-            raise UnipackError(f"{target}: write failed ({exc.strerror or exc}); the previous file, "
-                               f"if any, is intact") from None
+            raise UnipackError(
+                f"{target}: write failed ({exc.strerror or exc}); the previous file, if any, is intact"
+            ) from None
         raise
     _fsync_dir(target.parent)
 
@@ -96,8 +97,10 @@ def atomic_directory(path: str | os.PathLike[str], *, force: bool) -> Iterator[P
                 os.rename(aside, target)  # put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise UnipackError(f"{target}: write failed ({exc.strerror or exc}); nothing was written there "
-                               f"and the previous folder, if any, is intact") from None
+            raise UnipackError(
+                f"{target}: write failed ({exc.strerror or exc}); nothing was written there "
+                f"and the previous folder, if any, is intact"
+            ) from None
         raise
     _fsync_dir(parent)
     if aside is not None:
@@ -120,15 +123,18 @@ def check_replaceable_dir(path: Path, *, force: bool) -> None:
     if not force:
         raise OutputExistsError(f"{path}: already exists; pass --force (force=True) to replace the folder")
     if contains(path, Path.cwd()):
-        raise OutputExistsError(f"{path}: is the current directory or holds it; --force would replace it: "
-                                f"give another directory")
+        raise OutputExistsError(
+            f"{path}: is the current directory or holds it; --force would replace it: give another directory"
+        )
     try:
         nested = [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
     except OSError as exc:
         raise UnipackError(f"{path}: cannot read the existing folder ({exc.strerror or exc})") from None
     if nested:
-        raise OutputExistsError(f"{path}: holds subfolders ({', '.join(sorted(nested)[:3])}); --force replaces "
-                                f"only a flat model folder: remove it yourself or give another directory")
+        raise OutputExistsError(
+            f"{path}: holds subfolders ({', '.join(sorted(nested)[:3])}); --force replaces "
+            f"only a flat model folder: remove it yourself or give another directory"
+        )
 
 
 def contains(directory: Path, path: Path) -> bool:
@@ -171,14 +177,17 @@ def spool_file(directory: Path, stem: str) -> Iterator[BinaryIO]:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".spool", dir=directory)
     except OSError as exc:
-        raise UnipackError(f"{directory / stem}: cannot create a scratch file in {directory} "
-                           f"({exc.strerror or exc})") from None
+        raise UnipackError(
+            f"{directory / stem}: cannot create a scratch file in {directory} ({exc.strerror or exc})"
+        ) from None
     try:
         with os.fdopen(fd, "w+b") as f:
             yield f
     except OSError as exc:
-        raise UnipackError(f"{directory / stem}: write failed ({exc.strerror or exc}) while spooling "
-                           f"blobs; the previous file, if any, is intact") from None
+        raise UnipackError(
+            f"{directory / stem}: write failed ({exc.strerror or exc}) while spooling "
+            f"blobs; the previous file, if any, is intact"
+        ) from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)

@@ -1,9 +1,10 @@
 """Blob codecs: how a blob's logical bytes become the bytes stored in the file, and back.
 
-Codecs sit behind a registry (``CODECS``); two exist: ``none`` (stored as is) and ``zstd`` (one zstd frame that records its content
-size; optionally byte-shuffled first). Shuffling puts byte 0 of every element together, then
-byte 1, ...: float exponents then form long runs, which zstd compresses far better than
-interleaved bytes. Decoding never allocates more than the size the manifest expects.
+Codecs sit behind a registry (``CODECS``); two exist: ``none`` (stored as is) and ``zstd`` (one
+zstd frame that records its content size; optionally byte-shuffled first). Shuffling puts byte 0
+of every element together, then byte 1, ...: float exponents then form long runs, which zstd
+compresses far better than interleaved bytes. Decoding never allocates more than the size the
+manifest expects.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class Codec(Protocol):
 
     def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None: ...
 
-    def decode(self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int,
-               where: str) -> bytes | bytearray: ...
+    def decode(
+        self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
+    ) -> bytes | bytearray: ...
 
 
 class Plain:
@@ -68,8 +70,9 @@ class Plain:
     def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None:
         return data, False
 
-    def decode(self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int,
-               where: str) -> bytes | bytearray:
+    def decode(
+        self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
+    ) -> bytes | bytearray:
         if len(stored) != expected_size:
             raise FormatError(f"{where}: {len(stored)} bytes stored, {expected_size} expected")
         return stored
@@ -91,18 +94,22 @@ class Zstd:
             return None
         return packed, shuffled
 
-    def decode(self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int,
-               where: str) -> bytes | bytearray:
+    def decode(
+        self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
+    ) -> bytes | bytearray:
         if expected_size > max_decoded_size(len(stored)):
-            raise FormatError(f"{where}: claims {expected_size} decoded bytes from {len(stored)} stored, beyond "
-                              f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)")
+            raise FormatError(
+                f"{where}: claims {expected_size} decoded bytes from {len(stored)} stored, beyond "
+                f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)"
+            )
         try:
             params = zstandard.get_frame_parameters(bytes(stored[:18]))
         except zstandard.ZstdError as exc:
             raise FormatError(f"{where}: not a zstd frame ({exc})") from None
         if params.content_size != expected_size:
-            raise FormatError(f"{where}: zstd frame declares {params.content_size} bytes, "
-                              f"the manifest expects {expected_size}")
+            raise FormatError(
+                f"{where}: zstd frame declares {params.content_size} bytes, the manifest expects {expected_size}"
+            )
         dobj = zstandard.ZstdDecompressor().decompressobj()
         try:
             # The frame declares its size and zstd refuses to write past it, so output is bounded.
@@ -130,8 +137,9 @@ def encode(data: bytes, itemsize: int, codec: str, level: int) -> tuple[bytes, s
     return coded[0], codec, coded[1]
 
 
-def decode(stored: bytes | bytearray, codec: str, shuffled: bool, itemsize: int, expected_size: int,
-           where: str) -> bytes | bytearray:
+def decode(
+    stored: bytes | bytearray, codec: str, shuffled: bool, itemsize: int, expected_size: int, where: str
+) -> bytes | bytearray:
     """Inverse of :func:`encode`; the result is exactly ``expected_size`` bytes or a FormatError."""
     coder = CODECS.get(codec)
     if coder is None:

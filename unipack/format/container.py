@@ -46,7 +46,7 @@ class BundleWriter:
 
     @classmethod
     @contextlib.contextmanager
-    def spooled(cls, out: Path, codec_name: str, level: int) -> Iterator["BundleWriter"]:
+    def spooled(cls, out: Path, codec_name: str, level: int) -> Iterator[BundleWriter]:
         with spool_file(out.parent, out.name) as f:
             yield cls(f, codec_name, level)
 
@@ -86,8 +86,12 @@ class BundleWriter:
     def finish(self, manifest: Manifest, out: Path, *, force: bool) -> int:
         """Write ``out`` = header (with the manifest) + spooled data; returns the file size."""
         text = manifest_json.to_json(manifest)
-        metadata = {"format": FORMAT_NAME, "format_version": str(manifest.format_version),
-                    "manifest_sha256": codec.sha256(text.encode("utf-8")), "manifest": text}
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": str(manifest.format_version),
+            "manifest_sha256": codec.sha256(text.encode("utf-8")),
+            "manifest": text,
+        }
         header = encode_header(self._entries, metadata)
         spool = self._spool
         spool.flush()
@@ -118,16 +122,19 @@ class BundleFile:
             raise FormatError(f"{self.path}: bundle is closed")
         stored = read_bytes(self._fd, self.header.tensors[name], self.path)
         if codec.sha256(stored) != self.manifest.blobs[name].sha256:
-            raise ChecksumError(f"{self.path}: blob {name!r} is corrupt (checksum mismatch); "
-                                f"the file was damaged after it was written: re-download or re-merge it")
+            raise ChecksumError(
+                f"{self.path}: blob {name!r} is corrupt (checksum mismatch); "
+                f"the file was damaged after it was written: re-download or re-merge it"
+            )
         return stored
 
     def read_blob(self, name: str) -> np.ndarray:
         """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
         rec = self.manifest.blobs[name]
         stored = self.read_stored(name)
-        data = codec.decode(stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes,
-                            f"{self.path}: blob {name!r}")
+        data = codec.decode(
+            stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes, f"{self.path}: blob {name!r}"
+        )
         return dtypes.from_bytes(data, rec.dtype, rec.shape)
 
     def read_header_bytes(self) -> bytes:
@@ -141,7 +148,7 @@ class BundleFile:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "BundleFile":
+    def __enter__(self) -> BundleFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,12 +163,15 @@ def _read_manifest(header: SafetensorsHeader) -> Manifest:
     p = header.path
     meta = header.metadata or {}
     if meta.get("format") != FORMAT_NAME:
-        raise FormatError(f"{p}: not a {WHAT}: its safetensors metadata has no "
-                          f"format={FORMAT_NAME!r} (is it a plain checkpoint?)")
+        raise FormatError(
+            f"{p}: not a {WHAT}: its safetensors metadata has no format={FORMAT_NAME!r} (is it a plain checkpoint?)"
+        )
     version = meta.get("format_version", "")
     if not re.fullmatch(r"[0-9]{1,9}", version) or int(version) not in SUPPORTED_VERSIONS:
-        raise FormatError(f"{p}: .upk format version {version!r} is not supported by this unipack "
-                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
+        raise FormatError(
+            f"{p}: .upk format version {version!r} is not supported by this unipack "
+            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack"
+        )
     text = meta.get("manifest")
     if text is None:
         raise FormatError(f"{p}: corrupt {WHAT}: the manifest is missing")
@@ -179,8 +189,9 @@ def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
     names, blobs = set(header.tensors), set(manifest.blobs)
     if names != blobs:
         extra, missing = sorted(names - blobs)[:3], sorted(blobs - names)[:3]
-        raise FormatError(f"{p}: header and manifest disagree (stored but unlisted: {extra}; "
-                          f"listed but not stored: {missing})")
+        raise FormatError(
+            f"{p}: header and manifest disagree (stored but unlisted: {extra}; listed but not stored: {missing})"
+        )
     cursor = header.data_start
     for e in header.tensors.values():  # in data order
         if e.start != cursor:
@@ -189,16 +200,19 @@ def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
         rec = manifest.blobs[e.name]
         if rec.codec == "none":
             if (e.dtype, e.shape) != (rec.dtype, rec.shape):
-                raise FormatError(f"{p}: blob {e.name!r} is stored as {e.dtype}{list(e.shape)} but the "
-                                  f"manifest says {rec.dtype}{list(rec.shape)}")
+                raise FormatError(
+                    f"{p}: blob {e.name!r} is stored as {e.dtype}{list(e.shape)} but the "
+                    f"manifest says {rec.dtype}{list(rec.shape)}"
+                )
         elif e.dtype != "U8" or len(e.shape) != 1:
             raise FormatError(f"{p}: compressed blob {e.name!r} must be stored as a 1-D U8 tensor")
     if cursor != header.file_size:
         raise FormatError(f"{p}: {header.file_size - cursor} unaccounted bytes after the last blob")
 
 
-def rewrite_bundle(path: Path, update: Callable[[Manifest, BundleWriter], Manifest], *,
-                   out: Path | None = None, force: bool = False) -> int:
+def rewrite_bundle(
+    path: Path, update: Callable[[Manifest, BundleWriter], Manifest], *, out: Path | None = None, force: bool = False
+) -> int:
     """Rewrite the bundle at ``path`` with a new manifest and, optionally, new blobs.
 
     Every existing blob is copied verbatim (checksum verified, never decoded), one at a time

@@ -111,15 +111,20 @@ def read_header(path: str | os.PathLike[str], *, what: str = "safetensors file")
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise FormatError(f"{p}: truncated: {file_size} bytes is shorter than the 8-byte "
-                                  f"header length of a {what}")
+                raise FormatError(
+                    f"{p}: truncated: {file_size} bytes is shorter than the 8-byte header length of a {what}"
+                )
             header_len = int.from_bytes(prefix, "little")
             if header_len > MAX_HEADER_BYTES:
-                raise FormatError(f"{p}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte "
-                                  f"limit; not a {what} or corrupt")
+                raise FormatError(
+                    f"{p}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte "
+                    f"limit; not a {what} or corrupt"
+                )
             if 8 + header_len > file_size:
-                raise FormatError(f"{p}: truncated: header claims {header_len} bytes but the file has "
-                                  f"{file_size - 8} after the length prefix")
+                raise FormatError(
+                    f"{p}: truncated: header claims {header_len} bytes but the file has "
+                    f"{file_size - 8} after the length prefix"
+                )
             raw = f.read(header_len)
     except OSError as exc:
         raise FormatError(f"{p}: cannot read ({exc.strerror or exc})") from None
@@ -152,17 +157,16 @@ def _parse_entry(p: Path, name: str, spec: Any, data_start: int, data_len: int) 
         raise FormatError(f"{where}: entry is not an object")
     dtype = dtypes.check_dtype(spec.get("dtype"), where)
     shape = spec.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
-        is_int(d) and 0 <= d <= MAX_DIM for d in shape
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(is_int(d) and 0 <= d <= MAX_DIM for d in shape):
         raise FormatError(f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers")
     offsets = spec.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise FormatError(f"{where}: data_offsets must be two integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise FormatError(f"{where}: data_offsets {offsets} lie outside the {data_len}-byte data section "
-                          f"(file truncated or corrupt)")
+        raise FormatError(
+            f"{where}: data_offsets {offsets} lie outside the {data_len}-byte data section (file truncated or corrupt)"
+        )
     numel = 1
     for d in shape:  # Python ints: no overflow, and a huge product fails the size check below
         numel *= d

@@ -10,7 +10,6 @@ the result says what it cost. The bundle is rewritten atomically (``rewrite_bund
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -20,18 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from unipack.core.fidelity import MemberFidelity
+from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record
 from unipack.errors import FormatError, InputError, OptionsError, UnipackError
 from unipack.format import dtypes
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord, check_member_name
-from unipack.schemes import is_lora, scheme_of
 from unipack.format.safetensors_file import read_header
 from unipack.options import MergeOptions
 from unipack.pack import lossless
+from unipack.schemes import is_lora, scheme_of
 from unipack.sources.checkpoint import Checkpoint, default_name, name_difference, open_checkpoint
-from unipack.core.fidelity import EXACT, fidelity_record
 
 
 @dataclass(frozen=True)
@@ -81,8 +79,14 @@ class AddResult:
         return sum(o.kind == kind for o in self.outcomes)
 
 
-def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name: str | None = None,
-        output: str | os.PathLike[str] | None = None, force: bool = False) -> AddResult:
+def add(
+    bundle: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> AddResult:
     """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
 
     ``source`` is anything ``merge`` takes: a ``.safetensors`` file, a ``.bin``/``.pt`` state dict
@@ -99,8 +103,10 @@ def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name:
     with BundleFile(bundle_path) as reader:
         manifest = reader.manifest
         if is_lora(manifest):
-            raise InputError(f"{bundle_path}: holds LoRA adapters; adding one to an existing bundle is not supported "
-                             f"yet: merge all the adapters again")
+            raise InputError(
+                f"{bundle_path}: holds LoRA adapters; adding one to an existing bundle is not supported "
+                f"yet: merge all the adapters again"
+            )
         member = _member_name(name, source_path, manifest, bundle_path)
         checkpoint = open_checkpoint(source_path, member)
         try:
@@ -112,15 +118,24 @@ def add(bundle: str | os.PathLike[str], source: str | os.PathLike[str], *, name:
             checkpoint.close()
     target = out or bundle_path
     stored = {e.name: e.nbytes for e in read_header(target).tensors.values()}
-    outcomes = [TensorOutcome(tensor, kind, error, reason, stored[blob] if blob else 0, over)
-                for tensor, kind, error, reason, blob, over in adder.outcomes]
+    outcomes = [
+        TensorOutcome(tensor, kind, error, reason, stored[blob] if blob else 0, over)
+        for tensor, kind, error, reason, blob, over in adder.outcomes
+    ]
     overridden = [o for o in outcomes if o.kind == "override"]
     new = adder.manifest
     assert new is not None
     return AddResult(
-        path=target, member=member, file_bytes_before=reader.header.file_size, file_bytes_after=size,
-        record=new.members[-1], outcomes=outcomes, budget_met=not any(o.over_budget for o in outcomes),
-        overrides=len(overridden), override_bytes=sum(o.stored_bytes for o in overridden), options=options,
+        path=target,
+        member=member,
+        file_bytes_before=reader.header.file_size,
+        file_bytes_after=size,
+        record=new.members[-1],
+        outcomes=outcomes,
+        budget_met=not any(o.over_budget for o in outcomes),
+        overrides=len(overridden),
+        override_bytes=sum(o.stored_bytes for o in overridden),
+        options=options,
         input_bytes=int(new.stats["input_bytes"]),
         bundle_worst_error=max((max(m.errors, default=0.0) for m in new.members), default=0.0),
     )
@@ -157,18 +172,24 @@ def _check_tensors(manifest: Manifest, checkpoint: Checkpoint, bundle: Path) -> 
     """Names, dtype kinds and shapes must fit the bundle's records (headers only)."""
     difference = name_difference({t.name for t in manifest.tensors}, set(checkpoint.tensors))
     if difference:
-        raise InputError(f"{checkpoint.path}: tensor names differ from bundle {bundle}: it {difference}; "
-                         f"a new member must have the same architecture as the bundle's members")
+        raise InputError(
+            f"{checkpoint.path}: tensor names differ from bundle {bundle}: it {difference}; "
+            f"a new member must have the same architecture as the bundle's members"
+        )
     for t in manifest.tensors:
         e = checkpoint.tensors[t.name]
         if (e.dtype in dtypes.FLOAT_DTYPES) != (t.dtype in dtypes.FLOAT_DTYPES):
-            raise InputError(f"{checkpoint.path}: tensor {t.name!r} is {e.dtype} but {t.dtype} in bundle "
-                             f"{bundle}: float and non-float versions of one tensor cannot be mixed")
+            raise InputError(
+                f"{checkpoint.path}: tensor {t.name!r} is {e.dtype} but {t.dtype} in bundle "
+                f"{bundle}: float and non-float versions of one tensor cannot be mixed"
+            )
         if not scheme_of(t).shape_optional and e.shape != t.shape:
             assert t.shape is not None
-            raise InputError(f"{checkpoint.path}: tensor {t.name!r} has shape {list(e.shape)} but "
-                             f"{list(t.shape)} in bundle {bundle}: shapes differ, and only raw tensors may "
-                             f"vary; re-merge with --raw '{t.name}' (or --raw-mismatched) to add this member")
+            raise InputError(
+                f"{checkpoint.path}: tensor {t.name!r} has shape {list(e.shape)} but "
+                f"{list(t.shape)} in bundle {bundle}: shapes differ, and only raw tensors may "
+                f"vary; re-merge with --raw '{t.name}' (or --raw-mismatched) to add this member"
+            )
 
 
 def _options(manifest: Manifest, bundle: Path) -> MergeOptions:
@@ -177,8 +198,9 @@ def _options(manifest: Manifest, bundle: Path) -> MergeOptions:
     try:
         return MergeOptions.from_dict({k: v for k, v in manifest.options.items() if k in known})
     except (OptionsError, TypeError, ValueError) as exc:
-        raise FormatError(f"{bundle}: the bundle's recorded options are invalid ({exc}); "
-                          f"re-merge it to add members") from None
+        raise FormatError(
+            f"{bundle}: the bundle's recorded options are invalid ({exc}); re-merge it to add members"
+        ) from None
 
 
 class _Adder:
@@ -207,15 +229,26 @@ class _Adder:
             coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
         measured = self._lossless()
         member = MemberRecord(
-            name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
-            coefficients=coef_blob, raw=self.raw,
+            name=c.name,
+            source=c.source_name,
+            source_bytes=c.file_size,
+            metadata=c.metadata,
+            coefficients=coef_blob,
+            raw=self.raw,
             dtypes={t.name: c.tensors[t.name].dtype for t in old.tensors if c.tensors[t.name].dtype != t.dtype},
-            errors=tuple(self.errors), added=True,
+            errors=tuple(self.errors),
+            added=True,
             lossless_bytes=measured.compressed_bytes if measured else None,
-            fidelity=fidelity_record(self.fidelity, self.options.baselines), configs=c.configs,
+            fidelity=fidelity_record(self.fidelity, self.options.baselines),
+            configs=c.configs,
         )
-        self.manifest = dataclasses.replace(old, tensors=tuple(records), members=old.members + (member,),
-                                            blobs=writer.blobs, stats=self._stats(measured))
+        self.manifest = dataclasses.replace(
+            old,
+            tensors=tuple(records),
+            members=old.members + (member,),
+            blobs=writer.blobs,
+            stats=self._stats(measured),
+        )
         return self.manifest
 
     # -- AddContext: what a scheme calls to store the new member's tensor ------------------------
@@ -223,20 +256,43 @@ class _Adder:
     def read_blob(self, name: str) -> np.ndarray:
         return self.reader.read_blob(name)
 
-    def keep(self, t: TensorRecord, kind: str, error: float, reason: str, fidelity: MemberFidelity,
-             coefficients: np.ndarray | None = None) -> None:
+    def keep(
+        self,
+        t: TensorRecord,
+        kind: str,
+        error: float,
+        reason: str,
+        fidelity: MemberFidelity,
+        coefficients: np.ndarray | None = None,
+    ) -> None:
         if coefficients is not None:
             self.coefs.append(coefficients)
         self._record(t, kind, error, reason, fidelity)
 
-    def store_raw(self, t: TensorRecord, dtype: str, array: np.ndarray, kind: str, reason: str,
-                  over_budget: bool = False, fidelity: MemberFidelity = EXACT) -> None:
+    def store_raw(
+        self,
+        t: TensorRecord,
+        dtype: str,
+        array: np.ndarray,
+        kind: str,
+        reason: str,
+        over_budget: bool = False,
+        fidelity: MemberFidelity = EXACT,
+    ) -> None:
         """The member's own tensor, bit-exact: for raw tensors, and overrides of shared or exact ones."""
         blob = self.raw[t.name] = self.writer.add(f"raw/{self.index}/{t.name}", array, dtype)
         self._record(t, kind, 0.0, reason, fidelity, blob, over_budget)
 
-    def _record(self, t: TensorRecord, kind: str, error: float, reason: str, fidelity: MemberFidelity,
-                blob: str | None = None, over_budget: bool = False) -> None:
+    def _record(
+        self,
+        t: TensorRecord,
+        kind: str,
+        error: float,
+        reason: str,
+        fidelity: MemberFidelity,
+        blob: str | None = None,
+        over_budget: bool = False,
+    ) -> None:
         self.errors.append(error)
         self.fidelity.append(fidelity)
         self.outcomes.append((t.name, kind, error, reason, blob, over_budget))

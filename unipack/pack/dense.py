@@ -7,26 +7,24 @@
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from unipack.version import __version__
 from unipack.core.decomposition import Encoded, KeepRaw, TensorJob, decompose
 from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record, round_up, spectrum
 from unipack.core.linalg import rel_error
 from unipack.format import dtypes
 from unipack.format.container import BundleWriter
-from unipack.format.manifest import FORMAT_VERSION, FidelityRecord, Manifest, MemberRecord, TensorRecord
+from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless
-from unipack.sources.checkpoint import Checkpoint
 from unipack.pack.plan import TensorPlan
 from unipack.schemes.exact import EXACT_SCHEME, ExactParams
 from unipack.schemes.raw import RAW, RawParams
 from unipack.schemes.shared import decomposition
+from unipack.sources.checkpoint import Checkpoint
+from unipack.version import __version__
 
 
 class MergeProgress(Protocol):
@@ -39,8 +37,9 @@ class MergeProgress(Protocol):
 
 
 class Merger:
-    def __init__(self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter,
-                 progress: MergeProgress | None) -> None:
+    def __init__(
+        self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter, progress: MergeProgress | None
+    ) -> None:
         self.checkpoints, self.options, self.writer, self.progress = checkpoints, options, writer, progress
         self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
         n = len(checkpoints)
@@ -70,13 +69,21 @@ class Merger:
         if plan.storage == "exact-candidate":
             return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)", "values")
         if non_finite is not None:
-            return self._store_raw(plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)",
-                                   "values")
+            return self._store_raw(
+                plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)", "values"
+            )
         assert plan.shape is not None
         job = TensorJob(
-            name=plan.name, shape=plan.shape, member_dtypes=plan.dtypes, load=lambda i: self._values(i, plan.name),
-            rule=self.options.rule, max_error=self.options.max_error, rank=self.options.rank,
-            energy=self.options.energy, coef_dtype=self.coef_dtype, gram_limit=self.options.gram_limit,
+            name=plan.name,
+            shape=plan.shape,
+            member_dtypes=plan.dtypes,
+            load=lambda i: self._values(i, plan.name),
+            rule=self.options.rule,
+            max_error=self.options.max_error,
+            rank=self.options.rank,
+            energy=self.options.energy,
+            coef_dtype=self.coef_dtype,
+            gram_limit=self.options.gram_limit,
             baselines=self.options.baselines,
         )
         result = decompose(job, [decomposition(name).fit for name in plan.schemes])
@@ -125,9 +132,15 @@ class Merger:
         for i, dtype in enumerate(plan.dtypes):
             x = self._values(i, plan.name)
             norm = float(np.linalg.norm(x.ravel()))
-            out.append(MemberFidelity(norm=norm, delta_error=0.0,
-                                      mean_error=rel_error(x, dtypes.round_trip(mean, dtype), norm),
-                                      svd_error=0.0, svd_rank=0))
+            out.append(
+                MemberFidelity(
+                    norm=norm,
+                    delta_error=0.0,
+                    mean_error=rel_error(x, dtypes.round_trip(mean, dtype), norm),
+                    svd_error=0.0,
+                    svd_rank=0,
+                )
+            )
         return out
 
     def _survey(self, plan: TensorPlan) -> tuple[bool, str | None]:
@@ -145,8 +158,11 @@ class Merger:
                 d = hashlib.sha256(array.tobytes()).digest()
                 identical = digest is None or d == digest
                 digest = digest or d
-            if non_finite is None and dtype in dtypes.FLOAT_DTYPES and \
-                    not np.isfinite(dtypes.to_float(array, dtype)).all():
+            if (
+                non_finite is None
+                and dtype in dtypes.FLOAT_DTYPES
+                and not np.isfinite(dtypes.to_float(array, dtype)).all()
+            ):
                 non_finite = c.name
         return identical, non_finite
 
@@ -171,8 +187,14 @@ class Merger:
             self.fidelity[i].append(enc.fidelity[i])
         head, variance = spectrum(enc.eigenvalues)
         scheme = decomposition(enc.scheme)
-        return TensorRecord(plan.name, scheme.storage, plan.dtypes[0], plan.shape, enc.reason,
-                            scheme.encoded_params(enc, mean, basis, tuple(head), variance))
+        return TensorRecord(
+            plan.name,
+            scheme.storage,
+            plan.dtypes[0],
+            plan.shape,
+            enc.reason,
+            scheme.encoded_params(enc, mean, basis, tuple(head), variance),
+        )
 
     def _manifest(self, records: list[TensorRecord]) -> Manifest:
         members = []
@@ -183,20 +205,37 @@ class Merger:
                 self.coefs[i] = []  # release as we go
             overrides = self._member_dtypes(c, records)
             measured = self.lossless[i]
-            members.append(MemberRecord(
-                name=c.name, source=c.source_name, source_bytes=c.file_size, metadata=c.metadata,
-                coefficients=coef, raw=self.raw[i], dtypes=overrides, errors=tuple(self.errors[i]),
-                lossless_bytes=measured.compressed_bytes if measured else None,
-                fidelity=fidelity_record(self.fidelity[i], self.options.baselines), configs=c.configs,
-                lora=self._member_lora(i),
-            ))
+            members.append(
+                MemberRecord(
+                    name=c.name,
+                    source=c.source_name,
+                    source_bytes=c.file_size,
+                    metadata=c.metadata,
+                    coefficients=coef,
+                    raw=self.raw[i],
+                    dtypes=overrides,
+                    errors=tuple(self.errors[i]),
+                    lossless_bytes=measured.compressed_bytes if measured else None,
+                    fidelity=fidelity_record(self.fidelity[i], self.options.baselines),
+                    configs=c.configs,
+                    lora=self._member_lora(i),
+                )
+            )
         stats: dict[str, Any] = {"input_bytes": sum(c.file_size for c in self.checkpoints)}
         if all(self.lossless):
-            stats["lossless"] = {"codec": "zstd", "level": lossless.LEVEL,
-                                 "sampled": any(m.sampled for m in self.lossless if m)}
+            stats["lossless"] = {
+                "codec": "zstd",
+                "level": lossless.LEVEL,
+                "sampled": any(m.sampled for m in self.lossless if m),
+            }
         return Manifest(
-            created_by=f"unipack {__version__}", options=self.options.to_dict(), tensors=tuple(records),
-            members=tuple(members), blobs=self.writer.blobs, stats=stats, format_version=self.format_version,
+            created_by=f"unipack {__version__}",
+            options=self.options.to_dict(),
+            tensors=tuple(records),
+            members=tuple(members),
+            blobs=self.writer.blobs,
+            stats=stats,
+            format_version=self.format_version,
         )
 
     format_version = FORMAT_VERSION

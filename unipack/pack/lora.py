@@ -14,18 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unipack.core.fidelity import MemberFidelity, spectrum
+from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
 from unipack.errors import InputError
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
-from unipack.sources.checkpoint import Checkpoint
-from unipack.core.fidelity import EXACT, round_up
 from unipack.pack.dense import Merger
 from unipack.schemes.lora_factors import LORA_FACTORS, LoraFactorsParams
 from unipack.schemes.lora_subspace import LORA_SUBSPACE, LoraSubspaceParams
 from unipack.schemes.raw import RAW, RawParams
 from unipack.sources import PeftAdapterSource
+from unipack.sources.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,16 @@ def adapter_sources(checkpoints: list[Checkpoint]) -> list[PeftAdapterSource] | 
         return None
     if len(adapters) != len(checkpoints):
         odd = next(c for c in checkpoints if not isinstance(c.source, PeftAdapterSource))
-        raise InputError(f"{odd.path}: is a full checkpoint, but other inputs are PEFT adapters; merge adapters "
-                         f"and checkpoints into separate bundles")
+        raise InputError(
+            f"{odd.path}: is a full checkpoint, but other inputs are PEFT adapters; merge adapters "
+            f"and checkpoints into separate bundles"
+        )
     return adapters
 
 
-def plan_lora(checkpoints: list[Checkpoint], adapters: list[PeftAdapterSource]) -> tuple[list[ModulePlan],
-                                                                                        list[ExtraPlan]]:
+def plan_lora(
+    checkpoints: list[Checkpoint], adapters: list[PeftAdapterSource]
+) -> tuple[list[ModulePlan], list[ExtraPlan]]:
     """Modules in first-seen order (a module no adapter shares with the first comes after its
     modules), and the extra tensors, which every adapter must have (the same set of keys)."""
     found: dict[str, tuple[int, int, str, Checkpoint]] = {}
@@ -69,24 +71,32 @@ def plan_lora(checkpoints: list[Checkpoint], adapters: list[PeftAdapterSource]) 
         for m in a.lora_modules.values():
             a_info, b_info = a.tensors[m.a_key], a.tensors[m.b_key]
             if a_info.dtype != b_info.dtype:
-                raise InputError(f"{c.path}: module {m.name!r} has lora_A in {a_info.dtype} but lora_B in "
-                                 f"{b_info.dtype}; save both factors in one dtype")
+                raise InputError(
+                    f"{c.path}: module {m.name!r} has lora_A in {a_info.dtype} but lora_B in "
+                    f"{b_info.dtype}; save both factors in one dtype"
+                )
             seen = found.get(m.name)
             if seen is None:
                 found[m.name] = (m.out_dim, m.in_dim, a_info.dtype, c)
             elif seen[:2] != (m.out_dim, m.in_dim):
-                raise InputError(f"{c.path}: module {m.name!r} is {m.out_dim} x {m.in_dim}, but "
-                                 f"{seen[0]} x {seen[1]} in {seen[3].path}; adapters must be of one base model")
-    modules = [ModulePlan(name, out_dim, in_dim, dtype, tuple(name in a.lora_modules for a in adapters))
-               for name, (out_dim, in_dim, dtype, _) in found.items()]
+                raise InputError(
+                    f"{c.path}: module {m.name!r} is {m.out_dim} x {m.in_dim}, but "
+                    f"{seen[0]} x {seen[1]} in {seen[3].path}; adapters must be of one base model"
+                )
+    modules = [
+        ModulePlan(name, out_dim, in_dim, dtype, tuple(name in a.lora_modules for a in adapters))
+        for name, (out_dim, in_dim, dtype, _) in found.items()
+    ]
     first, first_adapter = checkpoints[0], adapters[0]
     reference = set(first_adapter.extra_tensors)
     for c, a in zip(checkpoints[1:], adapters[1:]):
         if set(a.extra_tensors) != reference:
             missing = sorted(reference - set(a.extra_tensors))[:3]
             extra = sorted(set(a.extra_tensors) - reference)[:3]
-            raise InputError(f"{c.path}: its non-LoRA tensors (modules_to_save, biases) differ from {first.path}'s "
-                             f"(lacks {missing}, has extra {extra}); adapters of one bundle must save the same ones")
+            raise InputError(
+                f"{c.path}: its non-LoRA tensors (modules_to_save, biases) differ from {first.path}'s "
+                f"(lacks {missing}, has extra {extra}); adapters of one bundle must save the same ones"
+            )
     clash = reference & set(found)
     if clash:
         raise InputError(f"{first.path}: {sorted(clash)[0]!r} is both a LoRA module and a tensor name; rename one")
@@ -135,8 +145,10 @@ class LoraMerger(Merger):
                 continue
             a, b = c.values(m.a_key), c.values(m.b_key)
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                raise InputError(f"{c.path}: module {m.name!r} holds NaN or inf in its LoRA factors; "
-                                 f"the adapter is broken, retrain or drop it")
+                raise InputError(
+                    f"{c.path}: module {m.name!r} holds NaN or inf in its LoRA factors; "
+                    f"the adapter is broken, retrain or drop it"
+                )
             if self.progress:
                 self.progress.member_read()
             factors.append(LoraFactors(a, b, m.scale))
@@ -150,15 +162,17 @@ class LoraMerger(Merger):
         own_bytes = factor_bytes(factors, member_dtypes)
         pattern = self.options.raw_pattern_for(module.name)
         if pattern is not None:
-            return self._store_factors(module, model, factors, f"--raw {pattern!r}: the adapters' own factors",
-                                       "requested")
+            return self._store_factors(
+                module, model, factors, f"--raw {pattern!r}: the adapters' own factors", "requested"
+            )
         chosen = self._choose(model, factors, member_dtypes, own_bytes)
         if isinstance(chosen, str):
             return self._store_factors(module, model, factors, chosen, "budget")
         return self._store_subspace(module, model, factors, chosen)
 
-    def _choose(self, model: LoraModel, factors: list[LoraFactors | None], member_dtypes: list[str | None],
-                own_bytes: int) -> EncodedLora | str:
+    def _choose(
+        self, model: LoraModel, factors: list[LoraFactors | None], member_dtypes: list[str | None], own_bytes: int
+    ) -> EncodedLora | str:
         """Encode at the rule's ranks (raised while rounding breaks a ``max-error`` budget); or the
         reason to keep the adapters' own factors, when they cost no more bytes."""
         opts, (k_out_max, k_in_max) = self.options, model.max_ranks
@@ -174,22 +188,27 @@ class LoraMerger(Merger):
         while True:
             cost = stored_bytes(model, *ranks, self.coef_dtype)
             if cost >= own_bytes:
-                return (f"{self._rule_text()} needs ranks {ranks[0]} x {ranks[1]} ({cost:,} B), no fewer bytes than "
-                        f"the adapters' own factors ({own_bytes:,} B): stored as factors, exactly")
+                return (
+                    f"{self._rule_text()} needs ranks {ranks[0]} x {ranks[1]} ({cost:,} B), no fewer bytes than "
+                    f"the adapters' own factors ({own_bytes:,} B): stored as factors, exactly"
+                )
             encoded = encode(model, factors, *ranks, self.coef_dtype, member_dtypes)
             if opts.rule != "max-error" or max(encoded.errors, default=0.0) <= (opts.max_error or 0.0):
                 return encoded
             if ranks == (k_out_max, k_in_max):
-                return (f"{self._rule_text()} is missed at full rank after rounding to {self.coef_dtype}: "
-                        f"stored as factors, exactly")
+                return (
+                    f"{self._rule_text()} is missed at full rank after rounding to {self.coef_dtype}: "
+                    f"stored as factors, exactly"
+                )
             # Rounding (bases, cores, the adapter's dtype) pushed an adapter over: a little more rank.
             ranks = (min(k_out_max, ranks[0] + max(1, ranks[0] // 8)), min(k_in_max, ranks[1] + max(1, ranks[1] // 8)))
 
     def _rule_text(self) -> str:
         return self.options.rule_text
 
-    def _store_subspace(self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None],
-                        enc: EncodedLora) -> TensorRecord:
+    def _store_subspace(
+        self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None], enc: EncodedLora
+    ) -> TensorRecord:
         k_out, k_in = enc.ranks
         left = self.writer.add(f"left/{module.name}", enc.left, self.coef_dtype) if enc.left is not None else None
         right = self.writer.add(f"right/{module.name}", enc.right, self.coef_dtype) if enc.right is not None else None
@@ -203,16 +222,25 @@ class LoraMerger(Merger):
                 self.coefs[i].append(core.reshape(-1))
             self.errors[i].append(round_up(float(err)))
             mean_error, svd_error, svd_rank = baselines[i]
-            self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=err, mean_error=mean_error,
-                                                   svd_error=svd_error, svd_rank=svd_rank))
+            self.fidelity[i].append(
+                MemberFidelity(
+                    norm=f.norm, delta_error=err, mean_error=mean_error, svd_error=svd_error, svd_rank=svd_rank
+                )
+            )
         head, variance = spectrum(model.left_spectrum)
         reason = f"{self._rule_text()}: ranks {k_out} x {k_in} of the update space ({model.n_touched} adapters)"
-        return TensorRecord(module.name, LORA_SUBSPACE.storage, module.dtype, (module.out_dim, module.in_dim), reason,
-                            LoraSubspaceParams(ranks=(k_out, k_in), left=left, right=right, spectrum=tuple(head),
-                                               variance=variance))
+        return TensorRecord(
+            module.name,
+            LORA_SUBSPACE.storage,
+            module.dtype,
+            (module.out_dim, module.in_dim),
+            reason,
+            LoraSubspaceParams(ranks=(k_out, k_in), left=left, right=right, spectrum=tuple(head), variance=variance),
+        )
 
-    def _store_factors(self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None],
-                       reason: str, cause: str) -> TensorRecord:
+    def _store_factors(
+        self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None], reason: str, cause: str
+    ) -> TensorRecord:
         baselines = self._baselines(model, 0, 0)
         for i, (c, f) in enumerate(zip(self.checkpoints, factors)):
             self.errors[i].append(0.0)
@@ -224,11 +252,18 @@ class LoraMerger(Merger):
                 self.raw[i][key] = self.writer.add(f"raw/{i}/{key}", c.read(key), c.tensors[key].dtype)
             # A factors-form module loses nothing; its mean-only baseline still counts against the mean.
             mean_error = baselines[i][0]
-            self.fidelity[i].append(MemberFidelity(norm=f.norm, delta_error=0.0, mean_error=mean_error,
-                                                   svd_error=0.0, svd_rank=f.rank))
+            self.fidelity[i].append(
+                MemberFidelity(norm=f.norm, delta_error=0.0, mean_error=mean_error, svd_error=0.0, svd_rank=f.rank)
+            )
         head, variance = spectrum(model.left_spectrum)
-        return TensorRecord(module.name, LORA_FACTORS.storage, module.dtype, (module.out_dim, module.in_dim), reason,
-                            LoraFactorsParams(spectrum=tuple(head), variance=variance))
+        return TensorRecord(
+            module.name,
+            LORA_FACTORS.storage,
+            module.dtype,
+            (module.out_dim, module.in_dim),
+            reason,
+            LoraFactorsParams(spectrum=tuple(head), variance=variance),
+        )
 
     def _baselines(self, model: LoraModel, k_out: int, k_in: int) -> list[tuple[float, float | None, int | None]]:
         """Per adapter: (mean-only error, per-member SVD error at equal bytes, its rank); the SVD
@@ -237,8 +272,9 @@ class LoraMerger(Merger):
         mean_errors = [0.0] * model.n_adapters if means is None else [float(e) for e in means]
         if not self.options.baselines:
             return [(e, None, None) for e in mean_errors]
-        return [(e, svd_error, svd_rank) for e, (svd_error, svd_rank) in
-                zip(mean_errors, model.svd_baseline(k_out, k_in))]
+        return [
+            (e, svd_error, svd_rank) for e, (svd_error, svd_rank) in zip(mean_errors, model.svd_baseline(k_out, k_in))
+        ]
 
     # -- extra tensors -------------------------------------------------------------------------------
 
@@ -247,9 +283,14 @@ class LoraMerger(Merger):
             self.raw[i][extra.name] = self.writer.add(f"raw/{i}/{extra.name}", c.read(extra.name), extra.dtypes[i])
             self.errors[i].append(0.0)
             self.fidelity[i].append(EXACT)
-        return TensorRecord(extra.name, RAW.storage, extra.dtypes[0], extra.shape,
-                            "not a LoRA factor (modules_to_save, bias): stored per adapter",
-                            RawParams(raw_cause="requested"))
+        return TensorRecord(
+            extra.name,
+            RAW.storage,
+            extra.dtypes[0],
+            extra.shape,
+            "not a LoRA factor (modules_to_save, bias): stored per adapter",
+            RawParams(raw_cause="requested"),
+        )
 
     # -- manifest hooks ------------------------------------------------------------------------------
 
@@ -264,4 +305,3 @@ class LoraMerger(Merger):
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return self._lora[i]
-

@@ -74,8 +74,9 @@ def measure_files(files: Sequence[tuple[Path, int]], mode: str, share: float = 1
     """
     total = sum(size for _, size in files)
     parts = [measure(path, size, mode, share * size / max(total, 1)) for path, size in files]
-    return LosslessSize(sum(p.compressed_bytes for p in parts), any(p.sampled for p in parts),
-                        sum(p.read_bytes for p in parts))
+    return LosslessSize(
+        sum(p.compressed_bytes for p in parts), any(p.sampled for p in parts), sum(p.read_bytes for p in parts)
+    )
 
 
 def _compressed_size(f: BinaryIO, length: int) -> int:

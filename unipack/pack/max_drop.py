@@ -21,18 +21,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+from unipack.bundle.reader import BundleReader
 from unipack.errors import EvalError, OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
-from unipack.bundle.reader import BundleReader
-from unipack.usercode import EvalHook, pick_metric
-from unipack.sources.checkpoint import close_all, default_name, open_inputs
-from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
 from unipack.pack.dense import MergeProgress
+from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
+from unipack.sources.checkpoint import close_all, default_name, open_inputs
+from unipack.usercode import EvalHook, pick_metric
 
 #: Budgets below this are treated as 0 (lossless): halving further would only add attempts.
 SMALLEST_BUDGET = 1e-5
@@ -75,8 +74,14 @@ def merge_with_eval(
     def attempt(budget: float, index: int) -> tuple[Attempt, Path, dict[str, dict[str, float]]]:
         trial = out_path.parent / f".{out_path.name}.attempt{index}.upk"
         trials.append(trial)  # before anything can fail, so the cleanup below always sees it
-        result = merge(paths, trial, options=dataclasses.replace(opts, max_error=budget), names=names,
-                       force=True, progress=progress)
+        result = merge(
+            paths,
+            trial,
+            options=dataclasses.replace(opts, max_error=budget),
+            names=names,
+            force=True,
+            progress=progress,
+        )
         with BundleReader(trial) as b:
             scores = {name: hook(b.load(name), name) for name in b.members}
         drops = {name: originals[name][metric] - scores[name].get(metric, -math.inf) for name in scores}
@@ -115,31 +120,45 @@ def merge_with_eval(
                     high = mid
         chosen, trial, scores = best
         record = {
-            "eval": hook.spec, "metric": metric, "max_drop": max_drop, "max_error": chosen.max_error,
-            "worst_drop": chosen.worst_drop, "worst_member": chosen.worst_member,
+            "eval": hook.spec,
+            "metric": metric,
+            "max_drop": max_drop,
+            "max_error": chosen.max_error,
+            "worst_drop": chosen.worst_drop,
+            "worst_member": chosen.worst_member,
             "met": max_drop is None or chosen.worst_drop <= max_drop,
             "attempts": [dataclasses.asdict(x) for x in attempts],
         }
 
         def annotate(manifest: Manifest, writer: BundleWriter) -> Manifest:
-            members = tuple(dataclasses.replace(m, metrics={"original": originals[m.name], "unipack": scores[m.name]})
-                            for m in manifest.members)
-            return dataclasses.replace(manifest, members=members, blobs=writer.blobs,
-                                       stats={**manifest.stats, "evaluation": record})
+            members = tuple(
+                dataclasses.replace(m, metrics={"original": originals[m.name], "unipack": scores[m.name]})
+                for m in manifest.members
+            )
+            return dataclasses.replace(
+                manifest, members=members, blobs=writer.blobs, stats={**manifest.stats, "evaluation": record}
+            )
 
         size = rewrite_bundle(trial, annotate, out=out_path, force=force)
         with BundleReader(out_path) as b:
             manifest = b.manifest
-        return MergeResult(out_path, size, int(manifest.stats["input_bytes"]), manifest,
-                           time.perf_counter() - started, peak_rss_bytes())
+        return MergeResult(
+            out_path,
+            size,
+            int(manifest.stats["input_bytes"]),
+            manifest,
+            time.perf_counter() - started,
+            peak_rss_bytes(),
+        )
     finally:
         for trial in trials:
             with contextlib.suppress(OSError):
                 trial.unlink()
 
 
-def _score_originals(paths: Sequence[str | os.PathLike[str]], names: list[str], hook: EvalHook,
-                     metric: str | None) -> tuple[dict[str, dict[str, float]], str]:
+def _score_originals(
+    paths: Sequence[str | os.PathLike[str]], names: list[str], hook: EvalHook, metric: str | None
+) -> tuple[dict[str, dict[str, float]], str]:
     checkpoints = open_inputs([Path(p) for p in paths], names)
     try:
         scores = {c.name: hook(c.state_dict(), c.name) for c in checkpoints}

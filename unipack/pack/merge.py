@@ -18,10 +18,10 @@ from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
-from unipack.sources.checkpoint import close_all, open_inputs
-from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.dense import MergeProgress, Merger
+from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.plan import plan_tensors
+from unipack.sources.checkpoint import close_all, open_inputs
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,9 @@ def merge(
                 size = writer.finish(manifest, out_path, force=force)
     finally:
         close_all(checkpoints)
-    return MergeResult(out_path, size, manifest.stats["input_bytes"], manifest,
-                       time.perf_counter() - started, peak_rss_bytes())
+    return MergeResult(
+        out_path, size, manifest.stats["input_bytes"], manifest, time.perf_counter() - started, peak_rss_bytes()
+    )
 
 
 def peak_rss_bytes() -> int:

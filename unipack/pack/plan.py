@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unipack.schemes.rows import usable_sides
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.options import DECOMPOSITIONS, MergeOptions
+from unipack.schemes.rows import usable_sides
 from unipack.sources.checkpoint import Checkpoint
 
 
@@ -38,9 +38,11 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
         floats = [d in dtypes.FLOAT_DTYPES for d in member_dtypes]
         if any(floats) and not all(floats):
             odd = next(c for c, f in zip(checkpoints, floats) if f != floats[0])
-            raise InputError(f"tensor {name!r} is {entries[0].dtype} in {first.path} but "
-                             f"{odd.tensors[name].dtype} in {odd.path}: float and non-float "
-                             f"versions of one tensor cannot be merged")
+            raise InputError(
+                f"tensor {name!r} is {entries[0].dtype} in {first.path} but "
+                f"{odd.tensors[name].dtype} in {odd.path}: float and non-float "
+                f"versions of one tensor cannot be merged"
+            )
         pattern = options.raw_pattern_for(name)
         if pattern is not None:
             plans.append(TensorPlan(name, "raw", f"--raw {pattern!r}", (), shape, member_dtypes))
@@ -50,8 +52,16 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
                 continue
             plans.append(TensorPlan(name, "raw", "shape differs between members", (), None, member_dtypes))
         elif not floats[0]:
-            plans.append(TensorPlan(name, "exact-candidate", f"{member_dtypes[0]} tensor, identical in every member", (),
-                                    shape, member_dtypes))
+            plans.append(
+                TensorPlan(
+                    name,
+                    "exact-candidate",
+                    f"{member_dtypes[0]} tensor, identical in every member",
+                    (),
+                    shape,
+                    member_dtypes,
+                )
+            )
         elif entries[0].numel == 0:
             plans.append(TensorPlan(name, "raw", "empty tensor", (), shape, member_dtypes))
         else:
@@ -62,11 +72,14 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
             by_shape: dict[tuple[int, ...], Checkpoint] = {}
             for c in checkpoints:
                 by_shape.setdefault(c.tensors[name].shape, c)
-            examples.append(f"{name!r} (" + " vs ".join(f"{list(s)} in {c.path.name}" for s, c in
-                                                       list(by_shape.items())[:2]) + ")")
+            examples.append(
+                f"{name!r} (" + " vs ".join(f"{list(s)} in {c.path.name}" for s, c in list(by_shape.items())[:2]) + ")"
+            )
         more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
-        raise InputError(f"tensor shapes differ between members: {'; '.join(examples)}{more}; store such "
-                         f"task-specific tensors per member with --raw 'PATTERN' or --raw-mismatched")
+        raise InputError(
+            f"tensor shapes differ between members: {'; '.join(examples)}{more}; store such "
+            f"task-specific tensors per member with --raw 'PATTERN' or --raw-mismatched"
+        )
     return plans
 
 

@@ -12,11 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from unipack.pack.add import AddResult
-from unipack.pack.merge import MergeResult
 from unipack.analysis.report import rule_text
 from unipack.bundle.summary import BundleSummary
 from unipack.format.manifest import Manifest
+from unipack.pack.add import AddResult
+from unipack.pack.merge import MergeResult
 from unipack.schemes import scheme_of
 
 
@@ -33,9 +33,14 @@ class ProgressBars:
 
     def __init__(self, console: Console) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             # No bars where nobody watches (logs, pipes): they would only leave blank lines behind.
-            console=console, transient=True, disable=not console.is_terminal,
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
         )
         self._tensors = self._progress.add_task("tensors", total=None)
         self._reads = self._progress.add_task("member reads", total=None)
@@ -53,16 +58,16 @@ class ProgressBars:
         self._progress.advance(self._reads)
 
     def lossless(self, done: int, total: int) -> None:
-        self._progress.update(self._tensors, total=total, completed=done,
-                              description="lossless baseline (zstd -19)")
+        self._progress.update(self._tensors, total=total, completed=done, description="lossless baseline (zstd -19)")
 
     def stop(self) -> None:
         self._progress.stop()
 
 
 def merge_summary(result: MergeResult) -> Table:
-    worst_member, worst = max(((m.name, max(m.errors, default=0.0)) for m in result.manifest.members),
-                              key=lambda x: x[1])
+    worst_member, worst = max(
+        ((m.name, max(m.errors, default=0.0)) for m in result.manifest.members), key=lambda x: x[1]
+    )
     t = Table(title="merge summary", show_header=False, title_justify="left")
     t.add_row("inputs", f"{len(result.manifest.members)} members, {format_bytes(result.input_bytes)}")
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
@@ -71,10 +76,19 @@ def merge_summary(result: MergeResult) -> Table:
     evaluation = result.manifest.stats.get("evaluation")
     if isinstance(evaluation, dict):
         target = evaluation.get("max_drop")
-        verdict = "" if target is None else (f" (target {target}: {'met' if evaluation.get('met') else 'NOT met'}, "
-                                             f"{len(evaluation.get('attempts', []))} attempts)")
-        t.add_row("eval", f"{evaluation.get('metric')}: largest drop {evaluation.get('worst_drop', 0):.3g} "
-                          f"({evaluation.get('worst_member')}){verdict}")
+        verdict = (
+            ""
+            if target is None
+            else (
+                f" (target {target}: {'met' if evaluation.get('met') else 'NOT met'}, "
+                f"{len(evaluation.get('attempts', []))} attempts)"
+            )
+        )
+        t.add_row(
+            "eval",
+            f"{evaluation.get('metric')}: largest drop {evaluation.get('worst_drop', 0):.3g} "
+            f"({evaluation.get('worst_member')}){verdict}",
+        )
     t.add_row("time", f"{result.seconds:.1f} s")
     t.add_row("peak memory", format_bytes(result.peak_rss_bytes))
     t.add_row("next", f"unipack report {result.path}   (bytes by part, errors vs baselines, spectra)")
@@ -83,12 +97,16 @@ def merge_summary(result: MergeResult) -> Table:
 
 def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[RenderableType]:
     yield Text.assemble(
-        (f"{s.path}", "bold"), f"  ·  {s.created_by}  ·  format v{s.format_version}  ·  ",
+        (f"{s.path}", "bold"),
+        f"  ·  {s.created_by}  ·  format v{s.format_version}  ·  ",
         f"{len(s.members)} members  ·  {rule_text(s.options)}",
     )
     yield Text.assemble(
-        ("ratio ", "bold"), f"{s.ratio:.2f}x ", f"({format_bytes(s.input_bytes)} of inputs -> ",
-        f"{format_bytes(s.file_bytes)}) at worst relative error ", (f"{s.worst_error:.3g}", "bold"),
+        ("ratio ", "bold"),
+        f"{s.ratio:.2f}x ",
+        f"({format_bytes(s.input_bytes)} of inputs -> ",
+        f"{format_bytes(s.file_bytes)}) at worst relative error ",
+        (f"{s.worst_error:.3g}", "bold"),
     )
     parts = Table(title="bytes by part", title_justify="left")
     parts.add_column("part")
@@ -107,12 +125,24 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         storage.caption = f"shared ranks: min {s.rank_min}, median {s.rank_median:g}, max {s.rank_max}"
     yield storage
     members = Table(title="members", title_justify="left")
-    for col, justify in (("member", "left"), ("source", "left"), ("source size", "right"),
-                         ("own bytes", "right"), ("worst error", "right"), ("on tensor", "left")):
+    for col, justify in (
+        ("member", "left"),
+        ("source", "left"),
+        ("source size", "right"),
+        ("own bytes", "right"),
+        ("worst error", "right"),
+        ("on tensor", "left"),
+    ):
         members.add_column(col, justify=justify)  # type: ignore[arg-type]
     for m in s.members:
-        members.add_row(m.name, m.source, format_bytes(m.source_bytes), format_bytes(m.own_bytes),
-                        f"{m.worst_error:.3g}", m.worst_tensor or "-")
+        members.add_row(
+            m.name,
+            m.source,
+            format_bytes(m.source_bytes),
+            format_bytes(m.own_bytes),
+            f"{m.worst_error:.3g}",
+            m.worst_tensor or "-",
+        )
     yield members
     if manifest is not None:
         tensors = Table(title="tensors", title_justify="left")
@@ -120,8 +150,14 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
             tensors.add_column(col)
         for t in manifest.tensors:
             scheme = scheme_of(t)
-            tensors.add_row(t.name, t.storage, scheme.variant[1] if scheme.variant else "-", scheme.rank_text(t),
-                            f"{t.params.energy:.4f}" if t.params.energy is not None else "-", t.reason)
+            tensors.add_row(
+                t.name,
+                t.storage,
+                scheme.variant[1] if scheme.variant else "-",
+                scheme.rank_text(t),
+                f"{t.params.energy:.4f}" if t.params.energy is not None else "-",
+                t.reason,
+            )
         yield tensors
 
 
@@ -131,26 +167,42 @@ def add_summary(result: AddResult) -> Table:
     options = result.options
     t = Table(title="add summary", show_header=False, title_justify="left")
     t.add_row("member", f"{result.member} (from {result.record.source}, {format_bytes(result.record.source_bytes)})")
-    t.add_row("tensors", f"{result.count('projected')} projected onto the bundle's bases, {result.count('raw')} raw, "
-                         f"{result.count('exact')} identical to the bundle's exact copy, "
-                         f"{result.overrides} stored raw for this member (overrides)")
+    t.add_row(
+        "tensors",
+        f"{result.count('projected')} projected onto the bundle's bases, {result.count('raw')} raw, "
+        f"{result.count('exact')} identical to the bundle's exact copy, "
+        f"{result.overrides} stored raw for this member (overrides)",
+    )
     worst = f" ({result.worst_tensor})" if result.worst_tensor else " (every tensor bit-exact)"
     t.add_row("error", f"worst relative error {result.worst_error:.3g}{worst}")
     over = [o for o in result.outcomes if o.over_budget]
     if options.rule != "max-error":
         t.add_row("budget", rule_text(options.to_dict()))
     elif over:
-        t.add_row("budget", f"max-error {options.max_error} not met within the bundle's bases for {len(over)} "
-                            f"tensor{'s' if len(over) != 1 else ''}: stored them raw "
-                            f"(+{format_bytes(sum(o.stored_bytes for o in over))})", style="bold yellow")
+        t.add_row(
+            "budget",
+            f"max-error {options.max_error} not met within the bundle's bases for {len(over)} "
+            f"tensor{'s' if len(over) != 1 else ''}: stored them raw "
+            f"(+{format_bytes(sum(o.stored_bytes for o in over))})",
+            style="bold yellow",
+        )
     else:
         t.add_row("budget", f"max-error {options.max_error} met within the bundle's bases")
     other = [o for o in result.outcomes if o.kind == "override" and not o.over_budget]
     if other:
-        t.add_row("overrides", f"{len(other)} more stored raw (exact copy differs, or NaN/inf values): "
-                               f"+{format_bytes(sum(o.stored_bytes for o in other))}")
-    t.add_row("bytes", f"+{format_bytes(result.bytes_added)}: {result.path} is now "
-                       f"{format_bytes(result.file_bytes_after)} (was {format_bytes(result.file_bytes_before)})")
-    t.add_row("ratio", f"{result.ratio:.2f}x smaller than its inputs, at worst relative error "
-                       f"{result.bundle_worst_error:.3g} over all members")
+        t.add_row(
+            "overrides",
+            f"{len(other)} more stored raw (exact copy differs, or NaN/inf values): "
+            f"+{format_bytes(sum(o.stored_bytes for o in other))}",
+        )
+    t.add_row(
+        "bytes",
+        f"+{format_bytes(result.bytes_added)}: {result.path} is now "
+        f"{format_bytes(result.file_bytes_after)} (was {format_bytes(result.file_bytes_before)})",
+    )
+    t.add_row(
+        "ratio",
+        f"{result.ratio:.2f}x smaller than its inputs, at worst relative error "
+        f"{result.bundle_worst_error:.3g} over all members",
+    )
     return t

@@ -60,12 +60,14 @@ def render_figure(report: Mapping[str, Any]) -> Any:
     """The report as a ``matplotlib.figure.Figure`` (to embed, or to save in another format)."""
     figure_cls, _ = _matplotlib()
     if not isinstance(report, Mapping):
-        raise UnipackError(f"--png: the report is a {type(report).__name__}, expected the object "
-                           f"that `unipack report --json` prints")
+        raise UnipackError(
+            f"--png: the report is a {type(report).__name__}, expected the object that `unipack report --json` prints"
+        )
     fig = figure_cls(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     tensors, members = _records(report, "tensors"), _records(report, "members")
-    fig.suptitle(f"unipack report: {report.get('path', '?')}  "
-                 f"({len(tensors)} tensors, {len(members)} members)", fontsize=15)
+    fig.suptitle(
+        f"unipack report: {report.get('path', '?')}  ({len(tensors)} tensors, {len(members)} members)", fontsize=15
+    )
     top, bottom = fig.subplots(2, 1, height_ratios=(1.0, 1.0))
     _variance_panel(top, [t for t in tensors if t.get("storage") == "shared"])
     _error_panel(bottom, members)
@@ -85,6 +87,7 @@ def _matplotlib() -> tuple[type, type]:
 # ------------------------------------------------------------------------------------------
 # (a) explained variance
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Curve:
@@ -109,16 +112,20 @@ def _curve(tensor: Mapping[str, Any]) -> _Curve:
             running += value
             kept.append(min(running / total, 1.0))
     rank = _num(tensor.get("rank"))
-    return _Curve(name=str(tensor.get("name", "?")), stored_bytes=_num(tensor.get("stored_bytes")) or 0.0,
-                  kept=kept, rank=int(rank) if rank is not None else None, energy=_num(tensor.get("energy")))
+    return _Curve(
+        name=str(tensor.get("name", "?")),
+        stored_bytes=_num(tensor.get("stored_bytes")) or 0.0,
+        kept=kept,
+        rank=int(rank) if rank is not None else None,
+        energy=_num(tensor.get("energy")),
+    )
 
 
 def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
     # matplotlib is optional, so it is imported only when drawing
     from matplotlib.ticker import MaxNLocator
 
-    ax.set_title(f"(a) explained variance of the shared tensors ({len(shared)}); dot = chosen rank",
-                 loc="left")
+    ax.set_title(f"(a) explained variance of the shared tensors ({len(shared)}); dot = chosen rank", loc="left")
     if not shared:
         _empty(ax, "no shared tensors")
         return
@@ -136,8 +143,14 @@ def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
             ax.plot(range(len(curve.kept)), curve.kept, color="0.6", linewidth=0.7, alpha=0.5)
     grey_dots = [c for c in others if c.rank is not None and c.energy is not None]
     if grey_dots:
-        ax.scatter([c.rank for c in grey_dots], [c.energy for c in grey_dots], s=14, color="0.35", zorder=3,
-                   label=f"other tensors ({len(others)})")
+        ax.scatter(
+            [c.rank for c in grey_dots],
+            [c.energy for c in grey_dots],
+            s=14,
+            color="0.35",
+            zorder=3,
+            label=f"other tensors ({len(others)})",
+        )
     colours = _palette(len(largest))
     for curve, colour in zip(largest, colours):
         label: str | None = f"{_short(curve.name)} ({_bytes(curve.stored_bytes)})"
@@ -145,8 +158,16 @@ def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
             ax.plot(range(len(curve.kept)), curve.kept, color=colour, linewidth=1.4, label=label)
             label = None  # one legend entry per tensor
         if curve.rank is not None and curve.energy is not None:
-            ax.scatter([curve.rank], [curve.energy], s=40, color=colour, edgecolor="black", linewidth=0.6,
-                       zorder=4, label=label)
+            ax.scatter(
+                [curve.rank],
+                [curve.energy],
+                s=40,
+                color=colour,
+                edgecolor="black",
+                linewidth=0.6,
+                zorder=4,
+                label=label,
+            )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a rank of 2.5 means nothing
     ax.set_xlim(left=0)
     ax.set_ylim(0.0, 1.02)
@@ -160,17 +181,26 @@ def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
 # (b) per-member error against the baselines
 # ------------------------------------------------------------------------------------------
 
+
 def _error_panel(ax: Any, members: Sequence[Mapping[str, Any]]) -> None:
-    ax.set_title("(b) worst relative error per member, against the mean alone and per-member SVD at equal bytes (lower is better)",
-                 loc="left")
+    ax.set_title(
+        "(b) worst relative error per member, against the mean alone and per-member SVD at equal bytes "
+        "(lower is better)",
+        loc="left",
+    )
     if not members:
         _empty(ax, "no members")
         return
-    columns = [[_num(m.get("worst_error")) for m in members],
-               [_num((_baseline(m, "mean") or {}).get("worst_error")) for m in members],
-               [_num((_baseline(m, "svd") or {}).get("worst_error")) for m in members]]
-    series = [(label, colour, values) for (label, colour), values in zip(_SERIES, columns)
-              if any(v is not None for v in values)]
+    columns = [
+        [_num(m.get("worst_error")) for m in members],
+        [_num((_baseline(m, "mean") or {}).get("worst_error")) for m in members],
+        [_num((_baseline(m, "svd") or {}).get("worst_error")) for m in members],
+    ]
+    series = [
+        (label, colour, values)
+        for (label, colour), values in zip(_SERIES, columns)
+        if any(v is not None for v in values)
+    ]
     if not series:
         _empty(ax, f"no errors recorded for the {len(members)} members")
         return
@@ -185,8 +215,15 @@ def _error_panel(ax: Any, members: Sequence[Mapping[str, Any]]) -> None:
     for i, (label, colour, column) in enumerate(series):
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(n) if column[k] is not None]
         heights = [max(v, floor) for v in column if v is not None]
-        bars = ax.bar(xs, heights, width=width, color=colour, label=label,
-                      edgecolor="none" if thin else "black", linewidth=0 if thin else 0.4)
+        bars = ax.bar(
+            xs,
+            heights,
+            width=width,
+            color=colour,
+            label=label,
+            edgecolor="none" if thin else "black",
+            linewidth=0 if thin else 0.4,
+        )
         if label == "unipack":
             for bar, is_added in zip(bars, [a for a, v in zip(added, column) if v is not None]):
                 if is_added:
@@ -197,9 +234,12 @@ def _error_panel(ax: Any, members: Sequence[Mapping[str, Any]]) -> None:
     step = max(1, math.ceil(n / MAX_TICK_LABELS))
     ticks = list(range(0, n, step))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([_short(str(members[k].get("name", "?")), 24) + (" (added)" if added[k] else "")
-                        for k in ticks], rotation=0 if n <= 8 else 60, ha="center" if n <= 8 else "right",
-                       fontsize=9 if n <= 40 else 7)
+    ax.set_xticklabels(
+        [_short(str(members[k].get("name", "?")), 24) + (" (added)" if added[k] else "") for k in ticks],
+        rotation=0 if n <= 8 else 60,
+        ha="center" if n <= 8 else "right",
+        fontsize=9 if n <= 40 else 7,
+    )
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_xlabel("member" if step == 1 else f"member ({n} in all; one name every {step})")
     ax.set_ylabel("worst relative error ‖W−Ŵ‖/‖W‖ (log)")
@@ -212,8 +252,16 @@ def _error_panel(ax: Any, members: Sequence[Mapping[str, Any]]) -> None:
         labels.append("added after the merge")
     ax.legend(handles, labels, loc="upper right", fontsize=9)
     if any(v <= 0 for v in values):
-        ax.text(0.005, 0.98, f"error 0 (exact) drawn at {floor:.0e}: a log scale has no 0",
-                transform=ax.transAxes, ha="left", va="top", fontsize=9, color="0.25")
+        ax.text(
+            0.005,
+            0.98,
+            f"error 0 (exact) drawn at {floor:.0e}: a log scale has no 0",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=9,
+            color="0.25",
+        )
 
 
 def _baseline(member: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
@@ -225,6 +273,7 @@ def _baseline(member: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
 # ------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------
+
 
 def _records(report: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     """``report[key]`` as a list of objects; a missing key is an empty list."""
@@ -255,7 +304,7 @@ def _palette(n: int) -> list[Any]:
 
 def _short(name: str, limit: int = 48) -> str:
     """Keep the informative end of a long dotted name (``…layer.11.attention.query.weight``)."""
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
 def _bytes(n: float) -> str:

@@ -15,8 +15,8 @@ from rich.text import Text
 
 from unipack.analysis.report import METHODS, Report
 from unipack.format.manifest import Manifest
-from unipack.schemes import scheme_of
 from unipack.render.console import format_bytes
+from unipack.schemes import scheme_of
 
 LABELS = {"unipack": "unipack", "mean-only": "mean only", "svd": "per-member SVD", "original": "original"}
 SPARK = "▁▂▃▄▅▆▇█"
@@ -42,11 +42,15 @@ def _err(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def report_view(r: Report, *, member: str | None = None, manifest: Manifest | None = None,
-                show_tensors: bool = False) -> Iterator[RenderableType]:
+def report_view(
+    r: Report, *, member: str | None = None, manifest: Manifest | None = None, show_tensors: bool = False
+) -> Iterator[RenderableType]:
     added = sum(1 for m in r.members if m.added)
-    yield Text.assemble((r.path, "bold"), f"  ·  {r.created_by}  ·  format v{r.format_version}  ·  "
-                        f"{len(r.members)} members{f' ({added} added)' if added else ''}  ·  {r.rule}")
+    yield Text.assemble(
+        (r.path, "bold"),
+        f"  ·  {r.created_by}  ·  format v{r.format_version}  ·  "
+        f"{len(r.members)} members{f' ({added} added)' if added else ''}  ·  {r.rule}",
+    )
     yield _headline(r)
     yield _bytes_table(r)
     yield _members_table(r)
@@ -63,11 +67,14 @@ def report_view(r: Report, *, member: str | None = None, manifest: Manifest | No
 def _headline(r: Report) -> Text:
     b = r.bytes
     worst = max((m.errors["unipack"].worst for m in r.members if m.errors["unipack"]), default=0.0)
-    text = Text.assemble(("ratio ", "bold"), f"{b.ratio:.2f}x vs the inputs ({format_bytes(b.inputs)} -> "
-                         f"{format_bytes(b.file)})")
+    text = Text.assemble(
+        ("ratio ", "bold"), f"{b.ratio:.2f}x vs the inputs ({format_bytes(b.inputs)} -> {format_bytes(b.file)})"
+    )
     if b.ratio_vs_lossless is not None:
-        text.append(f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly (zstd -19: "
-                    f"{format_bytes(b.lossless or 0)}{', estimated from samples' if b.lossless_sampled else ''})")
+        text.append(
+            f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly (zstd -19: "
+            f"{format_bytes(b.lossless or 0)}{', estimated from samples' if b.lossless_sampled else ''})"
+        )
     text.append(", at worst relative error ")
     text.append(f"{worst:.3g}", style="bold")
     return text
@@ -91,18 +98,27 @@ def _members_table(r: Report) -> Table:
         t.add_column(col, justify="left" if col in ("member", "on tensor") else "right")
     for m in r.members:
         u = m.errors["unipack"]
-        t.add_row(m.name + (" (added)" if m.added else ""), format_bytes(m.own_bytes), format_bytes(m.amortized_bytes),
-                  _err(u.worst if u else None), _err(u.mean if u else None), _err(m.delta_error),
-                  (u.worst_tensor if u else None) or "-")
-    t.caption = ("own bytes: its coefficients and raw tensors; with share: plus 1/N of the means, bases and "
-                 "header.  delta lost: ||W-Ŵ|| / ||W-mean||, how much of what makes the member different "
-                 "did not survive.")
+        t.add_row(
+            m.name + (" (added)" if m.added else ""),
+            format_bytes(m.own_bytes),
+            format_bytes(m.amortized_bytes),
+            _err(u.worst if u else None),
+            _err(u.mean if u else None),
+            _err(m.delta_error),
+            (u.worst_tensor if u else None) or "-",
+        )
+    t.caption = (
+        "own bytes: its coefficients and raw tensors; with share: plus 1/N of the means, bases and "
+        "header.  delta lost: ||W-Ŵ|| / ||W-mean||, how much of what makes the member different "
+        "did not survive."
+    )
     return t
 
 
 def _baselines_table(r: Report) -> Table:
-    t = Table(title="baselines (per member: mean of byte-weighted errors / worst; per tensor: who wins)",
-              title_justify="left")
+    t = Table(
+        title="baselines (per member: mean of byte-weighted errors / worst; per tensor: who wins)", title_justify="left"
+    )
     for col in ("method", "bytes", "mean error", "worst error", "tensors won"):
         t.add_column(col, justify="left" if col == "method" else "right")
     sizes = {"unipack": r.bytes.file, "mean-only": r.bytes.mean_only, "svd": r.bytes.file}
@@ -110,9 +126,14 @@ def _baselines_table(r: Report) -> Table:
         worsts = [m.errors[method].worst for m in r.members if m.errors[method] is not None]  # type: ignore[union-attr]
         measured = len(worsts) == len(r.members) and worsts
         label = LABELS[method] + (" (equal bytes)" if method == "svd" else "")
-        t.add_row(label, format_bytes(sizes[method]), _err(r.overall["mean_error"][method]),
-                  _err(max(worsts) if measured else None), str(r.overall["tensors_won"][method]),
-                  style="bold" if r.overall["winner"] == method else None)
+        t.add_row(
+            label,
+            format_bytes(sizes[method]),
+            _err(r.overall["mean_error"][method]),
+            _err(max(worsts) if measured else None),
+            str(r.overall["tensors_won"][method]),
+            style="bold" if r.overall["winner"] == method else None,
+        )
     return t
 
 
@@ -120,16 +141,25 @@ def _verdict(r: Report) -> Iterator[Text]:
     errors = r.overall["mean_error"]
     ours, mean, svd = errors["unipack"], errors["mean-only"], errors["svd"]
     if mean is None:
-        yield Text("baselines were not measured (merged with --no-baselines): "
-                   "`unipack report --baselines --originals DIR` measures them", style="yellow")
+        yield Text(
+            "baselines were not measured (merged with --no-baselines): "
+            "`unipack report --baselines --originals DIR` measures them",
+            style="yellow",
+        )
         return
     winner = r.overall["winner"]
     if winner == "mean-only":
-        yield Text(f"the mean alone does as well as the subspace here (mean error {mean:.3g} vs {ours:.3g}): "
-                   f"the bases and coefficients buy nothing; --rank 0 gives a smaller bundle", style="yellow")
+        yield Text(
+            f"the mean alone does as well as the subspace here (mean error {mean:.3g} vs {ours:.3g}): "
+            f"the bases and coefficients buy nothing; --rank 0 gives a smaller bundle",
+            style="yellow",
+        )
     elif winner == "svd":
-        yield Text(f"per-member SVD at equal bytes beats the shared subspace (mean error {svd:.3g} vs {ours:.3g}): "
-                   f"the members do not share a useful subspace", style="yellow")
+        yield Text(
+            f"per-member SVD at equal bytes beats the shared subspace (mean error {svd:.3g} vs {ours:.3g}): "
+            f"the members do not share a useful subspace",
+            style="yellow",
+        )
     else:
         parts = [f"{_times(mean / ours)} lower than the mean alone" if ours else "exact where the mean alone is not"]
         if svd is not None and ours:
@@ -138,17 +168,26 @@ def _verdict(r: Report) -> Iterator[Text]:
 
 
 def _tensors_table(r: Report) -> Table:
-    t = Table(title=f"tensors: explained variance by rank (first {SPARK_WIDTH} ranks), mean error over members",
-              title_justify="left")
-    for col in ("tensor", "storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only",
-                "SVD", "best"):
+    t = Table(
+        title=f"tensors: explained variance by rank (first {SPARK_WIDTH} ranks), mean error over members",
+        title_justify="left",
+    )
+    for col in ("tensor", "storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only", "SVD", "best"):
         t.add_column(col, justify="left" if col in ("tensor", "storage", "scree", "best") else "right")
     for x in r.tensors:
         storage = f"{x.storage}/{x.scheme}" if x.scheme else x.storage
-        t.add_row(x.name, storage, "-" if x.rank is None else str(x.rank),
-                  "-" if x.energy is None else f"{x.energy:.4f}", sparkline(x.spectrum, x.variance),
-                  format_bytes(x.stored_bytes), _err(x.errors["unipack"]), _err(x.errors["mean-only"]),
-                  _err(x.errors["svd"]), LABELS.get(x.winner or "", "-"))
+        t.add_row(
+            x.name,
+            storage,
+            "-" if x.rank is None else str(x.rank),
+            "-" if x.energy is None else f"{x.energy:.4f}",
+            sparkline(x.spectrum, x.variance),
+            format_bytes(x.stored_bytes),
+            _err(x.errors["unipack"]),
+            _err(x.errors["mean-only"]),
+            _err(x.errors["svd"]),
+            LABELS.get(x.winner or "", "-"),
+        )
     return t
 
 
@@ -168,12 +207,16 @@ def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
         # from shared bases, the mean-only error wherever that baseline replaces the tensor.
         projected = scheme.projected(rec, m)
         rank = scheme.rank(rec)
-        t.add_row(rec.name, storage, (str(rank) if rank is not None else scheme.rank_text(rec)) if projected else "-",
-                  _err(m.errors[i]),
-                  _err(f.delta_errors[i]) if f and projected else "-",
-                  _err(f.mean_errors[i]) if f and scheme.replaced_by_mean(rec, m) else "-",
-                  _err(f.svd_errors[i]) if f and f.svd_errors and projected else "-",
-                  str(f.svd_ranks[i]) if f and f.svd_ranks and projected else "-")
+        t.add_row(
+            rec.name,
+            storage,
+            (str(rank) if rank is not None else scheme.rank_text(rec)) if projected else "-",
+            _err(m.errors[i]),
+            _err(f.delta_errors[i]) if f and projected else "-",
+            _err(f.mean_errors[i]) if f and scheme.replaced_by_mean(rec, m) else "-",
+            _err(f.svd_errors[i]) if f and f.svd_errors and projected else "-",
+            str(f.svd_ranks[i]) if f and f.svd_ranks and projected else "-",
+        )
     return t
 
 

@@ -73,14 +73,31 @@ class AddContext(Protocol):
     old: Manifest
     options: MergeOptions
     coef_dtype: str
-    read_blob: ReadBlob
 
-    def store_raw(self, t: TensorRecord, dtype: str, array: np.ndarray, kind: str, reason: str,
-                  over_budget: bool = False, fidelity: MemberFidelity = EXACT) -> None:
+    def read_blob(self, name: str) -> np.ndarray:
+        """A blob of the bundle being added to, checksum verified."""
+
+    def store_raw(
+        self,
+        t: TensorRecord,
+        dtype: str,
+        array: np.ndarray,
+        kind: str,
+        reason: str,
+        over_budget: bool = False,
+        fidelity: MemberFidelity = EXACT,
+    ) -> None:
         """Keep the member's own tensor, bit-exact (a raw tensor, or an override)."""
 
-    def keep(self, t: TensorRecord, kind: str, error: float, reason: str, fidelity: MemberFidelity,
-             coefficients: np.ndarray | None = None) -> None:
+    def keep(
+        self,
+        t: TensorRecord,
+        kind: str,
+        error: float,
+        reason: str,
+        fidelity: MemberFidelity,
+        coefficients: np.ndarray | None = None,
+    ) -> None:
         """Record the member's tensor as rebuilt from the record (and its coefficients, if any)."""
 
 
@@ -109,8 +126,9 @@ class Scheme:
         """The member's tensor(s) for record ``t``: one for a dense tensor, a LoRA module's two factors."""
         raise NotImplementedError
 
-    def member_entries(self, t: TensorRecord, member: MemberRecord,
-                       blobs: dict[str, BlobRecord]) -> list[tuple[str, str, tuple[int, ...]]]:
+    def member_entries(
+        self, t: TensorRecord, member: MemberRecord, blobs: dict[str, BlobRecord]
+    ) -> list[tuple[str, str, tuple[int, ...]]]:
         """``(name, dtype, shape)`` of what ``member_arrays`` yields, from the manifest alone."""
         shape = blobs[member.raw[t.name]].shape if t.name in member.raw else t.shape
         assert shape is not None
@@ -174,5 +192,6 @@ class Scheme:
 
     def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
         """Join a new member's tensor; returns the record (changed if the member changes it)."""
-        raise InputError(f"tensor {t.name!r}: adding a member to {self.label} storage is not supported; "
-                         f"merge all the members again")
+        raise InputError(
+            f"tensor {t.name!r}: adding a member to {self.label} storage is not supported; merge all the members again"
+        )

@@ -63,10 +63,12 @@ class FlatScheme(SharedScheme):
         assert base.shape is not None
         return FlatParams(**self.parse_shared(d, math.prod(base.shape)))
 
-    def encoded_params(self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...],
-                       variance: float) -> FlatParams:
-        return FlatParams(rank=enc.rank, mean=mean, basis=basis, energy=round(enc.energy, 6), spectrum=spectrum,
-                          variance=variance)
+    def encoded_params(
+        self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...], variance: float
+    ) -> FlatParams:
+        return FlatParams(
+            rank=enc.rank, mean=mean, basis=basis, energy=round(enc.energy, 6), spectrum=spectrum, variance=variance
+        )
 
     def fit(self, job: TensorJob) -> list[FlatModel]:
         return [FlatModel(job)]
@@ -136,7 +138,8 @@ class FlatModel:
     def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
         targets = (max_error * np.where(self.norms > 0, self.norms, 1.0) * 0.98) ** 2
         residual = np.diag(self.gram)[:, None] - np.concatenate(
-            [np.zeros((self.job.n_members, 1)), np.cumsum(self.q**2 * self.eigenvalues, axis=1)], axis=1)
+            [np.zeros((self.job.n_members, 1)), np.cumsum(self.q**2 * self.eigenvalues, axis=1)], axis=1
+        )
         ok = np.all(residual[:, : cap + 1] <= targets[:, None], axis=0)
         return int(np.argmax(ok)) if ok.any() else (cap if cap > 0 else None)
 
@@ -166,14 +169,32 @@ class FlatModel:
                 approx = self.mean_q + coef @ basis
             out = dtypes.round_trip(approx, job.member_dtypes[i])
             errors.append(rel_error(x, out, float(self.norms[i])))
-            fidelity.append(measure(x.reshape(matrix), out.reshape(matrix), self.mean_q.reshape(matrix),
-                                    float(self.norms[i]), job.member_dtypes[i], job.coef_dtype, svd_values))
+            fidelity.append(
+                measure(
+                    x.reshape(matrix),
+                    out.reshape(matrix),
+                    self.mean_q.reshape(matrix),
+                    float(self.norms[i]),
+                    job.member_dtypes[i],
+                    job.coef_dtype,
+                    svd_values,
+                )
+            )
         return Encoded(
-            scheme="flat", rank=rank, side=None, matrix=None, mean=self.mean_held, mean_dtype=job.mean_dtype,
-            basis=basis_held, coefs=coefs, errors=errors, energy=kept_energy(self.eigenvalues, rank), reason="",
-            fidelity=fidelity, eigenvalues=self.eigenvalues,
+            scheme="flat",
+            rank=rank,
+            side=None,
+            matrix=None,
+            mean=self.mean_held,
+            mean_dtype=job.mean_dtype,
+            basis=basis_held,
+            coefs=coefs,
+            errors=errors,
+            energy=kept_energy(self.eigenvalues, rank),
+            reason="",
+            fidelity=fidelity,
+            eigenvalues=self.eigenvalues,
         )
-
 
 
 FLAT = register(FlatScheme())

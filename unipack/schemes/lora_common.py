@@ -59,8 +59,9 @@ class LoraScheme(Scheme):
         yield replace(t, name=a_key, shape=tuple(a_held.shape)), dtype, a_held
         yield replace(t, name=b_key, shape=tuple(b_held.shape)), dtype, b_held
 
-    def member_entries(self, t: TensorRecord, member: MemberRecord,
-                       blobs: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    def member_entries(
+        self, t: TensorRecord, member: MemberRecord, blobs: dict[str, Any]
+    ) -> list[tuple[str, str, tuple[int, ...]]]:
         if t.name not in member.lora:
             return []
         assert t.shape is not None

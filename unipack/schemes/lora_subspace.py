@@ -28,8 +28,13 @@ class LoraSubspaceParams(LoraParams):
     right: str | None = None  # V, in x k_in (None when k_in is 0)
 
     def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
-        return {"form": "subspace", "ranks": list(self.ranks), "left": self.left, "right": self.right,
-                **self.spectrum_doc()}
+        return {
+            "form": "subspace",
+            "ranks": list(self.ranks),
+            "left": self.left,
+            "right": self.right,
+            **self.spectrum_doc(),
+        }
 
     def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
         touched = member is not None and tensor.name in member.lora
@@ -39,8 +44,10 @@ class LoraSubspaceParams(LoraParams):
         assert tensor.shape is not None
         what = f"tensor {tensor.name!r}"
         refs = []
-        for side, name, dim, k in (("left", self.left, tensor.shape[0], self.ranks[0]),
-                                   ("right", self.right, tensor.shape[1], self.ranks[1])):
+        for side, name, dim, k in (
+            ("left", self.left, tensor.shape[0], self.ranks[0]),
+            ("right", self.right, tensor.shape[1], self.ranks[1]),
+        ):
             if k == 0:
                 refs.append(BlobRef(name, side, None, None, absent=f"{side} rank 0 but a {side} blob is named"))
             else:
@@ -59,8 +66,12 @@ class LoraSubspaceScheme(LoraScheme):
         out_dim, in_dim = base.shape
         if len(ranks) != 2 or ranks[0] > out_dim or ranks[1] > in_dim:
             raise FormatError(f"{d.where}: ranks {list(ranks)} must be [k_out <= {out_dim}, k_in <= {in_dim}]")
-        return LoraSubspaceParams(ranks=(ranks[0], ranks[1]), left=d.text("left", optional=True),
-                                  right=d.text("right", optional=True), **fields)
+        return LoraSubspaceParams(
+            ranks=(ranks[0], ranks[1]),
+            left=d.text("left", optional=True),
+            right=d.text("right", optional=True),
+            **fields,
+        )
 
     def bases(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         """U (out x k_out) and V (in x k_in) as float64; empty when a rank is 0."""

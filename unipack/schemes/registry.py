@@ -12,7 +12,7 @@ SCHEMES: dict[str, Scheme] = {}
 
 def register(scheme: Scheme) -> Scheme:
     """Make ``scheme`` known to the manifest reader and to everything that reads records."""
-    register_format(scheme)  # type: ignore[arg-type]  # Scheme satisfies StorageFormat
+    register_format(scheme)
     SCHEMES[scheme.name] = scheme
     return scheme
 

@@ -90,11 +90,20 @@ class RowsScheme(SharedScheme):
         limit = matrix[1] if side == "right" else matrix[0]
         return RowsParams(side=side, matrix=(matrix[0], matrix[1]), **self.parse_shared(d, limit))
 
-    def encoded_params(self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...],
-                       variance: float) -> RowsParams:
+    def encoded_params(
+        self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...], variance: float
+    ) -> RowsParams:
         assert enc.side is not None and enc.matrix is not None
-        return RowsParams(rank=enc.rank, mean=mean, basis=basis, energy=round(enc.energy, 6), spectrum=spectrum,
-                          variance=variance, side=enc.side, matrix=enc.matrix)
+        return RowsParams(
+            rank=enc.rank,
+            mean=mean,
+            basis=basis,
+            energy=round(enc.energy, 6),
+            spectrum=spectrum,
+            variance=variance,
+            side=enc.side,
+            matrix=enc.matrix,
+        )
 
     def describe(self, t: TensorRecord) -> str:
         assert isinstance(t.params, RowsParams)
@@ -111,8 +120,9 @@ FIRST_PROBE = 8
 class RowsModel:
     scheme = "rows"
 
-    def __init__(self, job: TensorJob, side: str, shift: np.ndarray, total: np.ndarray, gram: np.ndarray,
-                 norms: np.ndarray) -> None:
+    def __init__(
+        self, job: TensorJob, side: str, shift: np.ndarray, total: np.ndarray, gram: np.ndarray, norms: np.ndarray
+    ) -> None:
         """Statistics of the oriented members relative to ``shift`` (member 0): ``total`` = sum of
         Y_i = X_i - shift, ``gram`` = sum of Y_i^T Y_i, ``norms`` = ||X_i||."""
         self.job, self.side, self.norms = job, side, norms
@@ -187,14 +197,24 @@ class RowsModel:
                 approx = self.mean_q + coef @ basis.T
             out = dtypes.round_trip(approx, job.member_dtypes[i])
             errors.append(rel_error(x, out, float(self.norms[i])))
-            fidelity.append(measure(x, out, self.mean_q, float(self.norms[i]), job.member_dtypes[i],
-                                    job.coef_dtype, svd_values))
+            fidelity.append(
+                measure(x, out, self.mean_q, float(self.norms[i]), job.member_dtypes[i], job.coef_dtype, svd_values)
+            )
             if coef_held is not None:
                 coefs.append(coef_held if self.side == "right" else np.ascontiguousarray(coef_held.T))
         return Encoded(
-            scheme="rows", rank=rank, side=self.side, matrix=self.matrix, mean=self.mean_held,
-            mean_dtype=job.mean_dtype, basis=basis_held if rank else None, coefs=coefs, errors=errors,
-            energy=kept_energy(self.eigenvalues, rank), reason="", fidelity=fidelity,
+            scheme="rows",
+            rank=rank,
+            side=self.side,
+            matrix=self.matrix,
+            mean=self.mean_held,
+            mean_dtype=job.mean_dtype,
+            basis=basis_held if rank else None,
+            coefs=coefs,
+            errors=errors,
+            energy=kept_energy(self.eigenvalues, rank),
+            reason="",
+            fidelity=fidelity,
             eigenvalues=self.eigenvalues,
         )
 
@@ -231,8 +251,9 @@ def fit_rows(job: TensorJob) -> list[RowsModel]:
         for side in sides:
             grams[side] += y_work.T @ y_work if side == "right" else y_work @ y_work.T
     return [
-        RowsModel(job, side, shift if side == "right" else shift.T, total if side == "right" else total.T,
-                  grams[side], norms)
+        RowsModel(
+            job, side, shift if side == "right" else shift.T, total if side == "right" else total.T, grams[side], norms
+        )
         for side in sides
     ]
 

@@ -41,8 +41,13 @@ class SharedParams(StorageParams):
         return self.scheme_name
 
     def shared_doc(self, variant: str) -> dict[str, Any]:
-        doc: dict[str, Any] = {"scheme": variant, "rank": self.rank, "mean": self.mean, "basis": self.basis,
-                               "energy": self.energy}
+        doc: dict[str, Any] = {
+            "scheme": variant,
+            "rank": self.rank,
+            "mean": self.mean,
+            "basis": self.basis,
+            "energy": self.energy,
+        }
         if self.spectrum is not None:
             doc.update(spectrum=list(self.spectrum), variance=self.variance)
         return doc
@@ -104,8 +109,17 @@ class Projection:
     fidelity: MemberFidelity | None  # None when the error is not finite
 
 
-def project(t: TensorRecord, x: np.ndarray, mean: np.ndarray, basis: np.ndarray | None, *, member_dtype: str,
-            coef_dtype: str, n_members: int, baselines: bool) -> Projection:
+def project(
+    t: TensorRecord,
+    x: np.ndarray,
+    mean: np.ndarray,
+    basis: np.ndarray | None,
+    *,
+    member_dtype: str,
+    coef_dtype: str,
+    n_members: int,
+    baselines: bool,
+) -> Projection:
     """Project a member that was not in the merge (``x``: finite float64 values, shape ``t.shape``)
     onto the record's stored mean and basis (float64; ``basis`` None at rank 0).
 
@@ -127,8 +141,9 @@ def project(t: TensorRecord, x: np.ndarray, mean: np.ndarray, basis: np.ndarray 
         return Projection(coef_held, error, None)
     matrix = params.svd_matrix(t)
     svd_values = params.svd_values(t, n_members) if baselines else None
-    fidelity = measure(x.reshape(matrix), out.reshape(matrix), mean.reshape(matrix), norm, member_dtype,
-                       coef_dtype, svd_values)
+    fidelity = measure(
+        x.reshape(matrix), out.reshape(matrix), mean.reshape(matrix), norm, member_dtype, coef_dtype, svd_values
+    )
     return Projection(coef_held, error, fidelity)
 
 
@@ -140,11 +155,18 @@ class SharedScheme(Scheme):
         rank = d.integer("rank", 0, limit)
         energy = d.num("energy", optional=True)
         spectrum = d.numbers("spectrum", optional=True)
-        return {"rank": rank, "energy": energy, "spectrum": spectrum, "mean": d.text("mean"),
-                "basis": d.text("basis", optional=True), "variance": d.num("variance", optional=spectrum is None)}
+        return {
+            "rank": rank,
+            "energy": energy,
+            "spectrum": spectrum,
+            "mean": d.text("mean"),
+            "basis": d.text("basis", optional=True),
+            "variance": d.num("variance", optional=spectrum is None),
+        }
 
-    def encoded_params(self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...],
-                       variance: float) -> SharedParams:
+    def encoded_params(
+        self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...], variance: float
+    ) -> SharedParams:
         """The params of a tensor the merge encoded as ``enc`` (its blobs already written)."""
         raise NotImplementedError
 
@@ -209,22 +231,47 @@ class SharedScheme(Scheme):
         if p.rank > 0:
             assert p.basis is not None
             basis = dtypes.to_float(ctx.read_blob(p.basis), ctx.old.blobs[p.basis].dtype)
-        projection = project(t, values, mean, basis, member_dtype=dtype, coef_dtype=ctx.coef_dtype,
-                             n_members=len(ctx.old.members) + 1, baselines=ctx.options.baselines)
+        projection = project(
+            t,
+            values,
+            mean,
+            basis,
+            member_dtype=dtype,
+            coef_dtype=ctx.coef_dtype,
+            n_members=len(ctx.old.members) + 1,
+            baselines=ctx.options.baselines,
+        )
         if projection.fidelity is None:
-            ctx.store_raw(t, dtype, array, "override", f"its projection overflows the {ctx.coef_dtype} "
-                                                       f"coefficients or {dtype}: stored raw")
+            ctx.store_raw(
+                t,
+                dtype,
+                array,
+                "override",
+                f"its projection overflows the {ctx.coef_dtype} coefficients or {dtype}: stored raw",
+            )
             return t
         max_error = ctx.options.max_error
         if ctx.options.rule == "max-error" and max_error is not None and projection.error > max_error:
             # Stored raw, bit-exact; a mean-only bundle would still hold the mean here (spec 4.4).
             mean_only = dataclasses.replace(projection.fidelity, delta_error=0.0, svd_error=0.0, svd_rank=0)
-            ctx.store_raw(t, dtype, array, "override", f"projection error {projection.error:.3g} exceeds max-error "
-                                                       f"{max_error}: stored raw", over_budget=True, fidelity=mean_only)
+            ctx.store_raw(
+                t,
+                dtype,
+                array,
+                "override",
+                f"projection error {projection.error:.3g} exceeds max-error {max_error}: stored raw",
+                over_budget=True,
+                fidelity=mean_only,
+            )
             return t
-        ctx.keep(t, "projected", round_up(float(projection.error)),
-                 f"projected onto the bundle's rank-{p.rank} basis ({self.describe(t)})", projection.fidelity,
-                 None if projection.coef is None else projection.coef.reshape(-1))
+        ctx.keep(
+            t,
+            "projected",
+            round_up(float(projection.error)),
+            f"projected onto the bundle's rank-{p.rank} basis ({self.describe(t)})",
+            projection.fidelity,
+            None if projection.coef is None else projection.coef.reshape(-1),
+        )
         return t
 
     def describe(self, t: TensorRecord) -> str:

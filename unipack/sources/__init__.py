@@ -36,8 +36,10 @@ def open_source(path: Path) -> TensorSource:
         nested = _nested_adapter(path)
         if nested is not None:
             # PEFT saves an adapter not named "default" in a subfolder named after it.
-            raise InputError(f"{path}: holds a PEFT adapter in the subfolder {nested.name!r}, not at its top; "
-                             f"give {nested} (one folder per adapter)")
+            raise InputError(
+                f"{path}: holds a PEFT adapter in the subfolder {nested.name!r}, not at its top; "
+                f"give {nested} (one folder per adapter)"
+            )
         return open_folder(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file or folder")
@@ -48,8 +50,15 @@ def open_source(path: Path) -> TensorSource:
 
 def _nested_adapter(path: Path) -> Path | None:
     """A direct subfolder holding ``adapter_config.json``, when ``path`` itself has no model weights."""
-    if any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json",
-                                               "pytorch_model.bin", "pytorch_model.bin.index.json")):
+    if any(
+        (path / name).exists()
+        for name in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    ):
         return None
     try:
         return next((child for child in sorted(path.iterdir()) if is_peft_adapter(child)), None)

@@ -72,7 +72,7 @@ class Checkpoint:
         """A float tensor's values as float64."""
         return dtypes.to_float(self.read(tensor), self.tensors[tensor].dtype)
 
-    def state_dict(self) -> dict[str, "torch.Tensor"]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole checkpoint as a torch state dict (bf16 and float8 kept)."""
         from unipack.format.torch_bridge import to_torch
 
@@ -95,11 +95,14 @@ def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
         try:
             check_member_name(name)
         except FormatError as exc:
-            raise InputError(f"{path}: {exc}; rename it or give another name (merge --name SOURCE=NAME; names= "
-                             f"in Python)") from None
+            raise InputError(
+                f"{path}: {exc}; rename it or give another name (merge --name SOURCE=NAME; names= in Python)"
+            ) from None
         if name in seen:
-            raise InputError(f"duplicate member name {name!r} ({seen[name]} and {path}); rename one or give "
-                             f"distinct names (merge --name SOURCE=NAME; names= in Python)")
+            raise InputError(
+                f"duplicate member name {name!r} ({seen[name]} and {path}); rename one or give "
+                f"distinct names (merge --name SOURCE=NAME; names= in Python)"
+            )
         seen[name] = path
     checkpoints: list[Checkpoint] = []
     try:
@@ -151,21 +154,29 @@ def resolve_names(paths: Sequence[Path], pairs: Sequence[str]) -> list[str]:
     for pair in pairs:
         source, sep, name = pair.rpartition("=")
         if not sep or not source or not name:
-            raise InputError(f"--name {pair!r}: expected SOURCE=NAME, with SOURCE an input path or its default "
-                             f"name (e.g. --name {defaults[0]}=my-name)")
-        matches = [i for i, p in enumerate(paths) if Path(source) == Path(p)] or \
-                  [i for i, d in enumerate(defaults) if d == source]
+            raise InputError(
+                f"--name {pair!r}: expected SOURCE=NAME, with SOURCE an input path or its default "
+                f"name (e.g. --name {defaults[0]}=my-name)"
+            )
+        matches = [i for i, p in enumerate(paths) if Path(source) == Path(p)] or [
+            i for i, d in enumerate(defaults) if d == source
+        ]
         if not matches:
             shown = ", ".join(repr(d) for d in defaults[:4]) + (", ..." if len(defaults) > 4 else "")
-            raise InputError(f"--name {pair!r}: {source!r} matches no input; give an input path as listed or "
-                             f"its default name ({shown})")
+            raise InputError(
+                f"--name {pair!r}: {source!r} matches no input; give an input path as listed or "
+                f"its default name ({shown})"
+            )
         if len(matches) > 1:
-            raise InputError(f"--name {pair!r}: {source!r} is the default name of {len(matches)} inputs "
-                             f"({paths[matches[0]]}, {paths[matches[1]]}); give the input's path instead")
+            raise InputError(
+                f"--name {pair!r}: {source!r} is the default name of {len(matches)} inputs "
+                f"({paths[matches[0]]}, {paths[matches[1]]}); give the input's path instead"
+            )
         index = matches[0]
         if index in chosen:
-            raise InputError(f"--name {pair!r}: input {paths[index]} is already named {chosen[index]!r}; give "
-                             f"one --name per input")
+            raise InputError(
+                f"--name {pair!r}: input {paths[index]} is already named {chosen[index]!r}; give one --name per input"
+            )
         chosen[index] = name
     return [chosen.get(i, d) for i, d in enumerate(defaults)]
 
@@ -176,8 +187,10 @@ def _check_same_names(checkpoints: list[Checkpoint]) -> None:
     for c in checkpoints[1:]:
         difference = name_difference(ref, set(c.tensors))
         if difference:
-            raise InputError(f"{c.path}: tensor names differ from {first.path}: it {difference}; "
-                             f"members must be the same architecture")
+            raise InputError(
+                f"{c.path}: tensor names differ from {first.path}: it {difference}; "
+                f"members must be the same architecture"
+            )
 
 
 def name_difference(reference: set[str], names: set[str]) -> str | None:

@@ -31,10 +31,18 @@ from unipack.sources.torch_source import TorchSource
 
 #: (single weight file, index file, shard file name pattern, how to open one file), in lookup order.
 LAYOUTS: tuple[tuple[str, str, re.Pattern[str], Callable[[Path], TensorSource]], ...] = (
-    ("model.safetensors", "model.safetensors.index.json", re.compile(r"model-(\d+)-of-(\d+)\.safetensors"),
-     SafetensorsSource.open),
-    ("pytorch_model.bin", "pytorch_model.bin.index.json", re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin"),
-     TorchSource.open),
+    (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        re.compile(r"model-(\d+)-of-(\d+)\.safetensors"),
+        SafetensorsSource.open,
+    ),
+    (
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin"),
+        TorchSource.open,
+    ),
 )
 
 
@@ -83,20 +91,24 @@ def open_folder(folder: Path) -> HFFolderSource:
             break
     else:
         names = ", ".join(n for layout in LAYOUTS for n in layout[:2])
-        raise InputError(f"{folder}: a folder without model weights (looked for {names}); give a Hugging "
-                         f"Face model folder, or list the checkpoint files in it (e.g. {folder}/*.safetensors)")
+        raise InputError(
+            f"{folder}: a folder without model weights (looked for {names}); give a Hugging "
+            f"Face model folder, or list the checkpoint files in it (e.g. {folder}/*.safetensors)"
+        )
     return HFFolderSource(folder, shards, configs)
 
 
-def _open_shards(folder: Path, index_name: str, pattern: re.Pattern[str],
-                 opener: Callable[[Path], TensorSource]) -> list[TensorSource]:
+def _open_shards(
+    folder: Path, index_name: str, pattern: re.Pattern[str], opener: Callable[[Path], TensorSource]
+) -> list[TensorSource]:
     index = folder / index_name
     weight_map = read_weight_map(index)
     files = sorted(set(weight_map.values()))
     for name in files:
         if not (folder / name).is_file():
-            raise InputError(f"{folder / name}: a shard that {index_name} names is missing; re-download or "
-                             f"re-save the folder")
+            raise InputError(
+                f"{folder / name}: a shard that {index_name} names is missing; re-download or re-save the folder"
+            )
     _check_every_shard_listed(folder, index, set(files), pattern)
     shards: list[TensorSource] = []
     try:
@@ -114,23 +126,31 @@ def read_weight_map(index: Path) -> dict[str, str]:
     try:
         size = index.stat().st_size
         if size > MAX_HEADER_BYTES:
-            raise InputError(f"{index}: {size} bytes is over the {MAX_HEADER_BYTES}-byte limit for an index; "
-                             f"not a model index or corrupt")
+            raise InputError(
+                f"{index}: {size} bytes is over the {MAX_HEADER_BYTES}-byte limit for an index; "
+                f"not a model index or corrupt"
+            )
         doc = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except OSError as exc:
         raise InputError(f"{index}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
         raise InputError(f"{index}: not a valid JSON index ({exc}); re-download or re-save the folder") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise InputError(f"{index}: has no \"weight_map\" object of tensor names to shard file names; "
-                         f"re-download or re-save the folder")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+        raise InputError(
+            f'{index}: has no "weight_map" object of tensor names to shard file names; '
+            f"re-download or re-save the folder"
+        )
     for tensor, file_name in weight_map.items():
         if "/" in file_name or "\\" in file_name or file_name.startswith(".") or not file_name:
             # A shard is a file beside the index: never follow a name out of the folder.
-            raise InputError(f"{index}: tensor {tensor[:80]!r} maps to {file_name[:80]!r}, not a file name in "
-                             f"the folder")
+            raise InputError(
+                f"{index}: tensor {tensor[:80]!r} maps to {file_name[:80]!r}, not a file name in the folder"
+            )
     return weight_map
 
 
@@ -138,8 +158,10 @@ def _check_every_shard_listed(folder: Path, index: Path, listed: set[str], patte
     """No shard on disk the index ignores, and every shard ``i`` of ``n`` named ``-of-n`` listed."""
     for path in sorted(folder.iterdir()):
         if pattern.fullmatch(path.name) and path.name not in listed:
-            raise InputError(f"{path}: a shard that {index.name} does not list (left by another save?); remove "
-                             f"it or restore the matching index")
+            raise InputError(
+                f"{path}: a shard that {index.name} does not list (left by another save?); remove "
+                f"it or restore the matching index"
+            )
     numbers: dict[int, set[int]] = {}
     for name in listed:
         match = pattern.fullmatch(name)
@@ -148,22 +170,28 @@ def _check_every_shard_listed(folder: Path, index: Path, listed: set[str], patte
     for total, present in sorted(numbers.items()):
         missing = sorted(set(range(1, total + 1)) - present)
         if missing:
-            raise InputError(f"{index}: lists no tensor in shard {missing[0]} of {total}; the index and the "
-                             f"shards do not match: re-download or re-save the folder")
+            raise InputError(
+                f"{index}: lists no tensor in shard {missing[0]} of {total}; the index and the "
+                f"shards do not match: re-download or re-save the folder"
+            )
 
 
 def _check_index_matches(index: Path, weight_map: dict[str, str], shards: dict[str, TensorSource]) -> None:
     """Every mapped tensor is in its shard, and every shard's tensors are mapped to it."""
     for tensor, file_name in weight_map.items():
         if tensor not in shards[file_name].tensors:
-            raise InputError(f"{index}: maps tensor {tensor[:80]!r} to {file_name}, which does not hold it; "
-                             f"the index and the shards do not match: re-download or re-save the folder")
+            raise InputError(
+                f"{index}: maps tensor {tensor[:80]!r} to {file_name}, which does not hold it; "
+                f"the index and the shards do not match: re-download or re-save the folder"
+            )
     for file_name, shard in shards.items():
         for tensor in shard.tensors:
             if weight_map.get(tensor) != file_name:
                 where = f"maps it to {weight_map[tensor]}" if tensor in weight_map else "does not list it"
-                raise InputError(f"{shard.path}: holds tensor {tensor[:80]!r} but {index.name} {where}; the "
-                                 f"index and the shards do not match: re-download or re-save the folder")
+                raise InputError(
+                    f"{shard.path}: holds tensor {tensor[:80]!r} but {index.name} {where}; the "
+                    f"index and the shards do not match: re-download or re-save the folder"
+                )
 
 
 def _close(sources: list[TensorSource]) -> None:
@@ -172,4 +200,3 @@ def _close(sources: list[TensorSource]) -> None:
             s.close()
         except OSError:
             pass
-

@@ -42,8 +42,9 @@ def read_config(path: Path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save it as "
-                         f"UTF-8 JSON") from None
+        raise InputError(
+            f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); save it as UTF-8 JSON"
+        ) from None
     try:
         json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -52,5 +53,7 @@ def read_config(path: Path) -> str:
 
 
 def _too_big(path: Path, size: int) -> InputError:
-    return InputError(f"{path}: {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file kept "
-                      f"in the bundle; shrink it or remove it from the folder")
+    return InputError(
+        f"{path}: {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file kept "
+        f"in the bundle; shrink it or remove it from the folder"
+    )

@@ -50,8 +50,14 @@ DEFAULT_R, DEFAULT_ALPHA = 8, 8
 #: LoraConfig fields that switch on a LoRA variant whose update is not ``scale · B · A``.
 #: (``init_lora_weights`` options such as PiSSA or MiCA change the start, not the update: allowed.)
 VARIANTS = {
-    "use_dora": "DoRA", "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow",
-    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "use_bdlora": "BD-LoRA",
+    "use_dora": "DoRA",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "aLoRA",
+    "arrow_config": "Arrow",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
 }
 
 _MERGE_INSTEAD = "merge it into its base model (peft's merge_and_unload) and pack the merged checkpoints instead"
@@ -75,8 +81,14 @@ class LoraModule:
 class PeftAdapterSource:
     """An adapter folder: its parsed config, its weights file, and the LoRA modules found in it."""
 
-    def __init__(self, path: Path, weights: TensorSource, config_text: str, config: dict[str, Any],
-                 lora_modules: dict[str, LoraModule]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        weights: TensorSource,
+        config_text: str,
+        config: dict[str, Any],
+        lora_modules: dict[str, LoraModule],
+    ) -> None:
         self._path, self._weights = path, weights
         self.configs = {ADAPTER_CONFIG: config_text}
         self.config = config
@@ -143,8 +155,10 @@ def read_adapter_config(path: Path) -> tuple[str, dict[str, Any]]:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise InputError(f"{path}: larger than the {MAX_CONFIG_BYTES}-byte limit for a config file kept in the "
-                         f"bundle; not an adapter config, or {_RESAVE}")
+        raise InputError(
+            f"{path}: larger than the {MAX_CONFIG_BYTES}-byte limit for a config file kept in the "
+            f"bundle; not an adapter config, or {_RESAVE}"
+        )
     try:
         text = data.decode("utf-8")
         config = json.loads(text, object_pairs_hook=reject_duplicate_keys)
@@ -171,10 +185,12 @@ class _Scaling:
         return cls(
             r=_rank(path, "r", config.get("r", DEFAULT_R)),
             alpha=_alpha(path, "lora_alpha", config.get("lora_alpha", DEFAULT_ALPHA)),
-            rank_pattern={p: _rank(path, f"rank_pattern[{p!r}]", v)
-                          for p, v in _patterns(path, config, "rank_pattern").items()},
-            alpha_pattern={p: _alpha(path, f"alpha_pattern[{p!r}]", v)
-                           for p, v in _patterns(path, config, "alpha_pattern").items()},
+            rank_pattern={
+                p: _rank(path, f"rank_pattern[{p!r}]", v) for p, v in _patterns(path, config, "rank_pattern").items()
+            },
+            alpha_pattern={
+                p: _alpha(path, f"alpha_pattern[{p!r}]", v) for p, v in _patterns(path, config, "alpha_pattern").items()
+            },
             rslora=_flag(path, config, "use_rslora"),
         )
 
@@ -194,19 +210,27 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
     """Refuse, by the config alone, adapters whose update is not ``scale · B · A`` on a linear layer."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise InputError(f"{path}: peft_type is {json.dumps(peft_type)[:40]}, not \"LORA\"; unipack merges LoRA "
-                         f"adapters only: {_MERGE_INSTEAD}")
+        raise InputError(
+            f'{path}: peft_type is {json.dumps(peft_type)[:40]}, not "LORA"; unipack merges LoRA '
+            f"adapters only: {_MERGE_INSTEAD}"
+        )
     for field, variant in VARIANTS.items():
         if config.get(field):
-            raise InputError(f"{path}: uses {variant} ({field}: {json.dumps(config[field])[:80]}), whose update is "
-                             f"not scale * B * A; unipack merges plain LoRA only: {_MERGE_INSTEAD}")
+            raise InputError(
+                f"{path}: uses {variant} ({field}: {json.dumps(config[field])[:80]}), whose update is "
+                f"not scale * B * A; unipack merges plain LoRA only: {_MERGE_INSTEAD}"
+            )
     if config.get("lora_bias"):
-        raise InputError(f"{path}: has LoRA biases (lora_bias: true), which PEFT adds to the update; unipack "
-                         f"merges LoRA without lora_bias only: {_MERGE_INSTEAD}")
+        raise InputError(
+            f"{path}: has LoRA biases (lora_bias: true), which PEFT adds to the update; unipack "
+            f"merges LoRA without lora_bias only: {_MERGE_INSTEAD}"
+        )
     if config.get("target_parameters"):
-        raise InputError(f"{path}: puts LoRA on raw parameters (target_parameters: "
-                         f"{json.dumps(config['target_parameters'])[:80]}), whose factors are not a module's "
-                         f"B and A; unipack merges LoRA on linear layers only: {_MERGE_INSTEAD}")
+        raise InputError(
+            f"{path}: puts LoRA on raw parameters (target_parameters: "
+            f"{json.dumps(config['target_parameters'])[:80]}), whose factors are not a module's "
+            f"B and A; unipack merges LoRA on linear layers only: {_MERGE_INSTEAD}"
+        )
     _flag(path, config, "fan_in_fan_out")
 
 
@@ -231,8 +255,9 @@ def _patterns(path: Path, config: dict[str, Any], field: str) -> dict[str, Any]:
         try:
             re.compile(rf"(.*\.)?({p})$")
         except re.error as exc:
-            raise InputError(f"{path}: {field} key {p[:80]!r} is not a valid regular expression ({exc.msg}); "
-                             f"fix it") from None
+            raise InputError(
+                f"{path}: {field} key {p[:80]!r} is not a valid regular expression ({exc.msg}); fix it"
+            ) from None
     return patterns
 
 
@@ -246,12 +271,16 @@ def _flag(path: Path, config: dict[str, Any], field: str) -> bool:
 def _open_weights(folder: Path) -> TensorSource:
     found = [(folder / name, opener) for name, opener in WEIGHT_FILES if (folder / name).exists()]
     if not found:
-        raise InputError(f"{folder}: a PEFT adapter folder without weights (no adapter_model.safetensors or "
-                         f"adapter_model.bin); {_RESAVE}")
+        raise InputError(
+            f"{folder}: a PEFT adapter folder without weights (no adapter_model.safetensors or "
+            f"adapter_model.bin); {_RESAVE}"
+        )
     if len(found) > 1:
         # PEFT would silently take the safetensors file; the other is likely left from an earlier save.
-        raise InputError(f"{folder}: has both adapter_model.safetensors and adapter_model.bin, so which is the "
-                         f"adapter is ambiguous; remove the stale one")
+        raise InputError(
+            f"{folder}: has both adapter_model.safetensors and adapter_model.bin, so which is the "
+            f"adapter is ambiguous; remove the stale one"
+        )
     weights_path, opener = found[0]
     return opener(weights_path)
 
@@ -267,8 +296,9 @@ def _lora_modules(weights: TensorSource, scaling: _Scaling) -> dict[str, LoraMod
         else:
             _check_extra(where, key)
     if not names:
-        raise InputError(f"{where}: holds no LoRA factors (no '*{A_SUFFIX}' / '*{B_SUFFIX}' keys); not a LoRA "
-                         f"adapter, or {_RESAVE}")
+        raise InputError(
+            f"{where}: holds no LoRA factors (no '*{A_SUFFIX}' / '*{B_SUFFIX}' keys); not a LoRA adapter, or {_RESAVE}"
+        )
     return {name: _module(where, name, weights.tensors, scaling) for name in names}
 
 
@@ -276,43 +306,69 @@ def _check_extra(where: Path, key: str) -> None:
     """A key that is not a factor is stored raw, unless it is part of a LoRA update unipack cannot merge."""
     parts = key.split(".")
     if "lora_magnitude_vector" in parts:
-        raise InputError(f"{where}: holds DoRA magnitudes ({key[:80]!r}), whose update is not scale * B * A; "
-                         f"unipack merges plain LoRA only: {_MERGE_INSTEAD}")
+        raise InputError(
+            f"{where}: holds DoRA magnitudes ({key[:80]!r}), whose update is not scale * B * A; "
+            f"unipack merges plain LoRA only: {_MERGE_INSTEAD}"
+        )
     if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
-        raise InputError(f"{where}: holds embedding LoRA ({key[:80]!r}); unipack merges LoRA on linear layers "
-                         f"only: leave embeddings out of target_modules, or {_MERGE_INSTEAD}")
+        raise InputError(
+            f"{where}: holds embedding LoRA ({key[:80]!r}); unipack merges LoRA on linear layers "
+            f"only: leave embeddings out of target_modules, or {_MERGE_INSTEAD}"
+        )
     if key.endswith((".lora_A.bias", ".lora_B.bias")):
-        raise InputError(f"{where}: holds a LoRA bias ({key[:80]!r}), which PEFT adds to the update; unipack "
-                         f"merges LoRA without lora_bias only: {_MERGE_INSTEAD}")
+        raise InputError(
+            f"{where}: holds a LoRA bias ({key[:80]!r}), which PEFT adds to the update; unipack "
+            f"merges LoRA without lora_bias only: {_MERGE_INSTEAD}"
+        )
     if any(p.startswith("lora_") for p in parts):
-        raise InputError(f"{where}: holds {key[:80]!r}, a LoRA tensor that is neither lora_A.weight nor "
-                         f"lora_B.weight; unipack merges plain LoRA only: {_MERGE_INSTEAD}")
+        raise InputError(
+            f"{where}: holds {key[:80]!r}, a LoRA tensor that is neither lora_A.weight nor "
+            f"lora_B.weight; unipack merges plain LoRA only: {_MERGE_INSTEAD}"
+        )
 
 
 def _module(where: Path, name: str, tensors: Mapping[str, TensorInfo], scaling: _Scaling) -> LoraModule:
     a_key, b_key = f"{name}{A_SUFFIX}", f"{name}{B_SUFFIX}"
     for key, other in ((a_key, b_key), (b_key, a_key)):
         if other not in tensors:
-            raise InputError(f"{where}: has {key[:80]!r} but not {other[:80]!r}; a LoRA factor without its "
-                             f"pair is a damaged adapter: {_RESAVE}")
+            raise InputError(
+                f"{where}: has {key[:80]!r} but not {other[:80]!r}; a LoRA factor without its "
+                f"pair is a damaged adapter: {_RESAVE}"
+            )
     a, b = tensors[a_key], tensors[b_key]
     for key, info in ((a_key, a), (b_key, b)):
         if len(info.shape) != 2:
-            raise InputError(f"{where}: {key[:80]!r} has shape {list(info.shape)}, not 2-D (LoRA on a "
-                             f"convolution?); unipack merges LoRA on linear layers only: {_MERGE_INSTEAD}")
+            raise InputError(
+                f"{where}: {key[:80]!r} has shape {list(info.shape)}, not 2-D (LoRA on a "
+                f"convolution?); unipack merges LoRA on linear layers only: {_MERGE_INSTEAD}"
+            )
         if info.dtype not in FLOAT_DTYPES:
-            raise InputError(f"{where}: {key[:80]!r} has dtype {info.dtype}; LoRA factors must be "
-                             f"{'/'.join(sorted(FLOAT_DTYPES))}: {_RESAVE}")
+            raise InputError(
+                f"{where}: {key[:80]!r} has dtype {info.dtype}; LoRA factors must be "
+                f"{'/'.join(sorted(FLOAT_DTYPES))}: {_RESAVE}"
+            )
     rank, in_dim = a.shape
     out_dim, b_rank = b.shape
     if b_rank != rank:
-        raise InputError(f"{where}: module {name[:80]!r} has lora_B {list(b.shape)} and lora_A {list(a.shape)}: "
-                         f"B's columns must equal A's rows (the rank); {_RESAVE}")
+        raise InputError(
+            f"{where}: module {name[:80]!r} has lora_B {list(b.shape)} and lora_A {list(a.shape)}: "
+            f"B's columns must equal A's rows (the rank); {_RESAVE}"
+        )
     if rank == 0:
         raise InputError(f"{where}: module {name[:80]!r} has rank 0 (empty factors); {_RESAVE}")
     r, alpha = scaling.for_module(name.removeprefix(KEY_PREFIX))
     if r != rank:
-        raise InputError(f"{where}: module {name[:80]!r} has rank {rank} but {ADAPTER_CONFIG} gives it r={r}, so "
-                         f"its scale is unknown: the weights do not match their config; {_RESAVE}")
-    return LoraModule(name=name, a_key=a_key, b_key=b_key, rank=rank, out_dim=out_dim, in_dim=in_dim,
-                      alpha=float(alpha), scale=lora_scale(alpha, rank, scaling.rslora))
+        raise InputError(
+            f"{where}: module {name[:80]!r} has rank {rank} but {ADAPTER_CONFIG} gives it r={r}, so "
+            f"its scale is unknown: the weights do not match their config; {_RESAVE}"
+        )
+    return LoraModule(
+        name=name,
+        a_key=a_key,
+        b_key=b_key,
+        rank=rank,
+        out_dim=out_dim,
+        in_dim=in_dim,
+        alpha=float(alpha),
+        scale=lora_scale(alpha, rank, scaling.rslora),
+    )

@@ -34,10 +34,21 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 #: torch dtype name -> safetensors dtype name; the dtypes unipack can store.
 _DTYPE_NAMES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 #: dtypes numpy cannot hold: their bits are viewed as the unsigned integer of the same width
 #: (what ``format.dtypes.holder`` uses for them).
@@ -51,8 +62,10 @@ class TorchSource:
 
     def __init__(self, path: Path, state: dict[str, torch.Tensor], file_size: int) -> None:
         self._path, self._state, self.file_size = path, state, file_size
-        self.tensors = {name: TensorInfo(_DTYPE_NAMES[str(t.dtype).removeprefix("torch.")], tuple(t.shape))
-                        for name, t in state.items()}
+        self.tensors = {
+            name: TensorInfo(_DTYPE_NAMES[str(t.dtype).removeprefix("torch.")], tuple(t.shape))
+            for name, t in state.items()
+        }
 
     @classmethod
     def open(cls, path: Path) -> TorchSource:
@@ -105,11 +118,15 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever torch.load raises, the file is the problem
         if type(exc).__name__ == "UnpicklingError" or "Weights only load failed" in str(exc):
-            raise InputError(f"{path}: not a plain state dict loadable with torch.load(weights_only=True) "
-                             f"(refusing to unpickle arbitrary objects): {_refusal(exc)}; expected "
-                             f"{EXPECTED}") from None
-        raise FormatError(f"{path}: cannot load as a PyTorch checkpoint ({first_line(exc, with_type=True)}); the file "
-                          f"may be truncated or not a torch.save file") from None
+            raise InputError(
+                f"{path}: not a plain state dict loadable with torch.load(weights_only=True) "
+                f"(refusing to unpickle arbitrary objects): {_refusal(exc)}; expected "
+                f"{EXPECTED}"
+            ) from None
+        raise FormatError(
+            f"{path}: cannot load as a PyTorch checkpoint ({first_line(exc, with_type=True)}); the file "
+            f"may be truncated or not a torch.save file"
+        ) from None
     if not isinstance(loaded, dict):
         raise InputError(f"{path}: holds {_kind(loaded)}, not a state dict; expected {EXPECTED}")
     state: dict[str, torch.Tensor] = {}
@@ -118,8 +135,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise InputError(f"{path}: has {_kind(name)} key {str(name)[:40]!r}; expected {EXPECTED}")
         if not isinstance(value, torch.Tensor):
             nested = " (a nested state dict? save that dict itself)" if isinstance(value, dict) else ""
-            raise InputError(f"{path}: entry {name[:80]!r} is {_kind(value)}, not a tensor{nested}; "
-                             f"expected {EXPECTED}")
+            raise InputError(
+                f"{path}: entry {name[:80]!r} is {_kind(value)}, not a tensor{nested}; expected {EXPECTED}"
+            )
         state[check_name(name, path)] = _plain(value, name, path)
     return state
 
@@ -140,22 +158,32 @@ def _plain(tensor: torch.Tensor, name: str, path: Path) -> torch.Tensor:
 
     dtype = str(tensor.dtype).removeprefix("torch.")
     if tensor.layout != torch.strided or tensor.is_quantized:
-        raise InputError(f"{path}: tensor {name[:80]!r} is {'quantized' if tensor.is_quantized else 'sparse'}; "
-                         f"only dense tensors can be merged (convert it with .to_dense() / .dequantize())")
+        raise InputError(
+            f"{path}: tensor {name[:80]!r} is {'quantized' if tensor.is_quantized else 'sparse'}; "
+            f"only dense tensors can be merged (convert it with .to_dense() / .dequantize())"
+        )
     if tensor.device.type != "cpu":  # map_location="cpu" moves real devices; "meta" tensors hold no data
-        raise InputError(f"{path}: tensor {name[:80]!r} is on device {tensor.device.type!r} and holds no "
-                         f"values to merge; save the real weights")
+        raise InputError(
+            f"{path}: tensor {name[:80]!r} is on device {tensor.device.type!r} and holds no "
+            f"values to merge; save the real weights"
+        )
     if dtype not in _DTYPE_NAMES:
-        raise InputError(f"{path}: tensor {name[:80]!r} has dtype {dtype}, which unipack cannot store "
-                         f"(supported: {', '.join(sorted(_DTYPE_NAMES))})")
+        raise InputError(
+            f"{path}: tensor {name[:80]!r} has dtype {dtype}, which unipack cannot store "
+            f"(supported: {', '.join(sorted(_DTYPE_NAMES))})"
+        )
     return tensor.detach().contiguous()
 
 
 def _refusal(exc: BaseException) -> str:
     """The one line of torch's long weights_only message that names what was refused."""
     text = str(exc)
-    for pattern in (r"Unsupported global: GLOBAL [\w.]+", r"unsupported GLOBAL [\w.]+", r"Unsupported operand \d+",
-                    r"WeightsUnpickler error: [^\n]+"):
+    for pattern in (
+        r"Unsupported global: GLOBAL [\w.]+",
+        r"unsupported GLOBAL [\w.]+",
+        r"Unsupported operand \d+",
+        r"WeightsUnpickler error: [^\n]+",
+    ):
         match = re.search(pattern, text)
         if match:
             return match.group(0).rstrip(". ")

@@ -31,8 +31,23 @@ from unipack.format.manifest.records import (
 )
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "LORA_FORMAT_VERSION", "MAX_CONFIG_BYTES", "MAX_NAME_CHARS",
-    "MAX_TENSOR_NAME_CHARS", "SUPPORTED_VERSIONS", "BlobRecord", "BlobRef", "FidelityRecord", "Manifest",
-    "MemberRecord", "StorageParams", "TensorRecord", "check_config_name", "check_member_name",
-    "check_tensor_name", "from_json", "to_json",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LORA_FORMAT_VERSION",
+    "MAX_CONFIG_BYTES",
+    "MAX_NAME_CHARS",
+    "MAX_TENSOR_NAME_CHARS",
+    "SUPPORTED_VERSIONS",
+    "BlobRecord",
+    "BlobRef",
+    "FidelityRecord",
+    "Manifest",
+    "MemberRecord",
+    "StorageParams",
+    "TensorRecord",
+    "check_config_name",
+    "check_member_name",
+    "check_tensor_name",
+    "from_json",
+    "to_json",
 ]

@@ -41,8 +41,9 @@ class Doc:
         return self._typed(key, optional, lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]")
 
     def num(self, key: str, optional: bool = False) -> Any:
-        v = self._typed(key, optional, lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v),
-                        "a finite number")
+        v = self._typed(
+            key, optional, lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v), "a finite number"
+        )
         return None if v is None else float(v)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
@@ -52,17 +53,24 @@ class Doc:
         return v
 
     def shape(self, key: str, optional: bool = False) -> Any:
-        v = self._typed(key, optional,
-                        lambda v: isinstance(v, list) and len(v) <= MAX_NDIM
-                        and all(is_int(d) and 0 <= d <= MAX_DIM for d in v),
-                        f"a list of at most {MAX_NDIM} non-negative integers")
+        v = self._typed(
+            key,
+            optional,
+            lambda v: isinstance(v, list) and len(v) <= MAX_NDIM and all(is_int(d) and 0 <= d <= MAX_DIM for d in v),
+            f"a list of at most {MAX_NDIM} non-negative integers",
+        )
         return None if v is None else tuple(v)
 
     def numbers(self, key: str, optional: bool = False, count: int | None = None, ints: bool = False) -> Any:
         """A list of finite non-negative numbers (``count`` long if given) as a tuple."""
+
         def ok(v: Any) -> bool:
-            return isinstance(v, list) and (count is None or len(v) == count) and all(
-                (is_int(x) or (not ints and isinstance(x, float) and math.isfinite(x))) and x >= 0 for x in v)
+            return (
+                isinstance(v, list)
+                and (count is None or len(v) == count)
+                and all((is_int(x) or (not ints and isinstance(x, float) and math.isfinite(x))) and x >= 0 for x in v)
+            )
+
         what = "integers" if ints else "numbers"
         v = self._typed(key, optional, ok, f"a list of {'' if count is None else count} non-negative {what}")
         return None if v is None else tuple(int(x) if ints else float(x) for x in v)
@@ -71,8 +79,7 @@ class Doc:
         return self._typed(key, optional, lambda v: isinstance(v, dict), "an object")
 
     def array(self, key: str) -> list[Any]:
-        return self._typed(key, False, lambda v: isinstance(v, list), "a list")  # type: ignore[no-any-return]
-
+        return self._typed(key, False, lambda v: isinstance(v, list), "a list")
 
 
 def str_map(value: Any, where: str) -> dict[str, str]:

@@ -21,15 +21,17 @@ def check_member_name(name: object, where: str = "member name") -> str:
     if len(name) > MAX_NAME_CHARS:
         raise FormatError(f"{where}: {len(name)} characters (at most {MAX_NAME_CHARS})")
     if _CONTROL.search(name) or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
-        raise FormatError(f"{where} {name!r}: control characters, path separators and leading dots "
-                          f"are not allowed")
+        raise FormatError(f"{where} {name!r}: control characters, path separators and leading dots are not allowed")
     return name
 
 
 def check_config_name(name: object, where: str = "config file name") -> str:
     """Config files are written back into a folder (``extract --format hf``): a plain ``*.json`` name."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}", name) \
-            or not name.endswith(".json"):
+    if (
+        not isinstance(name, str)
+        or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}", name)
+        or not name.endswith(".json")
+    ):
         raise FormatError(f"{where}: {str(name)[:80]!r} is not a plain .json file name")
     return name
 

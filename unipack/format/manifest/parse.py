@@ -49,24 +49,39 @@ def from_json(doc: Any, where: str) -> Manifest:
 
 
 def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
-    doc: dict[str, Any] = {"name": t.name, "storage": t.storage, "dtype": t.dtype,
-                           "shape": None if t.shape is None else list(t.shape), "reason": t.reason}
+    doc: dict[str, Any] = {
+        "name": t.name,
+        "storage": t.storage,
+        "dtype": t.dtype,
+        "shape": None if t.shape is None else list(t.shape),
+        "reason": t.reason,
+    }
     doc.update(t.params.to_doc(t))
     return doc
 
 
 def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "name": m.name, "source": m.source, "source_bytes": m.source_bytes, "metadata": m.metadata,
-        "coefficients": m.coefficients, "raw": m.raw, "dtypes": m.dtypes, "errors": list(m.errors)}
+        "name": m.name,
+        "source": m.source,
+        "source_bytes": m.source_bytes,
+        "metadata": m.metadata,
+        "coefficients": m.coefficients,
+        "raw": m.raw,
+        "dtypes": m.dtypes,
+        "errors": list(m.errors),
+    }
     if m.added:
         doc["added"] = True
     if m.lossless_bytes is not None:
         doc["lossless_bytes"] = m.lossless_bytes
     if m.fidelity is not None:
         f = m.fidelity
-        doc["fidelity"] = {"norms": list(f.norms), "delta_errors": list(f.delta_errors),
-                           "mean_errors": list(f.mean_errors)}
+        doc["fidelity"] = {
+            "norms": list(f.norms),
+            "delta_errors": list(f.delta_errors),
+            "mean_errors": list(f.mean_errors),
+        }
         if f.svd_errors is not None and f.svd_ranks is not None:
             doc["fidelity"].update(svd_errors=list(f.svd_errors), svd_ranks=list(f.svd_ranks))
     if m.metrics is not None:
@@ -79,11 +94,11 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
 
 
 def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
-    return {"dtype": b.dtype, "shape": list(b.shape), "codec": b.codec, "shuffle": b.shuffle,
-            "sha256": b.sha256}
+    return {"dtype": b.dtype, "shape": list(b.shape), "codec": b.codec, "shuffle": b.shuffle, "sha256": b.sha256}
 
 
 # -- strict parsing ------------------------------------------------------------------------------
+
 
 def _parse_manifest(raw: Any, where: str) -> Manifest:
     d = Doc(raw, f"{where}: manifest")
@@ -91,8 +106,10 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
         raise FormatError(f"{where}: manifest format is {d.doc.get('format')!r}, expected {FORMAT_NAME!r}")
     version = d.integer("format_version", 0, 2**31)
     if version not in SUPPORTED_VERSIONS:
-        raise FormatError(f"{where}: .upk format version {version} is not supported by this unipack "
-                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack")
+        raise FormatError(
+            f"{where}: .upk format version {version} is not supported by this unipack "
+            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack"
+        )
     blobs: dict[str, BlobRecord] = {}
     for name, spec in d.obj("blobs").items():
         b = Doc(spec, f"{where}: blob {name!r}")
@@ -102,24 +119,37 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
         shuffle = b.doc.get("shuffle")
         if not isinstance(shuffle, bool):
             raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
-        blobs[name] = BlobRecord(dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),
-                                 b.shape("shape"), b.choice("codec", tuple(codec.CODECS)), shuffle, sha)
+        blobs[name] = BlobRecord(
+            dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),
+            b.shape("shape"),
+            b.choice("codec", tuple(codec.CODECS)),
+            shuffle,
+            sha,
+        )
     if not STORAGE_FORMATS:  # registered by unipack.schemes, which `import unipack` loads
         raise RuntimeError("no storage schemes registered: import unipack first")
     tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]") for i, t in enumerate(d.array("tensors")))
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise FormatError(f"{where}: manifest lists a tensor name twice")
-    members = tuple(_parse_member(m, f"{where}: members[{i}]", tensors, blobs)
-                    for i, m in enumerate(d.array("members")))
+    members = tuple(
+        _parse_member(m, f"{where}: members[{i}]", tensors, blobs) for i, m in enumerate(d.array("members"))
+    )
     if len({m.name for m in members}) != len(members):
         raise FormatError(f"{where}: manifest lists a member name twice")
     stats = d.obj("stats", optional=True) or {}
     input_bytes = stats.get("input_bytes", 0)
     if not isinstance(input_bytes, int) or isinstance(input_bytes, bool) or input_bytes < 0:
         raise FormatError(f"{where}: manifest stats.input_bytes must be a non-negative integer")
-    manifest = Manifest(created_by=d.text("created_by"), options=d.obj("options"), tensors=tensors,
-                        members=members, blobs=blobs, format_version=version, stats=stats)
+    manifest = Manifest(
+        created_by=d.text("created_by"),
+        options=d.obj("options"),
+        tensors=tensors,
+        members=members,
+        blobs=blobs,
+        format_version=version,
+        stats=stats,
+    )
     check_references(manifest, where)
     return manifest
 
@@ -141,8 +171,9 @@ def _parse_tensor(raw: Any, where: str) -> TensorRecord:
         field_name = scheme.variant[0]
         value = d.choice(field_name, tuple(s.variant[1] for s in candidates if s.variant is not None))
         scheme = next(s for s in candidates if s.variant == (field_name, value))
-    return TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=base.reason,
-                        params=scheme.parse_params(d, base))
+    return TensorRecord(
+        name=name, storage=storage, dtype=dtype, shape=shape, reason=base.reason, params=scheme.parse_params(d, base)
+    )
 
 
 def _parse_lora_map(value: Any, where: str, tensors: tuple[TensorRecord, ...]) -> dict[str, tuple[int, float]]:
@@ -154,15 +185,22 @@ def _parse_lora_map(value: Any, where: str, tensors: tuple[TensorRecord, ...]) -
     for module, entry in value.items():
         if module not in modules:
             raise FormatError(f"{where}: lora entry {module!r} is not a lora module of this bundle")
-        if not (isinstance(entry, list) and len(entry) == 2 and is_int(entry[0]) and 1 <= entry[0] <= MAX_DIM
-                and (is_int(entry[1]) or isinstance(entry[1], float)) and math.isfinite(entry[1])):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and is_int(entry[0])
+            and 1 <= entry[0] <= MAX_DIM
+            and (is_int(entry[1]) or isinstance(entry[1], float))
+            and math.isfinite(entry[1])
+        ):
             raise FormatError(f"{where}: lora entry {module!r} must be [rank >= 1, finite scale]")
         out[module] = (int(entry[0]), float(entry[1]))
     return out
 
 
-def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
-                  blobs: dict[str, BlobRecord]) -> MemberRecord:
+def _parse_member(
+    raw: Any, where: str, tensors: tuple[TensorRecord, ...], blobs: dict[str, BlobRecord]
+) -> MemberRecord:
     d = Doc(raw, where)
     name = check_member_name(d.text("name"), f"{where}: name")
     d.where = where = f"{where.rsplit(':', 1)[0]}: member {name!r}"
@@ -177,9 +215,13 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
         f = Doc(d.doc["fidelity"], f"{where}: fidelity")
         n = len(tensors)
         svd_errors = f.numbers("svd_errors", optional=True, count=n)
-        fidelity = FidelityRecord(f.numbers("norms", count=n), f.numbers("delta_errors", count=n),
-                                  f.numbers("mean_errors", count=n), svd_errors,
-                                  f.numbers("svd_ranks", optional=svd_errors is None, count=n, ints=True))
+        fidelity = FidelityRecord(
+            f.numbers("norms", count=n),
+            f.numbers("delta_errors", count=n),
+            f.numbers("mean_errors", count=n),
+            svd_errors,
+            f.numbers("svd_ranks", optional=svd_errors is None, count=n, ints=True),
+        )
     metrics = d.obj("metrics", optional=True)
     if metrics is not None:
         metrics = _metrics(metrics, f"{where}: metrics")
@@ -196,12 +238,20 @@ def _parse_member(raw: Any, where: str, tensors: tuple[TensorRecord, ...],
     for dt in member_dtypes.values():
         dtypes.check_dtype(dt, f"{where}: dtypes")
     return MemberRecord(
-        name=name, source=d.text("source"), source_bytes=d.integer("source_bytes"),
+        name=name,
+        source=d.text("source"),
+        source_bytes=d.integer("source_bytes"),
         metadata=None if metadata is None else str_map(metadata, f"{where}: metadata"),
-        coefficients=d.text("coefficients", optional=True), raw=str_map(d.obj("raw"), f"{where}: raw"),
-        dtypes=member_dtypes, errors=tuple(float(e) for e in errors), added=added,
-        lossless_bytes=d.integer("lossless_bytes", optional=True), fidelity=fidelity, metrics=metrics,
-        configs=configs, lora=lora,
+        coefficients=d.text("coefficients", optional=True),
+        raw=str_map(d.obj("raw"), f"{where}: raw"),
+        dtypes=member_dtypes,
+        errors=tuple(float(e) for e in errors),
+        added=added,
+        lossless_bytes=d.integer("lossless_bytes", optional=True),
+        fidelity=fidelity,
+        metrics=metrics,
+        configs=configs,
+        lora=lora,
     )
 
 
@@ -210,8 +260,8 @@ def _metrics(value: dict[str, Any], where: str) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, scores in value.items():
         if not isinstance(scores, dict) or not all(
-                isinstance(k, str) and (is_int(v) or isinstance(v, float)) and math.isfinite(v)
-                for k, v in scores.items()):
+            isinstance(k, str) and (is_int(v) or isinstance(v, float)) and math.isfinite(v) for k, v in scores.items()
+        ):
             raise FormatError(f"{where}: {key!r} must map metric names to finite numbers")
         out[key] = {k: float(v) for k, v in scores.items()}
     return out

@@ -94,8 +94,18 @@ class StorageParams:
 #: Attributes that records had before their params were split out, with their value where a
 #: scheme does not define them: ``t.rank`` reads 0 on a raw tensor, ``t.form`` None on a dense one.
 LEGACY_FIELDS: dict[str, Any] = {
-    "scheme": None, "rank": 0, "side": None, "matrix": None, "mean": None, "basis": None, "blob": None,
-    "raw_cause": None, "form": None, "ranks": None, "left": None, "right": None,
+    "scheme": None,
+    "rank": 0,
+    "side": None,
+    "matrix": None,
+    "mean": None,
+    "basis": None,
+    "blob": None,
+    "raw_cause": None,
+    "form": None,
+    "ranks": None,
+    "left": None,
+    "right": None,
 }
 
 

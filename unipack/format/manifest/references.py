@@ -48,8 +48,10 @@ def check_references(m: Manifest, where: str) -> None:
         what = f"tensor {t.name!r}"
         version = STORAGE_FORMATS[t.params.scheme_name].min_format_version
         if m.format_version < version:
-            raise FormatError(f"{where}: {what}: {t.storage} modules need format version {version}, "
-                              f"the manifest says {m.format_version}")
+            raise FormatError(
+                f"{where}: {what}: {t.storage} modules need format version {version}, "
+                f"the manifest says {m.format_version}"
+            )
         for r in t.params.blob_refs(t):
             ref(r, what)
     for mem in m.members:
@@ -72,22 +74,28 @@ def check_references(m: Manifest, where: str) -> None:
         required = {key: (t, shape) for t in m.tensors for key, shape in t.params.member_blobs(t, mem)}
         own_names = {key for key, (t, _) in required.items() if key == t.name}
         if not own_names <= set(mem.raw) or not set(mem.raw) <= (set(by_name) | set(required)):
-            raise FormatError(f"{where}: {what}: raw blobs {sorted(mem.raw)[:5]} do not cover the raw tensors "
-                              f"{sorted(own_names)[:5]} (or name unknown tensors)")
+            raise FormatError(
+                f"{where}: {what}: raw blobs {sorted(mem.raw)[:5]} do not cover the raw tensors "
+                f"{sorted(own_names)[:5]} (or name unknown tensors)"
+            )
         for key, (t, shape) in required.items():
             if key in own_names:
                 continue
             if key not in mem.raw:
-                raise FormatError(f"{where}: {what}: touches lora module {t.name!r} (stored as factors) but "
-                                  f"has no raw blob for {key!r}")
+                raise FormatError(
+                    f"{where}: {what}: touches lora module {t.name!r} (stored as factors) but "
+                    f"has no raw blob for {key!r}"
+                )
             blob(mem.raw[key], f"{what} lora factor {key!r}", shape, mem.dtype_of(t))
         for tname, bname in mem.raw.items():
             if tname in required and tname not in own_names:
                 continue
             t = by_name[tname]
             if not t.params.overridable and tname not in own_names:
-                raise FormatError(f"{where}: {what}: raw entry {tname!r} names a lora module; its factors are "
-                                  f"stored under their own keys")
+                raise FormatError(
+                    f"{where}: {what}: raw entry {tname!r} names a lora module; its factors are "
+                    f"stored under their own keys"
+                )
             # A raw tensor's shape may vary by member; an override keeps the tensor's shape.
             blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
     unused = set(m.blobs) - used
