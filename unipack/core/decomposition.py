@@ -139,15 +139,23 @@ def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
                 f"values overflow the {job.coef_dtype} coefficients (stored raw; "
                 f"--dtype float32 or bfloat16 avoids this)"
             )
-        if job.rule != "max-error":
-            return _with_reason(encoded, _rule_text(job))
-        assert job.max_error is not None
-        if max(encoded.errors, default=0.0) <= job.max_error:
+        if meets_rule(job.rule, job.max_error, encoded.errors):
             return _with_reason(encoded, _rule_text(job))
         if rank >= cap:
             return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
         # Rounding (basis, coefficients, output dtype) pushed a member over: a little more rank.
-        rank = min(cap, rank + max(1, rank // 8))
+        rank = grow(rank, cap)
+
+
+def meets_rule(rule: str, max_error: float | None, errors: Sequence[float]) -> bool:
+    """Whether an encoding is done: a fixed rank or energy rule takes what it gets (errors are
+    recorded, not bounded); ``max-error`` needs every member within budget after all rounding."""
+    return rule != "max-error" or max(errors, default=0.0) <= (max_error or 0.0)
+
+
+def grow(rank: int, cap: int) -> int:
+    """The next rank to try when rounding pushed a member over budget: an eighth more, at least 1."""
+    return min(cap, rank + max(1, rank // 8))
 
 
 def _rule_text(job: TensorJob) -> str:
@@ -185,9 +193,3 @@ def _affordable_rank(model: SchemeModel, raw_bytes: int) -> int:
         else:
             hi = mid
     return lo
-
-
-def store_as(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(held, as_float64)``: values rounded to ``dtype`` and what they read back as."""
-    held = dtypes.from_float(values, dtype)
-    return held, dtypes.to_float(held, dtype)

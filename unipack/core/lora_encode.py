@@ -40,8 +40,8 @@ def encode(
 ) -> EncodedLora:
     """Round U_k, V_k to ``coef_dtype``, fit each core to the rounded bases, round it, and
     measure each adapter's extracted factors (rounded to its own dtype) against the original."""
-    u_held, u = _rounded(model.u[:, :k_out], coef_dtype)
-    v_held, v = _rounded(model.v[:, :k_in], coef_dtype)
+    u_held, u = dtypes.store_as(model.u[:, :k_out], coef_dtype)
+    v_held, v = dtypes.store_as(model.v[:, :k_in], coef_dtype)
     # A rounded (F16/BF16) basis is not exactly orthonormal: least-squares projectors keep the
     # cores optimal for the bases actually stored (for F32 this is Uᵀ and V to rounding).
     left_proj = least_squares_projector(u)  # out x k_out: coordinates = Pᵀ x
@@ -55,7 +55,7 @@ def encode(
             continue
         assert dtype is not None
         core = f.scale * ((left_proj.T @ f.b) @ (f.a @ right_proj))
-        core_held, core_values = _rounded(core, coef_dtype)
+        core_held, core_values = dtypes.store_as(core, coef_dtype)
         cores.append(core_held)
         b2, a2 = peft_factors(u, core_values, v, f.rank, f.scale, dtype)
         errors.append(product_error(f, LoraFactors(a2, b2, f.scale)))
@@ -112,8 +112,3 @@ def factor_bytes(adapters: list[LoraFactors | None], member_dtypes: list[str | N
         for f, d in zip(adapters, member_dtypes)
         if f is not None and d is not None
     )
-
-
-def _rounded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    held = dtypes.from_float(np.ascontiguousarray(values), dtype)
-    return held, dtypes.to_float(held, dtype)

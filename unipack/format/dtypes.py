@@ -110,3 +110,10 @@ def widest_float(dtypes: set[str] | frozenset[str]) -> str:
     if "F64" in dtypes:
         return "F64"
     return "F32"
+
+
+def store_as(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(held, as_float64)``: values rounded to ``dtype`` for storage, and what they read back as
+    (the numbers every later step must use, so that what is measured is what is stored)."""
+    held = from_float(np.ascontiguousarray(values), dtype)
+    return held, to_float(held, dtype)

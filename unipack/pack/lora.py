@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
@@ -49,11 +50,11 @@ class ExtraPlan:
 
 def adapter_sources(checkpoints: list[Checkpoint]) -> list[PeftAdapterSource] | None:
     """Each checkpoint's PEFT source if every input is a PEFT adapter, None if none is."""
-    adapters = [c.source for c in checkpoints if isinstance(c.source, PeftAdapterSource)]
+    adapters = [c.source for c in checkpoints if isinstance(c.source, PeftAdapterSource)]  # typed for mypy
     if not adapters:
         return None
     if len(adapters) != len(checkpoints):
-        odd = next(c for c in checkpoints if not isinstance(c.source, PeftAdapterSource))
+        odd = next(c for c in checkpoints if not c.is_adapter)
         raise InputError(
             f"{odd.path}: is a full checkpoint, but other inputs are PEFT adapters; merge adapters "
             f"and checkpoints into separate bundles"
@@ -193,7 +194,7 @@ class LoraMerger(Merger):
                     f"the adapters' own factors ({own_bytes:,} B): stored as factors, exactly"
                 )
             encoded = encode(model, factors, *ranks, self.coef_dtype, member_dtypes)
-            if opts.rule != "max-error" or max(encoded.errors, default=0.0) <= (opts.max_error or 0.0):
+            if meets_rule(opts.rule, opts.max_error, encoded.errors):
                 return encoded
             if ranks == (k_out_max, k_in_max):
                 return (
@@ -201,7 +202,7 @@ class LoraMerger(Merger):
                     f"stored as factors, exactly"
                 )
             # Rounding (bases, cores, the adapter's dtype) pushed an adapter over: a little more rank.
-            ranks = (min(k_out_max, ranks[0] + max(1, ranks[0] // 8)), min(k_in_max, ranks[1] + max(1, ranks[1] // 8)))
+            ranks = (grow(ranks[0], k_out_max), grow(ranks[1], k_in_max))
 
     def _rule_text(self) -> str:
         return self.options.rule_text

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from unipack.core.decomposition import Encoded, TensorJob, kept_energy, store_as
+from unipack.core.decomposition import Encoded, TensorJob, kept_energy
 from unipack.core.fidelity import matrix_view, measure
 from unipack.core.linalg import eigh_desc, fix_signs, least_squares_projector, rel_error
 from unipack.format import dtypes
@@ -98,7 +98,7 @@ class FlatModel:
             x = self._vector(i)
             total += x
             self.norms[i] = np.linalg.norm(x)
-        held, self.mean_q = store_as(total / n_members, job.mean_dtype)
+        held, self.mean_q = dtypes.store_as(total / n_members, job.mean_dtype)
         self.mean_held = held.reshape(job.shape)
         self.gram = self._centred_gram()
         self.eigenvalues, self.q = eigh_desc(self.gram)
@@ -154,7 +154,7 @@ class FlatModel:
             for i in range(job.n_members):
                 acc += np.outer(scale[i], self._vector(i) - self.mean_q)
             acc = fix_signs(acc.T).T
-            basis_held, basis = store_as(acc, job.coef_dtype)
+            basis_held, basis = dtypes.store_as(acc, job.coef_dtype)
         projector = least_squares_projector(basis.T)
         coefs, errors, fidelity = [], [], []
         svd_values = flat_svd_values(rank, self.dim, job.n_members) if job.baselines else None
@@ -164,7 +164,7 @@ class FlatModel:
             x = self._vector(i)
             approx = self.mean_q
             if rank:
-                coef_held, coef = store_as((x - self.mean_q) @ projector, job.coef_dtype)
+                coef_held, coef = dtypes.store_as((x - self.mean_q) @ projector, job.coef_dtype)
                 coefs.append(coef_held)
                 approx = self.mean_q + coef @ basis
             out = dtypes.round_trip(approx, job.member_dtypes[i])

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from unipack.core.decomposition import Encoded, TensorJob, kept_energy, store_as
+from unipack.core.decomposition import Encoded, TensorJob, kept_energy
 from unipack.core.fidelity import measure
 from unipack.core.linalg import eigh_desc, least_squares_projector, rel_error
 from unipack.errors import FormatError
@@ -132,7 +132,7 @@ class RowsModel:
         self.coef_itemsize = dtypes.itemsize(job.coef_dtype)
         n_members = job.n_members
         mean = shift + total / n_members
-        held, self.mean_q = store_as(mean, job.mean_dtype)
+        held, self.mean_q = dtypes.store_as(mean, job.mean_dtype)
         self.mean_held = (held if side == "right" else held.T).reshape(job.shape)
         # Centre on the *stored* mean: with c = Mq - shift,
         # sum (Y_i - c)^T (Y_i - c) = G - c^T T - T^T c + N c^T c.
@@ -183,7 +183,7 @@ class RowsModel:
 
     def encode(self, rank: int) -> Encoded:
         job = self.job
-        basis_held, basis = store_as(self.vectors[:, :rank], job.coef_dtype)
+        basis_held, basis = dtypes.store_as(self.vectors[:, :rank], job.coef_dtype)
         projector = least_squares_projector(basis)
         coefs, errors, fidelity = [], [], []
         # The per-member SVD baseline gets this member's coefficients plus its share of the basis.
@@ -193,7 +193,7 @@ class RowsModel:
             approx = self.mean_q
             coef_held = None
             if rank:
-                coef_held, coef = store_as((x - self.mean_q) @ projector, job.coef_dtype)
+                coef_held, coef = dtypes.store_as((x - self.mean_q) @ projector, job.coef_dtype)
                 approx = self.mean_q + coef @ basis.T
             out = dtypes.round_trip(approx, job.member_dtypes[i])
             errors.append(rel_error(x, out, float(self.norms[i])))

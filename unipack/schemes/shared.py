@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from unipack.core.decomposition import Encoded, SchemeModel, TensorJob, store_as
+from unipack.core.decomposition import Encoded, SchemeModel, TensorJob
 from unipack.core.fidelity import MemberFidelity, matrix_view, measure, round_up
 from unipack.core.linalg import rel_error
 from unipack.format import dtypes
@@ -133,7 +133,7 @@ def project(
     norm = float(np.linalg.norm(x.ravel()))
     coef_held = coef = None
     if params.rank > 0 and basis is not None:
-        coef_held, coef = store_as(params.solve(t, x - mean, basis), coef_dtype)
+        coef_held, coef = dtypes.store_as(params.solve(t, x - mean, basis), coef_dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowing coefficient is reported, not warned
         out = dtypes.round_trip(reconstruct(t, mean, basis, coef), member_dtype)
         error = rel_error(x, out, norm)

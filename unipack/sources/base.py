@@ -2,7 +2,8 @@
 
 A source is where a member's tensors come from: one ``.safetensors`` file, a PyTorch ``.bin``/
 ``.pt`` state dict, or a Hugging Face model folder (one or several weight files of either kind).
-Merging needs only this much of it, so the merge code never knows which kind it is reading.
+A dense merge needs only this much of it, so it never knows which kind it is reading; a PEFT
+adapter folder (``PeftAdapterSource``) adds its LoRA modules, which the LoRA merge reads.
 """
 
 from __future__ import annotations

@@ -64,6 +64,11 @@ class Checkpoint:
     def files(self) -> tuple[tuple[Path, int], ...]:
         return self.source.files
 
+    @property
+    def is_adapter(self) -> bool:
+        """A PEFT LoRA adapter (merged module by module), not a full checkpoint."""
+        return isinstance(self.source, PeftAdapterSource)
+
     def read(self, tensor: str) -> np.ndarray:
         """The tensor's array, held as ``dtypes.holder(dtype)``."""
         return self.source.read(tensor)
@@ -108,7 +113,7 @@ def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
     try:
         for name, path in zip(names, paths):
             checkpoints.append(open_checkpoint(path, name))
-        if not any(isinstance(c.source, PeftAdapterSource) for c in checkpoints):
+        if not any(c.is_adapter for c in checkpoints):
             # Adapters may target different modules; merge_lora checks what they must share.
             _check_same_names(checkpoints)
     except BaseException:
