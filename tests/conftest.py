@@ -43,6 +43,7 @@ FLOAT_TORCH = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # synthetic populations
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     """How one tensor name varies across members.
@@ -182,6 +183,7 @@ def standard_specs() -> dict[str, TensorSpec]:
 # reading back and measuring (reference loader + numpy)
 # --------------------------------------------------------------------------------------------
 
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, list[str]]:
     """Tensors, ``__metadata__`` and tensor names (file order) via the reference loader."""
     with safe_open(str(path), framework="pt") as f:
@@ -220,8 +222,9 @@ def assert_close_errors(measured: float, recorded: float, rel: float = 1e-6, abs
     assert abs(measured - recorded) <= rel * max(abs(measured), abs(recorded)) + abs_, (measured, recorded)
 
 
-def check_against_originals(pop: Population, bundle_path: Path, out_dir: Path, *,
-                            max_error: float | None) -> dict[str, dict[str, float]]:
+def check_against_originals(
+    pop: Population, bundle_path: Path, out_dir: Path, *, max_error: float | None
+) -> dict[str, dict[str, float]]:
     """Extract every member, compare with the originals; return measured errors.
 
     Checks: names, shapes, dtypes and ``__metadata__`` preserved; non-float and raw/exact tensors
@@ -262,11 +265,12 @@ def check_against_originals(pop: Population, bundle_path: Path, out_dir: Path, *
 # raw bundle surgery (for corruption / version tests)
 # --------------------------------------------------------------------------------------------
 
+
 def read_raw_header(path: Path) -> tuple[dict[str, Any], int]:
     """The bundle's JSON header (as a dict, key order kept) and the data section's offset."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), 8 + n
+    return json.loads(data[8 : 8 + n]), 8 + n
 
 
 def rewrite_header(path: Path, header: dict[str, Any], out: Path | None = None) -> Path:
@@ -302,15 +306,16 @@ def listing(directory: Path) -> list[str]:
 # fixtures
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def population(tmp_path: Path) -> Population:
     return write_population(tmp_path / "in", standard_specs(), n=4, seed=1)
 
 
-
 # --------------------------------------------------------------------------------------------
 # independent linear algebra (numpy): what unipack's decompositions should produce
 # --------------------------------------------------------------------------------------------
+
 
 def stored_mean(ws: list[np.ndarray], mean_dtype: torch.dtype) -> np.ndarray:
     """The members' mean (float64, summed in member order) rounded to the stored mean's dtype."""
@@ -346,8 +351,9 @@ def spectrum(ws: list[np.ndarray], mean: np.ndarray, scheme: str, side: str | No
     return s**2, vt.T
 
 
-def optimal_reconstructions(ws: list[np.ndarray], mean: np.ndarray, scheme: str, side: str | None,
-                            k: int) -> list[np.ndarray]:
+def optimal_reconstructions(
+    ws: list[np.ndarray], mean: np.ndarray, scheme: str, side: str | None, k: int
+) -> list[np.ndarray]:
     """``mean + D_i`` projected on the top-k principal directions (float64, original shapes)."""
     _, vecs = spectrum(ws, mean, scheme, side)
     vk = vecs[:, :k]
@@ -376,6 +382,7 @@ def mean_torch_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # bad-input scenarios, shared by test_bad_input.py (Python API) and test_cli.py (command line)
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class BadCase:
@@ -417,21 +424,31 @@ def _merge_case(paths: list[Path], out: Path, exc: type, mentions: list[str], **
     return BadCase(
         cli_args=["merge", *map(str, paths), "-o", str(out), *cli_opts],
         call=lambda: unipack.merge(paths, out, **opts),
-        exc=exc, mentions=mentions, clean_dir=out.parent,
+        exc=exc,
+        mentions=mentions,
+        clean_dir=out.parent,
     )
 
 
 def bad_case(kind: str, tmp: Path) -> BadCase:
     """Build scenario ``kind`` under ``tmp``."""
-    from unipack import (ChecksumError, FormatError, InputError, MemberNotFoundError, OptionsError,
-                         OutputExistsError)
+    from unipack import ChecksumError, FormatError, InputError, MemberNotFoundError, OptionsError, OutputExistsError
 
     out_dir = tmp / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "x.upk"
-    if kind in ("corrupt_blob", "corrupt_manifest", "truncated_bundle", "version_99", "version_99_both",
-                "unknown_member", "extract_exists", "corrupt_header_json", "bundle_as_input",
-                "extract_all_into_file"):
+    if kind in (
+        "corrupt_blob",
+        "corrupt_manifest",
+        "truncated_bundle",
+        "version_99",
+        "version_99_both",
+        "unknown_member",
+        "extract_exists",
+        "corrupt_header_json",
+        "bundle_as_input",
+        "extract_all_into_file",
+    ):
         pop, bundle = make_bundle(tmp / "b", codec="none")
     else:
         pop = write_population(tmp / "in", small_specs(), n=3, seed=0)
@@ -528,21 +545,35 @@ def bad_case(kind: str, tmp: Path) -> BadCase:
     member = pop.names[1]
     if kind == "unknown_member":
         target = out_dir / "nobody.safetensors"
-        return BadCase(["extract", str(bundle), "--member", "nobody", "-o", str(target)],
-                       lambda: _with_bundle(bundle, lambda b: b.extract("nobody", target)),
-                       MemberNotFoundError, ["'nobody'", pop.names[0]], clean_dir=out_dir)
+        return BadCase(
+            ["extract", str(bundle), "--member", "nobody", "-o", str(target)],
+            lambda: _with_bundle(bundle, lambda b: b.extract("nobody", target)),
+            MemberNotFoundError,
+            ["'nobody'", pop.names[0]],
+            clean_dir=out_dir,
+        )
     if kind == "extract_exists":
         target = out_dir / "taken.safetensors"
         target.write_bytes(b"precious")
-        return BadCase(["extract", str(bundle), "--member", member, "-o", str(target)],
-                       lambda: _with_bundle(bundle, lambda b: b.extract(member, target)),
-                       OutputExistsError, [str(target)], unchanged=[target], clean_dir=out_dir)
+        return BadCase(
+            ["extract", str(bundle), "--member", member, "-o", str(target)],
+            lambda: _with_bundle(bundle, lambda b: b.extract(member, target)),
+            OutputExistsError,
+            [str(target)],
+            unchanged=[target],
+            clean_dir=out_dir,
+        )
     if kind == "extract_all_into_file":  # -o names an existing regular file, not a directory
         target = out_dir / "not-a-dir"
         target.write_bytes(b"precious")
-        return BadCase(["extract", str(bundle), "--all", "-o", str(target)],
-                       lambda: _with_bundle(bundle, lambda b: b.extract_all(target)),
-                       unipack.UnipackError, [str(target)], unchanged=[target], clean_dir=out_dir)
+        return BadCase(
+            ["extract", str(bundle), "--all", "-o", str(target)],
+            lambda: _with_bundle(bundle, lambda b: b.extract_all(target)),
+            unipack.UnipackError,
+            [str(target)],
+            unchanged=[target],
+            clean_dir=out_dir,
+        )
     if kind in ("open_checkpoint", "open_random", "open_missing", "open_text"):
         if kind == "open_checkpoint":
             target, mentions, exc = paths[0], [str(paths[0]), "not a unipack bundle"], FormatError
@@ -563,26 +594,39 @@ def bad_case(kind: str, tmp: Path) -> BadCase:
         lo, hi = blob_range(bundle, blob)
         flip_byte(bundle, (lo + hi) // 2)
         target = out_dir / "m.safetensors"
-        return BadCase(["extract", str(bundle), "--member", member, "-o", str(target)],
-                       lambda: _with_bundle(bundle, lambda b: b.load(member)),
-                       ChecksumError, [str(bundle), repr(blob)], clean_dir=out_dir)
+        return BadCase(
+            ["extract", str(bundle), "--member", member, "-o", str(target)],
+            lambda: _with_bundle(bundle, lambda b: b.load(member)),
+            ChecksumError,
+            [str(bundle), repr(blob)],
+            clean_dir=out_dir,
+        )
     if kind == "corrupt_manifest":
         data = bundle.read_bytes()
         assert data.count(b"unipack 0.1.0") == 1
         bundle.write_bytes(data.replace(b"unipack 0.1.0", b"unipack 0.1.1"))
-        return BadCase(["info", str(bundle)], lambda: _with_bundle(bundle, lambda b: b.summary()),
-                       FormatError, [str(bundle), "manifest"])
+        return BadCase(
+            ["info", str(bundle)],
+            lambda: _with_bundle(bundle, lambda b: b.summary()),
+            FormatError,
+            [str(bundle), "manifest"],
+        )
     if kind == "corrupt_header_json":
         data = bytearray(bundle.read_bytes())
         data[8] = ord("[")  # the header's opening brace
         bundle.write_bytes(bytes(data))
-        return BadCase(["info", str(bundle)], lambda: _with_bundle(bundle, lambda b: b.summary()),
-                       FormatError, [str(bundle)])
+        return BadCase(
+            ["info", str(bundle)], lambda: _with_bundle(bundle, lambda b: b.summary()), FormatError, [str(bundle)]
+        )
     if kind == "truncated_bundle":
         data = bundle.read_bytes()
         bundle.write_bytes(data[:-100])
-        return BadCase(["info", str(bundle)], lambda: _with_bundle(bundle, lambda b: b.summary()),
-                       FormatError, [str(bundle), "truncated"])
+        return BadCase(
+            ["info", str(bundle)],
+            lambda: _with_bundle(bundle, lambda b: b.summary()),
+            FormatError,
+            [str(bundle), "truncated"],
+        )
     if kind in ("version_99", "version_99_both"):
         header, _ = read_raw_header(bundle)
         header["__metadata__"]["format_version"] = "99"
@@ -595,21 +639,55 @@ def bad_case(kind: str, tmp: Path) -> BadCase:
             header["__metadata__"]["manifest"] = text
             header["__metadata__"]["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
         rewrite_header(bundle, header)
-        return BadCase(["info", str(bundle)], lambda: _with_bundle(bundle, lambda b: b.summary()),
-                       FormatError, [str(bundle), "99", "supported: 1"])
+        return BadCase(
+            ["info", str(bundle)],
+            lambda: _with_bundle(bundle, lambda b: b.summary()),
+            FormatError,
+            [str(bundle), "99", "supported: 1"],
+        )
     raise ValueError(kind)
 
 
 MERGE_BAD_CASES = [
-    "random_bytes", "text_file", "tiny_file", "truncated_input", "truncated_input_header", "missing_input",
-    "names_differ", "shape_differs", "dtype_kind_differs", "one_member", "duplicate_names", "empty_checkpoint",
-    "bundle_as_input", "output_exists", "output_dir_missing", "rank_and_energy", "max_error_and_rank",
-    "max_error_2", "max_error_negative", "energy_too_big", "rank_negative", "zstd_level_0", "gram_limit_0",
-    "dtype_int8", "scheme_bogus",
+    "random_bytes",
+    "text_file",
+    "tiny_file",
+    "truncated_input",
+    "truncated_input_header",
+    "missing_input",
+    "names_differ",
+    "shape_differs",
+    "dtype_kind_differs",
+    "one_member",
+    "duplicate_names",
+    "empty_checkpoint",
+    "bundle_as_input",
+    "output_exists",
+    "output_dir_missing",
+    "rank_and_energy",
+    "max_error_and_rank",
+    "max_error_2",
+    "max_error_negative",
+    "energy_too_big",
+    "rank_negative",
+    "zstd_level_0",
+    "gram_limit_0",
+    "dtype_int8",
+    "scheme_bogus",
 ]
 BUNDLE_BAD_CASES = [
-    "unknown_member", "extract_exists", "extract_all_into_file", "open_checkpoint", "open_random", "open_text", "open_missing",
-    "corrupt_blob", "corrupt_manifest", "corrupt_header_json", "truncated_bundle", "version_99",
+    "unknown_member",
+    "extract_exists",
+    "extract_all_into_file",
+    "open_checkpoint",
+    "open_random",
+    "open_text",
+    "open_missing",
+    "corrupt_blob",
+    "corrupt_manifest",
+    "corrupt_header_json",
+    "truncated_bundle",
+    "version_99",
     "version_99_both",
 ]
 ALL_BAD_CASES = MERGE_BAD_CASES + BUNDLE_BAD_CASES

@@ -15,14 +15,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-import unipack
-from unipack.pack.add import free_member_index
-from unipack.cli import cli
-from unipack.format.container import rewrite_bundle
-
 from conftest import (
     Population,
     TensorSpec,
@@ -39,6 +31,13 @@ from conftest import (
     standard_specs,
     write_population,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import unipack
+from unipack.cli import cli
+from unipack.format.container import rewrite_bundle
+from unipack.pack.add import free_member_index
 
 MAX_ERROR = 0.01
 
@@ -47,8 +46,10 @@ MAX_ERROR = 0.01
 # helpers
 # ------------------------------------------------------------------------------------------
 
-def held_out(directory: Path, specs: dict[str, TensorSpec], *, merged: int = 4, extra: int = 1, seed: int = 7,
-             **options) -> tuple[Population, Path]:
+
+def held_out(
+    directory: Path, specs: dict[str, TensorSpec], *, merged: int = 4, extra: int = 1, seed: int = 7, **options
+) -> tuple[Population, Path]:
     """``merged + extra`` members generated together; the first ``merged`` are merged."""
     pop = write_population(directory / "in", specs, n=merged + extra, seed=seed)
     bundle = directory / "bundle.upk"
@@ -60,8 +61,10 @@ def held_out(directory: Path, specs: dict[str, TensorSpec], *, merged: int = 4, 
 def snapshot(bundle: Path) -> dict[str, dict[str, bytes]]:
     """Every member's tensors as (dtype, bytes), to compare before and after an add."""
     with unipack.open(bundle) as b:
-        return {m: {name: dtype.encode() + array.tobytes() for name, (dtype, array) in b.load_numpy(m).items()}
-                for m in b.members}
+        return {
+            m: {name: dtype.encode() + array.tobytes() for name, (dtype, array) in b.load_numpy(m).items()}
+            for m in b.members
+        }
 
 
 def manifest_doc(bundle: Path) -> dict:
@@ -99,7 +102,7 @@ def independent_coefficients(bundle: Path, member: str, original: dict[str, torc
             else:  # W = M + B C, C (k, n)
                 expected = np.linalg.lstsq(basis, d.reshape(m, n), rcond=None)[0]
         size = expected.size
-        out.append((t["name"], coefs[offset:offset + size].reshape(expected.shape), expected, shape, k))
+        out.append((t["name"], coefs[offset : offset + size].reshape(expected.shape), expected, shape, k))
         offset += size
     assert offset == coefs.size
     return out
@@ -122,8 +125,10 @@ def assert_one_line_error(result: Result) -> str:
 def random_member(pop: Population, path: Path, seed: int = 99) -> Path:
     """Same names, shapes and dtypes as member 0, unrelated random float values."""
     rng = np.random.default_rng(seed)
-    tensors = {name: torch.from_numpy(rng.standard_normal(t.shape)).to(t.dtype) if t.is_floating_point() else t
-               for name, t in pop.tensors[0].items()}
+    tensors = {
+        name: torch.from_numpy(rng.standard_normal(t.shape)).to(t.dtype) if t.is_floating_point() else t
+        for name, t in pop.tensors[0].items()
+    }
     save_file(tensors, str(path))
     return path
 
@@ -131,6 +136,7 @@ def random_member(pop: Population, path: Path, seed: int = 99) -> Path:
 # ------------------------------------------------------------------------------------------
 # (1) a held-out member of the same population
 # ------------------------------------------------------------------------------------------
+
 
 def test_held_out_member_is_projected_within_budget(tmp_path: Path) -> None:
     pop, bundle = held_out(tmp_path, standard_specs(), max_error=MAX_ERROR)
@@ -145,10 +151,17 @@ def test_held_out_member_is_projected_within_budget(tmp_path: Path) -> None:
     assert result.file_bytes_before == size_before and result.file_bytes_after == bundle.stat().st_size
     assert result.bytes_added == result.file_bytes_after - size_before > 0
     kinds = {o.tensor: o.kind for o in result.outcomes}
-    assert kinds == {"embed.weight": "projected", "layer0.attn.weight": "projected",
-                     "layer0.mlp.weight": "projected", "layer0.mlp.bias": "projected",
-                     "conv.weight": "projected", "norm.weight": "exact", "position_ids": "exact",
-                     "step": "raw", "mask": "raw"}
+    assert kinds == {
+        "embed.weight": "projected",
+        "layer0.attn.weight": "projected",
+        "layer0.mlp.weight": "projected",
+        "layer0.mlp.bias": "projected",
+        "conv.weight": "projected",
+        "norm.weight": "exact",
+        "position_ids": "exact",
+        "step": "raw",
+        "mask": "raw",
+    }
     with unipack.open(bundle) as b:
         assert b.verify() == []
         assert b.members == pop.names
@@ -194,6 +207,7 @@ def test_coefficients_are_rounded_to_the_bundles_dtype(tmp_path: Path, dtype: st
 # ------------------------------------------------------------------------------------------
 # (2) an unrelated member: the bases cannot hold it
 # ------------------------------------------------------------------------------------------
+
 
 def test_unrelated_member_is_stored_raw_where_the_budget_needs_it(tmp_path: Path) -> None:
     pop, bundle = held_out(tmp_path, standard_specs(), extra=0, max_error=MAX_ERROR)
@@ -269,9 +283,21 @@ def test_rank_rule_projects_without_overrides(tmp_path: Path) -> None:
 # (3) errors: one line, nothing changed
 # ------------------------------------------------------------------------------------------
 
-ERROR_CASES = ["name_clash", "missing_tensor", "extra_tensor", "shape_differs", "dtype_kind_differs",
-               "missing_source", "missing_bundle", "corrupt_source", "corrupt_bundle", "source_is_bundle",
-               "bad_name", "output_exists", "not_a_bundle"]
+ERROR_CASES = [
+    "name_clash",
+    "missing_tensor",
+    "extra_tensor",
+    "shape_differs",
+    "dtype_kind_differs",
+    "missing_source",
+    "missing_bundle",
+    "corrupt_source",
+    "corrupt_bundle",
+    "source_is_bundle",
+    "bad_name",
+    "output_exists",
+    "not_a_bundle",
+]
 
 
 def error_case(kind: str, tmp: Path) -> tuple[list[object], dict, type, list[str]]:
@@ -282,8 +308,12 @@ def error_case(kind: str, tmp: Path) -> tuple[list[object], dict, type, list[str
     edited = tmp / "in" / "edited.safetensors"
     args: dict = {"bundle": bundle, "source": src}
     if kind == "name_clash":
-        return (["add", bundle, pop.paths[0]], {"bundle": bundle, "source": pop.paths[0]}, unipack.InputError,
-                [str(bundle), "already has a member 'ft0'", "--name"])
+        return (
+            ["add", bundle, pop.paths[0]],
+            {"bundle": bundle, "source": pop.paths[0]},
+            unipack.InputError,
+            [str(bundle), "already has a member 'ft0'", "--name"],
+        )
     if kind == "missing_tensor":
         del new["a.bias"]
         save_file(new, str(edited))
@@ -298,8 +328,12 @@ def error_case(kind: str, tmp: Path) -> tuple[list[object], dict, type, list[str
         new["a.weight"] = torch.zeros(9, 12)
         save_file(new, str(edited))
         args["source"] = edited
-        return (["add", bundle, edited], args, unipack.InputError,
-                [str(edited), "'a.weight'", "[9, 12]", "[8, 12]", "only raw tensors may vary", "--raw"])
+        return (
+            ["add", bundle, edited],
+            args,
+            unipack.InputError,
+            [str(edited), "'a.weight'", "[9, 12]", "[8, 12]", "only raw tensors may vary", "--raw"],
+        )
     if kind == "dtype_kind_differs":
         new["a.bias"] = torch.zeros(8, dtype=torch.int32)
         save_file(new, str(edited))
@@ -371,6 +405,7 @@ def test_add_errors_through_the_cli(tmp_path: Path, kind: str) -> None:
 # (4) exact tensors, dtypes, NaN
 # ------------------------------------------------------------------------------------------
 
+
 def test_exact_tensor_identical_stores_nothing_and_differing_is_an_override(tmp_path: Path) -> None:
     pop, bundle = held_out(tmp_path, small_specs(), merged=3, extra=1)
     same = unipack.add(bundle, pop.paths[3])
@@ -439,9 +474,13 @@ def test_non_finite_values_are_stored_raw(tmp_path: Path) -> None:
 # (5) raw tensors whose shape varies
 # ------------------------------------------------------------------------------------------
 
+
 def test_raw_tensors_of_another_shape_are_stored_raw(tmp_path: Path) -> None:
-    specs = {**small_specs(), "head.weight": TensorSpec((3, 12), kind="head"),
-             "cls.weight": TensorSpec((2, 12), kind="noise")}
+    specs = {
+        **small_specs(),
+        "head.weight": TensorSpec((3, 12), kind="head"),
+        "cls.weight": TensorSpec((2, 12), kind="noise"),
+    }
     pop, bundle = held_out(tmp_path, specs, merged=3, extra=1, raw_mismatched=True, raw=("cls.*",))
     # cls.weight: raw by pattern, one shape for all merged members; the new member's differs.
     changed = dict(pop.tensors[3])
@@ -469,6 +508,7 @@ def test_raw_tensors_of_another_shape_are_stored_raw(tmp_path: Path) -> None:
 # (6) -o: a new bundle, the original untouched
 # ------------------------------------------------------------------------------------------
 
+
 def test_output_leaves_the_original_untouched(tmp_path: Path) -> None:
     pop, bundle = held_out(tmp_path, small_specs(), merged=3, extra=1)
     original = bundle.read_bytes()
@@ -492,6 +532,7 @@ def test_output_leaves_the_original_untouched(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # (7) adding twice; blob indices
 # ------------------------------------------------------------------------------------------
+
 
 def test_add_twice(tmp_path: Path) -> None:
     pop, bundle = held_out(tmp_path, standard_specs(), merged=4, extra=2, max_error=MAX_ERROR)
@@ -521,6 +562,7 @@ def test_free_member_index() -> None:
 # ------------------------------------------------------------------------------------------
 # rewrite_bundle: the contract others build on
 # ------------------------------------------------------------------------------------------
+
 
 def test_rewrite_with_the_same_manifest_reproduces_the_file(tmp_path: Path) -> None:
     for codec in ("none", "zstd"):
@@ -575,9 +617,9 @@ def test_projecting_a_merged_member_reproduces_what_merge_recorded(tmp_path: Pat
     """The projection is merge's own encoding step on a fixed basis: re-projecting a member that
     was merged gives back its stored coefficients, recorded error and fidelity numbers."""
     from unipack.core.fidelity import round_up
-    from unipack.schemes.shared import project
     from unipack.format import dtypes
     from unipack.format.container import BundleFile
+    from unipack.schemes.shared import project
 
     pop, bundle = held_out(tmp_path, standard_specs(), extra=0, dtype="bfloat16", max_error=0.05)
     with BundleFile(bundle) as f:
@@ -592,8 +634,16 @@ def test_projecting_a_merged_member_reproduces_what_merge_recorded(tmp_path: Pat
                     continue
                 mean = dtypes.to_float(f.read_blob(t.mean), manifest.blobs[t.mean].dtype).reshape(t.shape)
                 basis = dtypes.to_float(f.read_blob(t.basis), "BF16") if t.basis else None
-                p = project(t, as64(pop.tensors[i][t.name]), mean, basis, member_dtype=member.dtype_of(t),
-                            coef_dtype="BF16", n_members=n, baselines=True)
+                p = project(
+                    t,
+                    as64(pop.tensors[i][t.name]),
+                    mean,
+                    basis,
+                    member_dtype=member.dtype_of(t),
+                    coef_dtype="BF16",
+                    n_members=n,
+                    baselines=True,
+                )
                 if t.rank:
                     lo, hi = offsets[t.name]
                     stored = dtypes.to_float(coefs[lo:hi], "BF16")
@@ -601,10 +651,12 @@ def test_projecting_a_merged_member_reproduces_what_merge_recorded(tmp_path: Pat
                     np.testing.assert_allclose(got, stored, rtol=2.0**-7, err_msg=t.name)
                 assert_close_errors(round_up(p.error), member.errors[j])
                 assert p.fidelity.svd_rank == member.fidelity.svd_ranks[j], t.name
-                for ours, recorded in ((p.fidelity.norm, member.fidelity.norms[j]),
-                                       (p.fidelity.mean_error, member.fidelity.mean_errors[j]),
-                                       (p.fidelity.delta_error, member.fidelity.delta_errors[j]),
-                                       (p.fidelity.svd_error, member.fidelity.svd_errors[j])):
+                for ours, recorded in (
+                    (p.fidelity.norm, member.fidelity.norms[j]),
+                    (p.fidelity.mean_error, member.fidelity.mean_errors[j]),
+                    (p.fidelity.delta_error, member.fidelity.delta_errors[j]),
+                    (p.fidelity.svd_error, member.fidelity.svd_errors[j]),
+                ):
                     assert ours == pytest.approx(recorded, rel=1e-3), t.name  # recorded at 4 digits
 
 

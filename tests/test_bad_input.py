@@ -10,6 +10,17 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import (
+    ALL_BAD_CASES,
+    bad_case,
+    bits_equal,
+    blob_range,
+    flip_byte,
+    listing,
+    make_bundle,
+    small_specs,
+    write_population,
+)
 from safetensors.torch import save_file
 
 import unipack
@@ -21,18 +32,6 @@ from unipack import (
     OptionsError,
     OutputExistsError,
     UnipackError,
-)
-
-from conftest import (
-    ALL_BAD_CASES,
-    bad_case,
-    bits_equal,
-    blob_range,
-    flip_byte,
-    listing,
-    make_bundle,
-    small_specs,
-    write_population,
 )
 
 
@@ -57,6 +56,7 @@ def test_bad_input_raises_clear_error(tmp_path: Path, kind: str) -> None:
 # ------------------------------------------------------------------------------------------
 # failed merges leave nothing behind
 # ------------------------------------------------------------------------------------------
+
 
 class _Boom(Exception):
     pass
@@ -130,6 +130,7 @@ def test_force_overwrites(tmp_path: Path) -> None:
 # non-finite values
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("where", ["matrix", "vector", "identical"])
 def test_non_finite_values_are_handled(tmp_path: Path, value: float, where: str) -> None:
@@ -166,11 +167,16 @@ def test_non_finite_values_are_handled(tmp_path: Path, value: float, where: str)
 # member names
 # ------------------------------------------------------------------------------------------
 
+
 def test_unknown_member_for_every_accessor(tmp_path: Path) -> None:
     pop, bundle = make_bundle(tmp_path)
     with unipack.open(bundle) as b:
-        for call in (lambda: b.load("ghost"), lambda: b.load_numpy("ghost"),
-                     lambda: b.extract("ghost", tmp_path / "g.safetensors"), lambda: b.member("ghost")):
+        for call in (
+            lambda: b.load("ghost"),
+            lambda: b.load_numpy("ghost"),
+            lambda: b.extract("ghost", tmp_path / "g.safetensors"),
+            lambda: b.member("ghost"),
+        ):
             with pytest.raises(MemberNotFoundError) as info:
                 call()
             assert "'ghost'" in str(info.value) and str(bundle) in str(info.value)
@@ -178,13 +184,16 @@ def test_unknown_member_for_every_accessor(tmp_path: Path) -> None:
     assert not (tmp_path / "g.safetensors").exists()
 
 
-@pytest.mark.parametrize("names,needle", [
-    (["a", "a", "b"], "duplicate"),
-    (["a", "b/c", "d"], "b/c"),
-    (["a", ".hidden", "d"], ".hidden"),
-    (["a", "", "d"], "non-empty"),
-    (["a", "b"], "3 checkpoints"),
-])
+@pytest.mark.parametrize(
+    "names,needle",
+    [
+        (["a", "a", "b"], "duplicate"),
+        (["a", "b/c", "d"], "b/c"),
+        (["a", ".hidden", "d"], ".hidden"),
+        (["a", "", "d"], "non-empty"),
+        (["a", "b"], "3 checkpoints"),
+    ],
+)
 def test_bad_explicit_names(tmp_path: Path, names: list[str], needle: str) -> None:
     pop = write_population(tmp_path / "in", small_specs(), n=3)
     with pytest.raises(InputError) as info:
@@ -206,6 +215,7 @@ def test_stem_with_leading_dot_needs_a_name(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # damaged bundles
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
 def test_corrupt_coefficients_affect_only_their_member(tmp_path: Path, codec: str) -> None:
@@ -303,16 +313,20 @@ def test_rewritten_header_without_changes_still_opens(tmp_path: Path) -> None:
 # options
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields,needle", [
-    ({"rank": 2, "energy": 0.5}, "--rank and --energy"),
-    ({"max_error": 0.1, "energy": 0.5}, "--max-error and --energy"),
-    ({"max_error": 2}, "--max-error"),
-    ({"max_error": 1.0}, "--max-error"),
-    ({"dtype": "int8"}, "int8"),
-    ({"codec": "lz4"}, "lz4"),
-    ({"scheme": "tucker"}, "tucker"),
-    ({"raw": ("",)}, "--raw"),
-])
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"rank": 2, "energy": 0.5}, "--rank and --energy"),
+        ({"max_error": 0.1, "energy": 0.5}, "--max-error and --energy"),
+        ({"max_error": 2}, "--max-error"),
+        ({"max_error": 1.0}, "--max-error"),
+        ({"dtype": "int8"}, "int8"),
+        ({"codec": "lz4"}, "lz4"),
+        ({"scheme": "tucker"}, "tucker"),
+        ({"raw": ("",)}, "--raw"),
+    ],
+)
 def test_merge_options_validation(fields: dict, needle: str) -> None:
     with pytest.raises(OptionsError) as info:
         unipack.MergeOptions(**fields)

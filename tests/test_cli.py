@@ -8,10 +8,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-
-import unipack
-from unipack.cli import cli
-
 from conftest import (
     ALL_BAD_CASES,
     bad_case,
@@ -23,6 +19,9 @@ from conftest import (
     standard_specs,
     write_population,
 )
+
+import unipack
+from unipack.cli import cli
 
 
 def run(*args: str, cwd: Path | None = None) -> Result:
@@ -58,6 +57,7 @@ def assert_one_line_error(result: Result, exit_code: int = 1) -> str:
 # ------------------------------------------------------------------------------------------
 # the happy path: merge -> info -> info --json -> extract
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory: pytest.TempPathFactory):
@@ -181,12 +181,33 @@ def test_extract_all(merged, tmp_path: Path) -> None:
 
 def test_cli_merge_equals_api_merge(tmp_path: Path) -> None:
     pop = write_population(tmp_path / "in", standard_specs(), n=3, seed=5)
-    opts = dict(rank=2, scheme="rows", dtype="float16", codec="none", raw=("step", "mask*"), zstd_level=5,
-                gram_limit=100)
+    opts = dict(
+        rank=2, scheme="rows", dtype="float16", codec="none", raw=("step", "mask*"), zstd_level=5, gram_limit=100
+    )
     unipack.merge(pop.paths, tmp_path / "api.upk", **opts)
-    result = run("merge", *pop.paths, "-o", tmp_path / "cli.upk", "--rank", "2", "--scheme", "rows",
-                 "--dtype", "float16", "--codec", "none", "--raw", "step", "--raw", "mask*", "--zstd-level", "5",
-                 "--gram-limit", "100", "-q")
+    result = run(
+        "merge",
+        *pop.paths,
+        "-o",
+        tmp_path / "cli.upk",
+        "--rank",
+        "2",
+        "--scheme",
+        "rows",
+        "--dtype",
+        "float16",
+        "--codec",
+        "none",
+        "--raw",
+        "step",
+        "--raw",
+        "mask*",
+        "--zstd-level",
+        "5",
+        "--gram-limit",
+        "100",
+        "-q",
+    )
     assert_ok(result)
     assert (tmp_path / "cli.upk").read_bytes() == (tmp_path / "api.upk").read_bytes()
     with unipack.open(tmp_path / "cli.upk") as b:
@@ -218,6 +239,7 @@ def test_version() -> None:
 # ------------------------------------------------------------------------------------------
 # bad input through the CLI: exit 1, one line "Error: ...", nothing left behind
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ALL_BAD_CASES)
 def test_bad_input_one_line_error(tmp_path: Path, kind: str) -> None:
@@ -279,6 +301,7 @@ def test_non_finite_input_is_not_an_internal_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # usage errors: exit 2
 # ------------------------------------------------------------------------------------------
+
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     pop, bundle = make_bundle(tmp_path)

@@ -18,8 +18,9 @@ from unipack.core.lora import LoraFactors
 OUT, IN = 40, 30
 
 
-def _adapters(seed: int = 0, ranks=(4, 8, None, 8, 4, None, 8), noise: float = 0.05, alpha: float = 16.0,
-              rslora: bool = False) -> list[LoraFactors | None]:
+def _adapters(
+    seed: int = 0, ranks=(4, 8, None, 8, 4, None, 8), noise: float = 0.05, alpha: float = 16.0, rslora: bool = False
+) -> list[LoraFactors | None]:
     """Adapters sharing a 6-dim column space and row space, plus noise; None = untouched."""
     rng = np.random.default_rng(seed)
     u0 = np.linalg.qr(rng.standard_normal((OUT, 6)))[0]
@@ -201,8 +202,8 @@ def test_energy_rank(adapters, model):
     right = np.linalg.eigvalsh(sum(w.T @ w for w in ws))[::-1]
     for fraction in (0.5, 0.9, 0.99, 1.0):
         k_out, k_in = model.energy_rank(fraction)
-        assert left[:k_out].sum() >= (fraction - 1e-9) * left.sum() > left[:k_out - 1].sum()
-        assert right[:k_in].sum() >= (fraction - 1e-9) * right.sum() > right[:k_in - 1].sum()
+        assert left[:k_out].sum() >= (fraction - 1e-9) * left.sum() > left[: k_out - 1].sum()
+        assert right[:k_in].sum() >= (fraction - 1e-9) * right.sum() > right[: k_in - 1].sum()
     assert model.energy_rank(0.0) == (0, 0)
 
 
@@ -235,9 +236,14 @@ def test_large_module_stays_factored():
     rng = np.random.default_rng(11)
     u0 = np.linalg.qr(rng.standard_normal((out_dim, 12)))[0]
     v0 = np.linalg.qr(rng.standard_normal((in_dim, 12)))[0]
-    adapters = [LoraFactors(a=rng.standard_normal((r, 12)) @ v0.T + 0.01 * rng.standard_normal((r, in_dim)),
-                            b=u0 @ rng.standard_normal((12, r)) + 0.01 * rng.standard_normal((out_dim, r)),
-                            scale=2.0) for _ in range(n)]
+    adapters = [
+        LoraFactors(
+            a=rng.standard_normal((r, 12)) @ v0.T + 0.01 * rng.standard_normal((r, in_dim)),
+            b=u0 @ rng.standard_normal((12, r)) + 0.01 * rng.standard_normal((out_dim, r)),
+            scale=2.0,
+        )
+        for _ in range(n)
+    ]
     adapters[2] = None
     tracemalloc.start()
     try:

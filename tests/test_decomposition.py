@@ -14,9 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import unipack
-
 from conftest import (
     TensorSpec,
     as64,
@@ -27,6 +24,8 @@ from conftest import (
     stored_mean,
     write_population,
 )
+
+import unipack
 
 TOL = 1e-5  # relative to ||D_i||: float32 basis/coefficients, output rounding
 
@@ -39,8 +38,16 @@ def _mean(pop, name: str) -> np.ndarray:
     return stored_mean(_member_values(pop, name), mean_torch_dtype([m[name].dtype for m in pop.tensors]))
 
 
-def _check_optimal(pop, bundle_path: Path, name: str, *, expect_scheme: str, expect_side: str | None,
-                   expect_rank: int | None = None, min_truncation: float = 1e-2) -> None:
+def _check_optimal(
+    pop,
+    bundle_path: Path,
+    name: str,
+    *,
+    expect_scheme: str,
+    expect_side: str | None,
+    expect_rank: int | None = None,
+    min_truncation: float = 1e-2,
+) -> None:
     """unipack's reconstruction of ``name`` == numpy's optimal projection at the recorded rank."""
     with unipack.open(bundle_path) as b:
         j = b.tensor_names.index(name)
@@ -76,6 +83,7 @@ def _check_optimal(pop, bundle_path: Path, name: str, *, expect_scheme: str, exp
 # ------------------------------------------------------------------------------------------
 # fixed rank: rows, both sides; flat
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rows_right_fixed_rank_is_optimal_projection(tmp_path: Path, dtype: str) -> None:
@@ -132,6 +140,7 @@ def test_flat_rank_capped_at_data_rank(tmp_path: Path) -> None:
 # side selection under max-error; gram limit
 # ------------------------------------------------------------------------------------------
 
+
 def test_wide_matrix_with_shared_column_space_uses_left_basis(tmp_path: Path) -> None:
     # 16 x 64, deltas U @ B_i: the column space (16-dim side) is shared, the row space is not
     specs = {"w": TensorSpec((16, 64), kind="left", rank=2, noise=1e-6)}
@@ -166,8 +175,10 @@ def test_gram_limit_restricts_sides(tmp_path: Path) -> None:
 # max-error: the chosen rank is minimal
 # ------------------------------------------------------------------------------------------
 
-def _numpy_errors_by_rank(ws: list[np.ndarray], mean: np.ndarray, scheme: str, side: str | None,
-                          max_rank: int) -> np.ndarray:
+
+def _numpy_errors_by_rank(
+    ws: list[np.ndarray], mean: np.ndarray, scheme: str, side: str | None, max_rank: int
+) -> np.ndarray:
     """errors[r, i]: member i's relative error with the optimal rank-r projection."""
     out = np.zeros((max_rank + 1, len(ws)))
     for r in range(max_rank + 1):
@@ -200,8 +211,7 @@ def test_max_error_rank_is_minimal(tmp_path: Path, case: str) -> None:
         assert errs[t.rank - 1] > budget
         assert t.rank == target
         assert result.worst_error <= budget
-        _check_optimal(pop, out, "w", expect_scheme=scheme, expect_side=side, expect_rank=target,
-                       min_truncation=0.0)
+        _check_optimal(pop, out, "w", expect_scheme=scheme, expect_side=side, expect_rank=target, min_truncation=0.0)
 
 
 def test_max_error_rank_minimal_on_mixed_population(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from unipack.cli import cli
 
 
 def test_demo_runs_end_to_end_and_reports_accuracy(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["demo", "--small", "--workdir", str(tmp_path / "w"),
-                                      "--cache-dir", str(tmp_path / "cache")])
+    result = CliRunner().invoke(
+        cli, ["demo", "--small", "--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "cache")]
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "held-out accuracy" in out and "mean only" in out and "other budgets" in out
@@ -41,8 +42,18 @@ def test_demo_prints_the_report_accuracy_table_and_it_is_right(tmp_path: Path) -
     assert "ONNX Runtime CPUExecutionProvider vs torch" in out and "PASS: max abs diff" in out
     assert len(list((tmp_path / "w").glob("*.onnx"))) == 1
     originals = next(p.parent for p in cache.rglob("*.safetensors") if p.parent.name != "base")
-    report = CliRunner().invoke(cli, ["report", str(tmp_path / "w" / "demo.upk"), "--json", "--eval",
-                                      "unipack.demo.evaluate:evaluate", "--originals", str(originals)])
+    report = CliRunner().invoke(
+        cli,
+        [
+            "report",
+            str(tmp_path / "w" / "demo.upk"),
+            "--json",
+            "--eval",
+            "unipack.demo.evaluate:evaluate",
+            "--originals",
+            str(originals),
+        ],
+    )
     assert report.exit_code == 0, report.output
     doc = json.loads(report.stdout)
     scores = doc["evaluation"]["members"]

@@ -34,8 +34,14 @@ def _hf_vit_names(num_layers: int) -> set[str]:
         "classifier.bias",
     }
     per_layer = [
-        "layernorm_before", "attention.attention.query", "attention.attention.key", "attention.attention.value",
-        "attention.output.dense", "intermediate.dense", "output.dense", "layernorm_after",
+        "layernorm_before",
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "layernorm_after",
     ]
     for i in range(num_layers):
         for module in per_layer:
@@ -142,9 +148,7 @@ def test_second_build_uses_the_cache(population: tuple[Path, list[Member]]) -> N
     assert any("using cache" in message for message in messages)
 
 
-def test_damaged_cache_is_rebuilt_identically(
-    population: tuple[Path, list[Member]], tmp_path: Path
-) -> None:
+def test_damaged_cache_is_rebuilt_identically(population: tuple[Path, list[Member]], tmp_path: Path) -> None:
     """A cache whose files do not match done.json is not trusted; retraining is deterministic."""
     cache, members = population
     copy = tmp_path / "cache"

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TensorSpec, standard_specs, write_population
 
 import unipack
-
-from conftest import TensorSpec, standard_specs, write_population
 
 
 def _specs() -> dict[str, TensorSpec]:
@@ -29,15 +28,19 @@ def pop(tmp_path_factory: pytest.TempPathFactory):
     return write_population(tmp_path_factory.mktemp("det_in"), _specs(), n=5, seed=23)
 
 
-@pytest.mark.parametrize("opts", [
-    {"codec": "zstd"},
-    {"codec": "none"},
-    {"dtype": "float16"},
-    {"dtype": "bfloat16", "codec": "zstd", "zstd_level": 19},
-    {"dtype": "float16", "codec": "none", "max_error": 0.001},
-    {"rank": 3, "scheme": "rows"},
-    {"energy": 0.9, "scheme": "flat"},
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"codec": "zstd"},
+        {"codec": "none"},
+        {"dtype": "float16"},
+        {"dtype": "bfloat16", "codec": "zstd", "zstd_level": 19},
+        {"dtype": "float16", "codec": "none", "max_error": 0.001},
+        {"rank": 3, "scheme": "rows"},
+        {"energy": 0.9, "scheme": "flat"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_same_inputs_same_bytes(tmp_path: Path, pop, opts: dict) -> None:
     a = unipack.merge(pop.paths, tmp_path / "a.upk", raw_mismatched=True, **opts)
     (tmp_path / "sub").mkdir()
@@ -90,8 +93,13 @@ def test_fresh_process_with_other_hash_seed_same_bytes(tmp_path: Path, pop) -> N
     """No dependence on set/dict iteration order (PYTHONHASHSEED) or on in-process state."""
     unipack.merge(pop.paths, tmp_path / "here.upk", raw_mismatched=True, dtype="float16")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "there.upk"), *map(str, pop.paths)],
-                   check=True, env=env, cwd=tmp_path, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / "there.upk"), *map(str, pop.paths)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert (tmp_path / "here.upk").read_bytes() == (tmp_path / "there.upk").read_bytes()
 
 
@@ -101,24 +109,41 @@ def test_blas_thread_count_does_not_change_bytes(tmp_path: Path) -> None:
     Tensors are large enough (~1e5 elements) for OpenBLAS to split dot products and matrix
     products between threads, which changes float64 summation order in the last bits.
     """
-    specs = {"w": TensorSpec((256, 384), kind="right", rank=6, decay=0.6, noise=1e-3),
-             "b": TensorSpec((384,), kind="flat", rank=2)}
+    specs = {
+        "w": TensorSpec((256, 384), kind="right", rank=6, decay=0.6, noise=1e-3),
+        "b": TensorSpec((384,), kind="flat", rank=2),
+    }
     big = write_population(tmp_path / "in", specs, n=6, seed=29, metadata=False)
     outs = []
     for threads in ("1", "2"):
-        env = {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
-               "MKL_NUM_THREADS": threads}
+        env = {
+            **os.environ,
+            "PYTHONHASHSEED": "0",
+            "OPENBLAS_NUM_THREADS": threads,
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+        }
         out = tmp_path / f"t{threads}.upk"
-        subprocess.run([sys.executable, "-c", _SCRIPT, str(out), *map(str, big.paths)],
-                       check=True, env=env, cwd=tmp_path, timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", _SCRIPT, str(out), *map(str, big.paths)],
+            check=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         outs.append(out)
     a, b = unipack.open(outs[0]), unipack.open(outs[1])
     try:
         diffs = [name for name, rec in a.manifest.blobs.items() if b.manifest.blobs[name].sha256 != rec.sha256]
-        errs = [(m.name, x, y) for m, n in zip(a.manifest.members, b.manifest.members)
-                for x, y in zip(m.errors, n.errors) if x != y]
+        errs = [
+            (m.name, x, y)
+            for m, n in zip(a.manifest.members, b.manifest.members)
+            for x, y in zip(m.errors, n.errors)
+            if x != y
+        ]
     finally:
         a.close()
         b.close()
     assert outs[0].read_bytes() == outs[1].read_bytes(), (
-        f"blobs that differ: {diffs}; recorded errors that differ: {errs[:4]}")
+        f"blobs that differ: {diffs}; recorded errors that differ: {errs[:4]}"
+    )

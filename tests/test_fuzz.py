@@ -49,7 +49,8 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, bytes]]:
 def _expect_unipack_error(data: bytes, tmp_path: Path, label: str) -> unipack.UnipackError:
     outcome, exc, _ = fuzz_upk.run_one(data, str(tmp_path / f"{label}.upk"))
     assert outcome == "rejected", (
-        f"{label}: expected a UnipackError, got outcome {outcome!r} ({type(exc).__name__ if exc else None}: {exc})")
+        f"{label}: expected a UnipackError, got outcome {outcome!r} ({type(exc).__name__ if exc else None}: {exc})"
+    )
     assert isinstance(exc, unipack.UnipackError)
     return exc
 
@@ -76,7 +77,7 @@ def test_hand_picked_mutations_are_rejected(seeds: list[tuple[str, bytes]], tmp_
         p = fuzz_upk.parse(data)
         text = p.header["__metadata__"]["manifest"]
         i = text.index('"tensors"') + 2
-        flipped = text[:i] + chr(ord(text[i]) ^ 0x01) + text[i + 1:]
+        flipped = text[:i] + chr(ord(text[i]) ^ 0x01) + text[i + 1 :]
         bad = fuzz_upk.serialize(p, fix_manifest_sha=False, manifest_text=flipped)
         exc = _expect_unipack_error(bad, tmp_path, f"{name}-manifest-byte")
         assert isinstance(exc, unipack.ChecksumError)
@@ -112,8 +113,11 @@ def _check_fuzz(seconds: float, tmp_path: Path) -> None:
     result = fuzz_upk.fuzz(seconds, seed=12345, findings_dir=tmp_path / "findings")
     assert result.executions > 0
     if result.findings:
-        pytest.fail("the bundle reader raised non-UnipackError exceptions or was too slow (inputs saved "
-                    f"under {tmp_path / 'findings'}):\n" + result.summary(), pytrace=False)
+        pytest.fail(
+            "the bundle reader raised non-UnipackError exceptions or was too slow (inputs saved "
+            f"under {tmp_path / 'findings'}):\n" + result.summary(),
+            pytrace=False,
+        )
 
 
 def _long_run_requested(config: pytest.Config) -> bool:

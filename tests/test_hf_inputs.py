@@ -18,15 +18,6 @@ import pytest
 import torch
 import zstandard
 from click.testing import CliRunner, Result
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-import unipack
-from unipack import FormatError, InputError, UnipackError
-from unipack.analysis.report import find_originals
-from unipack.cli import cli
-from unipack.format.manifest import MAX_CONFIG_BYTES
-
 from conftest import (
     Population,
     TensorSpec,
@@ -37,6 +28,14 @@ from conftest import (
     read_safetensors,
     rel_error,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import unipack
+from unipack import FormatError, InputError, UnipackError
+from unipack.analysis.report import find_originals
+from unipack.cli import cli
+from unipack.format.manifest import MAX_CONFIG_BYTES
 
 SPECS = {
     "embeddings.weight": TensorSpec((24, 16), kind="right", rank=2),
@@ -50,15 +49,23 @@ SPECS = {
 }
 
 #: A small ViT-like config.json; the non-ASCII label checks that the text is kept byte for byte.
-CONFIG = {"architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": 16,
-          "num_hidden_layers": 1, "image_size": 16, "patch_size": 4, "id2label": {"0": "chat 🐱", "1": "dog"},
-          "torch_dtype": "float32"}
+CONFIG = {
+    "architectures": ["ViTForImageClassification"],
+    "model_type": "vit",
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "image_size": 16,
+    "patch_size": 4,
+    "id2label": {"0": "chat 🐱", "1": "dog"},
+    "torch_dtype": "float32",
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 # ------------------------------------------------------------------------------------------
 # writers: the layouts save_pretrained and torch.save produce
 # ------------------------------------------------------------------------------------------
+
 
 def write_config(folder: Path, name: str = "config.json", doc: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,8 +93,10 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, n: int, *, kind
             torch.save(part, folder / file_name)
         weight_map.update(dict.fromkeys(names, file_name))
         paths.append(folder / file_name)
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (folder / f"{prefix}{suffix}.index.json").write_text(json.dumps(index, indent=2))
     return paths
 
@@ -135,6 +144,7 @@ NAMES = ["single", "hf-single", "hf-sharded", "hf-bin", "hf-bin-sharded", "plain
 # reference loaders (never unipack's own reader)
 # ------------------------------------------------------------------------------------------
 
+
 def weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -162,7 +172,7 @@ def data_order(path: Path) -> list[str]:
     """Tensor names of a safetensors file in data order, from its raw header."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header.pop("__metadata__", None)
     return sorted(header, key=lambda k: header[k]["data_offsets"])
 
@@ -201,6 +211,7 @@ def one_line_error(result: Result) -> str:
 # a mixed population: every layout round-trips
 # ------------------------------------------------------------------------------------------
 
+
 def test_mixed_layouts_round_trip_bit_exact(mixed: Population, tmp_path: Path) -> None:
     bundle = tmp_path / "mixed.upk"
     unipack.merge(mixed.paths, bundle, max_error=0.0)
@@ -237,8 +248,9 @@ def test_sources_sizes_metadata_and_configs(mixed: Population, tmp_path: Path) -
         assert rec.source == path.name
         assert rec.source_bytes == sum(f.stat().st_size for f in weight_files(path)), name
         if path.is_dir():
-            kept = sorted(n for n in ("config.json", "generation_config.json", "preprocessor_config.json")
-                          if (path / n).exists())
+            kept = sorted(
+                n for n in ("config.json", "generation_config.json", "preprocessor_config.json") if (path / n).exists()
+            )
             assert rec.configs is not None and sorted(rec.configs) == kept
             for file_name, text in rec.configs.items():
                 assert text.encode("utf-8") == (path / file_name).read_bytes(), f"{name}/{file_name}"
@@ -251,8 +263,9 @@ def test_sources_sizes_metadata_and_configs(mixed: Population, tmp_path: Path) -
     assert manifest.stats["lossless"]["sampled"] is False
     # the configs are in the file itself, not only in the parsed manifest
     with unipack.open(bundle) as b:
-        assert b.manifest.member("hf-sharded").configs["preprocessor_config.json"] == \
-            (mixed.paths[2] / "preprocessor_config.json").read_text(encoding="utf-8")
+        assert b.manifest.member("hf-sharded").configs["preprocessor_config.json"] == (
+            mixed.paths[2] / "preprocessor_config.json"
+        ).read_text(encoding="utf-8")
 
 
 def test_tensor_order_follows_the_shards_not_the_index(mixed: Population, tmp_path: Path) -> None:
@@ -281,6 +294,7 @@ def test_default_names_and_the_cli(mixed: Population, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # .bin specifics: dtypes, tied and non-contiguous tensors
 # ------------------------------------------------------------------------------------------
+
 
 def test_bin_dtypes_tied_and_strided_tensors(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(5)
@@ -346,34 +360,48 @@ def test_bin_members_lossy_match_torch_load(tmp_path: Path) -> None:
 # --name SOURCE=NAME
 # ------------------------------------------------------------------------------------------
 
+
 def test_name_pairs(mixed: Population, tmp_path: Path) -> None:
     runs = tmp_path / "runs" / "lr=1e-4"  # a path with "=": the pair splits at the last one
     runs.parent.mkdir()
     mixed.paths[1].rename(runs)
     paths = [mixed.paths[0], runs, mixed.paths[2], mixed.paths[5]]
     bundle = tmp_path / "named.upk"
-    result = run("merge", *paths, "-o", bundle, "-q", "--name", f"{runs}=fast", "--name", "hf-sharded=sharded",
-                 "--name", f"{paths[0]}=first")
+    result = run(
+        "merge",
+        *paths,
+        "-o",
+        bundle,
+        "-q",
+        "--name",
+        f"{runs}=fast",
+        "--name",
+        "hf-sharded=sharded",
+        "--name",
+        f"{paths[0]}=first",
+    )
     assert result.exit_code == 0, result.output
     with unipack.open(bundle) as b:
         assert b.members == ["first", "fast", "sharded", "plain"]
-        assert [m.source for m in b.manifest.members] == ["single.safetensors", "lr=1e-4", "hf-sharded",
-                                                         "plain.bin"]
+        assert [m.source for m in b.manifest.members] == ["single.safetensors", "lr=1e-4", "hf-sharded", "plain.bin"]
     # the Python API takes a list aligned with the paths
     unipack.merge(paths, tmp_path / "api.upk", names=["a", "b", "c", "d"])
     with unipack.open(tmp_path / "api.upk") as b:
         assert b.members == ["a", "b", "c", "d"]
 
 
-@pytest.mark.parametrize("pairs, fragments", [
-    (["nodelimiter"], ["--name 'nodelimiter'", "expected SOURCE=NAME"]),
-    (["=x"], ["expected SOURCE=NAME"]),
-    (["single="], ["expected SOURCE=NAME"]),
-    (["nope=x"], ["'nope' matches no input", "'single'"]),
-    (["single=hf-single"], ["duplicate member name 'hf-single'", "--name SOURCE=NAME"]),
-    (["single=a", "single=b"], ["already named 'a'"]),
-    (["single=.hidden"], ["'.hidden'", "leading dots"]),
-])
+@pytest.mark.parametrize(
+    "pairs, fragments",
+    [
+        (["nodelimiter"], ["--name 'nodelimiter'", "expected SOURCE=NAME"]),
+        (["=x"], ["expected SOURCE=NAME"]),
+        (["single="], ["expected SOURCE=NAME"]),
+        (["nope=x"], ["'nope' matches no input", "'single'"]),
+        (["single=hf-single"], ["duplicate member name 'hf-single'", "--name SOURCE=NAME"]),
+        (["single=a", "single=b"], ["already named 'a'"]),
+        (["single=.hidden"], ["'.hidden'", "leading dots"]),
+    ],
+)
 def test_name_pair_errors(mixed: Population, tmp_path: Path, pairs: list[str], fragments: list[str]) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -395,14 +423,14 @@ def test_name_pair_ambiguous_default(tmp_path: Path) -> None:
         save_file(state, str(paths[-1]))
     line = one_line_error(run("merge", *paths, "-o", tmp_path / "x.upk", "-q", "--name", "model=x"))
     assert "'model' is the default name of 2 inputs" in line and "give the input's path instead" in line
-    result = run("merge", *paths, "-o", tmp_path / "x.upk", "-q", "--name", f"{paths[0]}=a", "--name",
-                 f"{paths[1]}=b")
+    result = run("merge", *paths, "-o", tmp_path / "x.upk", "-q", "--name", f"{paths[0]}=a", "--name", f"{paths[1]}=b")
     assert result.exit_code == 0, result.output
 
 
 # ------------------------------------------------------------------------------------------
 # bad inputs: one line, the file named, nothing written
 # ------------------------------------------------------------------------------------------
+
 
 def _rewrite_index(folder: Path, change: Callable[[dict[str, str]], None]) -> None:
     index = folder / "model.safetensors.index.json"
@@ -421,8 +449,11 @@ def _bad_case(kind: str, mixed: Population, tmp: Path) -> tuple[Path, type[Unipa
         return sharded, InputError, [str(sharded / shard), "is missing"]
     if kind == "index_names_missing_tensor":
         _rewrite_index(sharded, lambda m: m.update({"ghost.weight": shard}))
-        return sharded, InputError, [str(sharded / "model.safetensors.index.json"), "'ghost.weight'",
-                                     "does not hold it"]
+        return (
+            sharded,
+            InputError,
+            [str(sharded / "model.safetensors.index.json"), "'ghost.weight'", "does not hold it"],
+        )
     if kind == "tensor_in_other_shard":
         moved = data_order(sharded / shard)[0]
         _rewrite_index(sharded, lambda m: m.update({moved: "model-00001-of-00003.safetensors"}))
@@ -473,9 +504,17 @@ def _bad_case(kind: str, mixed: Population, tmp: Path) -> tuple[Path, type[Unipa
         return bad, InputError, [str(bad), "holds a list, not a state dict"]
     if kind == "model_object":
         torch.save(torch.nn.Linear(3, 2), bad)
-        return bad, InputError, [str(bad), "not a plain state dict loadable with torch.load(weights_only=True)",
-                                 "refusing to unpickle arbitrary objects", "torch.nn.modules.linear.Linear",
-                                 "model.state_dict()"]
+        return (
+            bad,
+            InputError,
+            [
+                str(bad),
+                "not a plain state dict loadable with torch.load(weights_only=True)",
+                "refusing to unpickle arbitrary objects",
+                "torch.nn.modules.linear.Linear",
+                "model.state_dict()",
+            ],
+        )
     if kind == "unsupported_dtype":
         torch.save({**state, "phase": torch.zeros(2, dtype=torch.complex64)}, bad)
         return bad, InputError, [str(bad), "'phase'", "complex64", "cannot store"]
@@ -488,11 +527,27 @@ def _bad_case(kind: str, mixed: Population, tmp: Path) -> tuple[Path, type[Unipa
     raise ValueError(kind)
 
 
-BAD_CASES = ["missing_shard", "index_names_missing_tensor", "tensor_in_other_shard", "shard_holds_unlisted_tensor",
-             "unlisted_shard_on_disk", "index_skips_a_shard", "index_not_json", "index_escapes_folder",
-             "folder_without_weights", "config_too_big", "config_not_utf8", "config_not_json", "non_tensor_value",
-             "nested_state_dict", "list_of_tensors", "model_object", "unsupported_dtype", "truncated_bin",
-             "missing_path"]
+BAD_CASES = [
+    "missing_shard",
+    "index_names_missing_tensor",
+    "tensor_in_other_shard",
+    "shard_holds_unlisted_tensor",
+    "unlisted_shard_on_disk",
+    "index_skips_a_shard",
+    "index_not_json",
+    "index_escapes_folder",
+    "folder_without_weights",
+    "config_too_big",
+    "config_not_utf8",
+    "config_not_json",
+    "non_tensor_value",
+    "nested_state_dict",
+    "list_of_tensors",
+    "model_object",
+    "unsupported_dtype",
+    "truncated_bin",
+    "missing_path",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_CASES)
@@ -535,6 +590,7 @@ def open_files_under(directory: Path) -> list[str]:
 # add and report take the same inputs
 # ------------------------------------------------------------------------------------------
 
+
 def test_add_accepts_a_folder_and_a_bin(mixed: Population, tmp_path: Path) -> None:
     bundle = tmp_path / "b.upk"
     unipack.merge([mixed.paths[0], mixed.paths[5], mixed.paths[6]], bundle)
@@ -565,8 +621,9 @@ def test_report_finds_folder_originals(mixed: Population, tmp_path: Path) -> Non
     unipack.merge(mixed.paths, bundle, baselines=False)
     originals = mixed.paths[0].parent
     eval_file = tmp_path / "score.py"
-    eval_file.write_text("def evaluate(state, name):\n"
-                         "    return {'sum': float(state['embeddings.weight'].double().sum())}\n")
+    eval_file.write_text(
+        "def evaluate(state, name):\n    return {'sum': float(state['embeddings.weight'].double().sum())}\n"
+    )
     with unipack.open(bundle) as b:
         found = find_originals(b.manifest, originals)
         assert found == dict(zip(NAMES, mixed.paths))
@@ -582,10 +639,18 @@ def test_report_finds_folder_originals(mixed: Population, tmp_path: Path) -> Non
 # a real transformers model (optional)
 # ------------------------------------------------------------------------------------------
 
+
 def test_transformers_vit_folders(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, image_size=16, patch_size=4, num_labels=3)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
+    )
     folders = []
     for seed, shard_size in ((0, None), (1, "20KB")):
         torch.manual_seed(seed)
@@ -626,8 +691,9 @@ def test_lossless_baseline_of_several_files_is_an_estimate_if_any_is_sampled(tmp
     assert measured.sampled
     assert measured.read_bytes == lossless.WINDOW + small.stat().st_size
     small_size = len(zstandard.ZstdCompressor(level=19).compress(small.read_bytes()))
-    assert measured.compressed_bytes == lossless.measure(big, files[0][1], "sample", 1 / 16).compressed_bytes \
-        + small_size
+    assert (
+        measured.compressed_bytes == lossless.measure(big, files[0][1], "sample", 1 / 16).compressed_bytes + small_size
+    )
     whole = lossless.measure_files(files, "full")
     one_shot = sum(len(zstandard.ZstdCompressor(level=19).compress(f.read_bytes())) for f, _ in files)
     # streamed in 1 MiB chunks, so block boundaries (and a few bytes) differ from one-shot compression

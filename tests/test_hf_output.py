@@ -21,36 +21,52 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import bits_equal, listing, small_specs, write_population
 from safetensors import safe_open
 from safetensors.torch import save_model
 
 import unipack
 from unipack import OptionsError, OutputExistsError, UnipackError
+from unipack.cli import cli
 from unipack.export import hf_folder
 from unipack.export.hf_folder import parse_size, plan_shards
-from unipack.cli import cli
 from unipack.format.container import rewrite_bundle
-
-from conftest import bits_equal, listing, small_specs, write_population
 
 transformers = pytest.importorskip("transformers")
 
-MESSAGE = ("no config.json recorded for member {}: the folder has weights only "
-           "(merge the member's Hugging Face folder to keep its config)")
+MESSAGE = (
+    "no config.json recorded for member {}: the folder has weights only "
+    "(merge the member's Hugging Face folder to keep its config)"
+)
 
 
 # --------------------------------------------------------------------------------------------
 # tiny populations of real models
 # --------------------------------------------------------------------------------------------
 
+
 def vit_config() -> Any:
-    return transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  image_size=16, patch_size=4, num_labels=3)
+    return transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
+    )
 
 
 def bert_config() -> Any:
-    return transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
 
 
 @dataclass
@@ -75,8 +91,10 @@ def make_hf_population(directory: Path, kind: str, *, n: int = 3, max_error: flo
         config, model_class = bert_config(), transformers.BertForSequenceClassification
         auto_class = transformers.AutoModelForSequenceClassification
         gen = torch.Generator().manual_seed(7)
-        inputs = {"input_ids": torch.randint(0, 100, (2, 10), generator=gen),
-                  "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+        inputs = {
+            "input_ids": torch.randint(0, 100, (2, 10), generator=gen),
+            "attention_mask": torch.ones(2, 10, dtype=torch.long),
+        }
     torch.manual_seed(0)
     base = model_class(config).state_dict()
     shared = torch.Generator().manual_seed(1)
@@ -113,6 +131,7 @@ def make_hf_population(directory: Path, kind: str, *, n: int = 3, max_error: flo
 
 def attach_configs(bundle: Path, configs: dict[str, dict[str, str]]) -> None:
     """Record config files on members, as merging Hugging Face folders will (spec §3.3 ``configs``)."""
+
     def update(manifest: Any, writer: Any) -> Any:
         members = tuple(replace(m, configs=configs.get(m.name, m.configs)) for m in manifest.members)
         return replace(manifest, members=members, blobs=writer.blobs)
@@ -183,6 +202,7 @@ def shard_contents(folder: Path) -> tuple[dict[str, list[str]], dict[str, dict[s
 # one folder: from_pretrained loads it and reproduces the member
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["vit", "bert"])
 def test_folder_loads_with_from_pretrained(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     pop: HFPopulation = request.getfixturevalue(kind)
@@ -229,6 +249,7 @@ def test_exact_budget_gives_the_original_logits(tmp_path: Path) -> None:
 # shards
 # --------------------------------------------------------------------------------------------
 
+
 def test_sharded_folder(vit: HFPopulation, tmp_path: Path) -> None:
     member = vit.names[0]
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
@@ -263,8 +284,9 @@ def test_sharded_folder(vit: HFPopulation, tmp_path: Path) -> None:
         if i + 1 < count:
             assert sum(sizes[shard]) + sizes[shards[i + 1]][0] > 20_000
 
-    torch.testing.assert_close(logits(load_folder(vit, sharded), vit.inputs),
-                               logits(load_folder(vit, whole), vit.inputs), rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(load_folder(vit, sharded), vit.inputs), logits(load_folder(vit, whole), vit.inputs), rtol=0, atol=0
+    )
 
 
 def test_bert_sharded_loads(bert: HFPopulation, tmp_path: Path) -> None:
@@ -272,8 +294,12 @@ def test_bert_sharded_loads(bert: HFPopulation, tmp_path: Path) -> None:
     with unipack.open(bert.bundle) as b:
         export = b.extract_hf(member, tmp_path / "out", max_shard_size="20KB")
     assert export.sharded and export.files[0] == "config.json" and export.files[-1] == "model.safetensors.index.json"
-    torch.testing.assert_close(logits(load_folder(bert, export.directory), bert.inputs),
-                               logits(reconstructed(bert, member), bert.inputs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        logits(load_folder(bert, export.directory), bert.inputs),
+        logits(reconstructed(bert, member), bert.inputs),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_plan_gives_oversized_tensors_their_own_shard() -> None:
@@ -295,9 +321,19 @@ def test_small_limit_with_real_model(vit: HFPopulation, tmp_path: Path) -> None:
     load_folder(vit, export.directory)
 
 
-@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("20KB", 20_000),
-                                        ("5GiB", 5 * 2**30), ("123", 123), ("1.5gb", 1_500_000_000),
-                                        (" 2 MiB ", 2 * 2**20), (4096, 4096)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("20KB", 20_000),
+        ("5GiB", 5 * 2**30),
+        ("123", 123),
+        ("1.5gb", 1_500_000_000),
+        (" 2 MiB ", 2 * 2**20),
+        (4096, 4096),
+    ],
+)
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
@@ -320,14 +356,14 @@ def test_bad_shard_size_api(vit: HFPopulation, tmp_path: Path, bad: Any) -> None
 
 
 def test_shard_size_needs_format_hf(vit: HFPopulation, tmp_path: Path) -> None:
-    result = run("extract", vit.bundle, "-m", vit.names[0], "-o", tmp_path / "x.safetensors",
-                 "--max-shard-size", "5GB")
+    result = run("extract", vit.bundle, "-m", vit.names[0], "-o", tmp_path / "x.safetensors", "--max-shard-size", "5GB")
     assert result.exit_code == 2 and "--format hf only" in result.stderr
 
 
 # --------------------------------------------------------------------------------------------
 # members without a config, --all, the default formats
 # --------------------------------------------------------------------------------------------
+
 
 def test_no_config_writes_weights_and_says_so(tmp_path: Path) -> None:
     pop = write_population(tmp_path / "in", small_specs(), n=2, metadata=False)
@@ -359,8 +395,9 @@ def test_all_writes_one_folder_per_member(vit: HFPopulation, tmp_path: Path) -> 
         assert sorted(os.listdir(out / member)) == ["config.json", "model.safetensors"]
         assert (out / member / "config.json").read_bytes() == vit.config_files[member]
     model = load_folder(vit, out / vit.names[2])
-    torch.testing.assert_close(logits(model, vit.inputs), logits(reconstructed(vit, vit.names[2]), vit.inputs),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        logits(model, vit.inputs), logits(reconstructed(vit, vit.names[2]), vit.inputs), rtol=0, atol=1e-6
+    )
     # A second run is refused as a whole before anything is written; --force replaces every folder.
     (out / vit.names[0] / "config.json").write_text("{}")
     again = run("extract", vit.bundle, "--all", "--format", "hf", "-o", out)
@@ -381,6 +418,7 @@ def test_default_format_is_unchanged(vit: HFPopulation, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # existing outputs, failures
 # --------------------------------------------------------------------------------------------
+
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -443,18 +481,25 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, calls: int, exc: BaseException)
 
 
 @pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
-def test_failure_mid_write_leaves_nothing(vit: HFPopulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          exc: BaseException) -> None:
+def test_failure_mid_write_leaves_nothing(
+    vit: HFPopulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
     out = tmp_path / "out"
     _fail_after(monkeypatch, 12, exc)  # a few shards are complete by then
-    with unipack.open(vit.bundle) as b, pytest.raises(UnipackError if isinstance(exc, OSError) else KeyboardInterrupt,
-                                                       match="write failed" if isinstance(exc, OSError) else None):
+    with (
+        unipack.open(vit.bundle) as b,
+        pytest.raises(
+            UnipackError if isinstance(exc, OSError) else KeyboardInterrupt,
+            match="write failed" if isinstance(exc, OSError) else None,
+        ),
+    ):
         b.extract_hf(vit.names[0], out, max_shard_size="20KB")
     assert os.listdir(tmp_path) == []  # no folder, no temp folder
 
 
-def test_failure_with_force_keeps_the_old_folder(vit: HFPopulation, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_with_force_keeps_the_old_folder(
+    vit: HFPopulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
@@ -467,8 +512,9 @@ def test_failure_with_force_keeps_the_old_folder(vit: HFPopulation, tmp_path: Pa
     assert os.listdir(tmp_path) == ["out"]
 
 
-def test_failed_final_rename_puts_the_old_folder_back(vit: HFPopulation, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_final_rename_puts_the_old_folder_back(
+    vit: HFPopulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("old")
@@ -501,8 +547,7 @@ def test_folders_in_folders_out(vit: HFPopulation, tmp_path: Path) -> None:
     folders = []
     for i, name in enumerate(vit.names):
         folder = tmp_path / "in" / name
-        vit.models[name].save_pretrained(folder, safe_serialization=True,
-                                         max_shard_size="20KB" if i == 0 else "5GB")
+        vit.models[name].save_pretrained(folder, safe_serialization=True, max_shard_size="20KB" if i == 0 else "5GB")
         folders.append(folder)
     assert (folders[0] / "model.safetensors.index.json").is_file()  # really sharded
     bundle = tmp_path / "from-folders.upk"
@@ -510,8 +555,10 @@ def test_folders_in_folders_out(vit: HFPopulation, tmp_path: Path) -> None:
     with unipack.open(bundle) as b:
         assert b.members == vit.names  # named after the folders
         for name in vit.names:
-            assert b.member(name).configs["config.json"].encode("utf-8") == \
-                (tmp_path / "in" / name / "config.json").read_bytes()
+            assert (
+                b.member(name).configs["config.json"].encode("utf-8")
+                == (tmp_path / "in" / name / "config.json").read_bytes()
+            )
     (tmp_path / "out").mkdir()
     for name, folder in zip(vit.names, folders):
         out = tmp_path / "out" / name

@@ -17,9 +17,10 @@ import json
 import os
 import struct
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ GIB = 1024 * MIB
 # ------------------------------------------------------------------------------------------
 # building blocks
 # ------------------------------------------------------------------------------------------
+
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -71,8 +73,15 @@ class Parts:
     def tensor(self, name: str) -> dict[str, Any]:
         return next(t for t in self.manifest["tensors"] if t["name"] == name)
 
-    def set_blob(self, name: str, stored: bytes, *, codec: str | None = None, shape: list[int] | None = None,
-                 dtype: str | None = None) -> None:
+    def set_blob(
+        self,
+        name: str,
+        stored: bytes,
+        *,
+        codec: str | None = None,
+        shape: list[int] | None = None,
+        dtype: str | None = None,
+    ) -> None:
         """Replace a blob's stored bytes (header entry and manifest checksum follow)."""
         rec = self.manifest["blobs"][name]
         if codec is not None:
@@ -89,8 +98,14 @@ class Parts:
             b[1], b[2] = rec["dtype"], list(rec["shape"])
         b[3] = stored
 
-    def assemble(self, *, manifest_text: str | None = None, fix_sha: bool = True, tail: bytes = b"",
-                 header_edit: Callable[[dict[str, Any]], None] | None = None) -> bytes:
+    def assemble(
+        self,
+        *,
+        manifest_text: str | None = None,
+        fix_sha: bool = True,
+        tail: bytes = b"",
+        header_edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> bytes:
         text = dumps(self.manifest) if manifest_text is None else manifest_text
         meta = dict(self.meta)
         meta["manifest"] = text
@@ -108,14 +123,14 @@ class Parts:
 
 def take_apart(data: bytes) -> Parts:
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     start = 8 + n
     meta = header.pop("__metadata__")
     manifest = json.loads(meta.pop("manifest"))
     blobs = []
     for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
         b, end = e["data_offsets"]
-        blobs.append([name, e["dtype"], e["shape"], data[start + b:start + end]])
+        blobs.append([name, e["dtype"], e["shape"], data[start + b : start + end]])
     return Parts(meta, manifest, blobs)
 
 
@@ -202,7 +217,7 @@ def opens_and_loads(path: Path, base: Base) -> None:
 class Peak:
     """tracemalloc peak of the block (numpy and bytes allocations are traced)."""
 
-    def __enter__(self) -> "Peak":
+    def __enter__(self) -> Peak:
         tracemalloc.start()
         tracemalloc.reset_peak()
         self.peak = 0
@@ -251,6 +266,7 @@ def test_reassembled_base_is_valid(tmp_path: Path, base: Base) -> None:
 # 1. truncated below the length prefix
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [0, 1, 7])
 def test_p01_shorter_than_8_bytes(tmp_path: Path, base: Base, n: int) -> None:
     open_fails(write(tmp_path, base.data[:n]), FormatError, "truncated")
@@ -259,6 +275,7 @@ def test_p01_shorter_than_8_bytes(tmp_path: Path, base: Base, n: int) -> None:
 # ------------------------------------------------------------------------------------------
 # 2. not a .upk
 # ------------------------------------------------------------------------------------------
+
 
 def test_p02_plain_safetensors_checkpoint(base: Base) -> None:
     open_fails(base.inputs[0], FormatError, "not a unipack bundle")
@@ -292,6 +309,7 @@ def test_p02_safetensors_without_unipack_format(tmp_path: Path, base: Base, meta
 # ------------------------------------------------------------------------------------------
 # 3. unknown versions
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", ["3", "99", "abc", "", "-1", "1.0", "١", "¹", "1\u0000"])
 def test_p03_unknown_header_version(tmp_path: Path, base: Base, version: str) -> None:
@@ -328,13 +346,17 @@ def test_p03_header_version_missing(tmp_path: Path, base: Base) -> None:
 # 4. header length caps, checked before allocating
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("length,fragment", [
-    (100 * MIB + 1, "limit"),
-    (2**64 - 1, "limit"),
-    (2**63, "limit"),
-    (50 * MIB, "truncated"),  # under the cap but larger than the file
-    (5000, "truncated"),
-])
+
+@pytest.mark.parametrize(
+    "length,fragment",
+    [
+        (100 * MIB + 1, "limit"),
+        (2**64 - 1, "limit"),
+        (2**63, "limit"),
+        (50 * MIB, "truncated"),  # under the cap but larger than the file
+        (5000, "truncated"),
+    ],
+)
 def test_p04_header_length_refused_before_allocating(tmp_path: Path, length: int, fragment: str) -> None:
     path = write(tmp_path, struct.pack("<Q", length) + b'{"__metadata__":{}}' + b" " * 1000)
     with Peak() as peak:
@@ -346,15 +368,19 @@ def test_p04_header_length_refused_before_allocating(tmp_path: Path, length: int
 # 5. strict JSON and manifest schema
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf"],
-                         ids=["ff", "truncated_seq", "cesu_surrogate", "overlong_slash"])
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf"],
+    ids=["ff", "truncated_seq", "cesu_surrogate", "overlong_slash"],
+)
 def test_p05_header_invalid_utf8(tmp_path: Path, base: Base, bad: bytes) -> None:
     data = base.parts().assemble()
     (n,) = struct.unpack("<Q", data[:8])
     old = b'"format":"unipack.upk"'
-    assert data[8:8 + n].count(old) == 1
-    header = data[8:8 + n].rstrip().replace(old, b'"format":"' + bad + b'unipack.upk"')
-    open_fails(write(tmp_path, frame(header, data[8 + n:])), FormatError, "invalid JSON")
+    assert data[8 : 8 + n].count(old) == 1
+    header = data[8 : 8 + n].rstrip().replace(old, b'"format":"' + bad + b'unipack.upk"')
+    open_fails(write(tmp_path, frame(header, data[8 + n :])), FormatError, "invalid JSON")
 
 
 def test_p05_manifest_string_holds_lone_surrogate(tmp_path: Path, base: Base) -> None:
@@ -362,11 +388,11 @@ def test_p05_manifest_string_holds_lone_surrogate(tmp_path: Path, base: Base) ->
     JSON, but the manifest then is not UTF-8 text and cannot be hashed as the spec says."""
     data = base.parts().assemble()
     (n,) = struct.unpack("<Q", data[:8])
-    raw = data[8:8 + n].decode().rstrip()
+    raw = data[8 : 8 + n].decode().rstrip()
     old = '\\"created_by\\":\\"unipack'
     assert raw.count(old) == 1, raw[:300]
     raw = raw.replace(old, '\\"created_by\\":\\"\\ud800unipack')
-    open_fails(write(tmp_path, frame(raw.encode(), data[8 + n:])), FormatError)
+    open_fails(write(tmp_path, frame(raw.encode(), data[8 + n :])), FormatError)
 
 
 @pytest.mark.parametrize("field", ["member", "tensor", "metadata"])
@@ -388,11 +414,11 @@ def test_p05_manifest_escaped_lone_surrogate_in_names(tmp_path: Path, base: Base
 def test_p05_header_invalid_json(tmp_path: Path, base: Base, cut: int) -> None:
     data = base.parts().assemble()
     (n,) = struct.unpack("<Q", data[:8])
-    header = data[8:8 + n].rstrip()[:-cut]
-    open_fails(write(tmp_path, frame(header, data[8 + n:])), FormatError, "invalid JSON")
+    header = data[8 : 8 + n].rstrip()[:-cut]
+    open_fails(write(tmp_path, frame(header, data[8 + n :])), FormatError, "invalid JSON")
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "[]", '"a string"', "{\"format\":\"unipack.upk\"", "null"])
+@pytest.mark.parametrize("text", ["{not json", "", "[]", '"a string"', '{"format":"unipack.upk"', "null"])
 def test_p05_manifest_invalid_json_or_not_object(tmp_path: Path, base: Base, text: str) -> None:
     msg = open_fails(write(tmp_path, base.parts().assemble(manifest_text=text)), FormatError)
     assert "manifest" in msg, msg
@@ -402,20 +428,20 @@ def test_p05_duplicate_key_in_safetensors_header(tmp_path: Path, base: Base) -> 
     p = base.parts()
     data = p.assemble()
     (n,) = struct.unpack("<Q", data[:8])
-    text = data[8:8 + n].decode().rstrip()
+    text = data[8 : 8 + n].decode().rstrip()
     entry = '"coef/0":' + dumps(json.loads(text)["coef/0"])
     assert text.count(entry) == 1
     text = text.replace(entry, entry + "," + entry)
-    open_fails(write(tmp_path, frame(text.encode(), data[8 + n:])), FormatError, "duplicate key", "coef/0")
+    open_fails(write(tmp_path, frame(text.encode(), data[8 + n :])), FormatError, "duplicate key", "coef/0")
 
 
 def test_p05_duplicate_key_in_metadata(tmp_path: Path, base: Base) -> None:
     data = base.parts().assemble()
     (n,) = struct.unpack("<Q", data[:8])
-    text = data[8:8 + n].decode().rstrip()
+    text = data[8 : 8 + n].decode().rstrip()
     assert text.startswith('{"__metadata__":{"format":"unipack.upk",')
     text = text.replace('"format":"unipack.upk",', '"format":"unipack.upk","format":"unipack.upk",', 1)
-    open_fails(write(tmp_path, frame(text.encode(), data[8 + n:])), FormatError, "duplicate key", "format")
+    open_fails(write(tmp_path, frame(text.encode(), data[8 + n :])), FormatError, "duplicate key", "format")
 
 
 @pytest.mark.parametrize("where", ["top", "tensor", "member", "blob", "blobs"])
@@ -444,18 +470,18 @@ def test_p05_nan_literal_in_manifest(tmp_path: Path, base: Base, literal: str) -
     text = dumps(p.manifest)
     old = '"errors":[' + ",".join(dumps(e) for e in p.manifest["members"][0]["errors"])
     assert old in text
-    text = text.replace(old, '"errors":[' + literal + old[len('"errors":[') + 3:], 1)
+    text = text.replace(old, '"errors":[' + literal + old[len('"errors":[') + 3 :], 1)
     open_fails(write(tmp_path, p.assemble(manifest_text=text)), FormatError, literal.lstrip("-"))
 
 
 def test_p05_nan_literal_in_header(tmp_path: Path, base: Base) -> None:
     data = base.parts().assemble()
     (n,) = struct.unpack("<Q", data[:8])
-    text = data[8:8 + n].decode().rstrip()
+    text = data[8 : 8 + n].decode().rstrip()
     old = '"coef/0":{"dtype":"F32","shape":[16]'
     assert old in text
     text = text.replace(old, '"coef/0":{"dtype":"F32","shape":[NaN]', 1)
-    open_fails(write(tmp_path, frame(text.encode(), data[8 + n:])), FormatError, "NaN")
+    open_fails(write(tmp_path, frame(text.encode(), data[8 + n :])), FormatError, "NaN")
 
 
 BAD_FIELDS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
@@ -503,8 +529,9 @@ BAD_FIELDS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
 
 
 @pytest.mark.parametrize("edit,fragment", [(e, f) for _, e, f in BAD_FIELDS], ids=[n for n, _, _ in BAD_FIELDS])
-def test_p05_wrong_field_types(tmp_path: Path, base: Base, edit: Callable[[dict[str, Any]], None],
-                               fragment: str) -> None:
+def test_p05_wrong_field_types(
+    tmp_path: Path, base: Base, edit: Callable[[dict[str, Any]], None], fragment: str
+) -> None:
     p = base.parts()
     assert [t["name"] for t in p.manifest["tensors"]] == ["ids", "b", "r", "w"]
     edit(p.manifest)
@@ -524,8 +551,13 @@ REQUIRED = (
 def test_p05_missing_required_field(tmp_path: Path, base: Base, where: str, key: str) -> None:
     p = base.parts()
     m = p.manifest
-    obj = {"top": m, "tensor0": m["tensors"][0], "tensor3": m["tensors"][3], "member": m["members"][0],
-           "blob": m["blobs"]["coef/0"]}[where]
+    obj = {
+        "top": m,
+        "tensor0": m["tensors"][0],
+        "tensor3": m["tensors"][3],
+        "member": m["members"][0],
+        "blob": m["blobs"]["coef/0"],
+    }[where]
     del obj[key]
     msg = open_fails(write(tmp_path, p.assemble()), FormatError)
     assert key in msg, f"{key!r} not in {msg!r}"
@@ -613,12 +645,16 @@ def test_p06_huge_plain_blob_shape(tmp_path: Path, base: Base) -> None:
 # 7. blob ranges tile the data section exactly
 # ------------------------------------------------------------------------------------------
 
+
 def _offsets(name: str, value: list[Any]) -> Callable[[dict[str, Any]], None]:
     return lambda h: h[name].__setitem__("data_offsets", value)
 
 
-@pytest.mark.parametrize("value", [[4967, 10**6], [10**12, 10**12 + 64], [-64, 0], [5000, 4936], [0, 2**64]],
-                         ids=["end_past", "start_past", "negative", "reversed", "end_2^64"])
+@pytest.mark.parametrize(
+    "value",
+    [[4967, 10**6], [10**12, 10**12 + 64], [-64, 0], [5000, 4936], [0, 2**64]],
+    ids=["end_past", "start_past", "negative", "reversed", "end_2^64"],
+)
 def test_p07_range_outside_data_section(tmp_path: Path, base: Base, value: list[int]) -> None:
     p = base.parts()
     msg = open_fails(write(tmp_path, p.assemble(header_edit=_offsets("coef/2", value))), FormatError)
@@ -636,6 +672,7 @@ def test_p07_overlapping_ranges(tmp_path: Path, base: Base) -> None:
 
     def edit(h: dict[str, Any]) -> None:
         h["coef/1"]["data_offsets"] = list(h["coef/0"]["data_offsets"])  # same size, same bytes
+
     open_fails(write(tmp_path, p.assemble(header_edit=edit)), FormatError, "overlap")
 
 
@@ -647,6 +684,7 @@ def test_p07_partially_overlapping_ranges(tmp_path: Path, base: Base) -> None:
         h["coef/1"]["data_offsets"] = [b - 4, e - 4]
         b, e = h["coef/2"]["data_offsets"]
         h["coef/2"]["data_offsets"] = [b - 4, e - 4]
+
     open_fails(write(tmp_path, p.assemble(header_edit=edit, tail=b"")), FormatError)
 
 
@@ -722,6 +760,7 @@ def test_p08_compressed_blob_not_u8(tmp_path: Path, base: Base) -> None:
 # 9. cross-checks between records and blobs
 # ------------------------------------------------------------------------------------------
 
+
 def test_p09_mean_shape_differs_from_tensor(tmp_path: Path, base: Base) -> None:
     p = base.parts()
     mean = p.blob("mean/w")[3]
@@ -770,8 +809,10 @@ def test_p09_flat_rank_exceeds_dimension(tmp_path: Path, base: Base) -> None:
     open_fails(write(tmp_path, p.assemble()), FormatError, "'rank'")
 
 
-@pytest.mark.parametrize("field,owner", [("mean", "tensor"), ("basis", "tensor"), ("blob", "exact"),
-                                         ("coefficients", "member"), ("raw", "member")])
+@pytest.mark.parametrize(
+    "field,owner",
+    [("mean", "tensor"), ("basis", "tensor"), ("blob", "exact"), ("coefficients", "member"), ("raw", "member")],
+)
 def test_p09_referenced_blob_missing(tmp_path: Path, base: Base, field: str, owner: str) -> None:
     p = base.parts()
     m = p.manifest
@@ -802,8 +843,13 @@ def test_p09_unreferenced_extra_blob(tmp_path: Path, base: Base) -> None:
     p = base.parts()
     extra = np.arange(4, dtype=np.float32).tobytes()
     p.blobs.append(["extra/x", "F32", [4], extra])
-    p.manifest["blobs"]["extra/x"] = {"dtype": "F32", "shape": [4], "codec": "none", "shuffle": False,
-                                      "sha256": sha(extra)}
+    p.manifest["blobs"]["extra/x"] = {
+        "dtype": "F32",
+        "shape": [4],
+        "codec": "none",
+        "shuffle": False,
+        "sha256": sha(extra),
+    }
     open_fails(write(tmp_path, p.assemble()), FormatError, "extra/x", "not referenced")
 
 
@@ -998,6 +1044,7 @@ def test_p10_shuffle_on_plain_blob_or_one_byte(tmp_path: Path, base: Base) -> No
 # 11. checksums
 # ------------------------------------------------------------------------------------------
 
+
 def test_p11_bit_flip_in_every_blob(tmp_path: Path, base: Base) -> None:
     p = base.parts()
     data = p.assemble()
@@ -1031,7 +1078,7 @@ def test_p11_bit_flip_in_manifest(tmp_path: Path, base: Base, where: float) -> N
     text = dumps(p.manifest)
     data = bytearray(p.assemble(manifest_text=text))
     (n,) = struct.unpack("<Q", data[:8])
-    header_text = bytes(data[8:8 + n])
+    header_text = bytes(data[8 : 8 + n])
     # find the manifest string inside the header and flip one bit of an ASCII letter in it
     lo = header_text.index(b'"manifest":"') + len(b'"manifest":"')
     i = lo + int(where * len(text))
@@ -1055,8 +1102,11 @@ def test_p11_manifest_sha_missing(tmp_path: Path, base: Base) -> None:
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(q.relative_to(directory)): (q.read_bytes(), q.stat().st_mtime_ns)
-            for q in sorted(directory.rglob("*")) if q.is_file()}
+    return {
+        str(q.relative_to(directory)): (q.read_bytes(), q.stat().st_mtime_ns)
+        for q in sorted(directory.rglob("*"))
+        if q.is_file()
+    }
 
 
 def _verify(path: Path) -> list[str]:
@@ -1080,7 +1130,7 @@ def test_p11_verify_reports_every_corrupt_blob(tmp_path: Path, base: Base) -> No
     d.mkdir()
     data = bytearray(base.data)
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     bad = ["coef/1", "mean/w"]
     for name in bad:
         b, e = header[name]["data_offsets"]
@@ -1126,8 +1176,25 @@ def test_p11_verify_cli_on_unopenable_file(tmp_path: Path) -> None:
 # 12. names are inert
 # ------------------------------------------------------------------------------------------
 
-BAD_MEMBER_NAMES = ["a\x00b", "a/b", "/abs", "a\\b", "..", ".", ".hidden", "a\x07b", "a\nb", "a\rb", "a\x1bb",
-                    "a\x7fb", "x" * 300, "x" * 256, "", "../../etc/passwd", "..\\..\\evil"]
+BAD_MEMBER_NAMES = [
+    "a\x00b",
+    "a/b",
+    "/abs",
+    "a\\b",
+    "..",
+    ".",
+    ".hidden",
+    "a\x07b",
+    "a\nb",
+    "a\rb",
+    "a\x1bb",
+    "a\x7fb",
+    "x" * 300,
+    "x" * 256,
+    "",
+    "../../etc/passwd",
+    "..\\..\\evil",
+]
 
 
 @pytest.mark.parametrize("name", BAD_MEMBER_NAMES, ids=[repr(n)[:24] for n in BAD_MEMBER_NAMES])
@@ -1145,8 +1212,11 @@ def test_p12_member_name_255_chars_accepted(tmp_path: Path, base: Base) -> None:
         assert b.members[1] == "y" * 255
 
 
-@pytest.mark.parametrize("name", ["i\x00ds", "ids\n", "\x1b[31mids", "i\x7fds", "", "t" * 5000],
-                         ids=["nul", "newline", "ansi", "del", "empty", "5000chars"])
+@pytest.mark.parametrize(
+    "name",
+    ["i\x00ds", "ids\n", "\x1b[31mids", "i\x7fds", "", "t" * 5000],
+    ids=["nul", "newline", "ansi", "del", "empty", "5000chars"],
+)
 def test_p12_hostile_tensor_name(tmp_path: Path, base: Base, name: str) -> None:
     p = base.parts()
     p.tensor("ids")["name"] = name
@@ -1154,8 +1224,18 @@ def test_p12_hostile_tensor_name(tmp_path: Path, base: Base, name: str) -> None:
     assert "\n" not in msg and "\x1b" not in msg
 
 
-@pytest.mark.parametrize("names", [["../evil", "b", "c"], ["a/b", "b", "c"], [".a", "b", "c"], ["", "b", "c"],
-                                   ["a\x00", "b", "c"], ["a\\b", "b", "c"], ["z" * 300, "b", "c"]])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["../evil", "b", "c"],
+        ["a/b", "b", "c"],
+        [".a", "b", "c"],
+        ["", "b", "c"],
+        ["a\x00", "b", "c"],
+        ["a\\b", "b", "c"],
+        ["z" * 300, "b", "c"],
+    ],
+)
 def test_p12_merge_refuses_hostile_names(tmp_path: Path, base: Base, names: list[str]) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -1210,4 +1290,3 @@ def test_hostile_suite_imports_cli() -> None:
     import unipack.cli  # noqa: F401  (the verify tests use unipack.cli.cli)
 
     assert hasattr(unipack.cli, "cli")
-

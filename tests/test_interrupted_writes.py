@@ -52,6 +52,7 @@ EXTRACT_LEFTOVER = re.compile(r"^\.target\.safetensors\.[A-Za-z0-9_]+\.tmp$")
 # helpers
 # --------------------------------------------------------------------------------------------
 
+
 def _big_specs(n_tensors: int, size: int = 512) -> dict[str, Any]:
     from conftest import TensorSpec
 
@@ -123,6 +124,7 @@ def _open_fds_to(paths: list[Path]) -> list[str]:
 # a shared big population and its reference bundle
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("big")
@@ -134,8 +136,15 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     old_paths = _population(root / "old_in", 2, n=3, seed=7, size=64)
     old = root / "ref" / "old.upk"
     unipack.merge(old_paths, old)
-    return {"paths": paths, "ref": ref, "ref_bytes": ref.read_bytes(), "ref_digests": _bundle_digests(ref),
-            "old": old, "old_bytes": old.read_bytes(), "old_digests": _bundle_digests(old)}
+    return {
+        "paths": paths,
+        "ref": ref,
+        "ref_bytes": ref.read_bytes(),
+        "ref_digests": _bundle_digests(ref),
+        "old": old,
+        "old_bytes": old.read_bytes(),
+        "old_digests": _bundle_digests(old),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +172,9 @@ print("done", flush=True)
 
 
 def _spawn(script: str, args: dict[str, Any]) -> tuple[subprocess.Popen[str], float]:
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline() if proc.stdout else ""
     if line.strip() != "ready":
         proc.kill()
@@ -189,8 +199,9 @@ def _timed_run(script: str, args: dict[str, Any], watch: Path, tmp_prefix: str) 
     return total, t_tmp
 
 
-def _kill_at(script: str, args: dict[str, Any], *, delay: float | None, watch: Path, tmp_prefix: str,
-             after_tmp: float = 0.0) -> int:
+def _kill_at(
+    script: str, args: dict[str, Any], *, delay: float | None, watch: Path, tmp_prefix: str, after_tmp: float = 0.0
+) -> int:
     """Start the child; SIGKILL it ``delay`` s after it is ready, or ``after_tmp`` s after its temp file appears."""
     proc, t0 = _spawn(script, args)
     try:
@@ -198,7 +209,8 @@ def _kill_at(script: str, args: dict[str, Any], *, delay: float | None, watch: P
             time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
         else:
             while proc.poll() is None and not any(
-                    n.startswith(tmp_prefix) and n.endswith(".tmp") for n in os.listdir(watch)):
+                n.startswith(tmp_prefix) and n.endswith(".tmp") for n in os.listdir(watch)
+            ):
                 time.sleep(0.0002)
             if after_tmp:
                 time.sleep(after_tmp)
@@ -256,12 +268,14 @@ def test_sigkill_during_merge(big: dict[str, Any], tmp_path: Path) -> None:
                 state = "old"
             else:
                 assert data == big["ref_bytes"], (
-                    f"{label}: out.upk ({len(data)} bytes) is neither the previous bundle nor the complete new one")
+                    f"{label}: out.upk ({len(data)} bytes) is neither the previous bundle nor the complete new one"
+                )
                 assert _bundle_digests(out) == big["ref_digests"]
                 state = "new"
         outcomes[state] += 1
-        report.append(f"  kill at {label:<24} (existing out.upk: {had_old!s:<5}) rc={rc}: out.upk {state}; "
-                      f"leftovers: {left}")
+        report.append(
+            f"  kill at {label:<24} (existing out.upk: {had_old!s:<5}) rc={rc}: out.upk {state}; leftovers: {left}"
+        )
         for n in left:
             (out_dir / n).unlink()
         with contextlib.suppress(FileNotFoundError):
@@ -273,6 +287,7 @@ def test_sigkill_during_merge(big: dict[str, Any], tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # 2. SIGKILL during extract
 # --------------------------------------------------------------------------------------------
+
 
 def test_sigkill_during_extract(big: dict[str, Any], tmp_path: Path) -> None:
     bundle = big["ref"]
@@ -296,8 +311,9 @@ def test_sigkill_during_extract(big: dict[str, Any], tmp_path: Path) -> None:
     outcomes = {"old": 0, "new": 0}
     for label, delay, after_tmp in _moments(total, t_tmp):
         target.write_bytes(old_bytes)
-        rc = _kill_at(EXTRACT_CHILD, args, delay=delay, watch=out_dir, tmp_prefix=".target.safetensors.",
-                      after_tmp=after_tmp)
+        rc = _kill_at(
+            EXTRACT_CHILD, args, delay=delay, watch=out_dir, tmp_prefix=".target.safetensors.", after_tmp=after_tmp
+        )
         left = _dotfiles(out_dir)
         assert all(EXTRACT_LEFTOVER.match(n) for n in left), f"{label}: unexpected files {left}"
         data = target.read_bytes()
@@ -313,6 +329,7 @@ def test_sigkill_during_extract(big: dict[str, Any], tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # 3. disk full: injected, and real (a small tmpfs)
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -350,7 +367,7 @@ class _FailingFile:
         self.written += n
         return self._f.write(data)
 
-    def __enter__(self) -> "_FailingFile":
+    def __enter__(self) -> _FailingFile:
         self._f.__enter__()
         return self
 
@@ -442,11 +459,14 @@ def tmpfs(tmp_path: Path) -> Any:
     def mount(size: int) -> Path:
         where = tmp_path / f"tmpfs{len(mounted)}"
         where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
         if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); "
-                        f"the injected disk-full tests cover this")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); "
+                f"the injected disk-full tests cover this"
+            )
         mounted.append(where)
         return where
 
@@ -501,6 +521,7 @@ def test_disk_full_real_tmpfs_extract(small: dict[str, Any], tmpfs: Any) -> None
 # 4. Ctrl-C (KeyboardInterrupt) during merge
 # --------------------------------------------------------------------------------------------
 
+
 def test_keyboard_interrupt_during_merge(small: dict[str, Any], tmp_path: Path) -> None:
     probe = CountingProgress()
     unipack.merge(small["paths"], tmp_path / "probe.upk", progress=probe, codec="none")
@@ -544,6 +565,7 @@ def test_keyboard_interrupt_during_final_write(small: dict[str, Any], tmp_path: 
 # 5. a bad input member is named before any heavy work
 # --------------------------------------------------------------------------------------------
 
+
 def _corrupt(kind: str, path: Path) -> None:
     data = path.read_bytes()
     if kind == "truncated_half":
@@ -551,7 +573,7 @@ def _corrupt(kind: str, path: Path) -> None:
     elif kind == "garbage_header":
         n = int.from_bytes(data[:8], "little")
         garbage = np.random.default_rng(5).bytes(n)
-        path.write_bytes(data[:8] + garbage + data[8 + n:])
+        path.write_bytes(data[:8] + garbage + data[8 + n :])
     elif kind == "different_tensors":
         import torch
         from safetensors.torch import load_file, save_file
@@ -596,6 +618,7 @@ def test_bad_last_member_named_before_any_heavy_work(tmp_path: Path, kind: str) 
 # --------------------------------------------------------------------------------------------
 # 6. concurrent readers of one bundle
 # --------------------------------------------------------------------------------------------
+
 
 def _reader(path: str, seconds: float, barrier: Any, queue: Any) -> None:
     try:

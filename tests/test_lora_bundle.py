@@ -60,6 +60,7 @@ INPUTS = torch.randn(5, 32, generator=torch.Generator().manual_seed(99))
 # adapters with known factors
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Adapter:
     """One adapter folder and the truth about it: per module (A, B, scale) as saved, extras."""
@@ -79,9 +80,17 @@ class Adapter:
         return s * (b.astype(np.float64) @ a.astype(np.float64))
 
 
-def write_adapter(folder: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], *, r: int, alpha: float,
-                  extras: dict[str, np.ndarray] | None = None, rslora: bool = False,
-                  scales: dict[str, float] | None = None, **config: Any) -> Adapter:
+def write_adapter(
+    folder: Path,
+    modules: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    r: int,
+    alpha: float,
+    extras: dict[str, np.ndarray] | None = None,
+    rslora: bool = False,
+    scales: dict[str, float] | None = None,
+    **config: Any,
+) -> Adapter:
     """Write a PEFT folder by hand: short module names (``body.0``) -> (A, B) in their dtype."""
     folder.mkdir(parents=True)
     tensors: dict[str, np.ndarray] = {}
@@ -90,10 +99,24 @@ def write_adapter(folder: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]
         tensors[f"{PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b)
     tensors.update(extras or {})
     save_numpy(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
-    cfg = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": r, "lora_alpha": alpha,
-           "target_modules": sorted(modules), "modules_to_save": ["head"] if extras else None,
-           "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "use_rslora": rslora,
-           "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, **config}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "modules_to_save": ["head"] if extras else None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": rslora,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **config,
+    }
     (folder / CONFIG).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     truth = {}
     for m, (a, b) in modules.items():
@@ -108,14 +131,26 @@ def orth(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def head_extras(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {f"{PREFIX}head.weight": (0.1 * rng.standard_normal((3, 64))).astype(np.float32),
-            f"{PREFIX}head.bias": (0.1 * rng.standard_normal(3)).astype(np.float32)}
+    return {
+        f"{PREFIX}head.weight": (0.1 * rng.standard_normal((3, 64))).astype(np.float32),
+        f"{PREFIX}head.bias": (0.1 * rng.standard_normal(3)).astype(np.float32),
+    }
 
 
-def structured_population(directory: Path, n: int = 12, *, ranks: list[int] | None = None, k: int = 3,
-                          noise: float = 0.0, seed: int = 0, alpha: float = 16.0, heads: bool = True,
-                          touch: list[list[str]] | None = None, dtype: Any = np.float32,
-                          prefix: str = "ad") -> list[Adapter]:
+def structured_population(
+    directory: Path,
+    n: int = 12,
+    *,
+    ranks: list[int] | None = None,
+    k: int = 3,
+    noise: float = 0.0,
+    seed: int = 0,
+    alpha: float = 16.0,
+    heads: bool = True,
+    touch: list[list[str]] | None = None,
+    dtype: Any = np.float32,
+    prefix: str = "ad",
+) -> list[Adapter]:
     """``n`` adapters whose B_i = U X_i (+ noise), A_i = Y_i Vᵀ (+ noise): shared k-dim spaces per module."""
     rng = np.random.default_rng(seed)
     spaces = {m: (orth(rng, out, k), orth(rng, inn, k)) for m, (out, inn) in SHAPES.items()}
@@ -123,35 +158,43 @@ def structured_population(directory: Path, n: int = 12, *, ranks: list[int] | No
     for i in range(n):
         r = ranks[i % len(ranks)] if ranks else 8
         mods = {}
-        for m in (touch[i % len(touch)] if touch else SHAPES):
+        for m in touch[i % len(touch)] if touch else SHAPES:
             (out, inn), (u, v) = SHAPES[m], spaces[m]
             b = 0.3 * (u @ rng.standard_normal((k, r)) + noise * rng.standard_normal((out, r)))
             a = 0.3 * (rng.standard_normal((r, k)) @ v.T + noise * rng.standard_normal((r, inn)))
             mods[m] = (a.astype(dtype), b.astype(dtype))
-        adapters.append(write_adapter(directory / f"{prefix}{i:02d}", mods, r=r, alpha=alpha,
-                                      extras=head_extras(rng) if heads else None))
+        adapters.append(
+            write_adapter(
+                directory / f"{prefix}{i:02d}", mods, r=r, alpha=alpha, extras=head_extras(rng) if heads else None
+            )
+        )
     return adapters
 
 
-def random_population(directory: Path, n: int = 3, *, r: int = 4, seed: int = 5,
-                      dtype: Any = np.float32) -> list[Adapter]:
+def random_population(
+    directory: Path, n: int = 3, *, r: int = 4, seed: int = 5, dtype: Any = np.float32
+) -> list[Adapter]:
     """Independent full-rank-r adapters: nothing shared, so exact storage needs their own factors."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        mods = {m: (rng.standard_normal((r, inn)).astype(dtype), rng.standard_normal((o, r)).astype(dtype))
-                for m, (o, inn) in SHAPES.items()}
+        mods = {
+            m: (rng.standard_normal((r, inn)).astype(dtype), rng.standard_normal((o, r)).astype(dtype))
+            for m, (o, inn) in SHAPES.items()
+        }
         out.append(write_adapter(directory / f"rnd{i}", mods, r=r, alpha=8))
     return out
 
 
-def peft_population(directory: Path, configs: list[dict[str, Any]], *,
-                    seed: int = 0) -> tuple[list[Adapter], list[nn.Module]]:
+def peft_population(
+    directory: Path, configs: list[dict[str, Any]], *, seed: int = 0
+) -> tuple[list[Adapter], list[nn.Module]]:
     """Adapters saved by peft itself from ``Net`` (random, nonzero factors); the truth read from the model."""
     adapters, models = [], []
     for i, extra in enumerate(configs):
-        cfg = LoraConfig(init_lora_weights=False, **{"r": 4, "lora_alpha": 8, "target_modules": ["body.0", "body.2"],
-                                                     **extra})
+        cfg = LoraConfig(
+            init_lora_weights=False, **{"r": 4, "lora_alpha": 8, "target_modules": ["body.0", "body.2"], **extra}
+        )
         base = base_model()
         torch.manual_seed(seed + i)  # after the base model's own seed: each adapter its own factors
         with warnings.catch_warnings():
@@ -163,9 +206,11 @@ def peft_population(directory: Path, configs: list[dict[str, Any]], *,
         for name, mod in model.named_modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 key = name.replace(".base_layer", "")
-                truth[key] = (mod.lora_A["default"].weight.detach().numpy().copy(),
-                              mod.lora_B["default"].weight.detach().numpy().copy(),
-                              float(mod.scaling["default"]))
+                truth[key] = (
+                    mod.lora_A["default"].weight.detach().numpy().copy(),
+                    mod.lora_B["default"].weight.detach().numpy().copy(),
+                    float(mod.scaling["default"]),
+                )
         saved = load_numpy(str(folder / WEIGHTS))
         extras = {k: v for k, v in saved.items() if ".lora_" not in k}
         adapters.append(Adapter(folder, truth, extras))
@@ -176,6 +221,7 @@ def peft_population(directory: Path, configs: list[dict[str, Any]], *,
 # --------------------------------------------------------------------------------------------
 # independent measurements
 # --------------------------------------------------------------------------------------------
+
 
 def rel(w: np.ndarray, approx: np.ndarray) -> float:
     w, approx = np.asarray(w, np.float64), np.asarray(approx, np.float64)
@@ -260,6 +306,7 @@ def patched_outputs(updates: dict[str, torch.Tensor], extras: dict[str, torch.Te
 # populations, once per module
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def exact3(tmp_path_factory: pytest.TempPathFactory) -> list[Adapter]:
     """12 adapters of rank 8 whose updates share 3-dim column and row spaces exactly."""
@@ -280,15 +327,18 @@ def noisy(tmp_path_factory: pytest.TempPathFactory) -> list[Adapter]:
 
 @pytest.fixture(scope="module")
 def peft_made(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Adapter], list[nn.Module]]:
-    configs = [{"modules_to_save": ["head"]},
-               {"modules_to_save": ["head"], "r": 8, "lora_alpha": 4},
-               {"modules_to_save": ["head"], "r": 2, "lora_alpha": 3}]
+    configs = [
+        {"modules_to_save": ["head"]},
+        {"modules_to_save": ["head"], "r": 8, "lora_alpha": 4},
+        {"modules_to_save": ["head"], "r": 2, "lora_alpha": 3},
+    ]
     return peft_population(tmp_path_factory.mktemp("peft_made"), configs)
 
 
 # --------------------------------------------------------------------------------------------
 # 1. round trip with known low-rank structure
 # --------------------------------------------------------------------------------------------
+
 
 def test_known_structure_is_stored_as_a_rank_3_subspace_and_round_trips(exact3, exact3_bundle) -> None:
     path, result = exact3_bundle
@@ -306,8 +356,11 @@ def test_known_structure_is_stored_as_a_rank_3_subspace_and_round_trips(exact3, 
     assert header["__metadata__"]["format_version"] == "2"
     # U, V and the cores are a small fraction of the adapters' own factors (the manifest aside)
     factor_bytes = sum(f.nbytes for a in exact3 for m in a.modules.values() for f in m[:2])
-    stored = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                 if k.startswith(("left/", "right/", "coef/")))
+    stored = sum(
+        v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k.startswith(("left/", "right/", "coef/"))
+    )
     assert 0 < stored < factor_bytes / 20
     with unipack.open(path) as b:
         assert b.is_lora
@@ -350,6 +403,7 @@ def test_max_error_0_on_float32_structure_never_loses_anything(exact3, tmp_path)
 # --------------------------------------------------------------------------------------------
 # 2. recorded errors against dense numpy
 # --------------------------------------------------------------------------------------------
+
 
 def check_form_choice(adapters: list[Adapter], manifest: Any) -> None:
     """A subspace record costs fewer bytes than the touching adapters' own factors (else: factors form)."""
@@ -417,8 +471,8 @@ def test_max_error_ranks_are_a_local_minimum_by_dense_numpy(noisy, tmp_path) -> 
         u, _, v, _ = stacked_bases(updates)
         ko, ki = t.ranks
         assert max(projection_errors(updates, u[:, :ko], v[:, :ki])) <= budget + 1e-6
-        assert max(projection_errors(updates, u[:, :ko - 1], v[:, :ki])) > budget
-        assert max(projection_errors(updates, u[:, :ko], v[:, :ki - 1])) > budget
+        assert max(projection_errors(updates, u[:, : ko - 1], v[:, :ki])) > budget
+        assert max(projection_errors(updates, u[:, :ko], v[:, : ki - 1])) > budget
 
 
 def test_fixed_rank_1_errors_and_baselines_match_dense_numpy(noisy, tmp_path) -> None:
@@ -435,7 +489,7 @@ def test_fixed_rank_1_errors_and_baselines_match_dense_numpy(noisy, tmp_path) ->
         expected = projection_errors(updates, u[:, :1], v[:, :1])
         mean = sum(updates) / len(updates)
         share = 1 * 1 + (out_dim * 1 + in_dim * 1) / len(updates)
-        for i, (a, w) in enumerate(zip(noisy, updates)):
+        for i, (_a, w) in enumerate(zip(noisy, updates)):
             rec = manifest.members[i]
             # the error of the optimal rank-(1,1) projection, up to float32 storage
             assert rec.errors[idx[m]] == pytest.approx(expected[i], rel=1e-4)
@@ -468,6 +522,7 @@ def test_energy_rule_ranks_match_dense_numpy(noisy, tmp_path) -> None:
 # 3. invariance to the factors' gauge (B M, M⁻¹ A)
 # --------------------------------------------------------------------------------------------
 
+
 def test_updates_and_ranks_are_invariant_to_factor_gauge(tmp_path) -> None:
     original = structured_population(tmp_path / "orig", n=10, noise=0.05, seed=3, dtype=np.float64, heads=False)
     rng = np.random.default_rng(7)
@@ -494,8 +549,9 @@ def test_updates_and_ranks_are_invariant_to_factor_gauge(tmp_path) -> None:
                 assert set(u1) == set(u2)
                 for key in u1:
                     assert u1[key].dtype == torch.float64  # the members' own dtype
-                    np.testing.assert_allclose(as64(u2[key]), as64(u1[key]), rtol=0,
-                                               atol=1e-6 * float(u1[key].abs().max()))
+                    np.testing.assert_allclose(
+                        as64(u2[key]), as64(u1[key]), rtol=0, atol=1e-6 * float(u1[key].abs().max())
+                    )
         for m1, m2 in zip(r1.manifest.members, r2.manifest.members):
             np.testing.assert_allclose(m1.errors, m2.errors, rtol=1e-5, atol=1e-9)
 
@@ -504,12 +560,12 @@ def test_updates_and_ranks_are_invariant_to_factor_gauge(tmp_path) -> None:
 # 4. mixed ranks and partial target modules
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def partial(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Adapter], Path, Any]:
     directory = tmp_path_factory.mktemp("partial")
     touch = [["body.0", "body.2"], ["body.0"], ["body.2", "body.0"], ["body.0", "body.2"], ["body.0"]]
-    adapters = structured_population(directory / "in", n=10, ranks=[4, 8, 8, 4, 8], touch=touch, seed=4,
-                                     heads=False)
+    adapters = structured_population(directory / "in", n=10, ranks=[4, 8, 8, 4, 8], touch=touch, seed=4, heads=False)
     out = directory / "b.upk"
     return adapters, out, merge(adapters, out, max_error=1e-5)
 
@@ -562,13 +618,15 @@ def test_module_touched_only_by_later_adapters(tmp_path) -> None:
 # 5. rsLoRA, rank_pattern, alpha_pattern: PEFT's own scaling
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def patterned(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Adapter], list[nn.Module]]:
-    configs = [{"use_rslora": True, "r": 4, "lora_alpha": 6},
-               {"r": 4, "lora_alpha": 8, "rank_pattern": {"body.2": 2}, "alpha_pattern": {"body.0": 5}},
-               {"use_rslora": True, "r": 8, "lora_alpha": 3, "rank_pattern": {"body.0": 3},
-                "alpha_pattern": {r"body\.2": 7}},
-               {"r": 6, "lora_alpha": 2}]
+    configs = [
+        {"use_rslora": True, "r": 4, "lora_alpha": 6},
+        {"r": 4, "lora_alpha": 8, "rank_pattern": {"body.2": 2}, "alpha_pattern": {"body.0": 5}},
+        {"use_rslora": True, "r": 8, "lora_alpha": 3, "rank_pattern": {"body.0": 3}, "alpha_pattern": {r"body\.2": 7}},
+        {"r": 6, "lora_alpha": 2},
+    ]
     return peft_population(tmp_path_factory.mktemp("patterned"), configs, seed=20)
 
 
@@ -607,8 +665,10 @@ def test_rslora_hand_made_scale(tmp_path) -> None:
     rng = np.random.default_rng(11)
     adapters = []
     for i, r in enumerate((4, 9)):
-        mods = {m: (rng.standard_normal((r, inn)).astype(np.float32), rng.standard_normal((o, r)).astype(np.float32))
-                for m, (o, inn) in SHAPES.items()}
+        mods = {
+            m: (rng.standard_normal((r, inn)).astype(np.float32), rng.standard_normal((o, r)).astype(np.float32))
+            for m, (o, inn) in SHAPES.items()
+        }
         adapters.append(write_adapter(tmp_path / f"rs{i}", mods, r=r, alpha=6, rslora=True))
     result = merge(adapters, tmp_path / "b.upk", rank=3)
     for i, r in enumerate((4, 9)):
@@ -621,8 +681,10 @@ def test_fan_in_fan_out_updates_are_transposed(tmp_path) -> None:
     rng = np.random.default_rng(12)
     adapters = []
     for i in range(3):
-        mods = {m: (rng.standard_normal((2, inn)).astype(np.float32), rng.standard_normal((o, 2)).astype(np.float32))
-                for m, (o, inn) in SHAPES.items()}
+        mods = {
+            m: (rng.standard_normal((2, inn)).astype(np.float32), rng.standard_normal((o, 2)).astype(np.float32))
+            for m, (o, inn) in SHAPES.items()
+        }
         adapters.append(write_adapter(tmp_path / f"c{i}", mods, r=2, alpha=4, fan_in_fan_out=True))
     merge(adapters, tmp_path / "b.upk", max_error=0.0)
     with unipack.open(tmp_path / "b.upk") as b:
@@ -638,8 +700,10 @@ def test_fan_in_fan_out_updates_are_transposed(tmp_path) -> None:
 # 6. peft loads the extracted folders
 # --------------------------------------------------------------------------------------------
 
-def check_peft_round_trip(adapters: list[Adapter], path: Path, out: Path, *, original_atol: float | None,
-                          force: bool = False) -> None:
+
+def check_peft_round_trip(
+    adapters: list[Adapter], path: Path, out: Path, *, original_atol: float | None, force: bool = False
+) -> None:
     with unipack.open(path) as b:
         exports = b.extract_peft_all(out, force=force)
         assert [e.directory for e in exports] == [out / a.name for a in adapters]
@@ -678,8 +742,9 @@ def test_peft_loads_extracted_lossy_peft_made_adapters(peft_made, tmp_path) -> N
     check_peft_round_trip(adapters, tmp_path / "b.upk", tmp_path / "out", original_atol=None)
 
 
-@pytest.mark.parametrize("max_error, original_atol, form", [(0.0, 1e-5, "factors"), (1e-5, 1e-4, "subspace"),
-                                                             (0.3, None, "subspace")])
+@pytest.mark.parametrize(
+    "max_error, original_atol, form", [(0.0, 1e-5, "factors"), (1e-5, 1e-4, "subspace"), (0.3, None, "subspace")]
+)
 def test_peft_loads_extracted_structured_adapters(exact3, noisy, tmp_path, max_error, original_atol, form) -> None:
     adapters = (exact3 if max_error < 0.1 else noisy)[:6]
     result = merge(adapters, tmp_path / "b.upk", max_error=max_error)
@@ -722,6 +787,7 @@ def test_cli_merge_info_extract_peft(exact3, tmp_path) -> None:
 # 7. factors form: bit-exact
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("options", [{"max_error": 0.0}, {"max_error": 1e-4}])
 def test_factors_form_is_bit_exact(tmp_path, dtype, options) -> None:
@@ -736,21 +802,29 @@ def test_factors_form_is_bit_exact(tmp_path, dtype, options) -> None:
             loaded = b.load(a.name)
             b.extract(a.name, tmp_path / f"{a.name}.safetensors")
             b.extract_peft(a.name, tmp_path / a.name)
-            for got in (load_numpy(str(tmp_path / f"{a.name}.safetensors")),
-                        load_numpy(str(tmp_path / a.name / WEIGHTS)), {k: v.numpy() for k, v in loaded.items()}):
+            for got in (
+                load_numpy(str(tmp_path / f"{a.name}.safetensors")),
+                load_numpy(str(tmp_path / a.name / WEIGHTS)),
+                {k: v.numpy() for k, v in loaded.items()},
+            ):
                 assert set(got) == set(original)
                 for key, value in original.items():
                     assert got[key].dtype == value.dtype and got[key].tobytes() == value.tobytes(), key
             updates = b.load(a.name, lora="updates")
             for m in MODULES:
                 assert updates[update_key(m)].numpy().dtype == dtype
-                np.testing.assert_allclose(as64(updates[update_key(m)]), a.update(m),
-                                           rtol=0, atol=2 * np.finfo(dtype).eps * np.abs(a.update(m)).max())
+                np.testing.assert_allclose(
+                    as64(updates[update_key(m)]),
+                    a.update(m),
+                    rtol=0,
+                    atol=2 * np.finfo(dtype).eps * np.abs(a.update(m)).max(),
+                )
 
 
 # --------------------------------------------------------------------------------------------
 # 8. clear errors
 # --------------------------------------------------------------------------------------------
+
 
 def test_adapter_with_full_checkpoint_is_refused(exact3, tmp_path) -> None:
     plain = tmp_path / "plain.safetensors"
@@ -789,12 +863,14 @@ def test_extract_format_mismatches_are_one_line_errors(exact3_bundle, tmp_path) 
             b.extract_peft("m0", tmp_path / "p")
         with pytest.raises(UnipackError):
             b.load("m0", lora="updates")
-    line = assert_one_line_error(run("extract", tmp_path / "dense.upk", "-m", "m0", "--format", "peft", "-o",
-                                     tmp_path / "p"))
+    line = assert_one_line_error(
+        run("extract", tmp_path / "dense.upk", "-m", "m0", "--format", "peft", "-o", tmp_path / "p")
+    )
     assert str(tmp_path / "dense.upk") in line
     assert not (tmp_path / "p").exists()
-    line = assert_one_line_error(run("extract", tmp_path / "dense.upk", "--all", "--format", "peft", "-o",
-                                     tmp_path / "pall"))
+    line = assert_one_line_error(
+        run("extract", tmp_path / "dense.upk", "--all", "--format", "peft", "-o", tmp_path / "pall")
+    )
     assert not (tmp_path / "pall").exists() or not any((tmp_path / "pall").iterdir())
 
 
@@ -815,8 +891,9 @@ class EmbNet(nn.Module):
 def test_variants_are_refused_by_name(exact3, tmp_path, variant, words) -> None:
     folder = tmp_path / variant
     if variant == "dora":
-        save_peft_variant(folder, base_model(), LoraConfig(r=4, target_modules=["body.0"], use_dora=True,
-                                                           init_lora_weights=False))
+        save_peft_variant(
+            folder, base_model(), LoraConfig(r=4, target_modules=["body.0"], use_dora=True, init_lora_weights=False)
+        )
     else:
         torch.manual_seed(0)
         save_peft_variant(folder, EmbNet(), LoraConfig(r=4, target_modules=["emb", "body.0"], init_lora_weights=False))
@@ -836,8 +913,10 @@ def test_dora_keys_without_the_config_flag_are_refused(tmp_path) -> None:
     """A config that hides DoRA (use_dora false) still cannot slip its magnitudes through as extras."""
     rng = np.random.default_rng(0)
     adapters = random_population(tmp_path / "in", n=2)
-    mods = {m: (rng.standard_normal((4, inn)).astype(np.float32), rng.standard_normal((o, 4)).astype(np.float32))
-            for m, (o, inn) in SHAPES.items()}
+    mods = {
+        m: (rng.standard_normal((4, inn)).astype(np.float32), rng.standard_normal((o, 4)).astype(np.float32))
+        for m, (o, inn) in SHAPES.items()
+    }
     extras = {f"{PREFIX}body.0.lora_magnitude_vector": np.ones(64, np.float32)}
     sneaky = write_adapter(tmp_path / "sneaky", mods, r=4, alpha=8, extras=extras)
     with pytest.raises(InputError, match="DoRA"):
@@ -847,8 +926,9 @@ def test_dora_keys_without_the_config_flag_are_refused(tmp_path) -> None:
 def test_shape_mismatch_between_adapters_is_refused(tmp_path) -> None:
     adapters = random_population(tmp_path / "in", n=2)
     rng = np.random.default_rng(1)
-    mods = {"body.0": (rng.standard_normal((4, 16)).astype(np.float32),
-                       rng.standard_normal((64, 4)).astype(np.float32))}
+    mods = {
+        "body.0": (rng.standard_normal((4, 16)).astype(np.float32), rng.standard_normal((64, 4)).astype(np.float32))
+    }
     odd = write_adapter(tmp_path / "odd", mods, r=4, alpha=8)
     out = tmp_path / "b.upk"
     with pytest.raises(InputError) as info:
@@ -894,6 +974,7 @@ def test_differently_shaped_heads_are_stored_raw_per_adapter(tmp_path) -> None:
 # 9. verify and determinism
 # --------------------------------------------------------------------------------------------
 
+
 def test_verify_and_determinism(exact3_bundle, partial, peft_made, tmp_path) -> None:
     for path in (exact3_bundle[0], partial[1]):
         with unipack.open(path) as b:
@@ -928,6 +1009,7 @@ def test_verify_reports_a_corrupt_core(exact3_bundle, tmp_path) -> None:
 # --------------------------------------------------------------------------------------------
 # edge cases: member dtypes, zero updates, signs, ranks above a dimension, .bin adapters
 # --------------------------------------------------------------------------------------------
+
 
 def retyped(adapter: Adapter, dtype: str) -> Adapter:
     """Rewrite ``adapter``'s factors in ``dtype`` (bfloat16 through torch); the truth follows."""
@@ -981,8 +1063,11 @@ def test_untrained_adapters_with_zero_b(tmp_path, options) -> None:
             model = get_peft_model(base_model(), LoraConfig(r=4 + i, target_modules=["body.0", "body.2"]))
             model.save_pretrained(str(folder))
         saved = load_numpy(str(folder / WEIGHTS))
-        adapters.append(Adapter(folder, {m: (saved[f"{m}.lora_A.weight"], saved[f"{m}.lora_B.weight"], 8 / (4 + i))
-                                         for m in MODULES}))
+        adapters.append(
+            Adapter(
+                folder, {m: (saved[f"{m}.lora_A.weight"], saved[f"{m}.lora_B.weight"], 8 / (4 + i)) for m in MODULES}
+            )
+        )
     result = merge(adapters, tmp_path / "b.upk", **options)
     assert all(e == 0.0 for m in result.manifest.members for e in m.errors)
     (tmp_path / "p").mkdir()
@@ -1005,7 +1090,7 @@ def test_untrained_adapters_with_zero_b(tmp_path, options) -> None:
 def test_negative_and_zero_alpha(tmp_path, alpha, options) -> None:
     adapters = structured_population(tmp_path / "in", n=4, noise=0.05, seed=10, alpha=alpha, heads=False)
     result = merge(adapters, tmp_path / "b.upk", **options)
-    for i, a in enumerate(adapters):
+    for i in range(len(adapters)):
         assert all(rec == (8, alpha / 8) for rec in result.manifest.members[i].lora.values())
     measured = check_recorded_errors(adapters, tmp_path / "b.upk", result.manifest)
     if "max_error" in options:
@@ -1046,8 +1131,13 @@ def test_bin_adapters_merge_with_safetensors_ones(tmp_path) -> None:
     for options in ({"max_error": 0.0}, {"rank": 3}):
         result = merge(adapters, tmp_path / "b.upk", force=True, **options)
         check_recorded_errors(adapters, tmp_path / "b.upk", result.manifest)
-        check_peft_round_trip(adapters, tmp_path / "b.upk", tmp_path / "out", force=True,
-                              original_atol=1e-5 if options == {"max_error": 0.0} else None)
+        check_peft_round_trip(
+            adapters,
+            tmp_path / "b.upk",
+            tmp_path / "out",
+            force=True,
+            original_atol=1e-5 if options == {"max_error": 0.0} else None,
+        )
 
 
 def test_extract_peft_all_checks_every_target_first(exact3_bundle, tmp_path) -> None:
@@ -1068,6 +1158,7 @@ def test_extract_peft_all_checks_every_target_first(exact3_bundle, tmp_path) -> 
 # bugs found
 # --------------------------------------------------------------------------------------------
 
+
 def _tiny_errors(adapters: list[Adapter], path: Path, manifest: Any) -> list[tuple[float, float]]:
     """(measured, recorded) per adapter and module."""
     idx = index_of(manifest)
@@ -1076,8 +1167,9 @@ def _tiny_errors(adapters: list[Adapter], path: Path, manifest: Any) -> list[tup
         for i, a in enumerate(adapters):
             factors = b.load(a.name)
             for m in a.modules:
-                out.append((rel(a.update(m), factor_update(factors, m, a.modules[m][2])),
-                            manifest.members[i].errors[idx[m]]))
+                out.append(
+                    (rel(a.update(m), factor_update(factors, m, a.modules[m][2])), manifest.members[i].errors[idx[m]])
+                )
     return out
 
 

@@ -23,10 +23,10 @@ from conftest import Population, TensorSpec, as64, write_population
 from safetensors.torch import load_file
 
 import unipack
-from unipack.usercode import load_eval
-from unipack.pack.max_drop import Attempt, merge_with_eval
 from unipack.cli import cli
 from unipack.errors import EvalError, OptionsError
+from unipack.pack.max_drop import Attempt, merge_with_eval
+from unipack.usercode import load_eval
 
 N = 5
 TARGET = 4.0  # accuracy points
@@ -37,6 +37,7 @@ SAMPLES = 400
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
+
 
 def run(*args: object) -> Result:
     return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
@@ -162,14 +163,21 @@ def searched(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Searched
     out = out_dir / "b.upk"
     seen: list[Attempt] = []
     before = setup.calls()
-    result = merge_with_eval(setup.pop.paths, out, load_eval(str(setup.eval_path)), max_drop=TARGET,
-                             options=unipack.MergeOptions(max_error=START), on_attempt=seen.append)
+    result = merge_with_eval(
+        setup.pop.paths,
+        out,
+        load_eval(str(setup.eval_path)),
+        max_drop=TARGET,
+        options=unipack.MergeOptions(max_error=START),
+        on_attempt=seen.append,
+    )
     return Searched(out, result, seen, setup.calls() - before)
 
 
 # ------------------------------------------------------------------------------------------
 # the population is hard enough, and the target is met
 # ------------------------------------------------------------------------------------------
+
 
 def test_fixed_small_rank_misses_the_target(setup: Setup, tmp_path: Path) -> None:
     out = tmp_path / "rank1.upk"
@@ -234,7 +242,7 @@ def test_budgets_go_loosest_first(searched: Searched) -> None:
         assert budgets[k + 1] == pytest.approx(budgets[k] / 2)
     # then bisection between the last failing and the passing budget, never outside
     low, high = budgets[first], budgets[first - 1]
-    for budget, ok in zip(budgets[first + 1:], passed[first + 1:]):
+    for budget, ok in zip(budgets[first + 1 :], passed[first + 1 :]):
         assert low < budget < high, (budgets, low, high)
         low, high = (budget, high) if ok else (low, budget)
     # the choice: the loosest budget that passed
@@ -245,8 +253,14 @@ def test_budgets_go_loosest_first(searched: Searched) -> None:
 def test_no_max_drop_scores_once_and_records(setup: Setup, tmp_path: Path) -> None:
     out = tmp_path / "b.upk"
     before = setup.calls()
-    merge_with_eval(setup.pop.paths, out, load_eval(f"{setup.eval_path}:evaluate"), max_drop=None,
-                    metric="agree", options=unipack.MergeOptions(max_error=START))
+    merge_with_eval(
+        setup.pop.paths,
+        out,
+        load_eval(f"{setup.eval_path}:evaluate"),
+        max_drop=None,
+        metric="agree",
+        options=unipack.MergeOptions(max_error=START),
+    )
     assert setup.calls() - before == 2 * N
     drops = measured_drops(setup, out, tmp_path / "x")
     with unipack.open(out) as b:
@@ -264,18 +278,31 @@ def test_no_max_drop_scores_once_and_records(setup: Setup, tmp_path: Path) -> No
 # the command line
 # ------------------------------------------------------------------------------------------
 
+
 def test_cli_merge_prints_the_eval_line(setup: Setup, tmp_path: Path) -> None:
     out = tmp_path / "cli.upk"
-    result = run("merge", *setup.pop.paths, "-o", out, "--eval", setup.eval_path, "--max-drop", TARGET,
-                 "--max-error", START, "-q")
+    result = run(
+        "merge",
+        *setup.pop.paths,
+        "-o",
+        out,
+        "--eval",
+        setup.eval_path,
+        "--max-drop",
+        TARGET,
+        "--max-error",
+        START,
+        "-q",
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     with unipack.open(out) as b:
         record = b.manifest.stats["evaluation"]
     assert record["met"] is True and record["max_drop"] == TARGET
     text = result.output
     n = len(record["attempts"])
-    assert (f"acc: largest drop {record['worst_drop']:.3g} ({record['worst_member']}) "
-            f"(target {TARGET}: met, {n} attempts)") in text
+    assert (
+        f"acc: largest drop {record['worst_drop']:.3g} ({record['worst_member']}) (target {TARGET}: met, {n} attempts)"
+    ) in text
     for a in record["attempts"]:  # one progress line per attempt
         assert f"max-error {a['max_error']:.3g}: " in text
         assert f"largest drop {a['worst_drop']:.3g} ({a['worst_member']})" in text
@@ -288,10 +315,13 @@ def test_cli_merge_prints_the_eval_line(setup: Setup, tmp_path: Path) -> None:
     assert ev["drops"]["unipack"]["worst"] == pytest.approx(record["worst_drop"])
 
 
-@pytest.mark.parametrize("args, mentions", [
-    (["--max-drop", "1"], ["--max-drop", "--eval"]),
-    (["--metric", "acc"], ["--metric", "--eval"]),
-])
+@pytest.mark.parametrize(
+    "args, mentions",
+    [
+        (["--max-drop", "1"], ["--max-drop", "--eval"]),
+        (["--metric", "acc"], ["--metric", "--eval"]),
+    ],
+)
 def test_cli_needs_eval(setup: Setup, tmp_path: Path, args: list[str], mentions: list[str]) -> None:
     out = tmp_path / "b.upk"
     result = run("merge", *setup.pop.paths, "-o", out, *args)
@@ -299,13 +329,16 @@ def test_cli_needs_eval(setup: Setup, tmp_path: Path, args: list[str], mentions:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args, mentions", [
-    (["--max-drop", "1", "--rank", "2"], ["--max-drop", "--rank"]),
-    (["--max-drop", "1", "--energy", "0.9"], ["--max-drop", "--energy"]),
-    (["--max-drop", "-1"], ["--max-drop -1.0", "non-negative"]),
-    (["--max-drop", "nan"], ["--max-drop nan", "non-negative"]),
-    (["--max-drop", "1", "--metric", "bogus"], ["no metric 'bogus'", "'acc', 'agree'"]),
-])
+@pytest.mark.parametrize(
+    "args, mentions",
+    [
+        (["--max-drop", "1", "--rank", "2"], ["--max-drop", "--rank"]),
+        (["--max-drop", "1", "--energy", "0.9"], ["--max-drop", "--energy"]),
+        (["--max-drop", "-1"], ["--max-drop -1.0", "non-negative"]),
+        (["--max-drop", "nan"], ["--max-drop nan", "non-negative"]),
+        (["--max-drop", "1", "--metric", "bogus"], ["no metric 'bogus'", "'acc', 'agree'"]),
+    ],
+)
 def test_cli_bad_max_drop(setup: Setup, tmp_path: Path, args: list[str], mentions: list[str]) -> None:
     out = tmp_path / "b.upk"
     before = setup.calls()
@@ -326,42 +359,72 @@ def test_api_refuses_bad_max_drop(setup: Setup, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_eval_failing_on_an_original_leaves_nothing(setup: Setup, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_failing_on_an_original_leaves_nothing(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fresh = make_setup(tmp_path / "fresh")
     monkeypatch.setenv("MAXDROP_FAIL_AT_CALL", "2")  # the 2nd member's original
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = run("merge", *fresh.pop.paths, "-o", out_dir / "b.upk", "--eval", fresh.eval_path,
-                 "--max-drop", TARGET, "--max-error", START, "-q")
+    result = run(
+        "merge",
+        *fresh.pop.paths,
+        "-o",
+        out_dir / "b.upk",
+        "--eval",
+        fresh.eval_path,
+        "--max-drop",
+        TARGET,
+        "--max-error",
+        START,
+        "-q",
+    )
     assert_one_line_error(result, "RuntimeError: scorer crashed", f"member {fresh.pop.names[1]!r}")
     assert list(out_dir.iterdir()) == []
 
 
-def test_eval_failing_during_an_attempt_leaves_no_attempt_files(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_failing_during_an_attempt_leaves_no_attempt_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fresh = make_setup(tmp_path / "fresh")
     # N originals, N members of attempt 0 (which misses the target), then attempt 1's 2nd member
     monkeypatch.setenv("MAXDROP_FAIL_AT_CALL", str(2 * N + 2))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = run("merge", *fresh.pop.paths, "-o", out_dir / "b.upk", "--eval", fresh.eval_path,
-                 "--max-drop", TARGET, "--max-error", START, "-q")
+    result = run(
+        "merge",
+        *fresh.pop.paths,
+        "-o",
+        out_dir / "b.upk",
+        "--eval",
+        fresh.eval_path,
+        "--max-drop",
+        TARGET,
+        "--max-error",
+        START,
+        "-q",
+    )
     assert_one_line_error(result, "RuntimeError: scorer crashed", f"member {fresh.pop.names[1]!r}")
     assert fresh.calls() == 2 * N + 2
     assert list(out_dir.iterdir()) == []
 
 
 def test_eval_failing_through_the_api_leaves_no_attempt_files_of_finished_attempts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The attempts that completed before the failure are cleaned up (the failing one: see above)."""
     fresh = make_setup(tmp_path / "fresh")
     monkeypatch.setenv("MAXDROP_FAIL_AT_CALL", str(3 * N + 2))  # 2nd member of attempt 2
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(EvalError, match=r"RuntimeError: scorer crashed \(member 'ft1'\)"):
-        merge_with_eval(fresh.pop.paths, out_dir / "b.upk", load_eval(str(fresh.eval_path)), max_drop=TARGET,
-                        options=unipack.MergeOptions(max_error=START))
+        merge_with_eval(
+            fresh.pop.paths,
+            out_dir / "b.upk",
+            load_eval(str(fresh.eval_path)),
+            max_drop=TARGET,
+            options=unipack.MergeOptions(max_error=START),
+        )
     left = leftovers(out_dir)
     assert not (out_dir / "b.upk").exists()
     assert ".b.upk.attempt0.upk" not in left and ".b.upk.attempt1.upk" not in left, left
@@ -371,13 +434,16 @@ def test_unreachable_target_ends_lossless_and_says_not_met(tmp_path: Path) -> No
     """A metric no bundle can satisfy: tightening halves down to budget 0 (all raw), then stops."""
     pop = make_setup(tmp_path / "fresh").pop
     ev = tmp_path / "grudge.py"
-    ev.write_text(textwrap.dedent(f"""
+    ev.write_text(
+        textwrap.dedent(f"""
         CALLS = []
 
         def evaluate(state_dict, member_name):
             CALLS.append(member_name)
             return {{"acc": 100.0 if len(CALLS) <= {N} else 90.0}}  # only the originals score 100
-    """), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
     out = tmp_path / "out" / "b.upk"
     out.parent.mkdir()
     result = run("merge", *pop.paths, "-o", out, "--eval", ev, "--max-drop", "1", "--max-error", "0.01", "-q")

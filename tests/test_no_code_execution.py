@@ -31,8 +31,18 @@ from unipack import FormatError, InputError, UnipackError
 PACKAGE = Path(unipack.__file__).resolve().parent
 
 #: Modules whose import alone means deserialising code-bearing data.
-FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "pickletools", "marshal", "shelve", "dill", "cloudpickle",
-                     "joblib", "copyreg"}
+FORBIDDEN_MODULES = {
+    "pickle",
+    "cPickle",
+    "_pickle",
+    "pickletools",
+    "marshal",
+    "shelve",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "copyreg",
+}
 #: Builtins that run or import code given as data.
 FORBIDDEN_BUILTINS = {"eval", "exec", "compile", "__import__"}
 #: The only offences tolerated: (file under unipack's parent, offence) -> how many times exactly.
@@ -99,8 +109,11 @@ def scan_source(source: str, filename: str) -> list[str]:
                     aliases[a.asname or a.name] = "torch.serialization"
         elif isinstance(node, ast.Name) and node.id in FORBIDDEN_BUILTINS:
             bad(node, f"use of {node.id}")
-        elif (isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_BUILTINS
-              and _dotted(node.value) in ("builtins", "__builtins__")):
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in FORBIDDEN_BUILTINS
+            and _dotted(node.value) in ("builtins", "__builtins__")
+        ):
             bad(node, f"use of builtins.{node.attr}")  # (model.eval(), re.compile() are fine)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in FORBIDDEN_MODULES:
             # importlib.import_module("pickle") and getattr tricks start with the module name as data
@@ -205,6 +218,7 @@ def test_p13_allowance_is_per_file_not_in_the_scanner() -> None:
 # a pickle bomb dressed as a checkpoint
 # ------------------------------------------------------------------------------------------
 
+
 class _Evil:
     """Unpickling this runs ``touch MARKER`` (pickle calls os.system with the argument)."""
 
@@ -252,8 +266,7 @@ def test_p13_payload_really_runs_code_when_unpickled(tmp_path: Path) -> None:
 
 
 #: What unipack says when torch.load(weights_only=True) refuses a pickle.
-REFUSED = ("not a plain state dict loadable with torch.load(weights_only=True) (refusing to unpickle arbitrary "
-           "objects)")
+REFUSED = "not a plain state dict loadable with torch.load(weights_only=True) (refusing to unpickle arbitrary objects)"
 
 
 @pytest.fixture
@@ -269,10 +282,8 @@ def good_inputs(tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt", ".upk"])
-@pytest.mark.parametrize("kind", ["os_system_p0", "os_system_p2", "os_system_p5", "open", "torch_zip",
-                                  "torch_legacy"])
-def test_p13_pickle_disguised_as_checkpoint(tmp_path: Path, good_inputs: list[Path], kind: str,
-                                            suffix: str) -> None:
+@pytest.mark.parametrize("kind", ["os_system_p0", "os_system_p2", "os_system_p5", "open", "torch_zip", "torch_legacy"])
+def test_p13_pickle_disguised_as_checkpoint(tmp_path: Path, good_inputs: list[Path], kind: str, suffix: str) -> None:
     marker = tmp_path / "MARKER"
     payloads = _pickle_payloads(tmp_path, marker)
     key = kind if kind in payloads else f"os_system_p{pickle.HIGHEST_PROTOCOL}"
@@ -334,8 +345,9 @@ def _hostile_folder(root: Path, marker: Path, payload: bytes, sharded: bool) -> 
 
 @pytest.mark.parametrize("sharded", [False, True])
 @pytest.mark.parametrize("kind", ["torch_zip", "torch_legacy", "os_system_p2", "open"])
-def test_p13_hostile_pytorch_model_bin_in_a_folder(tmp_path: Path, good_inputs: list[Path], kind: str,
-                                                   sharded: bool) -> None:
+def test_p13_hostile_pytorch_model_bin_in_a_folder(
+    tmp_path: Path, good_inputs: list[Path], kind: str, sharded: bool
+) -> None:
     from click.testing import CliRunner
 
     import unipack.cli
@@ -348,8 +360,9 @@ def test_p13_hostile_pytorch_model_bin_in_a_folder(tmp_path: Path, good_inputs: 
         unipack.merge([*good_inputs, folder], out_dir / "x.upk")
     assert str(evil) in str(info.value) and REFUSED in str(info.value), str(info.value)
     assert not marker.exists(), "merge unpickled a folder's pytorch_model.bin: the marker file was created"
-    r = CliRunner().invoke(unipack.cli.cli, ["merge", str(folder), *map(str, good_inputs), "-o",
-                                             str(out_dir / "x.upk"), "-q"])
+    r = CliRunner().invoke(
+        unipack.cli.cli, ["merge", str(folder), *map(str, good_inputs), "-o", str(out_dir / "x.upk"), "-q"]
+    )
     assert r.exit_code == 1 and r.output.startswith("Error: ") and REFUSED in r.output, r.output
     assert not marker.exists()
     assert list(out_dir.iterdir()) == []

@@ -40,15 +40,31 @@ RUN_LINE = re.compile(r"^  (batch \d+(?:, sequence \d+)?)\s+max abs diff (\S+), 
 
 
 def vit(num_labels: int) -> Any:
-    return transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
-        patch_size=4, num_labels=num_labels))
+    return transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=16,
+            patch_size=4,
+            num_labels=num_labels,
+        )
+    )
 
 
 def bert(num_labels: int) -> Any:
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=num_labels))
+    return transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=num_labels,
+        )
+    )
 
 
 BUILDERS = {"vit": vit, "bert": bert}
@@ -56,9 +72,12 @@ BUILDERS = {"vit": vit, "bert": bert}
 
 def attach_configs(bundle: Path, configs: dict[str, str]) -> None:
     """Record each member's config.json text in its MemberRecord, as a Hugging Face folder input would."""
+
     def update(manifest: Any, writer: Any) -> Any:
-        members = tuple(dataclasses.replace(m, configs={"config.json": configs[m.name]}) if m.name in configs else m
-                        for m in manifest.members)
+        members = tuple(
+            dataclasses.replace(m, configs={"config.json": configs[m.name]}) if m.name in configs else m
+            for m in manifest.members
+        )
         return dataclasses.replace(manifest, members=members, blobs=writer.blobs)
 
     rewrite_bundle(bundle, update, force=True)
@@ -88,9 +107,14 @@ def population(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     models = []
     for labels in LABELS:  # fine-tunes of one base: shared backbone + small deltas, own heads
         model = BUILDERS[kind](labels)
-        model.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and
-                               model.state_dict()[k].shape == v.shape else model.state_dict()[k]
-                               for k, v in base.items()})
+        model.load_state_dict(
+            {
+                k: v + 0.01 * torch.randn_like(v)
+                if v.is_floating_point() and model.state_dict()[k].shape == v.shape
+                else model.state_dict()[k]
+                for k, v in base.items()
+            }
+        )
         models.append((f"{kind}-{labels}", model))
     return kind, hf_population(tmp_path_factory.mktemp(kind) / "population", models)
 
@@ -170,6 +194,7 @@ def ort_vs(session: Any, model: Any, inputs: dict[str, torch.Tensor]) -> float:
 # Hugging Face members
 # ------------------------------------------------------------------------------------------
 
+
 def test_every_member_exports_and_matches_transformers(population: tuple[str, Path], tmp_path: Path) -> None:
     """The CLI for all members but the last, the API for the last; every file checked independently."""
     kind, path = population
@@ -208,8 +233,10 @@ def test_every_member_exports_and_matches_transformers(population: tuple[str, Pa
             if kind == "vit":
                 fresh = {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
             else:
-                fresh = {"input_ids": torch.randint(0, 100, (2, 7), generator=g),
-                         "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+                fresh = {
+                    "input_ids": torch.randint(0, 100, (2, 7), generator=g),
+                    "attention_mask": torch.ones(2, 7, dtype=torch.long),
+                }
             assert ort_vs(session, reference, fresh) <= ATOL
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{m}.onnx" for m in bundle.members)
 
@@ -229,8 +256,14 @@ def test_to_module_equals_transformers(population: tuple[str, Path]) -> None:
 
 def test_tied_weights_missing_from_the_file_are_allowed(tmp_path: Path) -> None:
     """BertForMaskedLM ties its decoder to the embeddings; safetensors stores that tensor once."""
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(3)
     models = [(f"mlm-{i}", transformers.BertForMaskedLM(config)) for i in range(2)]
     path = hf_population(tmp_path / "mlm", models)
@@ -250,8 +283,9 @@ def test_tied_weights_missing_from_the_file_are_allowed(tmp_path: Path) -> None:
 def test_unknown_model_type_is_one_line(tmp_path: Path, mlp: Path) -> None:
     path = tmp_path / "odd.upk"
     path.write_bytes((mlp / "mlp.upk").read_bytes())
-    attach_configs(path, {"mlp-0": '{"model_type": "no-such-model", "architectures": ["NoSuchModel"]}',
-                          "mlp-1": "{not json"})
+    attach_configs(
+        path, {"mlp-0": '{"model_type": "no-such-model", "architectures": ["NoSuchModel"]}', "mlp-1": "{not json"}
+    )
     with unipack.open(path) as bundle:
         with pytest.raises(unipack.ModelError, match="model_type 'no-such-model'.*--model module:function"):
             bundle.to_module("mlp-0")
@@ -259,12 +293,19 @@ def test_unknown_model_type_is_one_line(tmp_path: Path, mlp: Path) -> None:
             bundle.to_module("mlp-1")
 
 
-def test_missing_transformers_says_what_to_install(population: tuple[str, Path],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_transformers_says_what_to_install(
+    population: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, path = population
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
-    with unipack.open(path) as bundle, pytest.raises(unipack.UnipackError, match=r"needs transformers: pip "
-                                                                           r"install 'unipack\[hf\]'"):
+    with (
+        unipack.open(path) as bundle,
+        pytest.raises(
+            unipack.UnipackError,
+            match=r"needs transformers: pip "
+            r"install 'unipack\[hf\]'",
+        ),
+    ):
         bundle.to_module(bundle.members[0])
 
 
@@ -272,10 +313,12 @@ def test_missing_transformers_says_what_to_install(population: tuple[str, Path],
 # user factories (--model)
 # ------------------------------------------------------------------------------------------
 
+
 def test_factory_module_exports(mlp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(mlp)
-    result = invoke("export", "mlp.upk", "--member", "mlp-1", "--onnx", "mlp-1.onnx",
-                    "--model", "tests_factory.py:build")
+    result = invoke(
+        "export", "mlp.upk", "--member", "mlp-1", "--onnx", "mlp-1.onnx", "--model", "tests_factory.py:build"
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "PASS" in result.output and "(Sequential)" in result.output
     assert [p[0] for p in RUN_LINE.findall(result.output)] == ["batch 2", "batch 3"]
@@ -291,31 +334,42 @@ def test_factory_module_exports(mlp: Path, monkeypatch: pytest.MonkeyPatch) -> N
         assert np.max(np.abs(got - reference(x).numpy())) <= ATOL
 
 
-@pytest.mark.parametrize(("function", "expected"), [
-    ("raises", r"model tests_factory.py:raises: RuntimeError: no architecture for mlp-0 \(member 'mlp-0'\)"),
-    ("wrong_type", r"returned str, expected \(torch.nn.Module, example_inputs\)"),
-    ("wrong_inputs", r"returned list as the example input, expected a tensor, a tuple of tensors or a dict"),
-    ("wrong_keys", (r"member 'mlp-0' does not fit model tests_factory.py:wrong_keys \(Sequential\): "
-                    r"2 missing \(1.weight, 1.bias\); 2 unexpected \(2.(weight|bias), 2.(weight|bias)\)")),
-    ("nothing", r"model tests_factory.py:nothing: .*has no function 'nothing' \(it defines build, raises"),
-])
-def test_factory_errors_are_one_line(mlp: Path, monkeypatch: pytest.MonkeyPatch, function: str,
-                                     expected: str) -> None:
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        ("raises", r"model tests_factory.py:raises: RuntimeError: no architecture for mlp-0 \(member 'mlp-0'\)"),
+        ("wrong_type", r"returned str, expected \(torch.nn.Module, example_inputs\)"),
+        ("wrong_inputs", r"returned list as the example input, expected a tensor, a tuple of tensors or a dict"),
+        (
+            "wrong_keys",
+            (
+                r"member 'mlp-0' does not fit model tests_factory.py:wrong_keys \(Sequential\): "
+                r"2 missing \(1.weight, 1.bias\); 2 unexpected \(2.(weight|bias), 2.(weight|bias)\)"
+            ),
+        ),
+        ("nothing", r"model tests_factory.py:nothing: .*has no function 'nothing' \(it defines build, raises"),
+    ],
+)
+def test_factory_errors_are_one_line(mlp: Path, monkeypatch: pytest.MonkeyPatch, function: str, expected: str) -> None:
     monkeypatch.chdir(mlp)
-    result = invoke("export", "mlp.upk", "--member", "mlp-0", "--onnx", "x.onnx", "--model",
-                    f"tests_factory.py:{function}")
+    result = invoke(
+        "export", "mlp.upk", "--member", "mlp-0", "--onnx", "x.onnx", "--model", f"tests_factory.py:{function}"
+    )
     assert re.search(expected, one_error_line(result)), result.output
     assert not (mlp / "x.onnx").exists()
 
 
 def test_no_config_and_no_model(mlp: Path, tmp_path: Path) -> None:
     result = invoke("export", str(mlp / "mlp.upk"), "--member", "mlp-2", "--onnx", str(tmp_path / "x.onnx"))
-    assert one_error_line(result) == ("Error: member 'mlp-2' has no Hugging Face config.json: give --model "
-                                      "module:function (a factory returning the module and an example input)")
+    assert one_error_line(result) == (
+        "Error: member 'mlp-2' has no Hugging Face config.json: give --model "
+        "module:function (a factory returning the module and an example input)"
+    )
 
 
-def test_tolerance_failure_keeps_the_file_and_prints_numbers(mlp: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tolerance_failure_keeps_the_file_and_prints_numbers(
+    mlp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_run = onnx_export._run
 
     def off_by_one(*args: Any) -> list[np.ndarray]:
@@ -323,8 +377,16 @@ def test_tolerance_failure_keeps_the_file_and_prints_numbers(mlp: Path, tmp_path
 
     monkeypatch.setattr(onnx_export, "_run", off_by_one)
     out = tmp_path / "bad.onnx"
-    result = invoke("export", str(mlp / "mlp.upk"), "--member", "mlp-0", "--onnx", str(out), "--model",
-                    str(mlp / "tests_factory.py"))  # the default function: build
+    result = invoke(
+        "export",
+        str(mlp / "mlp.upk"),
+        "--member",
+        "mlp-0",
+        "--onnx",
+        str(out),
+        "--model",
+        str(mlp / "tests_factory.py"),
+    )  # the default function: build
     line = one_error_line(result)
     assert "differ from torch's by 1 (max abs diff; max rel diff" in line and "> atol 0.0001" in line
     assert "the file was kept" in line
@@ -363,8 +425,9 @@ def test_external_data(mlp: Path, tmp_path: Path) -> None:
 def test_missing_onnx_extras_say_what_to_install(mlp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     result = invoke("export", str(mlp / "mlp.upk"), "--member", "mlp-0", "--onnx", str(tmp_path / "x.onnx"))
-    assert one_error_line(result) == ("Error: ONNX export needs onnx and onnxruntime (missing: onnxruntime): "
-                                      "pip install 'unipack[onnx]'")
+    assert one_error_line(result) == (
+        "Error: ONNX export needs onnx and onnxruntime (missing: onnxruntime): pip install 'unipack[onnx]'"
+    )
 
 
 def test_existing_output_is_refused_before_any_work(mlp: Path, tmp_path: Path) -> None:
@@ -378,8 +441,10 @@ def test_existing_output_is_refused_before_any_work(mlp: Path, tmp_path: Path) -
 def test_torch_is_not_imported_by_the_cli_at_start() -> None:
     import subprocess
 
-    code = "import sys, unipack.cli; print(sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime') " \
-           "if m in sys.modules))"
+    code = (
+        "import sys, unipack.cli; print(sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -388,8 +453,15 @@ def test_members_merged_from_save_pretrained_folders(tmp_path: Path) -> None:
     """Folders written by ``save_pretrained`` keep the checkpoint's key layout, which transformers
     may rename on load (v5 does for ViT): to_module then goes through ``from_pretrained`` and gives
     exactly the original folder's model, and the ONNX export passes."""
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=16, patch_size=4, num_labels=3)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
+    )
     folders = []
     for i in range(2):
         torch.manual_seed(10 + i)

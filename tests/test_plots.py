@@ -15,19 +15,41 @@ from unipack.render.plots import render_figure, write_png
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def tensor(name: str, storage: str = "shared", *, spectrum: list[float] | None = None,
-           variance: float | None = None, rank: int | None = None, energy: float | None = None,
-           stored_bytes: int = 1000) -> dict[str, Any]:
-    return {"name": name, "storage": storage, "scheme": "rows" if storage == "shared" else None,
-            "rank": rank, "energy": energy, "spectrum": spectrum or [], "variance": variance,
-            "stored_bytes": stored_bytes}
+def tensor(
+    name: str,
+    storage: str = "shared",
+    *,
+    spectrum: list[float] | None = None,
+    variance: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    stored_bytes: int = 1000,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "storage": storage,
+        "scheme": "rows" if storage == "shared" else None,
+        "rank": rank,
+        "energy": energy,
+        "spectrum": spectrum or [],
+        "variance": variance,
+        "stored_bytes": stored_bytes,
+    }
 
 
-def member(name: str, worst: float, mean: float | None = 0.1, svd: float | None = 0.01,
-           added: bool = False) -> dict[str, Any]:
-    return {"name": name, "added": added, "worst_error": worst, "mean_error": worst / 2,
-            "baselines": {"mean": None if mean is None else {"worst_error": mean, "mean_error": mean / 2},
-                          "svd": None if svd is None else {"worst_error": svd, "mean_error": svd / 2}}}
+def member(
+    name: str, worst: float, mean: float | None = 0.1, svd: float | None = 0.01, added: bool = False
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "added": added,
+        "worst_error": worst,
+        "mean_error": worst / 2,
+        "baselines": {
+            "mean": None if mean is None else {"worst_error": mean, "mean_error": mean / 2},
+            "svd": None if svd is None else {"worst_error": svd, "mean_error": svd / 2},
+        },
+    }
 
 
 @pytest.fixture
@@ -36,10 +58,22 @@ def report() -> dict[str, Any]:
         "path": "bundle.upk",
         "tensors": [
             # spectrum 3, 1 out of a total variance of 5: curve 0, 0.6, 0.8 (truncated head)
-            tensor("encoder.layer.0.attention.query.weight", spectrum=[3.0, 1.0], variance=5.0, rank=1,
-                   energy=0.6, stored_bytes=2_000_000),
-            tensor("encoder.layer.0.attention.key.weight", spectrum=[2.0, 1.0, 1.0], variance=4.0, rank=2,
-                   energy=0.75, stored_bytes=500_000),
+            tensor(
+                "encoder.layer.0.attention.query.weight",
+                spectrum=[3.0, 1.0],
+                variance=5.0,
+                rank=1,
+                energy=0.6,
+                stored_bytes=2_000_000,
+            ),
+            tensor(
+                "encoder.layer.0.attention.key.weight",
+                spectrum=[2.0, 1.0, 1.0],
+                variance=4.0,
+                rank=2,
+                energy=0.75,
+                stored_bytes=500_000,
+            ),
             tensor("embeddings.LayerNorm.bias", "raw", stored_bytes=3000),
             tensor("classifier.weight", "exact", stored_bytes=9000),
         ],
@@ -67,6 +101,7 @@ def tick_labels(ax: Any) -> list[str]:
 # the file
 # ------------------------------------------------------------------------------------------
 
+
 def test_writes_a_1600_by_1000_png(tmp_path: Path, report: dict[str, Any]) -> None:
     out = tmp_path / "report.png"
     assert write_png(report, out) == out
@@ -88,8 +123,7 @@ def test_missing_directory_is_a_unipack_error(tmp_path: Path, report: dict[str, 
     assert not (tmp_path / "no").exists()
 
 
-def test_failed_render_leaves_no_file(tmp_path: Path, report: dict[str, Any],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_render_leaves_no_file(tmp_path: Path, report: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     def broken(*args: object, **kwargs: object) -> None:
@@ -123,6 +157,7 @@ def test_report_that_is_not_an_object(tmp_path: Path) -> None:
 # what is drawn
 # ------------------------------------------------------------------------------------------
 
+
 def test_title_names_the_bundle(report: dict[str, Any]) -> None:
     fig = render_figure(report)
     assert fig.get_suptitle() == "unipack report: bundle.upk  (4 tensors, 3 members)"
@@ -143,8 +178,9 @@ def test_explained_variance_curves_and_chosen_ranks(report: dict[str, Any]) -> N
 
 
 def test_only_the_largest_tensors_are_labelled() -> None:
-    tensors = [tensor(f"t{i}", spectrum=[2.0, 1.0], variance=3.0, rank=1, energy=2 / 3, stored_bytes=i)
-               for i in range(30)]
+    tensors = [
+        tensor(f"t{i}", spectrum=[2.0, 1.0], variance=3.0, rank=1, energy=2 / 3, stored_bytes=i) for i in range(30)
+    ]
     top = render_figure({"tensors": tensors, "members": []}).axes[0]
     legend = [t.get_text() for t in top.get_legend().get_texts()]
     assert legend[0] == "other tensors (22)"
@@ -167,6 +203,7 @@ def test_error_bars_against_baselines(report: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------
 # degenerate reports still render
 # ------------------------------------------------------------------------------------------
+
 
 def test_no_shared_tensors(tmp_path: Path, report: dict[str, Any]) -> None:
     report["tensors"] = [t for t in report["tensors"] if t["storage"] != "shared"]

@@ -30,8 +30,12 @@ def test_load_reads_only_shared_and_own_blobs(tmp_path: Path, population, monkey
         index = bundle.members.index(target)
         bundle.load(target)
         own = {f"coef/{index}"} | {b for b in bundle.manifest.member(target).raw.values()}
-        others = {b for i, m in enumerate(bundle.manifest.members) if i != index
-                  for b in list(m.raw.values()) + ([m.coefficients] if m.coefficients else [])}
+        others = {
+            b
+            for i, m in enumerate(bundle.manifest.members)
+            if i != index
+            for b in list(m.raw.values()) + ([m.coefficients] if m.coefficients else [])
+        }
         assert not set(reads) & others
         assert own & set(reads)
         assert all(r.startswith(("mean/", "basis/", "exact/")) or r in own for r in reads)

@@ -34,10 +34,10 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import unipack
-from unipack.usercode import load_eval
 from unipack.analysis.report import report
 from unipack.cli import cli
 from unipack.errors import InputError
+from unipack.usercode import load_eval
 
 N = 4
 #: Fidelity numbers (norms, mean/delta/SVD errors, spectra) are recorded at 4 significant digits.
@@ -49,6 +49,7 @@ SVD_RTOL = 1.5e-3
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
+
 
 def run(*args: object) -> Result:
     return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
@@ -89,7 +90,7 @@ def parse_header(path: Path) -> tuple[dict[str, Any], bytes, int]:
     """The safetensors header as a dict, its JSON bytes (with padding), and the data offset."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    body = data[8:8 + n]
+    body = data[8 : 8 + n]
     return json.loads(body), body, 8 + n
 
 
@@ -126,8 +127,9 @@ def expected_parts(path: Path) -> dict[str, int]:
 
 def budget_raw(path: Path) -> list[str]:
     """Tensors the merge kept raw only because raw was cheaper than their subspace."""
-    return [t["name"] for t in manifest_doc(path)["tensors"]
-            if t["storage"] == "raw" and t.get("raw_cause") == "budget"]
+    return [
+        t["name"] for t in manifest_doc(path)["tensors"] if t["storage"] == "raw" and t.get("raw_cause") == "budget"
+    ]
 
 
 def expected_mean_only_bytes(path: Path) -> int:
@@ -188,6 +190,7 @@ def member_weights(pop: Population, i: int) -> dict[str, int]:
 # fixtures
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pop(tmp_path_factory: pytest.TempPathFactory) -> Population:
     return write_population(tmp_path_factory.mktemp("report") / "in", report_specs(), n=N, seed=5)
@@ -217,6 +220,7 @@ def bundles(pop: Population) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------
 # 1. bytes
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key", ["default", "float16", "raw", "codec-none", "rank0"])
 def test_byte_parts_add_up_to_the_file(bundles: dict[str, Path], pop: Population, key: str) -> None:
@@ -273,6 +277,7 @@ def test_byte_parts_in_the_terminal_and_json(bundles: dict[str, Path]) -> None:
 # 2. ratio against lossless compression
 # ------------------------------------------------------------------------------------------
 
+
 def test_lossless_baseline_is_zstd_19_of_each_input(tmp_path: Path, pop: Population) -> None:
     out = tmp_path / "full.upk"
     unipack.merge(pop.paths, out, lossless="full")
@@ -316,6 +321,7 @@ def test_lossless_baseline_off(tmp_path: Path, pop: Population) -> None:
 # ------------------------------------------------------------------------------------------
 # 3. baselines against numpy
 # ------------------------------------------------------------------------------------------
+
 
 def independent_numbers(pop: Population, path: Path) -> dict[str, dict[str, dict[str, float]]]:
     """Per member, per tensor: unipack's error, delta error, mean-only and per-member SVD errors
@@ -382,8 +388,9 @@ def test_recorded_baselines_match_numpy(bundles: dict[str, Path], pop: Populatio
         assert shared_with_svd >= 3 * len(pop)  # the SVD baseline gets a nonzero rank
     if key == "raw":  # a flat vector whose share of the bytes buys the SVD nothing: rank 0
         j = index["enc.bias"]
-        assert all(b_ == 0 for b_ in [manifest_doc(path)["members"][i]["fidelity"]["svd_ranks"][j]
-                                      for i in range(len(pop))])
+        assert all(
+            b_ == 0 for b_ in [manifest_doc(path)["members"][i]["fidelity"]["svd_ranks"][j] for i in range(len(pop))]
+        )
         assert ours[pop.names[0]]["svd"]["enc.bias"] == ours[pop.names[0]]["mean"]["enc.bias"] > 0
 
 
@@ -465,9 +472,9 @@ def test_tensor_rows(bundles: dict[str, Path], pop: Population, key: str) -> Non
         eig, _ = spectrum(ws, mean, rec["scheme"], rec.get("side"))
         assert t.variance == pytest.approx(float(eig.sum()), rel=RECORDED)
         # (the smallest eigenvalues move by ~1e-8 with the float32 rounding of the mean)
-        assert t.spectrum == pytest.approx(list(eig[:len(t.spectrum)]), rel=RECORDED, abs=1e-6 * eig[0])
+        assert t.spectrum == pytest.approx(list(eig[: len(t.spectrum)]), rel=RECORDED, abs=1e-6 * eig[0])
         assert len(t.spectrum) == min(len(eig), 128)
-        assert t.energy == pytest.approx(float(eig[:t.rank].sum() / eig.sum()), abs=1e-5)
+        assert t.energy == pytest.approx(float(eig[: t.rank].sum() / eig.sum()), abs=1e-5)
         if key == "codec-none":  # mean + basis + every member's coefficients, all float32 and uncoded
             if rec["scheme"] == "flat":
                 coef, basis = rec["rank"], rec["rank"] * math.prod(rec["shape"])
@@ -583,6 +590,7 @@ def test_delta_error_without_projected_tensors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # 4. who wins
 # ------------------------------------------------------------------------------------------
+
 
 def test_shared_structure_wins(tmp_path: Path) -> None:
     specs = {
@@ -708,8 +716,12 @@ def independent_scores(pop: Population, path: Path, fn: Any) -> dict[str, dict[s
                     u, s, vt = np.linalg.svd(d, full_matrices=False)
                     approx = mean + ((u[:, :r] * s[:r]) @ vt[:r]).reshape(w.shape)
                 svd[tname] = torch.from_numpy(approx.astype(np.float32))
-            out[name] = {"original": fn(original, name), "unipack": fn(b.load(name), name),
-                         "mean-only": fn(mean_only, name), "svd": fn(svd, name)}
+            out[name] = {
+                "original": fn(original, name),
+                "unipack": fn(b.load(name), name),
+                "mean-only": fn(mean_only, name),
+                "svd": fn(svd, name),
+            }
     return out
 
 
@@ -764,8 +776,9 @@ def test_eval_through_the_cli(tmp_path: Path, bundles: dict[str, Path], pop: Pop
     text = result.output
     assert "size by member" in text
     for name in pop.names:
-        row = next(cells(x) for x in text.splitlines() if x.startswith("│") and cells(x)[0] == name
-                   and len(cells(x)) == 5)
+        row = next(
+            cells(x) for x in text.splitlines() if x.startswith("│") and cells(x)[0] == name and len(cells(x)) == 5
+        )
         orig = mine[name]["original"]["size"]
         assert row[1] == f"{orig:.4g}"
         for cell, column in zip(row[2:], ("unipack", "mean-only", "svd")):
@@ -788,12 +801,18 @@ def test_eval_through_the_cli(tmp_path: Path, bundles: dict[str, Path], pop: Pop
 
 
 BAD_EVALS = {
-    "raises": ("def evaluate(state_dict, member_name):\n    raise ValueError('the eval broke')\n",
-               ["ValueError: the eval broke", "member 'ft0'"]),
-    "list": ("def evaluate(state_dict, member_name):\n    return [1.0]\n",
-             ["returned list, expected dict[str, float]"]),
-    "nan": ("def evaluate(state_dict, member_name):\n    return {'acc': float('nan')}\n",
-            ["metric 'acc' is nan", "finite"]),
+    "raises": (
+        "def evaluate(state_dict, member_name):\n    raise ValueError('the eval broke')\n",
+        ["ValueError: the eval broke", "member 'ft0'"],
+    ),
+    "list": (
+        "def evaluate(state_dict, member_name):\n    return [1.0]\n",
+        ["returned list, expected dict[str, float]"],
+    ),
+    "nan": (
+        "def evaluate(state_dict, member_name):\n    return {'acc': float('nan')}\n",
+        ["metric 'acc' is nan", "finite"],
+    ),
     "syntax": ("def evaluate(state_dict, member_name)\n    return {}\n", ["syntax error in", "line 1"]),
 }
 
@@ -838,6 +857,7 @@ def test_originals_not_usable(tmp_path: Path, bundles: dict[str, Path], pop: Pop
 # 6. --json carries what the terminal shows
 # ------------------------------------------------------------------------------------------
 
+
 def test_json_carries_every_number(bundles: dict[str, Path], pop: Population) -> None:
     path = bundles["raw"]
     result = run("report", path, "--json")
@@ -878,6 +898,7 @@ def test_json_carries_every_number(bundles: dict[str, Path], pop: Population) ->
 # 7. one member's tensors
 # ------------------------------------------------------------------------------------------
 
+
 def cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("│").split("│")]
 
@@ -904,9 +925,11 @@ def test_member_tensors_table(bundles: dict[str, Path], pop: Population) -> None
         assert rec["errors"][j] == pytest.approx(ours["unipack"][name], rel=1e-6, abs=1e-12)
         if t["storage"] == "shared":
             assert row[1] == "shared" and row[2] == str(t["rank"])
-            for cell, key, k, tol in ((row[4], "delta_errors", "delta", RECORDED),
-                                      (row[5], "mean_errors", "mean", RECORDED),
-                                      (row[6], "svd_errors", "svd", SVD_RTOL)):
+            for cell, key, k, tol in (
+                (row[4], "delta_errors", "delta", RECORDED),
+                (row[5], "mean_errors", "mean", RECORDED),
+                (row[6], "svd_errors", "svd", SVD_RTOL),
+            ):
                 assert cell == f"{f[key][j]:.3g}", (name, key)
                 assert f[key][j] == pytest.approx(ours[k][name], rel=tol), (name, key)
             assert row[7] == str(int(ours["rank"][name])) == str(f["svd_ranks"][j])
@@ -927,6 +950,7 @@ def test_unknown_member(bundles: dict[str, Path], pop: Population) -> None:
 # ------------------------------------------------------------------------------------------
 # 8. --png
 # ------------------------------------------------------------------------------------------
+
 
 def test_png(tmp_path: Path, bundles: dict[str, Path]) -> None:
     pytest.importorskip("matplotlib")
@@ -958,9 +982,17 @@ def _adapter_folders(root: Path, n: int = 8, r: int = 4) -> list[Path]:
             "base_model.model.head.weight": rng.standard_normal((3, 48)).astype(np.float32),
         }
         save_file(tensors, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["shared", "private"],
-             "modules_to_save": ["head"]}))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": r,
+                    "lora_alpha": 8,
+                    "target_modules": ["shared", "private"],
+                    "modules_to_save": ["head"],
+                }
+            )
+        )
         paths.append(folder)
     return paths
 

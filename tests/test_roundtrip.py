@@ -11,12 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from safetensors.torch import save_file
-
-import unipack
-
 from conftest import (
     FLOAT_TORCH,
     TensorSpec,
@@ -32,11 +26,16 @@ from conftest import (
     stored_mean,
     write_population,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 
+import unipack
 
 # ------------------------------------------------------------------------------------------
 # error budget
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("max_error", [0.05, 0.01, 0.001])
 def test_budget_met_and_errors_recorded_exactly(tmp_path: Path, max_error: float) -> None:
@@ -96,6 +95,7 @@ def test_load_matches_extract(tmp_path: Path, population) -> None:
 # raw and non-float tensors: bit-exact
 # ------------------------------------------------------------------------------------------
 
+
 def test_raw_patterns_and_mismatched_heads_are_bit_exact(tmp_path: Path) -> None:
     specs = standard_specs()
     specs["classifier.weight"] = TensorSpec((3, 12), kind="head")
@@ -144,8 +144,7 @@ def test_integer_and_bool_tensors_bit_exact(tmp_path: Path, dtype: str) -> None:
 
 
 def test_incompressible_tensor_falls_back_to_raw(tmp_path: Path) -> None:
-    specs = {"noise": TensorSpec((10, 10), kind="noise", scale=1.0),
-             "w": TensorSpec((10, 30), kind="right", rank=1)}
+    specs = {"noise": TensorSpec((10, 10), kind="noise", scale=1.0), "w": TensorSpec((10, 30), kind="right", rank=1)}
     pop = write_population(tmp_path / "in", specs, n=3, seed=4)
     out = tmp_path / "b.upk"
     unipack.merge(pop.paths, out, max_error=0.001)
@@ -159,6 +158,7 @@ def test_incompressible_tensor_falls_back_to_raw(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # dtypes
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("in_dtype,tight", [("float16", 0.001), ("bfloat16", 0.004), ("float64", 1e-5)])
 def test_low_and_high_precision_inputs_keep_their_dtype(tmp_path: Path, in_dtype: str, tight: float) -> None:
@@ -203,8 +203,9 @@ def test_mixed_float_dtypes_across_members(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("coef_dtype,blob_dtype", [("float16", "F16"), ("bfloat16", "BF16")])
 @pytest.mark.parametrize("max_error", [0.001, 0.0002])
-def test_low_precision_coefficients_meet_budget(tmp_path: Path, coef_dtype: str, blob_dtype: str,
-                                                max_error: float) -> None:
+def test_low_precision_coefficients_meet_budget(
+    tmp_path: Path, coef_dtype: str, blob_dtype: str, max_error: float
+) -> None:
     specs = standard_specs()
     pop = write_population(tmp_path / "in", specs, n=4, seed=12)
     out = tmp_path / "b.upk"
@@ -224,11 +225,12 @@ def test_low_precision_coefficients_meet_budget(tmp_path: Path, coef_dtype: str,
 # metadata, names, shapes
 # ------------------------------------------------------------------------------------------
 
+
 def test_metadata_names_shapes_dtypes_preserved(tmp_path: Path) -> None:
     specs = standard_specs()
     specs["weird/name.with:chars[0]"] = TensorSpec((4, 6), kind="right", rank=1)
     specs["scalar"] = TensorSpec((), kind="flat", rank=1)
-    metas = [{"a": "1", "json": '{"x": [1, 2]}'}, None, {}, {"only": "ünïcode ✓ \"quoted\""}]
+    metas = [{"a": "1", "json": '{"x": [1, 2]}'}, None, {}, {"only": 'ünïcode ✓ "quoted"'}]
     pop = write_population(tmp_path / "in", specs, n=4, seed=6, metadata=metas)
     out = tmp_path / "b.upk"
     unipack.merge(pop.paths, out)
@@ -263,6 +265,7 @@ def test_explicit_member_names(tmp_path: Path, population) -> None:
 # ------------------------------------------------------------------------------------------
 # rank rules
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_fixed_rank(tmp_path: Path, population, k: int) -> None:
@@ -381,6 +384,7 @@ def test_identical_members_give_rank_zero(tmp_path: Path) -> None:
 # property test: the budget always holds
 # ------------------------------------------------------------------------------------------
 
+
 @st.composite
 def populations(draw):
     ndim = draw(st.integers(1, 3))
@@ -397,14 +401,21 @@ def populations(draw):
     return shape, kind, rank, n, noise, dtype, scheme, coef, max_error, seed
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(populations())
 def test_property_budget_always_met(tmp_path_factory, params) -> None:
     shape, kind, rank, n, noise, dtype, scheme, coef, max_error, seed = params
     d = tmp_path_factory.mktemp("prop")
-    specs = {"t": TensorSpec(shape, dtype=dtype, kind=kind, rank=rank, noise=noise),
-             "u": TensorSpec((3, 4), kind="right", rank=1)}
+    specs = {
+        "t": TensorSpec(shape, dtype=dtype, kind=kind, rank=rank, noise=noise),
+        "u": TensorSpec((3, 4), kind="right", rank=1),
+    }
     pop = write_population(d, specs, n=n, seed=seed, metadata=False)
     out = d / "b.upk"
     result = unipack.merge(pop.paths, out, max_error=max_error, scheme=scheme, dtype=coef)
@@ -426,6 +437,7 @@ def test_property_budget_always_met(tmp_path_factory, params) -> None:
 # ------------------------------------------------------------------------------------------
 # low-precision coefficients out of their range
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rule", [{"rank": 1}, {"energy": 0.5}, {"max_error": 0.5}])
 def test_float16_coefficients_out_of_range(tmp_path: Path, rule: dict) -> None:

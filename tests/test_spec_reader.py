@@ -34,11 +34,20 @@ _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
 # §2.2: name -> (numpy dtype used to hold the array, size in bytes)
 _DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2),
+    "F64": ("<f8", 8),
+    "F32": ("<f4", 4),
+    "F16": ("<f2", 2),
     "BF16": ("<u2", 2),  # held as its 16-bit pattern
-    "F8_E4M3": ("u1", 1), "F8_E5M2": ("u1", 1),  # held as 8-bit patterns
-    "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
-    "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1),
+    "F8_E4M3": ("u1", 1),
+    "F8_E5M2": ("u1", 1),  # held as 8-bit patterns
+    "I64": ("<i8", 8),
+    "I32": ("<i4", 4),
+    "I16": ("<i2", 2),
+    "I8": ("i1", 1),
+    "U64": ("<u8", 8),
+    "U32": ("<u4", 4),
+    "U16": ("<u2", 2),
+    "U8": ("u1", 1),
     "BOOL": ("u1", 1),  # converted to numpy bool after checking 0/1
 }
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -138,8 +147,9 @@ def _factor_keys(module: str) -> tuple[str, str]:
     return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
 
 
-def _lora_factors(u: np.ndarray | None, core: np.ndarray | None, v: np.ndarray | None,
-                  r: int, s: float, out_dim: int, in_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _lora_factors(
+    u: np.ndarray | None, core: np.ndarray | None, v: np.ndarray | None, r: int, s: float, out_dim: int, in_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
     """§7.2 steps 1-3: float64 factors A' (r x in), B' (out x r) of a subspace update U C V^T,
     such that s * B' A' = U C V^T (before rounding). ``core`` is None when k_out * k_in = 0."""
     a = np.zeros((r, in_dim))
@@ -149,7 +159,7 @@ def _lora_factors(u: np.ndarray | None, core: np.ndarray | None, v: np.ndarray |
     k_out, k_in = core.shape
     # Step 1: the thin SVD C = X Sigma Y^T; keep q = min(r, #{sigma_j > sigma_1 max(k_out, k_in) 2^-52}).
     x, sigma, yt = np.linalg.svd(core, full_matrices=False)
-    tol = sigma[0] * max(k_out, k_in) * 2.0 ** -52
+    tol = sigma[0] * max(k_out, k_in) * 2.0**-52
     q = min(r, int(np.count_nonzero(sigma > tol)))
     x, sigma, yt = x[:, :q], sigma[:q], yt[:q, :]
     # Step 2: each kept column of X has its largest-magnitude entry (the first on a tie) positive.
@@ -197,18 +207,22 @@ class SpecBundle:
 
         meta = header.pop("__metadata__", None)
         _need(isinstance(meta, dict), "header has no __metadata__ object")
-        _need(set(meta) == {"format", "format_version", "manifest", "manifest_sha256"},
-              f"__metadata__ must have exactly format, format_version, manifest, manifest_sha256; "
-              f"got {sorted(meta)}")
+        _need(
+            set(meta) == {"format", "format_version", "manifest", "manifest_sha256"},
+            f"__metadata__ must have exactly format, format_version, manifest, manifest_sha256; got {sorted(meta)}",
+        )
         _need(all(isinstance(v, str) for v in meta.values()), "__metadata__ values must be strings")
         _need(meta["format"] == "unipack.upk", f"format is {meta['format']!r}, not 'unipack.upk'")
-        _need(re.fullmatch(r"[0-9]+", meta["format_version"]) is not None,
-              f"format_version {meta['format_version']!r} is not a decimal string")
+        _need(
+            re.fullmatch(r"[0-9]+", meta["format_version"]) is not None,
+            f"format_version {meta['format_version']!r} is not a decimal string",
+        )
         version = int(meta["format_version"])
         if version not in SUPPORTED_VERSIONS:
             raise SpecVersionError(
                 f"file has format version {version}; this reader supports version(s) "
-                f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
+            )
         self.version = version
         self.meta = meta
 
@@ -220,13 +234,18 @@ class SpecBundle:
             dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
             _need(dtype in _DTYPES, f"blob {name!r}: unknown dtype {dtype!r}")
             _need(_shape_ok(shape), f"blob {name!r}: bad shape {shape!r}")
-            _need(isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs),
-                  f"blob {name!r}: bad data_offsets {offs!r}")
+            _need(
+                isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs),
+                f"blob {name!r}: bad data_offsets {offs!r}",
+            )
             b, e = offs
-            _need(0 <= b <= e <= self.data_len,
-                  f"blob {name!r}: offsets {offs} outside the data section ({self.data_len} bytes)")
-            _need(e - b == _prod(shape) * _DTYPES[dtype][1],
-                  f"blob {name!r}: {e - b} bytes for shape {shape} of {dtype}")
+            _need(
+                0 <= b <= e <= self.data_len,
+                f"blob {name!r}: offsets {offs} outside the data section ({self.data_len} bytes)",
+            )
+            _need(
+                e - b == _prod(shape) * _DTYPES[dtype][1], f"blob {name!r}: {e - b} bytes for shape {shape} of {dtype}"
+            )
             self.entries[name] = {"dtype": dtype, "shape": shape, "begin": b, "end": e}
             ranges.append((b, e, name))
         cursor = 0
@@ -241,24 +260,29 @@ class SpecBundle:
         text = self.meta["manifest"]
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         if digest != self.meta["manifest_sha256"]:
-            raise SpecChecksumError(f"manifest sha256 mismatch: recorded {self.meta['manifest_sha256']}, "
-                                    f"computed {digest}")
+            raise SpecChecksumError(
+                f"manifest sha256 mismatch: recorded {self.meta['manifest_sha256']}, computed {digest}"
+            )
         m = _strict_json(text, "manifest")
         _need(isinstance(m, dict), "manifest is not a JSON object")
         _need(m.get("format") == "unipack.upk", "manifest format is not 'unipack.upk'")
         mv = m.get("format_version")
         _need(_is_int(mv), f"manifest format_version {mv!r} is not an integer")
         if mv not in SUPPORTED_VERSIONS:
-            raise SpecVersionError(f"file has format version {mv}; this reader supports version(s) "
-                                   f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+            raise SpecVersionError(
+                f"file has format version {mv}; this reader supports version(s) "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
+            )
         _need(mv == self.version, f"format_version differs: header {self.version}, manifest {mv}")
         self.manifest = m
 
         # Blob records (§3.1) against the header entries (§3.5: the same set).
         blobs = m.get("blobs")
         _need(isinstance(blobs, dict), "manifest blobs is not an object")
-        _need(set(blobs) == set(self.entries),
-              f"blobs in header and manifest differ: {sorted(set(blobs) ^ set(self.entries))}")
+        _need(
+            set(blobs) == set(self.entries),
+            f"blobs in header and manifest differ: {sorted(set(blobs) ^ set(self.entries))}",
+        )
         for name, rec in blobs.items():
             _need(isinstance(rec, dict), f"blob record {name!r} is not an object")
             dtype, shape, codec = rec.get("dtype"), rec.get("shape"), rec.get("codec")
@@ -266,16 +290,22 @@ class SpecBundle:
             _need(_shape_ok(shape), f"blob record {name!r}: bad shape")
             _need(codec in ("none", "zstd"), f"blob record {name!r}: unknown codec {codec!r}")
             _need(isinstance(rec.get("shuffle"), bool), f"blob record {name!r}: shuffle is not a bool")
-            _need(isinstance(rec.get("sha256"), str) and _HEX64.fullmatch(rec["sha256"]) is not None,
-                  f"blob record {name!r}: sha256 is not 64 lowercase hex digits")
+            _need(
+                isinstance(rec.get("sha256"), str) and _HEX64.fullmatch(rec["sha256"]) is not None,
+                f"blob record {name!r}: sha256 is not 64 lowercase hex digits",
+            )
             entry = self.entries[name]
             if codec == "none":
-                _need(entry["dtype"] == dtype and entry["shape"] == shape,
-                      f"blob {name!r}: codec none but header says {entry['dtype']} {entry['shape']}")
+                _need(
+                    entry["dtype"] == dtype and entry["shape"] == shape,
+                    f"blob {name!r}: codec none but header says {entry['dtype']} {entry['shape']}",
+                )
                 _need(rec["shuffle"] is False, f"blob {name!r}: shuffle with codec none")
             else:
-                _need(entry["dtype"] == "U8" and entry["shape"] == [entry["end"] - entry["begin"]],
-                      f"blob {name!r}: a zstd blob must be U8 of its stored length")
+                _need(
+                    entry["dtype"] == "U8" and entry["shape"] == [entry["end"] - entry["begin"]],
+                    f"blob {name!r}: a zstd blob must be U8 of its stored length",
+                )
                 if _DTYPES[dtype][1] == 1:
                     _need(rec["shuffle"] is False, f"blob {name!r}: shuffle with a 1-byte dtype")
         self.blobs = blobs
@@ -287,8 +317,9 @@ class SpecBundle:
         _need(isinstance(members, list) and members, "manifest members is not a non-empty list")
         used: dict[str, str] = {}
 
-        def use(blob: Any, why: str, dtype: str | None = None, shape: list[int] | None = None,
-                float_ok: bool = False) -> None:
+        def use(
+            blob: Any, why: str, dtype: str | None = None, shape: list[int] | None = None, float_ok: bool = False
+        ) -> None:
             _need(isinstance(blob, str), f"{why}: blob name is not a string")
             _need(blob in blobs, f"{why}: blob {blob!r} does not exist")
             _need(blob not in used, f"blob {blob!r} used twice ({used.get(blob)}; {why})")
@@ -303,15 +334,25 @@ class SpecBundle:
 
         names: set[str] = set()
         # §3.2 / §7.1: basis blobs, and the U / V blobs of subspace modules, share the coefficient dtype.
-        coef_dtypes = {blobs[t[key]]["dtype"] for t in tensors if isinstance(t, dict)
-                       for key in (("basis",) if t.get("storage") == "shared" else
-                                   ("left", "right") if t.get("storage") == "lora" and t.get("form") == "subspace"
-                                   else ())
-                       if isinstance(t.get(key), str) and t[key] in blobs}
+        coef_dtypes = {
+            blobs[t[key]]["dtype"]
+            for t in tensors
+            if isinstance(t, dict)
+            for key in (
+                ("basis",)
+                if t.get("storage") == "shared"
+                else ("left", "right")
+                if t.get("storage") == "lora" and t.get("form") == "subspace"
+                else ()
+            )
+            if isinstance(t.get(key), str) and t[key] in blobs
+        }
         _need(len(coef_dtypes) <= 1, f"basis / U / V blobs have different dtypes: {sorted(coef_dtypes)}")
         self.coef_dtype = coef_dtypes.pop() if coef_dtypes else None
-        _need(self.coef_dtype is None or self.coef_dtype in _COEF_DTYPES,
-              f"coefficient dtype {self.coef_dtype} is not F32, F16 or BF16")
+        _need(
+            self.coef_dtype is None or self.coef_dtype in _COEF_DTYPES,
+            f"coefficient dtype {self.coef_dtype} is not F32, F16 or BF16",
+        )
         self.coef_layout: dict[str, tuple[int, list[int]]] = {}  # shared name -> (offset, C shape)
         self.core_shapes: dict[str, list[int]] = {}  # subspace module with k_out k_in > 0 -> [k_out, k_in]
         self.lora_modules: dict[str, dict[str, Any]] = {}  # §7.1: name -> lora record
@@ -329,21 +370,29 @@ class SpecBundle:
             _need(_shape_ok(shape) or (shape is None and storage == "raw"), f"{name}: bad shape {shape!r}")
             if storage == "lora":
                 # §7, §7.3: lora records only in version 2.
-                _need(self.version >= 2, f"{name}: a lora record in a format version {self.version} bundle "
-                                         f"(lora storage needs version 2)")
+                _need(
+                    self.version >= 2,
+                    f"{name}: a lora record in a format version {self.version} bundle (lora storage needs version 2)",
+                )
                 _need(dtype in _FLOAT_DTYPES, f"{name}: lora module with non-float dtype {dtype}")
-                _need(len(shape) == 2 and all(d > 0 for d in shape),
-                      f"{name}: a lora module's shape must be [out, in] with no zero, got {shape}")
+                _need(
+                    len(shape) == 2 and all(d > 0 for d in shape),
+                    f"{name}: a lora module's shape must be [out, in] with no zero, got {shape}",
+                )
                 out_dim, in_dim = shape
                 form = t.get("form")
                 _need(form in ("subspace", "factors"), f"{name}: unknown lora form {form!r}")
                 if form == "subspace":
                     ranks = t.get("ranks")
-                    _need(isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(k) for k in ranks),
-                          f"{name}: ranks {ranks!r} is not [k_out, k_in]")
+                    _need(
+                        isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(k) for k in ranks),
+                        f"{name}: ranks {ranks!r} is not [k_out, k_in]",
+                    )
                     k_out, k_in = ranks
-                    _need(0 <= k_out <= out_dim and 0 <= k_in <= in_dim,
-                          f"{name}: ranks {ranks} outside the shape {shape}")
+                    _need(
+                        0 <= k_out <= out_dim and 0 <= k_in <= in_dim,
+                        f"{name}: ranks {ranks} outside the shape {shape}",
+                    )
                     for key, k, blob_shape in (("left", k_out, [out_dim, k_out]), ("right", k_in, [in_dim, k_in])):
                         if k == 0:
                             _need(t.get(key) is None, f"{name}: {key} blob with a zero rank")
@@ -395,23 +444,33 @@ class SpecBundle:
         for i, mem in enumerate(members):
             _need(isinstance(mem, dict), f"member {i} is not an object")
             mname = mem.get("name")
-            _need(isinstance(mname, str) and 1 <= len(mname) <= 255 and not mname.startswith(".")
-                  and not any(c in mname for c in "/\\")
-                  and not any(unicodedata.category(c) == "Cc" for c in mname),
-                  f"member {i}: invalid name {mname!r}")
+            _need(
+                isinstance(mname, str)
+                and 1 <= len(mname) <= 255
+                and not mname.startswith(".")
+                and not any(c in mname for c in "/\\")
+                and not any(unicodedata.category(c) == "Cc" for c in mname),
+                f"member {i}: invalid name {mname!r}",
+            )
             _need(mname not in member_names, f"duplicate member name {mname!r}")
             member_names.add(mname)
             _need(isinstance(mem.get("source"), str), f"member {mname}: source is not a string")
             _need(_is_int(mem.get("source_bytes")) and mem["source_bytes"] >= 0, f"member {mname}: bad source_bytes")
             md = mem.get("metadata")
-            _need(md is None or (isinstance(md, dict) and all(isinstance(v, str) for v in md.values())),
-                  f"member {mname}: metadata is not null or a string->string object")
+            _need(
+                md is None or (isinstance(md, dict) and all(isinstance(v, str) for v in md.values())),
+                f"member {mname}: metadata is not null or a string->string object",
+            )
             dts = mem.get("dtypes")
-            _need(isinstance(dts, dict) and all(k in by_name and v in _DTYPES for k, v in dts.items()),
-                  f"member {mname}: bad dtypes map")
+            _need(
+                isinstance(dts, dict) and all(k in by_name and v in _DTYPES for k, v in dts.items()),
+                f"member {mname}: bad dtypes map",
+            )
             errs = mem.get("errors")
-            _need(isinstance(errs, list) and len(errs) == len(tensors) and all(_is_number(e) and e >= 0 for e in errs),
-                  f"member {mname}: errors must be one non-negative number per tensor")
+            _need(
+                isinstance(errs, list) and len(errs) == len(tensors) and all(_is_number(e) and e >= 0 for e in errs),
+                f"member {mname}: errors must be one non-negative number per tensor",
+            )
             # §3.3 / §7.3: the lora map names lora modules, each with [r >= 1 (int), finite s].
             lora = mem.get("lora")
             lora = {} if lora is None else lora
@@ -433,13 +492,19 @@ class SpecBundle:
                         _need(key not in by_name, f"{mname}: factor key {key!r} is also a tensor name")
                         factor_keys[key] = mod
             _need(isinstance(raw, dict), f"member {mname}: raw map is not an object")
-            _need(not (set(raw) & set(self.lora_modules)),
-                  f"member {mname}: raw map names lora module(s) {sorted(set(raw) & set(self.lora_modules))}")
-            _need(set(raw_names) <= set(raw) <= set(by_name) | set(factor_keys),
-                  f"member {mname}: raw map must name every raw tensor and only known tensors "
-                  f"(or the factor keys of factors modules it touches)")
-            _need(set(factor_keys) <= set(raw),
-                  f"member {mname}: factor blobs missing for {sorted(set(factor_keys) - set(raw))}")
+            _need(
+                not (set(raw) & set(self.lora_modules)),
+                f"member {mname}: raw map names lora module(s) {sorted(set(raw) & set(self.lora_modules))}",
+            )
+            _need(
+                set(raw_names) <= set(raw) <= set(by_name) | set(factor_keys),
+                f"member {mname}: raw map must name every raw tensor and only known tensors "
+                f"(or the factor keys of factors modules it touches)",
+            )
+            _need(
+                set(factor_keys) <= set(raw),
+                f"member {mname}: factor blobs missing for {sorted(set(factor_keys) - set(raw))}",
+            )
             for tname, t in by_name.items():
                 mdt = dts.get(tname, t["dtype"])
                 if t["storage"] == "lora":
@@ -455,8 +520,10 @@ class SpecBundle:
                 elif t["storage"] == "exact":
                     _need(mdt == t["dtype"], f"{mname}: exact tensor {tname} with member dtype {mdt}")
                 else:
-                    _need(t["storage"] == "raw" or mdt in _FLOAT_DTYPES,
-                          f"{mname}: shared tensor {tname} with dtype {mdt}")
+                    _need(
+                        t["storage"] == "raw" or mdt in _FLOAT_DTYPES,
+                        f"{mname}: shared tensor {tname} with dtype {mdt}",
+                    )
             # The member's own coefficient layout (§3.3, §7.1), in tensors order: the C of each shared
             # rank>0 tensor it does not override, and the core of each subspace module with
             # k_out k_in > 0 that it touches.
@@ -505,12 +572,13 @@ class SpecBundle:
                 content_size = zstandard.get_frame_parameters(stored).content_size
             except zstandard.ZstdError as exc:
                 raise SpecFormatError(f"blob {name!r}: not a zstd frame ({exc})") from None
-            _need(content_size not in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR),
-                  f"blob {name!r}: zstd frame does not declare its content size")
+            _need(
+                content_size not in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR),
+                f"blob {name!r}: zstd frame does not declare its content size",
+            )
             _need(content_size == logical, f"blob {name!r}: frame declares {content_size} bytes, expected {logical}")
             try:
-                data = zstandard.ZstdDecompressor().decompress(
-                    stored, max_output_size=logical, allow_extra_data=False)
+                data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=logical, allow_extra_data=False)
             except zstandard.ZstdError as exc:
                 raise SpecFormatError(f"blob {name!r}: bad zstd frame ({exc})") from None
             _need(len(data) == logical, f"blob {name!r}: decompressed to {len(data)} bytes, expected {logical}")
@@ -564,7 +632,7 @@ class SpecBundle:
             else:
                 basis = _widen(self.decode_blob(t["basis"]), self.coef_dtype)
                 off, c_shape = self.member_layout[member][name]
-                c = coef[off:off + _prod(c_shape)].reshape(c_shape)
+                c = coef[off : off + _prod(c_shape)].reshape(c_shape)
                 if t["scheme"] == "flat":
                     w = mean + (c @ basis).reshape(shape)
                 else:
@@ -576,16 +644,16 @@ class SpecBundle:
             out[name] = (mdt, _round_to(w, mdt))
         return out
 
-
-    def _subspace_parts(self, member: str, t: dict[str, Any], coef: np.ndarray | None
-                        ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    def _subspace_parts(
+        self, member: str, t: dict[str, Any], coef: np.ndarray | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """U, the member's core C and V of a subspace module (float64), or Nones when k_out k_in = 0."""
         name = t["name"]
         if name not in self.core_shapes:
             return None, None, None
         off, c_shape = self.member_layout[member][name]
         assert coef is not None
-        core = coef[off:off + _prod(c_shape)].reshape(c_shape)
+        core = coef[off : off + _prod(c_shape)].reshape(c_shape)
         u = _widen(self.decode_blob(t["left"]), self.coef_dtype)
         v = _widen(self.decode_blob(t["right"]), self.coef_dtype)
         return u, core, v
@@ -628,13 +696,23 @@ def _read_member(path: str | Path, member_name: str) -> dict[str, tuple[str, np.
 # ======================================================================================
 
 import torch  # noqa: E402
-from safetensors.torch import load_file as _st_load, save_file as _st_save  # noqa: E402
+from safetensors.torch import load_file as _st_load  # noqa: E402
+from safetensors.torch import save_file as _st_save  # noqa: E402
 
 import unipack  # noqa: E402
 
-_TORCH_TO_SPEC = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                  torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                  torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_TO_SPEC = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _SPEC_TO_TORCH = {v: k for k, v in _TORCH_TO_SPEC.items()}
 N_MEMBERS = 5
 
@@ -648,13 +726,13 @@ def _population(tmp: Path, dtypes: list[str], seed: int = 0) -> list[Path]:
     """
     rng = np.random.default_rng(seed)
     shapes = {
-        "blocks.0.wide.weight": (16, 96),      # wide: rows, side right
-        "blocks.0.tall.weight": (96, 16),      # tall: rows, side left
-        "blocks.0.mix.weight": (24, 24),       # full-rank task vectors: flat
+        "blocks.0.wide.weight": (16, 96),  # wide: rows, side right
+        "blocks.0.tall.weight": (96, 16),  # tall: rows, side left
+        "blocks.0.mix.weight": (24, 24),  # full-rank task vectors: flat
         "blocks.0.conv.weight": (8, 4, 3, 3),  # 4-D conv kernel
-        "blocks.0.wide.bias": (64,),           # 1-D: flat
-        "blocks.0.norm.weight": (96,),         # 1-D norm: flat
-        "blocks.0.norm.bias": (96,),           # 1-D, unchanged but for tiny noise: rank 0
+        "blocks.0.wide.bias": (64,),  # 1-D: flat
+        "blocks.0.norm.weight": (96,),  # 1-D norm: flat
+        "blocks.0.norm.bias": (96,),  # 1-D, unchanged but for tiny noise: rank 0
     }
     base = {k: rng.standard_normal(s) * 0.5 for k, s in shapes.items()}
     base["blocks.0.norm.weight"] = 1.0 + rng.standard_normal(96) * 0.02
@@ -662,8 +740,9 @@ def _population(tmp: Path, dtypes: list[str], seed: int = 0) -> list[Path]:
     for k, s in shapes.items():
         if len(s) >= 2 and k != "blocks.0.mix.weight":
             m, n = s[0], math.prod(s[1:])
-            tasks[k] = [(rng.standard_normal((m, 2)) @ rng.standard_normal((2, n)) / np.sqrt(n)).reshape(s)
-                        for _ in range(2)]
+            tasks[k] = [
+                (rng.standard_normal((m, 2)) @ rng.standard_normal((2, n)) / np.sqrt(n)).reshape(s) for _ in range(2)
+            ]
         else:
             tasks[k] = [rng.standard_normal(s) * 0.3 for _ in range(2)]
     tasks["blocks.0.norm.bias"] = [np.zeros(96), np.zeros(96)]
@@ -671,14 +750,13 @@ def _population(tmp: Path, dtypes: list[str], seed: int = 0) -> list[Path]:
     paths = []
     for i, dt in enumerate(dtypes):
         a, b = rng.standard_normal(2) * 0.3
-        sd = {k: base[k] + a * t1 + b * t2 + rng.standard_normal(base[k].shape) * 1e-5
-              for k, (t1, t2) in tasks.items()}
+        sd = {k: base[k] + a * t1 + b * t2 + rng.standard_normal(base[k].shape) * 1e-5 for k, (t1, t2) in tasks.items()}
         heads = 2 + i % 3  # task heads whose shape differs by member
         sd["classifier.weight"] = rng.standard_normal((heads, 16)) * 0.2
         sd["classifier.bias"] = rng.standard_normal(heads) * 0.1
         sd["adapter.gate.weight"] = base["blocks.0.wide.weight"][:8, :8] + 1e-3 * rng.standard_normal((8, 8))
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(_SPEC_TO_TORCH[dt]) for k, v in sd.items()}
-        tensors["embeddings.position_ids"] = torch.from_numpy(position_ids.copy())   # identical: exact
+        tensors["embeddings.position_ids"] = torch.from_numpy(position_ids.copy())  # identical: exact
         tensors["bn.num_batches_tracked"] = torch.tensor(100 * i + 7, dtype=torch.int64)  # differs: raw
         path = tmp / f"m{i}.safetensors"
         _st_save(tensors, str(path), metadata={"member": f"m{i}", "dtype": dt})
@@ -727,10 +805,13 @@ def _as_f64(arr: np.ndarray, dtype: str) -> np.ndarray:
 def _ordered(arr: np.ndarray) -> np.ndarray:
     """Float bit patterns mapped to integers whose difference counts units in the last place."""
     nbits = arr.dtype.itemsize * 8
-    bits = arr.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize]).astype(np.int64) \
-        if nbits < 64 else arr.view(np.int64)
+    bits = (
+        arr.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize]).astype(np.int64)
+        if nbits < 64
+        else arr.view(np.int64)
+    )
     if nbits == 64:
-        return np.where(bits < 0, np.int64(-(2 ** 63)) - bits, bits)
+        return np.where(bits < 0, np.int64(-(2**63)) - bits, bits)
     sign = (bits >> (nbits - 1)) & 1
     mag = bits & ((1 << (nbits - 1)) - 1)
     return np.where(sign == 1, -mag, mag)
@@ -918,13 +999,21 @@ def test_bundle_is_valid_safetensors(bundles):
 # ---------------------------------------------------------------- structural rules (§2.1, §5)
 
 
-def _rewrite(src: Path, dst: Path, edit_header=None, edit_manifest=None, tail: bytes = b"",
-             header_text=None, resign: bool = True, length_prefix=None) -> None:
+def _rewrite(
+    src: Path,
+    dst: Path,
+    edit_header=None,
+    edit_manifest=None,
+    tail: bytes = b"",
+    header_text=None,
+    resign: bool = True,
+    length_prefix=None,
+) -> None:
     """Re-serialise ``src`` with a modified header and/or manifest."""
     data = src.read_bytes()
     (h,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + h])
-    body = data[8 + h:]
+    header = json.loads(data[8 : 8 + h])
+    body = data[8 + h :]
     if edit_manifest is not None:
         manifest = json.loads(header["__metadata__"]["manifest"])
         edit_manifest(manifest)
@@ -990,8 +1079,9 @@ _MALFORMED = {
     "past-the-end": dict(edit_header=_shift_last),
     "gap": dict(edit_header=_shift_last, tail=b"\0"),
     "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
-    "version-3": dict(edit_manifest=_set_version,
-                      edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "3")),
+    "version-3": dict(
+        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "3")
+    ),
     "versions-disagree": dict(edit_manifest=_set_version),
     "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
     "overlap": dict(edit_header=_overlap),
@@ -1043,7 +1133,7 @@ def test_writer_layout_conventions(bundles):
         data = path.read_bytes()
         (h,) = struct.unpack("<Q", data[:8])
         assert (8 + h) % 8 == 0
-        assert data[8:8 + 38] == b'{"__metadata__":{"format":"unipack.upk"'[:38]
+        assert data[8 : 8 + 38] == b'{"__metadata__":{"format":"unipack.upk"'[:38]
 
 
 def test_codec_none_needs_no_zstandard(bundles, monkeypatch):
@@ -1064,8 +1154,12 @@ def test_low_precision_members_have_shared_tensors(bundles, variant):
     path, _ = bundles[variant]
     sb = SpecBundle(path)
     want = "BF16" if variant == "members-bf16" else "F16"
-    hits = [(m["name"], t["name"]) for m in sb.manifest["members"] for t in sb.tensors
-            if t["storage"] == "shared" and t["rank"] > 0 and m["dtypes"].get(t["name"], t["dtype"]) == want]
+    hits = [
+        (m["name"], t["name"])
+        for m in sb.manifest["members"]
+        for t in sb.tensors
+        if t["storage"] == "shared" and t["rank"] > 0 and m["dtypes"].get(t["name"], t["dtype"]) == want
+    ]
     assert hits
 
 
@@ -1138,8 +1232,13 @@ def test_reader_follows_overrides_of_an_added_member(tmp_path):
     family = paths[-1]  # same generator: most tensors project within budget
     stranger = tmp_path / "stranger.safetensors"  # unrelated values: the bases cannot hold it
     rng = np.random.default_rng(7)
-    _st_save({name: (torch.from_numpy(rng.standard_normal(tuple(t.shape))).to(t.dtype) if t.is_floating_point()
-                     else t) for name, t in _st_load(str(family)).items()}, str(stranger))
+    _st_save(
+        {
+            name: (torch.from_numpy(rng.standard_normal(tuple(t.shape))).to(t.dtype) if t.is_floating_point() else t)
+            for name, t in _st_load(str(family)).items()
+        },
+        str(stranger),
+    )
     unipack.add(bundle, family, name="family")
     unipack.add(bundle, stranger, name="stranger")
     sb = SpecBundle(bundle)
@@ -1166,8 +1265,15 @@ _LORA_TOL = {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3}  # relative rounding of a d
 _PREFIX = "base_model.model."
 
 
-def _write_adapter(d: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], r: int, alpha: float,
-                   dtype: torch.dtype = torch.float32, head: np.ndarray | None = None, **config: Any) -> Path:
+def _write_adapter(
+    d: Path,
+    factors: dict[str, tuple[np.ndarray, np.ndarray]],
+    r: int,
+    alpha: float,
+    dtype: torch.dtype = torch.float32,
+    head: np.ndarray | None = None,
+    **config: Any,
+) -> Path:
     """A PEFT LoRA folder by hand: ``factors`` maps a module path (``layers.0.q``) to (A, B)."""
     d.mkdir(parents=True, exist_ok=True)
     sd = {}
@@ -1177,11 +1283,22 @@ def _write_adapter(d: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], r
     if head is not None:
         sd[f"{_PREFIX}head.weight"] = torch.from_numpy(head).to(dtype)
     _st_save(sd, str(d / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
-           "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}), "use_rslora": False,
-           "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": ["head"] if head is not None else None,
-           "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "base_model_name_or_path": None,
-           "task_type": None, "init_lora_weights": True}
+    cfg = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": ["head"] if head is not None else None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "base_model_name_or_path": None,
+        "task_type": None,
+        "init_lora_weights": True,
+    }
     cfg.update(config)
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     return d
@@ -1204,8 +1321,9 @@ def _expected_rs(cfg: dict[str, Any], module: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
-def _low_rank_factors(rng: np.random.Generator, p: np.ndarray, q: np.ndarray, r: int,
-                      noise: float) -> tuple[np.ndarray, np.ndarray]:
+def _low_rank_factors(
+    rng: np.random.Generator, p: np.ndarray, q: np.ndarray, r: int, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A (r x in), B (out x r) whose update B A has its columns in span(p) and rows in span(q) (+ noise on B)."""
     b = p @ rng.standard_normal((p.shape[1], r)) + noise * rng.standard_normal((p.shape[0], r))
     a = rng.standard_normal((r, q.shape[1])) @ q.T / np.sqrt(q.shape[0])
@@ -1226,8 +1344,9 @@ def _subspace_population(tmp: Path, dtype: torch.dtype = torch.float32, n: int =
     dirs = []
     for i in range(n):
         factors = {m: _low_rank_factors(rng, *spaces[m], 8, 1e-4) for m in ("layers.0.q", "layers.0.v", "layers.1.fc")}
-        dirs.append(_write_adapter(tmp / f"sub{i}", factors, 8, 16, dtype=dtype,
-                                   head=rng.standard_normal((3, 32)) * 0.1))
+        dirs.append(
+            _write_adapter(tmp / f"sub{i}", factors, 8, 16, dtype=dtype, head=rng.standard_normal((3, 32)) * 0.1)
+        )
     return dirs
 
 
@@ -1247,16 +1366,39 @@ def _mixed_population(tmp: Path, seed: int = 11) -> list[Path]:
         return rng.standard_normal((3, 32)) * 0.1
 
     return [
-        _write_adapter(tmp / "mix0", {m: fac(m, 8) for m in ("layers.0.q", "layers.0.v", "layers.1.fc", "layers.1.o")},
-                       8, 16, head=head()),
+        _write_adapter(
+            tmp / "mix0",
+            {m: fac(m, 8) for m in ("layers.0.q", "layers.0.v", "layers.1.fc", "layers.1.o")},
+            8,
+            16,
+            head=head(),
+        ),
         _write_adapter(tmp / "mix1", {"layers.0.q": fac("layers.0.q", 4)}, 4, 8, head=head()),
-        _write_adapter(tmp / "mix2", {"layers.0.v": fac("layers.0.v", 6), "layers.1.fc": fac("layers.1.fc", 2),
-                                      "layers.1.o": fac("layers.1.o", 6)},
-                       6, 12, head=head(), rank_pattern={"fc": 2}, alpha_pattern={"fc": 3}),
-        _write_adapter(tmp / "mix3", {"layers.0.q": fac("layers.0.q", 4), "layers.1.fc": fac("layers.1.fc", 4)},
-                       4, 4, dtype=torch.float16, head=head(), use_rslora=True),
-        _write_adapter(tmp / "mix4", {"layers.0.q": fac("layers.0.q", 2), "layers.0.v": fac("layers.0.v", 2)},
-                       2, -4, head=head()),
+        _write_adapter(
+            tmp / "mix2",
+            {
+                "layers.0.v": fac("layers.0.v", 6),
+                "layers.1.fc": fac("layers.1.fc", 2),
+                "layers.1.o": fac("layers.1.o", 6),
+            },
+            6,
+            12,
+            head=head(),
+            rank_pattern={"fc": 2},
+            alpha_pattern={"fc": 3},
+        ),
+        _write_adapter(
+            tmp / "mix3",
+            {"layers.0.q": fac("layers.0.q", 4), "layers.1.fc": fac("layers.1.fc", 4)},
+            4,
+            4,
+            dtype=torch.float16,
+            head=head(),
+            use_rslora=True,
+        ),
+        _write_adapter(
+            tmp / "mix4", {"layers.0.q": fac("layers.0.q", 2), "layers.0.v": fac("layers.0.v", 2)}, 2, -4, head=head()
+        ),
     ]
 
 
@@ -1281,8 +1423,14 @@ def _peft_population(tmp: Path, n: int = 4) -> list[Path]:
     dirs = []
     for i in range(n):
         torch.manual_seed(100 + i)
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "fc"], modules_to_save=["head"],
-                            init_lora_weights=False, use_rslora=(i == 1))
+        config = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q", "fc"],
+            modules_to_save=["head"],
+            init_lora_weights=False,
+            use_rslora=(i == 1),
+        )
         model = get_peft_model(Tiny(), config)
         a, b = _low_rank_factors(rng, p, q, 8, 0.0)
         with torch.no_grad():
@@ -1381,7 +1529,7 @@ def test_lora_reader_matches_unipack_and_adapters(lora_bundles, variant):
         assert list(mine) == list(theirs), member
         assert set(mine) == set(orig), (member, sorted(set(mine) ^ set(orig)))
         touched = mem.get("lora") or {}
-        assert set(touched) == {k[:-len(".lora_A.weight")] for k in orig if k.endswith(".lora_A.weight")}
+        assert set(touched) == {k[: -len(".lora_A.weight")] for k in orig if k.endswith(".lora_A.weight")}
         for mod, (r, s) in touched.items():
             er, es = _expected_rs(cfg, mod)
             assert r == er and s == pytest.approx(es, rel=1e-12), (member, mod, (r, s), (er, es))
@@ -1459,7 +1607,7 @@ def test_lora_fidelity_numbers(lora_bundles, variant):
             eig = np.sort(np.linalg.eigvalsh(sum(x @ x.T for x in touching)))[::-1][:128]
             got = t["spectrum"]
             assert len(got) <= 128 and got == sorted(got, reverse=True), mod  # empty for all-zero updates
-            assert np.allclose(got, eig[:len(got)], rtol=1e-3, atol=1e-9 * variance), mod
+            assert np.allclose(got, eig[: len(got)], rtol=1e-3, atol=1e-9 * variance), mod
     for m in names:
         fid = sb.members[m].get("fidelity")
         assert fid is not None
@@ -1482,8 +1630,10 @@ def test_lora_fidelity_numbers(lora_bundles, variant):
                 q, svd_err = r, 0.0
             else:
                 k_out, k_in = t["ranks"]
-                q = min(r, math.floor((k_out * k_in + (out_dim * k_out + in_dim * k_in) / len(touching))
-                                      / (out_dim + in_dim)))
+                q = min(
+                    r,
+                    math.floor((k_out * k_in + (out_dim * k_out + in_dim * k_in) / len(touching)) / (out_dim + in_dim)),
+                )
                 sig = np.linalg.svd(delta, compute_uv=False)
                 svd_err = math.sqrt(max(float(np.sum(sig[q:] ** 2)), 0.0)) / (norm if norm > 0 else 1.0)
             assert fid["svd_ranks"][j] == q, (m, mod, fid["svd_ranks"][j], q)
@@ -1596,8 +1746,13 @@ def _lora_mutations(sb: SpecBundle) -> dict[str, dict[str, Any]]:
             h["raw/0/module"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end + len(extra)]}
 
         def edit_manifest(m: dict) -> None:
-            m["blobs"]["raw/0/module"] = {"dtype": "F32", "shape": shape, "codec": "none", "shuffle": False,
-                                          "sha256": hashlib.sha256(extra).hexdigest()}
+            m["blobs"]["raw/0/module"] = {
+                "dtype": "F32",
+                "shape": shape,
+                "codec": "none",
+                "shuffle": False,
+                "sha256": hashlib.sha256(extra).hexdigest(),
+            }
             m["members"][0]["raw"][module] = "raw/0/module"
 
         return {"edit_header": edit_header, "edit_manifest": edit_manifest, "tail": extra}
@@ -1620,11 +1775,22 @@ def _lora_mutations(sb: SpecBundle) -> dict[str, dict[str, Any]]:
     }
 
 
-_LORA_MUTATIONS = ["version-1-with-lora", "ranks-exceed-shape", "left-blob-wrong-shape", "lora-map-rank-0",
-                   "lora-map-names-raw-tensor", "lora-map-names-unknown", "lora-map-scale-not-number",
-                   "factors-member-missing-A", "factor-blob-rank-mismatch", "core-of-untouched-module",
-                   "left-null-with-rank", "lora-non-float-dtype", "raw-map-names-factors-module",
-                   "raw-map-names-subspace-module"]
+_LORA_MUTATIONS = [
+    "version-1-with-lora",
+    "ranks-exceed-shape",
+    "left-blob-wrong-shape",
+    "lora-map-rank-0",
+    "lora-map-names-raw-tensor",
+    "lora-map-names-unknown",
+    "lora-map-scale-not-number",
+    "factors-member-missing-A",
+    "factor-blob-rank-mismatch",
+    "core-of-untouched-module",
+    "left-null-with-rank",
+    "lora-non-float-dtype",
+    "raw-map-names-factors-module",
+    "raw-map-names-subspace-module",
+]
 
 
 @pytest.mark.parametrize("case", _LORA_MUTATIONS)

@@ -6,7 +6,12 @@ and a ``Scheme`` subclass for the rest, see ``base.py``), register it with its l
 it (the spec reader in ``tests/test_spec_reader.py`` must decode it bit for bit).
 """
 
-from unipack.schemes import exact, flat, lora_factors, lora_subspace, raw, rows  # noqa: F401  (registers them)
+# isort: off
+# Registration order is the order in which the spec lists them, and in which error messages list
+# the allowed ``storage``, ``scheme`` and ``form`` values: keep it.
+from unipack.schemes import rows, flat, raw, exact, lora_subspace, lora_factors  # noqa: F401  (registers them)
+
+# isort: on
 from unipack.schemes.base import AddContext, MemberView, Scheme
 from unipack.schemes.registry import SCHEMES, is_lora, register, scheme_of
 

@@ -12,6 +12,7 @@ stores nothing per member; each scheme overrides what it does.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -101,7 +102,7 @@ class AddContext(Protocol):
         """Record the member's tensor as rebuilt from the record (and its coefficients, if any)."""
 
 
-class Scheme:
+class Scheme(ABC):
     name: str = ""  # registry name; its params class has the same ``scheme_name``
     storage: str = ""  # the manifest's "storage"
     variant: tuple[str, str] | None = None  # (field, value) telling it from the other schemes of its storage
@@ -117,14 +118,15 @@ class Scheme:
 
     # -- the manifest ----------------------------------------------------------------------------
 
+    @abstractmethod
     def parse_params(self, d: Doc, base: TensorRecord) -> StorageParams:
-        raise NotImplementedError
+        """The scheme's params from its record (``base`` carries the common fields, validated)."""
 
     # -- reading a member ------------------------------------------------------------------------
 
+    @abstractmethod
     def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         """The member's tensor(s) for record ``t``: one for a dense tensor, a LoRA module's two factors."""
-        raise NotImplementedError
 
     def member_entries(
         self, t: TensorRecord, member: MemberRecord, blobs: dict[str, BlobRecord]

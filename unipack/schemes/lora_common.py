@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -46,9 +47,9 @@ class LoraScheme(Scheme):
         spectrum = d.numbers("spectrum", optional=True)
         return {"spectrum": spectrum, "variance": d.num("variance", optional=spectrum is None)}
 
+    @abstractmethod
     def factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         """The member's factors (A, B) held as ``holder(dtype)``; it touches the module."""
-        raise NotImplementedError
 
     def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         if t.name not in view.member.lora:

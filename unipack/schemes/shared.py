@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from unipack.schemes.registry import SCHEMES
 
 
 @dataclass(frozen=True)
-class SharedParams(StorageParams):
+class SharedParams(StorageParams, ABC):
     rank: int = 0
     mean: str | None = None
     basis: str | None = None  # None at rank 0
@@ -67,28 +68,30 @@ class SharedParams(StorageParams):
         return self.coef_shape_at(tensor)
 
     # The view: defined by rows and flat.
+    @abstractmethod
     def coef_shape_at(self, tensor: TensorRecord) -> tuple[int, ...]:
-        raise NotImplementedError
+        """One member's coefficient block at the record's rank."""
 
+    @abstractmethod
     def basis_shape(self, tensor: TensorRecord) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The basis blob's shape at the record's rank."""
 
+    @abstractmethod
     def rebuild(self, tensor: TensorRecord, mean: np.ndarray, basis: np.ndarray, coef: np.ndarray) -> np.ndarray:
         """mean + the member's delta (float64, in the tensor's shape): the spec's reference arithmetic."""
-        raise NotImplementedError
 
+    @abstractmethod
     def solve(self, tensor: TensorRecord, delta: np.ndarray, basis: np.ndarray) -> np.ndarray:
         """Least-squares coefficients of ``delta`` (x - mean, float64) on the stored basis."""
-        raise NotImplementedError
 
     def svd_matrix(self, tensor: TensorRecord) -> tuple[int, int]:
         """The 2-D view the per-member SVD baseline takes (orientation does not matter to it)."""
         assert tensor.shape is not None
         return matrix_view(tensor.shape)
 
+    @abstractmethod
     def svd_values(self, tensor: TensorRecord, n_members: int) -> float:
         """The per-member SVD's budget in numbers: coefficients + 1/N of the basis."""
-        raise NotImplementedError
 
 
 def reconstruct(t: TensorRecord, mean: np.ndarray, basis: np.ndarray | None, coef: np.ndarray | None) -> np.ndarray:
@@ -164,15 +167,15 @@ class SharedScheme(Scheme):
             "variance": d.num("variance", optional=spectrum is None),
         }
 
+    @abstractmethod
     def encoded_params(
         self, enc: Encoded, mean: str, basis: str | None, spectrum: tuple[float, ...], variance: float
     ) -> SharedParams:
         """The params of a tensor the merge encoded as ``enc`` (its blobs already written)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fit(self, job: TensorJob) -> Sequence[SchemeModel]:
         """Fit the members of one tensor: the candidate models ``decompose`` chooses from."""
-        raise NotImplementedError
 
     def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         own = view.override(t)
