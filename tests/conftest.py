@@ -511,9 +511,10 @@ def bad_case(kind: str, tmp: Path) -> BadCase:
         case = _merge_case(paths, out, OutputExistsError, [str(out), "--force"])
         case.unchanged = [out]
         return case
-    if kind == "output_dir_missing":
-        target = tmp / "no" / "such" / "dir" / "x.upk"
-        case = _merge_case(paths, target, unipack.UnipackError, [str(target.parent)])
+    if kind == "output_parent_is_file":  # missing parents are created; a file in their place is refused
+        (tmp / "afile").write_bytes(b"not a directory")
+        target = tmp / "afile" / "dir" / "x.upk"
+        case = _merge_case(paths, target, unipack.UnipackError, ["cannot create directory", str(target.parent)])
         case.clean_dir = None
         return case
     if kind == "rank_and_energy":
@@ -663,7 +664,7 @@ MERGE_BAD_CASES = [
     "empty_checkpoint",
     "bundle_as_input",
     "output_exists",
-    "output_dir_missing",
+    "output_parent_is_file",
     "rank_and_energy",
     "max_error_and_rank",
     "max_error_2",

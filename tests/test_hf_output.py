@@ -457,8 +457,10 @@ def test_force_refuses_folders_it_must_not_replace(vit: HFPopulation, tmp_path: 
         (tmp_path / "link").symlink_to(nested)
         with pytest.raises(OutputExistsError, match="not a directory"):
             b.extract_hf(vit.names[0], tmp_path / "link", force=True)
-        with pytest.raises(UnipackError, match="does not exist"):
-            b.extract_hf(vit.names[0], tmp_path / "missing" / "out")
+        with pytest.raises(UnipackError, match="cannot create directory"):
+            b.extract_hf(vit.names[0], tmp_path / "file" / "out")  # a file stands where a parent must go
+        made = b.extract_hf(vit.names[0], tmp_path / "missing" / "parents" / "out")  # created like mkdir -p
+        assert made.directory.is_dir() and (made.directory / "config.json").is_file()
     cwd = tmp_path / "here"
     cwd.mkdir()
     result = run("extract", vit.bundle, "-m", vit.names[0], "--format", "hf", "-o", ".", "--force", cwd=cwd)

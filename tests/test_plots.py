@@ -116,11 +116,17 @@ def test_overwrites_an_existing_file(tmp_path: Path, report: dict[str, Any]) -> 
     check_png(out)
 
 
-def test_missing_directory_is_a_unipack_error(tmp_path: Path, report: dict[str, Any]) -> None:
+def test_missing_directories_are_created(tmp_path: Path, report: dict[str, Any]) -> None:
     out = tmp_path / "no" / "such" / "report.png"
-    with pytest.raises(UnipackError, match="does not exist; create it first"):
-        write_png(report, out)
-    assert not (tmp_path / "no").exists()
+    write_png(report, out)
+    check_png(out)
+
+
+def test_a_file_in_the_way_of_the_directory_is_a_unipack_error(tmp_path: Path, report: dict[str, Any]) -> None:
+    (tmp_path / "no").write_bytes(b"a file")
+    with pytest.raises(UnipackError, match="cannot create directory"):
+        write_png(report, tmp_path / "no" / "report.png")
+    assert (tmp_path / "no").read_bytes() == b"a file"
 
 
 def test_failed_render_leaves_no_file(tmp_path: Path, report: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,14 +49,24 @@ class InternalError(click.ClickException):
     exit_code = 3
 
 
+#: What Ctrl-C prints (exit code 130, the shell's convention for SIGINT).
+INTERRUPTED = "interrupted: nothing written (outputs are written atomically: any existing file is untouched)"
+
+
 class UnipackGroup(click.Group):
-    """Turns unipack's own errors into click errors: one line, ``Error: ...``, exit 1."""
+    """Turns unipack's own errors into click errors: one line, ``Error: ...``, exit 1; Ctrl-C
+    into one line and exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:
+            # Every output is written to a temp file and renamed into place only when complete,
+            # and temp files are removed on the way out: an interrupted command wrote nothing.
+            click.echo(INTERRUPTED, err=True)
+            ctx.exit(130)
         except UnipackError as exc:
             raise click.ClickException(str(exc)) from None
         except MemoryError:

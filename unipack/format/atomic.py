@@ -25,9 +25,20 @@ def check_writable(path: Path, *, force: bool) -> None:
         raise OutputExistsError(f"{path}: already exists; pass --force (force=True) to overwrite it")
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path}: is a directory; give a file path")
+    make_parent(path)
+
+
+def make_parent(path: Path) -> Path:
+    """The directory ``path`` goes in, created with its parents if missing (like ``mkdir -p``):
+    every command that writes creates the folders its output needs."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UnipackError(f"{path}: directory {parent} does not exist; create it first")
+    if parent.is_dir():
+        return parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnipackError(f"{path}: cannot create directory {parent} ({exc.strerror or exc})") from None
+    return parent
 
 
 @contextlib.contextmanager
@@ -113,9 +124,7 @@ def check_replaceable_dir(path: Path, *, force: bool) -> None:
     ``force`` replaces a whole folder, so it is limited to a plain, flat one: a symlink, a file,
     or a folder holding subfolders (a training run's checkpoints, a home directory) is refused.
     """
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UnipackError(f"{path}: directory {parent} does not exist; create it first")
+    make_parent(path)
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():

@@ -24,6 +24,15 @@ from unipack.sources import TORCH_SUFFIXES, PeftAdapterSource, TensorInfo, Tenso
 if TYPE_CHECKING:
     import torch
 
+#: Weight files that make a folder a model folder (one member).
+MODEL_WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+)
+
 #: Suffixes a default member name drops (a folder's name is used as it is).
 NAME_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
@@ -89,6 +98,8 @@ class Checkpoint:
 
 def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
     """Open and validate every input; raise a clear error naming the first bad one."""
+    if len(paths) == 1 and paths[0].is_dir():
+        raise InputError(_one_folder_message(paths[0]))
     if len(paths) < 2:
         raise InputError(f"merge needs at least 2 checkpoints, got {len(paths)}")
     if names is None:
@@ -120,6 +131,32 @@ def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
         close_all(checkpoints)
         raise
     return checkpoints
+
+
+def _one_folder_message(folder: Path) -> str:
+    """What one folder given alone holds, and what to type: a folder is one member, never many."""
+    entries = sorted(folder.iterdir()) if os.access(folder, os.R_OK) else []
+    files = [p for p in entries if p.is_file() and p.name.endswith(NAME_SUFFIXES)]
+    folders = [p for p in entries if p.is_dir() and any((p / w).is_file() for w in MODEL_WEIGHT_NAMES)]
+    if any((folder / w).is_file() for w in MODEL_WEIGHT_NAMES):
+        return (
+            f"{folder}: is one model folder, so one member; merge needs at least 2: give several "
+            f"checkpoints or model folders"
+        )
+    if len(files) >= len(folders) and files:
+        suffix = max(NAME_SUFFIXES, key=lambda x: sum(p.name.endswith(x) for p in files))
+        return (
+            f"{folder}: a folder holding {len(files)} checkpoint file{'s' if len(files) != 1 else ''} "
+            f"({', '.join(p.name for p in files[:3])}{', ...' if len(files) > 3 else ''}); a folder is one "
+            f"input: give the files as the members, e.g. unipack merge {folder}/*{suffix} -o bundle.upk"
+        )
+    if folders:
+        return (
+            f"{folder}: a folder holding {len(folders)} model folder{'s' if len(folders) != 1 else ''} "
+            f"({', '.join(p.name for p in folders[:3])}{', ...' if len(folders) > 3 else ''}); give them as "
+            f"the members, e.g. unipack merge {folder}/*/ -o bundle.upk"
+        )
+    return f"{folder}: holds no checkpoints (.safetensors, .bin, .pt or model folders); merge needs at least 2"
 
 
 def open_checkpoint(path: Path, name: str) -> Checkpoint:
