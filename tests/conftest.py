@@ -486,7 +486,11 @@ def bad_case(kind: str, tmp: Path) -> BadCase:
         t = dict(pop.tensors[2])
         t["a.weight"] = torch.zeros(9, 12)
         save_file(t, str(paths[2]))
-        return _merge_case(paths, out, InputError, ["'a.weight'", "--raw", paths[2].name, "[9, 12]"])
+        # Stored raw per member by default; refused only with --strict-shapes (raw_mismatched=False).
+        case = _merge_case(paths, out, InputError, ["'a.weight'", "--strict-shapes", paths[2].name, "[9, 12]"])
+        case.call = lambda: unipack.merge(paths, out, raw_mismatched=False)
+        case.cli_args = [*case.cli_args, "--strict-shapes"]
+        return case
     if kind == "dtype_kind_differs":
         t = dict(pop.tensors[1])
         t["a.bias"] = torch.zeros(8, dtype=torch.int32)

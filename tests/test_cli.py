@@ -222,7 +222,7 @@ def test_cli_raw_mismatched_and_energy(tmp_path: Path) -> None:
     specs["head"] = TensorSpec((2, 8), kind="head")
     pop = write_population(tmp_path / "in", specs, n=3)
     out = tmp_path / "x.upk"
-    assert_one_line_error(run("merge", *pop.paths, "-o", out, "-q"))
+    assert "--strict-shapes" in assert_one_line_error(run("merge", *pop.paths, "-o", out, "--strict-shapes", "-q"))
     assert not out.exists()
     assert_ok(run("merge", *pop.paths, "-o", out, "--raw-mismatched", "--energy", "0.9", "-q"))
     with unipack.open(out) as b:

@@ -113,3 +113,26 @@ def test_one_model_folder_is_one_member(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["merge", str(folder), "-o", str(tmp_path / "b.upk")])
     assert result.exit_code == 1
     assert "is one model folder, so one member" in result.output
+
+
+def test_headline_merge_of_heads_of_different_sizes_needs_no_flag(tmp_path: Path) -> None:
+    """``unipack merge vit-*.safetensors -o bundle.upk``: task heads of other sizes are stored raw
+    per member by default, and the summary names them; ``--strict-shapes`` refuses instead."""
+    from conftest import TensorSpec
+
+    specs = {**small_specs(), "classifier.weight": TensorSpec((3, 12), kind="head")}
+    pop = write_population(tmp_path / "in", specs, n=3)
+    out = tmp_path / "bundle.upk"
+    result = CliRunner().invoke(cli, ["merge", *map(str, pop.paths), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "task-specific" in result.output and "classifier.weight" in result.output
+    with unipack.open(out) as b:
+        head = next(t for t in b.manifest.tensors if t.name == "classifier.weight")
+        assert head.storage == "raw" and head.shape is None
+        shapes = {b.load(m)["classifier.weight"].shape[0] for m in b.members}
+        assert len(shapes) == 3  # every member got its own head back
+        assert b.manifest.options["raw_mismatched"] is True
+    strict = CliRunner().invoke(cli, ["merge", *map(str, pop.paths), "-o", str(tmp_path / "s.upk"), "--strict-shapes"])
+    assert strict.exit_code == 1
+    assert "classifier.weight" in strict.output and "--strict-shapes" in strict.output
+    assert not (tmp_path / "s.upk").exists()

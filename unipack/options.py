@@ -81,11 +81,10 @@ class MergeOptions:
         multiple=True,
     )
     raw_mismatched: bool = _opt(
-        False,
-        "--raw-mismatched",
-        "Store every tensor whose shape differs between "
-        "members raw per member (task-specific heads) instead of failing.",
-        is_flag=True,
+        True,
+        "--raw-mismatched/--strict-shapes",
+        "Tensors whose shape differs between members (task-specific heads, first layers with other "
+        "input channels) are stored raw per member (the default); --strict-shapes refuses them instead.",
     )
     codec: str = _opt("zstd", "--codec", "Lossless codec for stored blobs.", choices=CODECS)
     zstd_level: int = _opt(3, "--zstd-level", "zstd level (1-22).", type=int)

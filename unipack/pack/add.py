@@ -188,7 +188,8 @@ def _check_tensors(manifest: Manifest, checkpoint: Checkpoint, bundle: Path) -> 
             raise InputError(
                 f"{checkpoint.path}: tensor {t.name!r} has shape {list(e.shape)} but "
                 f"{list(t.shape)} in bundle {bundle}: shapes differ, and only raw tensors may "
-                f"vary; re-merge with --raw '{t.name}' (or --raw-mismatched) to add this member"
+                f"vary; merge all the members again, this one included (tensors whose shapes differ "
+                f"are then stored raw per member), or with --raw '{t.name}'"
             )
 
 

@@ -38,6 +38,11 @@ class MergeResult:
         return self.input_bytes / self.file_bytes
 
     @property
+    def shape_mismatched(self) -> list[str]:
+        """Tensors whose shape differs between members, stored raw per member (task-specific heads)."""
+        return [t.name for t in self.manifest.tensors if t.shape is None]
+
+    @property
     def worst_error(self) -> float:
         return max((max(m.errors, default=0.0) for m in self.manifest.members), default=0.0)
 

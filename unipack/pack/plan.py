@@ -77,8 +77,8 @@ def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[T
             )
         more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
         raise InputError(
-            f"tensor shapes differ between members: {'; '.join(examples)}{more}; store such "
-            f"task-specific tensors per member with --raw 'PATTERN' or --raw-mismatched"
+            f"tensor shapes differ between members: {'; '.join(examples)}{more}; --strict-shapes "
+            f"(raw_mismatched=False) refuses them: drop it to store such task-specific tensors raw per member"
         )
     return plans
 

@@ -73,6 +73,14 @@ def merge_summary(result: MergeResult) -> Table:
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
     t.add_row("ratio", f"{result.ratio:.2f}x smaller, at worst relative error {worst:.3g} ({worst_member})")
     t.add_row("rule", rule_text(result.manifest.options))
+    mismatched = result.shape_mismatched
+    if mismatched:
+        shown = ", ".join(mismatched[:3]) + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+        t.add_row(
+            "task-specific",
+            f"{len(mismatched)} tensor{'s' if len(mismatched) != 1 else ''} whose shape "
+            f"differs between members stored raw per member: {shown}",
+        )
     evaluation = result.manifest.stats.get("evaluation")
     if isinstance(evaluation, dict):
         target = evaluation.get("max_drop")
