@@ -77,8 +77,8 @@ def test_merge_writes_bundle_and_prints_summary(merged) -> None:
         assert b.members == pop.names
         assert b.manifest.options["max_error"] == 0.02
         worst = b.summary().worst_error
-    assert f"{worst:.3g}" in result.output
-    assert result.stdout == ""  # the summary is a diagnostic: stderr only
+    assert f"{worst:.3g}" in result.stdout
+    assert result.stderr == ""  # the summary is the result: stdout; no progress where nobody watches
 
 
 def test_info_table_shows_ratio_and_worst_error(merged) -> None:

@@ -17,11 +17,13 @@ from typing import Any
 import click
 from rich.console import Console
 
+from unipack.api import Bundle
 from unipack.api import open as open_bundle
 from unipack.errors import UnipackError
 from unipack.options import MergeOptions
 from unipack.pack.merge import MergeResult, merge
 from unipack.render.console import ProgressBars, format_bytes, info_table, merge_summary
+from unipack.render.documents import merge_document
 from unipack.sources.checkpoint import resolve_names
 from unipack.version import __version__
 
@@ -52,6 +54,22 @@ class InternalError(click.ClickException):
 #: What Ctrl-C prints (exit code 130, the shell's convention for SIGINT).
 INTERRUPTED = "interrupted: nothing written (outputs are written atomically: any existing file is untouched)"
 
+#: API arguments that the API's messages name, as the command line spells them: a CLI user is
+#: told which flag to pass, never a Python keyword.
+CLI_SPELLINGS = (("--force (force=True)", "--force"), ("force=True", "--force"))
+
+
+def cli_message(message: str) -> str:
+    """An API error message with the API's argument names replaced by the CLI's flags."""
+    for api, flag in CLI_SPELLINGS:
+        message = message.replace(api, flag)
+    return message
+
+
+def print_json(doc: object) -> None:
+    """A ``--json`` result: one JSON document on stdout."""
+    click.echo(json.dumps(doc, indent=2))
+
 
 class UnipackGroup(click.Group):
     """Turns unipack's own errors into click errors: one line, ``Error: ...``, exit 1; Ctrl-C
@@ -68,7 +86,7 @@ class UnipackGroup(click.Group):
             click.echo(INTERRUPTED, err=True)
             ctx.exit(130)
         except UnipackError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(cli_message(str(exc))) from None
         except MemoryError:
             raise click.ClickException("out of memory; try fewer or smaller inputs, or more RAM") from None
         except Exception as exc:  # a bug in unipack, not the user's fault: say so in one line
@@ -86,11 +104,12 @@ def cli() -> None:
     """Pack many fine-tunes of one base model into one compact bundle, and get any one back."""
 
 
-@cli.command("merge")
+@cli.command("merge", short_help="Pack same-architecture checkpoints into one bundle.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle to write (.upk).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the merge summary as JSON (on stdout).")
 @click.option(
     "--eval",
     "eval_spec",
@@ -121,13 +140,16 @@ def merge_cmd(
     output: Path,
     force: bool,
     quiet: bool,
+    as_json: bool,
     eval_spec: str | None,
     max_drop: float | None,
     metric: str | None,
     name_pairs: tuple[str, ...],
     **fields: Any,
 ) -> None:
-    """Merge same-architecture checkpoints (.safetensors, .bin/.pt, Hugging Face folders) into one bundle."""
+    """Merge same-architecture checkpoints (.safetensors, .bin/.pt, Hugging Face folders) into one bundle.
+
+    The merge summary is the result: on stdout (--json: as JSON); progress goes to stderr."""
     options = MergeOptions(**{k: v for k, v in fields.items()})
     if (max_drop is not None or metric is not None) and eval_spec is None:
         raise click.UsageError("--max-drop and --metric need --eval SPEC (the function that scores a member)")
@@ -158,7 +180,10 @@ def merge_cmd(
     finally:
         if bars:
             bars.stop()
-    err_console.print(merge_summary(result))
+    if as_json:
+        print_json(merge_document(result))
+    else:
+        out_console.print(merge_summary(result))
     evaluation = result.manifest.stats.get("evaluation")
     if isinstance(evaluation, dict) and evaluation.get("met") is False:
         # The bundle is kept (lossless at budget 0), but a script must not mistake it for success.
@@ -180,7 +205,7 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 
 
-@cli.command("extract")
+@cli.command("extract", short_help="Get a member back: .safetensors, HF or PEFT folder.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--member", "-m", help="Member to extract.")
 @click.option("--all", "all_members", is_flag=True, help="Extract every member into the -o directory.")
@@ -189,7 +214,8 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--output",
     type=click.Path(path_type=Path),
     help="Output .safetensors file (default <member>.safetensors), folder with --format hf or peft "
-    "(default <member>), or directory with --all (default .).",
+    "(default <member>), or directory with --all (default .). Without -o nothing that exists is "
+    "replaced, even with --force: the current directory may hold the originals.",
 )
 @click.option(
     "--format",
@@ -211,8 +237,10 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--force",
     is_flag=True,
-    help="Overwrite existing outputs (with --format hf: replace the folder as a whole, once the new one is complete).",
+    help="Overwrite the existing -o output (with --format hf: replace the folder as a whole, once the new one "
+    "is complete).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print what was written (paths, worst errors) as JSON.")
 def extract_cmd(
     bundle: Path,
     member: str | None,
@@ -221,70 +249,93 @@ def extract_cmd(
     fmt: str,
     max_shard_size: int | None,
     force: bool,
+    as_json: bool,
 ) -> None:
     """Materialise a member (or --all) as .safetensors, as a Hugging Face model folder (--format hf), or
-    as a PEFT adapter folder (--format peft)."""
+    as a PEFT adapter folder (--format peft).
+
+    The paths written are the result (stdout; --json: with each member's worst error)."""
     if all_members == (member is not None):
         raise click.UsageError("give exactly one of --member NAME or --all")
     if max_shard_size is not None and fmt != "hf":
         raise click.UsageError("--max-shard-size applies to --format hf only")
     with open_bundle(bundle) as b:
+        names = list(b.members) if all_members else [str(member)]
+        folder = output or Path(".")
+        suffix = ".safetensors" if fmt == "safetensors" else ""
+        targets = [folder / f"{name}{suffix}" for name in names] if all_members else [output or Path(names[0] + suffix)]
+        worst = max(b.member(names[0]).errors, default=0.0)  # an unknown member: its error first
+        if output is None:
+            refuse_taken_defaults(targets, b, "-o FILE" if fmt == "safetensors" and not all_members else "-o DIR")
+        kind = "exact" if worst == 0 else "lossy"
         if fmt == "peft":
-            if all_members:
-                peft_exports = b.extract_peft_all(output or Path("."), force=force)
-            else:
-                assert member is not None
-                peft_exports = [b.extract_peft(member, output or Path(member), force=force)]
-            for peft_export in peft_exports:
-                click.echo(str(peft_export.directory))
-            if member is not None:
-                worst = max(b.member(member).errors, default=0.0)
-                err_console.print(
-                    f"extracted [bold]{member}[/] as a PEFT adapter folder: worst relative error of "
-                    f"any module's update {worst:.3g} ({'exact' if worst == 0 else 'lossy'})"
-                )
-            return
-        if fmt == "hf":
+            peft = (
+                b.extract_peft_all(folder, force=force)
+                if all_members
+                else [b.extract_peft(names[0], targets[0], force=force)]
+            )
+            written = [extract_record(b, e.member, e.directory, files=list(e.files)) for e in peft]
+            done = f"as a PEFT adapter folder: worst relative error of any module's update {worst:.3g} ({kind})"
+        elif fmt == "hf":
             from unipack.export.hf_folder import DEFAULT_MAX_SHARD_SIZE
 
             limit = max_shard_size or DEFAULT_MAX_SHARD_SIZE
-            if all_members:
-                exports = b.extract_hf_all(output or Path("."), max_shard_size=limit, force=force)
-            else:
-                assert member is not None
-                exports = [b.extract_hf(member, output or Path(member), max_shard_size=limit, force=force)]
-            for export in exports:
-                click.echo(str(export.directory))
-                if export.note:
-                    click.echo(f"Warning: {export.note}", err=True)
-            if not all_members:
-                export = exports[0]
-                worst = max(b.member(export.member).errors, default=0.0)
-                shards = sum(f.endswith(".safetensors") for f in export.files)
-                files = len(export.files)
-                counts = f"{files} file{'s' if files != 1 else ''} ({shards} weight shard{'s' if shards != 1 else ''})"
-                err_console.print(
-                    f"extracted [bold]{export.member}[/] as a Hugging Face folder: {counts}, worst "
-                    f"relative error {worst:.3g} on any tensor ({'exact' if worst == 0 else 'lossy'})"
+            hf = (
+                b.extract_hf_all(folder, max_shard_size=limit, force=force)
+                if all_members
+                else [b.extract_hf(names[0], targets[0], max_shard_size=limit, force=force)]
+            )
+            for e in hf:
+                if e.note:
+                    click.echo(f"Warning: {e.note}", err=True)
+            written = [
+                extract_record(
+                    b, e.member, e.directory, files=list(e.files), sharded=e.sharded, has_config=e.has_config
                 )
-            return
-        if all_members:
-            paths = b.extract_all(output or Path("."), force=force)
-            for p in paths:
-                click.echo(str(p))
-            return
-        assert member is not None
-        rec = b.member(member)
-        path = b.extract(member, output or Path(f"{member}.safetensors"), force=force)
-        worst = max(rec.errors, default=0.0)
-        click.echo(str(path))
-        err_console.print(
-            f"extracted [bold]{member}[/]: worst relative error {worst:.3g} on any tensor "
-            f"({'exact' if worst == 0 else 'lossy'})"
-        )
+                for e in hf
+            ]
+            files, shards = len(hf[0].files), sum(f.endswith(".safetensors") for f in hf[0].files)
+            counts = f"{files} file{'s' if files != 1 else ''} ({shards} weight shard{'s' if shards != 1 else ''})"
+            done = f"as a Hugging Face folder: {counts}, worst relative error {worst:.3g} on any tensor ({kind})"
+        else:
+            paths = (
+                b.extract_all(folder, force=force) if all_members else [b.extract(names[0], targets[0], force=force)]
+            )
+            written = [extract_record(b, name, path) for name, path in zip(names, paths)]
+            done = f"worst relative error {worst:.3g} on any tensor ({kind})"
+        if as_json:
+            print_json({"bundle": str(bundle), "format": fmt, "extracted": written})
+        else:
+            for w in written:
+                click.echo(w["path"])
+        if not all_members:
+            err_console.print(f"extracted [bold]{names[0]}[/]{':' if fmt == 'safetensors' else ''} {done}")
 
 
-@cli.command("info")
+def refuse_taken_defaults(targets: list[Path], bundle: Bundle, hint: str) -> None:
+    """Without -o, extract writes only where nothing is, whatever --force says: the current
+    directory is often the folder of the merge's inputs, and a member's default output has its
+    original's name, so replacing it could put a lossy copy in place of the original."""
+    taken = [t for t in targets if os.path.lexists(t)]
+    if not taken:
+        return
+    first = taken[0]
+    where = f"{first} (and {len(taken) - 1} more)" if len(taken) > 1 else str(first)
+    origin = next((m.name for m in bundle.manifest.members if m.source == first.name), None)
+    why = f", and may be the original that member {origin} was merged from" if origin else ""
+    raise UnipackError(
+        f"{where}: already exists{why}; without -o, extract never replaces anything: give {hint} "
+        f"(with --force to replace an existing one)"
+    )
+
+
+def extract_record(bundle: Bundle, member: str, path: Path, **extra: Any) -> dict[str, Any]:
+    """One member in ``extract --json``: where it went and how faithful it is."""
+    worst = max(bundle.member(member).errors, default=0.0)
+    return {"member": member, "path": str(path), "worst_error": worst, "exact": worst == 0, **extra}
+
+
+@cli.command("info", short_help="Bytes by part, ratio, worst errors and ranks of a bundle.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--tensors", is_flag=True, help="Also list every tensor's storage, scheme and rank.")
@@ -307,13 +358,13 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
                     }
                     for t in b.manifest.tensors
                 ]
-            click.echo(json.dumps(doc, indent=2))
+            print_json(doc)
             return
         for renderable in info_table(summary, b.manifest if tensors else None):
             out_console.print(renderable)
 
 
-@cli.command("report")
+@cli.command("report", short_help="Size and fidelity: bytes, errors vs baselines, scores.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (every number the tables show).")
 @click.option(
@@ -383,9 +434,10 @@ def report_cmd(
             err_console.print(f"plots written to {png}")
 
 
-@cli.command("verify")
+@cli.command("verify", short_help="Check every checksum of a bundle; exit 0 sound, 1 not.")
 @click.argument("bundle", type=click.Path(path_type=Path))
-def verify_cmd(bundle: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict and every problem found as JSON.")
+def verify_cmd(bundle: Path, as_json: bool) -> None:
     """Check a bundle's header, manifest and every blob's checksum; exit 0 if sound, 1 if not."""
     try:
         with open_bundle(bundle) as b:
@@ -394,14 +446,19 @@ def verify_cmd(bundle: Path) -> None:
     except UnipackError as exc:
         problems = [str(exc)]
         blobs = members = 0
+    if as_json:
+        print_json(
+            {"bundle": str(bundle), "ok": not problems, "blobs": blobs, "members": members, "problems": problems}
+        )
     if problems:
         for line in problems:
             click.echo(f"Error: {line}", err=True)
         raise SystemExit(1)
-    click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified)")
+    if not as_json:
+        click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified)")
 
 
-@cli.command("demo")
+@cli.command("demo", short_help="The end-to-end demo on real fine-tunes (UCI digits).")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -416,16 +473,21 @@ def verify_cmd(bundle: Path) -> None:
     help="Where the demo population is cached (default $UNIPACK_CACHE or ~/.cache/unipack/demo).",
 )
 @click.option("--small", is_flag=True, help="A quick 4-member population (what the tests run).")
-def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
+@click.option(
+    "--tensors",
+    is_flag=True,
+    help="Print the full report: every member's errors and every tensor (default: the 5 costliest).",
+)
+def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool) -> None:
     """Build a population of real fine-tunes (UCI digits), merge, inspect, extract, re-score."""
     try:
         from unipack.demo.run import run_demo
     except ImportError as exc:
         raise UnipackError(f"the demo needs an optional dependency ({exc.name}): pip install 'unipack[demo]'") from None
-    run_demo(workdir, cache_dir, out_console, err_console, small=small)
+    run_demo(workdir, cache_dir, out_console, err_console, small=small, tensors=tensors)
 
 
-@cli.command("add")
+@cli.command("add", short_help="Add a checkpoint to a bundle, onto its existing bases.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--name", help="Member name (default: SOURCE's file or folder name, without .safetensors, .bin or .pt).")
@@ -436,17 +498,23 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool) -> None:
     help="Write the grown bundle here and leave BUNDLE as it is (default: rewrite BUNDLE in place).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing -o output.")
-def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, force: bool) -> None:
-    """Add a checkpoint as a new member, projected onto the bundle's existing bases."""
+@click.option("--json", "as_json", is_flag=True, help="Print the add summary, with every tensor's outcome, as JSON.")
+def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, force: bool, as_json: bool) -> None:
+    """Add a checkpoint as a new member, projected onto the bundle's existing bases.
+
+    The add summary is the result: on stdout (--json: as JSON)."""
     from unipack.pack.add import add
     from unipack.render.console import add_summary
+    from unipack.render.documents import add_document
 
     result = add(bundle, source, name=name, output=output, force=force)
-    click.echo(str(result.path))
-    err_console.print(add_summary(result))
+    if as_json:
+        print_json(add_document(result))
+    else:
+        out_console.print(add_summary(result))
 
 
-@cli.command("export")
+@cli.command("export", short_help="Export a member to ONNX, checked with ONNX Runtime.")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--member", "-m", required=True, help="Member to export.")
 @click.option(
@@ -472,21 +540,30 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
     help="Largest absolute difference allowed between ONNX Runtime's and torch's outputs.",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def export_cmd(bundle: Path, member: str, onnx_path: Path, model_spec: str | None, atol: float, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the check (files, every run's differences) as JSON.")
+def export_cmd(
+    bundle: Path, member: str, onnx_path: Path, model_spec: str | None, atol: float, force: bool, as_json: bool
+) -> None:
     """Export a member to ONNX and check it against torch with ONNX Runtime; exit 1 if it differs."""
     from unipack.errors import OnnxCheckError
     from unipack.export.onnx import OnnxCheck, export_onnx
+    from unipack.render.documents import onnx_document
+
+    def show(check: OnnxCheck) -> None:
+        if as_json:
+            print_json(onnx_document(check))
+        else:
+            for line in check.lines():
+                click.echo(line)
 
     with open_bundle(bundle) as b:
         try:
             check = export_onnx(b, member, onnx_path, model=model_spec, atol=atol, force=force)
         except OnnxCheckError as exc:
             assert isinstance(exc.check, OnnxCheck)
-            for line in exc.check.lines():  # the numbers first, then the one error line
-                click.echo(line)
+            show(exc.check)  # the numbers first, then the one error line
             raise
-    for line in check.lines():
-        click.echo(line)
+    show(check)
 
 
 def main() -> None:

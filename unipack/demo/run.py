@@ -2,11 +2,13 @@
 
 Builds (or reuses from the cache) a population of tiny ViTs fine-tuned on distinct tasks over
 scikit-learn's UCI digits, merges them at the default budget, and prints ``unipack report`` with
-the demo's own eval function: bytes by part, errors against the baselines, and the held-out
-accuracy of every member as original vs unipack vs the mean alone vs per-member SVD at equal
-bytes. Then it extracts every member back to .safetensors and checks the files score the same,
-exports one member to ONNX through the demo's model factory (checked by ONNX Runtime), adds a
-member held out of the merge with ``unipack add``, and shows a few other budgets.
+the demo's own eval function, in brief (summary rows, the most expensive tensors, and the
+held-out accuracy of every member as original vs unipack vs the mean alone vs per-member SVD at
+equal bytes; ``--tensors``: the full report). Then it extracts every member back to .safetensors
+and checks the files score the same, exports one member to ONNX through the demo's model factory
+(checked by ONNX Runtime), adds a member held out of the merge with ``unipack add``, and shows a
+few other budgets. Each of those seven steps is announced on stderr as ``i/7``; what they find
+goes to stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from unipack.export.onnx import export_onnx
 from unipack.pack.add import add
 from unipack.pack.merge import merge
 from unipack.render.console import ProgressBars, add_summary, format_bytes, merge_summary
-from unipack.render.report_view import report_view
+from unipack.render.report_view import compact_report_view, difference, report_view
 from unipack.usercode import load_eval
 
 #: Task heads have a different number of classes per member: store them raw, per member.
@@ -33,38 +35,59 @@ HEAD_PATTERN = "classifier.*"
 #: The demo's eval hook and model factory, as a user would name them on the command line.
 EVAL_SPEC = "unipack.demo.evaluate:evaluate"
 MODEL_SPEC = "unipack.demo.model:build"
+#: The demo's steps: population, merge, report, extract, ONNX export, held-out member, other budgets.
+STEP_COUNT = 7
+
+
+class Steps:
+    """Announces the demo's steps on stderr as ``i/STEP_COUNT``, so that every step is numbered."""
+
+    def __init__(self, err: Console) -> None:
+        self._err = err
+        self._done = 0
+
+    def __call__(self, text: str) -> None:
+        self._done += 1
+        self._err.print(f"[bold]{self._done}/{STEP_COUNT}[/] {text}", highlight=False)
 
 
 def run_demo(
-    workdir: Path, cache_dir: Path | None, out: Console, err: Console, *, small: bool = False
+    workdir: Path, cache_dir: Path | None, out: Console, err: Console, *, small: bool = False, tensors: bool = False
 ) -> dict[str, float]:
-    """Run the demo; ``small`` uses the tests' quick population (4 members, 1 layer)."""
+    """Run the demo; ``small`` uses the tests' quick population (4 members, 1 layer); ``tensors``
+    prints the full report (every member's errors, every tensor) instead of the brief one."""
     from safetensors.torch import load_file
 
     from unipack.demo import build_population, default_cache_dir, evaluate
 
     workdir.mkdir(parents=True, exist_ok=True)
-    err.print(f"[bold]1/4[/] population of fine-tunes (cache: {cache_dir or default_cache_dir()})")
+    step = Steps(err)
+    step(f"population of fine-tunes (cache: {cache_dir or default_cache_dir()})")
     started = time.perf_counter()
     members = build_population(cache_dir or default_cache_dir(), log=lambda s: err.print(f"  {s}"), small=small)
     err.print(f"  {len(members)} members ready in {time.perf_counter() - started:.1f} s")
     originals = members[0].path.parent
 
     bundle_path = workdir / "demo.upk"
-    err.print(f"[bold]2/4[/] unipack merge {originals}/*.safetensors -o {bundle_path} --raw '{HEAD_PATTERN}'")
+    step(f"unipack merge {originals}/*.safetensors -o {bundle_path} --raw '{HEAD_PATTERN}'")
     bars = ProgressBars(err)
     try:
         result = merge([m.path for m in members], bundle_path, force=True, raw=(HEAD_PATTERN,), progress=bars)
     finally:
         bars.stop()
-    err.print(merge_summary(result))
+    out.print(merge_summary(result))
 
-    err.print(f"[bold]3/4[/] unipack report {bundle_path} --tensors --eval {EVAL_SPEC} --originals {originals}")
+    step(f"unipack report {bundle_path}{' --tensors' if tensors else ''} --eval {EVAL_SPEC} --originals {originals}")
     with open_bundle(bundle_path) as bundle:
         rep = report(bundle, originals=originals, hook=load_eval(EVAL_SPEC))
-        for renderable in report_view(rep, manifest=bundle.manifest, show_tensors=True):
+        view = (
+            report_view(rep, manifest=bundle.manifest, show_tensors=True)
+            if tensors
+            else compact_report_view(rep, more="unipack demo --tensors: every member's errors and every tensor")
+        )
+        for renderable in view:
             out.print(renderable)
-        err.print(f"[bold]4/4[/] unipack extract --all -> {workdir / 'members'}; the files score as the report says")
+        step(f"unipack extract {bundle_path} --all -o {workdir / 'members'}; the files score as the report says")
         extracted = bundle.extract_all(workdir / "members", force=True)
     assert rep.evaluation is not None
     scores = rep.evaluation["members"]
@@ -76,9 +99,9 @@ def run_demo(
             )
     err.print(f"  {len(extracted)} extracted files re-scored: identical to the report's unipack column")
 
-    _export_onnx(bundle_path, members[1].name, workdir, out, err)
-    held_out = _held_out(members, workdir, out, err)
-    sweep = _budget_sweep(members, workdir, err)
+    _export_onnx(bundle_path, members[1].name, workdir, out, step)
+    held_out = _held_out(members, workdir, out, step)
+    sweep = _budget_sweep(members, workdir, step)
     out.print(sweep)
     drops = rep.evaluation["drops"]
     worst_drop, mean_drop = drops["unipack"]["worst"], drops["mean-only"]["worst"]
@@ -98,17 +121,17 @@ def run_demo(
     }
 
 
-def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, err: Console) -> None:
+def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, step: Steps) -> None:
     """One member to ONNX through the demo's own model factory, checked by ONNX Runtime."""
     target = workdir / f"{member}.onnx"
-    err.print(f"[bold]+[/] unipack export {bundle_path} --member {member} --onnx {target} --model {MODEL_SPEC}")
+    step(f"unipack export {bundle_path} --member {member} --onnx {target} --model {MODEL_SPEC}")
     with open_bundle(bundle_path) as bundle:
         check = export_onnx(bundle, member, target, model=MODEL_SPEC, force=True)
     for line in check.lines():
         out.print(line, highlight=False)
 
 
-def _held_out(members: list[Member], workdir: Path, out: Console, err: Console) -> dict[str, Any]:
+def _held_out(members: list[Member], workdir: Path, out: Console, step: Steps) -> dict[str, Any]:
     """Merge all members but the last, then ``unipack add`` the last: how well do the others' bases
     serve a fine-tune they never saw? (``add`` stores raw whatever they cannot bring within budget.)"""
     from safetensors.torch import load_file
@@ -117,10 +140,7 @@ def _held_out(members: list[Member], workdir: Path, out: Console, err: Console) 
 
     *merged, last = members
     path = workdir / "held-out.upk"
-    err.print(
-        f"[bold]+[/] held-out member: merge {len(merged)} members, then unipack add {path} "
-        f"{last.path.name} --name {last.name}"
-    )
+    step(f"held-out member: merge {len(merged)} members, then unipack add {path} {last.path.name} --name {last.name}")
     merge([m.path for m in merged], path, force=True, raw=(HEAD_PATTERN,))
     result = add(path, last.path, name=last.name)
     out.print(add_summary(result))
@@ -143,14 +163,15 @@ SWEEP: tuple[tuple[str, dict[str, object]], ...] = (
 )
 
 
-def _budget_sweep(members: list[Member], workdir: Path, err: Console) -> Table:
+def _budget_sweep(members: list[Member], workdir: Path, step: Steps) -> Table:
     """Ratio, weight error and accuracy drop for a few other budgets: the trade-off at a glance."""
     from safetensors.torch import load_file
 
     from unipack.demo import evaluate
 
-    err.print("[bold]+[/] the same population at other budgets")
+    step("the same population at other budgets")
     original = {m.name: evaluate(load_file(str(m.path)), m.name)["accuracy"] for m in members}
+    scale = max(original.values())  # drops are differences of accuracies of this size
     table = Table(title="other budgets (accuracy drop in points vs the originals)", title_justify="left")
     for col in ("merge options", "ratio", "worst rel. error", "largest drop", "mean drop"):
         table.add_column(col, justify="left" if col == "merge options" else "right")
@@ -162,8 +183,8 @@ def _budget_sweep(members: list[Member], workdir: Path, err: Console) -> Table:
             label,
             f"{result.ratio:.2f}x",
             f"{result.worst_error:.3g}",
-            f"{max(drops):.2f}",
-            f"{sum(drops) / len(drops):.2f}",
+            difference(max(drops), scale, ".2f"),
+            difference(sum(drops) / len(drops), scale, ".2f"),
         )
     (workdir / "sweep.upk").unlink(missing_ok=True)
     return table

@@ -17,6 +17,8 @@ from unipack.bundle.summary import BundleSummary
 from unipack.format.manifest import Manifest
 from unipack.pack.add import AddResult
 from unipack.pack.merge import MergeResult
+from unipack.render.documents import worst_member
+from unipack.render.tables import FittedTable, TensorName, name_column, value_column
 from unipack.schemes import scheme_of
 
 
@@ -65,13 +67,12 @@ class ProgressBars:
 
 
 def merge_summary(result: MergeResult) -> Table:
-    worst_member, worst = max(
-        ((m.name, max(m.errors, default=0.0)) for m in result.manifest.members), key=lambda x: x[1]
-    )
+    """The merge summary; ``render.documents.merge_document`` is its ``--json`` twin."""
+    worst_name, worst = worst_member(result)
     t = Table(title="merge summary", show_header=False, title_justify="left")
     t.add_row("inputs", f"{len(result.manifest.members)} members, {format_bytes(result.input_bytes)}")
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
-    t.add_row("ratio", f"{result.ratio:.2f}x smaller, at worst relative error {worst:.3g} ({worst_member})")
+    t.add_row("ratio", f"{result.ratio:.2f}x smaller, at worst relative error {worst:.3g} ({worst_name})")
     t.add_row("rule", rule_text(result.manifest.options))
     mismatched = result.shape_mismatched
     if mismatched:
@@ -133,15 +134,11 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         storage.caption = f"shared ranks: min {s.rank_min}, median {s.rank_median:g}, max {s.rank_max}"
     yield storage
     members = Table(title="members", title_justify="left")
-    for col, justify in (
-        ("member", "left"),
-        ("source", "left"),
-        ("source size", "right"),
-        ("own bytes", "right"),
-        ("worst error", "right"),
-        ("on tensor", "left"),
-    ):
-        members.add_column(col, justify=justify)  # type: ignore[arg-type]
+    name_column(members, "member")
+    name_column(members, "source")
+    for col in ("source size", "own bytes", "worst error"):
+        value_column(members, col)
+    name_column(members, "on tensor")
     for m in s.members:
         members.add_row(
             m.name,
@@ -149,24 +146,26 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
             format_bytes(m.source_bytes),
             format_bytes(m.own_bytes),
             f"{m.worst_error:.3g}",
-            m.worst_tensor or "-",
+            TensorName(m.worst_tensor) if m.worst_tensor else "-",
         )
-    yield members
+    yield FittedTable(members)
     if manifest is not None:
         tensors = Table(title="tensors", title_justify="left")
-        for col in ("tensor", "storage", "scheme", "rank", "energy kept", "why"):
-            tensors.add_column(col)
+        name_column(tensors, "tensor")
+        for col in ("storage", "scheme", "rank", "energy kept"):
+            value_column(tensors, col, "left")
+        tensors.add_column("why")
         for t in manifest.tensors:
             scheme = scheme_of(t)
             tensors.add_row(
-                t.name,
+                TensorName(t.name),
                 t.storage,
                 scheme.variant[1] if scheme.variant else "-",
                 scheme.rank_text(t),
                 f"{t.params.energy:.4f}" if t.params.energy is not None else "-",
                 t.reason,
             )
-        yield tensors
+        yield FittedTable(tensors)
 
 
 def add_summary(result: AddResult) -> Table:
@@ -179,7 +178,9 @@ def add_summary(result: AddResult) -> Table:
         "tensors",
         f"{result.count('projected')} projected onto the bundle's bases, {result.count('raw')} raw, "
         f"{result.count('exact')} identical to the bundle's exact copy, "
-        f"{result.overrides} stored raw for this member (overrides)",
+        f"{result.overrides} stored raw for this member (overrides)"
+        # kinds a newer storage scheme adds (e.g. quantized deltas) are counted too, never dropped
+        + "".join(f", {result.count(kind)} {kind}" for kind in _other_kinds(result)),
     )
     worst = f" ({result.worst_tensor})" if result.worst_tensor else " (every tensor bit-exact)"
     t.add_row("error", f"worst relative error {result.worst_error:.3g}{worst}")
@@ -214,3 +215,11 @@ def add_summary(result: AddResult) -> Table:
         f"{result.bundle_worst_error:.3g} over all members",
     )
     return t
+
+
+#: The outcome kinds the add summary names in words.
+NAMED_KINDS = ("projected", "raw", "exact", "override")
+
+
+def _other_kinds(result: AddResult) -> list[str]:
+    return sorted({o.kind for o in result.outcomes} - set(NAMED_KINDS))

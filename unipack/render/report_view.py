@@ -16,11 +16,17 @@ from rich.text import Text
 from unipack.analysis.report import METHODS, Report
 from unipack.format.manifest import Manifest
 from unipack.render.console import format_bytes
+from unipack.render.tables import FittedTable, TensorName, name_column, value_column
 from unipack.schemes import scheme_of
 
 LABELS = {"unipack": "unipack", "mean-only": "mean only", "svd": "per-member SVD", "original": "original"}
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 24
+#: Tensors the compact report lists (the most expensive ones); ``--tensors`` lists them all.
+DIGEST_TENSORS = 5
+#: A difference of scores this small against the scores themselves is float noise (a mean of
+#: drops that cancel leaves ~1e-15): it prints as 0.
+NOISE = 1e-9
 
 
 def sparkline(spectrum: list[float], variance: float | None, width: int = SPARK_WIDTH) -> str:
@@ -42,15 +48,18 @@ def _err(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def difference(value: float, scale: float, spec: str = ".3g") -> str:
+    """``value`` (a difference of two scores of size ``scale``) formatted, or 0 where it is only
+    the rounding left by subtracting and averaging those scores."""
+    if abs(value) <= NOISE * max(abs(scale), 1.0):
+        value = 0.0
+    return format(value + 0.0, spec)  # + 0.0: -0.0 prints as 0
+
+
 def report_view(
     r: Report, *, member: str | None = None, manifest: Manifest | None = None, show_tensors: bool = False
 ) -> Iterator[RenderableType]:
-    added = sum(1 for m in r.members if m.added)
-    yield Text.assemble(
-        (r.path, "bold"),
-        f"  ·  {r.created_by}  ·  format v{r.format_version}  ·  "
-        f"{len(r.members)} members{f' ({added} added)' if added else ''}  ·  {r.rule}",
-    )
+    yield _title(r)
     yield _headline(r)
     yield _bytes_table(r)
     yield _members_table(r)
@@ -62,6 +71,75 @@ def report_view(
         yield _member_tensors_table(r, member, manifest)
     if r.evaluation is not None:
         yield _eval_table(r.evaluation)
+
+
+def compact_report_view(r: Report, *, more: str = "--tensors lists every tensor") -> Iterator[RenderableType]:
+    """The report in brief: a few summary rows, the most expensive tensors, and the eval table.
+    ``more`` says how to see the full report (the caller's own flag)."""
+    yield _title(r)
+    yield _summary_table(r)
+    yield _digest_table(r, more)
+    if r.evaluation is not None:
+        yield _eval_table(r.evaluation)
+
+
+def _title(r: Report) -> Text:
+    added = sum(1 for m in r.members if m.added)
+    return Text.assemble(
+        (r.path, "bold"),
+        f"  ·  {r.created_by}  ·  format v{r.format_version}  ·  "
+        f"{len(r.members)} members{f' ({added} added)' if added else ''}  ·  {r.rule}",
+    )
+
+
+def _summary_table(r: Report) -> Table:
+    t = Table(title="summary", show_header=False, title_justify="left")
+    t.add_column(no_wrap=True, style="bold")
+    t.add_column()
+    headline = _headline(r)
+    t.add_row("ratio", headline[len("ratio ") :])
+    total = r.bytes.file or 1
+    t.add_row(
+        "bytes by part",
+        ", ".join(f"{name} {format_bytes(n)} ({100 * n / total:.0f}%)" for name, n in r.bytes.parts.items() if n),
+    )
+    errors = r.overall["mean_error"]
+    t.add_row(
+        "baselines",
+        "mean relative error: "
+        + ", ".join(
+            f"{LABELS[m]}{' (equal bytes)' if m == 'svd' else ''} {_err(errors[m])}"
+            for m in METHODS
+            if errors[m] is not None
+        ),
+    )
+    for line in _verdict(r):
+        t.add_row("verdict", line)
+    return t
+
+
+def _digest_table(r: Report, more: str) -> FittedTable:
+    top = sorted(r.tensors, key=lambda x: x.stored_bytes, reverse=True)[:DIGEST_TENSORS]
+    t = Table(
+        title=f"most expensive tensors ({len(top)} of {len(r.tensors)}; mean relative error over members)",
+        title_justify="left",
+        caption=more,
+        caption_justify="left",
+    )
+    name_column(t, "tensor")
+    for col in ("storage", "rank", "bytes", "share", "unipack", "mean only"):
+        value_column(t, col, "left" if col == "storage" else "right")
+    for x in top:
+        t.add_row(
+            TensorName(x.name),
+            f"{x.storage}/{x.scheme}" if x.scheme else x.storage,
+            "-" if x.rank is None else str(x.rank),
+            format_bytes(x.stored_bytes),
+            f"{100 * x.stored_bytes / r.bytes.file:.1f}%" if r.bytes.file else "-",
+            _err(x.errors["unipack"]),
+            _err(x.errors["mean-only"]),
+        )
+    return FittedTable(t)
 
 
 def _headline(r: Report) -> Text:
@@ -91,11 +169,13 @@ def _bytes_table(r: Report) -> Table:
     return t
 
 
-def _members_table(r: Report) -> Table:
+def _members_table(r: Report) -> FittedTable:
     t = Table(title="members (relative errors; mean = weighted by tensor bytes)", title_justify="left")
-    cols = ("member", "own bytes", "with share", "worst", "mean", "delta lost", "on tensor")
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("member", "on tensor") else "right")
+    for col in ("member", "own bytes", "with share", "worst", "mean", "delta lost", "on tensor"):
+        if col in ("member", "on tensor"):
+            name_column(t, col)
+        else:
+            value_column(t, col)
     for m in r.members:
         u = m.errors["unipack"]
         t.add_row(
@@ -105,14 +185,14 @@ def _members_table(r: Report) -> Table:
             _err(u.worst if u else None),
             _err(u.mean if u else None),
             _err(m.delta_error),
-            (u.worst_tensor if u else None) or "-",
+            TensorName(u.worst_tensor) if u and u.worst_tensor else "-",
         )
     t.caption = (
         "own bytes: its coefficients and raw tensors; with share: plus 1/N of the means, bases and "
         "header.  delta lost: ||W-Ŵ|| / ||W-mean||, how much of what makes the member different "
         "did not survive."
     )
-    return t
+    return FittedTable(t)
 
 
 def _baselines_table(r: Report) -> Table:
@@ -167,17 +247,18 @@ def _verdict(r: Report) -> Iterator[Text]:
         yield Text(f"the shared subspace wins: mean error {ours:.3g}, " + ", ".join(parts), style="green")
 
 
-def _tensors_table(r: Report) -> Table:
+def _tensors_table(r: Report) -> FittedTable:
     t = Table(
         title=f"tensors: explained variance by rank (first {SPARK_WIDTH} ranks), mean error over members",
         title_justify="left",
     )
-    for col in ("tensor", "storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only", "SVD", "best"):
-        t.add_column(col, justify="left" if col in ("tensor", "storage", "scree", "best") else "right")
+    name_column(t, "tensor")
+    for col in ("storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only", "SVD", "best"):
+        value_column(t, col, "left" if col in ("storage", "scree", "best") else "right")
     for x in r.tensors:
         storage = f"{x.storage}/{x.scheme}" if x.scheme else x.storage
         t.add_row(
-            x.name,
+            TensorName(x.name),
             storage,
             "-" if x.rank is None else str(x.rank),
             "-" if x.energy is None else f"{x.energy:.4f}",
@@ -188,14 +269,15 @@ def _tensors_table(r: Report) -> Table:
             _err(x.errors["svd"]),
             LABELS.get(x.winner or "", "-"),
         )
-    return t
+    return FittedTable(t)
 
 
-def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
+def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> FittedTable:
     m = manifest.member(name)
     t = Table(title=f"member {name}: per tensor (relative errors)", title_justify="left")
-    for col in ("tensor", "storage", "rank", "unipack", "delta lost", "mean only", "SVD", "SVD rank"):
-        t.add_column(col, justify="left" if col in ("tensor", "storage") else "right")
+    name_column(t, "tensor")
+    for col in ("storage", "rank", "unipack", "delta lost", "mean only", "SVD", "SVD rank"):
+        value_column(t, col, "left" if col == "storage" else "right")
     f = m.fidelity
     for i, rec in enumerate(manifest.tensors):
         scheme = scheme_of(rec)
@@ -208,7 +290,7 @@ def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
         projected = scheme.projected(rec, m)
         rank = scheme.rank(rec)
         t.add_row(
-            rec.name,
+            TensorName(rec.name),
             storage,
             (str(rank) if rank is not None else scheme.rank_text(rec)) if projected else "-",
             _err(m.errors[i]),
@@ -217,16 +299,26 @@ def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> Table:
             _err(f.svd_errors[i]) if f and f.svd_errors and projected else "-",
             str(f.svd_ranks[i]) if f and f.svd_ranks and projected else "-",
         )
-    return t
+    return FittedTable(t)
 
 
 def _eval_table(ev: dict[str, Any]) -> Table:
     metric = ev["metric"]
     t = Table(title=f"{metric} by member ({ev['eval']}); drop from the original in brackets", title_justify="left")
     columns = ("original", "unipack", "mean-only", "svd")
-    t.add_column("member")
+    name_column(t, "member")
     for col in columns:
-        t.add_column(LABELS[col] + (" (equal bytes)" if col == "svd" else ""), justify="right")
+        value_column(t, LABELS[col] + (" (equal bytes)" if col == "svd" else ""))
+    # Drops are differences of scores of this size: what is left of them below rounding is noise.
+    scale = max(
+        (
+            abs(scores[metric])
+            for row in ev["members"].values()
+            for scores in row.values()
+            if scores and metric in scores
+        ),
+        default=1.0,
+    )
     for name, row in ev["members"].items():
         cells = [name]
         original = (row.get("original") or {}).get(metric)
@@ -239,13 +331,13 @@ def _eval_table(ev: dict[str, Any]) -> Table:
             recorded = col == "original" and name in ev.get("original_recorded", [])
             cell = f"{value:.4g}" + (" (recorded)" if recorded else "")
             if col != "original" and original is not None:
-                cell += f" ({value - original:+.3g})"
+                cell += f" ({difference(value - original, scale, '+.3g')})"
             cells.append(cell)
         t.add_row(*cells)
     drops = ev["drops"]
     summary = ["largest / mean drop", ""]
     for col in columns[1:]:
         d = drops.get(col)
-        summary.append(f"{d['worst']:.3g} / {d['mean']:.3g}" if d else "-")
+        summary.append(f"{difference(d['worst'], scale)} / {difference(d['mean'], scale)}" if d else "-")
     t.add_row(*summary, style="bold")
     return t
