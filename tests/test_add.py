@@ -54,6 +54,7 @@ def held_out(
     pop = write_population(directory / "in", specs, n=merged + extra, seed=seed)
     bundle = directory / "bundle.upk"
     options.setdefault("codec", "none")
+    options.setdefault("quantize", False)  # projection onto shared bases; delta records: test_delta.py
     unipack.merge(pop.paths[:merged], bundle, **options)
     return pop, bundle
 

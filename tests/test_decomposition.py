@@ -146,7 +146,7 @@ def test_wide_matrix_with_shared_column_space_uses_left_basis(tmp_path: Path) ->
     specs = {"w": TensorSpec((16, 64), kind="left", rank=2, noise=1e-6)}
     pop = write_population(tmp_path / "in", specs, n=4, seed=36)
     out = tmp_path / "b.upk"
-    unipack.merge(pop.paths, out, max_error=0.01, codec="none")
+    unipack.merge(pop.paths, out, max_error=0.01, codec="none", quantize=False)
     _check_optimal(pop, out, "w", expect_scheme="rows", expect_side="left", expect_rank=2, min_truncation=0.0)
 
 
@@ -154,7 +154,7 @@ def test_tall_matrix_with_shared_row_space_uses_right_basis(tmp_path: Path) -> N
     specs = {"w": TensorSpec((64, 16), kind="right", rank=2, noise=1e-6)}
     pop = write_population(tmp_path / "in", specs, n=4, seed=37)
     out = tmp_path / "b.upk"
-    unipack.merge(pop.paths, out, max_error=0.01, codec="none")
+    unipack.merge(pop.paths, out, max_error=0.01, codec="none", quantize=False)
     _check_optimal(pop, out, "w", expect_scheme="rows", expect_side="right", expect_rank=2, min_truncation=0.0)
 
 
@@ -204,7 +204,7 @@ def test_max_error_rank_is_minimal(tmp_path: Path, case: str) -> None:
         # a budget well inside the gap between the optimal rank target-1 and rank target errors
         budget = float(np.sqrt(errs[target - 1] * errs[target]))
         out = tmp_path / f"{target}.upk"
-        result = unipack.merge(pop.paths, out, max_error=budget, scheme=scheme, codec="none")
+        result = unipack.merge(pop.paths, out, max_error=budget, scheme=scheme, codec="none", quantize=False)
         (t,) = result.manifest.tensors
         assert t.storage == "shared" and t.scheme == scheme and t.side == side, t
         # minimal: numpy's optimal rank-1 projection on the same side misses the budget
@@ -223,7 +223,7 @@ def test_max_error_rank_minimal_on_mixed_population(tmp_path: Path) -> None:
     }
     pop = write_population(tmp_path / "in", specs, n=5, seed=40)
     budget = 0.004
-    result = unipack.merge(pop.paths, tmp_path / "b.upk", max_error=budget, codec="none")
+    result = unipack.merge(pop.paths, tmp_path / "b.upk", max_error=budget, codec="none", quantize=False)
     checked = 0
     for t in result.manifest.tensors:
         assert t.storage == "shared"
@@ -245,7 +245,7 @@ def test_energy_recorded_for_every_shared_tensor(tmp_path: Path) -> None:
     }
     pop = write_population(tmp_path / "in", specs, n=5, seed=41)
     for rule in ({"rank": 1}, {"rank": 2}, {"max_error": 0.02}, {"energy": 0.95}):
-        result = unipack.merge(pop.paths, tmp_path / f"{len(list(tmp_path.iterdir()))}.upk", **rule)
+        result = unipack.merge(pop.paths, tmp_path / f"{len(list(tmp_path.iterdir()))}.upk", quantize=False, **rule)
         for t in result.manifest.tensors:
             if t.name == "d":  # bit-identical in every member: stored once, exactly
                 assert t.storage == "exact", t

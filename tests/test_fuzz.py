@@ -64,7 +64,7 @@ def test_seeds_are_valid_and_varied(seeds: list[tuple[str, bytes]], tmp_path: Pa
     codecs = {b["codec"] for p in parsed.values() for b in p.manifest["blobs"].values()}
     storages = {t["storage"] for p in parsed.values() for t in p.manifest["tensors"]}
     assert codecs == {"none", "zstd"}
-    assert storages == {"shared", "raw", "exact"}
+    assert storages == {"shared", "raw", "exact", "delta"}
 
 
 def test_hand_picked_mutations_are_rejected(seeds: list[tuple[str, bytes]], tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 import unipack
 from unipack import InputError, UnipackError
 from unipack.cli import cli
+from unipack.errors import OptionsError
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -1188,3 +1189,11 @@ def test_tiny_max_error_budget_is_kept(exact3, exact3_bundle, tmp_path) -> None:
     for measured, _ in _tiny_errors(exact3, tmp_path / "b.upk", again.manifest):
         # Measured in float64 by two methods (QR there, dense here): equal to ~1e-10 relative.
         assert measured <= budget * (1 + 1e-8), (measured, budget)
+
+
+def test_max_delta_error_is_refused_for_adapters(exact3: list[Adapter], tmp_path: Path) -> None:
+    """An adapter is already a delta: the rule relative to the mean of members has no meaning for
+    it, and saying so beats silently applying --max-error."""
+    with pytest.raises(OptionsError, match="--max-delta-error is for full checkpoints"):
+        merge(exact3, tmp_path / "b.upk", max_delta_error=0.2)
+    assert not (tmp_path / "b.upk").exists()

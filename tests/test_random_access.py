@@ -29,12 +29,12 @@ def test_load_reads_only_shared_and_own_blobs(tmp_path: Path, population, monkey
         target = bundle.members[1]
         index = bundle.members.index(target)
         bundle.load(target)
-        own = {f"coef/{index}"} | {b for b in bundle.manifest.member(target).raw.values()}
+        own = {f"coef/{index}", f"codes/{index}"} | {b for b in bundle.manifest.member(target).raw.values()}
         others = {
             b
             for i, m in enumerate(bundle.manifest.members)
             if i != index
-            for b in list(m.raw.values()) + ([m.coefficients] if m.coefficients else [])
+            for b in list(m.raw.values()) + [x for x in (m.coefficients, m.codes) if x]
         }
         assert not set(reads) & others
         assert own & set(reads)

@@ -117,6 +117,7 @@ def expected_parts(path: Path) -> dict[str, int]:
         "means": sum(lengths[t["mean"]] for t in tensors if t.get("mean")),
         "bases": sum(lengths[t[k]] for t in tensors for k in ("basis", "left", "right") if t.get(k)),
         "coefficients": sum(lengths[m["coefficients"]] for m in members if m["coefficients"]),
+        "deltas": sum(lengths[m["codes"]] for m in members if m.get("codes")),
         "factors": sum(lengths[b] for b in factors),
         "raw": sum(lengths[b] for m in members for b in m["raw"].values()) - sum(lengths[b] for b in factors),
         "exact": sum(lengths[t["blob"]] for t in tensors if t.get("blob")),
@@ -138,7 +139,7 @@ def expected_mean_only_bytes(path: Path) -> int:
     header, _, _ = parse_header(path)
     lengths = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
     parts = expected_parts(path)
-    size = os.path.getsize(path) - parts["bases"] - parts["coefficients"]
+    size = os.path.getsize(path) - parts["bases"] - parts["coefficients"] - parts["deltas"]
     members = manifest_doc(path)["members"]
     for name in budget_raw(path):
         copies = [lengths[m["raw"][name]] for m in members]
@@ -197,9 +198,12 @@ def pop(tmp_path_factory: pytest.TempPathFactory) -> Population:
 
 
 BUNDLE_OPTIONS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "float16": {"dtype": "float16"},
-    "raw": {"raw": ("x.*",), "max_error": 0.05},
+    # The subspace's own numbers (bases, coefficients, their baselines): quantized deltas off.
+    "default": {"quantize": False},
+    "float16": {"dtype": "float16", "quantize": False},
+    "raw": {"raw": ("x.*",), "max_error": 0.05, "quantize": False},
+    "delta": {},
+    "delta-rel": {"max_delta_error": 0.2, "dtype": "float16"},
     "codec-none": {"codec": "none", "rank": 2},
     "rank3": {"rank": 3},
     "no-baselines": {"rank": 3, "baselines": False},
@@ -222,7 +226,7 @@ def bundles(pop: Population) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["default", "float16", "raw", "codec-none", "rank0"])
+@pytest.mark.parametrize("key", ["default", "float16", "raw", "codec-none", "rank0", "delta", "delta-rel"])
 def test_byte_parts_add_up_to_the_file(bundles: dict[str, Path], pop: Population, key: str) -> None:
     path = bundles[key]
     expected = expected_parts(path)
@@ -249,12 +253,16 @@ def test_byte_parts_add_up_to_the_file(bundles: dict[str, Path], pop: Population
     if key == "rank0":
         assert expected["bases"] == expected["coefficients"] == 0
         assert r.bytes.mean_only == r.bytes.file
+    elif key.startswith("delta"):  # quantized deltas: their codes, and steps in the coefficients
+        assert expected["deltas"] > 0 and expected["coefficients"] > 0
     else:
         assert expected["bases"] > 0 and expected["coefficients"] > 0
+        assert expected["deltas"] == 0
+    per_member = expected["bases"] + expected["coefficients"] + expected["deltas"]
     if not budget_raw(path):
-        assert r.bytes.mean_only == r.bytes.file - expected["bases"] - expected["coefficients"]
+        assert r.bytes.mean_only == r.bytes.file - per_member
     else:  # tensors kept raw for their bytes: the mean alone would have stored them once
-        assert r.bytes.mean_only < r.bytes.file - expected["bases"] - expected["coefficients"]
+        assert r.bytes.mean_only < r.bytes.file - per_member
 
 
 def test_byte_parts_in_the_terminal_and_json(bundles: dict[str, Path]) -> None:

@@ -28,12 +28,13 @@ EXPECTED = {  # registry name -> (storage, discriminating field value)
     "exact": ("exact", None),
     "lora-subspace": ("lora", "subspace"),
     "lora-factors": ("lora", "factors"),
+    "delta": ("delta", None),
 }
 
 
-def test_registry_lists_the_six_schemes_in_spec_order() -> None:
+def test_registry_lists_the_schemes_in_spec_order() -> None:
     assert list(SCHEMES) == list(EXPECTED)
-    assert storages() == ("shared", "raw", "exact", "lora")
+    assert storages() == ("shared", "raw", "exact", "lora", "delta")
     for name, (storage, variant) in EXPECTED.items():
         scheme = SCHEMES[name]
         assert scheme.storage == storage
@@ -116,5 +117,5 @@ def test_unknown_variant_is_refused_with_the_registered_choices(dense_bundle: Pa
     with pytest.raises(FormatError, match=r"field 'scheme' is 'tucker', expected one of \('rows', 'flat'\)"):
         parse.from_json(strict_json(json.dumps(doc), "test"), "test")
     shared["scheme"], shared["storage"] = "rows", "sparse"
-    with pytest.raises(FormatError, match=r"expected one of \('shared', 'raw', 'exact', 'lora'\)"):
+    with pytest.raises(FormatError, match=r"expected one of \('shared', 'raw', 'exact', 'lora', 'delta'\)"):
         parse.from_json(strict_json(json.dumps(doc), "test"), "test")

@@ -1,4 +1,4 @@
-"""An independent .upk reader (format versions 1 and 2), written from ``format_spec/upk-v1.md``
+"""An independent .upk reader (format versions 1, 2 and 3), written from ``format_spec/upk-v1.md``
 alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
@@ -6,7 +6,9 @@ specification only, without looking at unipack's implementation, and uses nothin
 standard library and numpy (plus ``zstandard``, imported lazily, for ``codec: "zstd"`` blobs).
 It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and version 2
 (LoRA adapters, section 7: ``lora`` records in ``subspace`` or ``factors`` form, the members'
-``lora`` maps, cores in the coefficient blobs, and the reference rebuild of §7.2).
+``lora`` maps, cores in the coefficient blobs, and the reference rebuild of §7.2) and version 3
+(section 8: ``delta`` records, steps in the coefficient blobs, radix-packed codes in the members'
+``codes`` blobs, and the rebuild of §8.2).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -29,7 +31,7 @@ import pytest
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
 # §2.2: name -> (numpy dtype used to hold the array, size in bytes)
@@ -356,6 +358,7 @@ class SpecBundle:
         self.coef_layout: dict[str, tuple[int, list[int]]] = {}  # shared name -> (offset, C shape)
         self.core_shapes: dict[str, list[int]] = {}  # subspace module with k_out k_in > 0 -> [k_out, k_in]
         self.lora_modules: dict[str, dict[str, Any]] = {}  # §7.1: name -> lora record
+        self.delta_layout: dict[str, dict[str, int]] = {}  # §8.1: name -> levels, group, k, G, P
         coef_total = 0
         raw_names = []
         for t in tensors:
@@ -364,7 +367,7 @@ class SpecBundle:
             _need(isinstance(name, str) and name not in names, f"bad or duplicate tensor name {name!r}")
             names.add(name)
             storage, dtype, shape = t.get("storage"), t.get("dtype"), t.get("shape")
-            _need(storage in ("shared", "raw", "exact", "lora"), f"{name}: unknown storage {storage!r}")
+            _need(storage in ("shared", "raw", "exact", "lora", "delta"), f"{name}: unknown storage {storage!r}")
             _need(dtype in _DTYPES, f"{name}: unknown dtype {dtype!r}")
             _need(isinstance(t.get("reason"), str), f"{name}: reason is not a string")
             _need(_shape_ok(shape) or (shape is None and storage == "raw"), f"{name}: bad shape {shape!r}")
@@ -401,6 +404,37 @@ class SpecBundle:
                     if k_out * k_in > 0:
                         self.core_shapes[name] = [k_out, k_in]
                 self.lora_modules[name] = t
+            elif storage == "delta":
+                # §8.1, §8.3: version 3; levels 2..256, group 1..D; a float mean of the tensor's shape.
+                _need(self.version >= 3, f"{name}: a delta record in a format version {self.version} bundle")
+                _need(dtype in _FLOAT_DTYPES, f"{name}: delta tensor with non-float dtype {dtype}")
+                d = _prod(shape)
+                _need(d >= 1, f"{name}: delta tensor with no element")
+                levels, group = t.get("levels"), t.get("group")
+                _need(_is_int(levels) and 2 <= levels <= 256, f"{name}: levels {levels!r} not in 2..256")
+                _need(_is_int(group) and 1 <= group <= d, f"{name}: group {group!r} not in 1..{d}")
+                step = t.get("mean_step")
+                if step is None:
+                    use(t.get("mean"), f"mean of {name}", shape=shape, float_ok=True)
+                else:  # §8.1: a quantized mean, I16 integers times a positive finite step
+                    _need(
+                        isinstance(step, (int, float))
+                        and not isinstance(step, bool)
+                        and math.isfinite(step)
+                        and step > 0,
+                        f"{name}: mean_step {step!r} is not a positive finite number",
+                    )
+                    use(t.get("mean"), f"mean of {name}", dtype="I16", shape=shape)
+                k = 1
+                while levels ** (k + 1) <= 256:
+                    k += 1
+                self.delta_layout[name] = {
+                    "levels": levels,
+                    "group": group,
+                    "per_byte": k,
+                    "steps": -(-d // group),
+                    "bytes": -(-d // k),
+                }
             elif storage == "raw":
                 raw_names.append(name)
             elif storage == "exact":
@@ -441,6 +475,7 @@ class SpecBundle:
         member_names: set[str] = set()
         by_name = {t["name"]: t for t in tensors}
         self.member_layout: dict[str, dict[str, tuple[int, list[int]]]] = {}
+        self.code_layout: dict[str, dict[str, int]] = {}  # member -> delta tensor -> byte offset
         for i, mem in enumerate(members):
             _need(isinstance(mem, dict), f"member {i} is not an object")
             mname = mem.get("name")
@@ -527,22 +562,41 @@ class SpecBundle:
             # The member's own coefficient layout (§3.3, §7.1), in tensors order: the C of each shared
             # rank>0 tensor it does not override, and the core of each subspace module with
             # k_out k_in > 0 that it touches.
+            # §8.1: and the G steps of each delta tensor it does not override; its codes blob holds
+            # the P bytes of each of those, in the same order.
             layout, total = {}, 0
+            code_layout, code_total = {}, 0
             for tname in by_name:
                 if tname in self.coef_layout and tname not in raw:
                     c_shape = self.coef_layout[tname][1]
                 elif tname in self.core_shapes and tname in lora:
                     c_shape = self.core_shapes[tname]
+                elif tname in self.delta_layout and tname not in raw:
+                    c_shape = [self.delta_layout[tname]["steps"]]
+                    code_layout[tname] = code_total
+                    code_total += self.delta_layout[tname]["bytes"]
                 else:
                     continue
                 layout[tname] = (total, c_shape)
                 total += _prod(c_shape)
             self.member_layout[mname] = layout
+            self.code_layout[mname] = code_layout
             coef = mem.get("coefficients")
             if total > 0:
+                if self.coef_dtype is None and isinstance(coef, str) and coef in blobs:
+                    # No basis fixes the coefficient dtype (delta tensors only): the first member's does.
+                    self.coef_dtype = blobs[coef]["dtype"]
+                    _need(
+                        self.coef_dtype in _COEF_DTYPES, f"coefficient dtype {self.coef_dtype} is not F32, F16 or BF16"
+                    )
                 use(coef, f"coefficients of {mname}", dtype=self.coef_dtype, shape=[total])
             else:
                 _need(coef is None, f"member {mname}: coefficients without any shared rank>0 tensor or core")
+            codes = mem.get("codes")
+            if code_total > 0:
+                use(codes, f"codes of {mname}", dtype="U8", shape=[code_total])
+            else:
+                _need(codes is None, f"member {mname}: a codes blob without any delta tensor")
         self.members = {mem["name"]: mem for mem in members}
         unused = set(blobs) - set(used)
         _need(not unused, f"blobs not referenced by the manifest: {sorted(unused)}")
@@ -600,6 +654,7 @@ class SpecBundle:
         coef = None
         if mem.get("coefficients") is not None:
             coef = _widen(self.decode_blob(mem["coefficients"]), self.coef_dtype)
+        codes = None  # decoded when the first delta tensor needs it
         out: dict[str, tuple[str, np.ndarray]] = {}
         lora = mem.get("lora") or {}
         for t in self.tensors:
@@ -626,7 +681,15 @@ class SpecBundle:
                 out[name] = (mdt, self.decode_blob(t["blob"]))
                 continue
             shape = t["shape"]
-            mean = _widen(self.decode_blob(t["mean"]), self.blobs[t["mean"]]["dtype"])
+            if t.get("mean_step") is not None:  # §8.2 step 1: integers times the step, in float64
+                mean = self.decode_blob(t["mean"]).astype(np.float64) * float(t["mean_step"])
+            else:
+                mean = _widen(self.decode_blob(t["mean"]), self.blobs[t["mean"]]["dtype"])
+            if t["storage"] == "delta":  # §8.2
+                if codes is None:
+                    codes = self.decode_blob(mem["codes"])
+                out[name] = (mdt, _round_to(self._delta(member, t, mean, coef, codes), mdt))
+                continue
             if t["rank"] == 0:
                 w = mean
             else:
@@ -643,6 +706,22 @@ class SpecBundle:
                         w = (mean.reshape(mm, nn) + basis @ c).reshape(shape)
             out[name] = (mdt, _round_to(w, mdt))
         return out
+
+    def _delta(self, member: str, t: dict[str, Any], mean: np.ndarray, coef: Any, codes: np.ndarray) -> np.ndarray:
+        """§8.2 steps 1-3: W = M + (u - (L - 1)/2) * s[e // g], float64, before the member's rounding."""
+        info = self.delta_layout[t["name"]]
+        levels, group, k = info["levels"], info["group"], info["per_byte"]
+        d = _prod(t["shape"])
+        start = self.code_layout[member][t["name"]]
+        packed = codes[start : start + info["bytes"]].astype(np.int64)
+        # §8.3: every byte must be a packing of k codes below L.
+        _need(bool(np.all(packed < levels**k)), f"{t['name']}: a code byte is >= L^k = {levels**k}")
+        digits = np.stack([(packed // levels**i) % levels for i in range(k)], axis=1).reshape(-1)[:d]
+        off, (count,) = self.member_layout[member][t["name"]]
+        steps = coef[off : off + count]
+        q = digits.astype(np.float64) - (levels - 1) / 2
+        w = mean.reshape(-1) + q * steps[np.arange(d) // group]
+        return w.reshape(t["shape"])
 
     def _subspace_parts(
         self, member: str, t: dict[str, Any], coef: np.ndarray | None
@@ -772,8 +851,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "members-f16": {"members": ["F16"] * N_MEMBERS, "options": {}},
     "members-bf16": {"members": ["BF16"] * N_MEMBERS, "options": {}},
     "mixed-f16-f32": {"members": ["F32", "F32", "F16", "F32", "F32"], "options": {}},
+    # §8: quantized deltas, under both error rules and every coefficient dtype.
+    "delta-f32": {"members": ["F32"] * N_MEMBERS, "options": {"quantize": True}},
+    "delta-none": {"members": ["F32"] * N_MEMBERS, "options": {"quantize": True, "codec": "none"}},
+    "delta-rel-f16": {
+        "members": ["F32"] * N_MEMBERS,
+        "options": {"quantize": True, "max_delta_error": 0.3, "dtype": "float16"},
+    },
+    "delta-rel-bf16": {
+        "members": ["BF16"] * N_MEMBERS,
+        "options": {"quantize": True, "max_delta_error": 0.2, "dtype": "bfloat16"},
+    },
+    "delta-mixed": {
+        "members": ["F32", "F16", "F32", "F32", "F32"],
+        "options": {"quantize": True, "max_delta_error": 0.5},
+    },
 }
-_COMMON = {"raw": ("adapter.*",), "raw_mismatched": True}
+_COMMON = {"raw": ("adapter.*",), "raw_mismatched": True, "quantize": False}
 
 
 @pytest.fixture(scope="module")
@@ -783,7 +877,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
         d = tmp_path_factory.mktemp(key)
         paths = _population(d, spec["members"])
         target = d / "bundle.upk"
-        unipack.merge([str(p) for p in paths], str(target), **_COMMON, **spec["options"])
+        unipack.merge([str(p) for p in paths], str(target), **{**_COMMON, **spec["options"]})
         out[key] = (target, paths)
     return out
 
@@ -855,6 +949,25 @@ def test_manifest_shows_expected_choices(bundles):
     assert tensors["classifier.bias"]["storage"] == "raw" and tensors["classifier.bias"]["shape"] is None
     assert tensors["adapter.gate.weight"]["storage"] == "raw"
     assert tensors["adapter.gate.weight"]["shape"] == [8, 8]
+
+
+@pytest.mark.parametrize("variant", [k for k in VARIANTS if k.startswith("delta")])
+def test_delta_bundles_hold_delta_tensors_at_version_3(bundles, variant):
+    """The §8 variants exercise what they claim: delta records of several level counts, codes
+    blobs, and version 3 (the subspace variants stay version 1, §6)."""
+    path, _ = bundles[variant]
+    spec = SpecBundle(path)
+    assert spec.version == 3
+    deltas = {t["name"]: t for t in spec.manifest["tensors"] if t["storage"] == "delta"}
+    assert len(deltas) >= 3, [t["reason"] for t in spec.manifest["tensors"]]
+    if variant == "delta-f32":  # both kinds of mean occur: quantized (I16 x mean_step) and float
+        kinds = {spec.blobs[t["mean"]]["dtype"] for t in deltas.values()}
+        assert "I16" in kinds, kinds
+    for mem in spec.manifest["members"]:
+        assert mem["codes"] is not None
+    for key in VARIANTS:
+        if not key.startswith("delta"):
+            assert SpecBundle(bundles[key][0]).version == 1, key
 
 
 def test_codec_none_bundle_has_no_zstd_blob(bundles):
@@ -1066,7 +1179,7 @@ def _manifest_dup_key(header: dict) -> None:
 
 
 def _set_version(m: dict) -> None:
-    m["format_version"] = 3
+    m["format_version"] = 4
 
 
 def _tamper_manifest(m: dict) -> None:
@@ -1079,8 +1192,8 @@ _MALFORMED = {
     "past-the-end": dict(edit_header=_shift_last),
     "gap": dict(edit_header=_shift_last, tail=b"\0"),
     "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
-    "version-3": dict(
-        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "3")
+    "version-4": dict(
+        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "4")
     ),
     "versions-disagree": dict(edit_manifest=_set_version),
     "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
@@ -1104,7 +1217,7 @@ def test_structural_rules(bundles, tmp_path, case):
     with pytest.raises(unipack.FormatError) as theirs:
         with unipack.open(str(bad)) as b:
             b.load_numpy(member)
-    if case == "version-3":
+    if case == "version-4":
         assert isinstance(mine.value, SpecVersionError)
         assert "3" in str(mine.value) and "1" in str(mine.value)
         assert "3" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,11 @@ from unipack.errors import OptionsError
 from unipack.format.codec import CODECS as CODEC_REGISTRY
 from unipack.format.dtypes import STORAGE_DTYPES
 
-#: The default fidelity target: every member's relative Frobenius error on every tensor.
+#: The default fidelity target: every member's relative Frobenius error on every tensor, against
+#: its weight (``max_error``) and against what its fine-tune changed (``max_delta_error``; None:
+#: no such bound). Both apply when neither --max-error, --max-delta-error, --rank nor --energy is given.
 DEFAULT_MAX_ERROR = 0.01
+DEFAULT_MAX_DELTA_ERROR: float | None = None
 
 #: The decompositions ``--scheme`` chooses between (``unipack.schemes.rows`` and ``.flat``).
 DECOMPOSITIONS = ("rows", "flat")
@@ -27,13 +31,50 @@ CODECS = tuple(sorted(CODEC_REGISTRY, key=lambda name: name != "zstd"))
 LOSSLESS = ("auto", "full", "sample", "off")
 
 
-def rule_text(rule: str, *, rank: object = None, energy: object = None, max_error: object = None) -> str:
-    """The rank rule in words, as reasons and reports print it: ``fixed rank 4``, ``max-error 0.01``."""
+def rule_text(
+    rule: str, *, rank: object = None, energy: object = None, max_error: object = None, max_delta_error: object = None
+) -> str:
+    """The rule in words, as reasons and reports print it: ``fixed rank 4``, ``max-error 0.01``,
+    ``max-error 0.01 and max-delta-error 0.2``."""
     if rule == "rank":
         return f"fixed rank {rank}"
     if rule == "energy":
         return f"energy {energy}"
-    return f"max-error {max_error}"
+    bounds = [f"max-error {max_error}"] if max_error is not None else []
+    bounds += [f"max-delta-error {max_delta_error}"] if max_delta_error is not None else []
+    return " and ".join(bounds) or "max-error None"
+
+
+@dataclass(frozen=True)
+class ErrorBudget:
+    """The error rule: every member, on every tensor, within ``max_error`` of its weight
+    (||W-Ŵ||/||W||) and within ``max_delta_error`` of what its fine-tune changed
+    (||W-Ŵ||/||W-M||, M the members' mean); one or both are set."""
+
+    max_error: float | None = None
+    max_delta_error: float | None = None
+
+    def absolute(self, norm: float, delta_norm: float) -> float:
+        """A member's budget for ||W - Ŵ||: the tighter of the two bounds."""
+        bounds = []
+        if self.max_error is not None:
+            bounds.append(self.max_error * (norm if norm > 0.0 else 1.0))
+        if self.max_delta_error is not None:
+            bounds.append(self.max_delta_error * delta_norm)
+        return min(bounds)
+
+    def met(self, errors: Sequence[float], delta_errors: Sequence[float] | None = None) -> bool:
+        """Whether every member is within both bounds (``delta_errors``: ||W-Ŵ||/||W-M|| each)."""
+        if self.max_error is not None and max(errors, default=0.0) > self.max_error:
+            return False
+        if self.max_delta_error is not None:
+            assert delta_errors is not None
+            return max(delta_errors, default=0.0) <= self.max_delta_error
+        return True
+
+    @property
+    def text(self) -> str:
+        return rule_text("max-error", max_error=self.max_error, max_delta_error=self.max_delta_error)
 
 
 def _opt(default: Any, flag: str, help: str, **cli: Any) -> Any:
@@ -42,13 +83,22 @@ def _opt(default: Any, flag: str, help: str, **cli: Any) -> Any:
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """How to pack members. Exactly one rank rule applies: ``rank``, ``energy`` or ``max_error``."""
+    """How to pack members. One rule applies: ``rank``, ``energy``, or error bounds (``max_error``
+    and/or ``max_delta_error``, every member within both)."""
 
     max_error: float | None = _opt(
         None,
         "--max-error",
         f"Per-tensor budget: smallest rank at which every member's relative error "
         f"||W-Ŵ||/||W|| is <= E (default {DEFAULT_MAX_ERROR} unless --rank/--energy is given).",
+        type=float,
+    )
+    max_delta_error: float | None = _opt(
+        None,
+        "--max-delta-error",
+        "Per-tensor budget relative to what the fine-tune changed: every member's ||W-Ŵ||/||W-M|| "
+        "is <= D (M: the members' mean). The right axis for gentle fine-tunes, where 1% of the "
+        "weight can be the whole fine-tune.",
         type=float,
     )
     rank: int | None = _opt(
@@ -86,6 +136,12 @@ class MergeOptions:
         "Tensors whose shape differs between members (task-specific heads, first layers with other "
         "input channels) are stored raw per member (the default); --strict-shapes refuses them instead.",
     )
+    quantize: bool = _opt(
+        True,
+        "--quantize/--no-quantize",
+        "Also try, per tensor, the mean plus each member's quantized delta (storage delta) and keep "
+        "it where it is the cheapest storage meeting the budget (--max-error or --max-delta-error).",
+    )
     codec: str = _opt("zstd", "--codec", "Lossless codec for stored blobs.", choices=CODECS)
     zstd_level: int = _opt(3, "--zstd-level", "zstd level (1-22).", type=int)
     gram_limit: int = _opt(
@@ -113,14 +169,24 @@ class MergeOptions:
     )
 
     def __post_init__(self) -> None:
-        given = [n for n in ("max_error", "rank", "energy") if getattr(self, n) is not None]
-        if len(given) > 1:
-            flags = " and ".join("--" + n.replace("_", "-") for n in given)
-            raise OptionsError(f"options {flags} contradict each other: give one rank rule")
-        if not given:
+        fixed = [n for n in ("rank", "energy") if getattr(self, n) is not None]
+        bounds = [n for n in ("max_error", "max_delta_error") if getattr(self, n) is not None]
+        if len(fixed) > 1 or (fixed and bounds):
+            flags = " and ".join("--" + n.replace("_", "-") for n in bounds + fixed)
+            raise OptionsError(
+                f"options {flags} contradict each other: give --rank, --energy, or error bounds "
+                f"(--max-error and/or --max-delta-error)"
+            )
+        if not fixed and not bounds:
             object.__setattr__(self, "max_error", DEFAULT_MAX_ERROR)
+            object.__setattr__(self, "max_delta_error", DEFAULT_MAX_DELTA_ERROR)
         if self.max_error is not None and not 0 <= self.max_error < 1:
             raise OptionsError(f"--max-error {self.max_error}: must be in [0, 1) (0.01 means 1% relative error)")
+        if self.max_delta_error is not None and not 0 <= self.max_delta_error < 1:
+            raise OptionsError(
+                f"--max-delta-error {self.max_delta_error}: must be in [0, 1) "
+                f"(0.2: each member's error is at most 20% of its difference from the mean)"
+            )
         if self.rank is not None and self.rank < 0:
             raise OptionsError(f"--rank {self.rank}: must be >= 0")
         if self.energy is not None and not 0 <= self.energy <= 1:
@@ -139,7 +205,7 @@ class MergeOptions:
 
     @property
     def rule(self) -> str:
-        """Which rank rule applies: ``max-error``, ``rank`` or ``energy``."""
+        """Which rule applies: ``max-error`` (error bounds: ``budget``), ``rank`` or ``energy``."""
         if self.rank is not None:
             return "rank"
         if self.energy is not None:
@@ -147,8 +213,21 @@ class MergeOptions:
         return "max-error"
 
     @property
+    def budget(self) -> ErrorBudget | None:
+        """The error bounds of a ``max-error`` rule (None for a rank or energy rule)."""
+        if self.rule != "max-error":
+            return None
+        return ErrorBudget(self.max_error, self.max_delta_error)
+
+    @property
     def rule_text(self) -> str:
-        return rule_text(self.rule, rank=self.rank, energy=self.energy, max_error=self.max_error)
+        return rule_text(
+            self.rule,
+            rank=self.rank,
+            energy=self.energy,
+            max_error=self.max_error,
+            max_delta_error=self.max_delta_error,
+        )
 
     def raw_pattern_for(self, tensor: str) -> str | None:
         """The first ``--raw`` pattern that names ``tensor``, if any."""

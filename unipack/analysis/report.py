@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from unipack.usercode import EvalHook
 
 #: Byte parts of a bundle file, in file order; they add up exactly to the file size.
-PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "factors", "raw", "exact")
+PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "deltas", "factors", "raw", "exact")
 #: The ways of storing a member that the report compares.
 METHODS = ("unipack", "mean-only", "svd")
 
@@ -123,10 +123,14 @@ class Report:
 
 
 def rule_text(options: Mapping[str, Any]) -> str:
-    """The rank rule a bundle's recorded options name, and whether it bounds the errors."""
+    """The rule a bundle's recorded options name, and whether it bounds the errors."""
     rule = "rank" if options.get("rank") is not None else "energy" if options.get("energy") is not None else "max-error"
     words = options_rule_text(
-        rule, rank=options.get("rank"), energy=options.get("energy"), max_error=options.get("max_error")
+        rule,
+        rank=options.get("rank"),
+        energy=options.get("energy"),
+        max_error=options.get("max_error"),
+        max_delta_error=options.get("max_delta_error"),
     )
     return f"{words} per member per tensor" if rule == "max-error" else f"{words} (errors recorded, not bounded)"
 
@@ -146,7 +150,11 @@ def build_report(
     members = []
     for m in manifest.members:
         record = fidelity.get(m.name, m.fidelity)
-        own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)
+        own = (
+            sum(stored[b] for b in m.raw.values())
+            + (stored[m.coefficients] if m.coefficients is not None else 0)
+            + (stored[m.codes] if m.codes is not None else 0)
+        )
         members.append(_member_report(manifest, m, record, own, own + shared_bytes // n))
     tensors = _tensor_reports(manifest, stored, fidelity)
     measured = [m.lossless_bytes for m in manifest.members if m.lossless_bytes is not None]
@@ -176,7 +184,7 @@ def build_report(
 def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str, int]) -> int:
     """About what a rank-0 bundle would cost: no bases or coefficients, and one mean in place of
     the per-member copies of every tensor the merge kept raw only because raw was cheaper."""
-    size = sum(parts.values()) - parts["bases"] - parts["coefficients"]
+    size = sum(parts.values()) - parts["bases"] - parts["coefficients"] - parts["deltas"]
     for t in manifest.tensors:
         size += scheme_of(t).mean_only_change(t, manifest, stored)
     return size
@@ -301,15 +309,16 @@ def _winner(errors: Mapping[str, float | None]) -> str | None:
 
 
 def _coefficient_shares(manifest: Manifest, stored: dict[str, int]) -> dict[str, int]:
-    """Each tensor's share of the members' (jointly compressed) coefficient blobs, by element count."""
+    """Each tensor's share of the members' (jointly compressed) coefficient and code blobs, by
+    element (coefficients) or byte (codes) count."""
     shares: dict[str, float] = {}
     for m in manifest.members:
-        if m.coefficients is None:
-            continue
-        offsets = manifest.coef_offsets(m)
-        total = sum(hi - lo for lo, hi in offsets.values())
-        for name, (lo, hi) in offsets.items():
-            shares[name] = shares.get(name, 0.0) + stored[m.coefficients] * (hi - lo) / total
+        for blob, offsets in ((m.coefficients, manifest.coef_offsets(m)), (m.codes, manifest.code_offsets(m))):
+            if blob is None:
+                continue
+            total = sum(hi - lo for lo, hi in offsets.values())
+            for name, (lo, hi) in offsets.items():
+                shares[name] = shares.get(name, 0.0) + stored[blob] * (hi - lo) / total
     return {k: round(v) for k, v in shares.items()}
 
 

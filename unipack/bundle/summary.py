@@ -1,21 +1,25 @@
 """What a bundle costs and how faithful it is: the numbers ``unipack info`` prints.
 
-Bytes are taken from the file's own header, so the parts add up exactly to the file size.
+Bytes are taken from the file's own header, so the parts add up exactly to the file size, and
+they are split as ``unipack report`` splits them (header, manifest, padding, then blobs by role).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from unipack.errors import FormatError
 from unipack.format.manifest import Manifest
 from unipack.format.safetensors_file import SafetensorsHeader
 from unipack.schemes import scheme_of
 
-#: ``factors``: LoRA modules kept as the adapters' own factors (``form: factors``), apart from ``raw``
-#: so that a LoRA bundle's bytes for updates are bases + coefficients + factors.
-PARTS = ("header", "means", "bases", "coefficients", "factors", "raw", "exact")
+#: Byte parts of a bundle file, in file order, the same as ``unipack report``'s. ``factors``: LoRA
+#: modules kept as the adapters' own factors (``form: factors``), apart from ``raw`` so that a LoRA
+#: bundle's bytes for updates are bases + coefficients + factors.
+PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "deltas", "factors", "raw", "exact")
 
 
 @dataclass(frozen=True)
@@ -64,14 +68,45 @@ def blob_parts(manifest: Manifest) -> dict[str, str]:
     for m in manifest.members:
         if m.coefficients is not None:
             roles[m.coefficients] = "coefficients"
+        if m.codes is not None:
+            roles[m.codes] = "deltas"
     for t in manifest.tensors:
         roles.update(scheme_of(t).blob_parts(t, manifest))
     return roles
 
 
-def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
+def header_parts(header: SafetensorsHeader, header_bytes: bytes) -> dict[str, int]:
+    """The bytes before the first blob, in three parts: ``manifest`` (the manifest as a JSON string
+    inside the header), ``padding`` (the spaces that align the data section) and ``header`` (the
+    rest: the length prefix, the blob entries and the other metadata)."""
+    body = header_bytes[8:]
+    padding = len(body) - len(body.rstrip(b" "))
+    manifest = 0
+    text = (header.metadata or {}).get("manifest", "")
+    for ascii_only in (False, True):  # as unipack writes it, or as another writer may escape it
+        encoded = json.dumps(text, ensure_ascii=ascii_only).encode("utf-8")
+        if encoded in body:
+            manifest = len(encoded)
+            break
+    return {"header": header.data_start - manifest - padding, "manifest": manifest, "padding": padding}
+
+
+def read_header_bytes(header: SafetensorsHeader) -> bytes:
+    """The header as stored in the file (``info`` splits it into parts)."""
+    try:
+        with open(header.path, "rb") as f:
+            data = f.read(header.data_start)
+    except OSError as exc:
+        raise FormatError(f"{header.path}: cannot read its header ({exc.strerror or exc})") from None
+    if len(data) != header.data_start:
+        raise FormatError(f"{header.path}: changed while it was read (its header is shorter now); open it again")
+    return data
+
+
+def summarize(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes | None = None) -> BundleSummary:
+    """``header_bytes``: the header as stored, when the caller has it (else read from the file)."""
     parts = dict.fromkeys(PARTS, 0)
-    parts["header"] = header.data_start
+    parts.update(header_parts(header, header_bytes if header_bytes is not None else read_header_bytes(header)))
     stored = {name: e.nbytes for name, e in header.tensors.items()}
     for name, part in blob_parts(manifest).items():
         parts[part] += stored[name]
@@ -85,7 +120,11 @@ def summarize(manifest: Manifest, header: SafetensorsHeader) -> BundleSummary:
             ranks.append(rank)
     members = []
     for m in manifest.members:
-        own = sum(stored[b] for b in m.raw.values()) + (stored[m.coefficients] if m.coefficients else 0)
+        own = (
+            sum(stored[b] for b in m.raw.values())
+            + (stored[m.coefficients] if m.coefficients is not None else 0)
+            + (stored[m.codes] if m.codes is not None else 0)
+        )
         worst = max(range(len(m.errors)), key=m.errors.__getitem__, default=None)
         members.append(
             MemberSummary(

@@ -18,7 +18,7 @@ import numpy as np
 
 from unipack.core.fidelity import MemberFidelity
 from unipack.format import dtypes
-from unipack.options import rule_text
+from unipack.options import ErrorBudget, rule_text
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class TensorJob:
     member_dtypes: tuple[str, ...]  # each member's input dtype (float)
     load: Callable[[int], np.ndarray]  # member i's values as float64, in ``shape``
     rule: str  # max-error | rank | energy
-    max_error: float | None
+    budget: ErrorBudget | None  # the error bounds of a max-error rule
     rank: int | None
     energy: float | None
     coef_dtype: str  # F32 | F16 | BF16
@@ -94,8 +94,9 @@ class SchemeModel(Protocol):
     def bytes_at(self, rank: int) -> int:
         """Stored bytes (before lossless compression) of mean + basis + all coefficients."""
 
-    def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
-        """Smallest rank <= cap at which every member is estimated within ``max_error``."""
+    def rank_for_max_error(self, budget: ErrorBudget, cap: int) -> int | None:
+        """Smallest rank <= cap at which every member is estimated within ``budget`` (of its
+        weight and/or of its delta from the stored mean)."""
 
     def encode(self, rank: int) -> Encoded:
         """Round and encode at ``rank``; errors are measured, not estimated."""
@@ -139,7 +140,7 @@ def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
                 f"values overflow the {job.coef_dtype} coefficients (stored raw; "
                 f"--dtype float32 or bfloat16 avoids this)"
             )
-        if meets_rule(job.rule, job.max_error, encoded.errors):
+        if meets_rule(job.budget, encoded.errors, [f.delta_error for f in encoded.fidelity]):
             return _with_reason(encoded, _rule_text(job))
         if rank >= cap:
             return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
@@ -147,10 +148,13 @@ def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
         rank = grow(rank, cap)
 
 
-def meets_rule(rule: str, max_error: float | None, errors: Sequence[float]) -> bool:
-    """Whether an encoding is done: a fixed rank or energy rule takes what it gets (errors are
-    recorded, not bounded); ``max-error`` needs every member within budget after all rounding."""
-    return rule != "max-error" or max(errors, default=0.0) <= (max_error or 0.0)
+def meets_rule(
+    budget: ErrorBudget | None, errors: Sequence[float], delta_errors: Sequence[float] | None = None
+) -> bool:
+    """Whether an encoding is done: a fixed rank or energy rule (no budget) takes what it gets
+    (errors are recorded, not bounded); error bounds need every member within them after all
+    rounding."""
+    return budget is None or budget.met(errors, delta_errors)
 
 
 def grow(rank: int, cap: int) -> int:
@@ -159,7 +163,9 @@ def grow(rank: int, cap: int) -> int:
 
 
 def _rule_text(job: TensorJob) -> str:
-    return rule_text(job.rule, rank=job.rank, energy=job.energy, max_error=job.max_error)
+    if job.budget is not None:
+        return job.budget.text
+    return rule_text(job.rule, rank=job.rank, energy=job.energy)
 
 
 def _rank_by_rule(model: SchemeModel, job: TensorJob, cap: int) -> int | None:
@@ -169,8 +175,8 @@ def _rank_by_rule(model: SchemeModel, job: TensorJob, cap: int) -> int | None:
     if job.rule == "energy":
         assert job.energy is not None
         return energy_rank(model.eigenvalues, job.energy)
-    assert job.max_error is not None
-    return model.rank_for_max_error(job.max_error, cap)
+    assert job.budget is not None
+    return model.rank_for_max_error(job.budget, cap)
 
 
 def _with_reason(encoded: Encoded, rule: str) -> Encoded:

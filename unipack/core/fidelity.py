@@ -77,15 +77,19 @@ def measure(
     mean_error = rel_error(x, dtypes.round_trip(mean, member_dtype), norm)
     svd_error = svd_rank = None
     if svd_values is not None:
-        svd_rank = svd_rank_for_budget(svd_values, x.shape)
-        if min(x.shape) > SVD_SIDE_LIMIT:
-            svd_rank = 0
-        svd_error = (
-            mean_error
-            if svd_rank == 0
-            else truncation_error(delta, svd_rank, delta_norm) / (norm if norm > 0.0 else 1.0)
-        )
+        svd_error, svd_rank = svd_baseline(delta, delta_norm, norm, mean_error, svd_values)
     return MemberFidelity(norm, delta_error, mean_error, svd_error, svd_rank)
+
+
+def svd_baseline(
+    delta: np.ndarray, delta_norm: float, norm: float, mean_error: float, svd_values: float
+) -> tuple[float, int]:
+    """The per-member truncated SVD of ``delta`` (a matrix view of W - M) at ``svd_values``
+    numbers: its relative error ||W - Ŵ||/||W|| and its rank (0: the mean alone)."""
+    svd_rank = 0 if min(delta.shape) > SVD_SIDE_LIMIT else svd_rank_for_budget(svd_values, delta.shape)
+    if svd_rank == 0:
+        return mean_error, 0
+    return truncation_error(delta, svd_rank, delta_norm) / (norm if norm > 0.0 else 1.0), svd_rank
 
 
 def truncation_error(delta: np.ndarray, rank: int, delta_norm: float) -> float:

@@ -50,12 +50,19 @@ class BundleWriter:
         with spool_file(out.parent, out.name) as f:
             yield cls(f, codec_name, level)
 
+    def level_for(self, dtype: str) -> int:
+        """The zstd level a blob of ``dtype`` is written at. Packed quantization codes (U8) are
+        near-random bytes: at the fast levels, zstd's match finder spends bits on spurious short
+        matches that its level 1 skips (about 0.1-0.5 bit per code less, measured on Gaussian
+        and Laplacian deltas), while the slow levels' optimal parsing avoids them anyway."""
+        return 1 if dtype == "U8" and self._level <= 3 else self._level
+
     def add(self, name: str, array: np.ndarray, dtype: str) -> str:
         """Store ``array`` (held as ``dtypes.holder(dtype)``) as blob ``name``; returns the name."""
         if name in self.blobs:
             raise ValueError(f"blob {name!r} written twice")
         data = dtypes.to_bytes(array, dtype)
-        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self._level)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self.level_for(dtype))
         shape = tuple(int(d) for d in array.shape)
         self.blobs[name] = BlobRecord(dtype, shape, used, shuffled, codec.sha256(stored))
         if used == "none":  # an ordinary tensor that any safetensors tool can read

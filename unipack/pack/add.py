@@ -142,13 +142,13 @@ def add(
 
 
 def free_member_index(blob_names: Iterable[str]) -> int:
-    """The smallest ``i`` that no ``coef/<i>`` or ``raw/<i>/...`` blob uses yet.
+    """The smallest ``i`` that no ``coef/<i>``, ``codes/<i>`` or ``raw/<i>/...`` blob uses yet.
 
     Not ``len(members)``: blob names are not normative (spec 3.5) and need not be dense.
     """
     used = set()
     for blob in blob_names:
-        match = re.match(r"coef/([0-9]+)$|raw/([0-9]+)/", blob)
+        match = re.match(r"(?:coef|codes)/([0-9]+)$|raw/([0-9]+)/", blob)
         if match:
             used.add(int(match.group(1) or match.group(2)))
     index = 0
@@ -216,6 +216,7 @@ class _Adder:
         self.errors: list[float] = []
         self.fidelity: list[MemberFidelity] = []
         self.coefs: list[np.ndarray] = []
+        self.codes: list[np.ndarray] = []  # packed codes of the delta tensors, in tensor order
 
     def __call__(self, old: Manifest, writer: BundleWriter) -> Manifest:
         if old != self.reader.manifest:
@@ -228,6 +229,7 @@ class _Adder:
         coef_blob = None
         if self.coefs:
             coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
+        codes_blob = writer.add(f"codes/{self.index}", np.concatenate(self.codes), "U8") if self.codes else None
         measured = self._lossless()
         member = MemberRecord(
             name=c.name,
@@ -242,6 +244,7 @@ class _Adder:
             lossless_bytes=measured.compressed_bytes if measured else None,
             fidelity=fidelity_record(self.fidelity, self.options.baselines),
             configs=c.configs,
+            codes=codes_blob,
         )
         self.manifest = dataclasses.replace(
             old,
@@ -265,9 +268,12 @@ class _Adder:
         reason: str,
         fidelity: MemberFidelity,
         coefficients: np.ndarray | None = None,
+        codes: np.ndarray | None = None,
     ) -> None:
         if coefficients is not None:
             self.coefs.append(coefficients)
+        if codes is not None:
+            self.codes.append(codes)
         self._record(t, kind, error, reason, fidelity)
 
     def store_raw(

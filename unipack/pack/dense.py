@@ -6,20 +6,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, Protocol
 
 import numpy as np
 
 from unipack.core.decomposition import Encoded, KeepRaw, TensorJob, decompose
-from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record, round_up, spectrum
+from unipack.core.fidelity import (
+    EXACT,
+    MemberFidelity,
+    fidelity_record,
+    matrix_view,
+    round_up,
+    spectrum,
+    svd_baseline,
+)
 from unipack.core.linalg import rel_error
-from unipack.format import dtypes
+from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless
 from unipack.pack.plan import TensorPlan
+from unipack.schemes import delta, scheme_of
 from unipack.schemes.exact import EXACT_SCHEME, ExactParams
 from unipack.schemes.raw import RAW, RawParams
 from unipack.schemes.shared import decomposition
@@ -44,6 +54,7 @@ class Merger:
         self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
         n = len(checkpoints)
         self.coefs: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.codes: list[list[np.ndarray]] = [[] for _ in range(n)]  # packed codes of delta tensors
         self.raw: list[dict[str, str]] = [{} for _ in range(n)]
         self.errors: list[list[float]] = [[] for _ in range(n)]
         self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
@@ -73,23 +84,103 @@ class Merger:
                 plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)", "values"
             )
         assert plan.shape is not None
+        # With two families of candidates, the per-member SVD baselines (an eigendecomposition per
+        # member) are measured once, for the winner, instead of inside every candidate's encoding.
+        lazy_baselines = self.options.baselines and self._quantizing()
         job = TensorJob(
             name=plan.name,
             shape=plan.shape,
             member_dtypes=plan.dtypes,
             load=lambda i: self._values(i, plan.name),
             rule=self.options.rule,
-            max_error=self.options.max_error,
+            budget=self.options.budget,
             rank=self.options.rank,
             energy=self.options.energy,
             coef_dtype=self.coef_dtype,
             gram_limit=self.options.gram_limit,
-            baselines=self.options.baselines,
+            baselines=self.options.baselines and not lazy_baselines,
         )
         result = decompose(job, [decomposition(name).fit for name in plan.schemes])
+        quantized = self._fit_delta(plan, job)
+        if quantized is not None:
+            rival = self._raw_cost(plan) if isinstance(result, KeepRaw) else self._shared_cost(result)
+            if quantized.stored_bytes < rival:
+                if lazy_baselines:
+                    values = [
+                        (c.size + s.nbytes) / dtypes.itemsize(self.coef_dtype)
+                        for c, s in zip(quantized.codes, quantized.scales)
+                    ]
+                    mean = delta.DeltaParams(mean_step=quantized.mean_step).mean_values(
+                        quantized.mean, quantized.mean_dtype
+                    )
+                    quantized.fidelity = self._svd_baselines(plan, quantized.fidelity, mean, values)
+                return self._store_delta(plan, quantized)
         if isinstance(result, KeepRaw):
             return self._store_raw(plan, result.reason, "budget")
-        return self._store_shared(plan, result)
+        return self._store_shared(plan, result, lazy_baselines)
+
+    def _quantizing(self) -> bool:
+        return self.options.quantize and self.options.budget is not None
+
+    def _svd_baselines(
+        self, plan: TensorPlan, fidelity: list[MemberFidelity], mean: np.ndarray, values: list[float]
+    ) -> list[MemberFidelity]:
+        """``fidelity`` with each member's own truncated SVD at ``values[i]`` numbers filled in."""
+        assert plan.shape is not None
+        matrix = matrix_view(plan.shape)
+        out = []
+        for i, f in enumerate(fidelity):
+            d = self._values(i, plan.name).reshape(matrix) - mean.reshape(matrix)
+            error, rank = svd_baseline(d, float(np.linalg.norm(d.ravel())), f.norm, f.mean_error, values[i])
+            out.append(dataclasses.replace(f, svd_error=error, svd_rank=rank))
+        return out
+
+    # -- the per-tensor choice: every candidate priced at its compressed bytes ------------------
+
+    def _compressed(self, array: np.ndarray, dtype: str) -> int:
+        """Bytes ``array`` (held as ``dtype``) takes in the bundle, compressed as the writer will."""
+        data = dtypes.to_bytes(array, dtype)
+        level = self.writer.level_for(dtype)
+        stored, _, _ = codec.encode(data, dtypes.itemsize(dtype), self.options.codec, level)
+        return len(stored)
+
+    def _raw_cost(self, plan: TensorPlan) -> int:
+        return sum(self._compressed(c.read(plan.name), dtype) for c, dtype in zip(self.checkpoints, plan.dtypes))
+
+    def _shared_cost(self, enc: Encoded) -> int:
+        cost = self._compressed(enc.mean, enc.mean_dtype)
+        if enc.basis is not None:
+            cost += self._compressed(enc.basis, self.coef_dtype)
+        if enc.coefs:
+            cost += self._compressed(np.concatenate([c.reshape(-1) for c in enc.coefs]), self.coef_dtype)
+        return cost
+
+    def _fit_delta(self, plan: TensorPlan, job: TensorJob) -> delta.DeltaEncoded | None:
+        """The cheapest quantized-delta storage meeting the error rule, or None (not asked for, a
+        rank or energy rule, or no candidate meets the rule)."""
+        budget = self.options.budget
+        if not self.options.quantize or budget is None or job.shape is None:
+            return None
+        return delta.fit(
+            shape=job.shape,
+            member_dtypes=job.member_dtypes,
+            load=job.load,
+            budget=budget,
+            scale_dtype=self.coef_dtype,
+            compressed=self._compressed,
+            baselines=job.baselines,
+        )
+
+    def _store_delta(self, plan: TensorPlan, enc: delta.DeltaEncoded) -> TensorRecord:
+        mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+        for i in range(len(self.checkpoints)):
+            self.coefs[i].append(enc.scales[i].reshape(-1))
+            self.codes[i].append(enc.codes[i])
+            self.errors[i].append(round_up(float(enc.errors[i])))
+            self.fidelity[i].append(enc.fidelity[i])
+        reason = f"{self.options.rule_text}: mean + quantized deltas ({enc.reason})"
+        params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
+        return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
     def _measure_lossless(self) -> None:
         sizes = [c.file_size for c in self.checkpoints]
@@ -175,26 +266,28 @@ class Merger:
         reason = plan.reason or "identical in every member"
         return TensorRecord(plan.name, EXACT_SCHEME.storage, plan.dtypes[0], plan.shape, reason, ExactParams(blob=blob))
 
-    def _store_shared(self, plan: TensorPlan, enc: Encoded) -> TensorRecord:
+    def _store_shared(self, plan: TensorPlan, enc: Encoded, measure_baselines: bool = False) -> TensorRecord:
+        """Write a subspace tensor; ``measure_baselines``: its encoding skipped the per-member SVD
+        baselines, which are measured here at the bytes its record gives each member."""
         mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
         basis = None
         if enc.basis is not None:
             basis = self.writer.add(f"basis/{plan.name}", enc.basis, self.coef_dtype)
             for i, coef in enumerate(enc.coefs):
                 self.coefs[i].append(coef.reshape(-1))
-        for i, err in enumerate(enc.errors):
-            self.errors[i].append(round_up(float(err)))
-            self.fidelity[i].append(enc.fidelity[i])
         head, variance = spectrum(enc.eigenvalues)
         scheme = decomposition(enc.scheme)
-        return TensorRecord(
-            plan.name,
-            scheme.storage,
-            plan.dtypes[0],
-            plan.shape,
-            enc.reason,
-            scheme.encoded_params(enc, mean, basis, tuple(head), variance),
-        )
+        params = scheme.encoded_params(enc, mean, basis, tuple(head), variance)
+        record = TensorRecord(plan.name, scheme.storage, plan.dtypes[0], plan.shape, enc.reason, params)
+        fidelity = enc.fidelity
+        if measure_baselines:
+            n = len(self.checkpoints)
+            values = [scheme.svd_budget(record, n)] * n
+            fidelity = self._svd_baselines(plan, fidelity, dtypes.to_float(enc.mean, enc.mean_dtype), values)
+        for i, err in enumerate(enc.errors):
+            self.errors[i].append(round_up(float(err)))
+            self.fidelity[i].append(fidelity[i])
+        return record
 
     def _manifest(self, records: list[TensorRecord]) -> Manifest:
         members = []
@@ -203,6 +296,10 @@ class Merger:
             if self.coefs[i]:
                 coef = self.writer.add(f"coef/{i}", np.concatenate(self.coefs[i]), self.coef_dtype)
                 self.coefs[i] = []  # release as we go
+            codes = None
+            if self.codes[i]:
+                codes = self.writer.add(f"codes/{i}", np.concatenate(self.codes[i]), "U8")
+                self.codes[i] = []
             overrides = self._member_dtypes(c, records)
             measured = self.lossless[i]
             members.append(
@@ -219,6 +316,7 @@ class Merger:
                     fidelity=fidelity_record(self.fidelity[i], self.options.baselines),
                     configs=c.configs,
                     lora=self._member_lora(i),
+                    codes=codes,
                 )
             )
         stats: dict[str, Any] = {"input_bytes": sum(c.file_size for c in self.checkpoints)}
@@ -235,7 +333,9 @@ class Merger:
             members=tuple(members),
             blobs=self.writer.blobs,
             stats=stats,
-            format_version=self.format_version,
+            format_version=max(
+                [self.format_version, *(scheme_of(t).min_format_version for t in records)],
+            ),
         )
 
     format_version = FORMAT_VERSION

@@ -194,7 +194,7 @@ class LoraMerger(Merger):
                     f"the adapters' own factors ({own_bytes:,} B): stored as factors, exactly"
                 )
             encoded = encode(model, factors, *ranks, self.coef_dtype, member_dtypes)
-            if meets_rule(opts.rule, opts.max_error, encoded.errors):
+            if meets_rule(opts.budget, encoded.errors):
                 return encoded
             if ranks == (k_out_max, k_in_max):
                 return (

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unipack.errors import OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
@@ -68,6 +69,11 @@ def merge(
     try:
         adapters = adapter_sources(checkpoints)
         if adapters is not None:
+            if opts.max_delta_error is not None:
+                raise OptionsError(
+                    "--max-delta-error is for full checkpoints; a LoRA adapter is already a delta: "
+                    "give --max-error (relative to each adapter's update)"
+                )
             modules, extras = plan_lora(checkpoints, adapters)
             with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
                 merger = LoraMerger(checkpoints, opts, writer, progress)

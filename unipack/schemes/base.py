@@ -42,11 +42,30 @@ class MemberView:
     read_blob: ReadBlob  # a blob's array, checksum verified
     _coefficients: np.ndarray | None = None
     _offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _codes: np.ndarray | None = None
+    _code_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob) -> MemberView:
-        coefficients = read_blob(member.coefficients) if member.coefficients else None
-        return cls(manifest, member, read_blob, coefficients, manifest.coef_offsets(member))
+        # ``is not None``: a blob may be called "" (blob names are not normative, spec §3.5).
+        coefficients = read_blob(member.coefficients) if member.coefficients is not None else None
+        codes = read_blob(member.codes) if member.codes is not None else None
+        return cls(
+            manifest,
+            member,
+            read_blob,
+            coefficients,
+            manifest.coef_offsets(member),
+            codes,
+            manifest.code_offsets(member),
+        )
+
+    def codes(self, t: TensorRecord) -> np.ndarray | None:
+        """The member's packed codes for ``t`` (uint8 bytes), None if it has none."""
+        if t.name not in self._code_offsets or self._codes is None:
+            return None
+        lo, hi = self._code_offsets[t.name]
+        return self._codes[lo:hi]
 
     def values(self, blob: str) -> np.ndarray:
         """A blob as float64 values."""
@@ -98,8 +117,10 @@ class AddContext(Protocol):
         reason: str,
         fidelity: MemberFidelity,
         coefficients: np.ndarray | None = None,
+        codes: np.ndarray | None = None,
     ) -> None:
-        """Record the member's tensor as rebuilt from the record (and its coefficients, if any)."""
+        """Record the member's tensor as rebuilt from the record (and its coefficients and packed
+        codes, if any)."""
 
 
 class Scheme(ABC):

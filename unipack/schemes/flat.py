@@ -21,6 +21,7 @@ from unipack.core.linalg import eigh_desc, fix_signs, least_squares_projector, r
 from unipack.format import dtypes
 from unipack.format.manifest import TensorRecord
 from unipack.format.manifest.doc import Doc
+from unipack.options import ErrorBudget
 from unipack.schemes.registry import register
 from unipack.schemes.shared import SharedParams, SharedScheme
 
@@ -135,8 +136,14 @@ class FlatModel:
         mean = self.dim * dtypes.itemsize(self.job.mean_dtype)
         return mean + rank * (self.dim + self.job.n_members) * self.coef_itemsize
 
-    def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
-        targets = (max_error * np.where(self.norms > 0, self.norms, 1.0) * 0.98) ** 2
+    def rank_for_max_error(self, budget: ErrorBudget, cap: int) -> int | None:
+        # ||d_i||^2 (the Gram's diagonal) is the rank-0 residual; 2% headroom for encode()'s rounding.
+        targets = np.array(
+            [
+                (budget.absolute(float(w), math.sqrt(max(float(g), 0.0))) * 0.98) ** 2
+                for w, g in zip(self.norms, np.diag(self.gram))
+            ]
+        )
         residual = np.diag(self.gram)[:, None] - np.concatenate(
             [np.zeros((self.job.n_members, 1)), np.cumsum(self.q**2 * self.eigenvalues, axis=1)], axis=1
         )

@@ -25,6 +25,7 @@ from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import TensorRecord
 from unipack.format.manifest.doc import Doc
+from unipack.options import ErrorBudget
 from unipack.schemes.registry import register
 from unipack.schemes.shared import SharedParams, SharedScheme
 
@@ -152,11 +153,10 @@ class RowsModel:
         mean = self.job.numel * dtypes.itemsize(self.job.mean_dtype)
         return mean + rank * (self.p + self.job.n_members * self.r) * self.coef_itemsize
 
-    def rank_for_max_error(self, max_error: float, cap: int) -> int | None:
+    def rank_for_max_error(self, budget: ErrorBudget, cap: int) -> int | None:
         """Probe V's columns in doubling chunks; stop at the first rank meeting the budget."""
         n_members = self.job.n_members
-        # 2% headroom for the rounding that encode() adds on top of the truncation error.
-        targets = (max_error * np.where(self.norms > 0, self.norms, 1.0) * 0.98) ** 2
+        targets = np.zeros(n_members)
         residual = np.zeros(n_members)
         captured: list[np.ndarray] = []
         start, width = 0, FIRST_PROBE
@@ -169,6 +169,11 @@ class RowsModel:
                 if start == 0:
                     residual[i] = float(np.sum(d * d))
                 energies[i] = np.sum((d @ chunk) ** 2, axis=0)
+            if start == 0:  # ||d_i||^2 is the rank-0 residual
+                # 2% headroom for the rounding that encode() adds on top of the truncation error.
+                targets = np.array(
+                    [(budget.absolute(float(w), math.sqrt(r)) * 0.98) ** 2 for w, r in zip(self.norms, residual)]
+                )
             captured.append(energies)
             left = residual[:, None] - np.cumsum(np.concatenate(captured, axis=1), axis=1)
             ok0 = bool(np.all(residual <= targets))

@@ -253,8 +253,8 @@ class SharedScheme(Scheme):
                 f"its projection overflows the {ctx.coef_dtype} coefficients or {dtype}: stored raw",
             )
             return t
-        max_error = ctx.options.max_error
-        if ctx.options.rule == "max-error" and max_error is not None and projection.error > max_error:
+        budget = ctx.options.budget
+        if budget is not None and not budget.met([projection.error], [projection.fidelity.delta_error]):
             # Stored raw, bit-exact; a mean-only bundle would still hold the mean here (spec 4.4).
             mean_only = dataclasses.replace(projection.fidelity, delta_error=0.0, svd_error=0.0, svd_rank=0)
             ctx.store_raw(
@@ -262,7 +262,7 @@ class SharedScheme(Scheme):
                 dtype,
                 array,
                 "override",
-                f"projection error {projection.error:.3g} exceeds max-error {max_error}: stored raw",
+                f"projection error {projection.error:.3g} exceeds {budget.text}: stored raw",
                 over_budget=True,
                 fidelity=mean_only,
             )

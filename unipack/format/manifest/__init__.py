@@ -17,6 +17,7 @@ from unipack.format.manifest.names import (
 )
 from unipack.format.manifest.parse import from_json, to_json
 from unipack.format.manifest.records import (
+    DELTA_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     LORA_FORMAT_VERSION,
@@ -33,6 +34,7 @@ from unipack.format.manifest.records import (
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "DELTA_FORMAT_VERSION",
     "LORA_FORMAT_VERSION",
     "MAX_CONFIG_BYTES",
     "MAX_NAME_CHARS",

@@ -88,6 +88,8 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
         doc["metrics"] = m.metrics
     if m.configs is not None:
         doc["configs"] = m.configs
+    if m.codes is not None:
+        doc["codes"] = m.codes
     if m.lora:
         doc["lora"] = {module: [rank, scale] for module, (rank, scale) in m.lora.items()}
     return doc
@@ -252,6 +254,7 @@ def _parse_member(
         metrics=metrics,
         configs=configs,
         lora=lora,
+        codes=d.text("codes", optional=True),
     )
 
 

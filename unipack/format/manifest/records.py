@@ -19,7 +19,10 @@ FORMAT_VERSION = 1
 #: Version 2 adds the ``lora`` storage (LoRA adapter modules); a bundle without it stays version 1
 #: so that readers predating it still read every dense bundle.
 LORA_FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+#: Version 3 adds the ``delta`` storage (quantized per-member deltas) and a member's ``codes``
+#: blob; only bundles that use it are written as version 3.
+DELTA_FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,10 @@ class StorageParams:
 
     def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
         """Shape of ``member``'s block of its coefficient blob for this tensor, or None if it has none."""
+        return None
+
+    def code_bytes(self, tensor: TensorRecord, member: MemberRecord | None) -> int | None:
+        """Bytes of ``member``'s packed codes for this tensor in its codes blob, or None if it has none."""
         return None
 
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
@@ -173,6 +180,7 @@ class MemberRecord:
     metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "unipack": {...}}
     configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
     lora: dict[str, tuple[int, float]] = field(default_factory=dict)  # lora module -> (rank r, PEFT scale s)
+    codes: str | None = None  # U8 blob of the packed codes of its ``delta`` tensors (spec §3.3, §4.5)
 
     def dtype_of(self, tensor: TensorRecord) -> str:
         return self.dtypes.get(tensor.name, tensor.dtype)
@@ -206,6 +214,17 @@ class Manifest:
             shape = t.params.coefficient_shape(t, member)
             if shape is not None:
                 n = math.prod(shape)
+                out[t.name] = (offset, offset + n)
+                offset += n
+        return out
+
+    def code_offsets(self, member: MemberRecord | None = None) -> dict[str, tuple[int, int]]:
+        """Byte range of each tensor's packed codes inside ``member``'s codes blob (tensor order)."""
+        out: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for t in self.tensors:
+            n = t.params.code_bytes(t, member)
+            if n is not None:
                 out[t.name] = (offset, offset + n)
                 offset += n
         return out

@@ -12,6 +12,9 @@ from unipack.format import dtypes
 from unipack.format.manifest.records import BlobRecord, BlobRef, Manifest
 from unipack.format.manifest.storages import STORAGE_FORMATS
 
+#: The dtypes a coefficient blob may have: the merge's ``--dtype`` (spec §3.2).
+COEF_DTYPES = tuple(dtypes.STORAGE_DTYPES.values())
+
 
 def check_references(m: Manifest, where: str) -> None:
     used: set[str] = set()
@@ -66,9 +69,18 @@ def check_references(m: Manifest, where: str) -> None:
             if (known.dtype in dtypes.FLOAT_DTYPES) != (dt in dtypes.FLOAT_DTYPES):
                 raise FormatError(f"{where}: {what}: tensor {tname!r} dtype {dt} differs in kind from {known.dtype}")
         if total:
-            blob(mem.coefficients, f"{what} coefficients", (total,), coef_dtype)
+            b = blob(mem.coefficients, f"{what} coefficients", (total,), coef_dtype)
+            if b.dtype not in COEF_DTYPES:  # a bundle of delta tensors only has no basis to fix it
+                raise FormatError(
+                    f"{where}: {what}: coefficient blob has dtype {b.dtype}, expected one of {', '.join(COEF_DTYPES)}"
+                )
         elif mem.coefficients is not None:
             raise FormatError(f"{where}: {what}: names a coefficient blob but no tensor has rank > 0")
+        code_bytes = sum(b - a for a, b in m.code_offsets(mem).values())
+        if code_bytes:
+            blob(mem.codes, f"{what} codes", (code_bytes,), "U8")
+        elif mem.codes is not None:
+            raise FormatError(f"{where}: {what}: names a codes blob but holds no delta tensor's codes")
         # Keys each record requires of this member: its own name (a raw tensor), or others (the
         # factors of a LoRA module it touches).
         required = {key: (t, shape) for t in m.tensors for key, shape in t.params.member_blobs(t, mem)}

@@ -1,0 +1,67 @@
+"""What a user would store instead of a bundle: the one-line alternatives unipack must beat.
+
+Each alternative maps one member's tensor to what a user would read back, and counts the bytes
+it takes as a user would ship it: densely packed integers and scales, no entropy coding (the
+honest figure for "I quantized my deltas to int4"). unipack's own bytes are always what its
+file holds, so a comparison never flatters unipack by coding it and not its rivals.
+
+- ``cast``: every member cast to fp16 (or bf16): ``.half()``.
+- ``int_delta``: the members' mean once (at their own precision), plus each member's delta from
+  it quantized to b bits, symmetric round-to-nearest with one fp16 absmax scale per row (per
+  output channel; one per tensor for vectors). b = 8, 4, 3, 2 are the anchors: int2 is ternary.
+- ``sign_delta``: BitDelta without its distillation step: sign(delta) times one fp16 scale per
+  tensor, the mean |delta| (the least-squares scale of a sign pattern).
+
+The arithmetic is plain numpy in float64; outputs are rounded to the member's dtype by the
+caller, as a loaded checkpoint would be.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: bytes of one scale (fp16, as the int-b and sign baselines store them)
+SCALE_BYTES = 2
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """How many rows (output channels) a tensor has for per-row scales: 1 for a vector."""
+    return shape[0] if len(shape) > 1 else 1
+
+
+def cast_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    return math.prod(shape) * itemsize
+
+
+def int_delta(x: np.ndarray, mean: np.ndarray, bits: int) -> np.ndarray:
+    """``mean + Q(x - mean)``: b-bit symmetric per-row absmax quantization, levels -m..m with
+    m = 2^(b-1) - 1 (int8: +-127; int2: -1, 0, 1), the scale rounded to fp16 as stored."""
+    if bits < 2:
+        raise ValueError(f"int_delta: {bits} bits (use sign_delta for 1 bit)")
+    shape = x.shape
+    rows = rows_of(shape)
+    d = (np.asarray(x, dtype=np.float64) - mean).reshape(rows, -1)
+    top = 2 ** (bits - 1) - 1
+    scale = (np.abs(d).max(axis=1) / top).astype(np.float16).astype(np.float64)
+    scale = np.where(np.isfinite(scale), scale, 0.0)  # a row past fp16's range: beyond these baselines
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.clip(np.round(d / safe), -top, top) * scale[:, None]
+    return (np.asarray(mean, dtype=np.float64).reshape(rows, -1) + q).reshape(shape)
+
+
+def int_delta_bytes(shape: tuple[int, ...], bits: int) -> int:
+    """Packed codes (b bits each, rounded up to whole bytes per tensor) plus one scale per row."""
+    return -(-math.prod(shape) * bits // 8) + SCALE_BYTES * rows_of(shape)
+
+
+def sign_delta(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``mean + sign(d) * mean|d|`` per tensor (BitDelta's initial scale, fp16 as stored)."""
+    d = np.asarray(x, dtype=np.float64) - mean
+    scale = float(np.float16(np.abs(d).mean())) if d.size else 0.0
+    return mean + np.where(d >= 0, 1.0, -1.0) * scale
+
+
+def sign_delta_bytes(shape: tuple[int, ...]) -> int:
+    return -(-math.prod(shape) // 8) + SCALE_BYTES

@@ -1,0 +1,305 @@
+"""Uniform scalar quantization of a member's delta, the arithmetic behind ``delta`` storage.
+
+A member's tensor is rebuilt as ``round(M + q * s)`` (spec §4.5): ``M`` the stored mean, ``q``
+one of L levels ``u - (L - 1)/2`` (integers for odd L, zero among them; half-integers for even
+L, L = 2 being a sign), ``s`` one step per group of consecutive elements. Codes are packed in
+radix L, as many per byte as fit (5 ternary codes, 3 of 5 levels, 2 of up to 16), and the
+bytes go through the bundle's entropy coder. Packing several small codes into one byte is
+what lets zstd's byte-wise Huffman stage reach the codes' entropy (within ~0.02 bit for L <= 5
+on Gaussian and Laplacian deltas; one code per byte costs up to 0.6 bit more).
+
+With entropy coding the MSE-optimal quantizer at a given rate is a uniform one with one step
+everywhere (reverse water-filling at high rate), so the step is searched per member to meet
+that member's error budget as loosely as possible; fewer levels (which clip the tails) are
+tried by the chooser as cheaper candidates, and their cost is measured, not assumed.
+
+Everything here is numpy on float64 and deterministic (round half to even), so a bundle's
+bytes do not depend on the machine; each member's error is measured on exactly what
+``extract`` returns, after the step's and the output's rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from unipack.format import dtypes
+
+#: The number of levels a record may use (L = 1 would store nothing: that is a mean).
+MIN_LEVELS, MAX_LEVELS = 2, 256
+
+
+def per_byte(levels: int) -> int:
+    """Codes packed into one byte: the largest k with L^k <= 256."""
+    k = 1
+    while levels ** (k + 1) <= 256:
+        k += 1
+    return k
+
+
+def offset(levels: int) -> float:
+    """q = u - offset: levels symmetric about zero."""
+    return (levels - 1) / 2
+
+
+def packed_size(numel: int, levels: int) -> int:
+    """Bytes of ``numel`` codes packed ``per_byte(levels)`` to a byte (the last one padded with 0)."""
+    return -(-numel // per_byte(levels))
+
+
+def pack(codes: np.ndarray, levels: int) -> np.ndarray:
+    """Codes u < L -> bytes: byte j holds codes j*k .. j*k + k - 1 as sum(u_(j*k+i) * L^i)."""
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    k = per_byte(levels)
+    if k == 1:
+        return flat.copy()
+    padded = np.zeros(packed_size(flat.size, levels) * k, dtype=np.uint16)
+    padded[: flat.size] = flat
+    digits = padded.reshape(-1, k)
+    out = np.zeros(digits.shape[0], dtype=np.uint16)
+    for i in range(k - 1, -1, -1):  # Horner: ((u_(k-1) L + u_(k-2)) L + ...) + u_0
+        out = out * np.uint16(levels) + digits[:, i]
+    return out.astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, levels: int, numel: int) -> np.ndarray:
+    """The inverse of ``pack``: ``numel`` codes (uint8). Bytes must be < L^k (``valid_bytes``)."""
+    data = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    k = per_byte(levels)
+    if k == 1:
+        return data[:numel].copy()
+    out = np.empty((data.size, k), dtype=np.uint8)
+    rest = data.astype(np.uint16)
+    for i in range(k):
+        out[:, i] = rest % levels
+        rest = rest // levels
+    return out.reshape(-1)[:numel]
+
+
+def valid_bytes(packed: np.ndarray, levels: int) -> bool:
+    """Whether every byte is a packing of k codes < L (readers refuse anything else)."""
+    return bool(packed.size == 0 or int(packed.max()) < levels ** per_byte(levels))
+
+
+def n_groups(numel: int, group: int) -> int:
+    return -(-numel // group)
+
+
+def expand(scales: np.ndarray, group: int, numel: int) -> np.ndarray:
+    """One step per element: group j covers elements j*g .. j*g + g - 1 (the last may be short)."""
+    return np.repeat(np.asarray(scales, dtype=np.float64).reshape(-1), group)[:numel]
+
+
+def dequantize(mean: np.ndarray, codes: np.ndarray, scales: np.ndarray, levels: int, group: int) -> np.ndarray:
+    """M + q * s in float64 (flat): the spec's reference arithmetic, before the member's rounding.
+
+    q * s is exact in float64 (q has at most 8 significant bits, s at most 24), so the only
+    rounding before the member's own is the one of the sum.
+    """
+    q = codes.astype(np.float64) - offset(levels)
+    return np.asarray(mean, dtype=np.float64).reshape(-1) + q * expand(scales, group, q.size)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One member's delta at one quantizer: what is stored and how faithful it is."""
+
+    codes: np.ndarray  # uint8, one per element (unpacked), < levels
+    scales_held: np.ndarray  # the steps as stored: holder(scale dtype), one per group
+    out: np.ndarray  # float64, what extract returns (rounded to the member's dtype), flat
+    error: float  # ||x - out|| (absolute)
+
+
+def quantize(
+    x: np.ndarray,
+    mean: np.ndarray,
+    steps: np.ndarray,
+    *,
+    levels: int,
+    group: int,
+    scale_dtype: str,
+    member_dtype: str,
+) -> Quantized:
+    """Quantize ``x - mean`` (flat float64) with one step per group, rounded to ``scale_dtype``
+    first so that the codes are optimal for the step a reader will see."""
+    numel = x.size
+    held, stored = dtypes.store_as(np.asarray(steps, dtype=np.float64), scale_dtype)
+    s = expand(stored, group, numel)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(s > 0, (x - mean) / np.where(s > 0, s, 1.0), 0.0)
+    q = nearest_level(ratio, levels)
+    codes = (q + offset(levels)).astype(np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = dtypes.round_trip(mean + q * s, member_dtype)
+        error = float(np.linalg.norm(x - out))
+    return Quantized(codes, held, out, error if math.isfinite(error) else math.inf)
+
+
+def nearest_level(ratio: np.ndarray, levels: int) -> np.ndarray:
+    """The level nearest to each ``ratio`` (x - mean in steps), ties to even, clipped to the range."""
+    top = offset(levels)
+    q = np.round(ratio) if levels % 2 else np.floor(ratio) + 0.5
+    return np.clip(q, -top, top)
+
+
+def group_rms(d: np.ndarray, group: int) -> np.ndarray:
+    """Root mean square of ``d`` per group (the shape each group's step follows)."""
+    numel = d.size
+    count = n_groups(numel, group)
+    padded = np.zeros(count * group)
+    padded[:numel] = d * d
+    sums = padded.reshape(count, group).sum(axis=1)
+    sizes = np.full(count, float(group))
+    sizes[-1] = numel - (count - 1) * group
+    return np.sqrt(sums / sizes)
+
+
+def group_mean_abs(d: np.ndarray, group: int) -> np.ndarray:
+    numel = d.size
+    count = n_groups(numel, group)
+    padded = np.zeros(count * group)
+    padded[:numel] = np.abs(d)
+    sizes = np.full(count, float(group))
+    sizes[-1] = numel - (count - 1) * group
+    return padded.reshape(count, group).sum(axis=1) / sizes
+
+
+#: Factor between the steps tried while bracketing the largest step that meets a budget.
+_GROW = 1.25
+#: Bisection steps after bracketing: the step is then within 1.25^(1/16) (1.4%) of the largest.
+_BISECT = 4
+#: Tensors larger than this search their step on a strided sample of this many elements, then
+#: check (and if needed shrink) it on the whole tensor: the search costs ~12 quantizations.
+SAMPLE = 1 << 16
+#: How much a step shrinks per try when the sample's choice misses the budget on the whole tensor.
+_SHRINK = 0.97
+
+
+def step_shape(d: np.ndarray, levels: int, group: int) -> np.ndarray:
+    """Per group, what the step is proportional to: the group's RMS, or for a sign quantizer
+    (L = 2) twice its mean |d|, the least-squares scale of sign(d) (BitDelta's)."""
+    if levels == 2:
+        return 2.0 * group_mean_abs(d, group)
+    return group_rms(d, group)
+
+
+def fit_step(
+    x: np.ndarray,
+    mean: np.ndarray,
+    budget: float,
+    *,
+    levels: int,
+    group: int,
+    scale_dtype: str,
+    member_dtype: str,
+) -> Quantized | None:
+    """The coarsest quantization of ``x - mean`` (flat float64) whose error ||x - out|| is within
+    ``budget``, or None if no step meets it.
+
+    Steps are ``c * shape_g`` per group (``step_shape``), with c searched: it starts at the
+    uniform-noise prediction (per-element noise c^2 shape^2 / 12, summed to budget^2), is
+    bracketed by factors of 1.25 and then bisected. The error is not monotone in c once codes
+    clip (narrow containers): shrinking stops when it no longer helps. A sign quantizer has
+    its closed-form step (c = 1) and is taken or refused as it is.
+    """
+    d = x - mean
+    numel = d.size
+    shape_g = step_shape(d, levels, group)
+
+    def full(c: float) -> Quantized:
+        return quantize(
+            x,
+            mean,
+            c * shape_g,
+            levels=levels,
+            group=group,
+            scale_dtype=scale_dtype,
+            member_dtype=member_dtype,
+        )
+
+    if levels == 2:
+        result = full(1.0)
+        return result if result.error <= budget else None
+    zero = full(0.0)
+    if zero.error <= budget:  # nothing to store: every code is zero, the mean is close enough
+        return zero
+    weight = float(np.sum(shape_g * shape_g) * group)
+    if weight <= 0.0 or budget <= 0.0:
+        return None
+    c0 = budget * math.sqrt(12.0 / weight)
+    if numel <= SAMPLE:
+        c = _largest_step(lambda c: full(c).error, c0, budget)
+        return None if c is None else full(c)
+    # Search on a strided sample, then make sure on the whole tensor.
+    stride = numel // SAMPLE
+    idx = np.arange(0, numel, stride)[:SAMPLE]
+    xs, ms = x[idx], mean[idx]
+    shape_e = shape_g[idx // group]
+    scale = math.sqrt(numel / idx.size)
+
+    def sampled(c: float) -> float:
+        s = c * shape_e
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(s > 0, (xs - ms) / np.where(s > 0, s, 1.0), 0.0)
+        q = nearest_level(ratio, levels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = dtypes.round_trip(ms + q * s, member_dtype)
+        return float(np.linalg.norm(xs - out)) * scale
+
+    c = _largest_step(sampled, c0, budget)
+    if c is None:
+        return None
+    for _ in range(12):
+        result = full(c)
+        if result.error <= budget:
+            return result
+        c *= _SHRINK
+    return None
+
+
+def _largest_step(error: Callable[[float], float], c0: float, budget: float) -> float | None:
+    """The largest multiplier c (to within the bisection's precision) with error(c) <= budget.
+
+    Below the budget's c the error is granular (grows with c); above it, with a narrow
+    container, clipping can make it fall again as c grows. So a miss at c0 is followed by a
+    walk both ways along a geometric grid while the error keeps falling; the first pass found
+    is then pushed up to the last passing c.
+    """
+    lo: float | None = c0 if error(c0) <= budget else None
+    hi: float | None = None
+    if lo is None:
+        for direction in (1.0 / _GROW, _GROW):
+            c, previous = c0, error(c0)
+            for _ in range(12):
+                c *= direction
+                e = error(c)
+                if e <= budget:
+                    lo = c
+                    if direction < 1:
+                        hi = c * _GROW
+                    break
+                if e >= previous:
+                    break
+                previous = e
+            if lo is not None:
+                break
+        if lo is None:
+            return None
+    if hi is None:
+        for _ in range(12):
+            if error(lo * _GROW) > budget:
+                hi = lo * _GROW
+                break
+            lo *= _GROW
+        if hi is None:
+            return lo
+    for _ in range(_BISECT):
+        mid = math.sqrt(lo * hi)
+        if error(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo

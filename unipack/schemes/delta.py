@@ -1,0 +1,491 @@
+"""``delta``: a shared mean plus each member's quantized delta (spec §4.5).
+
+Each member's tensor is rebuilt as ``round(M + q * s)``: ``M`` the record's mean (fp16 where the
+members are wider and fp16 holds it, else the members' precision: the deltas absorb its
+rounding), ``q`` one of the record's L levels per element, from the member's packed codes,
+and ``s`` one step per group of ``group`` consecutive elements, from the member's coefficient
+blob. The merge searches every member's steps to meet its budget (``unipack.core.quantize``)
+and keeps, among the level counts and groupings it tries, the one whose compressed bytes are
+fewest (``fit``); the cheapest of this and the other schemes wins the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from unipack.core import quantize
+from unipack.core.fidelity import MemberFidelity, matrix_view, measure, round_up
+from unipack.core.linalg import rel_error
+from unipack.errors import FormatError
+from unipack.format import dtypes
+from unipack.format.manifest import BlobRef, Manifest, MemberRecord, StorageParams, TensorRecord
+from unipack.format.manifest.doc import Doc
+from unipack.format.manifest.records import DELTA_FORMAT_VERSION
+from unipack.options import ErrorBudget
+from unipack.schemes.base import AddContext, Array, MemberView, ReadBlob, Scheme
+from unipack.schemes.registry import register
+
+
+@dataclass(frozen=True)
+class DeltaParams(StorageParams):
+    scheme_name: ClassVar[str] = "delta"
+    mean: str | None = None
+    levels: int = 3  # L: q = u - (L - 1)/2 for codes u < L
+    group: int = 1  # consecutive elements (row-major) sharing one step
+    mean_step: float | None = None  # set: the mean blob is I16, the mean is its integers x this step
+
+    def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
+        doc: dict[str, Any] = {"mean": self.mean, "levels": self.levels, "group": self.group}
+        if self.mean_step is not None:
+            doc["mean_step"] = self.mean_step
+        return doc
+
+    def numel(self, tensor: TensorRecord) -> int:
+        assert tensor.shape is not None
+        return math.prod(tensor.shape)
+
+    def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
+        if member is not None and tensor.name in member.raw:
+            return None
+        return (quantize.n_groups(self.numel(tensor), self.group),)
+
+    def code_bytes(self, tensor: TensorRecord, member: MemberRecord | None) -> int | None:
+        if member is not None and tensor.name in member.raw:
+            return None
+        return quantize.packed_size(self.numel(tensor), self.levels)
+
+    def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
+        kind = "float" if self.mean_step is None else INT_MEAN
+        return [BlobRef(self.mean, f"tensor {tensor.name!r} mean", tensor.shape, kind)]
+
+    def mean_values(self, held: np.ndarray, dtype: str) -> np.ndarray:
+        """The mean's float64 values from its blob (held as ``dtype``): floats widened, or the
+        integers times ``mean_step`` (spec §8.2)."""
+        if self.mean_step is None:
+            return dtypes.to_float(held, dtype)
+        return held.astype(np.float64) * self.mean_step
+
+
+#: The dtype of a quantized mean's integers (spec §8.1).
+INT_MEAN = "I16"
+
+
+def _params(t: TensorRecord) -> DeltaParams:
+    assert isinstance(t.params, DeltaParams)
+    return t.params
+
+
+def rebuild(t: TensorRecord, mean: np.ndarray, packed: np.ndarray, scales: np.ndarray, where: str) -> np.ndarray:
+    """float64 values of a member's delta tensor (before rounding to its dtype), in its shape."""
+    p = _params(t)
+    assert t.shape is not None
+    if not quantize.valid_bytes(packed, p.levels):
+        raise FormatError(f"{where}: tensor {t.name!r}: a code byte is not a packing of codes < {p.levels}")
+    codes = quantize.unpack(packed, p.levels, p.numel(t))
+    return quantize.dequantize(mean, codes, scales, p.levels, p.group).reshape(t.shape)
+
+
+class DeltaScheme(Scheme):
+    name = storage = "delta"
+    min_format_version = DELTA_FORMAT_VERSION
+
+    def parse_params(self, d: Doc, base: TensorRecord) -> DeltaParams:
+        assert base.shape is not None
+        numel = math.prod(base.shape)
+        if numel == 0:
+            raise FormatError(f"{d.where}: delta tensors must not be empty")
+        mean_step = d.num("mean_step", optional=True)
+        if mean_step is not None and not mean_step > 0:
+            raise FormatError(f"{d.where}: field 'mean_step' must be a positive number")
+        return DeltaParams(
+            mean=d.text("mean"),
+            levels=d.integer("levels", quantize.MIN_LEVELS, quantize.MAX_LEVELS),
+            group=d.integer("group", 1, numel),
+            mean_step=mean_step,
+        )
+
+    def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
+        own = view.override(t)
+        if own is not None:
+            yield own
+            return
+        p = _params(t)
+        assert p.mean is not None
+        packed, scales = view.codes(t), view.coefficients(t)
+        assert packed is not None and scales is not None  # the manifest reader checked both exist
+        dtype = view.member.dtype_of(t)
+        mean = p.mean_values(view.read_blob(p.mean), view.manifest.blobs[p.mean].dtype)
+        values = rebuild(t, mean, packed, scales, f"member {view.member.name!r}")
+        with np.errstate(over="ignore"):
+            yield t, dtype, dtypes.from_float(values, dtype)
+
+    def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
+        p = _params(t)
+        parts = {p.mean: "means"} if p.mean is not None else {}
+        return {**parts, **super().blob_parts(t, manifest)}
+
+    def rank_text(self, t: TensorRecord) -> str:
+        return f"L={_params(t).levels}"
+
+    def report_scheme(self, t: TensorRecord) -> str | None:
+        p = _params(t)
+        return f"delta L={p.levels}" + ("" if p.group == p.numel(t) else f" g={p.group}")
+
+    def compared(self, t: TensorRecord) -> bool:
+        return True
+
+    def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
+        return t.name not in member.raw
+
+    def replaced_by_mean(self, t: TensorRecord, member: MemberRecord) -> bool:
+        return True
+
+    def baseline_mean(self, manifest: Manifest, read_blob: ReadBlob, t: TensorRecord) -> np.ndarray | None:
+        p = _params(t)
+        assert p.mean is not None and t.shape is not None
+        return p.mean_values(read_blob(p.mean), manifest.blobs[p.mean].dtype).reshape(t.shape)
+
+    def mean_only_change(self, t: TensorRecord, manifest: Manifest, stored: dict[str, int]) -> int:
+        return 0
+
+    def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
+        """Quantize the new member's delta from the stored mean with the record's levels and
+        grouping, at the coarsest step meeting the merge's rule; raw where none does."""
+        p = _params(t)
+        values = dtypes.to_float(array, dtype)
+        if not np.isfinite(values).all():
+            ctx.store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
+            return t
+        mean = self.baseline_mean(ctx.old, ctx.read_blob, t)
+        assert mean is not None
+        x, m = values.reshape(-1), mean.reshape(-1)
+        norm = float(np.linalg.norm(x))
+        rule = ctx.options.budget
+        result = None
+        if rule is not None:
+            budget = rule.absolute(norm, float(np.linalg.norm(x - m)))
+            result = quantize.fit_step(
+                x, m, budget, levels=p.levels, group=p.group, scale_dtype=ctx.coef_dtype, member_dtype=dtype
+            )
+        if result is None or not math.isfinite(result.error):
+            ctx.store_raw(
+                t,
+                dtype,
+                array,
+                "override",
+                f"no step of the record's {p.levels} levels meets {ctx.options.rule_text}: stored raw",
+                over_budget=True,
+            )
+            return t
+        shape = matrix_view(t.shape or ())
+        fidelity = measure(
+            x.reshape(shape), result.out.reshape(shape), m.reshape(shape), norm, dtype, ctx.coef_dtype, None
+        )
+        ctx.keep(
+            t,
+            "quantized",
+            round_up(rel_error(x, result.out, norm)),
+            f"quantized from the bundle's mean ({p.levels} levels)",
+            fidelity,
+            result.scales_held,
+            codes=quantize.pack(result.codes, p.levels),
+        )
+        return t
+
+
+# -- fitting at merge time -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of quantizing a tensor's deltas: a mean dtype, a level count, a grouping."""
+
+    mean_dtype: str
+    levels: int
+    group: int
+
+
+@dataclass
+class DeltaEncoded:
+    """The chosen candidate, encoded: what the merge writes for the tensor."""
+
+    mean: np.ndarray  # held as holder(mean_dtype), in the tensor's shape
+    mean_dtype: str
+    levels: int
+    group: int
+    codes: list[np.ndarray]  # per member, packed (uint8)
+    scales: list[np.ndarray]  # per member, held as holder(coef dtype)
+    errors: list[float]  # relative to ||W||, after every rounding
+    fidelity: list[MemberFidelity]
+    stored_bytes: int  # compressed: mean + every member's codes + steps
+    reason: str = ""
+    # candidate -> bytes (None: missed the rule; -1: dropped after the first member, see PRUNE)
+    tried: dict[str, int | None] = field(default_factory=dict)
+    mean_step: float | None = None  # a quantized mean's step (``mean_dtype`` is then INT_MEAN)
+
+
+#: The level counts the merge tries: a sign (2), then odd counts (zero is a level) that pack
+#: 5, 3, 2, 2 and 1 codes to a byte, and 16 (the most that still packs two to a byte).
+LEVELS = (2, 3, 5, 7, 9, 15, 16, 31, 255)
+
+
+def candidates(
+    shape: tuple[int, ...], member_dtypes: Sequence[str], mean: np.ndarray, budget: float, int_mean: bool
+) -> list[list[Candidate]]:
+    """Chains of candidates, each a mean dtype and grouping with its level counts from the most
+    to the fewest: along a chain the cost falls while fewer levels pack more codes per byte,
+    then rises once clipping forces finer steps (``fit`` walks each chain until it does).
+
+    Means tried: the quantized one (``int_mean``: when ``quantized_mean`` found one), fp16 where
+    the members are wider and its rounding is well inside the first member's ``budget`` (the
+    deltas absorb that rounding), and the members' own precision where fp16's is not."""
+    numel = math.prod(shape)
+    rows = numel // shape[0] if len(shape) > 1 and shape[0] > 1 else numel
+    groups = [numel] if rows == numel else [numel, rows]
+    widest = dtypes.widest_float(frozenset(member_dtypes))
+    means = [widest]
+    if widest in ("F32", "F64"):
+        half = dtypes.round_trip(mean, "F16")
+        if np.isfinite(half).all():
+            means = ["F16"] if float(np.linalg.norm(half - mean)) <= MEAN_ROUNDING * budget else ["F16", widest]
+    if int_mean:
+        means.insert(0, INT_MEAN)
+    return [[Candidate(m, levels, g) for levels in reversed(LEVELS)] for m in means for g in groups]
+
+
+def quantized_mean(
+    exact_mean: np.ndarray, spread: float, n_members: int
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The mean as int16 multiples of one step (held, values, step), or None where they do not fit.
+
+    Every member's delta absorbs the mean's rounding, so a coarser mean costs the members bits:
+    with ``spread`` the members' RMS distance from the mean, a step of ``spread * sqrt(12 / N)``
+    adds to each delta the variance the mean's own sampling noise has (spread^2 / N), which
+    balances the bits the mean saves against those the N deltas then spend (to first order).
+    """
+    step = spread * math.sqrt(12.0 / n_members)
+    if not (math.isfinite(step) and step > 0.0):
+        return None
+    step = float(f"{step:.6g}")  # a short decimal: the manifest records it exactly
+    q = np.round(exact_mean / step)
+    if not np.isfinite(q).all() or float(np.abs(q).max(initial=0.0)) > INT_MEAN_LIMIT:
+        return None
+    return q.astype(np.int16), q * step, step
+
+
+#: The largest |integer| a quantized mean may use (int16).
+INT_MEAN_LIMIT = 32767
+
+
+#: The fp16 mean alone where its rounding error is at most this share of the first member's budget.
+MEAN_ROUNDING = 0.1
+
+#: Candidates costing more than this times the cheapest on the first member are dropped.
+PRUNE = 1.2
+
+#: A compressor for cost estimates: the stored size of an array (held as the dtype) in the bundle.
+Compressed = Callable[[np.ndarray, str], int]
+
+
+def fit(
+    *,
+    shape: tuple[int, ...],
+    member_dtypes: Sequence[str],
+    load: Callable[[int], np.ndarray],
+    budget: ErrorBudget,
+    scale_dtype: str,
+    compressed: Compressed,
+    baselines: bool,
+) -> DeltaEncoded | None:
+    """The cheapest candidate meeting the rule for every member, encoded; None if none does.
+    (Candidates far behind on the first member are not pursued: ``PRUNE``, ``candidates``.)
+
+    Three passes over the members: the exact mean; every candidate's step search per member
+    (only its compressed size and steps are kept, so memory holds one member's tensor at a
+    time); the winner's codes, re-made from its recorded steps (bit-identical to the search's).
+    """
+    n_members = len(member_dtypes)
+    numel = math.prod(shape)
+    total = np.zeros(numel)
+    squares = 0.0
+    for i in range(n_members):
+        x = load(i).reshape(-1)
+        total += x
+        squares += float(np.dot(x, x))
+    exact_mean = total / n_members
+    del total
+    spread = math.sqrt(max(squares / n_members - float(np.dot(exact_mean, exact_mean)), 0.0) / numel)
+    first = load(0).reshape(-1)
+    first_budget = budget.absolute(float(np.linalg.norm(first)), float(np.linalg.norm(first - exact_mean)))
+    int_mean = quantized_mean(exact_mean, spread, n_members)
+    chains = candidates(shape, member_dtypes, exact_mean, first_budget, int_mean is not None)
+    cands = [c for chain in chains for c in chain]
+    means = {c.mean_dtype: dtypes.store_as(exact_mean, c.mean_dtype) for c in cands if c.mean_dtype != INT_MEAN}
+    mean_step = None
+    if int_mean is not None:
+        means[INT_MEAN] = (int_mean[0], int_mean[1])
+        mean_step = int_mean[2]
+    mean_bytes = {dtype: compressed(held, dtype) for dtype, (held, _) in means.items()}
+    tried: dict[str, int | None] = {}
+
+    def search(cand: Candidate, i: int, x: np.ndarray, limit: float) -> tuple[int, np.ndarray] | None:
+        result = quantize.fit_step(
+            x,
+            means[cand.mean_dtype][1],
+            limit,
+            levels=cand.levels,
+            group=cand.group,
+            scale_dtype=scale_dtype,
+            member_dtype=member_dtypes[i],
+        )
+        if result is None:
+            tried[_label(cand, shape)] = None
+            return None
+        cost = compressed(quantize.pack(result.codes, cand.levels), "U8") + compressed(result.scales_held, scale_dtype)
+        return cost, result.scales_held
+
+    # The first member: walk each chain until a candidate misses the rule or costs PRUNE times
+    # the chain's best so far (the ones after it are not tried: most of the search time).
+    alive: dict[Candidate, tuple[int, list[np.ndarray]]] = {}
+    for chain in chains:
+        chain_best = math.inf
+        for cand in chain:
+            found = search(cand, 0, first, first_budget)
+            if found is None or found[0] > PRUNE * chain_best:
+                if found is not None:
+                    tried[_label(cand, shape)] = -1
+                break
+            chain_best = min(chain_best, found[0])
+            alive[cand] = (found[0], [found[1]])
+    del first
+    if not alive:
+        return None
+
+    def search_rest(
+        pool: dict[Candidate, tuple[int, list[np.ndarray]]],
+    ) -> dict[Candidate, tuple[int, list[np.ndarray]]]:
+        """The pool's candidates searched for members 1..N-1: those meeting the rule for all."""
+        for i in range(1, n_members):
+            if not pool:
+                break
+            x = load(i).reshape(-1)
+            limit = budget.absolute(float(np.linalg.norm(x)), float(np.linalg.norm(x - exact_mean)))
+            for cand in list(pool):
+                found = search(cand, i, x, limit)
+                if found is None:
+                    del pool[cand]
+                    continue
+                so_far, steps = pool[cand]
+                pool[cand] = (so_far + found[0], [*steps, found[1]])
+        return pool
+
+    # Members of one collection cost alike under each candidate, so those far behind on the
+    # first member (its bytes N times, plus the mean's) are searched for the others only if
+    # every leader misses the rule for one of them (a member whose delta needs more levels).
+    estimate = {c: mean_bytes[c.mean_dtype] + n_members * alive[c][0] for c in alive}
+    ranked = sorted(alive, key=lambda c: estimate[c])
+    cheapest = estimate[ranked[0]]
+    leaders = [c for c in ranked if estimate[c] <= PRUNE * cheapest]
+    survivors: dict[Candidate, tuple[int, list[np.ndarray]]] = {}
+    for pool in (leaders, [c for c in ranked if c not in leaders]):
+        survivors = search_rest({c: alive[c] for c in pool})
+        if survivors:
+            break
+    if not survivors:
+        return None
+    for cand in ranked:
+        if cand not in survivors and tried.get(_label(cand, shape), -1) is not None:
+            tried[_label(cand, shape)] = -1
+    alive = survivors
+    priced = {c: cost + mean_bytes[c.mean_dtype] for c, (cost, _) in alive.items()}
+    for c, cost in priced.items():
+        tried[_label(c, shape)] = cost
+    best = min(priced, key=lambda c: (priced[c], cands.index(c)))
+    encoded = _encode(
+        best,
+        alive[best][1],
+        means[best.mean_dtype],
+        exact_mean,
+        shape,
+        member_dtypes,
+        load,
+        scale_dtype,
+        priced[best],
+        tried,
+        baselines,
+    )
+    if best.mean_dtype == INT_MEAN:
+        encoded.mean_step = mean_step
+    return encoded
+
+
+def _label(c: Candidate, shape: tuple[int, ...]) -> str:
+    grouping = "tensor" if c.group == math.prod(shape) else f"group {c.group}"
+    mean = "quantized (int16)" if c.mean_dtype == INT_MEAN else c.mean_dtype
+    return f"{mean} mean, {c.levels} levels, one step per {grouping}"
+
+
+def _encode(
+    cand: Candidate,
+    steps: list[np.ndarray],
+    mean: tuple[np.ndarray, np.ndarray],
+    exact_mean: np.ndarray,
+    shape: tuple[int, ...],
+    member_dtypes: Sequence[str],
+    load: Callable[[int], np.ndarray],
+    scale_dtype: str,
+    stored_bytes: int,
+    tried: dict[str, int | None],
+    baselines: bool,
+) -> DeltaEncoded:
+    mean_held, mean_q = mean
+    matrix = matrix_view(shape)
+    codes, errors, fidelity = [], [], []
+    for i, held in enumerate(steps):
+        x = load(i).reshape(-1)
+        result = quantize.quantize(
+            x,
+            mean_q,
+            dtypes.to_float(held, scale_dtype),
+            levels=cand.levels,
+            group=cand.group,
+            scale_dtype=scale_dtype,
+            member_dtype=member_dtypes[i],
+        )
+        norm = float(np.linalg.norm(x))
+        codes.append(quantize.pack(result.codes, cand.levels))
+        errors.append(rel_error(x, result.out, norm))
+        # The per-member SVD baseline at this member's bytes (codes and steps), in numbers.
+        svd_values = (codes[-1].size + held.nbytes) / dtypes.itemsize(scale_dtype) if baselines else None
+        fidelity.append(
+            measure(
+                x.reshape(matrix),
+                result.out.reshape(matrix),
+                exact_mean.reshape(matrix),
+                norm,
+                member_dtypes[i],
+                scale_dtype,
+                svd_values,
+            )
+        )
+    return DeltaEncoded(
+        mean=mean_held.reshape(shape),
+        mean_dtype=cand.mean_dtype,
+        levels=cand.levels,
+        group=cand.group,
+        codes=codes,
+        scales=list(steps),
+        errors=errors,
+        fidelity=fidelity,
+        stored_bytes=stored_bytes,
+        reason=_label(cand, shape),
+        tried=tried,
+    )
+
+
+DELTA = register(DeltaScheme())
