@@ -462,3 +462,32 @@ def test_unreachable_target_ends_lossless_and_says_not_met(tmp_path: Path) -> No
     assert halvings[-1] >= 1e-5 > halvings[-1] / 2
     assert "(target 1.0: NOT met" in result.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["b.upk"]
+
+
+def test_a_met_target_loosens_the_budget_for_fewer_bytes(setup: Setup, searched: Searched, tmp_path: Path) -> None:
+    """Started from a budget far tighter than needed, the search doubles it while the target holds
+    (issue: "--max-drop must search both ways"), then bisects; it keeps the loosest budget that
+    passed, which is smaller on disk than the tight start, and meets the target on extracted
+    members (measured here)."""
+    tight = searched.result.manifest.stats["evaluation"]["max_error"] / 8
+    out = tmp_path / "loose.upk"
+    result = merge_with_eval(
+        setup.pop.paths,
+        out,
+        load_eval(str(setup.eval_path)),
+        max_drop=TARGET,
+        options=unipack.MergeOptions(max_error=tight),
+    )
+    record = result.manifest.stats["evaluation"]
+    budgets = [a["max_error"] for a in record["attempts"]]
+    passed = [a["worst_drop"] <= TARGET for a in record["attempts"]]
+    assert budgets[0] == tight and passed[0]
+    first_fail = passed.index(False)
+    for k in range(first_fail):  # doubling while the target is met
+        assert passed[k] and budgets[k + 1] == pytest.approx(2 * budgets[k])
+    assert record["max_error"] == max(b for b, ok in zip(budgets, passed) if ok) > tight
+    assert all(not ok for b, ok in zip(budgets, passed) if b > record["max_error"])
+    chosen = next(a for a in record["attempts"] if a["max_error"] == record["max_error"])
+    assert chosen["file_bytes"] < record["attempts"][0]["file_bytes"]  # (before the eval record is added)
+    drops = measured_drops(setup, out, tmp_path / "x")
+    assert max(drops.values()) <= TARGET, drops

@@ -173,8 +173,7 @@ def merge_cmd(
                 force=force,
                 progress=bars,
                 on_attempt=lambda a: err_console.print(
-                    f"max-error {a.max_error:.3g}: {format_bytes(a.file_bytes)}, largest drop "
-                    f"{a.worst_drop:.3g} ({a.worst_member})"
+                    f"{a.rule_text}: {format_bytes(a.file_bytes)}, largest drop {a.worst_drop:.3g} ({a.worst_member})"
                 ),
             )
     finally:

@@ -1,12 +1,14 @@
-"""``merge --eval E --max-drop D``: choose ranks by the metric users care about.
+"""``merge --eval E --max-drop D``: choose the error budget by the metric users care about.
 
 A weight-error budget is a proxy; what users want is "no member loses more than D accuracy
-points". Starting from the error budget the user gave (``--max-error``, default 0.01), each
-attempt merges, scores every reconstructed member with the user's eval hook, and tightens the
-budget (halving it, which raises ranks on exactly the tensors that were short of it) until every
-member's drop from its original is within D. Two bisection steps between the last failing and
-the first passing budget then take back bytes the halving over-spent. Tightening ends, at
-worst, at budget 0: every tensor stored raw or exactly, a drop of 0 for a deterministic metric.
+points" in the fewest bytes. Each attempt merges at a budget, scores every reconstructed member
+with the user's eval hook, and the search moves the budget both ways from the one the user gave
+(default: the default rule): while the target is missed it halves the budget (raising ranks and
+bit widths exactly on the tensors short of it), down to budget 0 (every tensor stored raw or
+exactly: a drop of 0 for a deterministic metric); while it is met it doubles the budget (fewer
+bytes), up to ``LOOSEST``. Two bisection steps between the last passing and the first failing
+budget then take back bytes. The budget is one scale applied to every bound the rule has
+(``--max-error`` and ``--max-delta-error`` together).
 
 The chosen budget, the target, every attempt, and each member's original and reconstructed
 scores are recorded in the bundle's manifest.
@@ -27,7 +29,7 @@ from unipack.errors import EvalError, OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
-from unipack.options import MergeOptions
+from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
 from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
 from unipack.sources.checkpoint import close_all, default_name, open_inputs
@@ -35,15 +37,26 @@ from unipack.usercode import EvalHook, pick_metric
 
 #: Budgets below this are treated as 0 (lossless): halving further would only add attempts.
 SMALLEST_BUDGET = 1e-5
+#: The loosest bound the search tries when the target is met (options require bounds below 1).
+LOOSEST = 0.8
 BISECTION_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Attempt:
-    max_error: float
+    max_error: float | None
     worst_drop: float
     worst_member: str
     file_bytes: int
+    max_delta_error: float | None = None
+
+    @property
+    def rule_text(self) -> str:
+        return rule_text("max-error", max_error=_short(self.max_error), max_delta_error=_short(self.max_delta_error))
+
+
+def _short(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.3g}")
 
 
 def merge_with_eval(
@@ -62,7 +75,10 @@ def merge_with_eval(
     """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it."""
     opts = options or MergeOptions()
     if max_drop is not None and opts.rule != "max-error":
-        raise OptionsError("--max-drop chooses the --max-error budget; it cannot be combined with --rank or --energy")
+        raise OptionsError(
+            "--max-drop chooses the error budget (--max-error, --max-delta-error); it cannot be combined with "
+            "--rank or --energy"
+        )
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
         raise OptionsError(f"--max-drop {max_drop}: must be a non-negative number (in the metric's units)")
     started = time.perf_counter()
@@ -71,13 +87,28 @@ def merge_with_eval(
     member_names = list(names) if names is not None else [default_name(Path(p)) for p in paths]
     originals, metric = _score_originals(paths, member_names, hook, metric)
 
-    def attempt(budget: float, index: int) -> tuple[Attempt, Path, dict[str, dict[str, float]]]:
+    start = (opts.max_error, opts.max_delta_error)
+    # The search's variable: one scale of the starting bounds (the largest bound reaches LOOSEST
+    # at the top scale; budget 0 at scale 0).
+    top = LOOSEST / max(b for b in start if b is not None) if any(start) else 1.0
+
+    def bounds(scale: float) -> tuple[float | None, float | None]:
+        return tuple(None if b is None else b * scale for b in start)  # type: ignore[return-value]
+
+    def readable(scale: float) -> float:
+        """A scale near ``scale`` whose largest bound has 3 significant digits (a budget a person
+        can read back)."""
+        largest = max(b for b in start if b is not None)
+        return float(f"{largest * scale:.3g}") / largest
+
+    def attempt(scale: float, index: int) -> tuple[Attempt, Path, dict[str, dict[str, float]]]:
         trial = out_path.parent / f".{out_path.name}.attempt{index}.upk"
         trials.append(trial)  # before anything can fail, so the cleanup below always sees it
+        max_error, max_delta_error = bounds(scale)
         result = merge(
             paths,
             trial,
-            options=dataclasses.replace(opts, max_error=budget),
+            options=dataclasses.replace(opts, max_error=max_error, max_delta_error=max_delta_error),
             names=names,
             force=True,
             progress=progress,
@@ -86,7 +117,7 @@ def merge_with_eval(
             scores = {name: hook(b.load(name), name) for name in b.members}
         drops = {name: originals[name][metric] - scores[name].get(metric, -math.inf) for name in scores}
         worst = max(drops, key=drops.__getitem__)
-        a = Attempt(budget, drops[worst], worst, result.file_bytes)
+        a = Attempt(max_error, drops[worst], worst, result.file_bytes, max_delta_error)
         if on_attempt:
             on_attempt(a)
         return a, trial, scores
@@ -94,36 +125,54 @@ def merge_with_eval(
     attempts: list[Attempt] = []
     trials: list[Path] = []
     try:
-        budget = float(opts.max_error or 0.0)
+        scale = 1.0 if any(start) else 0.0
         best = None
-        failing = None
-        while True:
-            a, trial, scores = attempt(budget, len(attempts))
-            attempts.append(a)
-            if max_drop is None or a.worst_drop <= max_drop:
-                best = (a, trial, scores)
-                break
-            failing = budget
-            budget = budget / 2 if budget / 2 >= SMALLEST_BUDGET else 0.0
-            if failing == 0.0:
-                best = (a, trial, scores)  # even lossless misses: the metric is not deterministic
-                break
-        if failing is not None and max_drop is not None and best[0].max_error > 0:
-            low, high = best[0].max_error, failing  # low passes, high fails
+        passing_scale = failing = None
+        a, trial, scores = attempt(scale, 0)
+        attempts.append(a)
+        if max_drop is None or a.worst_drop <= max_drop:
+            best, passing_scale = (a, trial, scores), scale
+            # Met at the budget given: loosen while it stays met (fewer bytes).
+            while max_drop is not None and 0 < scale < top:
+                scale = min(scale * 2, top)
+                a, trial, scores = attempt(scale, len(attempts))
+                attempts.append(a)
+                if a.worst_drop > max_drop:
+                    failing = scale
+                    break
+                best, passing_scale = (a, trial, scores), scale
+        else:
+            # Missed: tighten until met, or until budget 0.
+            while True:
+                failing = scale
+                scale = scale / 2 if max(b or 0.0 for b in bounds(scale / 2)) >= SMALLEST_BUDGET else 0.0
+                a, trial, scores = attempt(scale, len(attempts))
+                attempts.append(a)
+                if a.worst_drop <= max_drop:
+                    best, passing_scale = (a, trial, scores), scale
+                    break
+                if scale == 0.0:
+                    best, passing_scale = (a, trial, scores), 0.0  # even lossless misses: not deterministic
+                    failing = None
+                    break
+        if failing is not None and max_drop is not None and passing_scale:
+            low, high = passing_scale, failing  # low passes, high fails
             for _ in range(BISECTION_STEPS):
-                mid = float(f"{math.sqrt(low * high):.3g}")  # a budget a person can read back
+                mid = readable(math.sqrt(low * high))
                 a, trial, scores = attempt(mid, len(attempts))
                 attempts.append(a)
                 if a.worst_drop <= max_drop:
                     low, best = mid, (a, trial, scores)
                 else:
                     high = mid
+        assert best is not None
         chosen, trial, scores = best
         record = {
             "eval": hook.spec,
             "metric": metric,
             "max_drop": max_drop,
             "max_error": chosen.max_error,
+            "max_delta_error": chosen.max_delta_error,
             "worst_drop": chosen.worst_drop,
             "worst_member": chosen.worst_member,
             "met": max_drop is None or chosen.worst_drop <= max_drop,
