@@ -285,8 +285,11 @@ INT_MEAN_LIMIT = 32767
 #: The fp16 mean alone where its rounding error is at most this share of the first member's budget.
 MEAN_ROUNDING = 0.1
 
-#: Candidates costing more than this times the cheapest on the first member are dropped.
+#: Along a chain, the walk stops at a candidate costing more than this times the chain's best.
 PRUNE = 1.2
+#: Candidates whose estimated total (N times the first member's bytes, plus the mean's) exceeds
+#: this times the cheapest estimate are searched for the other members only if the rest all miss.
+LEAD = 1.05
 
 #: A compressor for cost estimates: the stored size of an array (held as the dtype) in the bundle.
 Compressed = Callable[[np.ndarray, str], int]
@@ -349,19 +352,38 @@ def fit(
         cost = compressed(quantize.pack(result.codes, cand.levels), "U8") + compressed(result.scales_held, scale_dtype)
         return cost, result.scales_held
 
-    # The first member: walk each chain until a candidate misses the rule or costs PRUNE times
-    # the chain's best so far (the ones after it are not tried: most of the search time).
+    # The first member: walk each chain of the first mean until a candidate misses the rule or
+    # costs PRUNE times the chain's best so far (the ones after it are not tried: most of the
+    # search time). The other means change the members' bytes little (their deltas absorb the
+    # mean's rounding), so each is tried at the levels and grouping that won; their chains are
+    # walked only if the first mean's all miss.
     alive: dict[Candidate, tuple[int, list[np.ndarray]]] = {}
-    for chain in chains:
+
+    def walk(chain: list[Candidate], x: np.ndarray) -> None:
         chain_best = math.inf
         for cand in chain:
-            found = search(cand, 0, first, first_budget)
+            found = search(cand, 0, x, first_budget)
             if found is None or found[0] > PRUNE * chain_best:
                 if found is not None:
                     tried[_label(cand, shape)] = -1
                 break
             chain_best = min(chain_best, found[0])
             alive[cand] = (found[0], [found[1]])
+
+    lead = chains[0][0].mean_dtype
+    for chain in chains:
+        if chain[0].mean_dtype == lead:
+            walk(chain, first)
+    others = [c for c in chains if c[0].mean_dtype != lead]
+    if alive:
+        winner = min(alive, key=lambda c: alive[c][0])
+        for chain in others:
+            cand = Candidate(chain[0].mean_dtype, winner.levels, winner.group)
+            if chain[0].group == winner.group and (found := search(cand, 0, first, first_budget)) is not None:
+                alive[cand] = (found[0], [found[1]])
+    else:
+        for chain in others:
+            walk(chain, first)
     del first
     if not alive:
         return None
@@ -390,7 +412,7 @@ def fit(
     estimate = {c: mean_bytes[c.mean_dtype] + n_members * alive[c][0] for c in alive}
     ranked = sorted(alive, key=lambda c: estimate[c])
     cheapest = estimate[ranked[0]]
-    leaders = [c for c in ranked if estimate[c] <= PRUNE * cheapest]
+    leaders = [c for c in ranked if estimate[c] <= LEAD * cheapest]
     survivors: dict[Candidate, tuple[int, list[np.ndarray]]] = {}
     for pool in (leaders, [c for c in ranked if c not in leaders]):
         survivors = search_rest({c: alive[c] for c in pool})
