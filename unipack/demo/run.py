@@ -157,8 +157,8 @@ def _held_out(members: list[Member], workdir: Path, out: Console, step: Steps) -
 #: Other budgets worth knowing about: (label, merge options).
 SWEEP: tuple[tuple[str, dict[str, object]], ...] = (
     ("--max-error 0.02", {"max_error": 0.02}),
-    ("--max-error 0.05", {"max_error": 0.05}),
-    ("--max-error 0.02 --dtype float16", {"max_error": 0.02, "dtype": "float16"}),
+    ("--max-delta-error 0.5", {"max_delta_error": 0.5}),
+    ("--no-quantize (the subspace alone)", {"quantize": False}),
     ("--rank 4", {"rank": 4}),
 )
 
