@@ -20,7 +20,9 @@ from unipack.format.dtypes import STORAGE_DTYPES
 #: its weight (``max_error``) and against what its fine-tune changed (``max_delta_error``; None:
 #: no such bound). Both apply when neither --max-error, --max-delta-error, --rank nor --energy is given.
 DEFAULT_MAX_ERROR = 0.01
-DEFAULT_MAX_DELTA_ERROR: float | None = None
+DEFAULT_MAX_DELTA_ERROR: float | None = 0.2
+#: The delta bound is never tighter than this share of the weight, about fp16's precision (2^-11).
+DELTA_FLOOR = 2.0**-11
 
 #: The decompositions ``--scheme`` chooses between (``unipack.schemes.rows`` and ``.flat``).
 DECOMPOSITIONS = ("rows", "flat")
@@ -55,21 +57,24 @@ class ErrorBudget:
     max_delta_error: float | None = None
 
     def absolute(self, norm: float, delta_norm: float) -> float:
-        """A member's budget for ||W - Ŵ||: the tighter of the two bounds."""
+        """A member's budget for ||W - Ŵ||: the tighter of the two bounds. The delta bound never
+        asks for less than ``DELTA_FLOOR`` of the weight: a member at (or next to) the mean would
+        otherwise have to be stored exactly, to below the precision any checkpoint is shipped at."""
         bounds = []
         if self.max_error is not None:
             bounds.append(self.max_error * (norm if norm > 0.0 else 1.0))
         if self.max_delta_error is not None:
-            bounds.append(self.max_delta_error * delta_norm)
+            bounds.append(max(self.max_delta_error * delta_norm, DELTA_FLOOR * norm))
         return min(bounds)
 
     def met(self, errors: Sequence[float], delta_errors: Sequence[float] | None = None) -> bool:
-        """Whether every member is within both bounds (``delta_errors``: ||W-Ŵ||/||W-M|| each)."""
+        """Whether every member is within both bounds (``errors``: ||W-Ŵ||/||W|| each,
+        ``delta_errors``: ||W-Ŵ||/||W-M|| each)."""
         if self.max_error is not None and max(errors, default=0.0) > self.max_error:
             return False
         if self.max_delta_error is not None:
             assert delta_errors is not None
-            return max(delta_errors, default=0.0) <= self.max_delta_error
+            return all(d <= self.max_delta_error or e <= DELTA_FLOOR for e, d in zip(errors, delta_errors))
         return True
 
     @property
@@ -90,7 +95,8 @@ class MergeOptions:
         None,
         "--max-error",
         f"Per-tensor budget: smallest rank at which every member's relative error "
-        f"||W-Ŵ||/||W|| is <= E (default {DEFAULT_MAX_ERROR} unless --rank/--energy is given).",
+        f"||W-Ŵ||/||W|| is <= E. Default: {DEFAULT_MAX_ERROR} together with --max-delta-error "
+        f"{DEFAULT_MAX_DELTA_ERROR}, unless a rule option (--max-error, --max-delta-error, --rank, --energy) is given.",
         type=float,
     )
     max_delta_error: float | None = _opt(
@@ -98,7 +104,8 @@ class MergeOptions:
         "--max-delta-error",
         "Per-tensor budget relative to what the fine-tune changed: every member's ||W-Ŵ||/||W-M|| "
         "is <= D (M: the members' mean). The right axis for gentle fine-tunes, where 1% of the "
-        "weight can be the whole fine-tune.",
+        f"weight can be the whole fine-tune. With --max-error, both hold (default: {DEFAULT_MAX_DELTA_ERROR} "
+        f"with --max-error {DEFAULT_MAX_ERROR}).",
         type=float,
     )
     rank: int | None = _opt(
@@ -202,6 +209,16 @@ class MergeOptions:
         for pattern in self.raw:
             if not isinstance(pattern, str) or not pattern:
                 raise OptionsError(f"--raw {pattern!r}: must be a non-empty glob pattern")
+
+    @property
+    def is_default_rule(self) -> bool:
+        """Whether the error bounds are the defaults (none of the rule options was changed)."""
+        return (self.rank, self.energy, self.max_error, self.max_delta_error) == (
+            None,
+            None,
+            DEFAULT_MAX_ERROR,
+            DEFAULT_MAX_DELTA_ERROR,
+        )
 
     @property
     def rule(self) -> str:

@@ -31,6 +31,7 @@ from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
+from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
 from unipack.sources.checkpoint import close_all, default_name, open_inputs
 from unipack.usercode import EvalHook, pick_metric
@@ -85,7 +86,9 @@ def merge_with_eval(
     out_path = Path(out)
     check_writable(out_path, force=force)
     member_names = list(names) if names is not None else [default_name(Path(p)) for p in paths]
-    originals, metric = _score_originals(paths, member_names, hook, metric)
+    originals, metric, adapters = _score_originals(paths, member_names, hook, metric)
+    if adapters and opts.is_default_rule:  # as merge() does: an adapter's error is already relative to its update
+        opts = dataclasses.replace(opts, max_delta_error=None)
 
     start = (opts.max_error, opts.max_delta_error)
     # The search's variable: one scale of the starting bounds (the largest bound reaches LOOSEST
@@ -207,14 +210,16 @@ def merge_with_eval(
 
 def _score_originals(
     paths: Sequence[str | os.PathLike[str]], names: list[str], hook: EvalHook, metric: str | None
-) -> tuple[dict[str, dict[str, float]], str]:
+) -> tuple[dict[str, dict[str, float]], str, bool]:
+    """Every original's scores, the metric, and whether the inputs are LoRA adapters."""
     checkpoints = open_inputs([Path(p) for p in paths], names)
     try:
         scores = {c.name: hook(c.state_dict(), c.name) for c in checkpoints}
+        adapters = adapter_sources(checkpoints) is not None
     finally:
         close_all(checkpoints)
     chosen = pick_metric(next(iter(scores.values())), metric, hook.spec)
     for name, s in scores.items():
         if chosen not in s:
             raise EvalError(f"eval {hook.spec}: metric {chosen!r} missing for member {name!r}")
-    return scores, chosen
+    return scores, chosen, adapters

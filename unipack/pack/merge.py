@@ -7,6 +7,7 @@ the per-member coefficients stay in memory until the bundle is written atomicall
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -69,7 +70,12 @@ def merge(
     try:
         adapters = adapter_sources(checkpoints)
         if adapters is not None:
-            if opts.max_delta_error is not None:
+            if opts.is_default_rule:
+                # An adapter is already a delta: its errors are measured against its own update,
+                # so the default rule's delta bound has nothing to add (and LoRA bundles keep
+                # the rule they always had).
+                opts = dataclasses.replace(opts, max_delta_error=None)
+            elif opts.max_delta_error is not None:
                 raise OptionsError(
                     "--max-delta-error is for full checkpoints; a LoRA adapter is already a delta: "
                     "give --max-error (relative to each adapter's update)"
