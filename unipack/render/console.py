@@ -190,13 +190,13 @@ def add_summary(result: AddResult) -> Table:
     elif over:
         t.add_row(
             "budget",
-            f"max-error {options.max_error} not met within the bundle's bases for {len(over)} "
+            f"{options.rule_text} not met within the bundle's mean and bases for {len(over)} "
             f"tensor{'s' if len(over) != 1 else ''}: stored them raw "
             f"(+{format_bytes(sum(o.stored_bytes for o in over))})",
             style="bold yellow",
         )
     else:
-        t.add_row("budget", f"max-error {options.max_error} met within the bundle's bases")
+        t.add_row("budget", f"{options.rule_text} met within the bundle's mean and bases")
     other = [o for o in result.outcomes if o.kind == "override" and not o.over_budget]
     if other:
         t.add_row(
