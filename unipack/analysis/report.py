@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from unipack.analysis.baselines import measure_member
 from unipack.analysis.scoring import score_members
-from unipack.bundle.summary import blob_parts
+from unipack.bundle.summary import blob_parts, header_parts
 from unipack.errors import InputError
 from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord
 from unipack.format.safetensors_file import SafetensorsHeader
@@ -195,15 +195,7 @@ def _byte_parts(
 ) -> dict[str, int]:
     """Every byte of the file in exactly one part (header = length prefix + safetensors JSON)."""
     parts = dict.fromkeys(PARTS, 0)
-    body = header_bytes[8:]
-    parts["padding"] = len(body) - len(body.rstrip(b" "))
-    text = (header.metadata or {}).get("manifest", "")
-    for ascii_only in (False, True):  # as unipack writes it, or as another writer may escape it
-        encoded = json.dumps(text, ensure_ascii=ascii_only).encode("utf-8")
-        if encoded in body:
-            parts["manifest"] = len(encoded)
-            break
-    parts["header"] = header.data_start - parts["manifest"] - parts["padding"]
+    parts.update(header_parts(header, header_bytes))  # the same split `info` shows
     for name, part in blob_parts(manifest).items():
         parts[part] += stored[name]
     return parts
