@@ -225,7 +225,6 @@ def test_the_chosen_candidate_is_the_cheapest_of_those_tried(gentle: list[Path])
         budget=ErrorBudget(max_delta_error=0.3),
         scale_dtype="F32",
         compressed=compressed,
-        baselines=False,
     )
     assert enc is not None
     met = {label: cost for label, cost in enc.tried.items() if cost is not None and cost >= 0}

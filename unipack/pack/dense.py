@@ -159,7 +159,7 @@ class Merger:
         """The cheapest quantized-delta storage meeting the error rule, or None (not asked for, a
         rank or energy rule, or no candidate meets the rule)."""
         budget = self.options.budget
-        if not self.options.quantize or budget is None or job.shape is None:
+        if not self._quantizing() or budget is None or job.shape is None:
             return None
         return delta.fit(
             shape=job.shape,
@@ -168,7 +168,6 @@ class Merger:
             budget=budget,
             scale_dtype=self.coef_dtype,
             compressed=self._compressed,
-            baselines=job.baselines,
         )
 
     def _store_delta(self, plan: TensorPlan, enc: delta.DeltaEncoded) -> TensorRecord:

@@ -303,10 +303,11 @@ def fit(
     budget: ErrorBudget,
     scale_dtype: str,
     compressed: Compressed,
-    baselines: bool,
 ) -> DeltaEncoded | None:
     """The cheapest candidate meeting the rule for every member, encoded; None if none does.
     (Candidates far behind on the first member are not pursued: ``PRUNE``, ``candidates``.)
+    The per-member SVD baselines are left out of its fidelity: the merge measures them once,
+    for whichever storage wins the tensor.
 
     Three passes over the members: the exact mean; every candidate's step search per member
     (only its compressed size and steps are kept, so memory holds one member's tensor at a
@@ -316,14 +317,14 @@ def fit(
     numel = math.prod(shape)
     total = np.zeros(numel)
     squares = 0.0
+    first = load(0).reshape(-1)  # kept: the candidates' search starts with it
     for i in range(n_members):
-        x = load(i).reshape(-1)
+        x = first if i == 0 else load(i).reshape(-1)
         total += x
         squares += float(np.dot(x, x))
     exact_mean = total / n_members
     del total
     spread = math.sqrt(max(squares / n_members - float(np.dot(exact_mean, exact_mean)), 0.0) / numel)
-    first = load(0).reshape(-1)
     first_budget = budget.absolute(float(np.linalg.norm(first)), float(np.linalg.norm(first - exact_mean)))
     int_mean = quantized_mean(exact_mean, spread, n_members)
     chains = candidates(shape, member_dtypes, exact_mean, first_budget, int_mean is not None)
@@ -439,7 +440,6 @@ def fit(
         scale_dtype,
         priced[best],
         tried,
-        baselines,
     )
     if best.mean_dtype == INT_MEAN:
         encoded.mean_step = mean_step
@@ -463,7 +463,6 @@ def _encode(
     scale_dtype: str,
     stored_bytes: int,
     tried: dict[str, int | None],
-    baselines: bool,
 ) -> DeltaEncoded:
     mean_held, mean_q = mean
     matrix = matrix_view(shape)
@@ -482,8 +481,6 @@ def _encode(
         norm = float(np.linalg.norm(x))
         codes.append(quantize.pack(result.codes, cand.levels))
         errors.append(rel_error(x, result.out, norm))
-        # The per-member SVD baseline at this member's bytes (codes and steps), in numbers.
-        svd_values = (codes[-1].size + held.nbytes) / dtypes.itemsize(scale_dtype) if baselines else None
         fidelity.append(
             measure(
                 x.reshape(matrix),
@@ -492,7 +489,7 @@ def _encode(
                 norm,
                 member_dtypes[i],
                 scale_dtype,
-                svd_values,
+                None,
             )
         )
     return DeltaEncoded(
