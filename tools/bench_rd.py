@@ -148,8 +148,7 @@ def shared_names(originals: Iterator[dict[str, torch.Tensor]]) -> tuple[set[str]
                 sums.pop(k, None)
                 continue
             sums[k] += v.double().numpy()
-    present_in_all = {k for k in sums}
-    return present_in_all, {k: s / n for k, s in sums.items()}
+    return set(sums), {k: s / n for k, s in sums.items()}
 
 
 def alternative_methods() -> dict[str, tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], Callable]]:
