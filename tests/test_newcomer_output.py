@@ -390,7 +390,12 @@ def names_by_row(text: str, caption: str = "") -> list[str]:
     table printed as records (too narrow a terminal). In a table a row starts where its second
     column has text: a long name wraps onto lines whose other cells are empty."""
     if "┏" not in text:
-        return [line for line in text.splitlines()[1:] if line.strip() not in ("", caption) and line[0] != " "]
+        # the caption may wrap: any line that is a piece of it is not a record's name line
+        return [
+            line
+            for line in text.splitlines()[1:]
+            if line.strip() and not (caption and line.strip() in caption) and line[0] != " "
+        ]
     rows: list[str] = []
     for line in text.splitlines():
         if not line.startswith("│"):

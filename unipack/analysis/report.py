@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from unipack.analysis.baselines import measure_member
 from unipack.analysis.scoring import score_members
 from unipack.bundle.summary import blob_parts, header_parts
+from unipack.core.alternatives import LABELS as ALTERNATIVE_LABELS
+from unipack.core.alternatives import METHODS as ALTERNATIVES
 from unipack.errors import InputError
 from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord
 from unipack.format.safetensors_file import SafetensorsHeader
@@ -87,6 +89,36 @@ class TensorReport:
     stored_bytes: int  # its blobs, with its share of each member's coefficient blob (by element count)
     errors: dict[str, float | None]  # mean relative error over members, by METHODS
     winner: str | None  # the method with the smallest mean error (ties go to the cheaper one)
+    # The cheapest one-line alternative that meets the rule on this tensor, and its bytes for all
+    # members (measured at merge time; None: none meets it, or not measured).
+    alternative: str | None = None
+    alternative_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class AlternativeRow:
+    """One alternative over the whole collection (``stats.alternatives``, spec §3.6)."""
+
+    method: str
+    label: str
+    bytes: int  # every tensor of every member, as a user would ship it
+    ratio: float  # inputs / bytes
+    tensors_met: int  # tensors on which every member meets the rule
+    errors: list[float]  # per member: relative weight error over the compared tensors
+
+
+@dataclass(frozen=True)
+class Alternatives:
+    """What a user would have stored instead, measured on the same members at merge time."""
+
+    tensors: int  # tensors compared (the ones the merge decomposed)
+    rule: str  # what "meets" means: the merge's error rule, or the bundle's own errors
+    rows: list[AlternativeRow]
+    bundle_errors: list[float] | None  # the bundle's own, same measure (None: not recorded)
+    smallest_met: str | None  # the smallest alternative that meets the rule on every tensor
+
+    def row(self, method: str) -> AlternativeRow:
+        return next(r for r in self.rows if r.method == method)
 
 
 @dataclass(frozen=True)
@@ -101,6 +133,7 @@ class Report:
     tensors: list[TensorReport]
     overall: dict[str, Any]  # byte-weighted mean error by method, winner, tensors won by method
     evaluation: dict[str, Any] | None = None  # set by evaluate_report()
+    alternatives: Alternatives | None = None  # measured at merge time (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -156,7 +189,11 @@ def build_report(
             + (stored[m.codes] if m.codes is not None else 0)
         )
         members.append(_member_report(manifest, m, record, own, own + shared_bytes // n))
-    tensors = _tensor_reports(manifest, stored, fidelity)
+    cheapest = _recorded_cheapest(manifest)
+    tensors = [
+        replace(t, alternative=cheapest[t.name][0], alternative_bytes=cheapest[t.name][1]) if t.name in cheapest else t
+        for t in _tensor_reports(manifest, stored, fidelity)
+    ]
     measured = [m.lossless_bytes for m in manifest.members if m.lossless_bytes is not None]
     complete = bool(measured) and len(measured) == len(manifest.members)  # a partial sum would flatter
     lossless_stats = manifest.stats.get("lossless")
@@ -178,7 +215,104 @@ def build_report(
         members=members,
         tensors=tensors,
         overall=_overall(members, tensors),
+        alternatives=_alternatives(manifest, fidelity, cheapest),
     )
+
+
+def _recorded_alternatives(manifest: Manifest) -> dict[str, Any] | None:
+    """``stats.alternatives`` if it is well formed for this bundle's members, else None. The
+    entry is informative (spec §3.6): one written before members were added (``unipack add``)
+    describes another collection, and a malformed one is ignored rather than trusted."""
+    doc = manifest.stats.get("alternatives")
+    n = len(manifest.members)
+
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), int):
+        return None
+    methods, cheapest = doc.get("methods"), doc.get("cheapest")
+    if not isinstance(methods, dict) or set(methods) != set(ALTERNATIVES) or not isinstance(cheapest, dict):
+        return None
+    for entry in methods.values():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("tensors_met"), int)
+            and numbers(entry.get("errors"))
+        ):
+            return None
+    names = {t.name for t in manifest.tensors}
+    for name, pair in cheapest.items():
+        if not (
+            name in names
+            and isinstance(pair, list)
+            and len(pair) == 2
+            and (pair[0] is None or pair[0] in ALTERNATIVES)
+            and isinstance(pair[1], int)
+        ):
+            return None
+    return doc
+
+
+def recorded_alternatives(manifest: Manifest) -> Alternatives | None:
+    """The alternatives a merge measured, as the report shows them (None: not recorded)."""
+    return _alternatives(manifest, {}, _recorded_cheapest(manifest))
+
+
+def _recorded_cheapest(manifest: Manifest) -> dict[str, tuple[str | None, int | None]]:
+    doc = _recorded_alternatives(manifest)
+    if doc is None:
+        return {}
+    return {name: (method, size if method else None) for name, (method, size) in doc["cheapest"].items()}
+
+
+def _alternatives(
+    manifest: Manifest, fidelity: Mapping[str, FidelityRecord], cheapest: Mapping[str, Any]
+) -> Alternatives | None:
+    doc = _recorded_alternatives(manifest)
+    if doc is None:
+        return None
+    inputs = int(manifest.stats.get("input_bytes", 0))
+    rows = [
+        AlternativeRow(
+            method=method,
+            label=ALTERNATIVE_LABELS[method],
+            bytes=doc["methods"][method]["bytes"],
+            ratio=inputs / doc["methods"][method]["bytes"] if doc["methods"][method]["bytes"] else 0.0,
+            tensors_met=doc["methods"][method]["tensors_met"],
+            errors=[float(e) for e in doc["methods"][method]["errors"]],
+        )
+        for method in ALTERNATIVES
+    ]
+    met = [r for r in rows if r.tensors_met == doc["tensors"]]
+    bounded = manifest.options.get("max_error") is not None or manifest.options.get("max_delta_error") is not None
+    return Alternatives(
+        tensors=doc["tensors"],
+        rule="the merge's error rule" if bounded else "at least this bundle's accuracy",
+        rows=rows,
+        bundle_errors=_bundle_errors(manifest, fidelity, set(cheapest)),
+        smallest_met=min(met, key=lambda r: r.bytes).method if met else None,
+    )
+
+
+def _bundle_errors(
+    manifest: Manifest, fidelity: Mapping[str, FidelityRecord], compared: set[str]
+) -> list[float] | None:
+    """Each member's relative weight error over the compared tensors: sqrt(sum ||E_t||^2 /
+    sum ||W_t||^2), the measure the alternatives' errors use."""
+    out = []
+    for m in manifest.members:
+        record = fidelity.get(m.name, m.fidelity)
+        if record is None:
+            return None
+        lost = total = 0.0
+        for i, t in enumerate(manifest.tensors):
+            if t.name in compared:
+                lost += (m.errors[i] * record.norms[i]) ** 2
+                total += record.norms[i] ** 2
+        out.append(math.sqrt(lost / total) if total > 0 else 0.0)
+    return out
 
 
 def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str, int]) -> int:

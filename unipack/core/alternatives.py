@@ -25,6 +25,17 @@ import numpy as np
 #: bytes of one scale (fp16, as the int-b and sign baselines store them)
 SCALE_BYTES = 2
 
+#: The alternatives a merge measures (``pack.alternatives``) and the report lists, in order.
+METHODS = ("fp16", "int8", "int4", "int2", "1-bit", "paper-k16")
+LABELS = {
+    "fp16": "fp16 cast (.half())",
+    "int8": "mean + int8 per-row deltas",
+    "int4": "mean + int4 per-row deltas",
+    "int2": "mean + int2 per-row deltas",
+    "1-bit": "mean + 1-bit deltas (BitDelta-style)",
+    "paper-k16": "the paper's recipe (rows PCA, k = 16, fp32)",
+}
+
 
 def rows_of(shape: tuple[int, ...]) -> int:
     """How many rows (output channels) a tensor has for per-row scales: 1 for a vector."""

@@ -28,6 +28,7 @@ from unipack.format.container import BundleWriter
 from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless
+from unipack.pack.alternatives import AlternativesMeter
 from unipack.pack.plan import TensorPlan
 from unipack.schemes import delta, scheme_of
 from unipack.schemes.exact import EXACT_SCHEME, ExactParams
@@ -59,6 +60,9 @@ class Merger:
         self.errors: list[list[float]] = [[] for _ in range(n)]
         self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
         self.lossless: list[lossless.LosslessSize | None] = [None] * n
+        # What the one-line alternatives would cost, measured with the baselines (--no-baselines
+        # skips both: they are what the report compares the bundle with, not what it stores).
+        self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
 
     def run(self, plans: list[TensorPlan]) -> Manifest:
         self._measure_lossless()
@@ -72,17 +76,32 @@ class Merger:
         return self._manifest(records)
 
     def _store(self, plan: TensorPlan) -> TensorRecord:
+        record, job = self._choose_and_store(plan)
+        if self.alternatives is None:
+            return record
+        if job is not None:  # decomposable: every alternative is measured on it
+            self.alternatives.measure(job, [errors[-1] for errors in self.errors])
+        else:  # heads, identical and non-finite tensors: every alternative keeps them too
+            numels = [c.tensors[plan.name].numel for c in self.checkpoints]
+            self.alternatives.kept(numels, plan.dtypes, once=record.storage == EXACT_SCHEME.storage)
+        return record
+
+    def _choose_and_store(self, plan: TensorPlan) -> tuple[TensorRecord, TensorJob | None]:
+        """The tensor's record, and its job where it reached the decomposition (None: stored
+        raw or exact before any fitting)."""
         if plan.storage == "raw":
-            return self._store_raw(plan, plan.reason, "requested")
+            return self._store_raw(plan, plan.reason, "requested"), None
         identical, non_finite = self._survey(plan)
         if identical:
-            return self._store_exact(plan)
+            return self._store_exact(plan), None
         if plan.storage == "exact-candidate":
-            return self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)", "values")
-        if non_finite is not None:
-            return self._store_raw(
-                plan, f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)", "values"
+            return (
+                self._store_raw(plan, f"{plan.dtypes[0]} tensor differs between members (stored exactly)", "values"),
+                None,
             )
+        if non_finite is not None:
+            reason = f"member {non_finite!r} holds NaN or inf values (stored raw, bit-exact)"
+            return self._store_raw(plan, reason, "values"), None
         assert plan.shape is not None
         # With two families of candidates, the per-member SVD baselines (an eigendecomposition per
         # member) are measured once, for the winner, instead of inside every candidate's encoding.
@@ -114,10 +133,10 @@ class Merger:
                         quantized.mean, quantized.mean_dtype
                     )
                     quantized.fidelity = self._svd_baselines(plan, quantized.fidelity, mean, values)
-                return self._store_delta(plan, quantized)
+                return self._store_delta(plan, quantized), job
         if isinstance(result, KeepRaw):
-            return self._store_raw(plan, result.reason, "budget")
-        return self._store_shared(plan, result, lazy_baselines)
+            return self._store_raw(plan, result.reason, "budget"), job
+        return self._store_shared(plan, result, lazy_baselines), job
 
     def _quantizing(self) -> bool:
         return self.options.quantize and self.options.budget is not None
@@ -319,6 +338,8 @@ class Merger:
                 )
             )
         stats: dict[str, Any] = {"input_bytes": sum(c.file_size for c in self.checkpoints)}
+        if self.alternatives is not None and self.alternatives.compared:
+            stats["alternatives"] = self.alternatives.to_stats()
         if all(self.lossless):
             stats["lossless"] = {
                 "codec": "zstd",

@@ -12,22 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from unipack.analysis.report import rule_text
+from unipack.analysis.report import recorded_alternatives, rule_text
 from unipack.bundle.summary import BundleSummary
 from unipack.format.manifest import Manifest
 from unipack.pack.add import AddResult
 from unipack.pack.merge import MergeResult
+from unipack.render.alternatives_view import alternatives_verdict
 from unipack.render.documents import worst_member
-from unipack.render.tables import FittedTable, TensorName, name_column, value_column
+from unipack.render.tables import FittedTable, TensorName, format_bytes, name_column, value_column
 from unipack.schemes import scheme_of
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class ProgressBars:
@@ -66,13 +59,21 @@ class ProgressBars:
         self._progress.stop()
 
 
+def size_ratio(ratio: float) -> str:
+    """``2.50x smaller``, or ``1.60x larger`` for a bundle bigger than its inputs ("0.62x smaller"
+    would read as a saving)."""
+    if ratio >= 1 or ratio <= 0:
+        return f"{ratio:.2f}x smaller"
+    return f"{1 / ratio:.2f}x larger"
+
+
 def merge_summary(result: MergeResult) -> Table:
     """The merge summary; ``render.documents.merge_document`` is its ``--json`` twin."""
     worst_name, worst = worst_member(result)
     t = Table(title="merge summary", show_header=False, title_justify="left")
     t.add_row("inputs", f"{len(result.manifest.members)} members, {format_bytes(result.input_bytes)}")
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
-    t.add_row("ratio", f"{result.ratio:.2f}x smaller, at worst relative error {worst:.3g} ({worst_name})")
+    t.add_row("ratio", f"{size_ratio(result.ratio)}, at worst relative error {worst:.3g} ({worst_name})")
     t.add_row("rule", rule_text(result.manifest.options))
     mismatched = result.shape_mismatched
     if mismatched:
@@ -82,6 +83,10 @@ def merge_summary(result: MergeResult) -> Table:
             f"{len(mismatched)} tensor{'s' if len(mismatched) != 1 else ''} whose shape "
             f"differs between members stored raw per member: {shown}",
         )
+    alternatives = recorded_alternatives(result.manifest)
+    if alternatives is not None:
+        for line in alternatives_verdict(alternatives, result.file_bytes, result.ratio):
+            t.add_row("alternatives", line)
     evaluation = result.manifest.stats.get("evaluation")
     if isinstance(evaluation, dict):
         target = evaluation.get("max_drop")
@@ -211,7 +216,7 @@ def add_summary(result: AddResult) -> Table:
     )
     t.add_row(
         "ratio",
-        f"{result.ratio:.2f}x smaller than its inputs, at worst relative error "
+        f"{size_ratio(result.ratio)} than its inputs, at worst relative error "
         f"{result.bundle_worst_error:.3g} over all members",
     )
     return t

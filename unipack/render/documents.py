@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from unipack.analysis.report import rule_text
+from unipack.analysis.report import recorded_alternatives, rule_text
 from unipack.pack.add import AddResult
 from unipack.pack.merge import MergeResult
 
@@ -41,10 +41,17 @@ def merge_document(result: MergeResult) -> dict[str, Any]:
         "rule": rule_text(result.manifest.options),
         "options": result.manifest.options,
         "task_specific": result.shape_mismatched,
+        "alternatives": _alternatives_document(result),
         "evaluation": evaluation if isinstance(evaluation, dict) else None,
         "seconds": result.seconds,
         "peak_rss_bytes": result.peak_rss_bytes,
     }
+
+
+def _alternatives_document(result: MergeResult) -> dict[str, Any] | None:
+    """The one-line alternatives measured during the merge (the report's table), or None."""
+    a = recorded_alternatives(result.manifest)
+    return None if a is None else dataclasses.asdict(a)
 
 
 def add_document(result: AddResult) -> dict[str, Any]:

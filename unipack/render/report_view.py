@@ -13,10 +13,12 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from unipack.analysis.report import METHODS, Report
+from unipack.analysis.report import METHODS, Report, TensorReport
 from unipack.format.manifest import Manifest
-from unipack.render.console import format_bytes
-from unipack.render.tables import FittedTable, TensorName, name_column, value_column
+from unipack.render.alternatives_view import alternatives_table, alternatives_verdict
+from unipack.render.tables import FittedTable, TensorName, format_bytes, name_column, value_column
+from unipack.render.tables import format_error as _err
+from unipack.render.tables import format_times as _times
 from unipack.schemes import scheme_of
 
 LABELS = {"unipack": "unipack", "mean-only": "mean only", "svd": "per-member SVD", "original": "original"}
@@ -40,14 +42,6 @@ def sparkline(spectrum: list[float], variance: float | None, width: int = SPARK_
     return "".join(out)
 
 
-def _times(x: float) -> str:
-    return f"{x:,.0f}x" if x >= 100 else f"{x:.3g}x"
-
-
-def _err(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
 def difference(value: float, scale: float, spec: str = ".3g") -> str:
     """``value`` (a difference of two scores of size ``scale``) formatted, or 0 where it is only
     the rounding left by subtracting and averaging those scores."""
@@ -64,6 +58,8 @@ def report_view(
     yield _bytes_table(r)
     yield _members_table(r)
     yield _baselines_table(r)
+    if r.alternatives is not None:
+        yield alternatives_table(r.alternatives, r.bytes.file, r.bytes.ratio)
     yield from _verdict(r)
     if show_tensors and member is None:
         yield _tensors_table(r)
@@ -218,6 +214,8 @@ def _baselines_table(r: Report) -> Table:
 
 
 def _verdict(r: Report) -> Iterator[Text]:
+    if r.alternatives is not None:
+        yield from alternatives_verdict(r.alternatives, r.bytes.file, r.bytes.ratio)
     errors = r.overall["mean_error"]
     ours, mean, svd = errors["unipack"], errors["mean-only"], errors["svd"]
     if mean is None:
@@ -255,8 +253,14 @@ def _tensors_table(r: Report) -> FittedTable:
         title_justify="left",
     )
     name_column(t, "tensor")
-    for col in ("storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only", "SVD", "best"):
-        value_column(t, col, "left" if col in ("storage", "scree", "best") else "right")
+    columns = ["storage", "rank", "energy kept", "scree", "bytes", "unipack", "mean only", "SVD", "best"]
+    if r.alternatives is not None:
+        columns.append("rival")
+        t.caption = "rival: the cheapest one-line alternative that meets the rule on the tensor (none: none does)"
+    for col in columns:
+        value_column(
+            t, col, "right" if col in ("rank", "energy kept", "bytes", "unipack", "mean only", "SVD") else "left"
+        )
     for x in r.tensors:
         storage = f"{x.storage}/{x.scheme}" if x.scheme else x.storage
         t.add_row(
@@ -270,8 +274,15 @@ def _tensors_table(r: Report) -> FittedTable:
             _err(x.errors["mean-only"]),
             _err(x.errors["svd"]),
             LABELS.get(x.winner or "", "-"),
+            *([_cheapest_alternative(x)] if r.alternatives is not None else []),
         )
     return FittedTable(t)
+
+
+def _cheapest_alternative(x: TensorReport) -> str:
+    if x.alternative is None or x.alternative_bytes is None:
+        return "none" if x.errors["unipack"] is not None else "-"
+    return f"{x.alternative} {format_bytes(x.alternative_bytes)}"
 
 
 def _member_tensors_table(r: Report, name: str, manifest: Manifest) -> FittedTable:

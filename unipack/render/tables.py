@@ -15,6 +15,24 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_times(x: float) -> str:
+    """A factor: ``1.95x``, ``1,234x``."""
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.3g}x"
+
+
+def format_error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 #: The fewest characters a name column may get before a table prints as records instead.
 NAME_FLOOR = 24
 

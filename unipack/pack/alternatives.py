@@ -1,0 +1,212 @@
+"""What a user would have stored instead, measured during the merge on the same members.
+
+For every tensor the merge decomposes (same shape in every member, finite, not identical) this
+module prices and measures the one-line alternatives of ``core.alternatives`` and the paper's
+own recipe, on the values the merge already has at hand:
+
+- ``fp16``: every member cast to fp16 (``.half()``); 16-bit inputs stay as they are.
+- ``int8``, ``int4``, ``int2``: the members' mean once plus per-row absmax deltas at b bits.
+- ``1-bit``: the mean plus sign(delta) times one scale per tensor (BitDelta without training).
+- ``paper-k16``: the paper's Algorithm 1 as its code runs it: the stacked rows of all members,
+  zero-centred, PCA at k = 16, basis and coefficients in fp32 (unipack's ``rows`` scheme at a
+  fixed rank, on the side that costs fewer bytes), with no fallback to raw storage.
+
+Each is priced as a user would ship it (dense integers and fp16 scales, no entropy coding;
+``core.alternatives``), and each member's error is measured after rounding to its own dtype.
+A tensor counts as *met* by an alternative when every member is within the merge's error rule
+(``--max-error``/``--max-delta-error``) or, under a rank or energy rule that bounds nothing,
+at least as close as the bundle itself. Tensors every method must keep (task-specific heads,
+identical and non-finite tensors) are charged to every alternative at their raw size (cast for
+``fp16``), so the totals compare whole collections.
+
+The results go into ``stats.alternatives`` (spec §3.6): per method, its total bytes, how many
+tensors it meets, and each member's overall relative error; per tensor, the cheapest method
+that meets it. The report reads them back; nothing here changes what the bundle stores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from unipack.core import alternatives as alt
+from unipack.core.alternatives import METHODS
+from unipack.core.decomposition import TensorJob
+from unipack.format import dtypes
+from unipack.options import ErrorBudget
+from unipack.schemes.shared import decomposition
+
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+PAPER_RANK = 16
+#: Members of one tensor are kept in memory (float64) for the measurement up to this many bytes;
+#: larger tensors are re-read member by member, so memory stays flat in N.
+CACHE_BYTES = 256 << 20
+
+
+def cast_itemsize(dtype: str) -> int:
+    """Bytes per element after ``.half()``: 16-bit inputs are left as they are."""
+    return min(dtypes.itemsize(dtype), 2) if dtype in dtypes.FLOAT_DTYPES else dtypes.itemsize(dtype)
+
+
+@dataclass
+class Tally:
+    """The running totals of one method over a merge."""
+
+    bytes: int = 0
+    met: int = 0
+    err2: list[float] = field(default_factory=list)  # per member: sum over tensors of ||W - Ŵ||^2
+    worst: list[float] = field(default_factory=list)  # per member: worst relative tensor error
+
+
+@dataclass(frozen=True)
+class TensorOutcome:
+    """One method on one tensor: bytes for all members, and each member's errors."""
+
+    bytes: int
+    errors: list[float]  # ||W - Ŵ|| / ||W||
+    delta_errors: list[float]  # ||W - Ŵ|| / ||W - M||
+    err2: list[float]  # ||W - Ŵ||^2
+
+
+class AlternativesMeter:
+    """Accumulates every method's bytes and errors over the tensors of one merge."""
+
+    def __init__(self, n_members: int, budget: ErrorBudget | None) -> None:
+        self.n, self.budget = n_members, budget
+        self.tallies = {m: Tally(err2=[0.0] * n_members, worst=[0.0] * n_members) for m in METHODS}
+        self.norm2 = [0.0] * n_members
+        self.compared = 0
+        self.cheapest: dict[str, tuple[str | None, int]] = {}
+
+    def kept(self, numel_by_member: Sequence[int], member_dtypes: Sequence[str], *, once: bool) -> None:
+        """A tensor every method keeps as it is (``once``: one copy, identical in every member)."""
+        pairs = list(zip(numel_by_member, member_dtypes))[:1] if once else list(zip(numel_by_member, member_dtypes))
+        for method, tally in self.tallies.items():
+            per = cast_itemsize if method == "fp16" else dtypes.itemsize
+            tally.bytes += sum(numel * per(dtype) for numel, dtype in pairs)
+
+    def measure(self, job: TensorJob, bundle_errors: Sequence[float]) -> None:
+        """Every method on one decomposable tensor; ``bundle_errors``: the bundle's own relative
+        errors on it (the bar under a rank or energy rule)."""
+        load = _cached(job)
+        total = None
+        for i in range(job.n_members):
+            x = load(i)
+            total = x.copy() if total is None else total + x
+        assert total is not None
+        center = total / job.n_members  # M of the delta rule, in float64
+        mean = dtypes.round_trip(center, job.mean_dtype)  # what the alternatives store
+        outcomes = {m: TensorOutcome(0, [], [], []) for m in METHODS if m != "paper-k16"}
+        norms: list[float] = []
+        for i, dtype in enumerate(job.member_dtypes):
+            x = load(i)
+            norm = float(np.linalg.norm(x))
+            delta_norm = float(np.linalg.norm(x - center))
+            norms.append(norm)
+            for method in outcomes:
+                approx = dtypes.round_trip(_approximate(method, x, mean, dtype), dtype)
+                e = float(np.linalg.norm(x - approx))
+                o = outcomes[method]
+                o.errors.append(e / norm if norm > 0 else 0.0 if e == 0 else math.inf)
+                o.delta_errors.append(e / delta_norm if delta_norm > 0 else 0.0 if e == 0 else math.inf)
+                o.err2.append(e * e)
+        for method in outcomes:
+            outcomes[method] = replace(outcomes[method], bytes=_bytes(method, job))
+        outcomes["paper-k16"] = _paper(job, load, norms)
+        self._record(job.name, outcomes, norms, bundle_errors)
+
+    def _record(
+        self, name: str, outcomes: dict[str, TensorOutcome], norms: list[float], bundle_errors: Sequence[float]
+    ) -> None:
+        self.compared += 1
+        for i, norm in enumerate(norms):
+            self.norm2[i] += norm * norm
+        best: tuple[str | None, int] = (None, 0)
+        for method in METHODS:
+            o, tally = outcomes[method], self.tallies[method]
+            tally.bytes += o.bytes
+            for i in range(self.n):
+                tally.err2[i] += o.err2[i]
+                tally.worst[i] = max(tally.worst[i], o.errors[i])
+            if self._met(o, bundle_errors):
+                tally.met += 1
+                if best[0] is None or o.bytes < best[1]:
+                    best = (method, o.bytes)
+        self.cheapest[name] = best
+
+    def _met(self, o: TensorOutcome, bundle_errors: Sequence[float]) -> bool:
+        if not all(math.isfinite(e) for e in o.errors):
+            return False
+        if self.budget is not None:
+            return self.budget.met(o.errors, o.delta_errors)
+        return all(e <= b * (1 + 1e-9) + 1e-12 for e, b in zip(o.errors, bundle_errors))
+
+    def to_stats(self) -> dict[str, Any]:
+        """``stats.alternatives`` (spec §3.6): numbers rounded to 6 significant digits."""
+        methods = {}
+        for method, tally in self.tallies.items():
+            errors = [
+                _sig(math.sqrt(e2 / n2)) if n2 > 0 else 0.0 for e2, n2 in zip(tally.err2, self.norm2, strict=True)
+            ]
+            methods[method] = {
+                "bytes": tally.bytes,
+                "tensors_met": tally.met,
+                "errors": errors,
+                "worst_errors": [_sig(w) for w in tally.worst],
+            }
+        return {
+            "tensors": self.compared,
+            "methods": methods,
+            "cheapest": {name: [method, size] for name, (method, size) in self.cheapest.items()},
+        }
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.6g}") if math.isfinite(x) else -1.0
+
+
+def _approximate(method: str, x: np.ndarray, mean: np.ndarray, dtype: str) -> np.ndarray:
+    if method == "fp16":
+        return dtypes.round_trip(x, "F16") if dtypes.itemsize(dtype) > 2 else x
+    if method == "1-bit":
+        return alt.sign_delta(x, mean)
+    return alt.int_delta(x, mean, INT_BITS[method])
+
+
+def _bytes(method: str, job: TensorJob) -> int:
+    n, shape = job.n_members, job.shape
+    if method == "fp16":
+        return sum(job.numel * cast_itemsize(d) for d in job.member_dtypes)
+    mean = job.numel * dtypes.itemsize(job.mean_dtype)
+    if method == "1-bit":
+        return mean + n * alt.sign_delta_bytes(shape)
+    return mean + n * alt.int_delta_bytes(shape, INT_BITS[method])
+
+
+def _paper(job: TensorJob, load: Callable[[int], np.ndarray], norms: list[float]) -> TensorOutcome:
+    """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs."""
+    paper_job = replace(
+        job, load=load, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False
+    )
+    models = decomposition("rows").fit(paper_job)
+    model = min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))
+    encoded = model.encode(min(PAPER_RANK, model.max_rank()))
+    errors = [float(e) for e in encoded.errors]
+    return TensorOutcome(
+        bytes=model.bytes_at(encoded.rank),
+        errors=errors,
+        delta_errors=[float(f.delta_error) for f in encoded.fidelity],
+        err2=[(e * n) ** 2 for e, n in zip(errors, norms)],
+    )
+
+
+def _cached(job: TensorJob) -> Callable[[int], np.ndarray]:
+    """``job.load``, reading each member once where all members of this tensor fit CACHE_BYTES."""
+    if job.numel * 8 * job.n_members > CACHE_BYTES:
+        return job.load
+    values = [job.load(i) for i in range(job.n_members)]
+    return values.__getitem__
