@@ -155,7 +155,9 @@ class BundleReader:
 
     def summary(self) -> BundleSummary:
         """Bytes by part, ratio and worst errors (what ``unipack info`` prints)."""
-        return summarize(self.manifest, self._file.header)
+        # The header bytes come through the open descriptor: read by name, they could be those
+        # of a newer bundle renamed over the path since this one was opened.
+        return summarize(self.manifest, self._file.header, self._file.read_header_bytes())
 
     def close(self) -> None:
         self._file.close()

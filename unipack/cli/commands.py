@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.console import Console
 from unipack.api import Bundle
 from unipack.api import open as open_bundle
 from unipack.errors import UnipackError
+from unipack.format.atomic import check_not_input
 from unipack.options import MergeOptions
 from unipack.pack.merge import MergeResult, merge
 from unipack.render.console import ProgressBars, format_bytes, info_table, merge_summary
@@ -54,6 +56,46 @@ class InternalError(click.ClickException):
 #: What Ctrl-C prints (exit code 130, the shell's convention for SIGINT).
 INTERRUPTED = "interrupted: nothing written (outputs are written atomically: any existing file is untouched)"
 
+#: Signals that end a command like Ctrl-C does (temp files removed, nothing renamed into place):
+#: SIGTERM (kill, systemd, docker stop, CI timeouts) and SIGHUP (the terminal went away).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the main thread is, like Ctrl-C's KeyboardInterrupt (which
+    it subclasses, so that every clean-up that runs for Ctrl-C runs for it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        # 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP), what a shell reports for a
+        # process that signal ended: supervisors and scripts tell "terminated" from "Ctrl-C" (130).
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        return INTERRUPTED.replace("interrupted", f"terminated by {signal.Signals(self.signum).name}", 1)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # A second signal must not cut the clean-up of the first short.
+    for sig in TERMINATING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def handle_termination_signals() -> None:
+    """Turn SIGTERM and SIGHUP into ``Terminated`` (by default they kill the process at once,
+    leaving its temp and spool files behind). A signal the parent set to be ignored (``nohup``)
+    stays ignored."""
+    for sig in TERMINATING_SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminate)
+
+
 #: API arguments that the API's messages name, as the command line spells them: a CLI user is
 #: told which flag to pass, never a Python keyword.
 CLI_SPELLINGS = (("--force (force=True)", "--force"), ("force=True", "--force"))
@@ -73,16 +115,20 @@ def print_json(doc: object) -> None:
 
 class UnipackGroup(click.Group):
     """Turns unipack's own errors into click errors: one line, ``Error: ...``, exit 1; Ctrl-C
-    into one line and exit 130."""
+    into one line and exit 130; SIGTERM and SIGHUP (see ``handle_termination_signals``) into one
+    line and exit 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # Every output is written to a temp file and renamed into place only when complete,
             # and temp files are removed on the way out: an interrupted command wrote nothing.
+            if isinstance(exc, Terminated):
+                click.echo(exc.message, err=True)
+                ctx.exit(exc.exit_code)
             click.echo(INTERRUPTED, err=True)
             ctx.exit(130)
         except UnipackError as exc:
@@ -410,6 +456,8 @@ def report_cmd(
     from unipack.render.report_view import report_view
     from unipack.usercode import load_eval
 
+    if png is not None:  # before any work: --png onto the bundle (or an original) would replace it
+        check_not_input(png, [bundle, *([originals] if originals else [])])
     hook = load_eval(eval_spec) if eval_spec else None
     with open_bundle(bundle) as b:
         if member is not None:
@@ -567,4 +615,5 @@ def export_cmd(
 
 def main() -> None:
     """Console entry point."""
+    handle_termination_signals()
     cli(prog_name="unipack")

@@ -125,7 +125,7 @@ def export_onnx(
     onnxruntime = _import_onnx()
     path = Path(out)
     data_path = path.with_name(path.name + ".data")
-    check_writable(path, force=force)  # before any heavy work
+    check_writable(path, force=force, inputs=[bundle.path])  # before any heavy work
     if data_path.exists() and not force:
         raise OutputExistsError(f"{data_path}: already exists; pass --force (force=True) to overwrite it")
     built = build_module(bundle, member, model)

@@ -12,16 +12,20 @@ from pathlib import Path
 
 from unipack.bundle.reader import BundleReader
 from unipack.format import dtypes
-from unipack.format.atomic import atomic_write, ensure_directory
+from unipack.format.atomic import atomic_write, check_writable, ensure_directory
 from unipack.format.safetensors_file import encode_header
 
 
 def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write ``member`` as a .safetensors file at ``path``; returns the path."""
+    """Write ``member`` as a .safetensors file at ``path``; returns the path.
+
+    ``path`` must not be the bundle itself (under any spelling): with ``force`` that would put
+    one member where the whole bundle was.
+    """
     rec = bundle.member(member)
     out = Path(path)
     header = encode_header(bundle.tensor_entries(member), rec.metadata)
-    with atomic_write(out, force=force) as f:
+    with atomic_write(out, force=force, inputs=[bundle.path]) as f:
         f.write(header)
         for _, dtype, array in bundle.iter_arrays(member):
             f.write(dtypes.to_bytes(array, dtype))
@@ -31,7 +35,14 @@ def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike
 def write_safetensors_all(
     bundle: BundleReader, directory: str | os.PathLike[str], *, force: bool = False
 ) -> list[Path]:
-    """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
+    """Every member into ``directory/<member>.safetensors`` (member names are validated inert).
+
+    Every target is checked before the first is written: a refusal (an existing file without
+    ``force``, the bundle itself) must not leave some members written and others not.
+    """
     out_dir = Path(directory)
     ensure_directory(out_dir)
-    return [write_safetensors(bundle, name, out_dir / f"{name}.safetensors", force=force) for name in bundle.members]
+    targets = [(name, out_dir / f"{name}.safetensors") for name in bundle.members]
+    for _, target in targets:
+        check_writable(target, force=force, inputs=[bundle.path])
+    return [write_safetensors(bundle, name, target, force=force) for name, target in targets]

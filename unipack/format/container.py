@@ -21,7 +21,7 @@ import numpy as np
 
 from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec, dtypes
-from unipack.format.atomic import atomic_write, check_writable, spool_file
+from unipack.format.atomic import atomic_write, bundle_lock, check_writable, real_target, same_file, spool_file
 from unipack.format.manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
 from unipack.format.manifest import parse as manifest_json
 from unipack.format.safetensors_file import (
@@ -47,7 +47,8 @@ class BundleWriter:
     @classmethod
     @contextlib.contextmanager
     def spooled(cls, out: Path, codec_name: str, level: int) -> Iterator[BundleWriter]:
-        with spool_file(out.parent, out.name) as f:
+        real = real_target(out)  # beside the file a link names: where the final write goes
+        with spool_file(real.parent, real.name) as f:
             yield cls(f, codec_name, level)
 
     def level_for(self, dtype: str) -> int:
@@ -90,8 +91,17 @@ class BundleWriter:
         self._spool.write(stored)
         return name
 
+    @property
+    def stored_sizes(self) -> dict[str, int]:
+        """Each blob's size as written (its stored, encoded bytes)."""
+        return {name: nbytes for name, _, _, nbytes in self._entries}
+
     def finish(self, manifest: Manifest, out: Path, *, force: bool) -> int:
-        """Write ``out`` = header (with the manifest) + spooled data; returns the file size."""
+        """Write ``out`` = header (with the manifest) + spooled data; returns the file size.
+
+        Under the bundle's writers' lock (``bundle_lock``): a bundle replaced by ``merge --force``
+        is never renamed into place in the middle of an ``add`` to it.
+        """
         text = manifest_json.to_json(manifest)
         metadata = {
             "format": FORMAT_NAME,
@@ -103,7 +113,7 @@ class BundleWriter:
         spool = self._spool
         spool.flush()
         spool.seek(0)
-        with atomic_write(out, force=force) as f:
+        with bundle_lock(out), atomic_write(out, force=force) as f:
             f.write(header)
             shutil.copyfileobj(spool, f, 1 << 22)
             size = f.tell()
@@ -115,10 +125,21 @@ class BundleFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.header = read_header(self.path, what=WHAT)
-        self.manifest = _read_manifest(self.header)
-        _check_layout(self.header, self.manifest)
-        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        # The path is opened once and everything (header, manifest, blobs) is read through this
+        # one descriptor: a writer may rename a new bundle over the path at any moment, and a
+        # header read by name and data read by a second open could come from two files.
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            self.header = read_header(self.path, what=WHAT, fd=self._fd)
+            self.manifest = _read_manifest(self.header)
+            _check_layout(self.header, self.manifest)
+        except BaseException:
+            self.close()
+            raise
 
     def read_stored(self, name: str) -> bytes | bytearray:
         """The blob's bytes as stored in the file (still encoded), checksum verified.
@@ -218,7 +239,12 @@ def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
 
 
 def rewrite_bundle(
-    path: Path, update: Callable[[Manifest, BundleWriter], Manifest], *, out: Path | None = None, force: bool = False
+    path: Path,
+    update: Callable[[Manifest, BundleWriter], Manifest],
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    source: BundleFile | None = None,
 ) -> int:
     """Rewrite the bundle at ``path`` with a new manifest and, optionally, new blobs.
 
@@ -229,10 +255,16 @@ def rewrite_bundle(
     which, like any existing output, needs ``force=True``). On any error no file changes and no
     temp or spool file remains. New blobs are coded as the bundle's recorded options say.
     Returns the new file's size.
+
+    Rewriting in place holds the bundle's writers' lock (``bundle_lock``) from reading the old
+    bundle to renaming the new one, so concurrent rewrites of one bundle (``add``) run one after
+    the other and none is lost. ``source``: the bundle at ``path`` already open (the caller then
+    holds the lock from before it opened it, if it rewrites in place); it is read, not closed.
     """
     target = Path(out) if out is not None else Path(path)
     check_writable(target, force=force)  # refuse before copying anything
-    with BundleFile(path) as old:
+    in_place = out is None or same_file(target, path)
+    with bundle_lock(target) if in_place else contextlib.nullcontext(), _opened(path, source) as old:
         codec_name, level = _recorded_codec(old.manifest.options)
         with BundleWriter.spooled(target, codec_name, level) as writer:
             for name in old.header.tensors:  # data order
@@ -248,6 +280,16 @@ def rewrite_bundle(
             except FormatError as exc:
                 raise ValueError(f"rewrite_bundle: the new manifest is invalid: {exc}") from None
             return writer.finish(manifest, target, force=force)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, source: BundleFile | None) -> Iterator[BundleFile]:
+    """``source`` as it is (its owner closes it), or ``path`` opened here and closed after."""
+    if source is not None:
+        yield source
+    else:
+        with BundleFile(path) as f:
+            yield f
 
 
 def _recorded_codec(options: dict[str, object]) -> tuple[str, int]:

@@ -103,11 +103,18 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_header(path: str | os.PathLike[str], *, what: str = "safetensors file") -> SafetensorsHeader:
-    """Parse and validate a safetensors header without reading tensor data."""
+def read_header(
+    path: str | os.PathLike[str], *, what: str = "safetensors file", fd: int | None = None
+) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    ``fd``: a descriptor of ``path`` opened by the caller (at offset 0), read instead of opening
+    ``path`` again: a caller that reads the data through it too sees one file even if ``path`` is
+    replaced meanwhile (a header of the old file with the data of the new one looks corrupt).
+    """
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with open(p, "rb") if fd is None else os.fdopen(os.dup(fd), "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:

@@ -9,6 +9,7 @@ the result says what it cost. The bundle is rewritten atomically (``rewrite_bund
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -22,10 +23,9 @@ import numpy as np
 from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record
 from unipack.errors import FormatError, InputError, OptionsError, UnipackError
 from unipack.format import dtypes
-from unipack.format.atomic import check_writable
+from unipack.format.atomic import bundle_lock, check_member_file_name, check_writable, same_file
 from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord, check_member_name
-from unipack.format.safetensors_file import read_header
 from unipack.options import MergeOptions
 from unipack.pack import lossless
 from unipack.schemes import is_lora, scheme_of
@@ -95,12 +95,19 @@ def add(
     The bundle is rewritten in place, or written to ``output`` (which needs ``force`` to
     replace an existing file). Everything the new member needs is checked from headers before
     any tensor is read; on any error no file changes.
+
+    Adding in place holds the bundle's writers' lock (``<bundle>.lock`` beside it, see
+    ``format.atomic.bundle_lock``) from reading the bundle until the grown one is renamed over
+    it: concurrent adds to one bundle run one after the other and every member is kept.
     """
     bundle_path, source_path = Path(bundle), Path(source)
     out = Path(output) if output is not None else None
     if out is not None:
-        check_writable(out, force=force)
-    with BundleFile(bundle_path) as reader:
+        check_writable(out, force=force, inputs=[source_path])
+        if same_file(out, bundle_path):
+            out = None  # -o naming the bundle itself (with --force) is an add in place, under its lock
+    in_place = contextlib.nullcontext() if out is not None else bundle_lock(bundle_path)
+    with in_place, BundleFile(bundle_path) as reader:
         manifest = reader.manifest
         if is_lora(manifest):
             raise InputError(
@@ -113,11 +120,11 @@ def add(
             _check_tensors(manifest, checkpoint, bundle_path)
             options = _options(manifest, bundle_path)
             adder = _Adder(reader, checkpoint, options)
-            size = rewrite_bundle(bundle_path, adder, out=out, force=force if out is not None else True)
+            size = rewrite_bundle(bundle_path, adder, out=out, force=force if out is not None else True, source=reader)
         finally:
             checkpoint.close()
     target = out or bundle_path
-    stored = {e.name: e.nbytes for e in read_header(target).tensors.values()}
+    stored = adder.writer.stored_sizes  # not read back from ``target``: another add may have replaced it
     outcomes = [
         TensorOutcome(tensor, kind, error, reason, stored[blob] if blob else 0, over)
         for tensor, kind, error, reason, blob, over in adder.outcomes
@@ -160,7 +167,7 @@ def free_member_index(blob_names: Iterable[str]) -> int:
 def _member_name(name: str | None, source: Path, manifest: Manifest, bundle: Path) -> str:
     chosen = default_name(source) if name is None else name
     try:
-        check_member_name(chosen)
+        check_member_file_name(check_member_name(chosen))
     except FormatError as exc:
         raise InputError(f"{source}: {exc}; pass another --name") from None
     if any(m.name == chosen for m in manifest.members):

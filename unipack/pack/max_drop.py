@@ -84,7 +84,7 @@ def merge_with_eval(
         raise OptionsError(f"--max-drop {max_drop}: must be a non-negative number (in the metric's units)")
     started = time.perf_counter()
     out_path = Path(out)
-    check_writable(out_path, force=force)
+    check_writable(out_path, force=force, inputs=paths)
     member_names = list(names) if names is not None else [default_name(Path(p)) for p in paths]
     originals, metric, adapters = _score_originals(paths, member_names, hook, metric)
     if adapters and opts.is_default_rule:  # as merge() does: an adapter's error is already relative to its update

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unipack.errors import OptionsError
-from unipack.format.atomic import check_writable
+from unipack.errors import FormatError, InputError, OptionsError
+from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
@@ -65,9 +65,16 @@ def merge(
     opts = options or MergeOptions(**option_fields)
     started = time.perf_counter()
     out_path = Path(out)
-    check_writable(out_path, force=force)
+    check_writable(out_path, force=force, inputs=paths)  # -o onto an input would destroy it
     checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
     try:
+        for c in checkpoints:  # every member must come back out as <name>.safetensors
+            try:
+                check_member_file_name(c.name)
+            except FormatError as exc:
+                raise InputError(
+                    f"{c.path}: {exc}; give a shorter name (merge --name SOURCE=NAME; names= in Python)"
+                ) from None
         adapters = adapter_sources(checkpoints)
         if adapters is not None:
             if opts.is_default_rule:
