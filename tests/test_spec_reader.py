@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zstandard
 
 # ======================================================================================
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3)
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
+_MANIFEST_BLOB = "__manifest__"  # §2.3
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
 # §2.2: name -> (numpy dtype used to hold the array, size in bytes)
@@ -209,9 +211,12 @@ class SpecBundle:
 
         meta = header.pop("__metadata__", None)
         _need(isinstance(meta, dict), "header has no __metadata__ object")
+        plain = {"format", "format_version", "manifest", "manifest_sha256"}
+        packed = {"format", "format_version", "manifest_codec", "manifest_bytes", "manifest_sha256"}
         _need(
-            set(meta) == {"format", "format_version", "manifest", "manifest_sha256"},
-            f"__metadata__ must have exactly format, format_version, manifest, manifest_sha256; got {sorted(meta)}",
+            set(meta) in (plain, packed),
+            f"__metadata__ must have exactly format, format_version, manifest_sha256 and either manifest or "
+            f"manifest_codec + manifest_bytes; got {sorted(meta)}",
         )
         _need(all(isinstance(v, str) for v in meta.values()), "__metadata__ values must be strings")
         _need(meta["format"] == "unipack.upk", f"format is {meta['format']!r}, not 'unipack.upk'")
@@ -227,6 +232,7 @@ class SpecBundle:
             )
         self.version = version
         self.meta = meta
+        _need(set(meta) == plain or version >= 4, f"a compressed manifest needs version 4, not {version}")
 
         # Blob entries and the tiling rule.
         self.entries: dict[str, dict[str, Any]] = {}
@@ -256,10 +262,39 @@ class SpecBundle:
             _need(b == cursor, f"gap of {b - cursor} bytes before blob {name!r}")
             cursor = e
         _need(cursor == self.data_len, f"{self.data_len - cursor} bytes after the last blob")
+        # §2.3: the compressed manifest is the last range, a U8 vector, and not a blob.
+        self.packed_manifest = None
+        if "manifest_codec" in meta:
+            last = max(ranges)[2] if ranges else None
+            _need(last == _MANIFEST_BLOB, f"the last range is {last!r}, not the compressed manifest")
+            entry = self.entries.pop(_MANIFEST_BLOB)
+            _need(entry["dtype"] == "U8" and len(entry["shape"]) == 1, "the compressed manifest is not a U8 vector")
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + entry["begin"])
+                self.packed_manifest = f.read(entry["end"] - entry["begin"])
+        else:
+            _need(_MANIFEST_BLOB not in self.entries, f"{_MANIFEST_BLOB!r} without manifest_codec")
 
     # ---------------------------------------------------------------- §3 manifest
+    def _manifest_text(self) -> str:
+        if self.packed_manifest is None:
+            return self.meta["manifest"]
+        _need(self.meta["manifest_codec"] == "zstd", f"manifest codec {self.meta['manifest_codec']!r}")
+        size = self.meta["manifest_bytes"]
+        _need(re.fullmatch(r"[0-9]+", size) is not None and 0 < int(size) <= 2**30, f"manifest_bytes {size!r}")
+        try:
+            data = zstandard.ZstdDecompressor().decompress(self.packed_manifest, max_output_size=int(size))
+        except zstandard.ZstdError as exc:
+            raise SpecChecksumError(f"compressed manifest does not decompress: {exc}") from None
+        if len(data) != int(size):
+            raise SpecChecksumError(f"compressed manifest holds {len(data)} bytes, not {size}")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecChecksumError("compressed manifest is not UTF-8") from None
+
     def _check_manifest(self) -> None:
-        text = self.meta["manifest"]
+        text = self._manifest_text()
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         if digest != self.meta["manifest_sha256"]:
             raise SpecChecksumError(
@@ -779,6 +814,8 @@ from safetensors.torch import load_file as _st_load  # noqa: E402
 from safetensors.torch import save_file as _st_save  # noqa: E402
 
 import unipack  # noqa: E402
+import unipack.errors  # noqa: E402
+from unipack.format import container  # noqa: E402
 
 _TORCH_TO_SPEC = {
     torch.float64: "F64",
@@ -866,6 +903,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "members": ["F32", "F16", "F32", "F32", "F32"],
         "options": {"quantize": True, "max_delta_error": 0.5},
     },
+    # §2.3: the manifest compressed into the data section (written for large manifests; here forced)
+    "packed-f32": {"members": ["F32"] * N_MEMBERS, "options": {}, "packed": True},
+    "packed-delta-f32": {"members": ["F32"] * N_MEMBERS, "options": {"quantize": True}, "packed": True},
 }
 _COMMON = {"raw": ("adapter.*",), "raw_mismatched": True, "quantize": False}
 
@@ -877,7 +917,12 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
         d = tmp_path_factory.mktemp(key)
         paths = _population(d, spec["members"])
         target = d / "bundle.upk"
-        unipack.merge([str(p) for p in paths], str(target), **{**_COMMON, **spec["options"]})
+        threshold = container.COMPRESS_MANIFEST_ABOVE
+        container.COMPRESS_MANIFEST_ABOVE = 0 if spec.get("packed") else threshold
+        try:
+            unipack.merge([str(p) for p in paths], str(target), **{**_COMMON, **spec["options"]})
+        finally:
+            container.COMPRESS_MANIFEST_ABOVE = threshold
         out[key] = (target, paths)
     return out
 
@@ -966,8 +1011,87 @@ def test_delta_bundles_hold_delta_tensors_at_version_3(bundles, variant):
     for mem in spec.manifest["members"]:
         assert mem["codes"] is not None
     for key in VARIANTS:
-        if not key.startswith("delta"):
+        if not key.startswith(("delta", "packed")):
             assert SpecBundle(bundles[key][0]).version == 1, key
+
+
+def test_packed_manifests_are_version_4_and_read_alike(bundles):
+    """§2.3: a compressed manifest makes the bundle version 4 and holds the same manifest as the
+    header would (the same population, merged both ways)."""
+    packed, plain = SpecBundle(bundles["packed-f32"][0]), SpecBundle(bundles["zstd-f32"][0])
+    assert packed.version == 4 and packed.packed_manifest is not None and plain.packed_manifest is None
+    assert "manifest" not in packed.meta and packed.meta["manifest_codec"] == "zstd"
+    strip = ("format_version", "created_by")
+    a = {k: v for k, v in packed.manifest.items() if k not in strip}
+    b = {k: v for k, v in plain.manifest.items() if k not in strip}
+    for m in (*a["members"], *b["members"]):
+        m.pop("lossless_bytes")  # zstd -19 of each variant's own input files (written apart)
+    assert a == b
+    assert SpecBundle(bundles["packed-delta-f32"][0]).version == 4
+
+
+def _repack(path: Path, out: Path, *, meta_edit=None, frame=None, last_blob=None) -> Path:
+    """A copy of a packed bundle with its metadata, manifest frame or tensor order changed."""
+    header, _ = _raw_header(path)
+    data = path.read_bytes()
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+    chunks = {k: data[start + entries[k]["data_offsets"][0] : start + entries[k]["data_offsets"][1]] for k in order}
+    if frame is not None:
+        chunks["__manifest__"] = frame(chunks["__manifest__"])
+    if last_blob is not None:  # move the manifest before the last blob
+        order.remove("__manifest__")
+        order.insert(len(order) - 1, "__manifest__")
+    meta = dict(header["__metadata__"])
+    if meta_edit is not None:
+        meta_edit(meta)
+    doc: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for k in order:
+        size = len(chunks[k])
+        shape = [size] if k == "__manifest__" else entries[k]["shape"]
+        doc[k] = {"dtype": entries[k]["dtype"], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(doc).encode()
+    text += b" " * (-len(text) % 8)
+    out.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks[k] for k in order))
+    return out
+
+
+def _raw_header(path: Path) -> tuple[dict[str, Any], int]:
+    data = path.read_bytes()
+    (h,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + h]), 8 + h
+
+
+PACKED_CASES = {
+    "version-3": dict(meta_edit=lambda m: m.update(format_version="3")),
+    "both-forms": dict(meta_edit=lambda m: m.update(manifest="{}")),
+    "codec": dict(meta_edit=lambda m: m.update(manifest_codec="gzip")),
+    "size-short": dict(meta_edit=lambda m: m.update(manifest_bytes=str(int(m["manifest_bytes"]) - 1))),
+    "size-long": dict(meta_edit=lambda m: m.update(manifest_bytes=str(int(m["manifest_bytes"]) + 1))),
+    "size-huge": dict(meta_edit=lambda m: m.update(manifest_bytes=str(2**31))),
+    "frame-flipped": dict(frame=lambda b: b[:20] + bytes([b[20] ^ 0xFF]) + b[21:]),
+    "frame-truncated": dict(frame=lambda b: b[: len(b) // 2]),
+    "not-last": dict(last_blob=True),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_damaged_packed_manifests_are_refused_by_both_readers(bundles, tmp_path, case):
+    bad = _repack(bundles["packed-f32"][0], tmp_path / "bad.upk", **PACKED_CASES[case])
+    with pytest.raises((SpecFormatError, SpecChecksumError, SpecVersionError)):
+        SpecBundle(bad)
+    with pytest.raises(unipack.errors.UnipackError):
+        unipack.open(str(bad))
+
+
+def test_an_untouched_repack_is_accepted_by_both(bundles, tmp_path):
+    good = _repack(bundles["packed-f32"][0], tmp_path / "good.upk")
+    assert SpecBundle(good).version == 4
+    with unipack.open(str(good)) as b:
+        assert b.members == _member_names(good)
 
 
 def test_codec_none_bundle_has_no_zstd_blob(bundles):
@@ -1179,7 +1303,7 @@ def _manifest_dup_key(header: dict) -> None:
 
 
 def _set_version(m: dict) -> None:
-    m["format_version"] = 4
+    m["format_version"] = 5
 
 
 def _tamper_manifest(m: dict) -> None:
@@ -1192,8 +1316,8 @@ _MALFORMED = {
     "past-the-end": dict(edit_header=_shift_last),
     "gap": dict(edit_header=_shift_last, tail=b"\0"),
     "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
-    "version-4": dict(
-        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "4")
+    "version-5": dict(
+        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "5")
     ),
     "versions-disagree": dict(edit_manifest=_set_version),
     "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
@@ -1217,10 +1341,10 @@ def test_structural_rules(bundles, tmp_path, case):
     with pytest.raises(unipack.FormatError) as theirs:
         with unipack.open(str(bad)) as b:
             b.load_numpy(member)
-    if case == "version-4":
+    if case == "version-5":
         assert isinstance(mine.value, SpecVersionError)
-        assert "3" in str(mine.value) and "1" in str(mine.value)
-        assert "3" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
+        assert "4" in str(mine.value) and "1" in str(mine.value)
+        assert "4" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
     if case == "manifest-sha256":
         assert isinstance(mine.value, SpecChecksumError)
 

@@ -10,6 +10,7 @@ bundle after the fact: its blobs are copied verbatim and only the manifest and n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -18,11 +19,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import zstandard
 
 from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec, dtypes
 from unipack.format.atomic import atomic_write, bundle_lock, check_writable, real_target, same_file, spool_file
-from unipack.format.manifest import FORMAT_NAME, SUPPORTED_VERSIONS, BlobRecord, Manifest
+from unipack.format.manifest import (
+    COMPRESSED_MANIFEST_VERSION,
+    FORMAT_NAME,
+    MANIFEST_BLOB,
+    SUPPORTED_VERSIONS,
+    BlobRecord,
+    Manifest,
+)
 from unipack.format.manifest import parse as manifest_json
 from unipack.format.safetensors_file import (
     SafetensorsHeader,
@@ -33,6 +42,12 @@ from unipack.format.safetensors_file import (
 )
 
 WHAT = "unipack bundle (.upk)"
+#: A manifest of more JSON than this is stored zstd-compressed (format version 4); a smaller one
+#: stays in the header's metadata, where any safetensors reader shows it.
+COMPRESS_MANIFEST_ABOVE = 64 << 10
+MANIFEST_LEVEL = 19
+#: The largest manifest a reader decompresses (the header's own JSON limit is of the same order).
+MAX_MANIFEST_BYTES = 1 << 30
 
 
 class BundleWriter:
@@ -103,19 +118,38 @@ class BundleWriter:
         is never renamed into place in the middle of an ``add`` to it.
         """
         text = manifest_json.to_json(manifest)
+        packed = None
+        if len(text.encode("utf-8")) > COMPRESS_MANIFEST_ABOVE:
+            # A large manifest (per-member error lists, the blob table) is mostly repetition:
+            # zstd stores it in a fifth of the bytes (the demo's: 94 KB -> 19 KB), which is real
+            # compression ratio for small models. Version 4 says where it is.
+            manifest = dataclasses.replace(
+                manifest, format_version=max(manifest.format_version, COMPRESSED_MANIFEST_VERSION)
+            )
+            text = manifest_json.to_json(manifest)
+            packed = zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(text.encode("utf-8"))
+        raw = text.encode("utf-8")
         metadata = {
             "format": FORMAT_NAME,
             "format_version": str(manifest.format_version),
-            "manifest_sha256": codec.sha256(text.encode("utf-8")),
-            "manifest": text,
+            "manifest_sha256": codec.sha256(raw),
         }
-        header = encode_header(self._entries, metadata)
+        entries = list(self._entries)
+        if packed is None:
+            metadata["manifest"] = text
+        else:
+            metadata["manifest_codec"] = "zstd"
+            metadata["manifest_bytes"] = str(len(raw))
+            entries.append((MANIFEST_BLOB, "U8", (len(packed),), len(packed)))
+        header = encode_header(entries, metadata)
         spool = self._spool
         spool.flush()
         spool.seek(0)
         with bundle_lock(out), atomic_write(out, force=force) as f:
             f.write(header)
             shutil.copyfileobj(spool, f, 1 << 22)
+            if packed is not None:
+                f.write(packed)
             size = f.tell()
         return size
 
@@ -135,7 +169,7 @@ class BundleFile:
             raise FormatError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         try:
             self.header = read_header(self.path, what=WHAT, fd=self._fd)
-            self.manifest = _read_manifest(self.header)
+            self.manifest = _read_manifest(self.header, self._fd)
             _check_layout(self.header, self.manifest)
         except BaseException:
             self.close()
@@ -187,7 +221,7 @@ class BundleFile:
             self.close()
 
 
-def _read_manifest(header: SafetensorsHeader) -> Manifest:
+def _read_manifest(header: SafetensorsHeader, fd: int) -> Manifest:
     p = header.path
     meta = header.metadata or {}
     if meta.get("format") != FORMAT_NAME:
@@ -200,9 +234,7 @@ def _read_manifest(header: SafetensorsHeader) -> Manifest:
             f"{p}: .upk format version {version!r} is not supported by this unipack "
             f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack"
         )
-    text = meta.get("manifest")
-    if text is None:
-        raise FormatError(f"{p}: corrupt {WHAT}: the manifest is missing")
+    text = _manifest_text(header, fd, int(version))
     if codec.sha256(text.encode("utf-8")) != meta.get("manifest_sha256"):
         raise ChecksumError(f"{p}: the manifest is corrupt (checksum mismatch); re-download or re-merge it")
     manifest = manifest_json.from_json(strict_json(text, f"{p}: manifest"), str(p))
@@ -211,10 +243,50 @@ def _read_manifest(header: SafetensorsHeader) -> Manifest:
     return manifest
 
 
+def _manifest_text(header: SafetensorsHeader, fd: int, version: int) -> str:
+    """The manifest's JSON: from the header's metadata, or (version 4, ``manifest_codec``) from
+    the zstd-compressed ``MANIFEST_BLOB`` tensor, bounded by its recorded size."""
+    p, meta = header.path, header.metadata or {}
+    if "manifest_codec" not in meta:
+        text = meta.get("manifest")
+        if text is None:
+            raise FormatError(f"{p}: corrupt {WHAT}: the manifest is missing")
+        return text
+    if version < COMPRESSED_MANIFEST_VERSION or "manifest" in meta:
+        raise FormatError(
+            f"{p}: corrupt {WHAT}: a compressed manifest needs format version "
+            f"{COMPRESSED_MANIFEST_VERSION} and no manifest in the header"
+        )
+    if meta.get("manifest_codec") != "zstd":
+        raise FormatError(f"{p}: manifest codec {meta.get('manifest_codec')!r} is not supported (only 'zstd')")
+    size = meta.get("manifest_bytes", "")
+    if not re.fullmatch(r"[0-9]{1,10}", size) or not 0 < int(size) <= MAX_MANIFEST_BYTES:
+        raise FormatError(
+            f"{p}: corrupt {WHAT}: manifest_bytes {size!r} is not a size up to {MAX_MANIFEST_BYTES} bytes"
+        )
+    entries = list(header.tensors.values())
+    if not entries or entries[-1].name != MANIFEST_BLOB or entries[-1].dtype != "U8" or len(entries[-1].shape) != 1:
+        raise FormatError(
+            f"{p}: corrupt {WHAT}: the compressed manifest is not the last tensor, {MANIFEST_BLOB!r} (U8)"
+        )
+    stored = read_bytes(fd, entries[-1], p)
+    try:
+        data = zstandard.ZstdDecompressor().decompress(bytes(stored), max_output_size=int(size))
+    except zstandard.ZstdError as exc:
+        raise ChecksumError(f"{p}: the manifest is corrupt ({exc}); re-download or re-merge it") from None
+    if len(data) != int(size):
+        raise ChecksumError(f"{p}: the manifest is corrupt (it holds {len(data)} bytes, not {size})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ChecksumError(f"{p}: the manifest is corrupt (not UTF-8)") from None
+
+
 def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
-    """Header tensors and manifest blobs correspond one to one, and the data has no gaps."""
+    """Header tensors and manifest blobs correspond one to one (plus a compressed manifest, the
+    last tensor), and the data has no gaps."""
     p = header.path
-    names, blobs = set(header.tensors), set(manifest.blobs)
+    names, blobs = set(header.tensors) - {MANIFEST_BLOB}, set(manifest.blobs)
     if names != blobs:
         extra, missing = sorted(names - blobs)[:3], sorted(blobs - names)[:3]
         raise FormatError(
@@ -225,6 +297,8 @@ def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:
         if e.start != cursor:
             raise FormatError(f"{p}: gap or overlap before blob {e.name!r} in the data section")
         cursor = e.end
+        if e.name == MANIFEST_BLOB:  # checked where it was read: U8, the last tensor
+            continue
         rec = manifest.blobs[e.name]
         if rec.codec == "none":
             if (e.dtype, e.shape) != (rec.dtype, rec.shape):
@@ -268,7 +342,8 @@ def rewrite_bundle(
         codec_name, level = _recorded_codec(old.manifest.options)
         with BundleWriter.spooled(target, codec_name, level) as writer:
             for name in old.header.tensors:  # data order
-                writer.add_stored(name, old.manifest.blobs[name], old.read_stored(name))
+                if name != MANIFEST_BLOB:  # the old manifest: finish() writes the new one
+                    writer.add_stored(name, old.manifest.blobs[name], old.read_stored(name))
             manifest = update(old.manifest, writer)
             if manifest.blobs != writer.blobs:
                 raise ValueError("rewrite_bundle: the new manifest must list exactly the writer's blobs")

@@ -17,10 +17,12 @@ from unipack.format.manifest.names import (
 )
 from unipack.format.manifest.parse import from_json, to_json
 from unipack.format.manifest.records import (
+    COMPRESSED_MANIFEST_VERSION,
     DELTA_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     LORA_FORMAT_VERSION,
+    MANIFEST_BLOB,
     SUPPORTED_VERSIONS,
     BlobRecord,
     BlobRef,
@@ -32,6 +34,8 @@ from unipack.format.manifest.records import (
 )
 
 __all__ = [
+    "COMPRESSED_MANIFEST_VERSION",
+    "MANIFEST_BLOB",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "DELTA_FORMAT_VERSION",

@@ -18,6 +18,7 @@ from unipack.format.manifest.doc import Doc, str_map
 from unipack.format.manifest.names import check_config_name, check_member_name, check_tensor_name
 from unipack.format.manifest.records import (
     FORMAT_NAME,
+    MANIFEST_BLOB,
     SUPPORTED_VERSIONS,
     BlobRecord,
     FidelityRecord,
@@ -114,6 +115,8 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
         )
     blobs: dict[str, BlobRecord] = {}
     for name, spec in d.obj("blobs").items():
+        if name == MANIFEST_BLOB:
+            raise FormatError(f"{where}: blob name {name!r} is reserved for the compressed manifest")
         b = Doc(spec, f"{where}: blob {name!r}")
         sha = b.text("sha256")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):

@@ -22,7 +22,12 @@ LORA_FORMAT_VERSION = 2
 #: Version 3 adds the ``delta`` storage (quantized per-member deltas) and a member's ``codes``
 #: blob; only bundles that use it are written as version 3.
 DELTA_FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+#: Version 4 moves a large manifest out of the header into a zstd-compressed U8 tensor named
+#: ``MANIFEST_BLOB`` (the last one in the data section); smaller manifests stay in the header.
+COMPRESSED_MANIFEST_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
+#: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
+MANIFEST_BLOB = "__manifest__"
 
 
 @dataclass(frozen=True)
