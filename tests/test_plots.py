@@ -277,3 +277,29 @@ def test_junk_values_are_skipped_not_fatal(tmp_path: Path, report: dict[str, Any
     report["members"].append({"name": "nan", "worst_error": float("nan"), "baselines": "none"})
     write_png(report, tmp_path / "r.png")
     check_png(tmp_path / "r.png")
+
+
+def test_rate_panel_draws_the_bundle_and_every_alternative(tmp_path: Path) -> None:
+    report = {
+        "bytes": {"file": 1000},
+        "alternatives": {
+            "tensors": 3,
+            "rule": "the merge's error rule",
+            "bundle_errors": [0.01, 0.02],
+            "rows": [
+                {"method": "fp16", "label": "fp16 cast", "bytes": 4000, "tensors_met": 3, "errors": [1e-4, 2e-4]},
+                {"method": "1-bit", "label": "1-bit", "bytes": 500, "tensors_met": 1, "errors": [0.05, 0.07]},
+            ],
+        },
+    }
+    rate = render_figure(report).axes[2]
+    points = {c.get_label(): c.get_offsets()[0].tolist() for c in rate.collections}
+    assert points == {
+        "this bundle": [1000.0, pytest.approx(0.015)],
+        "fp16 cast": [4000.0, pytest.approx(1.5e-4)],
+        "1-bit (misses the rule)": [500.0, pytest.approx(0.06)],
+    }
+    assert rate.get_xscale() == "log" and rate.get_yscale() == "log"
+    assert texts(render_figure({"bytes": {"file": 10}}).axes[2]) == [
+        "no alternatives recorded (merged with --no-baselines, or members added since)"
+    ]

@@ -1,11 +1,14 @@
 """``unipack report --png FILE``: the report as one picture.
 
-Two panels, drawn from the dict that ``unipack report --json`` prints:
+Three panels, drawn from the dict that ``unipack report --json`` prints:
 
 (a) for every shared tensor, the fraction of centred variance kept against the rank (the
     cumulative spectrum over the total variance), with a dot at the rank the bundle chose, so
     one can see whether a smaller rank would have kept almost as much;
-(b) every member's worst relative error next to the two baselines that cost the same bytes
+(b) rate against distortion: the bundle's bytes and weight error next to every one-line
+    alternative the merge measured (fp16 cast, int8/int4/int2 and 1-bit deltas, the paper's
+    k = 16), filled where it meets the rule on every tensor;
+(c) every member's worst relative error next to the two baselines that cost the same bytes
     (the shared mean alone; a per-member truncated SVD), on a log scale.
 
 matplotlib is an optional extra (``pip install 'unipack[plots]'``). The figure is drawn on a
@@ -68,10 +71,57 @@ def render_figure(report: Mapping[str, Any]) -> Any:
     fig.suptitle(
         f"unipack report: {report.get('path', '?')}  ({len(tensors)} tensors, {len(members)} members)", fontsize=15
     )
-    top, bottom = fig.subplots(2, 1, height_ratios=(1.0, 1.0))
-    _variance_panel(top, [t for t in tensors if t.get("storage") == "shared"])
-    _error_panel(bottom, members)
+    grid = fig.add_gridspec(2, 2)
+    # Created in this order so that fig.axes is (a), (c), (b): the first two as before (b) came.
+    variance, errors, rate = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, :]), fig.add_subplot(grid[0, 1])
+    _variance_panel(variance, [t for t in tensors if t.get("storage") == "shared"])
+    _error_panel(errors, members)
+    _rate_panel(rate, report)
     return fig
+
+
+def _rate_panel(ax: Any, report: Mapping[str, Any]) -> None:
+    """(b) bytes vs mean weight error: the bundle and each alternative, as one point each."""
+    alternatives = report.get("alternatives")
+    rows = _records(alternatives, "rows") if isinstance(alternatives, Mapping) else []
+    size = report.get("bytes", {}).get("file") if isinstance(report.get("bytes"), Mapping) else None
+    if not rows or _num(size) is None:
+        _empty(ax, "no alternatives recorded (merged with --no-baselines, or members added since)")
+        return
+    assert isinstance(alternatives, Mapping)
+    tensors = _num(alternatives.get("tensors"))
+
+    def mean(values: object) -> float | None:
+        nums = [_num(v) for v in values] if isinstance(values, Sequence) else []
+        finite = [v for v in nums if v is not None]
+        return sum(finite) / len(finite) if finite and len(finite) == len(nums) else None
+
+    points = [("this bundle", _num(size), mean(alternatives.get("bundle_errors")), True)]
+    for row in rows:
+        met = _num(row.get("tensors_met")) == tensors
+        points.append((str(row.get("label", row.get("method"))), _num(row.get("bytes")), mean(row.get("errors")), met))
+    colours = _palette(len(points))
+    for (label, nbytes, error, met), colour in zip(points, colours):
+        if nbytes is None or error is None or nbytes <= 0:
+            continue
+        shown = max(error, 1e-7)  # a lossless point still shows on the log axis
+        ax.scatter(
+            [nbytes],
+            [shown],
+            s=140 if label == "this bundle" else 70,
+            color=colour,
+            facecolors=colour if met else "none",
+            marker="*" if label == "this bundle" else "o",
+            label=f"{label}{'' if met else ' (misses the rule)'}",
+            zorder=3,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes (log)")
+    ax.set_ylabel("weight error ||W-Ŵ||/||W||, mean over members (log)")
+    ax.set_title(f"(b) rate vs distortion: filled = meets {alternatives.get('rule', 'the rule')} on every tensor")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
 
 
 def _matplotlib() -> tuple[type, type]:
@@ -178,13 +228,13 @@ def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# (b) per-member error against the baselines
+# (c) per-member error against the baselines
 # ------------------------------------------------------------------------------------------
 
 
 def _error_panel(ax: Any, members: Sequence[Mapping[str, Any]]) -> None:
     ax.set_title(
-        "(b) worst relative error per member, against the mean alone and per-member SVD at equal bytes "
+        "(c) worst relative error per member, against the mean alone and per-member SVD at equal bytes "
         "(lower is better)",
         loc="left",
     )
