@@ -35,7 +35,7 @@ import numpy as np
 
 from unipack.core import alternatives as alt
 from unipack.core.alternatives import METHODS
-from unipack.core.decomposition import TensorJob
+from unipack.core.decomposition import SchemeModel, TensorJob
 from unipack.format import dtypes
 from unipack.options import ErrorBudget
 from unipack.schemes.shared import decomposition
@@ -89,9 +89,12 @@ class AlternativesMeter:
             per = cast_itemsize if method == "fp16" else dtypes.itemsize
             tally.bytes += sum(numel * per(dtype) for numel, dtype in pairs)
 
-    def measure(self, job: TensorJob, bundle_errors: Sequence[float]) -> None:
+    def measure(
+        self, job: TensorJob, bundle_errors: Sequence[float], rows_models: Sequence[SchemeModel] | None = None
+    ) -> None:
         """Every method on one decomposable tensor; ``bundle_errors``: the bundle's own relative
-        errors on it (the bar under a rank or energy rule)."""
+        errors on it (the bar under a rank or energy rule); ``rows_models``: the rows scheme's
+        models the merge already fitted to this tensor with fp32 coefficients, if any."""
         load = _cached(job)
         total = None
         for i in range(job.n_members):
@@ -116,7 +119,7 @@ class AlternativesMeter:
                 o.err2.append(e * e)
         for method in outcomes:
             outcomes[method] = replace(outcomes[method], bytes=_bytes(method, job))
-        outcomes["paper-k16"] = _paper(job, load, norms)
+        outcomes["paper-k16"] = _paper(job, load, norms, rows_models)
         self._record(job.name, outcomes, norms, bundle_errors)
 
     def _record(
@@ -187,12 +190,16 @@ def _bytes(method: str, job: TensorJob) -> int:
     return mean + n * alt.int_delta_bytes(shape, INT_BITS[method])
 
 
-def _paper(job: TensorJob, load: Callable[[int], np.ndarray], norms: list[float]) -> TensorOutcome:
-    """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs."""
-    paper_job = replace(
-        job, load=load, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False
-    )
-    models = decomposition("rows").fit(paper_job)
+def _paper(
+    job: TensorJob, load: Callable[[int], np.ndarray], norms: list[float], models: Sequence[SchemeModel] | None
+) -> TensorOutcome:
+    """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs. The
+    models depend on the members and the coefficient dtype only, not on the rank rule."""
+    if not models:
+        paper_job = replace(
+            job, load=load, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False
+        )
+        models = decomposition("rows").fit(paper_job)
     model = min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))
     encoded = model.encode(min(PAPER_RANK, model.max_rank()))
     errors = [float(e) for e in encoded.errors]

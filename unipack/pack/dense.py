@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from unipack.core.decomposition import Encoded, KeepRaw, TensorJob, decompose
+from unipack.core.decomposition import Encoded, Fit, KeepRaw, SchemeModel, TensorJob, decompose
 from unipack.core.fidelity import (
     EXACT,
     MemberFidelity,
@@ -80,15 +81,29 @@ class Merger:
         if self.alternatives is None:
             return record
         if job is not None:  # decomposable: every alternative is measured on it
-            self.alternatives.measure(job, [errors[-1] for errors in self.errors])
+            # The paper's recipe is the rows scheme at rank 16 in fp32: where the merge fitted it
+            # with fp32 coefficients, the same models serve (one Gram and eigh fewer per tensor).
+            reuse = self._fitted.get("rows") if self.coef_dtype == "F32" else None
+            self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse)
         else:  # heads, identical and non-finite tensors: every alternative keeps them too
             numels = [c.tensors[plan.name].numel for c in self.checkpoints]
             self.alternatives.kept(numels, plan.dtypes, once=record.storage == EXACT_SCHEME.storage)
         return record
 
+    def _remembered_fit(self, name: str) -> Fit:
+        """The scheme's fit, its models kept (for this tensor only) for the alternatives."""
+        fit = decomposition(name).fit
+
+        def remembered(job: TensorJob) -> Sequence[SchemeModel]:
+            self._fitted[name] = models = fit(job)
+            return models
+
+        return remembered
+
     def _choose_and_store(self, plan: TensorPlan) -> tuple[TensorRecord, TensorJob | None]:
         """The tensor's record, and its job where it reached the decomposition (None: stored
         raw or exact before any fitting)."""
+        self._fitted: dict[str, Sequence[SchemeModel]] = {}
         if plan.storage == "raw":
             return self._store_raw(plan, plan.reason, "requested"), None
         identical, non_finite = self._survey(plan)
@@ -119,7 +134,7 @@ class Merger:
             gram_limit=self.options.gram_limit,
             baselines=self.options.baselines and not lazy_baselines,
         )
-        result = decompose(job, [decomposition(name).fit for name in plan.schemes])
+        result = decompose(job, [self._remembered_fit(name) for name in plan.schemes])
         quantized = self._fit_delta(plan, job)
         if quantized is not None:
             rival = self._raw_cost(plan) if isinstance(result, KeepRaw) else self._shared_cost(result)
