@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from unipack.cli import cli
+from unipack.demo.run import SWEEP
 
 
 def test_demo_runs_end_to_end_and_reports_accuracy(tmp_path: Path) -> None:
+    figures_path = tmp_path / "figures.json"
     result = CliRunner().invoke(
-        cli, ["demo", "--small", "--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "cache")]
+        cli,
+        [
+            "demo",
+            "--small",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+            str(figures_path),
+        ],
     )
     assert result.exit_code == 0, result.output
+    # --json: the figures the README quotes, consistent with the files the demo wrote
+    figures = json.loads(figures_path.read_text())
+    bundle = tmp_path / "w" / "demo.upk"
+    assert figures["file_bytes"] == bundle.stat().st_size == sum(figures["parts"].values())
+    assert figures["ratio"] == pytest.approx(figures["input_bytes"] / figures["file_bytes"])
+    assert f"{figures['ratio']:.2f}x" in result.output
+    assert [row["options"] for row in figures["sweep"]] == [label for label, _ in SWEEP]
+    assert figures["held_out"]["bytes_added"] > 0 and figures["onnx_max_abs"] < 1e-3
     out = result.output
     assert "held-out accuracy" in out and "mean only" in out and "other budgets" in out
     assert "largest accuracy drop" in out

@@ -21,7 +21,7 @@ from rich.console import Console
 from unipack.api import Bundle
 from unipack.api import open as open_bundle
 from unipack.errors import UnipackError
-from unipack.format.atomic import check_not_input
+from unipack.format.atomic import atomic_write, check_not_input, check_writable
 from unipack.options import MergeOptions
 from unipack.pack.merge import MergeResult, merge
 from unipack.render.console import ProgressBars, format_bytes, info_table, merge_summary
@@ -525,13 +525,25 @@ def verify_cmd(bundle: Path, as_json: bool) -> None:
     is_flag=True,
     help="Print the full report: every member's errors and every tensor (default: the 5 costliest).",
 )
-def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write every figure the demo found to this JSON file (tools/readme_numbers.py reads it).",
+)
+def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool, json_path: Path | None) -> None:
     """Build a population of real fine-tunes (UCI digits), merge, inspect, extract, re-score."""
     try:
         from unipack.demo.run import run_demo
     except ImportError as exc:
         raise UnipackError(f"the demo needs an optional dependency ({exc.name}): pip install 'unipack[demo]'") from None
-    run_demo(workdir, cache_dir, out_console, err_console, small=small, tensors=tensors)
+    if json_path is not None:
+        check_writable(json_path, force=True)  # refuse an unwritable path before minutes of work
+    figures = run_demo(workdir, cache_dir, out_console, err_console, small=small, tensors=tensors)
+    if json_path is not None:
+        with atomic_write(json_path, force=True) as f:
+            f.write((json.dumps(figures, indent=2) + "\n").encode())
 
 
 @cli.command("add", short_help="Add a checkpoint to a bundle, onto its existing bases.")

@@ -53,7 +53,7 @@ class Steps:
 
 def run_demo(
     workdir: Path, cache_dir: Path | None, out: Console, err: Console, *, small: bool = False, tensors: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run the demo; ``small`` uses the tests' quick population (4 members, 1 layer); ``tensors``
     prints the full report (every member's errors, every tensor) instead of the brief one."""
     from safetensors.torch import load_file
@@ -99,9 +99,9 @@ def run_demo(
             )
     err.print(f"  {len(extracted)} extracted files re-scored: identical to the report's unipack column")
 
-    _export_onnx(bundle_path, members[1].name, workdir, out, step)
+    onnx_max_abs = _export_onnx(bundle_path, members[1].name, workdir, out, step)
     held_out = _held_out(members, workdir, out, step)
-    sweep = _budget_sweep(members, workdir, step)
+    sweep, sweep_rows = _budget_sweep(members, workdir, step)
     out.print(sweep)
     drops = rep.evaluation["drops"]
     worst_drop, mean_drop = drops["unipack"]["worst"], drops["mean-only"]["worst"]
@@ -113,22 +113,39 @@ def run_demo(
         f"{mean_drop:.2f} points. A member held out of the merge and added later ({held_out['member']}) "
         f"costs {format_bytes(held_out['bytes_added'])} and scores {held_out['drop']:+.2f} points vs its original."
     )
-    return {
+    alternatives = rep.alternatives
+    return {  # every figure the README's demo paragraph quotes (tools/readme_numbers.py checks them)
+        "members": len(members),
+        "input_bytes": result.input_bytes,
+        "file_bytes": result.file_bytes,
         "ratio": result.ratio,
+        "ratio_vs_lossless": rep.bytes.ratio_vs_lossless,
+        "lossless_bytes": rep.bytes.lossless,
         "worst_error": result.worst_error,
         "worst_drop": worst_drop,
-        "held_out_drop": held_out["drop"],
+        "mean_drop": drops["unipack"]["mean"],
+        "mean_only_worst_drop": mean_drop,
+        "parts": rep.bytes.parts,
+        "alternatives": None
+        if alternatives is None
+        else {row.method: {"ratio": row.ratio, "tensors_met": row.tensors_met} for row in alternatives.rows},
+        "smallest_met": None if alternatives is None else alternatives.smallest_met,
+        "held_out": held_out,
+        "onnx_max_abs": onnx_max_abs,
+        "sweep": sweep_rows,
     }
 
 
-def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, step: Steps) -> None:
-    """One member to ONNX through the demo's own model factory, checked by ONNX Runtime."""
+def _export_onnx(bundle_path: Path, member: str, workdir: Path, out: Console, step: Steps) -> float:
+    """One member to ONNX through the demo's own model factory, checked by ONNX Runtime; returns
+    the largest absolute difference between ONNX Runtime and torch."""
     target = workdir / f"{member}.onnx"
     step(f"unipack export {bundle_path} --member {member} --onnx {target} --model {MODEL_SPEC}")
     with open_bundle(bundle_path) as bundle:
         check = export_onnx(bundle, member, target, model=MODEL_SPEC, force=True)
     for line in check.lines():
         out.print(line, highlight=False)
+    return float(check.max_abs_diff)
 
 
 def _held_out(members: list[Member], workdir: Path, out: Console, step: Steps) -> dict[str, Any]:
@@ -163,7 +180,7 @@ SWEEP: tuple[tuple[str, dict[str, object]], ...] = (
 )
 
 
-def _budget_sweep(members: list[Member], workdir: Path, step: Steps) -> Table:
+def _budget_sweep(members: list[Member], workdir: Path, step: Steps) -> tuple[Table, list[dict[str, Any]]]:
     """Ratio, weight error and accuracy drop for a few other budgets: the trade-off at a glance."""
     from safetensors.torch import load_file
 
@@ -175,6 +192,7 @@ def _budget_sweep(members: list[Member], workdir: Path, step: Steps) -> Table:
     table = Table(title="other budgets (accuracy drop in points vs the originals)", title_justify="left")
     for col in ("merge options", "ratio", "worst rel. error", "largest drop", "mean drop"):
         table.add_column(col, justify="left" if col == "merge options" else "right")
+    rows: list[dict[str, Any]] = []
     for label, options in SWEEP:
         result = merge([m.path for m in members], workdir / "sweep.upk", force=True, raw=(HEAD_PATTERN,), **options)  # type: ignore[arg-type]
         with open_bundle(result.path) as bundle:
@@ -186,5 +204,14 @@ def _budget_sweep(members: list[Member], workdir: Path, step: Steps) -> Table:
             difference(max(drops), scale, ".2f"),
             difference(sum(drops) / len(drops), scale, ".2f"),
         )
+        rows.append(
+            {
+                "options": label,
+                "ratio": result.ratio,
+                "worst_error": result.worst_error,
+                "worst_drop": max(drops),
+                "mean_drop": sum(drops) / len(drops),
+            }
+        )
     (workdir / "sweep.upk").unlink(missing_ok=True)
-    return table
+    return table, rows
