@@ -340,9 +340,10 @@ def test_options_rejected_before_anything_is_read(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
-def test_default_rule_is_max_error_001() -> None:
+def test_default_rule_is_max_error_005_and_max_delta_error_04() -> None:
     opts = unipack.MergeOptions()
-    assert opts.max_error == 0.01 and opts.rank is None and opts.energy is None
+    assert (opts.max_error, opts.max_delta_error) == (0.05, 0.4) and opts.rank is None and opts.energy is None
+    assert opts.is_default_rule and not unipack.MergeOptions(max_error=0.05).is_default_rule
     assert unipack.MergeOptions.from_dict(opts.to_dict()) == opts
     with pytest.raises(OptionsError):
         unipack.MergeOptions.from_dict({**opts.to_dict(), "bogus": 1})

@@ -341,7 +341,7 @@ def test_quantized_default_beats_a_half_cast(tmp_path: Path) -> None:
     assert out.stat().st_size < half / 2  # the default is at least twice smaller than a cast
     with unipack.open(out) as b:
         assert {t.storage for t in b.manifest.tensors} == {"delta"}
-        assert max(max(m.errors) for m in b.manifest.members) <= 0.01
+        assert max(max(m.errors) for m in b.manifest.members) <= 0.05  # the default's weight bound
 
 
 def test_bfloat16_members(tmp_path: Path) -> None:

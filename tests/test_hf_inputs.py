@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import unipack
+from unipack.options import DEFAULT_MAX_ERROR
 from unipack import FormatError, InputError, UnipackError
 from unipack.analysis.report import find_originals
 from unipack.cli import cli
@@ -235,7 +236,7 @@ def test_mixed_layouts_within_the_default_budget(mixed: Population, tmp_path: Pa
     result = unipack.merge(mixed.paths, bundle)
     with unipack.open(bundle) as b:
         assert any(t.storage == "delta" or t.rank > 0 for t in b.manifest.tensors), "nothing was compressed"
-    measured = check_against_originals(mixed, bundle, tmp_path / "out", max_error=0.01)
+    measured = check_against_originals(mixed, bundle, tmp_path / "out", max_error=DEFAULT_MAX_ERROR)
     assert max(max(m.values()) for m in measured.values()) == pytest.approx(result.worst_error, rel=1e-6)
 
 
@@ -352,7 +353,7 @@ def test_bin_members_lossy_match_torch_load(tmp_path: Path) -> None:
                     assert bits_equal(got[name], w)
                     continue
                 err = rel_error(w, got[name])
-                assert err <= 0.01 * (1 + 1e-9)
+                assert err <= DEFAULT_MAX_ERROR * (1 + 1e-9)
                 assert_close_errors(err, rec.errors[index[name]])
 
 
@@ -611,7 +612,7 @@ def test_add_accepts_a_folder_and_a_bin(mixed: Population, tmp_path: Path) -> No
             got = b.load(name)
             for tensor, w in mixed.tensors[index].items():
                 if w.is_floating_point():
-                    assert rel_error(w, got[tensor]) <= 0.01 * (1 + 1e-9), (name, tensor)
+                    assert rel_error(w, got[tensor]) <= DEFAULT_MAX_ERROR * (1 + 1e-9), (name, tensor)
                 else:
                     assert bits_equal(got[tensor], w), (name, tensor)
 

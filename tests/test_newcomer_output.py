@@ -226,7 +226,7 @@ def test_results_go_to_stdout_progress_and_diagnostics_to_stderr(bundle, tmp_pat
     result = ok(run("merge", *pop.paths, "-o", merged, "--eval", ev, "--max-drop", "1"))
     assert "merge summary" in result.stdout and str(merged) in result.stdout
     assert HEAD in result.stdout  # the task-specific line
-    assert result.stderr.startswith("max-error 0.01 and max-delta-error 0.2: ")  # progress: the attempt
+    assert result.stderr.startswith("max-error 0.05 and max-delta-error 0.4: ")  # progress: the attempt
     assert "merge summary" not in result.stderr
     result = ok(run("add", out, pop.paths[0], "--name", "again"))
     assert "add summary" in result.stdout and str(out) in result.stdout and result.stderr == ""

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import unipack
+from unipack.options import DEFAULT_MAX_ERROR
 
 # ------------------------------------------------------------------------------------------
 # error budget
@@ -113,7 +114,7 @@ def test_raw_patterns_and_mismatched_heads_are_bit_exact(tmp_path: Path) -> None
         assert by_name["step"].storage == "raw"  # int tensor that differs per member
         assert by_name["mask"].storage == "raw"
         assert by_name["position_ids"].storage == "exact"
-    measured = check_against_originals(pop, out, tmp_path / "x", max_error=0.01)
+    measured = check_against_originals(pop, out, tmp_path / "x", max_error=DEFAULT_MAX_ERROR)
     for i, name in enumerate(pop.names):
         got, _, _ = read_safetensors(tmp_path / "x" / f"{name}.safetensors")
         for tname in ("classifier.weight", "classifier.bias", "lm_head.weight", "step", "mask", "position_ids"):
@@ -140,7 +141,7 @@ def test_integer_and_bool_tensors_bit_exact(tmp_path: Path, dtype: str) -> None:
             loaded = b.load(name)
             assert bits_equal(loaded["varies"], pop.tensors[i]["varies"])
             assert bits_equal(loaded["same"], pop.tensors[i]["same"])
-    check_against_originals(pop, out, tmp_path / "x", max_error=0.01)
+    check_against_originals(pop, out, tmp_path / "x", max_error=DEFAULT_MAX_ERROR)
 
 
 def test_incompressible_tensor_falls_back_to_raw(tmp_path: Path) -> None:
@@ -257,7 +258,7 @@ def test_explicit_member_names(tmp_path: Path, population) -> None:
     with unipack.open(out) as b:
         assert b.members == names
         got = b.load("gamma")
-        assert rel_error(population.tensors[2]["embed.weight"], got["embed.weight"]) <= 0.01
+        assert rel_error(population.tensors[2]["embed.weight"], got["embed.weight"]) <= DEFAULT_MAX_ERROR
         paths = b.extract_all(tmp_path / "all")
         assert sorted(p.name for p in paths) == sorted(f"{n}.safetensors" for n in names)
 

@@ -17,10 +17,15 @@ from unipack.format.codec import CODECS as CODEC_REGISTRY
 from unipack.format.dtypes import STORAGE_DTYPES
 
 #: The default fidelity target: every member's relative Frobenius error on every tensor, against
-#: its weight (``max_error``) and against what its fine-tune changed (``max_delta_error``; None:
-#: no such bound). Both apply when neither --max-error, --max-delta-error, --rank nor --energy is given.
-DEFAULT_MAX_ERROR = 0.01
-DEFAULT_MAX_DELTA_ERROR: float | None = 0.2
+#: what its fine-tune changed (``max_delta_error``: the bound that decides, measured to keep the
+#: accuracy of real fine-tunes, README "Measured") and, as a cap for members far from the others,
+#: against its weight (``max_error``). Both apply when neither --max-error, --max-delta-error,
+#: --rank nor --energy is given.
+DEFAULT_MAX_ERROR = 0.05
+DEFAULT_MAX_DELTA_ERROR: float | None = 0.4
+#: LoRA adapters are already deltas, measured against their own update: their default is this
+#: bound alone (relative to each adapter's update).
+LORA_DEFAULT_MAX_ERROR = 0.01
 #: The delta bound is never tighter than this share of the weight, about fp16's precision (2^-11).
 DELTA_FLOOR = 2.0**-11
 
@@ -94,9 +99,10 @@ class MergeOptions:
     max_error: float | None = _opt(
         None,
         "--max-error",
-        f"Per-tensor budget: smallest rank at which every member's relative error "
-        f"||W-Ŵ||/||W|| is <= E. Default: {DEFAULT_MAX_ERROR} together with --max-delta-error "
-        f"{DEFAULT_MAX_DELTA_ERROR}, unless a rule option (--max-error, --max-delta-error, --rank, --energy) is given.",
+        f"Per-tensor budget: every member's relative error ||W-Ŵ||/||W|| is <= E. Default: "
+        f"{DEFAULT_MAX_ERROR} together with --max-delta-error {DEFAULT_MAX_DELTA_ERROR} (LoRA adapters: "
+        f"{LORA_DEFAULT_MAX_ERROR} of each update, alone), unless a rule option (--max-error, "
+        "--max-delta-error, --rank, --energy) is given.",
         type=float,
     )
     max_delta_error: float | None = _opt(

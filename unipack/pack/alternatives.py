@@ -200,6 +200,8 @@ def _paper(
             job, load=load, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False
         )
         models = decomposition("rows").fit(paper_job)
+    if not models:  # both sides beyond --gram-limit: counted as stored as it is (no error, raw bytes)
+        return TensorOutcome(job.raw_bytes, [0.0] * job.n_members, [0.0] * job.n_members, [0.0] * job.n_members)
     model = min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))
     encoded = model.encode(min(PAPER_RANK, model.max_rank()))
     errors = [float(e) for e in encoded.errors]

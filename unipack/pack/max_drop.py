@@ -29,7 +29,7 @@ from unipack.errors import EvalError, OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
-from unipack.options import MergeOptions, rule_text
+from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
 from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
@@ -88,7 +88,7 @@ def merge_with_eval(
     member_names = list(names) if names is not None else [default_name(Path(p)) for p in paths]
     originals, metric, adapters = _score_originals(paths, member_names, hook, metric)
     if adapters and opts.is_default_rule:  # as merge() does: an adapter's error is already relative to its update
-        opts = dataclasses.replace(opts, max_delta_error=None)
+        opts = dataclasses.replace(opts, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
 
     start = (opts.max_error, opts.max_delta_error)
     # The search's variable: one scale of the starting bounds (the largest bound reaches LOOSEST

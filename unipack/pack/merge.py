@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from unipack.errors import FormatError, InputError, OptionsError
 from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
-from unipack.options import MergeOptions
+from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions
 from unipack.pack.dense import MergeProgress, Merger
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.plan import plan_tensors
@@ -81,22 +83,29 @@ def merge(
                 # An adapter is already a delta: its errors are measured against its own update,
                 # so the default rule's delta bound has nothing to add (and LoRA bundles keep
                 # the rule they always had).
-                opts = dataclasses.replace(opts, max_delta_error=None)
+                opts = dataclasses.replace(opts, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
             elif opts.max_delta_error is not None:
                 raise OptionsError(
                     "--max-delta-error is for full checkpoints; a LoRA adapter is already a delta: "
                     "give --max-error (relative to each adapter's update)"
                 )
-            modules, extras = plan_lora(checkpoints, adapters)
-            with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
-                merger = LoraMerger(checkpoints, opts, writer, progress)
-                manifest = merger.run_lora(modules, extras)
-                size = writer.finish(manifest, out_path, force=force)
-        else:
-            plans = plan_tensors(checkpoints, opts)
-            with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
-                manifest = Merger(checkpoints, opts, writer, progress).run(plans)
-                size = writer.finish(manifest, out_path, force=force)
+        # One BLAS thread: LAPACK's eigenvectors of the trailing (noise) part of a spectrum depend
+        # on how many threads split its sums, and a bundle's bytes (a subspace at a rank inside
+        # the noise, the paper-recipe errors the merge records) must not depend on the machine's
+        # core count. It also avoids oversubscribing a busy machine, where a threaded eigh can be
+        # many times slower; parallelism belongs to whole tensors.
+        with threadpool_limits(limits=1, user_api="blas"):
+            if adapters is not None:
+                modules, extras = plan_lora(checkpoints, adapters)
+                with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                    merger = LoraMerger(checkpoints, opts, writer, progress)
+                    manifest = merger.run_lora(modules, extras)
+                    size = writer.finish(manifest, out_path, force=force)
+            else:
+                plans = plan_tensors(checkpoints, opts)
+                with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                    manifest = Merger(checkpoints, opts, writer, progress).run(plans)
+                    size = writer.finish(manifest, out_path, force=force)
     finally:
         close_all(checkpoints)
     return MergeResult(
