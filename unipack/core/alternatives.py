@@ -55,7 +55,8 @@ def int_delta(x: np.ndarray, mean: np.ndarray, bits: int) -> np.ndarray:
     rows = rows_of(shape)
     d = (np.asarray(x, dtype=np.float64) - mean).reshape(rows, -1)
     top = 2 ** (bits - 1) - 1
-    scale = (np.abs(d).max(axis=1) / top).astype(np.float16).astype(np.float64)
+    with np.errstate(over="ignore"):  # a row past fp16's range becomes inf, handled on the next line
+        scale = (np.abs(d).max(axis=1) / top).astype(np.float16).astype(np.float64)
     scale = np.where(np.isfinite(scale), scale, 0.0)  # a row past fp16's range: beyond these baselines
     safe = np.where(scale > 0, scale, 1.0)[:, None]
     q = np.clip(np.round(d / safe), -top, top) * scale[:, None]
@@ -70,7 +71,8 @@ def int_delta_bytes(shape: tuple[int, ...], bits: int) -> int:
 def sign_delta(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """``mean + sign(d) * mean|d|`` per tensor (BitDelta's initial scale, fp16 as stored)."""
     d = np.asarray(x, dtype=np.float64) - mean
-    scale = float(np.float16(np.abs(d).mean())) if d.size else 0.0
+    with np.errstate(over="ignore"):  # past fp16's range the scale is inf, as the stored fp16 would be
+        scale = float(np.float16(np.abs(d).mean())) if d.size else 0.0
     return mean + np.where(d >= 0, 1.0, -1.0) * scale
 
 

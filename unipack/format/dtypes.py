@@ -65,12 +65,18 @@ def to_bytes(array: np.ndarray, dtype: str) -> bytes:
 
 
 def to_float(array: np.ndarray, dtype: str, out_dtype: type = np.float64) -> np.ndarray:
-    """Widen a float tensor (held as ``holder(dtype)``) to float32/float64 values."""
-    if dtype == "BF16":
-        widened = (array.astype(np.uint32) << 16).view(np.float32)
-        return widened.astype(out_dtype, copy=False)
-    if dtype in ("F16", "F32", "F64"):
-        return array.astype(out_dtype, copy=False)
+    """Widen a float tensor (held as ``holder(dtype)``) to float32/float64 values.
+
+    A signalling NaN in the input (any bit pattern may come from a file) widens to a quiet NaN;
+    numpy flags that as an invalid operation, which here is no error: NaN stays NaN, and exact
+    bits are kept by the paths that store raw bytes.
+    """
+    with np.errstate(invalid="ignore"):
+        if dtype == "BF16":
+            widened = (array.astype(np.uint32) << 16).view(np.float32)
+            return widened.astype(out_dtype, copy=False)
+        if dtype in ("F16", "F32", "F64"):
+            return array.astype(out_dtype, copy=False)
     raise ValueError(f"to_float: {dtype} is not a float dtype")
 
 

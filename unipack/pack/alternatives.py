@@ -195,12 +195,12 @@ def _paper(
 ) -> TensorOutcome:
     """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs. The
     models depend on the members and the coefficient dtype only, not on the rank rule."""
-    if not models:
+    if not models and len(job.shape) >= 1:  # a scalar has no rows to stack
         paper_job = replace(
             job, load=load, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False
         )
         models = decomposition("rows").fit(paper_job)
-    if not models:  # both sides beyond --gram-limit: counted as stored as it is (no error, raw bytes)
+    if not models:  # a scalar, or both sides beyond --gram-limit: counted as stored as it is (raw bytes)
         return TensorOutcome(job.raw_bytes, [0.0] * job.n_members, [0.0] * job.n_members, [0.0] * job.n_members)
     model = min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))
     encoded = model.encode(min(PAPER_RANK, model.max_rank()))

@@ -12,6 +12,7 @@ from unipack.sources.folder import HFFolderSource, open_folder
 from unipack.sources.peft_adapter import LoraModule, PeftAdapterSource, is_peft_adapter
 from unipack.sources.safetensors_source import SafetensorsSource
 from unipack.sources.torch_source import TORCH_SUFFIXES, TorchSource
+from unipack.sources.weights import open_weights_file
 
 __all__ = [
     "TORCH_SUFFIXES",
@@ -23,13 +24,14 @@ __all__ = [
     "TensorSource",
     "TorchSource",
     "is_peft_adapter",
+    "open_weights_file",
     "open_source",
 ]
 
 
 def open_source(path: Path) -> TensorSource:
     """Open ``path`` as the kind of source it is: an adapter folder (it has ``adapter_config.json``),
-    a model folder, a PyTorch pickle (by suffix), else safetensors."""
+    a model folder, else a weights file, read as what its first bytes say it is."""
     if is_peft_adapter(path):
         return PeftAdapterSource.open(path)
     if path.is_dir():
@@ -41,11 +43,7 @@ def open_source(path: Path) -> TensorSource:
                 f"give {nested} (one folder per adapter)"
             )
         return open_folder(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file or folder")
-    if path.suffix.lower() in TORCH_SUFFIXES:
-        return TorchSource.open(path)
-    return SafetensorsSource.open(path)
+    return open_weights_file(path)
 
 
 def _nested_adapter(path: Path) -> Path | None:

@@ -16,6 +16,16 @@ from typing import Protocol
 
 import numpy as np
 
+from unipack.errors import FormatError, InputError
+from unipack.format.manifest import MAX_TENSOR_NAME_CHARS, check_tensor_name
+
+#: The largest magnitude of a value unipack decomposes (2**40, about 1.1e12). Beyond it, sums of
+#: squares and products overflow: a member's deltas are multiplied in float32 (whose largest
+#: value is 3.4e38, about (2**64)**2), and sums of squares of float64 values past ~1e154
+#: overflow float64. Weights are never near it (float16 stops at 65504); a tensor past it is
+#: refused where it would be decomposed, naming the way to store it raw instead.
+MAX_MAGNITUDE = 2.0**40
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -61,3 +71,27 @@ class TensorSource(Protocol):
 
     def close(self) -> None:
         """Release open files and loaded tensors."""
+
+
+def check_tensor_key(name: str, path: Path) -> str:
+    """``name`` if a bundle may hold it as a tensor name; else an InputError naming the input.
+
+    The verdict is the bundle reader's own (``format.manifest.check_tensor_name``): a name the
+    reader would refuse is refused here, before a merge writes a bundle nothing can open.
+    """
+    try:
+        check_tensor_name(name, "tensor name")
+    except FormatError:
+        if not name:
+            problem = "an empty tensor name"
+        elif len(name) > MAX_TENSOR_NAME_CHARS:
+            problem = f"a tensor name of {len(name):,} characters (at most {MAX_TENSOR_NAME_CHARS:,}): {name[:60]!r}..."
+        else:
+            problem = f"the tensor name {name[:80]!r}, which holds a control character"
+        raise InputError(
+            f"{path}: has {problem}; rename the tensor (a bundle keeps names of 1 to "
+            f"{MAX_TENSOR_NAME_CHARS:,} characters, without control characters)"
+        ) from None
+    if name == "__metadata__":  # reserved by the safetensors header that `extract` writes
+        raise InputError(f"{path}: a tensor may not be named '__metadata__' (reserved by safetensors); rename it")
+    return name

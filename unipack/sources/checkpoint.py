@@ -8,9 +8,11 @@ file fails in the first second of a merge with its name in the error, not after 
 
 from __future__ import annotations
 
+import glob
+import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,10 @@ from unipack.errors import FormatError, InputError
 from unipack.format import dtypes
 from unipack.format.manifest import check_member_name
 from unipack.sources import TORCH_SUFFIXES, PeftAdapterSource, TensorInfo, TensorSource, open_source
+from unipack.sources.base import MAX_MAGNITUDE
+
+#: float32's largest finite value.
+F32_MAX = float(np.finfo(np.float32).max)
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +49,11 @@ class Checkpoint:
 
     name: str
     source: TensorSource
+    #: Tensors whose values ``values`` has checked against MAX_MAGNITUDE (a file's tensors do
+    #: not change while it is read: a safetensors source checks that on every read).
+    _in_range: set[str] = field(default_factory=set, repr=False, compare=False)
+    #: F64 tensors ``read`` has checked against float32's range (see ``read``).
+    _f64_checked: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -79,12 +90,49 @@ class Checkpoint:
         return isinstance(self.source, PeftAdapterSource)
 
     def read(self, tensor: str) -> np.ndarray:
-        """The tensor's array, held as ``dtypes.holder(dtype)``."""
-        return self.source.read(tensor)
+        """The tensor's array, held as ``dtypes.holder(dtype)``.
+
+        Every float value unipack handles fits float32's range (±3.4e38), so that no sum of
+        squares of them overflows float64; only F64 can hold more, and such a tensor is refused.
+        """
+        array = self.source.read(tensor)
+        if self.tensors[tensor].dtype == "F64" and tensor not in self._f64_checked and array.size:
+            high, low = float(array.max()), float(array.min())
+            if math.isfinite(high) and math.isfinite(low) and max(high, -low) > F32_MAX:
+                raise InputError(
+                    f"{self.path}: tensor {tensor[:80]!r} holds float64 values up to {max(high, -low):.3g} in "
+                    f"magnitude, beyond float32's range (±3.4e38), which unipack's arithmetic needs; scale or "
+                    f"drop the tensor (no weights are that large)"
+                )
+            self._f64_checked.add(tensor)
+        return array
 
     def values(self, tensor: str) -> np.ndarray:
-        """A float tensor's values as float64."""
-        return dtypes.to_float(self.read(tensor), self.tensors[tensor].dtype)
+        """A float tensor's values as float64, for the arithmetic that decomposes it.
+
+        Values past ``MAX_MAGNITUDE`` would overflow that arithmetic (warnings, NaN spectra):
+        such a tensor is refused here, once, with the way to keep it raw. NaN and inf are left to
+        the callers, which store such tensors raw or refuse them before this is reached.
+        """
+        values = dtypes.to_float(self.read(tensor), self.tensors[tensor].dtype)
+        if tensor not in self._in_range and values.size:
+            high, low = float(values.max()), float(values.min())
+            if math.isfinite(high) and math.isfinite(low) and max(high, -low) > MAX_MAGNITUDE:
+                raise InputError(self._too_large(tensor, max(high, -low)))
+            self._in_range.add(tensor)
+        return values
+
+    def _too_large(self, tensor: str, magnitude: float) -> str:
+        where = f"{self.path}: tensor {tensor[:80]!r} holds values up to {magnitude:.3g} in magnitude"
+        if self.is_adapter:
+            return (
+                f"{where}, beyond ±{MAX_MAGNITUDE:.3g}, where the LoRA update's arithmetic overflows; "
+                f"the adapter is broken: retrain or drop it"
+            )
+        return (
+            f"{where}, beyond ±{MAX_MAGNITUDE:.3g}, where the decompositions' arithmetic overflows; keep it "
+            f"raw: merge --raw {glob.escape(tensor)!r} (raw=[...] in Python)"
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole checkpoint as a torch state dict (bf16 and float8 kept)."""

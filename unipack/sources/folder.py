@@ -23,25 +23,27 @@ from pathlib import Path
 import numpy as np
 
 from unipack.errors import InputError
-from unipack.format.safetensors_file import MAX_HEADER_BYTES, reject_duplicate_keys
+from unipack.format.safetensors_file import reject_duplicate_keys
 from unipack.sources.base import TensorSource
+from unipack.sources.files import exists, open_file, require_file
 from unipack.sources.hf_configs import read_configs
-from unipack.sources.safetensors_source import SafetensorsSource
-from unipack.sources.torch_source import TorchSource
+from unipack.sources.safetensors_source import MAX_INPUT_HEADER_BYTES
+from unipack.sources.weights import open_weights_file
 
 #: (single weight file, index file, shard file name pattern, how to open one file), in lookup order.
+#: Each file is opened as what its content is (``weights``), whatever its layout calls it.
 LAYOUTS: tuple[tuple[str, str, re.Pattern[str], Callable[[Path], TensorSource]], ...] = (
     (
         "model.safetensors",
         "model.safetensors.index.json",
         re.compile(r"model-(\d+)-of-(\d+)\.safetensors"),
-        SafetensorsSource.open,
+        open_weights_file,
     ),
     (
         "pytorch_model.bin",
         "pytorch_model.bin.index.json",
         re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin"),
-        TorchSource.open,
+        open_weights_file,
     ),
 )
 
@@ -83,10 +85,12 @@ def open_folder(folder: Path) -> HFFolderSource:
     """Find the folder's weights, check the index against the shards, and keep its configs."""
     configs = read_configs(folder)  # first: a bad config fails before any .bin is loaded
     for single, index, pattern, opener in LAYOUTS:
-        if (folder / single).is_file():
+        # exists(), not is_file(): a FIFO or a broken link in a weight file's place is reported as
+        # what it is (by the opener), not skipped as if the folder had no weights.
+        if exists(folder / single):
             shards = [opener(folder / single)]
             break
-        if (folder / index).is_file():
+        if exists(folder / index):
             shards = _open_shards(folder, index, pattern, opener)
             break
     else:
@@ -105,7 +109,7 @@ def _open_shards(
     weight_map = read_weight_map(index)
     files = sorted(set(weight_map.values()))
     for name in files:
-        if not (folder / name).is_file():
+        if not exists(folder / name):
             raise InputError(
                 f"{folder / name}: a shard that {index_name} names is missing; re-download or re-save the folder"
             )
@@ -114,6 +118,10 @@ def _open_shards(
     try:
         for name in files:
             shards.append(opener(folder / name))
+            # Checked as each shard opens: the index then bounds the work, since a shard holding
+            # tensors it does not list is refused before the next shard is parsed (the rest of the
+            # agreement is checked once all are open).
+            _check_shard_listed(index, weight_map, name, shards[-1])
         _check_index_matches(index, weight_map, dict(zip(files, shards)))
     except BaseException:
         _close(shards)
@@ -123,16 +131,19 @@ def _open_shards(
 
 def read_weight_map(index: Path) -> dict[str, str]:
     """The index's ``weight_map`` (tensor name -> shard file name), checked for shape and sense."""
+    require_file(index, "index")
+    fd = open_file(index, "index")
     try:
-        size = index.stat().st_size
-        if size > MAX_HEADER_BYTES:
-            raise InputError(
-                f"{index}: {size} bytes is over the {MAX_HEADER_BYTES}-byte limit for an index; "
-                f"not a model index or corrupt"
-            )
-        doc = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+        with open(fd, "rb") as f:  # owns fd from here: closed on the way out
+            data = f.read(MAX_INPUT_HEADER_BYTES + 1)  # never more than the limit, whatever stat says
     except OSError as exc:
         raise InputError(f"{index}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_INPUT_HEADER_BYTES:
+        raise InputError(
+            f"{index}: over the {MAX_INPUT_HEADER_BYTES:,}-byte limit for an index; not a model index, or corrupt"
+        )
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
         raise InputError(f"{index}: not a valid JSON index ({exc}); re-download or re-save the folder") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -185,13 +196,22 @@ def _check_index_matches(index: Path, weight_map: dict[str, str], shards: dict[s
                 f"the index and the shards do not match: re-download or re-save the folder"
             )
     for file_name, shard in shards.items():
-        for tensor in shard.tensors:
-            if weight_map.get(tensor) != file_name:
-                where = f"maps it to {weight_map[tensor]}" if tensor in weight_map else "does not list it"
-                raise InputError(
-                    f"{shard.path}: holds tensor {tensor[:80]!r} but {index.name} {where}; the "
-                    f"index and the shards do not match: re-download or re-save the folder"
-                )
+        _check_shard_listed(index, weight_map, file_name, shard, unlisted_only=False)
+
+
+def _check_shard_listed(
+    index: Path, weight_map: dict[str, str], file_name: str, shard: TensorSource, *, unlisted_only: bool = True
+) -> None:
+    """Every tensor of the shard ``file_name`` is mapped to it by the index (``unlisted_only``:
+    is listed at all, the check made as each shard opens)."""
+    for tensor in shard.tensors:
+        mapped = weight_map.get(tensor)
+        if mapped != file_name and (mapped is None or not unlisted_only):
+            where = f"maps it to {mapped}" if mapped is not None else "does not list it"
+            raise InputError(
+                f"{shard.path}: holds tensor {tensor[:80]!r} but {index.name} {where}; the "
+                f"index and the shards do not match: re-download or re-save the folder"
+            )
 
 
 def _close(sources: list[TensorSource]) -> None:

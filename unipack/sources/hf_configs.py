@@ -8,10 +8,12 @@ file the user had, key order, formatting and all.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from unipack.errors import InputError
 from unipack.format.manifest import MAX_CONFIG_BYTES
+from unipack.sources.files import exists, open_file
 
 #: The files kept, when present: the model's, generation's and preprocessor's configuration.
 CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
@@ -22,21 +24,23 @@ def read_configs(folder: Path) -> dict[str, str] | None:
     found = {}
     for name in CONFIG_FILES:
         path = folder / name
-        if path.is_file():
+        if exists(path):  # a FIFO or broken link in its place is refused (read_config), not skipped
             found[name] = read_config(path)
     return found or None
 
 
 def read_config(path: Path) -> str:
     """One config file's text: at most ``MAX_CONFIG_BYTES``, UTF-8, valid JSON."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise _too_big(path, size)
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)  # the file may grow after stat: never read more
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    fd = open_file(path, "config file")  # a regular file, or an InputError saying what it is
+    with open(fd, "rb") as f:  # owns fd from here
+        try:
+            size = os.fstat(fd).st_size
+            # The file may grow after fstat: never read more than the limit and one byte.
+            data = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise _too_big(path, size)
     if len(data) > MAX_CONFIG_BYTES:
         raise _too_big(path, len(data))
     try:

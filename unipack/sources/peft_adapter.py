@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +31,16 @@ from unipack.errors import InputError
 from unipack.format.dtypes import FLOAT_DTYPES
 from unipack.format.manifest import MAX_CONFIG_BYTES
 from unipack.format.safetensors_file import reject_duplicate_keys
-from unipack.sources.base import TensorInfo, TensorSource
-from unipack.sources.safetensors_source import SafetensorsSource
-from unipack.sources.torch_source import TorchSource
+from unipack.sources.base import MAX_MAGNITUDE, TensorInfo, TensorSource
+from unipack.sources.files import exists, open_file
+from unipack.sources.patterns import Budget, PatternError, PatternMatcher
+from unipack.sources.weights import open_weights_file
 
 ADAPTER_CONFIG = "adapter_config.json"
-#: The weights files ``save_pretrained`` writes, and how to open each.
+#: The weights files ``save_pretrained`` writes, and how to open each (as what its content is).
 WEIGHT_FILES: tuple[tuple[str, Callable[[Path], TensorSource]], ...] = (
-    ("adapter_model.safetensors", SafetensorsSource.open),
-    ("adapter_model.bin", TorchSource.open),
+    ("adapter_model.safetensors", open_weights_file),
+    ("adapter_model.bin", open_weights_file),
 )
 #: What PEFT puts before every module name of the base model.
 KEY_PREFIX = "base_model.model."
@@ -139,8 +139,11 @@ class PeftAdapterSource:
 
 
 def is_peft_adapter(path: Path) -> bool:
-    """A folder with ``adapter_config.json``: what PEFT itself looks for to load an adapter."""
-    return path.is_dir() and (path / ADAPTER_CONFIG).exists()
+    """A folder with ``adapter_config.json``: what PEFT itself looks for to load an adapter.
+
+    Anything by that name counts (a FIFO, a broken link): reading it then says what it is.
+    """
+    return path.is_dir() and exists(path / ADAPTER_CONFIG)
 
 
 def read_adapter_config(path: Path) -> tuple[str, dict[str, Any]]:
@@ -149,8 +152,9 @@ def read_adapter_config(path: Path) -> tuple[str, dict[str, Any]]:
     Like ``hf_configs.read_config`` (at most ``MAX_CONFIG_BYTES``, UTF-8, JSON), but an object
     with no key given twice, and with advice for an adapter: removing this file is no fix.
     """
+    fd = open_file(path, "adapter config")  # a regular file, or an InputError saying what it is
     try:
-        with open(path, "rb") as f:
+        with open(fd, "rb") as f:  # owns fd from here
             data = f.read(MAX_CONFIG_BYTES + 1)  # never read more than the limit, whatever stat says
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -173,37 +177,60 @@ def read_adapter_config(path: Path) -> tuple[str, dict[str, Any]]:
 class _Scaling:
     """The config's rank and alpha rules, checked once; resolved per module as PEFT does."""
 
+    path: Path
     r: int
     alpha: float
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     rslora: bool
+    rank_matcher: PatternMatcher
+    alpha_matcher: PatternMatcher
 
     @classmethod
     def from_config(cls, path: Path, config: dict[str, Any]) -> _Scaling:
         _check_plain_lora(path, config)
+        rank_pattern = {
+            p: _rank(path, f"rank_pattern[{p[:80]!r}]", v) for p, v in _patterns(path, config, "rank_pattern").items()
+        }
+        alpha_pattern = {
+            p: _alpha(path, f"alpha_pattern[{p[:80]!r}]", v)
+            for p, v in _patterns(path, config, "alpha_pattern").items()
+        }
+        budget = Budget()  # one for the adapter: every pattern against every module, bounded
         return cls(
+            path=path,
             r=_rank(path, "r", config.get("r", DEFAULT_R)),
             alpha=_alpha(path, "lora_alpha", config.get("lora_alpha", DEFAULT_ALPHA)),
-            rank_pattern={
-                p: _rank(path, f"rank_pattern[{p!r}]", v) for p, v in _patterns(path, config, "rank_pattern").items()
-            },
-            alpha_pattern={
-                p: _alpha(path, f"alpha_pattern[{p!r}]", v) for p, v in _patterns(path, config, "alpha_pattern").items()
-            },
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             rslora=_flag(path, config, "use_rslora"),
+            rank_matcher=_matcher(path, "rank_pattern", rank_pattern, budget),
+            alpha_matcher=_matcher(path, "alpha_pattern", alpha_pattern, budget),
         )
 
     def for_module(self, key: str) -> tuple[int, float]:
         """(r, alpha) for module ``key`` (its name in the base model), as PEFT's ``get_pattern_key``:
         the first pattern that matches the end of the key at a dot boundary, else the key itself."""
-        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)
-        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.alpha)
+        try:
+            rank_key = self.rank_matcher.first_match(key)
+            alpha_key = self.alpha_matcher.first_match(key)
+        except PatternError as exc:
+            raise InputError(
+                f"{self.path}: rank_pattern/alpha_pattern {exc}; give the modules' names, or simpler patterns"
+            ) from None
+        r = self.rank_pattern[rank_key] if rank_key is not None else self.r
+        alpha = self.alpha_pattern[alpha_key] if alpha_key is not None else self.alpha
         return r, alpha
 
 
-def _pattern_key(patterns: dict[str, Any], key: str) -> str:
-    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), key)
+def _matcher(path: Path, field: str, patterns: dict[str, Any], budget: Budget) -> PatternMatcher:
+    """The field's patterns, compiled to be matched exactly as PEFT matches them, in bounded time."""
+    try:
+        return PatternMatcher(patterns, budget)
+    except PatternError as exc:
+        raise InputError(
+            f"{path}: {field} key {str(exc.pattern)[:80]!r} {exc}; give the modules' names, or a simpler pattern"
+        ) from None
 
 
 def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
@@ -236,28 +263,39 @@ def _check_plain_lora(path: Path, config: dict[str, Any]) -> None:
 
 def _rank(path: Path, what: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{path}: {what} is {json.dumps(value)[:40]}, not a positive integer; fix it or {_RESAVE}")
+        raise InputError(f"{path}: {what} is {_shown(value)}, not a positive integer; fix it or {_RESAVE}")
     return value
 
 
 def _alpha(path: Path, what: str, value: Any) -> float:
     # Kept as given (an int stays an int): alpha / r is then the very float PEFT computes.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{path}: {what} is {json.dumps(value)[:40]}, not a finite number; fix it or {_RESAVE}")
+    # ``abs`` compares a JSON integer of any length without converting it to a float (which would
+    # overflow); a scale past MAX_MAGNITUDE would overflow the update's sums of squares.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise InputError(f"{path}: {what} is {_shown(value)}, not a finite number; fix it or {_RESAVE}")
+    if abs(value) > MAX_MAGNITUDE:
+        raise InputError(
+            f"{path}: {what} is {_shown(value)}, beyond ±{MAX_MAGNITUDE:.3g}, where the LoRA update's "
+            f"arithmetic overflows; fix it or {_RESAVE}"
+        )
     return value
+
+
+def _shown(value: Any) -> str:
+    """A JSON value for a message: at most 40 characters, and no conversion that can fail."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return json.dumps(value)[:40]
 
 
 def _patterns(path: Path, config: dict[str, Any], field: str) -> dict[str, Any]:
     patterns = config.get(field) or {}
     if not isinstance(patterns, dict):
         raise InputError(f"{path}: {field} is not an object of module patterns; fix it or {_RESAVE}")
-    for p in patterns:
-        try:
-            re.compile(rf"(.*\.)?({p})$")
-        except re.error as exc:
-            raise InputError(
-                f"{path}: {field} key {p[:80]!r} is not a valid regular expression ({exc.msg}); fix it"
-            ) from None
     return patterns
 
 
@@ -269,7 +307,7 @@ def _flag(path: Path, config: dict[str, Any], field: str) -> bool:
 
 
 def _open_weights(folder: Path) -> TensorSource:
-    found = [(folder / name, opener) for name, opener in WEIGHT_FILES if (folder / name).exists()]
+    found = [(folder / name, opener) for name, opener in WEIGHT_FILES if exists(folder / name)]
     if not found:
         raise InputError(
             f"{folder}: a PEFT adapter folder without weights (no adapter_model.safetensors or "

@@ -10,6 +10,15 @@ Memory: a state dict cannot be read one tensor at a time like safetensors. Files
 format (the default since PyTorch 1.6) are memory-mapped (``mmap=True``), so only the pages of
 tensors being read are resident; legacy (pre-zip) files are loaded whole into memory, for as long
 as the source is open.
+
+A pickle says how big each tensor is; the bytes it really holds may be far fewer. A tensor whose
+strides overlap (``torch.zeros(1).expand(2**40)`` saves 4 bytes) would be materialised at its
+claimed size by the first copy, so every tensor is checked before anything is copied: no
+overlapping elements, its bytes within its storage, and all tensors together within a few times
+the storage bytes present (tied weights share storage; thousands of names on one storage are an
+amplification, not a model). A legacy (pre-zip) file's declared storage sizes are read from its
+pickle without unpickling it (``torch_legacy``) before ``torch.load`` allocates them (it does as
+it reads the pickle, before it reads any data).
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unipack.errors import FormatError, InputError, first_line
-from unipack.format.manifest import check_tensor_name
-from unipack.sources.base import TensorInfo
+from unipack.sources.base import TensorInfo, check_tensor_key
+from unipack.sources.files import require_file
+from unipack.sources.torch_legacy import STATE_DICT_PICKLE, PickleWalkError, declared_storage_elements
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +66,10 @@ _BIT_VIEWS = {"BF16": "uint16", "F8_E4M3": "uint8", "F8_E5M2": "uint8"}
 
 EXPECTED = "a flat dict of tensor names to tensors (save model.state_dict() with torch.save, or save as .safetensors)"
 
+#: The most the tensors of one file may add up to, as a multiple of the storage bytes it holds
+#: (tied weights repeat a tensor under a few names; see the module docstring).
+MAX_SHARING = 8
+
 
 class TorchSource:
     """The tensors of one ``torch.save``-d state dict, loaded (memory-mapped where possible)."""
@@ -69,7 +83,12 @@ class TorchSource:
 
     @classmethod
     def open(cls, path: Path) -> TorchSource:
-        return cls(path, load_state_dict(path), path.stat().st_size)
+        require_file(path, "checkpoint")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        return cls(path, load_state_dict(path), size)
 
     @property
     def path(self) -> Path:
@@ -90,7 +109,9 @@ class TorchSource:
     def read(self, name: str) -> np.ndarray:
         import torch
 
-        tensor = self._state[name]
+        # A strided view (a transpose, a slice) is copied here, one tensor at a time, not at
+        # load: its size was checked against the bytes its storage holds (``_plain``).
+        tensor = self._state[name].contiguous()
         view = _BIT_VIEWS.get(self.tensors[name].dtype)
         if view is not None:
             tensor = tensor.view(getattr(torch, view))
@@ -103,17 +124,52 @@ class TorchSource:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, checked to be a flat dict of contiguous CPU tensors."""
+    """``torch.load(weights_only=True)``, checked to be a flat dict of dense CPU tensors whose
+    bytes the file holds (strided views stay views until ``TorchSource.read``)."""
     import torch
 
     try:
         zipped = zipfile.is_zipfile(path)  # mmap needs torch's zip format; legacy files load whole
+        size = path.stat().st_size
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not zipped:
+        _check_legacy_storages(path, size)
+    loaded = _torch_load(path, mmap=zipped)
+    if not isinstance(loaded, dict):
+        raise InputError(f"{path}: holds {_kind(loaded)}, not a state dict; expected {EXPECTED}")
+    state: dict[str, torch.Tensor] = {}
+    storages: dict[int, int] = {}  # bytes of each distinct storage (views share one)
+    total = 0
+    for name, value in loaded.items():
+        if not isinstance(name, str):
+            raise InputError(f"{path}: has {_kind(name)} key {str(name)[:40]!r}; expected {EXPECTED}")
+        if not isinstance(value, torch.Tensor):
+            nested = " (a nested state dict? save that dict itself)" if isinstance(value, dict) else ""
+            raise InputError(
+                f"{path}: entry {name[:80]!r} is {_kind(value)}, not a tensor{nested}; expected {EXPECTED}"
+            )
+        state[check_tensor_key(name, path)] = _plain(value, name, path)
+        storage = value.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()  # _cdata: one per storage, shared by its views
+        total += value.numel() * value.element_size()
+        held = sum(storages.values())
+        if total > MAX_SHARING * held + 1024 * 1024:
+            raise InputError(
+                f"{path}: its tensors add up to {total:,} bytes from {held:,} bytes of storage (more "
+                f"than {MAX_SHARING} names per tensor's bytes); save each tensor once"
+            )
+    return state
+
+
+def _torch_load(path: Path, *, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)``, its failures as unipack errors naming the file."""
+    import torch
+
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the checks below decide
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the checks decide
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever torch.load raises, the file is the problem
@@ -127,33 +183,32 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: cannot load as a PyTorch checkpoint ({first_line(exc, with_type=True)}); the file "
             f"may be truncated or not a torch.save file"
         ) from None
-    if not isinstance(loaded, dict):
-        raise InputError(f"{path}: holds {_kind(loaded)}, not a state dict; expected {EXPECTED}")
-    state: dict[str, torch.Tensor] = {}
-    for name, value in loaded.items():
-        if not isinstance(name, str):
-            raise InputError(f"{path}: has {_kind(name)} key {str(name)[:40]!r}; expected {EXPECTED}")
-        if not isinstance(value, torch.Tensor):
-            nested = " (a nested state dict? save that dict itself)" if isinstance(value, dict) else ""
-            raise InputError(
-                f"{path}: entry {name[:80]!r} is {_kind(value)}, not a tensor{nested}; expected {EXPECTED}"
-            )
-        state[check_name(name, path)] = _plain(value, name, path)
-    return state
 
 
-def check_name(name: str, path: Path) -> str:
+def _check_legacy_storages(path: Path, size: int) -> None:
+    """Refuse a legacy (pre-zip) file declaring more storage than it holds, before ``torch.load``
+    allocates it (see ``torch_legacy``): every element takes at least a byte after the pickles."""
     try:
-        check_tensor_name(name, f"{path}: tensor name")
-    except FormatError as exc:
-        raise InputError(f"{exc}; rename the tensor") from None
-    if name == "__metadata__":  # reserved by the safetensors header that `extract` writes
-        raise InputError(f"{path}: a tensor may not be named '__metadata__' (reserved by safetensors); rename it")
-    return name
+        with open(path, "rb") as f:
+            elements, end = declared_storage_elements(f)
+    except PickleWalkError as exc:
+        if exc.index < STATE_DICT_PICKLE:
+            return  # not a torch file at all: torch.load refuses it before allocating anything
+        raise FormatError(
+            f"{path}: cannot load as a PyTorch checkpoint ({exc}); the file may be truncated or not a torch.save file"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if elements > size - end:
+        raise FormatError(
+            f"{path}: declares {elements:,} storage elements but holds {max(size - end, 0):,} bytes after "
+            f"its pickles; the file is truncated or corrupt: re-save it"
+        )
 
 
 def _plain(tensor: torch.Tensor, name: str, path: Path) -> torch.Tensor:
-    """A dense, contiguous CPU tensor of a dtype unipack stores (tied tensors stay separate names)."""
+    """A dense CPU tensor of a dtype unipack stores, whose elements are distinct and in its storage
+    (tied tensors stay separate names)."""
     import torch
 
     dtype = str(tensor.dtype).removeprefix("torch.")
@@ -172,7 +227,37 @@ def _plain(tensor: torch.Tensor, name: str, path: Path) -> torch.Tensor:
             f"{path}: tensor {name[:80]!r} has dtype {dtype}, which unipack cannot store "
             f"(supported: {', '.join(sorted(_DTYPE_NAMES))})"
         )
-    return tensor.detach().contiguous()
+    if _may_overlap(tuple(tensor.shape), tuple(tensor.stride())):
+        raise InputError(
+            f"{path}: tensor {name[:80]!r} of shape {list(tensor.shape)} has overlapping strides "
+            f"{list(tensor.stride())} (an expand()ed or as_strided view, e.g. stride 0): its "
+            f"{tensor.numel():,} elements are not in the file; save tensor.clone() instead"
+        )
+    claimed = tensor.numel() * tensor.element_size()
+    present = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    if claimed > present:
+        raise InputError(
+            f"{path}: tensor {name[:80]!r} claims {claimed:,} bytes but its storage holds {max(present, 0):,}; "
+            f"the file is corrupt: re-save it"
+        )
+    return tensor.detach()
+
+
+def _may_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether two elements of a strided view may share memory (conservatively: views that
+    torch's own slicing, transposing and permuting make always pass).
+
+    Taking the dimensions by increasing stride, each stride must exceed the furthest offset the
+    smaller ones reach; an empty tensor has no elements to overlap.
+    """
+    if 0 in shape:
+        return False
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
 
 
 def _refusal(exc: BaseException) -> str:
