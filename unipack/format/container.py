@@ -237,7 +237,8 @@ def _read_manifest(header: SafetensorsHeader, fd: int) -> Manifest:
     text = _manifest_text(header, fd, int(version))
     if codec.sha256(text.encode("utf-8")) != meta.get("manifest_sha256"):
         raise ChecksumError(f"{p}: the manifest is corrupt (checksum mismatch); re-download or re-merge it")
-    manifest = manifest_json.from_json(strict_json(text, f"{p}: manifest"), str(p))
+    # ``loads``: strict_json's rules, faster on a manifest of many numbers.
+    manifest = manifest_json.from_json(manifest_json.loads(text, f"{p}: manifest"), str(p))
     if manifest.format_version != int(version):
         raise FormatError(f"{p}: header says format version {version}, manifest says {manifest.format_version}")
     return manifest

@@ -12,6 +12,7 @@ fewest (``fit``); the cheapest of this and the other schemes wins the tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,12 +54,14 @@ class DeltaParams(StorageParams):
     def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
         if member is not None and tensor.name in member.raw:
             return None
-        return (quantize.n_groups(self.numel(tensor), self.group),)
+        assert tensor.shape is not None
+        return (_blocks(tensor.shape, self.group, self.levels)[0],)
 
     def code_bytes(self, tensor: TensorRecord, member: MemberRecord | None) -> int | None:
         if member is not None and tensor.name in member.raw:
             return None
-        return quantize.packed_size(self.numel(tensor), self.levels)
+        assert tensor.shape is not None
+        return _blocks(tensor.shape, self.group, self.levels)[1]
 
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
         kind = "float" if self.mean_step is None else INT_MEAN
@@ -70,6 +73,15 @@ class DeltaParams(StorageParams):
         if self.mean_step is None:
             return dtypes.to_float(held, dtype)
         return held.astype(np.float64) * self.mean_step
+
+
+@functools.lru_cache(maxsize=4096)
+def _blocks(shape: tuple[int, ...], group: int, levels: int) -> tuple[int, int]:
+    """(steps, packed code bytes) of one member's block of a tensor of ``shape``. Cached: a reader
+    asks for every member x tensor on open (checking the manifest's references), always the same
+    few shapes."""
+    numel = math.prod(shape)
+    return quantize.n_groups(numel, group), quantize.packed_size(numel, levels)
 
 
 #: The dtype of a quantized mean's integers (spec §8.1).

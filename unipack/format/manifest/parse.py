@@ -14,7 +14,7 @@ from typing import Any
 
 from unipack.errors import FormatError
 from unipack.format import codec, dtypes
-from unipack.format.manifest.doc import Doc, str_map
+from unipack.format.manifest.doc import Doc, nonnegative_numbers, str_map
 from unipack.format.manifest.names import check_config_name, check_member_name, check_tensor_name
 from unipack.format.manifest.records import (
     FORMAT_NAME,
@@ -27,8 +27,8 @@ from unipack.format.manifest.records import (
     TensorRecord,
 )
 from unipack.format.manifest.references import check_references
-from unipack.format.manifest.storages import STORAGE_FORMATS, formats_of, storages
-from unipack.format.safetensors_file import MAX_DIM, is_int
+from unipack.format.manifest.storages import STORAGE_FORMATS, StorageFormat, formats_of, storages
+from unipack.format.safetensors_file import MAX_DIM, _check_strings, _no_constants, is_int
 
 
 def to_json(manifest: Manifest) -> str:
@@ -47,6 +47,41 @@ def to_json(manifest: Manifest) -> str:
 
 def from_json(doc: Any, where: str) -> Manifest:
     return _parse_manifest(doc, where)
+
+
+def loads(text: str, where: str) -> Any:
+    """A manifest's JSON text parsed under ``safetensors_file.strict_json``'s rules, with its
+    errors: no duplicate key, no NaN or Infinity, no string that is not Unicode text (a lone
+    surrogate).
+
+    The same rules, cheaper where the text gives no cause: ``strict_json`` walks every parsed
+    value to encode each string, which cost as much as parsing a manifest of numbers. A lone
+    surrogate can only come from the text itself (which ``encode`` finds, at C speed) or from a
+    ``\\uXXXX`` escape, so the walk is made only where the text has an escape (``json.dumps`` with
+    ``ensure_ascii=False``, as unipack writes, makes none outside control characters). Duplicate
+    keys are looked for only in an object whose size shows one (``_unique_keys``).
+    """
+    try:
+        text.encode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        if "\\" in text and "\\u" in text:  # a one-character search first: a memchr, no scan
+            _check_strings(doc)
+        return doc
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"{where}: invalid JSON header ({exc})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is an error, not a silent overwrite. ``dict`` builds
+    the object in C; only an object whose size shows a repeated key is looked at key by key."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return out
 
 
 def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
@@ -113,27 +148,12 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
             f"{where}: .upk format version {version} is not supported by this unipack "
             f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade unipack"
         )
-    blobs: dict[str, BlobRecord] = {}
-    for name, spec in d.obj("blobs").items():
-        if name == MANIFEST_BLOB:
-            raise FormatError(f"{where}: blob name {name!r} is reserved for the compressed manifest")
-        b = Doc(spec, f"{where}: blob {name!r}")
-        sha = b.text("sha256")
-        if not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise FormatError(f"{where}: blob {name!r}: sha256 must be 64 lowercase hex digits")
-        shuffle = b.doc.get("shuffle")
-        if not isinstance(shuffle, bool):
-            raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
-        blobs[name] = BlobRecord(
-            dtypes.check_dtype(b.doc.get("dtype"), f"{where}: blob {name!r}"),
-            b.shape("shape"),
-            b.choice("codec", tuple(codec.CODECS)),
-            shuffle,
-            sha,
-        )
+    codecs = tuple(codec.CODECS)
+    blobs = {name: _parse_blob(name, spec, where, codecs) for name, spec in d.obj("blobs").items()}
     if not STORAGE_FORMATS:  # registered by unipack.schemes, which `import unipack` loads
         raise RuntimeError("no storage schemes registered: import unipack first")
-    tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]") for i, t in enumerate(d.array("tensors")))
+    kinds = {storage: formats_of(storage) for storage in storages()}  # looked up once, not per tensor
+    tensors = tuple(_parse_tensor(t, f"{where}: tensors[{i}]", kinds) for i, t in enumerate(d.array("tensors")))
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise FormatError(f"{where}: manifest lists a tensor name twice")
@@ -159,13 +179,32 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
     return manifest
 
 
-def _parse_tensor(raw: Any, where: str) -> TensorRecord:
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _parse_blob(name: str, spec: Any, where: str, codecs: tuple[str, ...]) -> BlobRecord:
+    if name == MANIFEST_BLOB:
+        raise FormatError(f"{where}: blob name {name!r} is reserved for the compressed manifest")
+    b = Doc(spec, f"{where}: blob {name!r}")
+    sha = b.text("sha256")
+    if not _SHA256.fullmatch(sha):
+        raise FormatError(f"{where}: blob {name!r}: sha256 must be 64 lowercase hex digits")
+    shuffle = b.doc.get("shuffle")
+    if not isinstance(shuffle, bool):
+        raise FormatError(f"{where}: blob {name!r}: shuffle must be true or false")
+    return BlobRecord(
+        dtypes.check_dtype(b.doc.get("dtype"), b.where), b.shape("shape"), b.choice("codec", codecs), shuffle, sha
+    )
+
+
+def _parse_tensor(raw: Any, where: str, kinds: dict[str, list[StorageFormat]]) -> TensorRecord:
+    """One tensor record; ``kinds``: each ``storage`` value -> its schemes (``formats_of``)."""
     d = Doc(raw, where)
     name = check_tensor_name(d.text("name"), f"{where}: name")
     where = f"{where.rsplit(':', 1)[0]}: tensor {name!r}"
     d.where = where
-    storage = d.choice("storage", storages())
-    candidates = formats_of(storage)
+    storage = d.choice("storage", tuple(kinds))
+    candidates = kinds[storage]
     dtype = dtypes.check_dtype(d.doc.get("dtype"), where)
     shape = d.shape("shape", optional=candidates[0].shape_optional)
     base = TensorRecord(name=name, storage=storage, dtype=dtype, shape=shape, reason=d.text("reason"))
@@ -210,10 +249,8 @@ def _parse_member(
     name = check_member_name(d.text("name"), f"{where}: name")
     d.where = where = f"{where.rsplit(':', 1)[0]}: member {name!r}"
     metadata = d.obj("metadata", optional=True)
-    errors = d.array("errors")
-    if len(errors) != len(tensors) or not all(
-        isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0 for e in errors
-    ):
+    errors = nonnegative_numbers(d.array("errors"))
+    if errors is None or len(errors) != len(tensors):
         raise FormatError(f"{where}: errors must list one non-negative number per tensor ({len(tensors)})")
     fidelity = None
     if d.obj("fidelity", optional=True) is not None:
@@ -250,7 +287,7 @@ def _parse_member(
         coefficients=d.text("coefficients", optional=True),
         raw=str_map(d.obj("raw"), f"{where}: raw"),
         dtypes=member_dtypes,
-        errors=tuple(float(e) for e in errors),
+        errors=errors,
         added=added,
         lossless_bytes=d.integer("lossless_bytes", optional=True),
         fidelity=fidelity,

@@ -7,9 +7,11 @@ the rules here hold for every scheme without knowing any.
 
 from __future__ import annotations
 
+import math
+
 from unipack.errors import FormatError
 from unipack.format import dtypes
-from unipack.format.manifest.records import BlobRecord, BlobRef, Manifest
+from unipack.format.manifest.records import BlobRecord, BlobRef, Manifest, TensorRecord
 from unipack.format.manifest.storages import STORAGE_FORMATS
 
 #: The dtypes a coefficient blob may have: the merge's ``--dtype`` (spec §3.2).
@@ -58,7 +60,21 @@ def check_references(m: Manifest, where: str) -> None:
         for r in t.params.blob_refs(t):
             ref(r, what)
     for mem in m.members:
-        total = sum(b - a for a, b in m.coef_offsets(mem).values())
+        # One pass over the records per member gathers what the checks below need (the sizes of
+        # its coefficient and codes blobs, the raw keys the records require): this loop runs
+        # members x tensors times and is most of the time spent checking a manifest.
+        total = code_bytes = 0
+        required: dict[str, tuple[TensorRecord, tuple[int, ...] | None]] = {}
+        for t in m.tensors:
+            p = t.params
+            block = p.coefficient_shape(t, mem)
+            if block is not None:
+                total += math.prod(block)
+            codes = p.code_bytes(t, mem)
+            if codes is not None:
+                code_bytes += codes
+            for key, shape in p.member_blobs(t, mem):
+                required[key] = (t, shape)
         what = f"member {mem.name!r}"
         for tname, dt in mem.dtypes.items():
             known = by_name.get(tname)
@@ -76,14 +92,12 @@ def check_references(m: Manifest, where: str) -> None:
                 )
         elif mem.coefficients is not None:
             raise FormatError(f"{where}: {what}: names a coefficient blob but no tensor has rank > 0")
-        code_bytes = sum(b - a for a, b in m.code_offsets(mem).values())
         if code_bytes:
             blob(mem.codes, f"{what} codes", (code_bytes,), "U8")
         elif mem.codes is not None:
             raise FormatError(f"{where}: {what}: names a codes blob but holds no delta tensor's codes")
-        # Keys each record requires of this member: its own name (a raw tensor), or others (the
-        # factors of a LoRA module it touches).
-        required = {key: (t, shape) for t in m.tensors for key, shape in t.params.member_blobs(t, mem)}
+        # Keys each record requires of this member (``required``): its own name (a raw tensor),
+        # or others (the factors of a LoRA module it touches).
         own_names = {key for key, (t, _) in required.items() if key == t.name}
         if not own_names <= set(mem.raw) or not set(mem.raw) <= (set(by_name) | set(required)):
             raise FormatError(
