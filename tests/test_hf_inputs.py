@@ -32,11 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import unipack
-from unipack.options import DEFAULT_MAX_ERROR
 from unipack import FormatError, InputError, UnipackError
 from unipack.analysis.report import find_originals
 from unipack.cli import cli
 from unipack.format.manifest import MAX_CONFIG_BYTES
+from unipack.options import DEFAULT_MAX_ERROR
 
 SPECS = {
     "embeddings.weight": TensorSpec((24, 16), kind="right", rank=2),

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TensorSpec, as64, read_raw_header, rewrite_header, write_population
 
 import unipack
 from unipack.cli import cli
 from unipack.format.manifest import parse as manifest_json
-
-from conftest import TensorSpec, as64, read_raw_header, rewrite_header, write_population
 
 SPECS = {
     "embed.weight": TensorSpec((40, 12), kind="noise", scale=0.02),
