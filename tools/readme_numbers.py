@@ -69,8 +69,8 @@ def paragraph(f: dict[str, Any]) -> str:
             f"{alts['int4']['ratio']:.2f}x, int2 {alts['int2']['ratio']:.2f}x, 1-bit {alts['1-bit']['ratio']:.2f}x, "
             f"the paper's k = 16 {alts['paper-k16']['ratio']:.2f}x"
             + (
-                f"; the smallest that meets the rule on every tensor is {best} "
-                f"({f['ratio'] / alts[best]['ratio']:.2f}x larger than the bundle)."
+                f"; the smallest that meets the merge's rule on every tensor is {best} "
+                f"({alts[best]['ratio']:.2f}x): the bundle is {f['ratio'] / alts[best]['ratio']:.2f}x smaller."
                 if best
                 else "; none meets the rule on every tensor."
             )
