@@ -11,7 +11,6 @@ fewest (``fit``); the cheapest of this and the other schemes wins the tensor.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -216,13 +215,11 @@ class DeltaScheme(Scheme):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way of quantizing a tensor's deltas: a mean dtype, a level count, a grouping, and the
-    encoder's dead zone (``quantize.nearest_level``; not recorded: readers do not need it)."""
+    """One way of quantizing a tensor's deltas: a mean dtype, a level count, a grouping."""
 
     mean_dtype: str
     levels: int
     group: int
-    deadzone: float = 0.0
 
 
 @dataclass
@@ -247,11 +244,6 @@ class DeltaEncoded:
 #: The level counts the merge tries: a sign (2), then odd counts (zero is a level) that pack
 #: 5, 3, 2, 2 and 1 codes to a byte, and 16 (the most that still packs two to a byte).
 LEVELS = (2, 3, 5, 7, 9, 15, 16, 31, 255)
-#: The dead zone tried (as extra candidates) at the level counts where it pays: few levels, a
-#: step near the deltas' RMS. 0.15 of a step: on real fine-tune deltas at 3-9 levels it saved
-#: 5-17% of the codes' bytes at equal error (0.1-0.2 was the flat optimum; 0.3 lost again).
-DEADZONE = 0.15
-DEADZONE_LEVELS = frozenset({3, 5, 7, 9})
 
 
 def candidates(
@@ -366,7 +358,6 @@ def fit(
             group=cand.group,
             scale_dtype=scale_dtype,
             member_dtype=member_dtypes[i],
-            deadzone=cand.deadzone,
         )
         if result is None:
             tried[_label(cand, shape)] = None
@@ -383,25 +374,14 @@ def fit(
 
     def walk(chain: list[Candidate], x: np.ndarray) -> None:
         chain_best = math.inf
-        best: Candidate | None = None
         for cand in chain:
             found = search(cand, 0, x, first_budget)
             if found is None or found[0] > PRUNE * chain_best:
                 if found is not None:
                     tried[_label(cand, shape)] = -1
                 break
-            if found[0] < chain_best:
-                chain_best, best = found[0], cand
+            chain_best = min(chain_best, found[0])
             alive[cand] = (found[0], [found[1]])
-        # The dead zone at the chain's best level count and the next fewer (where it can pay).
-        if best is None:
-            return
-        at = chain.index(best)
-        for cand in chain[at : at + 2]:
-            if cand.levels in DEADZONE_LEVELS:
-                twin = dataclasses.replace(cand, deadzone=DEADZONE)
-                if (found := search(twin, 0, x, first_budget)) is not None:
-                    alive[twin] = (found[0], [found[1]])
 
     lead = chains[0][0].mean_dtype
     for chain in chains:
@@ -411,7 +391,7 @@ def fit(
     if alive:
         winner = min(alive, key=lambda c: alive[c][0])
         for chain in others:
-            cand = Candidate(chain[0].mean_dtype, winner.levels, winner.group, winner.deadzone)
+            cand = Candidate(chain[0].mean_dtype, winner.levels, winner.group)
             if chain[0].group == winner.group and (found := search(cand, 0, first, first_budget)) is not None:
                 alive[cand] = (found[0], [found[1]])
     else:
@@ -460,7 +440,7 @@ def fit(
     priced = {c: cost + mean_bytes[c.mean_dtype] for c, (cost, _) in alive.items()}
     for c, cost in priced.items():
         tried[_label(c, shape)] = cost
-    best = min(priced, key=lambda c: (priced[c], cands.index(dataclasses.replace(c, deadzone=0.0)), c.deadzone))
+    best = min(priced, key=lambda c: (priced[c], cands.index(c)))
     encoded = _encode(
         best,
         alive[best][1],
@@ -481,8 +461,7 @@ def fit(
 def _label(c: Candidate, shape: tuple[int, ...]) -> str:
     grouping = "tensor" if c.group == math.prod(shape) else f"group {c.group}"
     mean = "quantized (int16)" if c.mean_dtype == INT_MEAN else c.mean_dtype
-    zone = f", dead zone {c.deadzone:g}" if c.deadzone else ""
-    return f"{mean} mean, {c.levels} levels{zone}, one step per {grouping}"
+    return f"{mean} mean, {c.levels} levels, one step per {grouping}"
 
 
 def _encode(
@@ -510,7 +489,6 @@ def _encode(
             group=cand.group,
             scale_dtype=scale_dtype,
             member_dtype=member_dtypes[i],
-            deadzone=cand.deadzone,
         )
         norm = float(np.linalg.norm(x))
         codes.append(quantize.pack(result.codes, cand.levels))
