@@ -24,18 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from unipack.render.tables import format_bytes as size  # as the CLI prints sizes
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- readme_numbers:demo -->", "<!-- /readme_numbers:demo -->"
 CLI = "from unipack.cli import main; main()"
-
-
-def size(n: float) -> str:
-    """As the CLI prints sizes (render.tables.format_bytes)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _decade(x: float) -> str:
