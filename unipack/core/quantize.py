@@ -122,14 +122,22 @@ def quantize(
     group: int,
     scale_dtype: str,
     member_dtype: str,
+    delta: np.ndarray | None = None,
 ) -> Quantized:
     """Quantize ``x - mean`` (flat float64) with one step per group, rounded to ``scale_dtype``
-    first so that the codes are optimal for the step a reader will see."""
+    first so that the codes are optimal for the step a reader will see. ``delta``: ``x - mean``
+    when the caller already has it (a step search quantizes one delta many times)."""
     numel = x.size
+    d = x - mean if delta is None else delta
     held, stored = dtypes.store_as(np.asarray(steps, dtype=np.float64), scale_dtype)
-    s = expand(stored, group, numel)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(s > 0, (x - mean) / np.where(s > 0, s, 1.0), 0.0)
+    s: np.ndarray | float
+    if stored.size == 1:  # one step for the whole tensor: a scalar (the same IEEE operations, faster)
+        s = float(stored.reshape(-1)[0])
+        ratio = d / s if s > 0 else np.zeros(numel)
+    else:
+        s = expand(stored, group, numel)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(s > 0, d / np.where(s > 0, s, 1.0), 0.0)
     q = nearest_level(ratio, levels)
     codes = (q + offset(levels)).astype(np.uint8)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -218,6 +226,7 @@ def fit_step(
             group=group,
             scale_dtype=scale_dtype,
             member_dtype=member_dtype,
+            delta=d,
         )
 
     if levels == 2:
