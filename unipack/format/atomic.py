@@ -214,6 +214,19 @@ def _unlink_if_unheld(path: Path) -> bool:
         os.close(fd)
 
 
+def _fresh_temp(target: Path, suffix: str, shown: Path, what: str) -> tuple[int, Path]:
+    """``_create_temp`` after clearing a killed writer's leftovers for ``target``; an OS error is
+    one ``UnipackError`` line naming ``shown`` (the path the user gave)."""
+    remove_stale_temps(target)
+    try:
+        return _create_temp(target, suffix)
+    except OSError as exc:
+        raise UnipackError(
+            f"{shown}: cannot create {what} in {target.parent} ({exc.strerror or exc}); "
+            f"give an output path in a folder you can write to"
+        ) from None
+
+
 def _create_temp(target: Path, suffix: str) -> tuple[int, Path]:
     """A new temp file beside ``target``, locked by this process for its whole life.
 
@@ -260,14 +273,7 @@ def atomic_write(
     shown = Path(path)
     check_writable(shown, force=force, inputs=inputs)
     target = real_target(shown)
-    remove_stale_temps(target)
-    try:
-        fd, tmp = _create_temp(target, ".tmp")
-    except OSError as exc:
-        raise UnipackError(
-            f"{shown}: cannot create a file in {target.parent} ({exc.strerror or exc}); "
-            f"give an output path in a folder you can write to"
-        ) from None
+    fd, tmp = _fresh_temp(target, ".tmp", shown, "a file")
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp creates 0600; the output should get the permissions a plain open() would give.
@@ -407,14 +413,7 @@ def spool_file(directory: Path, stem: str) -> Iterator[BinaryIO]:
     file (``.<stem>.unipack_*.spool``), so a killed writer's spool is cleaned up like one.
     """
     target = directory / stem
-    remove_stale_temps(target)
-    try:
-        fd, name = _create_temp(target, ".spool")
-    except OSError as exc:
-        raise UnipackError(
-            f"{target}: cannot create a scratch file in {directory} ({exc.strerror or exc}); "
-            f"give an output path in a folder you can write to"
-        ) from None
+    fd, name = _fresh_temp(target, ".spool", target, "a scratch file")
     try:
         with os.fdopen(fd, "w+b") as f:
             yield f

@@ -84,7 +84,7 @@ class AlternativesMeter:
 
     def kept(self, numel_by_member: Sequence[int], member_dtypes: Sequence[str], *, once: bool) -> None:
         """A tensor every method keeps as it is (``once``: one copy, identical in every member)."""
-        pairs = list(zip(numel_by_member, member_dtypes))[:1] if once else list(zip(numel_by_member, member_dtypes))
+        pairs = list(zip(numel_by_member, member_dtypes))[: 1 if once else None]
         for method, tally in self.tallies.items():
             per = cast_itemsize if method == "fp16" else dtypes.itemsize
             tally.bytes += sum(numel * per(dtype) for numel, dtype in pairs)
