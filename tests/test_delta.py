@@ -118,6 +118,39 @@ def test_fit_step_meets_the_budget_with_the_coarsest_step(levels: int, group: in
     assert larger.error > budget
 
 
+@pytest.mark.parametrize("hint", [None, 1.0, 0.2, 5.0, 40.0])
+@pytest.mark.parametrize("numel", [3000, 4 * quantize.SAMPLE + 17])
+def test_fit_step_from_a_hint_finds_the_same_coarsest_step(hint: float | None, numel: int) -> None:
+    """A hint (another member's c / c0) only changes where the search starts: near or far from
+    the answer, the step found meets the budget and is within the search's precision of the
+    coarsest, on the full path and on the sampled one (more than 2 x SAMPLE elements)."""
+    rng = np.random.default_rng(5)
+    mean = rng.standard_normal(numel)
+    x = mean + 0.02 * rng.standard_normal(numel)
+    budget = 0.3 * float(np.linalg.norm(x - mean))
+    kw = dict(levels=7, group=numel, scale_dtype="F32", member_dtype="F32")
+    result = quantize.fit_step(x, mean, budget, hint=hint, **kw)
+    assert result is not None and result.error <= budget
+    # the result's multiplier is what a later search can start from
+    assert math.isfinite(result.multiplier) and result.multiplier > 0
+    step = float(result.scales_held[0])
+    assert quantize.quantize(x, mean, np.array([step * 1.06]), **kw).error > budget
+    # the zero-code error a caller may pass in is the one of all-zero codes
+    zero = quantize.quantize(x, mean, np.array([0.0]), **kw)
+    assert quantize.zero_error(x, mean, "F32") == pytest.approx(zero.error, rel=1e-12)
+
+
+def test_fit_step_trusts_a_given_zero_error() -> None:
+    """``zero``: the caller's ||x - mean|| with zero codes; within budget, nothing is stored."""
+    x = np.linspace(-1.0, 1.0, 100)
+    mean = x + 1e-3
+    budget = 0.1
+    assert quantize.zero_error(x, mean, "F64") == pytest.approx(1e-3 * 10.0)
+    result = quantize.fit_step(x, mean, budget, levels=5, group=100, scale_dtype="F32", member_dtype="F64", zero=0.01)
+    assert result is not None
+    assert np.all(result.codes == 2) and result.error == pytest.approx(0.01)
+
+
 def test_fit_step_refuses_what_no_step_reaches() -> None:
     rng = np.random.default_rng(3)
     mean = np.zeros(500)

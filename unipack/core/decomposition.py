@@ -20,6 +20,11 @@ from unipack.core.fidelity import MemberFidelity
 from unipack.format import dtypes
 from unipack.options import ErrorBudget, rule_text
 
+#: How much smaller than its plain bytes a decomposition's stored bytes may get (float means,
+#: bases and coefficients: zstd saves ~10% on them), when comparing with another storage's
+#: stored bytes before fitting.
+CEILING_SLACK = 1.25
+
 
 @dataclass(frozen=True)
 class TensorJob:
@@ -36,6 +41,18 @@ class TensorJob:
     coef_dtype: str  # F32 | F16 | BF16
     gram_limit: int
     baselines: bool = True  # also measure the per-member SVD baseline (see fidelity.py)
+    # Stored bytes another storage already needs for this tensor (the quantized deltas): a
+    # decomposition is only fitted and searched at ranks whose bytes could come in under it.
+    ceiling: int | None = None
+
+    @property
+    def affordable_bytes(self) -> int:
+        """The bytes (before the lossless codec) a decomposition must stay under: raw storage's,
+        or ``ceiling`` x CEILING_SLACK where that is less (the codec shrinks floats by a little,
+        not by CEILING_SLACK)."""
+        if self.ceiling is None:
+            return self.raw_bytes
+        return min(self.raw_bytes, int(self.ceiling * CEILING_SLACK))
 
     @property
     def n_members(self) -> int:
@@ -72,7 +89,8 @@ class Encoded:
     energy: float  # fraction of centred variance the rank keeps
     reason: str
     fidelity: list[MemberFidelity]  # one per member: delta error and baselines
-    eigenvalues: np.ndarray  # the fitted model's full centred spectrum, descending
+    eigenvalues: np.ndarray  # the fitted model's centred spectrum, descending (at least the leading values)
+    variance: float | None = None  # the spectrum's total where ``eigenvalues`` holds only the leading values
 
 
 @dataclass(frozen=True)
@@ -86,7 +104,10 @@ class SchemeModel(Protocol):
     """A fitted scheme: its spectrum, and encoding at any rank."""
 
     scheme: str
-    eigenvalues: np.ndarray  # descending centred variance per component
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        """Descending centred variance per component (the full spectrum)."""
 
     def max_rank(self) -> int:
         """Largest meaningful rank (beyond it the data is already exact)."""
@@ -100,6 +121,10 @@ class SchemeModel(Protocol):
 
     def encode(self, rank: int) -> Encoded:
         """Round and encode at ``rank``; errors are measured, not estimated."""
+
+    def rules_out(self, budget: ErrorBudget, cap: int) -> bool:
+        """Whether no rank <= cap can meet ``budget``, known cheaply (True skips the rank
+        search; False promises nothing)."""
 
 
 #: A scheme's fitting function returns its candidate models (rows: one per basis side).
@@ -115,8 +140,9 @@ def energy_rank(eigenvalues: np.ndarray, fraction: float) -> int:
     return min(int(np.searchsorted(kept, fraction - 1e-12)) + 1, int(eigenvalues.size))
 
 
-def kept_energy(eigenvalues: np.ndarray, rank: int) -> float:
-    total = float(eigenvalues.sum())
+def kept_energy(eigenvalues: np.ndarray, rank: int, total: float | None = None) -> float:
+    """The share of the variance (``total``, else all of ``eigenvalues``) the top ``rank`` keep."""
+    total = float(eigenvalues.sum()) if total is None else total
     return 1.0 if total <= 0.0 else float(eigenvalues[:rank].sum() / total)
 
 
@@ -126,12 +152,14 @@ def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
     best: tuple[int, SchemeModel, int, int] | None = None  # (bytes, model, rank, cap)
     for fit in fits:
         for model in fit(job):
-            cap = _affordable_rank(model, job.raw_bytes)
-            rank = _rank_by_rule(model, job, cap) if cap >= 0 else None
+            cap = _affordable_rank(model, job.affordable_bytes)
+            if cap < 0 or (job.rule == "max-error" and job.budget is not None and model.rules_out(job.budget, cap)):
+                continue
+            rank = _rank_by_rule(model, job, cap)
             if rank is not None and rank <= cap and (best is None or model.bytes_at(rank) < best[0]):
                 best = (model.bytes_at(rank), model, rank, cap)
     if best is None:
-        return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
+        return KeepRaw(_too_costly(job))
     _, model, rank, cap = best
     while True:
         encoded = model.encode(rank)
@@ -143,7 +171,7 @@ def decompose(job: TensorJob, fits: Sequence[Fit]) -> Encoded | KeepRaw:
         if meets_rule(job.budget, encoded.errors, [f.delta_error for f in encoded.fidelity]):
             return _with_reason(encoded, _rule_text(job))
         if rank >= cap:
-            return KeepRaw(f"{_rule_text(job)} needs more bytes than storing the tensor raw")
+            return KeepRaw(_too_costly(job))
         # Rounding (basis, coefficients, output dtype) pushed a member over: a little more rank.
         rank = grow(rank, cap)
 
@@ -160,6 +188,11 @@ def meets_rule(
 def grow(rank: int, cap: int) -> int:
     """The next rank to try when rounding pushed a member over budget: an eighth more, at least 1."""
     return min(cap, rank + max(1, rank // 8))
+
+
+def _too_costly(job: TensorJob) -> str:
+    rival = "storing the tensor raw" if job.affordable_bytes == job.raw_bytes else "the quantized deltas"
+    return f"{_rule_text(job)} needs more bytes than {rival}"
 
 
 def _rule_text(job: TensorJob) -> str:

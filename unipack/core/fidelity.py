@@ -117,10 +117,11 @@ def truncated_svd(delta: np.ndarray, rank: int, coef_dtype: str) -> np.ndarray:
     return approx if wide else approx.T
 
 
-def spectrum(eigenvalues: np.ndarray) -> tuple[list[float], float]:
-    """The leading eigenvalues (for the scree curve) and the total centred variance."""
+def spectrum(eigenvalues: np.ndarray, total: float | None = None) -> tuple[list[float], float]:
+    """The leading eigenvalues (for the scree curve) and the total centred variance (``total``
+    where ``eigenvalues`` holds only the leading ones)."""
     head = [round_sig(float(v)) for v in eigenvalues[:SPECTRUM_LENGTH]]
-    return head, round_sig(float(eigenvalues.sum()))
+    return head, round_sig(float(eigenvalues.sum()) if total is None else total)
 
 
 def round_sig(value: float, digits: int = 4) -> float:

@@ -19,6 +19,30 @@ def eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, fix_signs(vectors)
 
 
+#: Power iterations of ``top_eigh``: each multiplies the gap between kept and dropped
+#: eigenvalues, so four leave the leading sum within ~1e-4 of the exact one on the fine-tune
+#: spectra we measured (a few strong directions over a flat bulk).
+POWER_ITERATIONS = 4
+
+
+def top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The leading ``k`` eigenpairs (descending, signs fixed as in ``eigh_desc``) of a symmetric
+    PSD matrix, by randomized subspace iteration: O(n^2 k) instead of eigh's O(n^3), for a rank
+    far below the matrix's side. Ritz values never exceed the true eigenvalues. The start is a
+    fixed-seed Gaussian block, so the result is reproducible (a bundle's bytes depend on it).
+    """
+    n = gram.shape[0]
+    width = min(n, k + max(8, k // 2))  # oversampling: the k-th direction converges like the width-th gap
+    sym = (gram + gram.T) * 0.5
+    block = np.random.default_rng(0).standard_normal((n, width))
+    q = np.linalg.qr(sym @ block)[0]
+    for _ in range(POWER_ITERATIONS):
+        q = np.linalg.qr(sym @ q)[0]
+    values, small = np.linalg.eigh(q.T @ sym @ q)
+    order = np.arange(values.size - 1, values.size - 1 - k, -1)
+    return np.clip(values[order], 0.0, None), fix_signs(q @ small[:, order])
+
+
 def fix_signs(vectors: np.ndarray) -> np.ndarray:
     """Flip columns so that each column's largest-magnitude entry is positive."""
     if vectors.size == 0:

@@ -38,6 +38,7 @@ from unipack.core.alternatives import METHODS
 from unipack.core.decomposition import SchemeModel, TensorJob
 from unipack.format import dtypes
 from unipack.options import ErrorBudget
+from unipack.schemes.rows import RowsModel
 from unipack.schemes.shared import decomposition
 
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -195,10 +196,20 @@ def _paper(
 ) -> TensorOutcome:
     """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs. The
     models depend on the members and the coefficient dtype only, not on the rank rule."""
-    if not models and len(job.shape) >= 1:  # a scalar has no rows to stack
-        paper_job = replace(
-            job, load=load, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False
-        )
+    paper_job = replace(
+        job,
+        load=load,
+        rule="rank",
+        budget=None,
+        rank=PAPER_RANK,
+        energy=None,
+        coef_dtype="F32",
+        baselines=False,
+        ceiling=None,
+    )
+    if models:  # the merge's own rows models, encoding for the recipe's job
+        models = [m.for_job(paper_job) for m in models if isinstance(m, RowsModel)]
+    elif len(job.shape) >= 1:  # a scalar has no rows to stack
         models = decomposition("rows").fit(paper_job)
     if not models:  # a scalar, or both sides beyond --gram-limit: counted as stored as it is (raw bytes)
         return TensorOutcome(job.raw_bytes, [0.0] * job.n_members, [0.0] * job.n_members, [0.0] * job.n_members)

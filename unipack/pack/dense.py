@@ -81,9 +81,10 @@ class Merger:
         if self.alternatives is None:
             return record
         if job is not None:  # decomposable: every alternative is measured on it
-            # The paper's recipe is the rows scheme at rank 16 in fp32: where the merge fitted it
-            # with fp32 coefficients, the same models serve (one Gram and eigh fewer per tensor).
-            reuse = self._fitted.get("rows") if self.coef_dtype == "F32" else None
+            # The paper's recipe is the rows scheme at rank 16 in fp32: where the merge fitted it,
+            # the same models serve (their Gram and spectrum do not depend on the coefficients'
+            # dtype), one Gram pass fewer per tensor.
+            reuse = self._fitted.get("rows")
             self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse)
         else:  # heads, identical and non-finite tensors: every alternative keeps them too
             numels = [c.tensors[plan.name].numel for c in self.checkpoints]
@@ -134,8 +135,14 @@ class Merger:
             gram_limit=self.options.gram_limit,
             baselines=self.options.baselines and not lazy_baselines,
         )
-        result = decompose(job, [self._remembered_fit(name) for name in plan.schemes])
+        # The quantized deltas first: their bytes are a ceiling under which a decomposition must
+        # come, which rules most decompositions out before their eigendecomposition (the costliest
+        # step of a merge) and bounds the rank searched in the others.
         quantized = self._fit_delta(plan, job)
+        ceiling = None if quantized is None else quantized.stored_bytes
+        result = decompose(
+            dataclasses.replace(job, ceiling=ceiling), [self._remembered_fit(name) for name in plan.schemes]
+        )
         if quantized is not None:
             rival = self._raw_cost(plan) if isinstance(result, KeepRaw) else self._shared_cost(result)
             if quantized.stored_bytes < rival:
@@ -308,7 +315,7 @@ class Merger:
             basis = self.writer.add(f"basis/{plan.name}", enc.basis, self.coef_dtype)
             for i, coef in enumerate(enc.coefs):
                 self.coefs[i].append(coef.reshape(-1))
-        head, variance = spectrum(enc.eigenvalues)
+        head, variance = spectrum(enc.eigenvalues, enc.variance)
         scheme = decomposition(enc.scheme)
         params = scheme.encoded_params(enc, mean, basis, tuple(head), variance)
         record = TensorRecord(plan.name, scheme.storage, plan.dtypes[0], plan.shape, enc.reason, params)

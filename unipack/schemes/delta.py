@@ -302,6 +302,9 @@ PRUNE = 1.2
 #: Candidates whose estimated total (N times the first member's bytes, plus the mean's) exceeds
 #: this times the cheapest estimate are searched for the other members only if the rest all miss.
 LEAD = 1.05
+#: At most this many leaders go on to the other members (the cheapest estimates first): near-ties
+#: on member 0 differ by a few percent at most in the end, and each costs N - 1 step searches.
+MAX_LEADERS = 2
 
 #: A compressor for cost estimates: the stored size of an array (held as the dtype) in the bundle.
 Compressed = Callable[[np.ndarray, str], int]
@@ -348,20 +351,33 @@ def fit(
         mean_step = int_mean[2]
     mean_bytes = {dtype: compressed(held, dtype) for dtype, (held, _) in means.items()}
     tried: dict[str, int | None] = {}
+    # Member 0's c / c0 per candidate: members of one collection need about the same, so the
+    # others' searches start there (a few tries instead of a full bracket).
+    hints: dict[Candidate, float] = {}
+    # ||x - mean|| with every code zero depends on the member and the mean only: once each.
+    zeros: dict[tuple[int, str], float] = {}
 
     def search(cand: Candidate, i: int, x: np.ndarray, limit: float) -> tuple[int, np.ndarray] | None:
+        mean = means[cand.mean_dtype][1]
+        zero = zeros.get((i, cand.mean_dtype))
+        if zero is None:
+            zero = zeros[i, cand.mean_dtype] = quantize.zero_error(x, mean, member_dtypes[i])
         result = quantize.fit_step(
             x,
-            means[cand.mean_dtype][1],
+            mean,
             limit,
             levels=cand.levels,
             group=cand.group,
             scale_dtype=scale_dtype,
             member_dtype=member_dtypes[i],
+            hint=hints.get(cand),
+            zero=zero,
         )
         if result is None:
             tried[_label(cand, shape)] = None
             return None
+        if i == 0 and math.isfinite(result.multiplier):
+            hints[cand] = result.multiplier
         cost = compressed(quantize.pack(result.codes, cand.levels), "U8") + compressed(result.scales_held, scale_dtype)
         return cost, result.scales_held
 
@@ -425,7 +441,7 @@ def fit(
     estimate = {c: mean_bytes[c.mean_dtype] + n_members * alive[c][0] for c in alive}
     ranked = sorted(alive, key=lambda c: estimate[c])
     cheapest = estimate[ranked[0]]
-    leaders = [c for c in ranked if estimate[c] <= LEAD * cheapest]
+    leaders = [c for c in ranked if estimate[c] <= LEAD * cheapest][:MAX_LEADERS]
     survivors: dict[Candidate, tuple[int, list[np.ndarray]]] = {}
     for pool in (leaders, [c for c in ranked if c not in leaders]):
         survivors = search_rest({c: alive[c] for c in pool})

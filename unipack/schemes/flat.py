@@ -88,6 +88,9 @@ class FlatModel:
         self.coef_itemsize = dtypes.itemsize(job.coef_dtype)
         self._fit()
 
+    def rules_out(self, budget: ErrorBudget, cap: int) -> bool:
+        return False  # its N x N Gram is cheap: the rank search itself decides
+
     def _vector(self, i: int) -> np.ndarray:
         return self.job.load(i).reshape(-1)
 

@@ -12,6 +12,7 @@ p x p Gram and one member, never all N.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,12 +21,12 @@ import numpy as np
 
 from unipack.core.decomposition import Encoded, TensorJob, kept_energy
 from unipack.core.fidelity import measure
-from unipack.core.linalg import eigh_desc, least_squares_projector, rel_error
+from unipack.core.linalg import eigh_desc, least_squares_projector, rel_error, top_eigh
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import TensorRecord
 from unipack.format.manifest.doc import Doc
-from unipack.options import ErrorBudget
+from unipack.options import DELTA_FLOOR, ErrorBudget
 from unipack.schemes.registry import register
 from unipack.schemes.shared import SharedParams, SharedScheme
 
@@ -116,6 +117,12 @@ class RowsScheme(SharedScheme):
 
 #: Columns of V probed per pass when searching the smallest rank that meets a budget.
 FIRST_PROBE = 8
+#: ``leading(k)`` is randomized while k x LEADING_SHARE is below the Gram's side: beyond that the
+#: subspace iteration costs about what a full eigh does.
+LEADING_SHARE = 4
+#: ``rules_out`` takes the leading Ritz values times this as the top eigenvalues' sum: four power
+#: iterations fell short by at most 1% on flat (worst-case) spectra.
+RITZ_SLACK = 1.02
 
 
 class RowsModel:
@@ -139,8 +146,76 @@ class RowsModel:
         # sum (Y_i - c)^T (Y_i - c) = G - c^T T - T^T c + N c^T c.
         c = self.mean_q - shift
         cross = c.T @ total
-        gram = gram - cross - cross.T + n_members * (c.T @ c)
-        self.eigenvalues, self.vectors = eigh_desc(gram)
+        self._gram: np.ndarray | None = gram - cross - cross.T + n_members * (c.T @ c)
+        # The total centred variance: sum ||X_i - M||^2, the trace (every eigenvalue's sum).
+        self.variance = max(float(np.trace(self._gram)), 0.0)
+        # Eigenpairs are computed when asked for: all of them (``_full``) where a rule needs the
+        # spectrum or a large rank, only the leading ones (``_leading``, randomized) where the
+        # rank is far below the side; many tensors need neither (``rules_out``).
+        self._full: tuple[np.ndarray, np.ndarray] | None = None
+        self._leading: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return self._spectrum()[0]
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self._spectrum()[1]
+
+    def _spectrum(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._full is None:
+            assert self._gram is not None
+            self._full = eigh_desc(self._gram)
+            self._gram = None  # the full decomposition answers every later question
+        return self._full
+
+    def leading(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` eigenvalues and eigenvectors: randomized (``top_eigh``) where k is far
+        below the side and nothing more is known, else from the full decomposition. Once a set
+        is computed it serves every smaller k: a rank searched on the top ``cap`` vectors is
+        encoded with those same vectors."""
+        known = min((j for j in self._leading if j >= k), default=None)
+        if known is None:
+            if self._full is not None or k * LEADING_SHARE >= self.p:
+                values, vectors = self._spectrum()
+                return values[:k], vectors[:, :k]
+            assert self._gram is not None
+            self._leading[k] = top_eigh(self._gram, k)
+            known = k
+        values, vectors = self._leading[known]
+        return values[:k], vectors[:, :k]
+
+    def for_job(self, job: TensorJob) -> RowsModel:
+        """This model (same members, mean and spectrum) encoding for ``job``: another coefficient
+        dtype or rank rule, e.g. the paper's recipe measured beside the merge's own choice."""
+        assert job.member_dtypes == self.job.member_dtypes and job.mean_dtype == self.job.mean_dtype
+        model = copy.copy(self)
+        model.job, model.coef_itemsize = job, dtypes.itemsize(job.coef_dtype)
+        return model
+
+    def rules_out(self, budget: ErrorBudget, cap: int) -> bool:
+        """Whether no rank up to ``cap`` can meet ``budget``, judged without the full spectrum:
+        at rank k the members' squared errors sum to at least the variance beyond the top k
+        eigenvalues (PCA is optimal), while the rule allows them at most ``_allowed(budget)``.
+        The top k come from ``leading`` (Ritz values can only fall short of the true ones), with
+        RITZ_SLACK of headroom for that shortfall."""
+        allowed = self._allowed(budget)
+        if cap <= 0:
+            return self.variance > allowed
+        values, _ = self.leading(cap)
+        return self.variance - RITZ_SLACK * float(values.sum()) > allowed
+
+    def _allowed(self, budget: ErrorBudget) -> float:
+        """An upper bound on sum_i budget_i^2 (``ErrorBudget.absolute`` of each member) from what
+        the model knows without a pass over the members: their norms and the total variance."""
+        squares = float(np.sum(self.norms**2))
+        bounds = []
+        if budget.max_error is not None:
+            bounds.append(budget.max_error**2 * squares)
+        if budget.max_delta_error is not None:
+            bounds.append(budget.max_delta_error**2 * self.variance + DELTA_FLOOR**2 * squares)
+        return min(bounds) if bounds else math.inf
 
     def _oriented(self, i: int) -> np.ndarray:
         x = self.job.load(i).reshape(self.matrix)
@@ -160,9 +235,10 @@ class RowsModel:
         residual = np.zeros(n_members)
         captured: list[np.ndarray] = []
         start, width = 0, FIRST_PROBE
+        vectors = self.leading(cap)[1]
         while True:
             stop = min(cap, start + width)
-            chunk = self.vectors[:, start:stop]
+            chunk = vectors[:, start:stop]
             energies = np.zeros((n_members, stop - start))
             for i in range(n_members):
                 d = self._oriented(i) - self.mean_q
@@ -188,7 +264,8 @@ class RowsModel:
 
     def encode(self, rank: int) -> Encoded:
         job = self.job
-        basis_held, basis = dtypes.store_as(self.vectors[:, :rank], job.coef_dtype)
+        values, vectors = self.leading(rank)
+        basis_held, basis = dtypes.store_as(vectors, job.coef_dtype)
         projector = least_squares_projector(basis)
         coefs, errors, fidelity = [], [], []
         # The per-member SVD baseline gets this member's coefficients plus its share of the basis.
@@ -217,10 +294,12 @@ class RowsModel:
             basis=basis_held if rank else None,
             coefs=coefs,
             errors=errors,
-            energy=kept_energy(self.eigenvalues, rank),
+            energy=kept_energy(values, rank, self.variance),
             reason="",
             fidelity=fidelity,
-            eigenvalues=self.eigenvalues,
+            # the full spectrum where it was computed, else the leading values (and the total)
+            eigenvalues=self._full[0] if self._full is not None else values,
+            variance=self.variance,
         )
 
 
@@ -239,8 +318,10 @@ def fit_rows(job: TensorJob) -> list[RowsModel]:
     can run in float32 (twice as fast as float64) without the cancellation that plain
     ``sum X^T X - N M^T M`` would suffer; sums are kept in float64. F64 inputs stay in float64.
     """
-    sides = usable_sides(job.shape, job.gram_limit)
     m, n = job.shape[0], math.prod(job.shape[1:])
+    sides = [side for side in usable_sides(job.shape, job.gram_limit) if _may_pay(job, side, m, n)]
+    if not sides:
+        return []
     work = np.float64 if "F64" in job.member_dtypes else np.float32
     shift = job.load(0).reshape(m, n)
     total = np.zeros((m, n))
@@ -261,6 +342,17 @@ def fit_rows(job: TensorJob) -> list[RowsModel]:
         )
         for side in sides
     ]
+
+
+def _may_pay(job: TensorJob, side: str, m: int, n: int) -> bool:
+    """Whether rank 1 on ``side`` stays under another storage's bytes (``job.ceiling``); without
+    one, every side is fitted. Rank 0 (the mean alone) is what quantized deltas with every code
+    zero store, so it is never the reason to fit."""
+    if job.ceiling is None:
+        return True
+    rows, length = (m, n) if side == "right" else (n, m)
+    mean = job.numel * dtypes.itemsize(job.mean_dtype)
+    return mean + (length + job.n_members * rows) * dtypes.itemsize(job.coef_dtype) < job.affordable_bytes
 
 
 ROWS = register(RowsScheme())
