@@ -186,6 +186,17 @@ class RowsModel:
         values, vectors = self._leading[known]
         return values[:k], vectors[:, :k]
 
+    def _known_head(self) -> np.ndarray:
+        """The leading eigenvalues already computed, for the informative ``spectrum`` record:
+        the full spectrum where it was needed, else the largest randomized head (at least the
+        encoded rank). Not computed further for the record: on a wide side that would cost
+        more than the whole search."""
+        if self._full is not None:
+            return self._full[0]
+        if not self._leading:
+            return np.zeros(0)
+        return self._leading[max(self._leading)][0]
+
     def for_job(self, job: TensorJob) -> RowsModel:
         """This model (same members, mean and spectrum) encoding for ``job``: another coefficient
         dtype or rank rule, e.g. the paper's recipe measured beside the merge's own choice."""
@@ -297,8 +308,7 @@ class RowsModel:
             energy=kept_energy(values, rank, self.variance),
             reason="",
             fidelity=fidelity,
-            # the full spectrum where it was computed, else the leading values (and the total)
-            eigenvalues=self._full[0] if self._full is not None else values,
+            eigenvalues=self._known_head(),
             variance=self.variance,
         )
 
