@@ -106,6 +106,22 @@ class BundleWriter:
         self._spool.write(stored)
         return name
 
+    def read_blob(self, name: str) -> np.ndarray:
+        """A blob already written, read back from the spool and decoded (the lossless tier
+        predicts members from the means the merge has just stored)."""
+        offset = 0
+        for entry_name, _, _, nbytes in self._entries:
+            if entry_name == name:
+                break
+            offset += nbytes
+        else:
+            raise KeyError(name)
+        self._spool.flush()
+        stored = os.pread(self._spool.fileno(), nbytes, offset)
+        rec = self.blobs[name]
+        data = codec.decode(stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes, f"spool: {name!r}")
+        return dtypes.from_bytes(data, rec.dtype, rec.shape)
+
     @property
     def stored_sizes(self) -> dict[str, int]:
         """Each blob's size as written (its stored, encoded bytes)."""

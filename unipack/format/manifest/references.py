@@ -11,7 +11,16 @@ import math
 
 from unipack.errors import FormatError
 from unipack.format import dtypes
-from unipack.format.manifest.records import BlobRecord, BlobRef, Manifest, TensorRecord
+from unipack.format.manifest.records import (
+    EXACT_TIER_FORMAT_VERSION,
+    MEAN_BASE,
+    RESIDUAL_DTYPES,
+    BlobRecord,
+    BlobRef,
+    Manifest,
+    MemberRecord,
+    TensorRecord,
+)
 from unipack.format.manifest.storages import STORAGE_FORMATS
 
 #: The dtypes a coefficient blob may have: the merge's ``--dtype`` (spec §3.2).
@@ -124,6 +133,47 @@ def check_references(m: Manifest, where: str) -> None:
                 )
             # A raw tensor's shape may vary by member; an override keeps the tensor's shape.
             blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
+    members = {mem.name: mem for mem in m.members}
+    for mem in m.members:
+        if mem.exact is not None:
+            for tname, bname, dtype in _exact_blobs(m, mem, by_name, members, where):
+                blob(bname, f"member {mem.name!r} residual of {tname!r}", by_name[tname].shape, dtype)
     unused = set(m.blobs) - used
     if unused:
         raise FormatError(f"{where}: blobs {sorted(unused)[:5]} are not referenced by any record")
+
+
+def _exact_blobs(
+    m: Manifest, mem: MemberRecord, by_name: dict[str, TensorRecord], members: dict[str, MemberRecord], where: str
+) -> list[tuple[str, str, str]]:
+    """Check a member's lossless tier (spec §9.3); returns ``(tensor, residual blob, blob dtype)``
+    for each entry that has a residual."""
+    what = f"{where}: member {mem.name!r}: exact"
+    assert mem.exact is not None
+    if m.format_version < EXACT_TIER_FORMAT_VERSION:
+        raise FormatError(f"{what}: a lossless tier needs format version {EXACT_TIER_FORMAT_VERSION}")
+    if set(mem.exact) != set(by_name):
+        raise FormatError(f"{what}: must have one entry per tensor of the bundle ({len(by_name)})")
+    out = []
+    for tname, e in mem.exact.items():
+        if e.blob is None:
+            continue
+        t, dtype = by_name[tname], mem.dtype_of(by_name[tname])
+        if t.shape is None or dtype not in dtypes.FLOAT_DTYPES:
+            raise FormatError(f"{what}: {tname!r}: a residual needs a float tensor of one shape")
+        if e.base == MEAN_BASE:
+            if t.mean is None:
+                raise FormatError(f"{what}: {tname!r}: base 'mean', but the tensor has no stored mean")
+        elif e.base is not None:
+            ref = members.get(e.base)
+            ref_entry = None if ref is None or ref.exact is None else ref.exact.get(tname)
+            if ref is None or ref is mem or ref_entry is None:
+                raise FormatError(f"{what}: {tname!r}: base {e.base!r} is not another member with a lossless tier")
+            if ref_entry.base not in (None, MEAN_BASE) or ref.dtype_of(t) != dtype:
+                # One level only: extracting a member reads at most one other member's residual.
+                raise FormatError(
+                    f"{what}: {tname!r}: base member {e.base!r} must hold the tensor at the same dtype "
+                    f"and not itself be predicted from a member"
+                )
+        out.append((tname, e.blob, RESIDUAL_DTYPES[dtypes.itemsize(dtype)]))
+    return out
