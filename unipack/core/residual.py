@@ -29,7 +29,12 @@ from unipack.format.manifest.records import RESIDUAL_DTYPES
 __all__ = ["CODINGS", "RESIDUAL_DTYPES", "as_bits", "decode", "encode", "estimated_bits"]
 
 #: The unsigned integer type that holds an element of each width, in bytes.
-UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+UNSIGNED: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.uint16),
+    4: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
+}
 #: Elements sampled to rank predictions by their estimated residual size (ranking only: the coding
 #: itself is chosen on the exact compressed sizes).
 SAMPLE = 1 << 16
@@ -41,14 +46,32 @@ def as_bits(array: np.ndarray) -> np.ndarray:
     return flat.view(UNSIGNED[flat.dtype.itemsize])
 
 
+#: The signed integer type of each width: zigzag needs an arithmetic shift.
+SIGNED: dict[int, np.dtype] = {
+    1: np.dtype(np.int8),
+    2: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    8: np.dtype(np.int64),
+}
+
+
 def _zigzag(d: np.ndarray) -> np.ndarray:
-    width = d.dtype.itemsize * 8
-    sign = d >> np.array(width - 1, dtype=d.dtype)
-    return (d << np.array(1, dtype=d.dtype)) ^ (np.zeros((), d.dtype) - sign)
+    """``(d << 1) ^ (d >> (w - 1))`` with an arithmetic shift, in place on ``d`` (a fresh array):
+    each extra temporary of a large tensor costs a pass and its page faults."""
+    signed = d.view(SIGNED[d.dtype.itemsize])
+    sign = signed >> (d.dtype.itemsize * 8 - 1)  # all ones where negative, else zero
+    signed <<= 1  # numpy shifts wrap: the top bit falls off, as modulo 2^w wants
+    signed ^= sign
+    return d
 
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
-    return (z >> np.array(1, dtype=z.dtype)) ^ (np.zeros((), z.dtype) - (z & np.array(1, dtype=z.dtype)))
+    """``(z >> 1) ^ (0 - (z & 1))``, into a fresh array."""
+    d = z >> 1
+    low = z & 1
+    np.negative(low, out=low)  # unsigned negation wraps: 1 -> all ones
+    d ^= low
+    return d
 
 
 def encode(x: np.ndarray, p: np.ndarray | None, coding: str) -> np.ndarray:
@@ -59,7 +82,7 @@ def encode(x: np.ndarray, p: np.ndarray | None, coding: str) -> np.ndarray:
     if coding == "xor":
         return x ^ p
     if coding == "sub":
-        return _zigzag(x - p)  # unsigned arithmetic wraps modulo 2^w
+        return _zigzag(np.subtract(x, p))  # unsigned arithmetic wraps modulo 2^w
     raise ValueError(f"unknown residual coding {coding!r}")
 
 
@@ -71,7 +94,9 @@ def decode(r: np.ndarray, p: np.ndarray | None, coding: str) -> np.ndarray:
     if coding == "xor":
         return r ^ p
     if coding == "sub":
-        return p + _unzigzag(r)
+        d = _unzigzag(r)
+        d += p
+        return d
     raise ValueError(f"unknown residual coding {coding!r}")
 
 
