@@ -33,7 +33,7 @@ from unipack.bundle.exact import mean_prediction, mean_values
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
-from unipack.format.manifest import EXACT_TIER_FORMAT_VERSION, BlobRecord, ExactEntry, Manifest, TensorRecord
+from unipack.format.manifest import EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
 from unipack.format.manifest.records import MEAN_BASE, RESIDUAL_DTYPES
 from unipack.sources.checkpoint import Checkpoint
 
@@ -44,7 +44,7 @@ class Coded:
 
     coding: str
     base: str | None
-    stored: bytes
+    stored: codec.Buffer
     codec: str
     shuffled: bool
 
@@ -85,6 +85,7 @@ def _tensor_tier(
     entries: list[dict[str, ExactEntry]],
 ) -> None:
     mean: np.ndarray | None = None
+    mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the mean rounded to it (once per tensor)
     predictable: dict[str, np.ndarray] = {}  # member name -> original bits, where it may be a base
     for i, c in enumerate(checkpoints):
         member = manifest.members[i]
@@ -99,17 +100,15 @@ def _tensor_tier(
         if mean is None:
             mean = mean_values(t, writer.read_blob, manifest.blobs[t.mean].dtype)
         x = residual.as_bits(array)
-        bases = {MEAN_BASE: mean_prediction(mean, dtype)}
+        if dtype not in mean_bits:
+            mean_bits[dtype] = mean_prediction(mean, dtype)
+        bases = {MEAN_BASE: mean_bits[dtype]}
         bases.update({name: bits for name, bits in predictable.items() if bits.dtype == x.dtype})
         base = min(bases, key=lambda name: residual.estimated_bits(x, bases[name]))
         best = _smallest(x, bases[base], base, dtype, writer, codec_name)
         shape = tuple(int(d) for d in array.shape)
         rdtype = RESIDUAL_DTYPES[dtypes.itemsize(dtype)]
-        blob = writer.add_stored(
-            f"residual/{i}/{t.name}",
-            BlobRecord(rdtype, shape, best.codec, best.shuffled, codec.sha256(best.stored)),
-            best.stored,
-        )
+        blob = writer.add_encoded(f"residual/{i}/{t.name}", rdtype, shape, best.stored, best.codec, best.shuffled)
         entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base)
         if best.base in (None, MEAN_BASE):
             predictable[member.name] = x
@@ -117,12 +116,28 @@ def _tensor_tier(
 
 def candidates(x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int) -> list[Coded]:
     """Every coding of ``x`` against prediction ``p``, compressed as the writer would store it."""
-    out = []
-    for coding in residual.CODINGS:
-        data = residual.encode(x, None if coding == "bits" else p, coding).tobytes()
-        stored, used, shuffled = codec.encode(data, itemsize, codec_name, level)
-        out.append(Coded(coding, None if coding == "bits" else base, stored, used, shuffled))
-    return out
+    return [encoded(x, p, base, coding, itemsize, codec_name, level) for coding in residual.CODINGS]
+
+
+def encoded(x: np.ndarray, p: np.ndarray, base: str, coding: str, itemsize: int, codec_name: str, level: int) -> Coded:
+    data = residual.encode(x, None if coding == "bits" else p, coding).view(np.uint8).data
+    stored, used, shuffled = codec.encode(data, itemsize, codec_name, level)
+    return Coded(coding, None if coding == "bits" else base, stored, used, shuffled)
+
+
+#: Tensors up to this many bytes try every coding in full and keep the smallest. Larger ones try
+#: each coding on TRIAL_BLOCKS evenly spaced blocks of TRIAL_BYTES in all, then compress only the
+#: winner: the trials would otherwise triple the cost of the tier (shuffling and compressing are
+#: most of it), while on real fine-tunes the sample picks the same coding.
+TRIAL_BYTES = 4 << 20
+TRIAL_BLOCKS = 16
+
+
+def trial_sample(x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The evenly spaced blocks of ``x`` and ``p`` a large tensor's coding is chosen on."""
+    block = TRIAL_BYTES // TRIAL_BLOCKS // x.dtype.itemsize
+    starts = [round(j * (x.size - block) / (TRIAL_BLOCKS - 1)) for j in range(TRIAL_BLOCKS)]
+    return np.concatenate([x[s : s + block] for s in starts]), np.concatenate([p[s : s + block] for s in starts])
 
 
 def residual_level(writer_level: int) -> int:
@@ -134,6 +149,11 @@ def residual_level(writer_level: int) -> int:
 
 
 def _smallest(x: np.ndarray, p: np.ndarray, base: str, dtype: str, writer: BundleWriter, codec_name: str) -> Coded:
-    level = residual_level(writer.level_for(dtype))
-    options = candidates(x, p, base, dtypes.itemsize(dtype), codec_name, level)
-    return min(options, key=lambda c: len(c.stored))  # min keeps the first of equals: CODINGS order
+    level, itemsize = residual_level(writer.level_for(dtype)), dtypes.itemsize(dtype)
+    if x.nbytes <= TRIAL_BYTES:
+        options = candidates(x, p, base, itemsize, codec_name, level)
+        return min(options, key=lambda c: len(c.stored))  # min keeps the first of equals: CODINGS order
+    xs, ps = trial_sample(x, p)
+    trials = candidates(xs, ps, base, itemsize, codec_name, level)
+    winner = min(trials, key=lambda c: len(c.stored)).coding
+    return encoded(x, p, base, winner, itemsize, codec_name, level)
