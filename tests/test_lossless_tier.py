@@ -268,3 +268,41 @@ def test_a_lossless_bundle_is_larger_only_by_its_residuals(tmp_path):
         assert tiered.summary().parts["residuals"] == tiered.summary().file_bytes - sum(
             v for k, v in tiered.summary().parts.items() if k not in ("residuals",)
         )
+
+
+def test_large_tensors_choose_their_coding_on_evenly_spaced_blocks(tmp_path, monkeypatch):
+    """Spec §9.4: above TRIAL_BYTES, the coding is the smallest on 16 evenly spaced blocks of
+    TRIAL_BYTES in all (checked here with its own sampling), and only it is stored."""
+    from unipack.pack import exact_tier
+
+    monkeypatch.setattr(exact_tier, "TRIAL_BYTES", 256)  # every tensor of 64+ elements is "large"
+    paths = lossless_population(tmp_path / "in", "F32")
+    out = tmp_path / "b.upk"
+    unipack.merge(paths, out, exact_tier=True, lossless="off", baselines=False, rank=0)
+    checked = 0
+    with unipack.open(out) as b:
+        members = [(m, load_file(str(p))) for m, p in zip(b.manifest.members, paths)]
+        for m, original in members:
+            for t in b.manifest.tensors:
+                e = (m.exact or {})[t.name]
+                x = _bits(original[t.name])
+                if e.blob is None or e.base is None or x.nbytes <= 256:
+                    continue
+                if e.base == "mean":
+                    mean = unipack.format.dtypes.to_float(b.read_blob(t.mean), b.manifest.blobs[t.mean].dtype)
+                    p = residual.as_bits(mean.astype(np.float32))
+                else:
+                    p = _bits(next(o for mm, o in members if mm.name == e.base)[t.name])
+                block = 256 // 16 // 4
+                starts = [round(j * (x.size - block) / 15) for j in range(16)]
+                xs = np.concatenate([x[s : s + block] for s in starts])
+                ps = np.concatenate([p[s : s + block] for s in starts])
+                sizes = independent_sizes(xs, ps)
+                assert sizes[e.coding] == min(sizes.values()), (m.name, t.name, sizes)
+                assert b._file.header.tensors[e.blob].nbytes == independent_sizes(x, p)[e.coding]
+                checked += 1
+        exact = b.load_numpy(b.members[3], exact=True)
+        assert {k: tensor_sha(torch.from_numpy(np.array(a))) for k, (_, a) in exact.items()} == {
+            k: tensor_sha(v) for k, v in members[3][1].items()
+        }
+    assert checked > 5

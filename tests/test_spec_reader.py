@@ -663,11 +663,17 @@ class SpecBundle:
                 if base == "mean":
                     _need(isinstance(t.get("mean"), str), f"{mname}/{tname}: mean base on a record without a mean")
                 elif base is not None:
-                    other = self.members.get(base)
-                    _need(other is not None and base != mname, f"{mname}/{tname}: base {base!r} is not another member")
-                    oe = (other.get("exact") or {}).get(tname)
-                    _need(oe is not None and oe.get("base") in (None, "mean"), f"{mname}/{tname}: base chain")
-                    _need(other["dtypes"].get(tname, t["dtype"]) == mdt, f"{mname}/{tname}: base dtype differs")
+                    # §9.2: a chain of at most 3 member bases, each another member with a tier, same dtype.
+                    here, hops = mname, 0
+                    while base not in (None, "mean"):
+                        hops += 1
+                        other = self.members.get(base)
+                        _need(other is not None and base != here, f"{mname}/{tname}: base {base!r} is not a member")
+                        oe = (other.get("exact") or {}).get(tname)
+                        _need(isinstance(oe, dict), f"{mname}/{tname}: base {base!r} has no exact entry")
+                        _need(other["dtypes"].get(tname, t["dtype"]) == mdt, f"{mname}/{tname}: base dtype differs")
+                        _need(hops <= 3, f"{mname}/{tname}: more than 3 member bases in a chain (or a cycle)")
+                        here, base = base, oe.get("base")
                 width = _DTYPES[mdt][1]
                 use(e["blob"], f"residual {mname}/{tname}", dtype=f"U{8 * width}", shape=t["shape"])
         unused = set(blobs) - set(used)
@@ -2265,3 +2271,19 @@ def _repack_manifest(path: Path, out: Path, manifest: dict[str, Any]) -> Path:
         meta.update(manifest=text, manifest_sha256=hashlib.sha256(text.encode()).hexdigest())
 
     return _repack(path, out, meta_edit=edit)
+
+
+def test_a_cycle_of_member_bases_is_refused_by_both_readers(lossless_bundles, tmp_path):
+    """§9.3: following member bases must end within 3 steps; a cycle never does."""
+    path, _ = lossless_bundles["f32"]
+    header, _ = _raw_header(path)
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    a, b = manifest["members"][1], manifest["members"][2]
+    tname = next(k for k, e in a["exact"].items() if e.get("blob") and b["exact"][k].get("blob"))
+    a["exact"][tname].update(coding="sub", base=b["name"])
+    b["exact"][tname].update(coding="sub", base=a["name"])
+    bad = _repack_manifest(path, tmp_path / "cycle.upk", manifest)
+    with pytest.raises(SpecFormatError, match="chain"):
+        SpecBundle(bad)
+    with pytest.raises(unipack.FormatError, match="chain"):
+        unipack.open(str(bad))

@@ -6,14 +6,17 @@ rebuild the tensor exactly (a ``shared`` or ``delta`` tensor the member does not
 stores a residual blob against the best of these predictions:
 
 - the tensor's stored mean, rounded to the member's dtype (every member can use it);
-- an earlier member's original tensor, where that member is itself predicted from the mean or
-  stored exactly (one level, so extracting a member reads at most one other member's residual).
+- an earlier member's original tensor, if the chain of member bases behind it is shorter than
+  ``MAX_BASE_DEPTH`` (extracting a member then decodes at most that many residuals per tensor).
   Fine-tunes from one recipe share most of what separates them from the mean: on the MiniLM
-  population a sibling predicts the word embeddings 8.5x, the mean 3.0x.
+  population a sibling predicts the word embeddings 8.5x, the mean 3.0x; chains let each recipe
+  have its own line of siblings instead of all leaning on the first member.
 
 Predictions are ranked on a sample (``residual.estimated_bits``); for the best one, every coding
-of ``residual.CODINGS`` is compressed and the smallest stored blob is kept, so a tensor that the
-prediction does not help (far-apart members) costs no more than its byte-grouped bits.
+of ``residual.CODINGS`` is compressed and the smallest stored blob is kept (for tensors over
+``TRIAL_BYTES``, the coding is chosen on evenly spaced blocks and only it is compressed in full),
+so a tensor that the prediction does not help (far-apart members) costs no more than its
+byte-grouped bits.
 
 The lossy reconstruction itself is not used as a prediction: a subspace tensor's rebuild is a
 float64 matrix product whose last bit depends on the summation order (spec §4), and a
@@ -34,7 +37,7 @@ from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
-from unipack.format.manifest.records import MEAN_BASE, RESIDUAL_DTYPES
+from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
 from unipack.sources.checkpoint import Checkpoint
 
 
@@ -86,7 +89,8 @@ def _tensor_tier(
 ) -> None:
     mean: np.ndarray | None = None
     mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the mean rounded to it (once per tensor)
-    predictable: dict[str, np.ndarray] = {}  # member name -> original bits, where it may be a base
+    # member name -> (original bits, length of its chain of member bases), for possible bases
+    predictable: dict[str, tuple[np.ndarray, int]] = {}
     for i, c in enumerate(checkpoints):
         member = manifest.members[i]
         dtype = member.dtype_of(t)
@@ -95,7 +99,7 @@ def _tensor_tier(
         if t.mean is None or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
             entries[i][t.name] = ExactEntry(sha)
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
-                predictable[member.name] = residual.as_bits(array)
+                predictable[member.name] = (residual.as_bits(array), 0)
             continue
         if mean is None:
             mean = mean_values(t, writer.read_blob, manifest.blobs[t.mean].dtype)
@@ -103,15 +107,17 @@ def _tensor_tier(
         if dtype not in mean_bits:
             mean_bits[dtype] = mean_prediction(mean, dtype)
         bases = {MEAN_BASE: mean_bits[dtype]}
-        bases.update({name: bits for name, bits in predictable.items() if bits.dtype == x.dtype})
+        depths = {MEAN_BASE: 0}
+        for name, (bits, depth) in predictable.items():
+            if bits.dtype == x.dtype and depth < MAX_BASE_DEPTH:
+                bases[name], depths[name] = bits, depth + 1
         base = min(bases, key=lambda name: residual.estimated_bits(x, bases[name]))
         best = _smallest(x, bases[base], base, dtype, writer, codec_name)
         shape = tuple(int(d) for d in array.shape)
         rdtype = RESIDUAL_DTYPES[dtypes.itemsize(dtype)]
         blob = writer.add_encoded(f"residual/{i}/{t.name}", rdtype, shape, best.stored, best.codec, best.shuffled)
         entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base)
-        if best.base in (None, MEAN_BASE):
-            predictable[member.name] = x
+        predictable[member.name] = (x, depths[best.base] if best.base is not None else 0)
 
 
 def candidates(x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int) -> list[Coded]:

@@ -178,6 +178,10 @@ RESIDUAL_CODINGS = ("bits", "xor", "sub")
 RESIDUAL_DTYPES = {1: "U8", 2: "U16", 4: "U32", 8: "U64"}
 #: An ``ExactEntry.base`` naming the tensor's stored mean (any other base names a member).
 MEAN_BASE = "mean"
+#: The longest chain of member bases (member -> its base member -> ... -> mean or stored tensor):
+#: extracting a member decodes at most this many residuals per tensor. Chains let fine-tunes of
+#: one recipe predict each other (a sibling predicts MiniLM word embeddings 8x, the mean 3x).
+MAX_BASE_DEPTH = 3
 
 
 @dataclass(frozen=True)

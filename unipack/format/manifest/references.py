@@ -13,6 +13,7 @@ from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest.records import (
     EXACT_TIER_FORMAT_VERSION,
+    MAX_BASE_DEPTH,
     MEAN_BASE,
     RESIDUAL_DTYPES,
     BlobRecord,
@@ -165,15 +166,30 @@ def _exact_blobs(
             if t.mean is None:
                 raise FormatError(f"{what}: {tname!r}: base 'mean', but the tensor has no stored mean")
         elif e.base is not None:
-            ref = members.get(e.base)
-            ref_entry = None if ref is None or ref.exact is None else ref.exact.get(tname)
-            if ref is None or ref is mem or ref_entry is None:
-                raise FormatError(f"{what}: {tname!r}: base {e.base!r} is not another member with a lossless tier")
-            if ref_entry.base not in (None, MEAN_BASE) or ref.dtype_of(t) != dtype:
-                # One level only: extracting a member reads at most one other member's residual.
-                raise FormatError(
-                    f"{what}: {tname!r}: base member {e.base!r} must hold the tensor at the same dtype "
-                    f"and not itself be predicted from a member"
-                )
+            _check_member_base(mem, tname, t, members, what)
         out.append((tname, e.blob, RESIDUAL_DTYPES[dtypes.itemsize(dtype)]))
     return out
+
+
+def _check_member_base(
+    mem: MemberRecord, tname: str, t: TensorRecord, members: dict[str, MemberRecord], what: str
+) -> None:
+    """A chain of member bases: other members with a tier, at the same dtype, at most
+    MAX_BASE_DEPTH long (which also rules out cycles)."""
+    dtype, current, depth = mem.dtype_of(t), mem, 0
+    while True:
+        assert current.exact is not None
+        base = current.exact[tname].base
+        if base is None or base == MEAN_BASE:
+            return
+        depth += 1
+        ref = members.get(base)
+        if ref is None or ref is current or ref.exact is None or tname not in ref.exact:
+            raise FormatError(f"{what}: {tname!r}: base {base!r} is not another member with a lossless tier")
+        if ref.dtype_of(t) != dtype:
+            raise FormatError(f"{what}: {tname!r}: base member {base!r} holds the tensor at another dtype")
+        if depth > MAX_BASE_DEPTH:
+            raise FormatError(
+                f"{what}: {tname!r}: a chain of more than {MAX_BASE_DEPTH} member bases (or a cycle) from {mem.name!r}"
+            )
+        current = ref
