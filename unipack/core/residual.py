@@ -66,12 +66,11 @@ def _zigzag(d: np.ndarray) -> np.ndarray:
 
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
-    """``(z >> 1) ^ (0 - (z & 1))``, into a fresh array."""
-    d = z >> 1
+    """``(z >> 1) ^ (0 - (z & 1))``, into one fresh array (``z`` may be read-only)."""
     low = z & 1
     np.negative(low, out=low)  # unsigned negation wraps: 1 -> all ones
-    d ^= low
-    return d
+    low ^= z >> 1
+    return low
 
 
 def encode(x: np.ndarray, p: np.ndarray | None, coding: str) -> np.ndarray:

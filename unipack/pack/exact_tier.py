@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unipack.bundle.exact import mean_prediction, mean_values
+from unipack.bundle.exact import stored_mean_prediction
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
@@ -87,7 +87,6 @@ def _tensor_tier(
     t: TensorRecord,
     entries: list[dict[str, ExactEntry]],
 ) -> None:
-    mean: np.ndarray | None = None
     mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the mean rounded to it (once per tensor)
     # member name -> (original bits, length of its chain of member bases), for possible bases
     predictable: dict[str, tuple[np.ndarray, int]] = {}
@@ -101,11 +100,9 @@ def _tensor_tier(
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
                 predictable[member.name] = (residual.as_bits(array), 0)
             continue
-        if mean is None:
-            mean = mean_values(t, writer.read_blob, manifest.blobs[t.mean].dtype)
         x = residual.as_bits(array)
         if dtype not in mean_bits:
-            mean_bits[dtype] = mean_prediction(mean, dtype)
+            mean_bits[dtype] = stored_mean_prediction(t, writer.read_blob, manifest.blobs[t.mean].dtype, dtype)
         bases = {MEAN_BASE: mean_bits[dtype]}
         depths = {MEAN_BASE: 0}
         for name, (bits, depth) in predictable.items():
