@@ -1385,7 +1385,7 @@ def _manifest_dup_key(header: dict) -> None:
 
 
 def _set_version(m: dict) -> None:
-    m["format_version"] = 5
+    m["format_version"] = 99
 
 
 def _tamper_manifest(m: dict) -> None:
@@ -1398,8 +1398,8 @@ _MALFORMED = {
     "past-the-end": dict(edit_header=_shift_last),
     "gap": dict(edit_header=_shift_last, tail=b"\0"),
     "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
-    "version-5": dict(
-        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "5")
+    "version-99": dict(
+        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "99")
     ),
     "versions-disagree": dict(edit_manifest=_set_version),
     "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
@@ -1423,7 +1423,7 @@ def test_structural_rules(bundles, tmp_path, case):
     with pytest.raises(unipack.FormatError) as theirs:
         with unipack.open(str(bad)) as b:
             b.load_numpy(member)
-    if case == "version-5":
+    if case == "version-99":
         assert isinstance(mine.value, SpecVersionError)
         assert "4" in str(mine.value) and "1" in str(mine.value)
         assert "4" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
