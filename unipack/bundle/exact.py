@@ -53,8 +53,8 @@ class ExactMember:
     def __init__(self, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob, where: str) -> None:
         if member.exact is None:
             raise UnipackError(
-                f"{where}: member {member.name!r} has no lossless tier (merge it with --lossless); "
-                f"extract it without --exact for the lossy member"
+                f"{where}: member {member.name!r} has no lossless tier (only members merged with "
+                f"--lossless have one); extract it without --exact for the lossy member"
             )
         self.manifest, self.member, self.read_blob, self.where = manifest, member, read_blob, where
         self._views: dict[str, MemberView] = {}

@@ -325,8 +325,8 @@ def extract_cmd(
             missing = [n for n in names if b.member(n).exact is None]
             if missing:
                 raise click.ClickException(
-                    f"{bundle}: member {missing[0]!r} has no lossless tier (merge it with --lossless); "
-                    f"extract it without --exact for the lossy member"
+                    f"{bundle}: member {missing[0]!r} has no lossless tier (only members merged with "
+                    f"--lossless have one); extract it without --exact for the lossy member"
                 )
             worst = 0.0
         kind = "exact" if worst == 0 else "lossy"
