@@ -121,6 +121,8 @@ def expected_parts(path: Path) -> dict[str, int]:
         "factors": sum(lengths[b] for b in factors),
         "raw": sum(lengths[b] for m in members for b in m["raw"].values()) - sum(lengths[b] for b in factors),
         "exact": sum(lengths[t["blob"]] for t in tensors if t.get("blob")),
+        # the lossless tier (spec §9): every residual blob a member's exact map names
+        "residuals": sum(lengths[e["blob"]] for m in members for e in (m.get("exact") or {}).values() if e.get("blob")),
     }
     assert sum(parts.values()) == os.path.getsize(path)
     return parts
@@ -135,11 +137,11 @@ def budget_raw(path: Path) -> list[str]:
 
 def expected_mean_only_bytes(path: Path) -> int:
     """A rank-0 bundle: no bases or coefficients, and one copy in place of the per-member copies
-    of every tensor kept raw only for its bytes."""
+    of every tensor kept raw only for its bytes (and no lossless tier: the baseline is lossy)."""
     header, _, _ = parse_header(path)
     lengths = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
     parts = expected_parts(path)
-    size = os.path.getsize(path) - parts["bases"] - parts["coefficients"] - parts["deltas"]
+    size = os.path.getsize(path) - parts["bases"] - parts["coefficients"] - parts["deltas"] - parts["residuals"]
     members = manifest_doc(path)["members"]
     for name in budget_raw(path):
         copies = [lengths[m["raw"][name]] for m in members]
@@ -208,6 +210,7 @@ BUNDLE_OPTIONS: dict[str, dict[str, Any]] = {
     "rank3": {"rank": 3},
     "no-baselines": {"rank": 3, "baselines": False},
     "rank0": {"rank": 0},
+    "lossless": {"exact_tier": True},
 }
 
 
@@ -226,7 +229,7 @@ def bundles(pop: Population) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["default", "float16", "raw", "codec-none", "rank0", "delta", "delta-rel"])
+@pytest.mark.parametrize("key", ["default", "float16", "raw", "codec-none", "rank0", "delta", "delta-rel", "lossless"])
 def test_byte_parts_add_up_to_the_file(bundles: dict[str, Path], pop: Population, key: str) -> None:
     path = bundles[key]
     expected = expected_parts(path)
@@ -250,15 +253,16 @@ def test_byte_parts_add_up_to_the_file(bundles: dict[str, Path], pop: Population
         raw_names = {name for name in doc["members"][0]["raw"]}
         sizes = {"step": 12, "x.head": 80}
         assert expected["raw"] == N * sum(sizes[n] for n in raw_names)
+    assert (expected["residuals"] > 0) == (key == "lossless")
     if key == "rank0":
         assert expected["bases"] == expected["coefficients"] == 0
         assert r.bytes.mean_only == r.bytes.file
-    elif key.startswith("delta"):  # quantized deltas: their codes, and steps in the coefficients
+    elif key.startswith("delta") or key == "lossless":  # quantized deltas: codes, steps in the coefficients
         assert expected["deltas"] > 0 and expected["coefficients"] > 0
     else:
         assert expected["bases"] > 0 and expected["coefficients"] > 0
         assert expected["deltas"] == 0
-    per_member = expected["bases"] + expected["coefficients"] + expected["deltas"]
+    per_member = expected["bases"] + expected["coefficients"] + expected["deltas"] + expected["residuals"]
     if not budget_raw(path):
         assert r.bytes.mean_only == r.bytes.file - per_member
     else:  # tensors kept raw for their bytes: the mean alone would have stored them once

@@ -8,7 +8,8 @@ It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and 
 (LoRA adapters, section 7: ``lora`` records in ``subspace`` or ``factors`` form, the members'
 ``lora`` maps, cores in the coefficient blobs, and the reference rebuild of §7.2) and version 3
 (section 8: ``delta`` records, steps in the coefficient blobs, radix-packed codes in the members'
-``codes`` blobs, and the rebuild of §8.2).
+``codes`` blobs, and the rebuild of §8.2) and version 5 (section 9: the lossless tier, a member's
+``exact`` map and its residual blobs, rebuilt bit for bit by §9.2).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -32,7 +33,7 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
@@ -633,6 +634,48 @@ class SpecBundle:
             else:
                 _need(codes is None, f"member {mname}: a codes blob without any delta tensor")
         self.members = {mem["name"]: mem for mem in members}
+        # §9.1, §9.3: the lossless tier, one entry per tensor; residual blobs U<w> of the tensor's shape.
+        for mem in members:
+            exact = mem.get("exact")
+            if exact is None:
+                continue
+            mname = mem["name"]
+            _need(self.version >= 5, f"member {mname}: an exact map in a version {self.version} bundle")
+            _need(
+                isinstance(exact, dict) and set(exact) == set(by_name),
+                f"member {mname}: exact map must list every tensor",
+            )
+            for tname, e in exact.items():
+                _need(isinstance(e, dict), f"member {mname}: exact[{tname!r}] is not an object")
+                _need(
+                    isinstance(e.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", e["sha256"]) is not None,
+                    f"member {mname}: exact[{tname!r}] sha256 is not 64 lowercase hex digits",
+                )
+                if e.get("blob") is None:
+                    _need(e.get("coding") is None and e.get("base") is None, f"{mname}/{tname}: coding without blob")
+                    continue
+                t = by_name[tname]
+                mdt = mem["dtypes"].get(tname, t["dtype"])
+                coding, base = e.get("coding"), e.get("base")
+                _need(mdt in _FLOAT_DTYPES and t.get("shape") is not None, f"{mname}/{tname}: residual of a non-float")
+                _need(coding in ("bits", "xor", "sub"), f"{mname}/{tname}: unknown coding {coding!r}")
+                _need((base is None) == (coding == "bits"), f"{mname}/{tname}: base present iff coding is not bits")
+                if base == "mean":
+                    _need(isinstance(t.get("mean"), str), f"{mname}/{tname}: mean base on a record without a mean")
+                elif base is not None:
+                    # §9.2: a chain of at most 3 member bases, each another member with a tier, same dtype.
+                    here, hops = mname, 0
+                    while base not in (None, "mean"):
+                        hops += 1
+                        other = self.members.get(base)
+                        _need(other is not None and base != here, f"{mname}/{tname}: base {base!r} is not a member")
+                        oe = (other.get("exact") or {}).get(tname)
+                        _need(isinstance(oe, dict), f"{mname}/{tname}: base {base!r} has no exact entry")
+                        _need(other["dtypes"].get(tname, t["dtype"]) == mdt, f"{mname}/{tname}: base dtype differs")
+                        _need(hops <= 3, f"{mname}/{tname}: more than 3 member bases in a chain (or a cycle)")
+                        here, base = base, oe.get("base")
+                width = _DTYPES[mdt][1]
+                use(e["blob"], f"residual {mname}/{tname}", dtype=f"U{8 * width}", shape=t["shape"])
         unused = set(blobs) - set(used)
         _need(not unused, f"blobs not referenced by the manifest: {sorted(unused)}")
 
@@ -741,6 +784,45 @@ class SpecBundle:
                         w = (mean.reshape(mm, nn) + basis @ c).reshape(shape)
             out[name] = (mdt, _round_to(w, mdt))
         return out
+
+    def read_member_exact(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
+        """§9.2: every tensor of ``member`` bit for bit, each checked against its recorded sha256."""
+        mem = self.members[member]
+        _need(mem.get("exact") is not None, f"member {member}: no lossless tier")
+        lossy = self.read_member(member)
+        return {name: (dt, self._exact_tensor(member, name, lossy)) for name, (dt, _) in lossy.items()}
+
+    def _exact_tensor(self, member: str, name: str, lossy: dict[str, tuple[str, np.ndarray]] | None) -> np.ndarray:
+        mem = self.members[member]
+        e = mem["exact"][name]
+        if e.get("blob") is None:  # step 1: the §4 rebuild is the original
+            dt, arr = (lossy or self.read_member(member))[name]
+        else:
+            t = next(t for t in self.tensors if t["name"] == name)
+            dt = mem["dtypes"].get(name, t["dtype"])
+            r = self.decode_blob(e["blob"]).reshape(-1)
+            udt = r.dtype
+            if e["base"] == "mean":  # step 2: the mean, float64, rounded to the member's dtype
+                if t["storage"] == "delta" and t.get("mean_step") is not None:
+                    mean = self.decode_blob(t["mean"]).astype(np.float64) * float(t["mean_step"])
+                else:
+                    mean = _widen(self.decode_blob(t["mean"]), self.blobs[t["mean"]]["dtype"])
+                p = np.ascontiguousarray(_round_to(mean.reshape(-1), dt)).view(udt)
+            elif e["base"] is not None:
+                p = np.ascontiguousarray(self._exact_tensor(e["base"], name, None)).reshape(-1).view(udt)
+            one = np.array(1, udt)
+            if e["coding"] == "bits":
+                x = r
+            elif e["coding"] == "xor":
+                x = r ^ p
+            else:  # step 3, sub: zigzag decoding, then add modulo 2^w
+                d = (r >> one) ^ (np.zeros((), udt) - (r & one))
+                x = p + d
+            arr = x.view(_DTYPES[dt][0]).reshape(t["shape"])
+        got = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+        if got != e["sha256"]:  # step 4
+            raise SpecChecksumError(f"member {member} tensor {name}: sha256 of the rebuilt tensor differs")
+        return arr
 
     def _delta(self, member: str, t: dict[str, Any], mean: np.ndarray, coef: Any, codes: np.ndarray) -> np.ndarray:
         """§8.2 steps 1-3: W = M + (u - (L - 1)/2) * s[e // g], float64, before the member's rounding."""
@@ -1303,7 +1385,7 @@ def _manifest_dup_key(header: dict) -> None:
 
 
 def _set_version(m: dict) -> None:
-    m["format_version"] = 5
+    m["format_version"] = 99
 
 
 def _tamper_manifest(m: dict) -> None:
@@ -1316,8 +1398,8 @@ _MALFORMED = {
     "past-the-end": dict(edit_header=_shift_last),
     "gap": dict(edit_header=_shift_last, tail=b"\0"),
     "manifest-sha256": dict(edit_manifest=_tamper_manifest, resign=False),
-    "version-5": dict(
-        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "5")
+    "version-99": dict(
+        edit_manifest=_set_version, edit_header=lambda h: h["__metadata__"].__setitem__("format_version", "99")
     ),
     "versions-disagree": dict(edit_manifest=_set_version),
     "manifest-duplicate-key": dict(edit_header=_manifest_dup_key),
@@ -1341,7 +1423,7 @@ def test_structural_rules(bundles, tmp_path, case):
     with pytest.raises(unipack.FormatError) as theirs:
         with unipack.open(str(bad)) as b:
             b.load_numpy(member)
-    if case == "version-5":
+    if case == "version-99":
         assert isinstance(mine.value, SpecVersionError)
         assert "4" in str(mine.value) and "1" in str(mine.value)
         assert "4" in str(theirs.value) and "1" in str(theirs.value), str(theirs.value)
@@ -2053,3 +2135,155 @@ def test_lora_rewrite_roundtrip_is_accepted(lora_bundles, tmp_path):
         mine = _read_member(same, member)
         theirs = _unipack_numpy(same, member)
         assert all(mine[k][1].tobytes() == np.ascontiguousarray(theirs[k][1]).tobytes() for k in mine)
+
+
+# --------------------------------------------------------------------------------------
+# §9: the lossless tier, rebuilt bit for bit by the spec reader alone
+# --------------------------------------------------------------------------------------
+
+LOSSLESS_VARIANTS: dict[str, dict[str, Any]] = {
+    "f32": {"members": ["F32"] * N_MEMBERS, "options": {}},
+    "bf16": {"members": ["BF16"] * N_MEMBERS, "options": {}},
+    "f16": {"members": ["F16"] * N_MEMBERS, "options": {"codec": "none"}},
+    "mixed": {"members": ["F32", "F16", "F32", "F32", "F16"], "options": {}},
+    "delta": {"members": ["F32"] * N_MEMBERS, "options": {"quantize": True}},
+    "mean-only": {"members": ["F32"] * N_MEMBERS, "options": {"rank": 0}},
+}
+
+
+def _with_special_values(path: Path, seed: int) -> None:
+    """Put -0.0, subnormals and (in one tensor, which then is stored raw) NaN payloads and inf in
+    a member, and make member 3 a near copy of member 1 (so a member base pays)."""
+    tensors = _st_load(str(path))
+    wide = tensors["blocks.0.wide.weight"].clone()
+    tiny = torch.finfo(wide.dtype).tiny
+    wide.view(-1)[:4] = torch.tensor([-0.0, tiny / 4, -tiny / 2, tiny * 3], dtype=torch.float64).to(wide.dtype)
+    tensors["blocks.0.wide.weight"] = wide
+    gate = tensors["adapter.gate.weight"].clone()
+    bits = gate.view({2: torch.int16, 4: torch.int32}[gate.element_size()]).view(-1)
+    nan_payload = {2: 0x7C01 if gate.dtype == torch.float16 else 0x7F81, 4: 0x7F800001 + seed}[gate.element_size()]
+    bits[0] = nan_payload
+    gate.view(-1)[1] = float("inf")
+    gate.view(-1)[2] = float("-inf")
+    tensors["adapter.gate.weight"] = gate
+    _st_save(tensors, str(path), metadata=_st_meta(path))
+
+
+def _st_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+@pytest.fixture(scope="module")
+def lossless_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Path]]]:
+    out = {}
+    for key, spec in LOSSLESS_VARIANTS.items():
+        d = tmp_path_factory.mktemp(f"lossless-{key}")
+        paths = _population(d, spec["members"], seed=3)
+        for i, p in enumerate(paths):
+            _with_special_values(p, i)
+        if len(set(spec["members"])) == 1:  # member 3 = member 1 + a tiny change: a sibling base
+            near = _st_load(str(paths[1]))
+            near["blocks.0.wide.bias"] = near["blocks.0.wide.bias"] * 1.001
+            _st_save(near, str(paths[3]), metadata=_st_meta(paths[3]))
+        target = d / "bundle.upk"
+        unipack.merge([str(p) for p in paths], str(target), exact_tier=True, **{**_COMMON, **spec["options"]})
+        out[key] = (target, paths)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(LOSSLESS_VARIANTS))
+def test_spec_reader_rebuilds_lossless_members_bit_for_bit(lossless_bundles, variant):
+    """§9.2: the spec reader's exact members equal the inputs byte for byte, and unipack's."""
+    path, inputs = lossless_bundles[variant]
+    sb = SpecBundle(path)
+    assert sb.version == 5
+    for i, name in enumerate(_member_names(path)):
+        original = _original(inputs[i])
+        spec_exact = sb.read_member_exact(name)
+        with unipack.open(str(path)) as b:
+            ours = b.load_numpy(name, exact=True)
+        assert list(spec_exact) == list(ours) and set(spec_exact) == set(original)
+        for tname, (dt, arr) in spec_exact.items():
+            want_dt, want = original[tname]
+            assert dt == want_dt and ours[tname][0] == dt
+            assert np.ascontiguousarray(arr).tobytes() == np.ascontiguousarray(want).tobytes(), (name, tname)
+            assert np.asarray(ours[tname][1]).tobytes() == np.ascontiguousarray(want).tobytes(), (name, tname)
+
+
+def test_lossless_variants_use_every_prediction_and_coding(lossless_bundles):
+    """The fixtures exercise what §9 specifies: mean and member bases, sub and xor codings (or
+    bits), residuals of 16- and 32-bit members, and tensors the lossy tier already holds exactly."""
+    bases, codings, dtypes_seen, plain = set(), set(), set(), 0
+    for path, _ in lossless_bundles.values():
+        sb = SpecBundle(path)
+        for mem in sb.members.values():
+            for e in mem["exact"].values():
+                if e.get("blob") is None:
+                    plain += 1
+                    continue
+                codings.add(e["coding"])
+                bases.add("member" if e.get("base") not in (None, "mean") else e.get("base"))
+                dtypes_seen.add(sb.blobs[e["blob"]]["dtype"])
+    assert {"mean", "member"} <= bases and "sub" in codings and {"U16", "U32"} <= dtypes_seen and plain > 0
+
+
+def test_corrupt_residual_is_detected_by_both_readers(lossless_bundles, tmp_path):
+    path, _ = lossless_bundles["f32"]
+    sb = SpecBundle(path)
+    name = _member_names(path)[2]
+    blob = next(e["blob"] for e in sb.members[name]["exact"].values() if e.get("blob"))
+    bad = tmp_path / "bad.upk"
+    _flip_byte(path, bad, blob)
+    with pytest.raises(SpecChecksumError, match=re.escape(blob)):
+        SpecBundle(bad).read_member_exact(name)
+    with pytest.raises(unipack.ChecksumError, match=re.escape(blob)):
+        with unipack.open(str(bad)) as b:
+            b.load_numpy(name, exact=True)
+    with unipack.open(str(bad)) as b:  # the lossy member does not read the residual
+        b.load_numpy(name)
+
+
+def test_a_wrong_recorded_sha256_is_refused_by_both_readers(lossless_bundles, tmp_path):
+    """§9.2 step 4: a residual that decodes, but not to the original, is damage, not data."""
+    path, _ = lossless_bundles["bf16"]
+    header, _ = _raw_header(path)
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    member = manifest["members"][1]
+    tname = next(k for k, e in member["exact"].items() if e.get("blob"))
+    member["exact"][tname]["sha256"] = "0" * 64
+    bad = _repack_manifest(path, tmp_path / "bad.upk", manifest)
+    with pytest.raises(SpecChecksumError, match="sha256"):
+        SpecBundle(bad).read_member_exact(member["name"])
+    with pytest.raises(unipack.ChecksumError, match="sha256"):
+        with unipack.open(str(bad)) as b:
+            b.load_numpy(member["name"], exact=True)
+
+
+def _repack_manifest(path: Path, out: Path, manifest: dict[str, Any]) -> Path:
+    """A copy of a bundle (manifest in the header) with ``manifest`` in place of its own."""
+    text = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False)
+
+    def edit(meta: dict[str, str]) -> None:
+        assert "manifest" in meta  # the fixtures' manifests are small enough to stay in the header
+        meta.update(manifest=text, manifest_sha256=hashlib.sha256(text.encode()).hexdigest())
+
+    return _repack(path, out, meta_edit=edit)
+
+
+def test_a_cycle_of_member_bases_is_refused_by_both_readers(lossless_bundles, tmp_path):
+    """§9.3: following member bases must end within 3 steps; a cycle never does."""
+    path, _ = lossless_bundles["f32"]
+    header, _ = _raw_header(path)
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    a, b = manifest["members"][1], manifest["members"][2]
+    tname = next(k for k, e in a["exact"].items() if e.get("blob") and b["exact"][k].get("blob"))
+    a["exact"][tname].update(coding="sub", base=b["name"])
+    b["exact"][tname].update(coding="sub", base=a["name"])
+    bad = _repack_manifest(path, tmp_path / "cycle.upk", manifest)
+    with pytest.raises(SpecFormatError, match="chain"):
+        SpecBundle(bad)
+    with pytest.raises(unipack.FormatError, match="chain"):
+        unipack.open(str(bad))

@@ -27,13 +27,14 @@ if TYPE_CHECKING:
 class Bundle(BundleReader):
     """A validated .upk bundle. Use as a context manager or call :meth:`close`."""
 
-    def extract(self, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-        """Write ``member`` as a .safetensors file (its original ``__metadata__`` kept), atomically."""
-        return write_safetensors(self, member, path, force=force)
+    def extract(self, member: str, path: str | os.PathLike[str], *, force: bool = False, exact: bool = False) -> Path:
+        """Write ``member`` as a .safetensors file (its original ``__metadata__`` kept), atomically.
+        ``exact``: bit for bit, from the lossless tier (``merge --lossless``)."""
+        return write_safetensors(self, member, path, force=force, exact=exact)
 
-    def extract_all(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
+    def extract_all(self, directory: str | os.PathLike[str], *, force: bool = False, exact: bool = False) -> list[Path]:
         """Every member into ``directory/<member>.safetensors`` (member names are validated inert)."""
-        return write_safetensors_all(self, directory, force=force)
+        return write_safetensors_all(self, directory, force=force, exact=exact)
 
     def extract_hf(
         self,

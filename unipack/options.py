@@ -172,6 +172,14 @@ class MergeOptions:
         "per-member truncated SVD at equal bytes (for `unipack report`; costs one small "
         "eigendecomposition per member and tensor).",
     )
+    exact_tier: bool = _opt(
+        False,
+        "--lossless/--lossy",
+        "Also store a lossless tier: per member and tensor, the sha256 of the original and a "
+        "residual against the stored mean or a sibling member, so `extract --exact` gives every "
+        "member back bit for bit (plain `extract` still gives the lossy member). With --rank 0 the "
+        "lossy tier is the mean alone: the smallest lossless bundle.",
+    )
     lossless: str = _opt(
         "auto",
         "--lossless-baseline",

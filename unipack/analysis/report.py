@@ -32,7 +32,19 @@ if TYPE_CHECKING:
     from unipack.usercode import EvalHook
 
 #: Byte parts of a bundle file, in file order; they add up exactly to the file size.
-PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "deltas", "factors", "raw", "exact")
+PARTS = (
+    "header",
+    "manifest",
+    "padding",
+    "means",
+    "bases",
+    "coefficients",
+    "deltas",
+    "factors",
+    "raw",
+    "exact",
+    "residuals",
+)
 #: The ways of storing a member that the report compares.
 METHODS = ("unipack", "mean-only", "svd")
 
@@ -318,7 +330,7 @@ def _bundle_errors(
 def _mean_only_bytes(manifest: Manifest, parts: dict[str, int], stored: dict[str, int]) -> int:
     """About what a rank-0 bundle would cost: no bases or coefficients, and one mean in place of
     the per-member copies of every tensor the merge kept raw only because raw was cheaper."""
-    size = sum(parts.values()) - parts["bases"] - parts["coefficients"] - parts["deltas"]
+    size = sum(parts.values()) - parts["bases"] - parts["coefficients"] - parts["deltas"] - parts["residuals"]
     for t in manifest.tensors:
         size += scheme_of(t).mean_only_change(t, manifest, stored)
     return size

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from unipack.bundle.exact import ExactMember
 from unipack.bundle.lora import fan_in_fan_out, update_key
 from unipack.bundle.summary import BundleSummary, summarize
 from unipack.errors import MemberNotFoundError, UnipackError
@@ -56,9 +57,13 @@ class BundleReader:
         """What a scheme needs to rebuild ``member`` (its coefficient blob is read once, here)."""
         return MemberView.of(self.manifest, self.member(member), self._file.read_blob)
 
-    def iter_arrays(self, member: str) -> Iterator[tuple[TensorRecord, str, np.ndarray]]:
+    def iter_arrays(self, member: str, *, exact: bool = False) -> Iterator[tuple[TensorRecord, str, np.ndarray]]:
         """``(record, dtype, array)`` for each tensor of ``member``; arrays held as ``holder(dtype)``.
-        A LoRA module yields its two factors (records named by their keys), if the member touches it."""
+        A LoRA module yields its two factors (records named by their keys), if the member touches it.
+        ``exact``: the original bits from the lossless tier (spec §9), each tensor's sha256 checked."""
+        if exact:
+            yield from ExactMember(self.manifest, self.member(member), self._file.read_blob, str(self.path)).arrays()
+            return
         view = self.view(member)
         for t in self.manifest.tensors:
             yield from scheme_of(t).member_arrays(view, t)
@@ -80,9 +85,15 @@ class BundleReader:
         """The dtype bases and coefficients are stored in (the merge's ``--dtype``)."""
         return self.manifest.coefficient_dtype()
 
-    def load_numpy(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
-        """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)``."""
-        return {t.name: (dtype, array) for t, dtype, array in self.iter_arrays(member)}
+    def load_numpy(self, member: str, *, exact: bool = False) -> dict[str, tuple[str, np.ndarray]]:
+        """``{name: (dtype, array)}`` with arrays held as ``dtypes.holder(dtype)`` (``exact``: bit for
+        bit, from the lossless tier)."""
+        return {t.name: (dtype, array) for t, dtype, array in self.iter_arrays(member, exact=exact)}
+
+    @property
+    def has_exact_tier(self) -> bool:
+        """Whether every member can be extracted bit for bit (``merge --lossless``)."""
+        return all(m.exact is not None for m in self.manifest.members)
 
     def load(self, member: str, *, lora: str = "factors") -> dict[str, torch.Tensor]:
         """Member ``member`` as a torch state dict (same names, shapes and dtypes as its original).
@@ -145,6 +156,9 @@ class BundleReader:
             try:
                 for _ in self.iter_arrays(member):
                     pass
+                if self.member(member).exact is not None:  # every residual decodes to its sha256
+                    for _ in self.iter_arrays(member, exact=True):
+                        pass
             except UnipackError as exc:
                 problems.append(f"member {member!r}: {exc}")
         return problems

@@ -18,8 +18,21 @@ from unipack.schemes import scheme_of
 
 #: Byte parts of a bundle file, in file order, the same as ``unipack report``'s. ``factors``: LoRA
 #: modules kept as the adapters' own factors (``form: factors``), apart from ``raw`` so that a LoRA
-#: bundle's bytes for updates are bases + coefficients + factors.
-PARTS = ("header", "manifest", "padding", "means", "bases", "coefficients", "deltas", "factors", "raw", "exact")
+#: bundle's bytes for updates are bases + coefficients + factors. ``residuals``: the lossless
+#: tier (spec §9); the lossy tier is everything else.
+PARTS = (
+    "header",
+    "manifest",
+    "padding",
+    "means",
+    "bases",
+    "coefficients",
+    "deltas",
+    "factors",
+    "raw",
+    "exact",
+    "residuals",
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,9 @@ def blob_parts(manifest: Manifest) -> dict[str, str]:
             roles[m.coefficients] = "coefficients"
         if m.codes is not None:
             roles[m.codes] = "deltas"
+        for e in (m.exact or {}).values():
+            if e.blob is not None:  # the lossless tier (spec §9): what `extract --exact` adds
+                roles[e.blob] = "residuals"
     for t in manifest.tensors:
         roles.update(scheme_of(t).blob_parts(t, manifest))
     return roles

@@ -285,6 +285,12 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Overwrite the existing -o output (with --format hf: replace the folder as a whole, once the new one "
     "is complete).",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="The member bit for bit, from the bundle's lossless tier (merge --lossless); each tensor is "
+    "checked against the sha256 of its original. --format safetensors only.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was written (paths, worst errors) as JSON.")
 def extract_cmd(
     bundle: Path,
@@ -294,6 +300,7 @@ def extract_cmd(
     fmt: str,
     max_shard_size: int | None,
     force: bool,
+    exact: bool,
     as_json: bool,
 ) -> None:
     """Materialise a member (or --all) as .safetensors, as a Hugging Face model folder (--format hf), or
@@ -304,6 +311,8 @@ def extract_cmd(
         raise click.UsageError("give exactly one of --member NAME or --all")
     if max_shard_size is not None and fmt != "hf":
         raise click.UsageError("--max-shard-size applies to --format hf only")
+    if exact and fmt != "safetensors":
+        raise click.UsageError("--exact applies to --format safetensors only")
     with open_bundle(bundle) as b:
         names = list(b.members) if all_members else [str(member)]
         folder = output or Path(".")
@@ -312,6 +321,14 @@ def extract_cmd(
         worst = max(b.member(names[0]).errors, default=0.0)  # an unknown member: its error first
         if output is None:
             refuse_taken_defaults(targets, b, "-o FILE" if fmt == "safetensors" and not all_members else "-o DIR")
+        if exact:
+            missing = [n for n in names if b.member(n).exact is None]
+            if missing:
+                raise click.ClickException(
+                    f"{bundle}: member {missing[0]!r} has no lossless tier (only members merged with "
+                    f"--lossless have one); extract it without --exact for the lossy member"
+                )
+            worst = 0.0
         kind = "exact" if worst == 0 else "lossy"
         if fmt == "peft":
             peft = (
@@ -344,10 +361,17 @@ def extract_cmd(
             done = f"as a Hugging Face folder: {counts}, worst relative error {worst:.3g} on any tensor ({kind})"
         else:
             paths = (
-                b.extract_all(folder, force=force) if all_members else [b.extract(names[0], targets[0], force=force)]
+                b.extract_all(folder, force=force, exact=exact)
+                if all_members
+                else [b.extract(names[0], targets[0], force=force, exact=exact)]
             )
-            written = [extract_record(b, name, path) for name, path in zip(names, paths)]
-            done = f"worst relative error {worst:.3g} on any tensor ({kind})"
+            bit_exact = {"worst_error": 0.0, "exact": True} if exact else {}
+            written = [extract_record(b, name, path, **bit_exact) for name, path in zip(names, paths)]
+            done = (
+                "bit for bit (every tensor matches its original's sha256)"
+                if exact
+                else f"worst relative error {worst:.3g} on any tensor ({kind})"
+            )
         if as_json:
             print_json({"bundle": str(bundle), "format": fmt, "extracted": written})
         else:

@@ -16,8 +16,11 @@ from unipack.format.atomic import atomic_write, check_writable, ensure_directory
 from unipack.format.safetensors_file import encode_header
 
 
-def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write ``member`` as a .safetensors file at ``path``; returns the path.
+def write_safetensors(
+    bundle: BundleReader, member: str, path: str | os.PathLike[str], *, force: bool = False, exact: bool = False
+) -> Path:
+    """Write ``member`` as a .safetensors file at ``path``; returns the path. ``exact``: bit for bit
+    from the lossless tier (the same bytes as the original's tensors).
 
     ``path`` must not be the bundle itself (under any spelling): with ``force`` that would put
     one member where the whole bundle was.
@@ -27,13 +30,13 @@ def write_safetensors(bundle: BundleReader, member: str, path: str | os.PathLike
     header = encode_header(bundle.tensor_entries(member), rec.metadata)
     with atomic_write(out, force=force, inputs=[bundle.path]) as f:
         f.write(header)
-        for _, dtype, array in bundle.iter_arrays(member):
+        for _, dtype, array in bundle.iter_arrays(member, exact=exact):
             f.write(dtypes.to_bytes(array, dtype))
     return out
 
 
 def write_safetensors_all(
-    bundle: BundleReader, directory: str | os.PathLike[str], *, force: bool = False
+    bundle: BundleReader, directory: str | os.PathLike[str], *, force: bool = False, exact: bool = False
 ) -> list[Path]:
     """Every member into ``directory/<member>.safetensors`` (member names are validated inert).
 
@@ -45,4 +48,4 @@ def write_safetensors_all(
     targets = [(name, out_dir / f"{name}.safetensors") for name in bundle.members]
     for _, target in targets:
         check_writable(target, force=force, inputs=[bundle.path])
-    return [write_safetensors(bundle, name, target, force=force) for name, target in targets]
+    return [write_safetensors(bundle, name, target, force=force, exact=exact) for name, target in targets]

@@ -36,7 +36,11 @@ def sha256(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def shuffle(data: bytes, itemsize: int) -> bytes:
+#: What encoders accept: bytes, or a byte view of an array (no copy of a large tensor).
+Buffer = bytes | memoryview
+
+
+def shuffle(data: Buffer, itemsize: int) -> Buffer:
     if itemsize == 1:
         return data
     return np.frombuffer(data, np.uint8).reshape(-1, itemsize).T.tobytes()
@@ -55,7 +59,7 @@ class Codec(Protocol):
 
     name: str
 
-    def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None: ...
+    def encode(self, data: Buffer, itemsize: int, level: int) -> tuple[Buffer, bool] | None: ...
 
     def decode(
         self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
@@ -67,7 +71,7 @@ class Plain:
 
     name = "none"
 
-    def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None:
+    def encode(self, data: Buffer, itemsize: int, level: int) -> tuple[Buffer, bool] | None:
         return data, False
 
     def decode(
@@ -83,7 +87,7 @@ class Zstd:
 
     name = "zstd"
 
-    def encode(self, data: bytes, itemsize: int, level: int) -> tuple[bytes, bool] | None:
+    def encode(self, data: Buffer, itemsize: int, level: int) -> tuple[Buffer, bool] | None:
         shuffled = itemsize > 1
         payload = shuffle(data, itemsize) if shuffled else data
         # Single-threaded, content size written: deterministic output, and readers can check the
@@ -127,7 +131,7 @@ class Zstd:
 CODECS: dict[str, Codec] = {c.name: c for c in (Plain(), Zstd())}
 
 
-def encode(data: bytes, itemsize: int, codec: str, level: int) -> tuple[bytes, str, bool]:
+def encode(data: Buffer, itemsize: int, codec: str, level: int) -> tuple[Buffer, str, bool]:
     """Return ``(stored_bytes, codec_used, shuffled)``; falls back to ``none`` when coding does not pay."""
     if codec == "none" or len(data) < 64:
         return data, "none", False

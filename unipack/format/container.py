@@ -88,6 +88,21 @@ class BundleWriter:
         self._spool.write(stored)
         return name
 
+    def add_encoded(
+        self, name: str, dtype: str, shape: tuple[int, ...], stored: codec.Buffer, codec_name: str, shuffled: bool
+    ) -> str:
+        """Append a blob its caller has already encoded with ``codec.encode`` (the lossless tier
+        compresses several candidates and keeps one: encoding it again would double the cost)."""
+        if name in self.blobs:
+            raise ValueError(f"blob {name!r} written twice")
+        self.blobs[name] = BlobRecord(dtype, shape, codec_name, shuffled, codec.sha256(stored))
+        if codec_name == "none":
+            self._entries.append((name, dtype, shape, len(stored)))
+        else:
+            self._entries.append((name, "U8", (len(stored),), len(stored)))
+        self._spool.write(stored)
+        return name
+
     def add_stored(self, name: str, record: BlobRecord, stored: bytes | bytearray) -> str:
         """Append a blob that is already encoded (``stored`` as read by ``BundleFile.read_stored``).
 
@@ -105,6 +120,22 @@ class BundleWriter:
             self._entries.append((name, "U8", (len(stored),), len(stored)))
         self._spool.write(stored)
         return name
+
+    def read_blob(self, name: str) -> np.ndarray:
+        """A blob already written, read back from the spool and decoded (the lossless tier
+        predicts members from the means the merge has just stored)."""
+        offset = 0
+        for entry_name, _, _, nbytes in self._entries:
+            if entry_name == name:
+                break
+            offset += nbytes
+        else:
+            raise KeyError(name)
+        self._spool.flush()
+        stored = os.pread(self._spool.fileno(), nbytes, offset)
+        rec = self.blobs[name]
+        data = codec.decode(stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes, f"spool: {name!r}")
+        return dtypes.from_bytes(data, rec.dtype, rec.shape)
 
     @property
     def stored_sizes(self) -> dict[str, int]:

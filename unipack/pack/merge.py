@@ -23,6 +23,7 @@ from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
 from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions
 from unipack.pack.dense import MergeProgress, Merger
+from unipack.pack.exact_tier import add_exact_tier
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.plan import plan_tensors
 from unipack.sources.checkpoint import close_all, open_inputs
@@ -79,6 +80,8 @@ def merge(
                 ) from None
         adapters = adapter_sources(checkpoints)
         if adapters is not None:
+            if opts.exact_tier:
+                raise OptionsError("--lossless is for full checkpoints, not LoRA adapters")
             if opts.is_default_rule:
                 # An adapter is already a delta: its errors are measured against its own update,
                 # so the default rule's delta bound has nothing to add (and LoRA bundles keep
@@ -105,6 +108,8 @@ def merge(
                 plans = plan_tensors(checkpoints, opts)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
                     manifest = Merger(checkpoints, opts, writer, progress).run(plans)
+                    if opts.exact_tier:
+                        manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec)
                     size = writer.finish(manifest, out_path, force=force)
     finally:
         close_all(checkpoints)

@@ -122,6 +122,14 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         f"{format_bytes(s.file_bytes)}) at worst relative error ",
         (f"{s.worst_error:.3g}", "bold"),
     )
+    if s.parts.get("residuals"):
+        lossy = s.file_bytes - s.parts["residuals"]
+        yield Text.assemble(
+            ("tiers ", "bold"),
+            f"lossy {format_bytes(lossy)} ({s.input_bytes / max(lossy, 1):.2f}x)  ·  lossless residuals ",
+            f"{format_bytes(s.parts['residuals'])}  ·  every member bit for bit (extract --exact) in ",
+            f"{format_bytes(s.file_bytes)} ({s.ratio:.2f}x)",
+        )
     parts = Table(title="bytes by part", title_justify="left")
     parts.add_column("part")
     parts.add_column("bytes", justify="right")

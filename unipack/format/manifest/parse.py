@@ -19,8 +19,10 @@ from unipack.format.manifest.names import check_config_name, check_member_name, 
 from unipack.format.manifest.records import (
     FORMAT_NAME,
     MANIFEST_BLOB,
+    RESIDUAL_CODINGS,
     SUPPORTED_VERSIONS,
     BlobRecord,
+    ExactEntry,
     FidelityRecord,
     Manifest,
     MemberRecord,
@@ -128,7 +130,15 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
         doc["codes"] = m.codes
     if m.lora:
         doc["lora"] = {module: [rank, scale] for module, (rank, scale) in m.lora.items()}
+    if m.exact is not None:
+        doc["exact"] = {name: _exact_entry_to_doc(e) for name, e in m.exact.items()}
     return doc
+
+
+def _exact_entry_to_doc(e: ExactEntry) -> dict[str, Any]:
+    if e.blob is None:
+        return {"sha256": e.sha256}
+    return {"sha256": e.sha256, "blob": e.blob, "coding": e.coding, "base": e.base}
 
 
 def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
@@ -295,7 +305,33 @@ def _parse_member(
         configs=configs,
         lora=lora,
         codes=d.text("codes", optional=True),
+        exact=_parse_exact(d.doc["exact"], where) if d.doc.get("exact") is not None else None,
     )
+
+
+def _parse_exact(value: Any, where: str) -> dict[str, ExactEntry]:
+    """A member's lossless tier (spec §9.1): tensor name -> its sha256 and, optionally, residual.
+    Which tensors and blobs the entries may name is checked with the other references."""
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: field 'exact' must be an object")
+    out = {}
+    for name, spec in value.items():
+        e = Doc(spec, f"{where}: exact entry {name!r}")
+        sha = e.text("sha256")
+        if not _SHA256.fullmatch(sha):
+            raise FormatError(f"{e.where}: sha256 must be 64 lowercase hex digits")
+        blob = e.text("blob", optional=True)
+        if blob is None:
+            if any(e.doc.get(k) is not None for k in ("coding", "base")):
+                raise FormatError(f"{e.where}: 'coding' and 'base' need a residual 'blob'")
+            out[name] = ExactEntry(sha)
+            continue
+        coding = e.choice("coding", RESIDUAL_CODINGS)
+        base = e.text("base", optional=True)
+        if (base is None) != (coding == "bits"):
+            raise FormatError(f"{e.where}: coding {coding!r} {'takes no' if coding == 'bits' else 'needs a'} 'base'")
+        out[name] = ExactEntry(sha, blob, coding, base)
+    return out
 
 
 def _metrics(value: dict[str, Any], where: str) -> dict[str, dict[str, float]]:

@@ -25,7 +25,10 @@ DELTA_FORMAT_VERSION = 3
 #: Version 4 moves a large manifest out of the header into a zstd-compressed U8 tensor named
 #: ``MANIFEST_BLOB`` (the last one in the data section); smaller manifests stay in the header.
 COMPRESSED_MANIFEST_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+#: Version 5 adds the lossless tier: a member's ``exact`` map (the sha256 of each original tensor
+#: and, where the lossy tier does not rebuild it bit for bit, a residual blob; spec §9).
+EXACT_TIER_FORMAT_VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
 
@@ -169,6 +172,29 @@ class FidelityRecord:
     svd_ranks: tuple[int, ...] | None = None
 
 
+#: How a residual blob rebuilds a tensor (spec §9.2; the arithmetic is in ``core/residual.py``).
+RESIDUAL_CODINGS = ("bits", "xor", "sub")
+#: The blob dtype of a residual, by the element width in bytes of the tensor it rebuilds.
+RESIDUAL_DTYPES = {1: "U8", 2: "U16", 4: "U32", 8: "U64"}
+#: An ``ExactEntry.base`` naming the tensor's stored mean (any other base names a member).
+MEAN_BASE = "mean"
+#: The longest chain of member bases (member -> its base member -> ... -> mean or stored tensor):
+#: extracting a member decodes at most this many residuals per tensor. Chains let fine-tunes of
+#: one recipe predict each other (a sibling predicts MiniLM word embeddings 8x, the mean 3x).
+MAX_BASE_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class ExactEntry:
+    """One tensor of a member's lossless tier (spec §9.1): the original tensor's sha256 and, where
+    the lossy tier does not already rebuild it bit for bit, how its residual rebuilds it."""
+
+    sha256: str  # of the original tensor's little-endian bytes
+    blob: str | None = None  # the residual blob (None: the lossy tier's own array is exact)
+    coding: str | None = None  # bits | xor | sub (core/residual.py)
+    base: str | None = None  # the prediction: "mean" (the stored mean, rounded) or a member's name
+
+
 @dataclass(frozen=True)
 class MemberRecord:
     name: str
@@ -186,6 +212,7 @@ class MemberRecord:
     configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
     lora: dict[str, tuple[int, float]] = field(default_factory=dict)  # lora module -> (rank r, PEFT scale s)
     codes: str | None = None  # U8 blob of the packed codes of its ``delta`` tensors (spec §3.3, §4.5)
+    exact: dict[str, ExactEntry] | None = None  # the lossless tier, per tensor name (spec §9)
 
     def dtype_of(self, tensor: TensorRecord) -> str:
         return self.dtypes.get(tensor.name, tensor.dtype)

@@ -11,7 +11,17 @@ import math
 
 from unipack.errors import FormatError
 from unipack.format import dtypes
-from unipack.format.manifest.records import BlobRecord, BlobRef, Manifest, TensorRecord
+from unipack.format.manifest.records import (
+    EXACT_TIER_FORMAT_VERSION,
+    MAX_BASE_DEPTH,
+    MEAN_BASE,
+    RESIDUAL_DTYPES,
+    BlobRecord,
+    BlobRef,
+    Manifest,
+    MemberRecord,
+    TensorRecord,
+)
 from unipack.format.manifest.storages import STORAGE_FORMATS
 
 #: The dtypes a coefficient blob may have: the merge's ``--dtype`` (spec §3.2).
@@ -124,6 +134,62 @@ def check_references(m: Manifest, where: str) -> None:
                 )
             # A raw tensor's shape may vary by member; an override keeps the tensor's shape.
             blob(bname, f"{what} raw tensor {tname!r}", t.shape, mem.dtype_of(t))
+    members = {mem.name: mem for mem in m.members}
+    for mem in m.members:
+        if mem.exact is not None:
+            for tname, bname, dtype in _exact_blobs(m, mem, by_name, members, where):
+                blob(bname, f"member {mem.name!r} residual of {tname!r}", by_name[tname].shape, dtype)
     unused = set(m.blobs) - used
     if unused:
         raise FormatError(f"{where}: blobs {sorted(unused)[:5]} are not referenced by any record")
+
+
+def _exact_blobs(
+    m: Manifest, mem: MemberRecord, by_name: dict[str, TensorRecord], members: dict[str, MemberRecord], where: str
+) -> list[tuple[str, str, str]]:
+    """Check a member's lossless tier (spec §9.3); returns ``(tensor, residual blob, blob dtype)``
+    for each entry that has a residual."""
+    what = f"{where}: member {mem.name!r}: exact"
+    assert mem.exact is not None
+    if m.format_version < EXACT_TIER_FORMAT_VERSION:
+        raise FormatError(f"{what}: a lossless tier needs format version {EXACT_TIER_FORMAT_VERSION}")
+    if set(mem.exact) != set(by_name):
+        raise FormatError(f"{what}: must have one entry per tensor of the bundle ({len(by_name)})")
+    out = []
+    for tname, e in mem.exact.items():
+        if e.blob is None:
+            continue
+        t, dtype = by_name[tname], mem.dtype_of(by_name[tname])
+        if t.shape is None or dtype not in dtypes.FLOAT_DTYPES:
+            raise FormatError(f"{what}: {tname!r}: a residual needs a float tensor of one shape")
+        if e.base == MEAN_BASE:
+            if t.mean is None:
+                raise FormatError(f"{what}: {tname!r}: base 'mean', but the tensor has no stored mean")
+        elif e.base is not None:
+            _check_member_base(mem, tname, t, members, what)
+        out.append((tname, e.blob, RESIDUAL_DTYPES[dtypes.itemsize(dtype)]))
+    return out
+
+
+def _check_member_base(
+    mem: MemberRecord, tname: str, t: TensorRecord, members: dict[str, MemberRecord], what: str
+) -> None:
+    """A chain of member bases: other members with a tier, at the same dtype, at most
+    MAX_BASE_DEPTH long (which also rules out cycles)."""
+    dtype, current, depth = mem.dtype_of(t), mem, 0
+    while True:
+        assert current.exact is not None
+        base = current.exact[tname].base
+        if base is None or base == MEAN_BASE:
+            return
+        depth += 1
+        ref = members.get(base)
+        if ref is None or ref is current or ref.exact is None or tname not in ref.exact:
+            raise FormatError(f"{what}: {tname!r}: base {base!r} is not another member with a lossless tier")
+        if ref.dtype_of(t) != dtype:
+            raise FormatError(f"{what}: {tname!r}: base member {base!r} holds the tensor at another dtype")
+        if depth > MAX_BASE_DEPTH:
+            raise FormatError(
+                f"{what}: {tname!r}: a chain of more than {MAX_BASE_DEPTH} member bases (or a cycle) from {mem.name!r}"
+            )
+        current = ref

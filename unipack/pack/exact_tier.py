@@ -1,0 +1,162 @@
+"""The lossless tier (``merge --lossless``, spec §9): what makes every member come back bit for bit.
+
+Runs after the lossy merge has stored its blobs, before the bundle is written. For every member
+and tensor it records the sha256 of the original bytes; where the lossy tier does not already
+rebuild the tensor exactly (a ``shared`` or ``delta`` tensor the member does not hold raw), it
+stores a residual blob against the best of these predictions:
+
+- the tensor's stored mean, rounded to the member's dtype (every member can use it);
+- an earlier member's original tensor, if the chain of member bases behind it is shorter than
+  ``MAX_BASE_DEPTH`` (extracting a member then decodes at most that many residuals per tensor).
+  Fine-tunes from one recipe share most of what separates them from the mean: on the MiniLM
+  population a sibling predicts the word embeddings 8.5x, the mean 3.0x; chains let each recipe
+  have its own line of siblings instead of all leaning on the first member.
+
+Predictions are ranked on a sample (``residual.estimated_bits``); for the best one, every coding
+of ``residual.CODINGS`` is compressed and the smallest stored blob is kept (for tensors over
+``TRIAL_BYTES``, the coding is chosen on evenly spaced blocks and only it is compressed in full),
+so a tensor that the prediction does not help (far-apart members) costs no more than its
+byte-grouped bits.
+
+The lossy reconstruction itself is not used as a prediction: a subspace tensor's rebuild is a
+float64 matrix product whose last bit depends on the summation order (spec §4), and a
+prediction must be the same bits in every reader. The stored mean is (one rounding of a value
+read from the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from unipack.bundle.exact import stored_mean_prediction
+from unipack.core import residual
+from unipack.format import codec, dtypes
+from unipack.format.container import BundleWriter
+from unipack.format.manifest import EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
+from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
+from unipack.sources.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Coded:
+    """One candidate residual blob: its coding, its base (None for ``bits``) and its stored form."""
+
+    coding: str
+    base: str | None
+    stored: codec.Buffer
+    codec: str
+    shuffled: bool
+
+
+def add_exact_tier(
+    checkpoints: list[Checkpoint], manifest: Manifest, writer: BundleWriter, codec_name: str
+) -> Manifest:
+    """``manifest`` with every member's ``exact`` map, its residual blobs written to ``writer``."""
+    started = time.perf_counter()
+    entries: list[dict[str, ExactEntry]] = [{} for _ in checkpoints]
+    for t in manifest.tensors:
+        _tensor_tier(checkpoints, manifest, writer, codec_name, t, entries)
+    members = tuple(dataclasses.replace(m, exact=entries[i]) for i, m in enumerate(manifest.members))
+    residual_bytes = sum(writer.stored_sizes[e.blob] for es in entries for e in es.values() if e.blob is not None)
+    stats = dict(manifest.stats)
+    stats["exact_tier"] = {
+        "residual_bytes": residual_bytes,
+        "seconds": round(time.perf_counter() - started, 3),
+        "codec": codec_name,
+    }
+    return Manifest(
+        created_by=manifest.created_by,
+        options=manifest.options,
+        tensors=manifest.tensors,
+        members=members,
+        blobs=writer.blobs,
+        format_version=max(manifest.format_version, EXACT_TIER_FORMAT_VERSION),
+        stats=stats,
+    )
+
+
+def _tensor_tier(
+    checkpoints: list[Checkpoint],
+    manifest: Manifest,
+    writer: BundleWriter,
+    codec_name: str,
+    t: TensorRecord,
+    entries: list[dict[str, ExactEntry]],
+) -> None:
+    mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the mean rounded to it (once per tensor)
+    # member name -> (original bits, length of its chain of member bases), for possible bases
+    predictable: dict[str, tuple[np.ndarray, int]] = {}
+    for i, c in enumerate(checkpoints):
+        member = manifest.members[i]
+        dtype = member.dtype_of(t)
+        array = c.read(t.name)
+        sha = codec.sha256(dtypes.to_bytes(array, dtype))
+        if t.mean is None or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
+            entries[i][t.name] = ExactEntry(sha)
+            if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
+                predictable[member.name] = (residual.as_bits(array), 0)
+            continue
+        x = residual.as_bits(array)
+        if dtype not in mean_bits:
+            mean_bits[dtype] = stored_mean_prediction(t, writer.read_blob, manifest.blobs[t.mean].dtype, dtype)
+        bases = {MEAN_BASE: mean_bits[dtype]}
+        depths = {MEAN_BASE: 0}
+        for name, (bits, depth) in predictable.items():
+            if bits.dtype == x.dtype and depth < MAX_BASE_DEPTH:
+                bases[name], depths[name] = bits, depth + 1
+        base = min(bases, key=lambda name: residual.estimated_bits(x, bases[name]))
+        best = _smallest(x, bases[base], base, dtype, writer, codec_name)
+        shape = tuple(int(d) for d in array.shape)
+        rdtype = RESIDUAL_DTYPES[dtypes.itemsize(dtype)]
+        blob = writer.add_encoded(f"residual/{i}/{t.name}", rdtype, shape, best.stored, best.codec, best.shuffled)
+        entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base)
+        predictable[member.name] = (x, depths[best.base] if best.base is not None else 0)
+
+
+def candidates(x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int) -> list[Coded]:
+    """Every coding of ``x`` against prediction ``p``, compressed as the writer would store it."""
+    return [encoded(x, p, base, coding, itemsize, codec_name, level) for coding in residual.CODINGS]
+
+
+def encoded(x: np.ndarray, p: np.ndarray, base: str, coding: str, itemsize: int, codec_name: str, level: int) -> Coded:
+    data = residual.encode(x, None if coding == "bits" else p, coding).view(np.uint8).data
+    stored, used, shuffled = codec.encode(data, itemsize, codec_name, level)
+    return Coded(coding, None if coding == "bits" else base, stored, used, shuffled)
+
+
+#: Tensors up to this many bytes try every coding in full and keep the smallest. Larger ones try
+#: each coding on TRIAL_BLOCKS evenly spaced blocks of TRIAL_BYTES in all, then compress only the
+#: winner: the trials would otherwise triple the cost of the tier (shuffling and compressing are
+#: most of it), while on real fine-tunes the sample picks the same coding.
+TRIAL_BYTES = 4 << 20
+TRIAL_BLOCKS = 16
+
+
+def trial_sample(x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The evenly spaced blocks of ``x`` and ``p`` a large tensor's coding is chosen on."""
+    block = TRIAL_BYTES // TRIAL_BLOCKS // x.dtype.itemsize
+    starts = [round(j * (x.size - block) / (TRIAL_BLOCKS - 1)) for j in range(TRIAL_BLOCKS)]
+    return np.concatenate([x[s : s + block] for s in starts]), np.concatenate([p[s : s + block] for s in starts])
+
+
+def residual_level(writer_level: int) -> int:
+    """The zstd level of residual blobs: 1 where the bundle uses a fast level. Residual byte planes
+    are near-random below their top bits, where level 3's match finder spends bits on spurious
+    matches that level 1 skips: on MiniLM fine-tunes level 1 stores them 1% smaller, at 1.1 GB/s
+    instead of 170 MB/s (the same reason ``BundleWriter.level_for`` codes U8 at level 1)."""
+    return 1 if writer_level <= 3 else writer_level
+
+
+def _smallest(x: np.ndarray, p: np.ndarray, base: str, dtype: str, writer: BundleWriter, codec_name: str) -> Coded:
+    level, itemsize = residual_level(writer.level_for(dtype)), dtypes.itemsize(dtype)
+    if x.nbytes <= TRIAL_BYTES:
+        options = candidates(x, p, base, itemsize, codec_name, level)
+        return min(options, key=lambda c: len(c.stored))  # min keeps the first of equals: CODINGS order
+    xs, ps = trial_sample(x, p)
+    trials = candidates(xs, ps, base, itemsize, codec_name, level)
+    winner = min(trials, key=lambda c: len(c.stored)).coding
+    return encoded(x, p, base, winner, itemsize, codec_name, level)
