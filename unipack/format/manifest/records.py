@@ -25,7 +25,11 @@ DELTA_FORMAT_VERSION = 3
 #: Version 4 moves a large manifest out of the header into a zstd-compressed U8 tensor named
 #: ``MANIFEST_BLOB`` (the last one in the data section); smaller manifests stay in the header.
 COMPRESSED_MANIFEST_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+#: Version 6 adds the ``lora`` forms ``quant`` (each adapter's factors at L levels, codes in its
+#: ``codes`` blob) and ``cast`` (its factors at the coefficient dtype); only bundles that use one
+#: are written as version 6. (Version 5 is reserved for the lossless tier, spec §9.)
+LORA_QUANT_FORMAT_VERSION = 6
+SUPPORTED_VERSIONS = (1, 2, 3, 4, LORA_QUANT_FORMAT_VERSION)
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
 
