@@ -1755,7 +1755,7 @@ LORA_VARIANTS: dict[str, dict[str, Any]] = {
     "peft": {"population": "peft", "options": {"max_error": 1e-4, "codec": "none", "quantize": False}},
     "own-quant": {"population": "peft", "options": {"max_error": 0.1}},
     "own-quant-mixed-bf16": {"population": "mixed", "options": {"max_error": 0.2, "dtype": "bfloat16"}},
-    "own-cast": {"population": "peft", "options": {"max_error": 0.01, "dtype": "float16", "codec": "none"}},
+    "own-cast": {"population": "peft", "options": {"max_error": 0.002, "dtype": "float16", "codec": "none"}},
 }
 
 
