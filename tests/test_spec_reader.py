@@ -1,4 +1,4 @@
-"""An independent .upk reader (format versions 1, 2 and 3), written from ``format_spec/upk-v1.md``
+"""An independent .upk reader (format versions 1 to 4 and 6), written from ``format_spec/upk-v1.md``
 alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
@@ -8,7 +8,8 @@ It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and 
 (LoRA adapters, section 7: ``lora`` records in ``subspace`` or ``factors`` form, the members'
 ``lora`` maps, cores in the coefficient blobs, and the reference rebuild of §7.2) and version 3
 (section 8: ``delta`` records, steps in the coefficient blobs, radix-packed codes in the members'
-``codes`` blobs, and the rebuild of §8.2).
+``codes`` blobs, and the rebuild of §8.2) and version 6 (section 10: ``lora`` records in ``quant``
+and ``cast`` form, each adapter's own factors from its steps and codes or its coefficient block).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """

@@ -57,9 +57,7 @@ TASK_ORDER = [
     "debate-speaker",
 ]
 PLAN = [
-    AdapterSpec(f"{task}-s{seed}", task, seed, lr, 300)
-    for seed, lr in ((1, 5e-4), (2, 8e-4))
-    for task in TASK_ORDER
+    AdapterSpec(f"{task}-s{seed}", task, seed, lr, 300) for seed, lr in ((1, 5e-4), (2, 8e-4)) for task in TASK_ORDER
 ][:12]
 
 

@@ -13,9 +13,10 @@ of A' reaches the product multiplied by its partner column of B' (norm √σ_j):
 step_j ∝ 1/√σ_j (Lagrange, as in reverse water-filling): a weak direction gets coarse steps and
 may vanish entirely, which is the rank truncation a budget allows. With few levels that step
 would clip a strong row's entries too often; its step is then raised to the MSE-optimal step of
-L levels for the row (a Gaussian's, ``_clip_floor``), which clips a little. The multiplier c of 1/√σ_j is searched to meet the budget as
-loosely as possible. Everything is measured on exactly what extraction returns: the factors
-after the steps' and the member's dtype's rounding, through ``product_error``.
+L levels for the row (a Gaussian's, ``_gaussian_step``), which clips a little. The multiplier c
+of 1/√σ_j is searched to meet the budget as loosely as possible. Everything is measured on
+exactly what extraction returns: the factors after the steps' and the member's dtype's
+rounding, through ``product_error``.
 
 Cast (``cast``): the balanced factors rounded to the coefficient dtype (F16, BF16).
 """
@@ -46,7 +47,7 @@ _BISECT = 5
 _MAX_TRIES = 40
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gaussian_step(levels: int) -> float:
     """The step (in standard deviations) minimising the MSE of L levels on a Gaussian: the finest a
     row should get when its levels are few. Measured on a fixed-seed normal sample: it steers the
@@ -89,9 +90,9 @@ class QuantizedFactors:
     error: float  # ||ΔW - s B A|| / ||ΔW|| of exactly those
 
 
-def dequantize(codes: np.ndarray, steps: np.ndarray, levels: int, rank: int, out_dim: int, in_dim: int) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def dequantize(
+    codes: np.ndarray, steps: np.ndarray, levels: int, rank: int, out_dim: int, in_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) in float64 from unpacked codes and the 2r steps as float64 (spec §10.2, step 3)."""
     q = codes.astype(np.float64) - quantize.offset(levels)
     split = rank * in_dim

@@ -5,9 +5,9 @@ meets the user's rule is priced at its compressed bytes and the cheapest is kept
 U, V and one small core per adapter (``core.lora``, at the ranks the rule picks); each adapter's
 own factors, balanced and quantized to L levels for each L of ``core.lora_quant.LEVELS``, or
 rounded to a narrower ``--dtype`` (``schemes.lora_quant``); or the factors themselves, bit-exact.
-A tie goes to the earlier of exact, cast, quantized, subspace. Tensors that are not LoRA factors (``modules_to_save`` heads, trained biases) are
-stored raw per adapter. Nothing out x in is ever formed, and a module's factors are held only
-while it is being encoded.
+A tie goes to the earlier of exact, cast, quantized, subspace. Tensors that are not LoRA factors
+(``modules_to_save`` heads, trained biases) are stored raw per adapter. Nothing out x in is ever
+formed, and a module's factors are held only while it is being encoded.
 """
 
 from __future__ import annotations
@@ -221,9 +221,7 @@ class LoraMerger(Merger):
         """The balanced factors at the coefficient dtype, where it is narrower than the adapters'
         (``--dtype float16``) and, under an error rule, meets it; under a rank or energy rule the
         user's ``--dtype`` is taken as asked."""
-        narrower = any(
-            d is not None and dtypes.itemsize(self.coef_dtype) < dtypes.itemsize(d) for d in member_dtypes
-        )
+        narrower = any(d is not None and dtypes.itemsize(self.coef_dtype) < dtypes.itemsize(d) for d in member_dtypes)
         if not narrower:
             return None
         casts: list[CastFactors | None] = [
@@ -239,11 +237,8 @@ class LoraMerger(Merger):
     def _quant_candidate(
         self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
     ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
-        """The cheapest level count whose quantized factors meet the rule for every adapter, with
-        their compressed bytes (codes and steps). Levels are tried from the most down and the
-        search stops at the first that misses the rule or costs more than the one before it: the
-        cost falls with L while fewer levels still suffice, and rises once clipping forces finer
-        steps elsewhere."""
+        """The cheapest level count (of ``LEVELS``, every one tried) whose quantized factors meet
+        the rule for every adapter, with its compressed bytes (codes and steps)."""
         budget = self.options.budget
         if not self.options.quantize or budget is None or budget.max_error is None:
             return None
@@ -251,24 +246,22 @@ class LoraMerger(Merger):
         for levels in sorted(LEVELS, reverse=True):
             fits: list[QuantizedFactors | None] = []
             for f, d in zip(factors, member_dtypes):
-                if f is None or d is None:
-                    fits.append(None)
-                    continue
-                fitted = fit_quantized(
-                    f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d
-                )
-                if fitted is None:
-                    return best
+                fitted = None
+                if f is not None and d is not None:
+                    fitted = fit_quantized(
+                        f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d
+                    )
+                    if fitted is None:
+                        break
                 fits.append(fitted)
             live = [q for q in fits if q is not None]
-            if not live:
-                return None
+            if len(fits) < len(factors) or not live:
+                continue  # an adapter misses the rule at this L (or none touches the module)
             codes = quantize.pack(np.concatenate([q.codes for q in live]), levels)
             steps = np.concatenate([q.steps_held for q in live])
             cost = self._compressed(codes, "U8") + self._compressed(steps, self.coef_dtype)
-            if best is not None and cost >= best[0]:
-                return best
-            best = (cost, (levels, fits))
+            if best is None or cost < best[0]:
+                best = (cost, (levels, fits))
         return best
 
     def _subspace_cost(self, enc: EncodedLora) -> int:

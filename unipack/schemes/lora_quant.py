@@ -102,7 +102,9 @@ class LoraQuantScheme(_OwnFactorsScheme):
     variant = ("form", "quant")
 
     def parse_params(self, d: Doc, base: TensorRecord) -> LoraQuantParams:
-        return LoraQuantParams(levels=d.integer("levels", quantize.MIN_LEVELS, quantize.MAX_LEVELS), **self.parse_lora(d, base))
+        return LoraQuantParams(
+            levels=d.integer("levels", quantize.MIN_LEVELS, quantize.MAX_LEVELS), **self.parse_lora(d, base)
+        )
 
     def float_factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         p = _quant(t)
