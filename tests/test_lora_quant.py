@@ -179,24 +179,48 @@ def test_chooser_picks_the_cheapest_own_factor_form(tmp_path, max_error, dtype) 
 
 
 def test_blob_lengths_follow_section_10(tmp_path) -> None:
-    """Per member: 2r steps per quant module (plus the values of cast ones) in its coefficient blob,
-    ceil(r (in + out) / k) code bytes per quant module in its codes blob."""
+    """Per member: 2r steps per quant module in its coefficient blob; per module: one U8 codes blob
+    of ceil(r (in + out) / k) bytes per touching member, in member order."""
     adapters = structured_population(tmp_path / "p", n=4, noise=0.3, seed=3, ranks=[8, 4])
     result = merged(adapters, tmp_path / "b.upk", max_error=0.1)
     manifest = result.manifest
     forms = {t.name: t.form for t in manifest.tensors if t.storage == "lora"}
     assert set(forms.values()) == {"quant"}, forms
     for m in manifest.members:
-        steps = code_bytes = 0
-        for t in manifest.tensors:
-            if t.storage != "lora" or t.name not in m.lora:
-                continue
-            r = m.lora[t.name][0]
-            out_dim, in_dim = t.shape
-            steps += 2 * r
-            code_bytes += math.ceil(r * (in_dim + out_dim) / quantize.per_byte(t.params.levels))
+        steps = sum(2 * m.lora[t.name][0] for t in manifest.tensors if t.storage == "lora" and t.name in m.lora)
         assert manifest.blobs[m.coefficients].shape == (steps,)
-        assert manifest.blobs[m.codes].shape == (code_bytes,) and manifest.blobs[m.codes].dtype == "U8"
+        assert m.codes is None  # a member's own codes blob is for delta tensors only
+    files = read_files([a.path for a in adapters])
+    with unipack.open(tmp_path / "b.upk") as b:
+        for t in manifest.tensors:
+            if t.storage != "lora":
+                continue
+            levels, k = t.params.levels, quantize.per_byte(t.params.levels)
+            sizes = [math.ceil(m.lora[t.name][0] * sum(t.shape) / k) for m in manifest.members]
+            blob = manifest.blobs[t.params.codes]
+            assert blob.dtype == "U8" and blob.shape == (sum(sizes),)
+            # every member's slice rebuilds its factors (independently of unipack's reader)
+            packed = b.read_blob(t.params.codes).astype(np.int64)
+            for i, (m, a, f) in enumerate(zip(manifest.members, adapters, files)):
+                lo = sum(sizes[:i])
+                digits = np.stack([(packed[lo : lo + sizes[i]] // levels**j) % levels for j in range(k)], axis=1)
+                r = m.lora[t.name][0]
+                out_dim, in_dim = t.shape
+                q = digits.reshape(-1)[: r * (in_dim + out_dim)] - (levels - 1) / 2
+                lo_c, _ = manifest.coef_offsets(m)[t.name]
+                steps_i = b.read_blob(m.coefficients)[lo_c : lo_c + 2 * r].astype(np.float64)
+                a_q = (q[: r * in_dim].reshape(r, in_dim) * steps_i[:r, None]).astype(np.float32)
+                b_q = (q[r * in_dim :].reshape(r, out_dim) * steps_i[r:, None]).T.astype(np.float32)
+                loaded = b.load(m.name)
+                assert np.array_equal(loaded[f"{t.name}.lora_A.weight"].numpy(), a_q)
+                assert np.array_equal(loaded[f"{t.name}.lora_B.weight"].numpy(), b_q)
+                s = a.modules[t.name.removeprefix(PREFIX)][2] if t.name.removeprefix(PREFIX) in a.modules else None
+                s = m.lora[t.name][1] if s is None else s
+                ka, kb = f"{t.name}.lora_A.weight", f"{t.name}.lora_B.weight"
+                delta = s * (f[kb].astype(np.float64) @ f[ka])
+                err = dense_rel(delta, s * (b_q.astype(np.float64) @ a_q))
+                assert err == pytest.approx(m.errors[manifest.tensors.index(t)], rel=1e-5, abs=1e-9)
+                assert err <= 0.1
     assert manifest.format_version == 6
 
 

@@ -431,7 +431,7 @@ class SpecBundle:
                     k = 1
                     while form == "quant" and levels ** (k + 1) <= 256:
                         k += 1
-                    self.own_layout[name] = {"form": form, "levels": levels, "per_byte": k}
+                    self.own_layout[name] = {"form": form, "levels": levels, "per_byte": k, "codes": t.get("codes")}
                 if form == "subspace":
                     ranks = t.get("ranks")
                     _need(
@@ -523,6 +523,8 @@ class SpecBundle:
         by_name = {t["name"]: t for t in tensors}
         self.member_layout: dict[str, dict[str, tuple[int, list[int]]]] = {}
         self.code_layout: dict[str, dict[str, int]] = {}  # member -> delta tensor -> byte offset
+        self.quant_codes: dict[str, dict[str, tuple[int, int]]] = {}  # quant module -> member -> (offset, P)
+        quant_total: dict[str, int] = {}  # quant module -> bytes its codes blob must hold
         for i, mem in enumerate(members):
             _need(isinstance(mem, dict), f"member {i} is not an object")
             mname = mem.get("name")
@@ -624,12 +626,14 @@ class SpecBundle:
                     code_total += self.delta_layout[tname]["bytes"]
                 elif tname in self.own_layout and tname in lora:
                     # §10.1: quant: 2r steps and ceil(r (in + out) / k) code bytes; cast: r (in + out) values.
+                    # the quant codes live in the record's codes blob, in member order
                     r = lora[tname][0]
                     n = r * sum(by_name[tname]["shape"])
                     if self.own_layout[tname]["form"] == "quant":
                         c_shape = [2 * r]
-                        code_layout[tname] = code_total
-                        code_total += -(-n // self.own_layout[tname]["per_byte"])
+                        size = -(-n // self.own_layout[tname]["per_byte"])
+                        self.quant_codes.setdefault(tname, {})[mname] = (quant_total.get(tname, 0), size)
+                        quant_total[tname] = quant_total.get(tname, 0) + size
                     else:
                         c_shape = [n]
                 else:
@@ -654,6 +658,10 @@ class SpecBundle:
                 use(codes, f"codes of {mname}", dtype="U8", shape=[code_total])
             else:
                 _need(codes is None, f"member {mname}: a codes blob without any delta tensor")
+        # §10.1: a quant record's codes blob holds every touching member's P bytes, in member order.
+        for tname, info in self.own_layout.items():
+            if info["form"] == "quant":
+                use(info["codes"], f"codes of {tname}", dtype="U8", shape=[quant_total.get(tname, 0)])
         self.members = {mem["name"]: mem for mem in members}
         unused = set(blobs) - set(used)
         _need(not unused, f"blobs not referenced by the manifest: {sorted(unused)}")
@@ -726,9 +734,7 @@ class SpecBundle:
                     out[key_b] = (mdt, self.decode_blob(mem["raw"][key_b]))
                     continue
                 if name in self.own_layout:  # §10.2
-                    if codes is None and mem.get("codes") is not None:
-                        codes = self.decode_blob(mem["codes"])
-                    a, b = self._own_factors(member, t, lora[name][0], coef, codes)
+                    a, b = self._own_factors(member, t, lora[name][0], coef)
                     out[key_a] = (mdt, _round_to(a, mdt))
                     out[key_b] = (mdt, _round_to(b, mdt))
                     continue
@@ -787,9 +793,7 @@ class SpecBundle:
         w = mean.reshape(-1) + q * steps[np.arange(d) // group]
         return w.reshape(t["shape"])
 
-    def _own_factors(
-        self, member: str, t: dict[str, Any], r: int, coef: Any, codes: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _own_factors(self, member: str, t: dict[str, Any], r: int, coef: Any) -> tuple[np.ndarray, np.ndarray]:
         """§10.2: A (r x in) and B (out x r) in float64, before the member's rounding."""
         name = t["name"]
         out_dim, in_dim = t["shape"]
@@ -801,9 +805,8 @@ class SpecBundle:
             values = block
         else:
             levels, k = info["levels"], info["per_byte"]
-            start = self.code_layout[member][name]
-            assert codes is not None
-            packed = codes[start : start + -(-n // k)].astype(np.int64)
+            start, size = self.quant_codes[name][member]
+            packed = self.decode_blob(info["codes"])[start : start + size].astype(np.int64)
             _need(bool(np.all(packed < levels**k)), f"{name}: a code byte is >= L^k = {levels**k}")
             digits = np.stack([(packed // levels**i) % levels for i in range(k)], axis=1).reshape(-1)[:n]
             q = digits.astype(np.float64) - (levels - 1) / 2
@@ -852,8 +855,7 @@ class SpecBundle:
                 out[name] = (mdt, (s * b) @ a)
                 continue
             if name in self.own_layout:  # §10.2: s B A from the factors after the member's rounding
-                codes = self.decode_blob(mem["codes"]) if mem.get("codes") is not None else None
-                a, b = self._own_factors(member, t, lora[name][0], coef, codes)
+                a, b = self._own_factors(member, t, lora[name][0], coef)
                 a, b = _widen(_round_to(a, mdt), mdt), _widen(_round_to(b, mdt), mdt)
                 out[name] = (mdt, (s * b) @ a)
                 continue

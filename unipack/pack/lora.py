@@ -12,6 +12,7 @@ formed, and a module's factors are held only while it is being encoded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
-from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, cast_factors, fit_quantized
+from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, balanced, cast_factors, fit_quantized
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
@@ -243,13 +244,14 @@ class LoraMerger(Merger):
         if not self.options.quantize or budget is None or budget.max_error is None:
             return None
         best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
+        gauges = [None if f is None else balanced(f) for f in factors]
         for levels in sorted(LEVELS, reverse=True):
             fits: list[QuantizedFactors | None] = []
-            for f, d in zip(factors, member_dtypes):
+            for f, d, gauge in zip(factors, member_dtypes, gauges):
                 fitted = None
                 if f is not None and d is not None:
                     fitted = fit_quantized(
-                        f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d
+                        f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d, gauge=gauge
                     )
                     if fitted is None:
                         break
@@ -257,7 +259,7 @@ class LoraMerger(Merger):
             live = [q for q in fits if q is not None]
             if len(fits) < len(factors) or not live:
                 continue  # an adapter misses the rule at this L (or none touches the module)
-            codes = quantize.pack(np.concatenate([q.codes for q in live]), levels)
+            codes = np.concatenate([quantize.pack(q.codes, levels) for q in live])  # as stored: one blob
             steps = np.concatenate([q.steps_held for q in live])
             cost = self._compressed(codes, "U8") + self._compressed(steps, self.coef_dtype)
             if best is None or cost < best[0]:
@@ -275,9 +277,12 @@ class LoraMerger(Merger):
         return cost
 
     def _own_fidelity(
-        self, model: LoraModel, factors: list[LoraFactors | None], errors: list[float], rank_of: list[int]
+        self, model: LoraModel, factors: list[LoraFactors | None], errors: list[float], numbers: list[float]
     ) -> None:
-        """Errors and fidelity numbers of a form that keeps each adapter's own factors."""
+        """Errors and fidelity numbers of a form that keeps each adapter's own factors. The SVD
+        baseline (spec §10.2) is the adapter's own truncated SVD at equal bytes: rank
+        q = min(r, floor(numbers / (out + in))) for the ``numbers`` (at the coefficient dtype)
+        its block and codes take, with the exact truncation error from ΔW's singular values."""
         baselines = self._baselines(model, 0, 0)
         for i, (f, err) in enumerate(zip(factors, errors)):
             if f is None:
@@ -285,9 +290,16 @@ class LoraMerger(Merger):
                 self.fidelity[i].append(EXACT)
                 continue
             self.errors[i].append(round_up(float(err)))
+            svd_error: float | None = None
+            svd_rank: int | None = None
+            if self.options.baselines:
+                sigma = balanced(f)[2]
+                svd_rank = int(min(f.rank, numbers[i] // (f.out_dim + f.in_dim)))
+                total = float(np.sum(sigma**2))
+                svd_error = math.sqrt(float(np.sum(sigma[svd_rank:] ** 2)) / total) if total > 0 else 0.0
             self.fidelity[i].append(
                 MemberFidelity(
-                    norm=f.norm, delta_error=err, mean_error=baselines[i][0], svd_error=0.0, svd_rank=rank_of[i]
+                    norm=f.norm, delta_error=err, mean_error=baselines[i][0], svd_error=svd_error, svd_rank=svd_rank
                 )
             )
 
@@ -303,9 +315,15 @@ class LoraMerger(Merger):
         for i, q in enumerate(fits):
             if q is not None:
                 self.coefs[i].append(q.steps_held)
-                self.codes[i].append(quantize.pack(q.codes, levels))
+        packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])
+        codes = self.writer.add(f"codes/{module.name}", packed, "U8")
         errors = [0.0 if q is None else q.error for q in fits]
-        self._own_fidelity(model, factors, errors, [0 if f is None else f.rank for f in factors])
+        itemsize = dtypes.itemsize(self.coef_dtype)
+        numbers = [
+            0.0 if q is None else q.steps_held.size + quantize.packed_size(q.codes.size, levels) / itemsize
+            for q in fits
+        ]
+        self._own_fidelity(model, factors, errors, numbers)
         head, variance = spectrum(model.left_spectrum)
         return TensorRecord(
             module.name,
@@ -313,7 +331,7 @@ class LoraMerger(Merger):
             module.dtype,
             (module.out_dim, module.in_dim),
             reason,
-            LoraQuantParams(levels=levels, spectrum=tuple(head), variance=variance),
+            LoraQuantParams(levels=levels, codes=codes, spectrum=tuple(head), variance=variance),
         )
 
     def _store_cast(
@@ -328,7 +346,7 @@ class LoraMerger(Merger):
             if c is not None:
                 self.coefs[i].append(c.values_held)
         errors = [0.0 if c is None else c.error for c in casts]
-        self._own_fidelity(model, factors, errors, [0 if f is None else f.rank for f in factors])
+        self._own_fidelity(model, factors, errors, [0.0 if c is None else float(c.values_held.size) for c in casts])
         head, variance = spectrum(model.left_spectrum)
         return TensorRecord(
             module.name,

@@ -97,6 +97,10 @@ class StorageParams:
         """The blobs the record itself names (shared by every member)."""
         return []
 
+    def sized_by_members(self, tensor: TensorRecord, members: tuple[MemberRecord, ...]) -> dict[str, tuple[int, ...]]:
+        """Blobs of the record (``blob_refs``) whose shape follows from the members, with that shape."""
+        return {}
+
     def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
         """Keys ``member.raw`` must hold for this tensor, with each blob's shape (None: any)."""
         return []
