@@ -15,6 +15,13 @@ against the original adapter (mean and worst). The ratio is the adapters' files 
 * ``factors int8/int4/int2``: every factor row (rows of A, r x in; rows of B, out x r) at b bits
   symmetric (levels -(2^(b-1) - 1) .. 2^(b-1) - 1, absmax scale; int2: -1, 0, 1), one fp16 scale per
   row, bytes = numbers x b / 8 + 2 per row, dense (no entropy coding); the heads at fp16.
+* ``zero update (heads only)``: every LoRA factor zeroed, the adapter's own head kept: what the
+  LoRA part is worth on these tasks at all (a method's drop means little beside this one's).
+* ``ComPEFT-style ternary``: in every factor matrix the largest-magnitude fraction d of the entries
+  keep their sign, times one fp32 scale per matrix (the mean |kept|, the least-squares value), the
+  rest are zero; bytes = numbers x (H(d) + d) / 8 + 4 per matrix (ideal entropy coding of the
+  positions plus a sign bit each), heads at fp16; d is set so that the bytes equal the unipack
+  default bundle's ("at equal bytes").
 
 Usage: ``python tools/bench_lora_minilm.py [--adapters N] [--budgets 0.05,0.1] [--json out.json]``.
 Results are cached per method under ``~/.cache/unipack/rd-minilm/lora-bench/`` (delete it to rerun).
@@ -78,7 +85,9 @@ def baseline(folders: list[Path], work: Path, method: str) -> tuple[list[Path], 
         new = {}
         for key, value in tensors.items():
             x = value.astype(np.float64)
-            if method == "fp16" or ".lora_" not in key:
+            if method == "zero" and ".lora_" in key:
+                new[key] = np.zeros_like(x)
+            elif method in ("fp16", "zero") or ".lora_" not in key:
                 new[key] = x.astype(np.float16)
                 total += 2 * x.size
             else:
@@ -88,6 +97,42 @@ def baseline(folders: list[Path], work: Path, method: str) -> tuple[list[Path], 
         write_like(f, dst, new)
         out.append(dst)
     return out, total
+
+
+def binary_entropy(d: float) -> float:
+    return 0.0 if d <= 0.0 or d >= 1.0 else float(-d * np.log2(d) - (1 - d) * np.log2(1 - d))
+
+
+def ternary(folders: list[Path], work: Path, target_bytes: int) -> tuple[list[Path], int, float]:
+    """ComPEFT-style sparse ternary factors at the density whose bytes meet ``target_bytes``."""
+    files = [load_file(str(f / WEIGHTS)) for f in folders]
+    lora = [v for t in files for k, v in t.items() if ".lora_" in k]
+    heads = sum(2 * v.size for t in files for k, v in t.items() if ".lora_" not in k)
+
+    def cost(d: float) -> int:
+        return heads + sum(int(v.size * (binary_entropy(d) + d) / 8) + 4 for v in lora)
+
+    lo, hi = 0.0, 0.5
+    for _ in range(50):  # bytes grow with d on (0, 0.5]
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= target_bytes else (lo, mid)
+    density = lo
+    out = []
+    for f, tensors in zip(folders, files):
+        new = {}
+        for key, value in tensors.items():
+            x = value.astype(np.float64)
+            if ".lora_" not in key:
+                new[key] = x.astype(np.float16)
+                continue
+            keep = max(1, round(density * x.size))
+            cut = np.sort(np.abs(x).reshape(-1))[-keep]
+            mask = np.abs(x) >= cut
+            new[key] = np.sign(x) * mask * float(np.abs(x[mask]).mean())
+        dst = work / "ternary" / f.name
+        write_like(f, dst, new)
+        out.append(dst)
+    return out, cost(density), density
 
 
 def unipack_run(folders: list[Path], work: Path, label: str, args: list[str]) -> tuple[list[Path], int, float]:
@@ -123,7 +168,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=rd.default_cache_dir())
     parser.add_argument("--adapters", type=int, default=len(pop.PLAN))
-    parser.add_argument("--budgets", default="0.02,0.05,0.1,0.2", help="unipack --max-error values to run")
+    parser.add_argument("--budgets", default="0.05,0.1,0.2,0.3,0.5", help="unipack --max-error values to run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rd._quiet_transformers()
@@ -146,15 +191,26 @@ def main() -> int:
         methods.append((f"unipack --max-error {budget}", ["--max-error", budget]))
     methods += [("unipack --max-error 0.01 --dtype float16", ["--max-error", "0.01", "--dtype", "float16"])]
     methods += [(f"factors {m}", None) for m in ("fp16", "int8", "int4", "int2")]
+    methods += [("zero update (heads only)", None)]
+    methods += [("ComPEFT-style ternary at the default's bytes", None)]
     for label, cli_args in methods:
         if label in results:
             continue
         seconds = None
-        if cli_args is None:
-            out, nbytes = baseline(folders, work, label.split()[-1])
+        note: dict[str, float] = {}
+        if label.startswith("ComPEFT"):
+            out, nbytes, density = ternary(folders, work, results["unipack default"]["bytes"])
+            note = {"density": density}
+        elif cli_args is None:
+            out, nbytes = baseline(folders, work, "zero" if label.startswith("zero") else label.split()[-1])
         else:
             out, nbytes, seconds = unipack_run(folders, work, label.replace(" ", "_").replace("-", ""), cli_args)
-        results[label] = {"accuracy": score(args.cache, out, tasks), "bytes": nbytes, "merge_seconds": seconds}
+        results[label] = {
+            "accuracy": score(args.cache, out, tasks),
+            "bytes": nbytes,
+            "merge_seconds": seconds,
+            **note,
+        }
         results_path.write_text(json.dumps(results, indent=1))
         print(f"{label}: done", flush=True)
     base = np.array(results["original"]["accuracy"])
