@@ -246,6 +246,9 @@ def update_key(module: str) -> str:
 
 
 def merge(adapters: list[Adapter], out: Path, **options: Any) -> Any:
+    """Merge with the subspace and exact-factor forms only (``--no-quantize``): this file checks
+    those; the quantized and cast forms have their own tests (``test_lora_quant.py``)."""
+    options.setdefault("quantize", False)
     return unipack.merge([a.path for a in adapters], out, **options)
 
 
@@ -756,7 +759,7 @@ def test_peft_loads_extracted_structured_adapters(exact3, noisy, tmp_path, max_e
 def test_cli_merge_info_extract_peft(exact3, tmp_path) -> None:
     adapters = exact3[:4]
     out = tmp_path / "b.upk"
-    assert_ok(run("merge", *[a.path for a in adapters], "-o", out, "--max-error", "1e-5"))
+    assert_ok(run("merge", *[a.path for a in adapters], "-o", out, "--max-error", "1e-5", "--no-quantize"))
     api = tmp_path / "api.upk"
     merge(adapters, api, max_error=1e-5)
     assert out.read_bytes() == api.read_bytes()  # the CLI and the API make the same bundle

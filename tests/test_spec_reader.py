@@ -1,4 +1,4 @@
-"""An independent .upk reader (format versions 1, 2 and 3), written from ``format_spec/upk-v1.md``
+"""An independent .upk reader (format versions 1 to 4 and 6), written from ``format_spec/upk-v1.md``
 alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
@@ -8,8 +8,10 @@ It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and 
 (LoRA adapters, section 7: ``lora`` records in ``subspace`` or ``factors`` form, the members'
 ``lora`` maps, cores in the coefficient blobs, and the reference rebuild of §7.2) and version 3
 (section 8: ``delta`` records, steps in the coefficient blobs, radix-packed codes in the members'
-``codes`` blobs, and the rebuild of §8.2) and version 5 (section 9: the lossless tier, a member's
-``exact`` map and its residual blobs, rebuilt bit for bit by §9.2).
+``codes`` blobs, and the rebuild of §8.2), version 5 (section 9: the lossless tier, a member's
+``exact`` map and its residual blobs, rebuilt bit for bit by §9.2) and version 6 (section 10:
+``lora`` records in ``quant`` and ``cast`` form, each adapter's own factors from its steps and
+codes or its coefficient block).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -33,7 +35,7 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
@@ -395,6 +397,7 @@ class SpecBundle:
         self.core_shapes: dict[str, list[int]] = {}  # subspace module with k_out k_in > 0 -> [k_out, k_in]
         self.lora_modules: dict[str, dict[str, Any]] = {}  # §7.1: name -> lora record
         self.delta_layout: dict[str, dict[str, int]] = {}  # §8.1: name -> levels, group, k, G, P
+        self.own_layout: dict[str, dict[str, Any]] = {}  # §10.1: quant / cast module -> form, L, k
         coef_total = 0
         raw_names = []
         for t in tensors:
@@ -420,7 +423,17 @@ class SpecBundle:
                 )
                 out_dim, in_dim = shape
                 form = t.get("form")
-                _need(form in ("subspace", "factors"), f"{name}: unknown lora form {form!r}")
+                _need(form in ("subspace", "factors", "quant", "cast"), f"{name}: unknown lora form {form!r}")
+                if form in ("quant", "cast"):
+                    # §10, §10.3: the adapters' own factors, quantized or cast, from version 6.
+                    _need(self.version >= 6, f"{name}: lora form {form} in a format version {self.version} bundle")
+                    levels = t.get("levels") if form == "quant" else 0
+                    if form == "quant":
+                        _need(_is_int(levels) and 2 <= levels <= 256, f"{name}: levels {levels!r} not in 2..256")
+                    k = 1
+                    while form == "quant" and levels ** (k + 1) <= 256:
+                        k += 1
+                    self.own_layout[name] = {"form": form, "levels": levels, "per_byte": k, "codes": t.get("codes")}
                 if form == "subspace":
                     ranks = t.get("ranks")
                     _need(
@@ -512,6 +525,8 @@ class SpecBundle:
         by_name = {t["name"]: t for t in tensors}
         self.member_layout: dict[str, dict[str, tuple[int, list[int]]]] = {}
         self.code_layout: dict[str, dict[str, int]] = {}  # member -> delta tensor -> byte offset
+        self.quant_codes: dict[str, dict[str, tuple[int, int]]] = {}  # quant module -> member -> (offset, P)
+        quant_total: dict[str, int] = {}  # quant module -> bytes its codes blob must hold
         for i, mem in enumerate(members):
             _need(isinstance(mem, dict), f"member {i} is not an object")
             mname = mem.get("name")
@@ -611,6 +626,18 @@ class SpecBundle:
                     c_shape = [self.delta_layout[tname]["steps"]]
                     code_layout[tname] = code_total
                     code_total += self.delta_layout[tname]["bytes"]
+                elif tname in self.own_layout and tname in lora:
+                    # §10.1: quant: 2r steps and ceil(r (in + out) / k) code bytes; cast: r (in + out) values.
+                    # the quant codes live in the record's codes blob, in member order
+                    r = lora[tname][0]
+                    n = r * sum(by_name[tname]["shape"])
+                    if self.own_layout[tname]["form"] == "quant":
+                        c_shape = [2 * r]
+                        size = -(-n // self.own_layout[tname]["per_byte"])
+                        self.quant_codes.setdefault(tname, {})[mname] = (quant_total.get(tname, 0), size)
+                        quant_total[tname] = quant_total.get(tname, 0) + size
+                    else:
+                        c_shape = [n]
                 else:
                     continue
                 layout[tname] = (total, c_shape)
@@ -633,6 +660,10 @@ class SpecBundle:
                 use(codes, f"codes of {mname}", dtype="U8", shape=[code_total])
             else:
                 _need(codes is None, f"member {mname}: a codes blob without any delta tensor")
+        # §10.1: a quant record's codes blob holds every touching member's P bytes, in member order.
+        for tname, info in self.own_layout.items():
+            if info["form"] == "quant":
+                use(info["codes"], f"codes of {tname}", dtype="U8", shape=[quant_total.get(tname, 0)])
         self.members = {mem["name"]: mem for mem in members}
         # §9.1, §9.3: the lossless tier, one entry per tensor; residual blobs U<w> of the tensor's shape.
         for mem in members:
@@ -746,6 +777,11 @@ class SpecBundle:
                     out[key_a] = (mdt, self.decode_blob(mem["raw"][key_a]))
                     out[key_b] = (mdt, self.decode_blob(mem["raw"][key_b]))
                     continue
+                if name in self.own_layout:  # §10.2
+                    a, b = self._own_factors(member, t, lora[name][0], coef)
+                    out[key_a] = (mdt, _round_to(a, mdt))
+                    out[key_b] = (mdt, _round_to(b, mdt))
+                    continue
                 r, s = lora[name]
                 u, core, v = self._subspace_parts(member, t, coef)
                 a, b = _lora_factors(u, core, v, r, s, *t["shape"])
@@ -840,6 +876,30 @@ class SpecBundle:
         w = mean.reshape(-1) + q * steps[np.arange(d) // group]
         return w.reshape(t["shape"])
 
+    def _own_factors(self, member: str, t: dict[str, Any], r: int, coef: Any) -> tuple[np.ndarray, np.ndarray]:
+        """§10.2: A (r x in) and B (out x r) in float64, before the member's rounding."""
+        name = t["name"]
+        out_dim, in_dim = t["shape"]
+        info = self.own_layout[name]
+        off, (count,) = self.member_layout[member][name]
+        block = coef[off : off + count]
+        n = r * (in_dim + out_dim)
+        if info["form"] == "cast":
+            values = block
+        else:
+            levels, k = info["levels"], info["per_byte"]
+            start, size = self.quant_codes[name][member]
+            packed = self.decode_blob(info["codes"])[start : start + size].astype(np.int64)
+            _need(bool(np.all(packed < levels**k)), f"{name}: a code byte is >= L^k = {levels**k}")
+            digits = np.stack([(packed // levels**i) % levels for i in range(k)], axis=1).reshape(-1)[:n]
+            q = digits.astype(np.float64) - (levels - 1) / 2
+            # Row j of A has step block[j]; column j of B (row j of B^T) has step block[r + j].
+            per_value = np.concatenate([np.repeat(block[:r], in_dim), np.repeat(block[r:], out_dim)])
+            values = q * per_value
+        a = values[: r * in_dim].reshape(r, in_dim)
+        b = values[r * in_dim :].reshape(r, out_dim).T
+        return a, b
+
     def _subspace_parts(
         self, member: str, t: dict[str, Any], coef: np.ndarray | None
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
@@ -875,6 +935,11 @@ class SpecBundle:
                 key_a, key_b = _factor_keys(name)
                 a = _widen(self.decode_blob(mem["raw"][key_a]), mdt)
                 b = _widen(self.decode_blob(mem["raw"][key_b]), mdt)
+                out[name] = (mdt, (s * b) @ a)
+                continue
+            if name in self.own_layout:  # §10.2: s B A from the factors after the member's rounding
+                a, b = self._own_factors(member, t, lora[name][0], coef)
+                a, b = _widen(_round_to(a, mdt), mdt), _widen(_round_to(b, mdt), mdt)
                 out[name] = (mdt, (s * b) @ a)
                 continue
             u, core, v = self._subspace_parts(member, t, coef)
@@ -1762,13 +1827,21 @@ def _peft_population(tmp: Path, n: int = 4) -> list[Path]:
     return dirs
 
 
+#: The version 2 variants are merged with ``quantize=False`` (subspace and factors forms only); the
+#: ``own-`` ones (version 6, §10) let the merge keep each adapter's factors quantized or cast.
 LORA_VARIANTS: dict[str, dict[str, Any]] = {
-    "sub-f32": {"population": "subspace", "options": {"max_error": 0.01}},
-    "sub-coef-f16": {"population": "subspace", "options": {"max_error": 0.01, "dtype": "float16"}},
-    "sub-bf16": {"population": "subspace-bf16", "options": {"max_error": 0.01}},
-    "sub-bf16-coef-bf16": {"population": "subspace-bf16", "options": {"max_error": 0.02, "dtype": "bfloat16"}},
-    "mixed": {"population": "mixed", "options": {"max_error": 0.01}},
-    "peft": {"population": "peft", "options": {"max_error": 1e-4, "codec": "none"}},
+    "sub-f32": {"population": "subspace", "options": {"max_error": 0.01, "quantize": False}},
+    "sub-coef-f16": {"population": "subspace", "options": {"max_error": 0.01, "dtype": "float16", "quantize": False}},
+    "sub-bf16": {"population": "subspace-bf16", "options": {"max_error": 0.01, "quantize": False}},
+    "sub-bf16-coef-bf16": {
+        "population": "subspace-bf16",
+        "options": {"max_error": 0.02, "dtype": "bfloat16", "quantize": False},
+    },
+    "mixed": {"population": "mixed", "options": {"max_error": 0.01, "quantize": False}},
+    "peft": {"population": "peft", "options": {"max_error": 1e-4, "codec": "none", "quantize": False}},
+    "own-quant": {"population": "peft", "options": {"max_error": 0.1}},
+    "own-quant-mixed-bf16": {"population": "mixed", "options": {"max_error": 0.2, "dtype": "bfloat16"}},
+    "own-cast": {"population": "peft", "options": {"max_error": 0.002, "dtype": "float16", "codec": "none"}},
 }
 
 
@@ -1813,7 +1886,9 @@ def test_lora_bundles_use_expected_forms(lora_bundles):
     forms = {}
     for key, (path, _) in lora_bundles.items():
         sb = SpecBundle(path)
-        assert sb.version == 2 and sb.meta["format_version"] == "2" and sb.manifest["format_version"] == 2
+        version = 6 if key.startswith("own-") else 2  # §10: the quant and cast forms need version 6
+        assert sb.version == version and sb.meta["format_version"] == str(version), key
+        assert sb.manifest["format_version"] == version, key
         forms[key] = {t["name"].removeprefix(_PREFIX): (t["form"], t.get("ranks")) for t in sb.lora_modules.values()}
         # §7.1: non-factor tensors (modules_to_save heads) are ordinary raw records
         assert all(t["storage"] in ("lora", "raw") for t in sb.tensors), key
@@ -1829,6 +1904,10 @@ def test_lora_bundles_use_expected_forms(lora_bundles):
     mixed = SpecBundle(lora_bundles["mixed"][0])
     assert mixed.members["mix3"]["dtypes"] and set(mixed.members["mix3"]["dtypes"].values()) == {"F16"}
     assert mixed.members["mix4"]["lora"][_PREFIX + "layers.0.q"][1] < 0  # a negative scale: the sign rule
+    # §10: peft's random fc factors are quantized (four adapters: no shared basis pays for itself)
+    assert forms["own-quant"]["fc"][0] == "quant"
+    assert "quant" in {f for f, _ in forms["own-quant-mixed-bf16"].values()}
+    assert "cast" in {f for f, _ in forms["own-cast"].values()}
 
 
 @pytest.mark.parametrize("variant", list(LORA_VARIANTS))
@@ -1861,6 +1940,10 @@ def test_lora_reader_matches_unipack_and_adapters(lora_bundles, variant):
             if module not in sb.lora_modules or sb.lora_modules[module]["form"] == "factors":
                 # raw / factors: the stored blobs, bit-exact against the adapter and unipack
                 assert arr.tobytes() == oarr.tobytes() == uarr.tobytes(), (member, key)
+                continue
+            if sb.lora_modules[module]["form"] in ("quant", "cast"):
+                # §10.2: exact products and one rounding: bit for bit with unipack
+                assert arr.tobytes() == uarr.tobytes(), (member, key)
                 continue
             # Factors rebuilt from a subspace (§7.2): both follow the same reference steps, so they
             # are expected bit for bit. Step 3's "B0 = U X sqrt(Sigma)" does not fix the association:

@@ -153,7 +153,8 @@ class MergeOptions:
         True,
         "--quantize/--no-quantize",
         "Also try, per tensor, the mean plus each member's quantized delta (storage delta) and keep "
-        "it where it is the cheapest storage meeting the budget (--max-error or --max-delta-error).",
+        "it where it is the cheapest storage meeting the budget (--max-error or --max-delta-error); "
+        "for LoRA adapters, each adapter's own factors at a few bits (lora form quant).",
     )
     codec: str = _opt("zstd", "--codec", "Lossless codec for stored blobs.", choices=CODECS)
     zstd_level: int = _opt(3, "--zstd-level", "zstd level (1-22).", type=int)

@@ -1,27 +1,34 @@
 """Merging PEFT LoRA adapters: compress what each adapter does to a module, not its factors.
 
-Per LoRA module, the adapters that touch it give updates ΔW_i = s_i B_i A_i. They are stored as
-shared bases U, V and one small core per adapter (``core.lora``), at the ranks the user's rule
-picks; or, where that would cost more bytes than the adapters' own factors, as those factors,
-bit-exact. Tensors that are not LoRA factors (``modules_to_save`` heads, trained biases) are
-stored raw per adapter. Nothing out x in is ever formed, and a module's factors are held only
-while it is being encoded.
+Per LoRA module, the adapters that touch it give updates ΔW_i = s_i B_i A_i. Every form that
+meets the user's rule is priced at its compressed bytes and the cheapest is kept: shared bases
+U, V and one small core per adapter (``core.lora``, at the ranks the rule picks); each adapter's
+own factors, balanced and quantized to L levels for each L of ``core.lora_quant.LEVELS``, or
+rounded to a narrower ``--dtype`` (``schemes.lora_quant``); or the factors themselves, bit-exact.
+A tie goes to the earlier of exact, cast, quantized, subspace. Tensors that are not LoRA factors
+(``modules_to_save`` heads, trained biases) are stored raw per adapter. Nothing out x in is ever
+formed, and a module's factors are held only while it is being encoded.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from unipack.core import quantize
 from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
+from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, balanced, cast_factors, fit_quantized
 from unipack.errors import InputError
+from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
 from unipack.pack.dense import Merger
 from unipack.schemes.lora_factors import LORA_FACTORS, LoraFactorsParams
+from unipack.schemes.lora_quant import LORA_CAST, LORA_QUANT, LoraCastParams, LoraQuantParams
 from unipack.schemes.lora_subspace import LORA_SUBSPACE, LoraSubspaceParams
 from unipack.schemes.raw import RAW, RawParams
 from unipack.sources import PeftAdapterSource
@@ -167,9 +174,188 @@ class LoraMerger(Merger):
                 module, model, factors, f"--raw {pattern!r}: the adapters' own factors", "requested"
             )
         chosen = self._choose(model, factors, member_dtypes, own_bytes)
-        if isinstance(chosen, str):
-            return self._store_factors(module, model, factors, chosen, "budget")
-        return self._store_subspace(module, model, factors, chosen)
+        exact_cost = self._exact_cost(module)
+        best: tuple[int, str] = (exact_cost, "exact")
+        cast = self._cast_candidate(factors, member_dtypes)
+        if cast is not None and cast[0] < best[0]:
+            best = (cast[0], "cast")
+        quant = self._quant_candidate(factors, member_dtypes)
+        if quant is not None and quant[0] < best[0]:
+            best = (quant[0], "quant")
+        subspace_cost = None if isinstance(chosen, str) else self._subspace_cost(chosen)
+        if subspace_cost is not None and subspace_cost < best[0]:
+            best = (subspace_cost, "subspace")
+        priced = f"{best[0]:,} B compressed vs the exact factors' {exact_cost:,} B"
+        if best[1] == "subspace":
+            assert not isinstance(chosen, str)
+            return self._store_subspace(module, model, factors, chosen)
+        if best[1] == "cast":
+            assert cast is not None
+            reason = f"{self._rule_text()}: each adapter's factors balanced and cast to {self.coef_dtype} ({priced})"
+            return self._store_cast(module, model, factors, cast[1], reason)
+        if best[1] == "quant":
+            assert quant is not None
+            levels, fits = quant[1]
+            reason = f"{self._rule_text()}: each adapter's balanced factors at {levels} levels ({priced})"
+            return self._store_quant(module, model, factors, levels, fits, reason)
+        reason = chosen if isinstance(chosen, str) else f"{self._rule_text()}: no other form costs fewer bytes"
+        return self._store_factors(module, model, factors, reason, "budget")
+
+    # -- the adapters' own factors, cast or quantized (spec §10) -------------------------------------
+
+    def _exact_cost(self, module: ModulePlan) -> int:
+        """Compressed bytes of the adapters' factors as they are (the ``factors`` form)."""
+        cost = 0
+        for c, adapter in zip(self.checkpoints, self.adapters):
+            m = adapter.lora_modules.get(module.name)
+            if m is not None:
+                cost += sum(self._compressed(c.read(key), c.tensors[key].dtype) for key in (m.a_key, m.b_key))
+        return cost
+
+    def _meets(self, errors: list[float]) -> bool:
+        budget = self.options.budget
+        return budget is not None and budget.met(errors)
+
+    def _cast_candidate(
+        self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
+    ) -> tuple[int, list[CastFactors | None]] | None:
+        """The balanced factors at the coefficient dtype, where it is narrower than the adapters'
+        (``--dtype float16``) and, under an error rule, meets it; under a rank or energy rule the
+        user's ``--dtype`` is taken as asked."""
+        narrower = any(d is not None and dtypes.itemsize(self.coef_dtype) < dtypes.itemsize(d) for d in member_dtypes)
+        if not narrower:
+            return None
+        casts: list[CastFactors | None] = [
+            None if f is None or d is None else cast_factors(f, self.coef_dtype, d)
+            for f, d in zip(factors, member_dtypes)
+        ]
+        errors = [c.error for c in casts if c is not None]
+        if self.options.budget is not None and not self._meets(errors):
+            return None
+        held = [c.values_held for c in casts if c is not None]
+        return self._compressed(np.concatenate(held), self.coef_dtype), casts
+
+    def _quant_candidate(
+        self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
+    ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
+        """The cheapest level count (of ``LEVELS``, every one tried) whose quantized factors meet
+        the rule for every adapter, with its compressed bytes (codes and steps)."""
+        budget = self.options.budget
+        if not self.options.quantize or budget is None or budget.max_error is None:
+            return None
+        best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
+        gauges = [None if f is None else balanced(f) for f in factors]
+        for levels in sorted(LEVELS, reverse=True):
+            fits: list[QuantizedFactors | None] = []
+            for f, d, gauge in zip(factors, member_dtypes, gauges):
+                fitted = None
+                if f is not None and d is not None:
+                    fitted = fit_quantized(
+                        f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d, gauge=gauge
+                    )
+                    if fitted is None:
+                        break
+                fits.append(fitted)
+            live = [q for q in fits if q is not None]
+            if len(fits) < len(factors) or not live:
+                continue  # an adapter misses the rule at this L (or none touches the module)
+            codes = np.concatenate([quantize.pack(q.codes, levels) for q in live])  # as stored: one blob
+            steps = np.concatenate([q.steps_held for q in live])
+            cost = self._compressed(codes, "U8") + self._compressed(steps, self.coef_dtype)
+            if best is None or cost < best[0]:
+                best = (cost, (levels, fits))
+        return best
+
+    def _subspace_cost(self, enc: EncodedLora) -> int:
+        cost = 0
+        for side in (enc.left, enc.right):
+            if side is not None:
+                cost += self._compressed(side, self.coef_dtype)
+        cores = [c.reshape(-1) for c in enc.cores if c is not None and c.size]
+        if cores:
+            cost += self._compressed(np.concatenate(cores), self.coef_dtype)
+        return cost
+
+    def _own_fidelity(
+        self, model: LoraModel, factors: list[LoraFactors | None], errors: list[float], numbers: list[float]
+    ) -> None:
+        """Errors and fidelity numbers of a form that keeps each adapter's own factors. The SVD
+        baseline (spec §10.2) is the adapter's own truncated SVD at equal bytes: rank
+        q = min(r, floor(numbers / (out + in))) for the ``numbers`` (at the coefficient dtype)
+        its block and codes take, with the exact truncation error from ΔW's singular values."""
+        baselines = self._baselines(model, 0, 0)
+        for i, (f, err) in enumerate(zip(factors, errors)):
+            if f is None:
+                self.errors[i].append(0.0)
+                self.fidelity[i].append(EXACT)
+                continue
+            self.errors[i].append(round_up(float(err)))
+            svd_error: float | None = None
+            svd_rank: int | None = None
+            if self.options.baselines:
+                sigma = balanced(f)[2]
+                svd_rank = int(min(f.rank, numbers[i] // (f.out_dim + f.in_dim)))
+                total = float(np.sum(sigma**2))
+                svd_error = math.sqrt(float(np.sum(sigma[svd_rank:] ** 2)) / total) if total > 0 else 0.0
+            self.fidelity[i].append(
+                MemberFidelity(
+                    norm=f.norm, delta_error=err, mean_error=baselines[i][0], svd_error=svd_error, svd_rank=svd_rank
+                )
+            )
+
+    def _store_quant(
+        self,
+        module: ModulePlan,
+        model: LoraModel,
+        factors: list[LoraFactors | None],
+        levels: int,
+        fits: list[QuantizedFactors | None],
+        reason: str,
+    ) -> TensorRecord:
+        for i, q in enumerate(fits):
+            if q is not None:
+                self.coefs[i].append(q.steps_held)
+        packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])
+        codes = self.writer.add(f"codes/{module.name}", packed, "U8")
+        errors = [0.0 if q is None else q.error for q in fits]
+        itemsize = dtypes.itemsize(self.coef_dtype)
+        numbers = [
+            0.0 if q is None else q.steps_held.size + quantize.packed_size(q.codes.size, levels) / itemsize
+            for q in fits
+        ]
+        self._own_fidelity(model, factors, errors, numbers)
+        head, variance = spectrum(model.left_spectrum)
+        return TensorRecord(
+            module.name,
+            LORA_QUANT.storage,
+            module.dtype,
+            (module.out_dim, module.in_dim),
+            reason,
+            LoraQuantParams(levels=levels, codes=codes, spectrum=tuple(head), variance=variance),
+        )
+
+    def _store_cast(
+        self,
+        module: ModulePlan,
+        model: LoraModel,
+        factors: list[LoraFactors | None],
+        casts: list[CastFactors | None],
+        reason: str,
+    ) -> TensorRecord:
+        for i, c in enumerate(casts):
+            if c is not None:
+                self.coefs[i].append(c.values_held)
+        errors = [0.0 if c is None else c.error for c in casts]
+        self._own_fidelity(model, factors, errors, [0.0 if c is None else float(c.values_held.size) for c in casts])
+        head, variance = spectrum(model.left_spectrum)
+        return TensorRecord(
+            module.name,
+            LORA_CAST.storage,
+            module.dtype,
+            (module.out_dim, module.in_dim),
+            reason,
+            LoraCastParams(spectrum=tuple(head), variance=variance),
+        )
 
     def _choose(
         self, model: LoraModel, factors: list[LoraFactors | None], member_dtypes: list[str | None], own_bytes: int

@@ -28,7 +28,11 @@ COMPRESSED_MANIFEST_VERSION = 4
 #: Version 5 adds the lossless tier: a member's ``exact`` map (the sha256 of each original tensor
 #: and, where the lossy tier does not rebuild it bit for bit, a residual blob; spec §9).
 EXACT_TIER_FORMAT_VERSION = 5
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
+#: Version 6 adds the ``lora`` forms ``quant`` (each adapter's factors at L levels, codes in its
+#: ``codes`` blob) and ``cast`` (its factors at the coefficient dtype); only bundles that use one
+#: are written as version 6.
+LORA_QUANT_FORMAT_VERSION = 6
+SUPPORTED_VERSIONS = (1, 2, 3, 4, EXACT_TIER_FORMAT_VERSION, LORA_QUANT_FORMAT_VERSION)
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
 
@@ -95,6 +99,10 @@ class StorageParams:
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
         """The blobs the record itself names (shared by every member)."""
         return []
+
+    def sized_by_members(self, tensor: TensorRecord, members: tuple[MemberRecord, ...]) -> dict[str, tuple[int, ...]]:
+        """Blobs of the record (``blob_refs``) whose shape follows from the members, with that shape."""
+        return {}
 
     def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
         """Keys ``member.raw`` must hold for this tensor, with each blob's shape (None: any)."""

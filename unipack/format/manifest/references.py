@@ -69,6 +69,12 @@ def check_references(m: Manifest, where: str) -> None:
             )
         for r in t.params.blob_refs(t):
             ref(r, what)
+        for name, needed in t.params.sized_by_members(t, m.members).items():
+            if m.blobs[name].shape != needed:
+                raise FormatError(
+                    f"{where}: {what}: blob {name!r} has shape {list(m.blobs[name].shape)}, "
+                    f"the members need {list(needed)}"
+                )
     for mem in m.members:
         # One pass over the records per member gathers what the checks below need (the sizes of
         # its coefficient and codes blobs, the raw keys the records require): this loop runs
