@@ -29,6 +29,8 @@ EXPECTED = {  # registry name -> (storage, discriminating field value)
     "lora-subspace": ("lora", "subspace"),
     "lora-factors": ("lora", "factors"),
     "delta": ("delta", None),
+    "lora-quant": ("lora", "quant"),
+    "lora-cast": ("lora", "cast"),
 }
 
 

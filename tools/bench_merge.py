@@ -506,7 +506,7 @@ def parse_rules(rules: list[str]) -> dict[str, Any]:
 
 def rule_label(options: dict[str, Any]) -> str:
     shown = {k: v for k, v in options.items() if k != "raw_mismatched"}
-    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "library default (max_error=0.01)"
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "library default (max_delta_error=0.4 and max_error=0.05)"
 
 
 def add_derived(row: dict[str, Any], baseline: int) -> dict[str, Any]:
