@@ -172,6 +172,19 @@ def cli() -> None:
 )
 @click.option("--metric", help="With --eval: which metric of the eval's dict (default: its first key).")
 @click.option(
+    "--size",
+    "size_target",
+    metavar="SIZE",
+    callback=lambda ctx, param, value: _size_option(value, "--size"),
+    help="Write the most faithful bundle that fits SIZE (e.g. 200MB, 1.5GiB): the error "
+    "bounds are scaled together until the file is within 1%% below SIZE (one merge per try).",
+)
+@click.option(
+    "--bits",
+    type=float,
+    help="As --size, with SIZE = BITS per parameter of the inputs (every tensor of every member).",
+)
+@click.option(
     "--name",
     "name_pairs",
     multiple=True,
@@ -190,6 +203,8 @@ def merge_cmd(
     eval_spec: str | None,
     max_drop: float | None,
     metric: str | None,
+    size_target: int | None,
+    bits: float | None,
     name_pairs: tuple[str, ...],
     **fields: Any,
 ) -> None:
@@ -199,11 +214,38 @@ def merge_cmd(
     options = MergeOptions(**{k: v for k, v in fields.items()})
     if (max_drop is not None or metric is not None) and eval_spec is None:
         raise click.UsageError("--max-drop and --metric need --eval SPEC (the function that scores a member)")
+    if size_target is not None and bits is not None:
+        raise click.UsageError("give --size or --bits, not both")
+    if (size_target is not None or bits is not None) and eval_spec is not None:
+        raise click.UsageError("--size/--bits cannot be combined with --eval yet: pick the bundle by size or by drop")
     names = resolve_names(inputs, name_pairs) if name_pairs else None
     bars = None if quiet else ProgressBars(err_console)
     try:
-        if eval_spec is None:
-            result: MergeResult = merge(list(inputs), output, options=options, names=names, force=force, progress=bars)
+        if size_target is not None or bits is not None:
+            from unipack.pack.size_target import bits_target, merge_to_size
+
+            target = size_target if size_target is not None else bits_target(list(inputs), bits or 0.0, names)
+            tries: list[int] = []
+
+            def tried(a: Any) -> None:
+                tries.append(a.file_bytes)
+                err_console.print(
+                    f"size search, merge {len(tries)}: {a.rule_text} -> {format_bytes(a.file_bytes)} "
+                    f"(target {format_bytes(target)})"
+                )
+
+            result: MergeResult = merge_to_size(
+                list(inputs),
+                output,
+                target,
+                options=options,
+                names=names,
+                force=force,
+                progress=bars,
+                on_attempt=None if quiet else tried,
+            )
+        elif eval_spec is None:
+            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars)
         else:
             from unipack.pack.max_drop import merge_with_eval
             from unipack.usercode import load_eval
@@ -241,11 +283,15 @@ def merge_cmd(
 
 def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """``--max-shard-size`` as bytes; a malformed size is a usage error (exit 2), like a bad choice."""
+    return _size_option(value, "--max-shard-size")
+
+
+def _size_option(value: str | None, what: str) -> int | None:
     from unipack.errors import OptionsError
     from unipack.export.hf_folder import parse_size
 
     try:
-        return None if value is None else parse_size(value)
+        return None if value is None else parse_size(value, what)
     except OptionsError as exc:
         raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 

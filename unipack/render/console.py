@@ -5,7 +5,9 @@ Every ratio printed here is printed next to the fidelity that goes with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,6 +17,7 @@ from rich.text import Text
 from unipack.analysis.report import recorded_alternatives, rule_text
 from unipack.bundle.summary import BundleSummary
 from unipack.format.manifest import Manifest
+from unipack.options import rule_text as bounds_text
 from unipack.pack.add import AddResult
 from unipack.pack.merge import MergeResult
 from unipack.render.alternatives_view import alternatives_verdict
@@ -103,10 +106,31 @@ def merge_summary(result: MergeResult) -> Table:
             f"{evaluation.get('metric')}: largest drop {evaluation.get('worst_drop', 0):.3g} "
             f"({evaluation.get('worst_member')}){verdict}",
         )
+    sized = result.manifest.stats.get("size_target")
+    if isinstance(sized, dict):
+        t.add_row("size target", size_target_line(sized, result.file_bytes))
     t.add_row("time", f"{result.seconds:.1f} s")
     t.add_row("peak memory", format_bytes(result.peak_rss_bytes))
     t.add_row("next", f"unipack report {result.path}   (bytes by part, errors vs baselines, spectra)")
     return t
+
+
+def size_target_line(record: dict[str, Any], file_bytes: int) -> str:
+    """What ``merge --size/--bits`` asked for and got (``stats.size_target``)."""
+    target = int(record.get("target_bytes") or 0)
+    rule = bounds_text(
+        "max-error", max_error=_sig3(record.get("max_error")), max_delta_error=_sig3(record.get("max_delta_error"))
+    )
+    share = file_bytes / target if target else math.nan
+    verdict = "met within 1%" if record.get("met") else f"fits, at {share:.1%} of it (no closer bundle found)"
+    return (
+        f"{format_bytes(target)}: {format_bytes(file_bytes)} at {rule}, {verdict} "
+        f"({len(record.get('attempts') or [])} merges)"
+    )
+
+
+def _sig3(value: Any) -> float | None:
+    return float(f"{value:.3g}") if isinstance(value, (int, float)) else None
 
 
 def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[RenderableType]:

@@ -43,6 +43,7 @@ def merge_document(result: MergeResult) -> dict[str, Any]:
         "task_specific": result.shape_mismatched,
         "alternatives": _alternatives_document(result),
         "evaluation": evaluation if isinstance(evaluation, dict) else None,
+        "size_target": sized if isinstance(sized := result.manifest.stats.get("size_target"), dict) else None,
         "seconds": result.seconds,
         "peak_rss_bytes": result.peak_rss_bytes,
     }

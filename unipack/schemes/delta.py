@@ -395,6 +395,10 @@ def fit(
             if found is None or found[0] > PRUNE * chain_best:
                 if found is not None:
                     tried[_label(cand, shape)] = -1
+                if cand.levels % 2 == 0:
+                    # An even count has no zero level: off the chain's cost curve (16 often costs
+                    # more than both 31 and 15), so it cannot say the fewer counts after it will.
+                    continue
                 break
             chain_best = min(chain_best, found[0])
             alive[cand] = (found[0], [found[1]])
