@@ -298,6 +298,12 @@ def ensure_population(spec: PopulationSpec, ns: argparse.Namespace, count: int, 
 # --------------------------------------------------------------------------------------------
 
 
+def worker_peak_bytes() -> int:
+    """The largest peak RSS of this process's finished children (the merge's worker processes)."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def ru_maxrss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
@@ -420,6 +426,8 @@ def child_merge(inputs: list[str], out: Path, options: dict[str, Any], result_fi
                 "wall_seconds": wall,
                 "ru_maxrss_bytes": peak_after_merge,
                 "merge_peak_rss_bytes": result.peak_rss_bytes,
+                # merge --jobs: the largest worker process's peak (0: the merge ran in-process)
+                "worker_peak_rss_bytes": worker_peak_bytes(),
                 "vm_hwm_bytes": hwm_after_merge,
                 "parts": summary.parts,
                 "coef_decoded_bytes": coef_decoded,
@@ -546,6 +554,7 @@ def render(rows: list[dict[str, Any]], baseline: int, label: str, console: Any) 
         "MB/s",
         "peak RSS MB",
         "merge peak MB",
+        "worker peak MB",
         "RSS−base MB",
         "coef MB (stored)",
         "coef MB (decoded)",
@@ -564,6 +573,7 @@ def render(rows: list[dict[str, Any]], baseline: int, label: str, console: Any) 
             f"{r['throughput_mb_s']:.1f}",
             f"{r['ru_maxrss_bytes'] / MB:.0f}",
             f"{r['merge_peak_rss_bytes'] / MB:.0f}",
+            f"{r.get('worker_peak_rss_bytes', 0) / MB:.0f}",
             f"{r['rss_minus_baseline_bytes'] / MB:.0f}",
             f"{r['coef_stored_bytes'] / MB:.2f}",
             f"{r['coef_decoded_bytes'] / MB:.2f}",

@@ -172,6 +172,12 @@ def cli() -> None:
 )
 @click.option("--metric", help="With --eval: which metric of the eval's dict (default: its first key).")
 @click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Processes that fit tensors side by side (default: every core, for inputs of 64 MiB and more "
+    "read from safetensors; 1 otherwise). The bundle is byte-identical whatever the number.",
+)
+@click.option(
     "--size",
     "size_target",
     metavar="SIZE",
@@ -203,6 +209,7 @@ def merge_cmd(
     eval_spec: str | None,
     max_drop: float | None,
     metric: str | None,
+    jobs: int | None,
     size_target: int | None,
     bits: float | None,
     name_pairs: tuple[str, ...],
@@ -242,10 +249,11 @@ def merge_cmd(
                 names=names,
                 force=force,
                 progress=bars,
+                jobs=jobs,
                 on_attempt=None if quiet else tried,
             )
         elif eval_spec is None:
-            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars)
+            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars, jobs=jobs)
         else:
             from unipack.pack.max_drop import merge_with_eval
             from unipack.usercode import load_eval
@@ -260,6 +268,7 @@ def merge_cmd(
                 names=names,
                 force=force,
                 progress=bars,
+                jobs=jobs,
                 on_attempt=lambda a: err_console.print(
                     f"{a.rule_text}: {format_bytes(a.file_bytes)}, largest drop {a.worst_drop:.3g} ({a.worst_member})"
                 ),

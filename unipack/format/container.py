@@ -66,6 +66,10 @@ class BundleWriter:
         with spool_file(real.parent, real.name) as f:
             yield cls(f, codec_name, level)
 
+    @property
+    def codec_name(self) -> str:
+        return self._codec
+
     def level_for(self, dtype: str) -> int:
         """The zstd level a blob of ``dtype`` is written at. Packed quantization codes (U8) are
         near-random bytes: at the fast levels, zstd's match finder spends bits on spurious short

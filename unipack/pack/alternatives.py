@@ -123,6 +123,15 @@ class AlternativesMeter:
         outcomes["paper-k16"] = _paper(job, load, norms, rows_models)
         self._record(job.name, outcomes, norms, bundle_errors)
 
+    def replay(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Add the tensors a ``RecordingMeter`` measured (in a worker process), in their order."""
+        for method, args in calls:
+            if method == "kept":
+                numels, member_dtypes, once = args
+                self.kept(numels, member_dtypes, once=once)
+            else:
+                self._record(*args)
+
     def _record(
         self, name: str, outcomes: dict[str, TensorOutcome], norms: list[float], bundle_errors: Sequence[float]
     ) -> None:
@@ -230,3 +239,21 @@ def _cached(job: TensorJob) -> Callable[[int], np.ndarray]:
         return job.load
     values = [job.load(i) for i in range(job.n_members)]
     return values.__getitem__
+
+
+class RecordingMeter(AlternativesMeter):
+    """The meter in a worker process: measures a tensor like ``AlternativesMeter`` and records
+    the calls that add it to the tallies, for the merging process to ``replay`` in order (the
+    tallies are sums and maxima over tensors: their order must not depend on the workers)."""
+
+    def __init__(self, n_members: int, budget: ErrorBudget | None) -> None:
+        super().__init__(n_members, budget)
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def kept(self, numel_by_member: Sequence[int], member_dtypes: Sequence[str], *, once: bool) -> None:
+        self.calls.append(("kept", (list(numel_by_member), list(member_dtypes), once)))
+
+    def _record(
+        self, name: str, outcomes: dict[str, TensorOutcome], norms: list[float], bundle_errors: Sequence[float]
+    ) -> None:
+        self.calls.append(("record", (name, outcomes, norms, list(bundle_errors))))

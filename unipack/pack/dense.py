@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,8 +29,8 @@ from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
-from unipack.pack import lossless
-from unipack.pack.alternatives import AlternativesMeter
+from unipack.pack import lossless, parallel
+from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
 from unipack.pack.plan import TensorPlan
 from unipack.schemes import delta, scheme_of
 from unipack.schemes.exact import EXACT_SCHEME, ExactParams
@@ -46,6 +47,48 @@ class MergeProgress(Protocol):
     def tensor(self, index: int, name: str) -> None: ...
     def member_read(self) -> None: ...
     def lossless(self, done: int, total: int) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedBlob:
+    """A blob a worker compressed (``codec.encode``), for ``BundleWriter.add_encoded``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stored: bytes
+    codec: str
+    shuffled: bool
+
+
+class RecordingWriter:
+    """Stands in for the bundle writer in a worker: compresses each blob exactly as the writer
+    would and keeps it, in order, for the parent to append."""
+
+    def __init__(self, writer: BundleWriter) -> None:
+        self.level_for, self._codec = writer.level_for, writer.codec_name
+        self.made: list[EncodedBlob] = []
+
+    def add(self, name: str, array: np.ndarray, dtype: str) -> str:
+        data = dtypes.to_bytes(array, dtype)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self.level_for(dtype))
+        shape = tuple(int(d) for d in array.shape)
+        self.made.append(EncodedBlob(name, dtype, shape, bytes(stored), used, shuffled))
+        return name
+
+
+@dataclasses.dataclass
+class StoredTensor:
+    """Everything storing one tensor writes: its record, blobs, and each member's parts."""
+
+    record: TensorRecord
+    blobs: list[EncodedBlob]
+    coefs: list[list[np.ndarray]]
+    codes: list[list[np.ndarray]]
+    raw: list[dict[str, str]]
+    errors: list[list[float]]
+    fidelity: list[list[MemberFidelity]]
+    meter_calls: list[tuple[str, tuple[Any, ...]]]
 
 
 class Merger:
@@ -65,16 +108,68 @@ class Merger:
         # skips both: they are what the report compares the bundle with, not what it stores).
         self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
 
-    def run(self, plans: list[TensorPlan]) -> Manifest:
-        self._measure_lossless()
+    def run(self, plans: list[TensorPlan], jobs: int | None = 1) -> Manifest:
+        """Every tensor stored in plan order; ``jobs``: worker processes (None: automatic, see
+        ``parallel.effective_jobs``). The bundle's bytes do not depend on it."""
         if self.progress:
             self.progress.start(len(plans), len(self.checkpoints))
+        workers = parallel.effective_jobs(jobs, self.checkpoints, len(plans))
+        apart = workers > 1
+        store: Callable[[TensorPlan], object] = self._store_apart if apart else self._store
+        tasks: dict[str, Callable[[int], object]] = {
+            "tensor": lambda index: store(plans[index]),
+            "lossless": self._measure_lossless,
+        }
         records = []
-        for index, plan in enumerate(plans):
-            if self.progress:
-                self.progress.tensor(index, plan.name)
-            records.append(self._store(plan))
+        with parallel.Workers(workers, tasks) as pool:
+            # The zstd -19 baseline (seconds per member) runs beside the tensors, not before them.
+            mode = lossless.plan_mode(self.options.lossless, sum(c.file_size for c in self.checkpoints))
+            measured = [pool.start("lossless", i) for i in range(len(self.checkpoints))] if mode else []
+            for index, part in enumerate(pool.in_order("tensor", len(plans))):
+                if self.progress:
+                    self.progress.tensor(index, plans[index].name)
+                records.append(self._apply(part) if apart else part)
+            for i, wait in enumerate(measured):
+                if self.progress:
+                    self.progress.lossless(i, len(self.checkpoints))
+                self.lossless[i] = wait()
         return self._manifest(records)
+
+    def _store_apart(self, plan: TensorPlan) -> StoredTensor:
+        """``_store`` in a worker: everything it would write, recorded for ``_apply``."""
+        n = len(self.checkpoints)
+        apart = copy.copy(self)
+        apart.progress = None
+        apart.writer = RecordingWriter(self.writer)  # type: ignore[assignment]
+        apart.coefs, apart.codes = [[] for _ in range(n)], [[] for _ in range(n)]
+        apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        if self.alternatives is not None:
+            apart.alternatives = RecordingMeter(n, self.options.budget)
+        record = apart._store(plan)
+        return StoredTensor(
+            record=record,
+            blobs=apart.writer.made,  # type: ignore[attr-defined]
+            coefs=apart.coefs,
+            codes=apart.codes,
+            raw=apart.raw,
+            errors=apart.errors,
+            fidelity=apart.fidelity,
+            meter_calls=apart.alternatives.calls if isinstance(apart.alternatives, RecordingMeter) else [],
+        )
+
+    def _apply(self, part: StoredTensor) -> TensorRecord:
+        """What ``_store_apart`` recorded, written as ``_store`` would have written it."""
+        for blob in part.blobs:
+            self.writer.add_encoded(blob.name, blob.dtype, blob.shape, blob.stored, blob.codec, blob.shuffled)
+        for i in range(len(self.checkpoints)):
+            self.coefs[i].extend(part.coefs[i])
+            self.codes[i].extend(part.codes[i])
+            self.raw[i].update(part.raw[i])
+            self.errors[i].extend(part.errors[i])
+            self.fidelity[i].extend(part.fidelity[i])
+        if self.alternatives is not None:
+            self.alternatives.replay(part.meter_calls)
+        return part.record
 
     def _store(self, plan: TensorPlan) -> TensorRecord:
         record, job = self._choose_and_store(plan)
@@ -222,15 +317,13 @@ class Merger:
         params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
         return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
-    def _measure_lossless(self) -> None:
+    def _measure_lossless(self, i: int) -> lossless.LosslessSize | None:
+        """Member ``i``'s inputs compressed with zstd -19 (the report's lossless baseline)."""
         sizes = [c.file_size for c in self.checkpoints]
         mode = lossless.plan_mode(self.options.lossless, sum(sizes))
         if mode is None:
-            return
-        for i, c in enumerate(self.checkpoints):
-            if self.progress:
-                self.progress.lossless(i, len(self.checkpoints))
-            self.lossless[i] = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1))
+            return None
+        return lossless.measure_files(self.checkpoints[i].files, mode, sizes[i] / max(sum(sizes), 1))
 
     def _values(self, i: int, name: str) -> np.ndarray:
         if self.progress:

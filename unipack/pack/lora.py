@@ -126,7 +126,10 @@ class LoraMerger(Merger):
         assert all(isinstance(a, PeftAdapterSource) for a in adapters)
         self.adapters: list[PeftAdapterSource] = adapters  # type: ignore[assignment]
         self._lora: list[dict[str, tuple[int, float]]] = [{} for _ in self.checkpoints]
-        self._measure_lossless()
+        for i in range(len(self.checkpoints)):
+            if self.progress:
+                self.progress.lossless(i, len(self.checkpoints))
+            self.lossless[i] = self._measure_lossless(i)
         if self.progress:
             self.progress.start(len(modules) + len(extras), len(self.checkpoints))
         records = []

@@ -71,6 +71,7 @@ def merge_with_eval(
     names: Sequence[str] | None = None,
     force: bool = False,
     progress: MergeProgress | None = None,
+    jobs: int | None = None,
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> MergeResult:
     """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it."""
@@ -115,6 +116,7 @@ def merge_with_eval(
             names=names,
             force=True,
             progress=progress,
+            jobs=jobs,
         )
         with BundleReader(trial) as b:
             scores = {name: hook(b.load(name), name) for name in b.members}

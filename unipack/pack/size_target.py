@@ -94,6 +94,7 @@ def merge_to_size(
     names: Sequence[str] | None = None,
     force: bool = False,
     progress: MergeProgress | None = None,
+    jobs: int | None = None,
     on_attempt: Callable[[SizeAttempt], None] | None = None,
 ) -> MergeResult:
     """Merge at the tightest scale of the error rule whose bundle fits in ``target_bytes``."""
@@ -143,6 +144,7 @@ def merge_to_size(
                 names=names,
                 force=True,
                 progress=progress,
+                jobs=jobs,
             )
             a = SizeAttempt(max_error, max_delta_error, result.file_bytes)
             attempts.append(a)

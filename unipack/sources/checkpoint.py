@@ -23,6 +23,7 @@ from unipack.format import dtypes
 from unipack.format.manifest import check_member_name
 from unipack.sources import TORCH_SUFFIXES, PeftAdapterSource, TensorInfo, TensorSource, open_source
 from unipack.sources.base import MAX_MAGNITUDE
+from unipack.sources.safetensors_source import SafetensorsSource
 
 #: float32's largest finite value.
 F32_MAX = float(np.finfo(np.float32).max)
@@ -83,6 +84,14 @@ class Checkpoint:
     @property
     def files(self) -> tuple[tuple[Path, int], ...]:
         return self.source.files
+
+    @property
+    def fork_safe(self) -> bool:
+        """Whether a forked child process may read this member: safetensors files (and folders
+        of them) are read with ``pread``; a torch checkpoint reads through torch, whose thread
+        pools do not survive a fork."""
+        shards = getattr(self.source, "shards", (self.source,))
+        return all(isinstance(s, SafetensorsSource) for s in shards)
 
     @property
     def is_adapter(self) -> bool:

@@ -62,6 +62,10 @@ class HFFolderSource:
         return self._path
 
     @property
+    def shards(self) -> tuple[TensorSource, ...]:
+        return tuple(self._shards)
+
+    @property
     def file_size(self) -> int:
         return sum(s.file_size for s in self._shards)
 
