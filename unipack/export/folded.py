@@ -86,8 +86,9 @@ class Fold:
             info, update_shape = tensors[key], parts.update_shape(key)
             if tuple(info.shape) != update_shape:
                 raise InputError(
-                    f"{where}: tensor {key} has shape {list(info.shape)} but member {self.member!r}'s "
-                    f"LoRA update to it is {list(update_shape)}; give the base model this adapter was trained on"
+                    f"{where}: tensor {key} has shape {list(info.shape)} but the LoRA update member "
+                    f"{self.member!r} adds to it has shape {list(update_shape)}; give the base model "
+                    f"this adapter was trained on"
                 )
             if info.dtype not in dtypes.FLOAT_DTYPES:
                 raise InputError(
@@ -98,14 +99,14 @@ class Fold:
             info = tensors[key]
             if tuple(info.shape) != tuple(shape):
                 raise InputError(
-                    f"{where}: tensor {key} has shape {list(info.shape)} but member {self.member!r}'s "
-                    f"own copy of it (modules_to_save) is {list(shape)}; give the base model this "
-                    f"adapter was trained on"
+                    f"{where}: tensor {key} has shape {list(info.shape)} but the copy of it member "
+                    f"{self.member!r} brings (modules_to_save) has shape {list(shape)}; give the base "
+                    f"model this adapter was trained on"
                 )
             if dtype != info.dtype and not (dtype in dtypes.FLOAT_DTYPES and info.dtype in dtypes.FLOAT_DTYPES):
                 raise InputError(
-                    f"{where}: tensor {key} is {info.dtype} but member {self.member!r}'s own copy of it "
-                    f"is {dtype}; give the base model this adapter was trained on"
+                    f"{where}: tensor {key} is {info.dtype} but the copy of it member {self.member!r} "
+                    f"brings is {dtype}; give the base model this adapter was trained on"
                 )
         return [
             (name, info.dtype, tuple(info.shape), info.numel * dtypes.itemsize(info.dtype))
