@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unipack.bundle.reader import BundleReader
+from unipack.export.folded import write_folded_folder, write_folded_folders
 from unipack.export.hf_folder import DEFAULT_MAX_SHARD_SIZE, HFExport, write_hf_folder, write_hf_folders
 from unipack.export.peft_folder import PeftExport, write_peft_folder, write_peft_folders
 from unipack.export.safetensors import write_safetensors, write_safetensors_all
@@ -41,22 +42,31 @@ class Bundle(BundleReader):
         member: str,
         directory: str | os.PathLike[str],
         *,
+        base: str | os.PathLike[str] | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         force: bool = False,
     ) -> HFExport:
         """Write ``member`` as a Hugging Face folder (its recorded configs + safetensors weights,
         sharded above ``max_shard_size`` bytes or a size like ``"500MB"``) that
-        ``transformers.AutoModel*.from_pretrained`` loads; atomically, via a temp folder."""
+        ``transformers.AutoModel*.from_pretrained`` loads; atomically, via a temp folder.
+        ``base`` (LoRA bundles): the base model's folder, written with the adapter folded in
+        (unipack.export.folded)."""
+        if base is not None:
+            return write_folded_folder(self, member, directory, base=base, max_shard_size=max_shard_size, force=force)
         return write_hf_folder(self, member, directory, max_shard_size=max_shard_size, force=force)
 
     def extract_hf_all(
         self,
         directory: str | os.PathLike[str],
         *,
+        base: str | os.PathLike[str] | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         force: bool = False,
     ) -> list[HFExport]:
-        """Every member as a Hugging Face folder ``directory/<member>/``."""
+        """Every member as a Hugging Face folder ``directory/<member>/`` (``base``: every adapter
+        folded into that base model)."""
+        if base is not None:
+            return write_folded_folders(self, directory, base=base, max_shard_size=max_shard_size, force=force)
         return write_hf_folders(self, directory, max_shard_size=max_shard_size, force=force)
 
     def extract_peft(self, member: str, directory: str | os.PathLike[str], *, force: bool = False) -> PeftExport:
@@ -68,12 +78,15 @@ class Bundle(BundleReader):
         """Every member of a LoRA bundle as a PEFT adapter folder ``directory/<member>/``."""
         return write_peft_folders(self, directory, force=force)
 
-    def to_module(self, member: str, model: str | Factory | None = None) -> torch.nn.Module:
+    def to_module(
+        self, member: str, model: str | Factory | None = None, *, base: str | os.PathLike[str] | None = None
+    ) -> torch.nn.Module:
         """``member`` as a torch module in eval mode, its weights loaded strictly: built by transformers
-        from its recorded config.json, or by ``model``, a factory SPEC or callable (unipack.export.torch_module)."""
+        from its recorded config.json, or by ``model``, a factory SPEC or callable (unipack.export.torch_module).
+        ``base`` (LoRA bundles): the base model's folder, with the adapter folded in."""
         from unipack.export.torch_module import build_module  # torch and transformers only when asked
 
-        return build_module(self, member, model).module
+        return build_module(self, member, model, base=base).module
 
     def export_onnx(
         self,
@@ -81,14 +94,16 @@ class Bundle(BundleReader):
         out: str | os.PathLike[str],
         *,
         model: str | Factory | None = None,
+        base: str | os.PathLike[str] | None = None,
         atol: float = 1e-4,
         force: bool = False,
     ) -> OnnxCheck:
         """Write ``member`` as an ONNX model and check it against torch with ONNX Runtime (raises
-        OnnxCheckError, keeping the file, past ``atol``); see unipack.export.onnx."""
+        OnnxCheckError, keeping the file, past ``atol``); see unipack.export.onnx. ``base`` (LoRA
+        bundles): the base model's folder, exported with the adapter folded in."""
         from unipack.export.onnx import export_onnx
 
-        return export_onnx(self, member, out, model=model, atol=atol, force=force)
+        return export_onnx(self, member, out, model=model, base=base, atol=atol, force=force)
 
     def __enter__(self) -> Bundle:
         return self

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from unipack.bundle.exact import ExactMember
-from unipack.bundle.lora import fan_in_fan_out, update_key
+from unipack.bundle.lora import AdapterParts, fan_in_fan_out, update_key
 from unipack.bundle.summary import BundleSummary, summarize
 from unipack.errors import MemberNotFoundError, UnipackError
 from unipack.format import dtypes
@@ -127,6 +127,15 @@ class BundleReader:
                 continue
             dtype = view.member.dtype_of(t)
             yield update_key(t.name), dtype, dtypes.from_float(update.T if transposed else update, dtype)
+
+    def adapter_parts(self, member: str) -> AdapterParts:
+        """Adapter ``member`` as changes to its base model's tensors, keyed by the base's names:
+        the LoRA updates (float64, rebuilt one at a time) and its own copies of base tensors."""
+        if not self.is_lora:
+            raise UnipackError(
+                f"{self.path}: holds full checkpoints, not LoRA adapters; a base model applies to LoRA bundles only"
+            )
+        return AdapterParts.of(self.view(member))
 
     def tensor_entries(self, member: str) -> list[tuple[str, str, tuple[int, ...], int]]:
         """``(name, dtype, shape, nbytes)`` of each tensor of ``member``, in ``iter_arrays`` order,

@@ -328,6 +328,14 @@ def _size_option(value: str | None, what: str) -> int | None:
     "(adapter_config.json + adapter_model.safetensors) that PeftModel.from_pretrained loads.",
 )
 @click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE_DIR",
+    help="With --format hf, for a LoRA bundle: the base model's Hugging Face folder (config.json + "
+    "safetensors weights); writes that folder with the adapter folded in (W + s·B·A, its "
+    "modules_to_save tensors in place), which from_pretrained loads without peft.",
+)
+@click.option(
     "--max-shard-size",
     metavar="SIZE",
     callback=_shard_size,
@@ -353,13 +361,15 @@ def extract_cmd(
     all_members: bool,
     output: Path | None,
     fmt: str,
+    base: Path | None,
     max_shard_size: int | None,
     force: bool,
     exact: bool,
     as_json: bool,
 ) -> None:
-    """Materialise a member (or --all) as .safetensors, as a Hugging Face model folder (--format hf), or
-    as a PEFT adapter folder (--format peft).
+    """Materialise a member (or --all) as .safetensors, as a Hugging Face model folder (--format hf; a
+    LoRA adapter with --base BASE_DIR: folded into its base model), or as a PEFT adapter folder
+    (--format peft).
 
     The paths written are the result (stdout; --json: with each member's worst error)."""
     if all_members == (member is not None):
@@ -368,6 +378,8 @@ def extract_cmd(
         raise click.UsageError("--max-shard-size applies to --format hf only")
     if exact and fmt != "safetensors":
         raise click.UsageError("--exact applies to --format safetensors only")
+    if base is not None and fmt != "hf":
+        raise click.UsageError("--base applies to --format hf only (a LoRA adapter folded into its base model)")
     with open_bundle(bundle) as b:
         names = list(b.members) if all_members else [str(member)]
         folder = output or Path(".")
@@ -398,22 +410,33 @@ def extract_cmd(
 
             limit = max_shard_size or DEFAULT_MAX_SHARD_SIZE
             hf = (
-                b.extract_hf_all(folder, max_shard_size=limit, force=force)
+                b.extract_hf_all(folder, base=base, max_shard_size=limit, force=force)
                 if all_members
-                else [b.extract_hf(names[0], targets[0], max_shard_size=limit, force=force)]
+                else [b.extract_hf(names[0], targets[0], base=base, max_shard_size=limit, force=force)]
             )
             for e in hf:
                 if e.note:
                     click.echo(f"Warning: {e.note}", err=True)
             written = [
                 extract_record(
-                    b, e.member, e.directory, files=list(e.files), sharded=e.sharded, has_config=e.has_config
+                    b,
+                    e.member,
+                    e.directory,
+                    files=list(e.files),
+                    sharded=e.sharded,
+                    has_config=e.has_config,
+                    **({"base": str(e.base)} if e.base is not None else {}),
                 )
                 for e in hf
             ]
             files, shards = len(hf[0].files), sum(f.endswith(".safetensors") for f in hf[0].files)
             counts = f"{files} file{'s' if files != 1 else ''} ({shards} weight shard{'s' if shards != 1 else ''})"
-            done = f"as a Hugging Face folder: {counts}, worst relative error {worst:.3g} on any tensor ({kind})"
+            done = (
+                f"folded into {base} as a Hugging Face folder: {counts}, worst relative error {worst:.3g} of "
+                f"any module's update ({kind})"
+                if base is not None
+                else f"as a Hugging Face folder: {counts}, worst relative error {worst:.3g} on any tensor ({kind})"
+            )
         else:
             paths = (
                 b.extract_all(folder, force=force, exact=exact)
@@ -671,6 +694,13 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
     "needed for members without a Hugging Face config.json.",
 )
 @click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE_DIR",
+    help="For a LoRA bundle: the base model's Hugging Face folder; exports the base with the adapter "
+    "folded in (as extract --format hf --base writes it).",
+)
+@click.option(
     "--atol",
     type=float,
     default=1e-4,
@@ -680,7 +710,14 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the check (files, every run's differences) as JSON.")
 def export_cmd(
-    bundle: Path, member: str, onnx_path: Path, model_spec: str | None, atol: float, force: bool, as_json: bool
+    bundle: Path,
+    member: str,
+    onnx_path: Path,
+    model_spec: str | None,
+    base: Path | None,
+    atol: float,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Export a member to ONNX and check it against torch with ONNX Runtime; exit 1 if it differs."""
     from unipack.errors import OnnxCheckError
@@ -696,7 +733,7 @@ def export_cmd(
 
     with open_bundle(bundle) as b:
         try:
-            check = export_onnx(b, member, onnx_path, model=model_spec, atol=atol, force=force)
+            check = export_onnx(b, member, onnx_path, model=model_spec, base=base, atol=atol, force=force)
         except OnnxCheckError as exc:
             assert isinstance(exc.check, OnnxCheck)
             show(exc.check)  # the numbers first, then the one error line

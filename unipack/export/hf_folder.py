@@ -25,7 +25,6 @@ from unipack.errors import FormatError, OptionsError
 from unipack.export.targets import check_folder_target
 from unipack.format import dtypes
 from unipack.format.atomic import atomic_directory, ensure_directory
-from unipack.format.manifest import TensorRecord
 from unipack.format.safetensors_file import encode_header
 
 #: ``save_pretrained``'s default shard limit, in the same units (GB = 10^9 bytes).
@@ -34,6 +33,12 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 Entry = tuple[str, str, tuple[int, ...], int]  # name, dtype, shape, nbytes (as encode_header takes)
+
+#: Why a LoRA bundle has no plain Hugging Face folder, and the two ways it has.
+LORA_HINT = (
+    "{path}: holds LoRA adapters, not models; extract them with --format peft, or fold one into its "
+    "base model with --base BASE_DIR (base=)"
+)
 
 _UNITS = {
     "": 1,
@@ -59,6 +64,7 @@ class HFExport:
     files: tuple[str, ...]
     sharded: bool
     has_config: bool
+    base: Path | None = None  # the base model folder a LoRA adapter was folded into (``--base``)
 
     @property
     def note(self) -> str | None:
@@ -130,21 +136,47 @@ def write_hf_folder(
     limit = parse_size(max_shard_size, "max_shard_size")
     rec = bundle.member(member)  # a clear error for an unknown member, before any file work
     if bundle.is_lora:
-        raise OptionsError(f"{bundle.path}: holds LoRA adapters, not models; extract them with --format peft")
+        raise OptionsError(LORA_HINT.format(path=bundle.path))
     target = Path(directory)
     check_folder_target(bundle, target, force=force)
     entries = bundle.tensor_entries(member)
-    shards = plan_shards(entries, limit)
-    names = shard_names(len(shards))
     configs = {k: v for k, v in (rec.configs or {}).items() if k != INDEX_NAME}  # ours describes our shards
+    arrays = ((t.name, dtype, array) for t, dtype, array in bundle.iter_arrays(member))
+    written, sharded = write_weights_folder(
+        target,
+        configs=configs,
+        entries=entries,
+        arrays=arrays,
+        metadata=rec.metadata,
+        max_shard_size=limit,
+        force=force,
+    )
+    return HFExport(member, target, written, sharded, "config.json" in configs)
+
+
+def write_weights_folder(
+    target: Path,
+    *,
+    configs: dict[str, str],
+    entries: list[Entry],
+    arrays: Iterator[tuple[str, str, np.ndarray]],
+    metadata: dict[str, str] | None,
+    max_shard_size: int,
+    force: bool,
+) -> tuple[tuple[str, ...], bool]:
+    """The folder itself: ``configs`` verbatim, then the weights planned by ``entries`` (sharded
+    above ``max_shard_size`` bytes, with an index) filled from ``arrays`` (``(name, dtype, array)``
+    in ``entries`` order, one at a time), built beside ``target`` and renamed into place.
+    Returns the names written, in writing order, and whether the weights are sharded."""
+    shards = plan_shards(entries, max_shard_size)
+    names = shard_names(len(shards))
     # transformers refuses safetensors weights whose metadata lacks format=pt, and these are torch tensors.
-    metadata = {**(rec.metadata or {}), "format": "pt"}
+    metadata = {**(metadata or {}), "format": "pt"}
     written: list[str] = []
     with atomic_directory(target, force=force) as tmp:
         for name, text in configs.items():
             (tmp / name).write_bytes(text.encode("utf-8"))
             written.append(name)
-        arrays = bundle.iter_arrays(member)
         for name, shard in zip(names, shards):
             _write_shard(tmp / name, shard, metadata, arrays)
             written.append(name)
@@ -155,7 +187,7 @@ def write_hf_folder(
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             written.append(INDEX_NAME)
-    return HFExport(member, target, tuple(written), len(shards) > 1, "config.json" in configs)
+    return tuple(written), len(shards) > 1
 
 
 def write_hf_folders(
@@ -173,7 +205,7 @@ def write_hf_folders(
     out_dir = Path(directory)
     limit = parse_size(max_shard_size, "max_shard_size")
     if bundle.is_lora:
-        raise OptionsError(f"{bundle.path}: holds LoRA adapters, not models; extract them with --format peft")
+        raise OptionsError(LORA_HINT.format(path=bundle.path))
     ensure_directory(out_dir)
     for name in bundle.members:
         check_folder_target(bundle, out_dir / name, force=force)
@@ -181,17 +213,17 @@ def write_hf_folders(
 
 
 def _write_shard(
-    path: Path, shard: list[Entry], metadata: dict[str, str], arrays: Iterator[tuple[TensorRecord, str, np.ndarray]]
+    path: Path, shard: list[Entry], metadata: dict[str, str], arrays: Iterator[tuple[str, str, np.ndarray]]
 ) -> None:
-    """One shard: its header from the plan, then its tensors' bytes as the bundle yields them."""
+    """One shard: its header from the plan, then its tensors' bytes as they are yielded."""
     with open(path, "xb") as f:
         f.write(encode_header(shard, metadata))
         for name, dtype, _, nbytes in shard:
-            t, got_dtype, array = next(arrays)
+            got_name, got_dtype, array = next(arrays)
             data = dtypes.to_bytes(array, got_dtype)
-            if t.name != name or got_dtype != dtype or len(data) != nbytes:
+            if got_name != name or got_dtype != dtype or len(data) != nbytes:
                 raise FormatError(
                     f"{path.name}: tensor {name!r} does not match its planned "
-                    f"{dtype} {nbytes}-byte entry (corrupt bundle?)"
+                    f"{dtype} {nbytes}-byte entry (corrupt bundle, or a file changed while it was read?)"
                 )
             f.write(data)

@@ -110,6 +110,7 @@ def export_onnx(
     out: str | os.PathLike[str],
     *,
     model: str | Factory | None = None,
+    base: str | os.PathLike[str] | None = None,
     atol: float = 1e-4,
     force: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
@@ -117,7 +118,9 @@ def export_onnx(
     """Export ``member`` of ``bundle`` to ``out`` and check it with ONNX Runtime (see the module docstring).
 
     ``model`` is a factory SPEC or callable (unipack.export.torch_module) for members without a Hugging
-    Face config. Raises OnnxCheckError, after writing, when an output differs by more than ``atol``.
+    Face config; ``base``, for a LoRA bundle, the base model's folder that the adapter is folded into
+    (unipack.export.folded). Raises OnnxCheckError, after writing, when an output differs by more
+    than ``atol``.
     """
     if not (atol >= 0 and math.isfinite(atol)):
         raise OptionsError(f"--atol {atol}: give a finite tolerance >= 0, e.g. 1e-4")
@@ -128,7 +131,7 @@ def export_onnx(
     check_writable(path, force=force, inputs=[bundle.path])  # before any heavy work
     if data_path.exists() and not force:
         raise OutputExistsError(f"{data_path}: already exists; pass --force (force=True) to overwrite it")
-    built = build_module(bundle, member, model)
+    built = build_module(bundle, member, model, base=base)
     config = getattr(built.module, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False  # a key/value cache is a generation detail, not part of the graph checked

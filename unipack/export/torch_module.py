@@ -21,6 +21,10 @@ Two ways to build one (``BundleReader.to_module``, ``unipack export --onnx``):
   (heads that differ between members). unipack then loads the state dict strictly and names the
   missing, unexpected and wrongly shaped keys if it does not fit.
 
+A LoRA adapter is not a model: with ``base`` (``--base BASE_DIR``), the base model's folder, it is
+folded into its base first (unipack.export.folded) and then built like a Hugging Face member from
+the base's ``config.json`` (or given to ``--model``'s factory as the folded state dict).
+
 Strict, with two allowances: a key may be missing when the module ties it to a key that is present
 (``lm_head.weight`` and the input embeddings: one tensor under two names, which safetensors files
 store once), and keys the model class itself lists as ignorable on load
@@ -37,9 +41,11 @@ from its config, such as position ids, are not bounded by the bundle).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +53,7 @@ import torch
 
 from unipack.errors import ModelError, UnipackError
 from unipack.errors import first_line as one_line
+from unipack.export.folded import Fold, write_folded_folder
 from unipack.export.hf_folder import write_hf_folder
 from unipack.usercode import HookKind, load_function
 
@@ -114,16 +121,26 @@ class MemberModule:
     source: str  # how it was built, for messages: "transformers ViTForImageClassification"
 
 
-def build_module(bundle: BundleReader, member: str, model: str | Factory | None = None) -> MemberModule:
-    """Member ``member`` of ``bundle`` as a torch module; ``model`` is a factory SPEC or callable."""
+def build_module(
+    bundle: BundleReader,
+    member: str,
+    model: str | Factory | None = None,
+    *,
+    base: str | os.PathLike[str] | None = None,
+) -> MemberModule:
+    """Member ``member`` of ``bundle`` as a torch module; ``model`` is a factory SPEC or callable;
+    ``base`` (LoRA bundles): the base model's folder, the adapter folded into it (export.folded)."""
     record = bundle.member(member)  # a clear error for an unknown member before any work
+    if base is not None:
+        return _folded(bundle, member, model, base)
     if model is not None:
-        return _from_factory(bundle, member, model)
+        return _from_factory(member, model, bundle.load(member))
     if bundle.is_lora:
         raise ModelError(
-            f"member {member!r} is a LoRA adapter, not a model: extract it with --format peft and "
-            f"load it onto its base model with peft, or give --model module:function (a factory "
-            f"that applies the adapter's state dict to the base and returns it with an example input)"
+            f"member {member!r} is a LoRA adapter, not a model: give --base BASE_DIR (base=), the base "
+            f"model's Hugging Face folder, to export it folded into its base; or --model module:function "
+            f"(a factory that applies the adapter's state dict to the base and returns it with an "
+            f"example input)"
         )
     config_text = (record.configs or {}).get("config.json")
     if config_text is None:
@@ -131,7 +148,32 @@ def build_module(bundle: BundleReader, member: str, model: str | Factory | None 
             f"member {member!r} has no Hugging Face config.json: give --model module:function "
             f"(a factory returning the module and an example input)"
         )
-    return _from_config(bundle, member, config_text)
+    return _from_config(
+        member, config_text, bundle.load(member), lambda folder: write_hf_folder(bundle, member, folder)
+    )
+
+
+def _folded(
+    bundle: BundleReader, member: str, model: str | Factory | None, base: str | os.PathLike[str]
+) -> MemberModule:
+    """The adapter folded into ``base``: built from the base's config.json (or by ``model``, given
+    the folded state dict)."""
+    from unipack.format.torch_bridge import to_torch
+
+    with Fold(bundle, member, base) as fold:
+        state = {name: to_torch(array, dtype) for name, dtype, array in fold.arrays()}
+        config_text = fold.configs.get("config.json")
+    if model is not None:
+        return _from_factory(member, model, state)
+    assert config_text is not None  # Fold refuses a base without config.json
+    built = _from_config(
+        member,
+        config_text,
+        state,
+        lambda folder: write_folded_folder(bundle, member, folder, base=base),
+    )
+    built.source += f", folded into {base}"
+    return built
 
 
 # ------------------------------------------------------------------------------------------
@@ -139,12 +181,15 @@ def build_module(bundle: BundleReader, member: str, model: str | Factory | None 
 # ------------------------------------------------------------------------------------------
 
 
-def _from_config(bundle: BundleReader, member: str, config_text: str) -> MemberModule:
+def _from_config(
+    member: str, config_text: str, state: dict[str, torch.Tensor], write_folder: Callable[[Path], object]
+) -> MemberModule:
+    """``state`` loaded into the class its config.json names; ``write_folder`` writes the member as
+    a Hugging Face folder for transformers to load itself where the state dict's names need it."""
     transformers = _import_transformers(member)
     config = _hf_config(transformers, config_text, member)
     make, name = _model_class(transformers, config)
     example, probe = _config_inputs(config, member)
-    state = bundle.load(member)
     source = f"transformers {name}"
     with torch.device("meta"):  # shapes and names only: check the fit before allocating anything
         skeleton = _construct(make, config, member, name)
@@ -155,7 +200,7 @@ def _from_config(bundle: BundleReader, member: str, config_text: str) -> MemberM
         # on load (v5: vit.layers.N.* from vit.encoder.layer.N.*): let transformers itself load it.
         del skeleton
         return MemberModule(
-            _via_from_pretrained(transformers, bundle, member, make, name).eval(),
+            _via_from_pretrained(transformers, member, make, name, write_folder).eval(),
             example,
             probe,
             f"{source} (from_pretrained)",
@@ -167,17 +212,16 @@ def _from_config(bundle: BundleReader, member: str, config_text: str) -> MemberM
 
 
 def _via_from_pretrained(
-    transformers: ModuleType, bundle: BundleReader, member: str, make: Any, name: str
+    transformers: ModuleType, member: str, make: Any, name: str, write_folder: Callable[[Path], object]
 ) -> torch.nn.Module:
     """The member written as a Hugging Face folder (a temp dir) and loaded by ``from_pretrained``,
     demanding a clean load: no missing, unexpected or mismatched keys."""
     import tempfile
-    from pathlib import Path
 
     cls: Any = make if isinstance(make, type) else transformers.AutoModel
     with tempfile.TemporaryDirectory(prefix="unipack-hf-") as tmp:
         folder = Path(tmp) / member
-        write_hf_folder(bundle, member, folder)
+        write_folder(folder)
         try:
             module, info = cls.from_pretrained(folder, output_loading_info=True)
         except Exception as exc:
@@ -312,11 +356,10 @@ def _count(value: object) -> int | None:
 # ------------------------------------------------------------------------------------------
 
 
-def _from_factory(bundle: BundleReader, member: str, model: str | Factory) -> MemberModule:
+def _from_factory(member: str, model: str | Factory, state: dict[str, torch.Tensor]) -> MemberModule:
     spec = model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
     factory = load_function(model, MODEL) if isinstance(model, str) else model
     where = f"model {spec}"
-    state = bundle.load(member)
     try:
         result = factory(dict(state), member)
     except Exception as exc:
