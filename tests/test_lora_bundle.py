@@ -1200,3 +1200,22 @@ def test_max_delta_error_is_refused_for_adapters(exact3: list[Adapter], tmp_path
     with pytest.raises(OptionsError, match="--max-delta-error is for full checkpoints"):
         merge(exact3, tmp_path / "b.upk", max_delta_error=0.2)
     assert not (tmp_path / "b.upk").exists()
+
+
+def test_size_target_on_lora_adapters(tmp_path: Path) -> None:
+    """``merge --size`` on adapters scales the LoRA rule (--max-error of each update, no delta
+    bound) and fits the target; every adapter's update stays within the recorded bound."""
+    from unipack.pack.size_target import merge_to_size
+
+    adapters = structured_population(tmp_path / "in", n=16, k=3, noise=0.2, seed=9, heads=False)
+    paths = [a.path for a in adapters]
+    full = unipack.merge(paths, tmp_path / "default.upk")
+    target = int(full.file_bytes * 0.9)
+    result = merge_to_size(paths, tmp_path / "sized.upk", target)
+    assert result.file_bytes == (tmp_path / "sized.upk").stat().st_size <= target
+    record = result.manifest.stats["size_target"]
+    assert record["max_delta_error"] is None and record["max_error"] > unipack.options.LORA_DEFAULT_MAX_ERROR
+    assert record["met"] == (result.file_bytes >= 0.99 * target)
+    with unipack.open(tmp_path / "sized.upk") as b:
+        for adapter in adapters:
+            assert max(b.member(adapter.name).errors) <= record["max_error"]

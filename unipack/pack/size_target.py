@@ -35,8 +35,9 @@ from unipack.errors import InputError, OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
-from unipack.options import MergeOptions, rule_text
+from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
+from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
 from unipack.sources.checkpoint import close_all, open_inputs
 
@@ -109,6 +110,13 @@ def merge_to_size(
     started = time.perf_counter()
     out_path = Path(out)
     check_writable(out_path, force=force, inputs=paths)
+    checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
+    try:
+        adapters = adapter_sources(checkpoints) is not None
+    finally:
+        close_all(checkpoints)
+    if adapters and opts.is_default_rule:  # as merge() does: an adapter's error is relative to its update
+        opts = dataclasses.replace(opts, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
     start = (opts.max_error, opts.max_delta_error)
     largest = max(b for b in start if b is not None)
     # The search record is written into the chosen bundle's manifest after the search: a trial
@@ -170,7 +178,9 @@ def merge_to_size(
         if not fitting:
             smallest = min(sizes, key=lambda s: sizes[s])
             bounds_there = [None if b is None else b * smallest for b in start]
-            found = SizeAttempt(bounds_there[0], bounds_there[1], sizes[smallest])
+            # what it would take with the search record added (the record is part of the file)
+            with_record = sizes[smallest] + target_bytes - room(attempts)
+            found = SizeAttempt(bounds_there[0], bounds_there[1], with_record)
             raise InputError(
                 f"--size {target_bytes} bytes: the smallest bundle found is {found.file_bytes} bytes, at "
                 f"{found.rule_text} (loosest tried: {max(sizes) * largest:.3g}); give a larger size, or merge "
