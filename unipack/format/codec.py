@@ -127,11 +127,15 @@ class Zstd:
             raise FormatError(
                 f"{where}: zstd frame declares {params.content_size} bytes, the manifest expects {expected_size}"
             )
-        try:
-            # One call into a buffer of the declared size (bounded above); any fault, extra data
-            # included, takes the stepwise path below, which names it.
-            out: bytes | bytearray = zstandard.ZstdDecompressor().decompress(stored, allow_extra_data=False)
-        except zstandard.ZstdError:
+        out: bytes | None = None
+        if expected_size:  # zstd's one-shot call returns an empty frame without looking past it
+            try:
+                # One call into a buffer of the declared size (bounded above); any fault, extra
+                # data included, takes the stepwise path below, which names it.
+                out = zstandard.ZstdDecompressor().decompress(stored, allow_extra_data=False)
+            except zstandard.ZstdError:
+                pass
+        if out is None:
             out = self._diagnose(stored, expected_size, where)
         if len(out) != expected_size:
             raise FormatError(f"{where}: zstd frame is truncated ({len(out)} of {expected_size} bytes)")
