@@ -377,7 +377,9 @@ def test_threads_give_every_member_bit_for_bit_in_manifest_order(many_tensors, t
             got = list(b.iter_arrays(name, exact=True, threads=threads))
             assert [t.name for t, _, _ in got] == [t.name for t in b.manifest.tensors]
             original = load_file(str(path))
+            names = {torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
             for t, dtype, array in got:
+                assert dtype == names[original[t.name].dtype]
                 assert tensor_sha(torch.from_numpy(np.ascontiguousarray(array))) == tensor_sha(original[t.name])
 
 
