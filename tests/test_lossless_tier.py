@@ -431,3 +431,40 @@ def test_a_caller_that_stops_early_leaves_no_thread_running(many_tensors):
         next(arrays)
         arrays.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("unipack-exact")]
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_zstd_through_the_scratch_buffer_decodes_and_refuses_as_without_it(checksum):
+    """Blobs decoded through a thread's scratch buffer are the same bytes, and every damaged
+    frame is refused with the same message as without one."""
+    from unipack.errors import FormatError
+    from unipack.format import codec
+
+    data = np.random.default_rng(7).normal(0, 0.02, 50_000).astype(np.float32).tobytes()
+    planes = bytes(codec.shuffle(data, 4))
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=checksum).compress(planes)
+    corrupt = bytearray(frame)
+    corrupt[zstandard.frame_header_size(frame)] |= 0b110  # the first block's type: reserved
+    damaged = {
+        "trailing": frame + b"\0\0",
+        "second frame": frame + zstandard.ZstdCompressor(write_content_size=True).compress(b"x" * 100),
+        "truncated": frame[:-7],
+        "corrupt": bytes(corrupt),
+    }
+    messages = {}
+    for name, stored in damaged.items():
+        with pytest.raises(FormatError) as plain:
+            codec.decode(stored, "zstd", True, 4, len(data), "blob")
+        messages[name] = str(plain.value)
+    with codec.scratch_buffer():
+        first = codec.decode(frame, "zstd", True, 4, len(data), "blob")
+        second = codec.decode(frame, "zstd", True, 4, len(data), "blob")
+        assert bytes(first) == bytes(second) == data
+        assert codec._SCRATCH.buffer.size == len(data)  # decoded through the scratch buffer
+        np.frombuffer(first, np.uint8)[:] = 0  # each result is its own array, not the scratch
+        assert bytes(second) == data
+        for name, stored in damaged.items():
+            with pytest.raises(FormatError) as scratched:
+                codec.decode(stored, "zstd", True, 4, len(data), "blob")
+            assert str(scratched.value) == messages[name], name
+    assert "trailing" in messages["trailing"] and "trailing" in messages["second frame"]

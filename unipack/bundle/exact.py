@@ -9,7 +9,8 @@ reader that rebuilt a prediction differently fails loudly instead of returning o
 Tensors are independent (a tensor's chain of member bases stays within that tensor), so they
 are rebuilt on a few threads and handed out in the manifest's order: the work is reading,
 sha256 (of each stored blob and of each tensor), zstd and numpy passes, all of which release
-the GIL. Each residual is decoded in place in the buffer its blob was decoded into.
+the GIL. Each thread decompresses into one scratch buffer it keeps (``codec.scratch_buffer``),
+and each residual is decoded in place in the array its blob was unshuffled into.
 """
 
 from __future__ import annotations
@@ -98,11 +99,15 @@ class ExactMember:
         tensors are rebuilt ahead of the one the caller holds; the first damaged tensor in that
         order raises, as it does on one thread."""
         if self.threads == 1 or len(self.manifest.tensors) < 2:
-            for t in self.manifest.tensors:
-                yield from self._tensor(t)
+            with codec.scratch_buffer():
+                for t in self.manifest.tensors:
+                    yield from self._tensor(t)
             return
         pending: deque[Future[list[Array]]] = deque()
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="unipack-exact") as pool:
+        workers = ThreadPoolExecutor(
+            self.threads, thread_name_prefix="unipack-exact", initializer=codec.keep_scratch_buffer
+        )
+        with workers as pool:
             try:
                 for t in self.manifest.tensors:
                     pending.append(pool.submit(self._tensor, t))

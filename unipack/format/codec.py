@@ -10,6 +10,9 @@ manifest expects.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -53,7 +56,7 @@ def shuffle(data: Buffer, itemsize: int) -> Buffer:
     return planes.data
 
 
-def unshuffle(data: bytes | bytearray, itemsize: int) -> Decoded:
+def unshuffle(data: bytes | bytearray | memoryview, itemsize: int) -> Decoded:
     """The elements back from their byte planes, in a fresh writable buffer (a reader may decode
     a residual in place in it)."""
     if itemsize == 1:
@@ -127,6 +130,16 @@ class Zstd:
             raise FormatError(
                 f"{where}: zstd frame declares {params.content_size} bytes, the manifest expects {expected_size}"
             )
+        buffer = _scratch(expected_size) if shuffled else None
+        if buffer is not None and _frame_length(stored) == len(stored):
+            # Into this thread's scratch buffer: the planes are read once, by the unshuffle.
+            reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
+            try:
+                whole = reader.readinto(buffer) == expected_size and not reader.read(1)
+            except zstandard.ZstdError:
+                whole = False
+            if whole:
+                return unshuffle(buffer, itemsize)
         out: bytes | None = None
         if expected_size:  # zstd's one-shot call returns an empty frame without looking past it
             try:
@@ -155,6 +168,58 @@ class Zstd:
         if dobj.unused_data:
             raise FormatError(f"{where}: {len(dobj.unused_data)} bytes of trailing data after the zstd frame")
         return out
+
+
+def _frame_length(data: bytes | bytearray) -> int | None:
+    """Bytes of the zstd frame that ``data`` starts with, from its block headers (RFC 8878 §3.1.1:
+    3-byte headers, RLE blocks hold one byte, a 4-byte checksum may end the frame); None where
+    they run past the end. A frame read into a buffer of its declared size says nothing of what
+    follows it, and a blob must be exactly one frame."""
+    try:
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError:
+        return None
+    while pos + 3 <= len(data):
+        header = int.from_bytes(data[pos : pos + 3], "little")
+        kind = header >> 1 & 3
+        if kind == 3:  # reserved
+            return None
+        pos += 3 + (1 if kind == 1 else header >> 3)
+        if header & 1:  # the last block
+            return pos + 4 * (data[4] >> 2 & 1)
+    return None
+
+
+#: Each thread's scratch buffer for the zstd output of shuffled blobs, where enabled.
+_SCRATCH = threading.local()
+
+
+@contextmanager
+def scratch_buffer() -> Iterator[None]:
+    """Within: this thread decodes byte-shuffled zstd blobs through one buffer it keeps (grown to
+    the largest blob) instead of a fresh one per blob: on a member of many blobs, the page faults
+    of fresh buffers cost as much as decompressing into them. Each decoded blob is still a fresh
+    array (the unshuffle's)."""
+    outer = getattr(_SCRATCH, "buffer", None)
+    _SCRATCH.buffer = np.empty(0, np.uint8) if outer is None else outer
+    try:
+        yield
+    finally:
+        _SCRATCH.buffer = outer
+
+
+def keep_scratch_buffer() -> None:
+    """:func:`scratch_buffer` for the rest of this thread's life (a worker thread's initializer)."""
+    _SCRATCH.buffer = np.empty(0, np.uint8)
+
+
+def _scratch(size: int) -> memoryview | None:
+    buffer: np.ndarray | None = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or not size:
+        return None
+    if buffer.size < size:
+        buffer = _SCRATCH.buffer = np.empty(size, np.uint8)
+    return buffer[:size].data
 
 
 #: Registered codecs, by the name the manifest records (spec §3.4).
