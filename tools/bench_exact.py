@@ -103,7 +103,9 @@ def floor_blobs(bundle: unipack.Bundle, member: str) -> list[str]:
         names.append(name)
         return file.read_blob(name)
 
-    rebuilt = ExactMember(bundle.manifest, bundle.member(member), recording, str(bundle.path), threads=1)
+    args = (bundle.manifest, bundle.member(member), recording, str(bundle.path))
+    threaded = "threads" in inspect.signature(ExactMember).parameters  # an older unipack has one thread only
+    rebuilt = ExactMember(*args, threads=1) if threaded else ExactMember(*args)
     for _ in rebuilt.arrays():
         pass
     return names
