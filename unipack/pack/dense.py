@@ -61,6 +61,7 @@ class Merger:
         self.errors: list[list[float]] = [[] for _ in range(n)]
         self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
         self.lossless: list[lossless.LosslessSize | None] = [None] * n
+        self.zipnn: list[int | None] = [None] * n  # ZipNN of each input, next to a lossless tier
         # What the one-line alternatives would cost, measured with the baselines (--no-baselines
         # skips both: they are what the report compares the bundle with, not what it stores).
         self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
@@ -224,13 +225,18 @@ class Merger:
 
     def _measure_lossless(self) -> None:
         sizes = [c.file_size for c in self.checkpoints]
-        mode = lossless.plan_mode(self.options.lossless, sum(sizes))
+        tier = self.options.exact_tier
+        mode = lossless.plan_mode(self.options.lossless, sum(sizes), exact_tier=tier)
         if mode is None:
             return
+        level = lossless.baseline_level(tier)
+        zipnn = tier and lossless.zipnn_version() is not None
         for i, c in enumerate(self.checkpoints):
             if self.progress:
                 self.progress.lossless(i, len(self.checkpoints))
-            self.lossless[i] = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1))
+            self.lossless[i] = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1), level)
+            if zipnn:
+                self.zipnn[i] = lossless.zipnn_size(c.files, _main_dtype(c))
 
     def _values(self, i: int, name: str) -> np.ndarray:
         if self.progress:
@@ -365,9 +371,11 @@ class Merger:
         if all(self.lossless):
             stats["lossless"] = {
                 "codec": "zstd",
-                "level": lossless.LEVEL,
+                "level": lossless.baseline_level(self.options.exact_tier),
                 "sampled": any(m.sampled for m in self.lossless if m),
             }
+        if all(z is not None for z in self.zipnn):
+            stats["zipnn"] = {"bytes": sum(z or 0 for z in self.zipnn), "version": lossless.zipnn_version()}
         return Manifest(
             created_by=f"unipack {__version__}",
             options=self.options.to_dict(),
@@ -388,3 +396,11 @@ class Merger:
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return {}
+
+
+def _main_dtype(c: Checkpoint) -> str:
+    """The dtype holding most of a checkpoint's bytes (what ZipNN groups its bytes for)."""
+    held: dict[str, int] = {}
+    for info in c.tensors.values():
+        held[info.dtype] = held.get(info.dtype, 0) + info.numel * dtypes.itemsize(info.dtype)
+    return max(held, key=lambda d: held[d]) if held else "F32"
