@@ -141,7 +141,9 @@ def main() -> int:
     else:
         paths = inputs(args.population.expanduser())
         CACHE.mkdir(parents=True, exist_ok=True)
-        bundle_path = CACHE / f"{args.population.expanduser().resolve().name}-{args.rule}.upk"
+        folder = args.population.expanduser().resolve()
+        tag = hashlib.sha256(str(folder).encode()).hexdigest()[:8]  # two folders of one name
+        bundle_path = CACHE / f"{folder.name}-{tag}-{args.rule}.upk"
     if not paths:
         print(f"{args.population}: no inputs", file=sys.stderr)
         return 1

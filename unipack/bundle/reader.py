@@ -17,7 +17,7 @@ from unipack.bundle.exact import ExactMember
 from unipack.bundle.lora import fan_in_fan_out, update_key
 from unipack.bundle.summary import BundleSummary, summarize
 from unipack.errors import MemberNotFoundError, UnipackError
-from unipack.format import dtypes
+from unipack.format import codec, dtypes
 from unipack.format.container import BundleFile
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord
 from unipack.schemes import MemberView, is_lora, scheme_of
@@ -68,9 +68,10 @@ class BundleReader:
             rec = self.member(member)
             yield from ExactMember(self.manifest, rec, self._file.read_blob, str(self.path), threads=threads).arrays()
             return
-        view = self.view(member)
-        for t in self.manifest.tensors:
-            yield from scheme_of(t).member_arrays(view, t)
+        with codec.scratch_buffer():  # one zstd output buffer for all of the member's blobs
+            view = self.view(member)
+            for t in self.manifest.tensors:
+                yield from scheme_of(t).member_arrays(view, t)
 
     @property
     def is_lora(self) -> bool:
