@@ -5,7 +5,9 @@ One member of a ``merge --lossless`` bundle is rebuilt with ``load_numpy(member,
 (every tensor's sha256 checked) and timed, in the same run and interleaved, against:
 
 * ``safetensors.numpy.load_file`` of the member's original file (the file is in the page cache
-  after the first repetition, as the bundle is);
+  after the first repetition, as the bundle is); it has no bfloat16, so a bf16 file is loaded
+  with ``safetensors.torch.load_file``, which maps the file rather than reading it (that ratio
+  is not like for like);
 * plain ``load_numpy(member)``: the lossy member from the same bundle;
 * the floor: every blob exact extraction reads, read with its checksum (the sha256 of its stored
   bytes) and zstd-decoded, plus the sha256 of every output tensor, on one thread; the rest of
