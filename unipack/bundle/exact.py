@@ -95,7 +95,7 @@ class ExactMember:
             return self._views[member.name]
 
     def arrays(self) -> Iterator[Array]:
-        """Every tensor of the member, in the manifest's order. With threads, at most ``threads + 1``
+        """Every tensor of the member, in the manifest's order. With threads, at most ``threads``
         tensors are rebuilt ahead of the one the caller holds; the first damaged tensor in that
         order raises, as it does on one thread."""
         if self.threads == 1 or len(self.manifest.tensors) < 2:
@@ -140,7 +140,7 @@ class ExactMember:
             bits = residual.as_bits(np.ascontiguousarray(arrays[0][2], dtype=dtypes.holder(dtype)))
         else:
             r = residual.as_bits(self.read_blob(entry.blob))
-            if not r.flags.writeable:  # zstd's own bytes (one-byte elements): decode in a copy
+            if not r.flags.writeable:  # zstd's own bytes (a blob stored unshuffled): decode in a copy
                 r = r.copy()
             prediction = None
             if entry.base == MEAN_BASE:

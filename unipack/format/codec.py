@@ -41,8 +41,8 @@ def sha256(data: bytes | bytearray | memoryview) -> str:
 
 #: What encoders accept: bytes, or a byte view of an array (no copy of a large tensor).
 Buffer = bytes | memoryview
-#: What decoders return: a blob's logical bytes (a fresh writable buffer, except a ``zstd`` blob of
-#: one-byte elements, which is zstd's own ``bytes``).
+#: What decoders return: a blob's logical bytes (a fresh writable buffer, except a ``zstd`` blob
+#: stored without shuffling, which is zstd's own ``bytes``).
 Decoded = bytes | bytearray | memoryview
 
 
@@ -51,7 +51,7 @@ def shuffle(data: Buffer, itemsize: int) -> Buffer:
         return data
     elements = np.frombuffer(data, np.uint8).reshape(-1, itemsize)
     planes = np.empty((itemsize, len(elements)), np.uint8)
-    for j in range(itemsize):  # one strided pass per plane: 4x numpy's transposed copy (.T.tobytes())
+    for j in range(itemsize):  # one strided pass per plane: 4x faster than numpy's transposed copy
         planes[j] = elements[:, j]
     return planes.data
 
