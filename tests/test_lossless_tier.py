@@ -306,3 +306,166 @@ def test_large_tensors_choose_their_coding_on_evenly_spaced_blocks(tmp_path, mon
             k: tensor_sha(v) for k, v in members[3][1].items()
         }
     assert checked > 5
+
+
+# -- the fast path of exact extraction: in-place decoding, threads, byte planes ----------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("coding", residual.CODINGS)
+def test_decoding_in_place_gives_the_original_bits_across_blocks(dtype, coding, monkeypatch):
+    """``decode_in_place`` over several blocks (and a short last one) gives back ``x`` itself, the
+    independent reference, and leaves the prediction untouched."""
+    monkeypatch.setattr(residual, "BLOCK", 1000)
+    x = special_values(dtype, 4321, seed=3)
+    p = special_values(dtype, 4321, seed=4)
+    p[::2] = x[::2] - 2e-3
+    xb, pb = _bits(x), _bits(p)
+    before = pb.copy()
+    r = residual.encode(xb, pb, coding).copy()  # ``bits`` returns x itself: decode into a copy
+    out = residual.decode_in_place(r, pb, coding)
+    assert out is r and out.tobytes() == xb.tobytes()
+    assert pb.tobytes() == before.tobytes()
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_byte_planes_match_an_independent_transpose(itemsize, monkeypatch):
+    from unipack.format import codec
+
+    monkeypatch.setattr(codec, "UNSHUFFLE_BLOCK", 100)  # several blocks and a short last one
+    data = np.random.default_rng(itemsize).integers(0, 256, 1001 * itemsize, dtype=np.uint8).tobytes()
+    planes = b"".join(data[j::itemsize] for j in range(itemsize))  # byte j of every element, then j+1
+    assert bytes(codec.shuffle(data, itemsize)) == planes
+    back = codec.unshuffle(planes, itemsize)
+    assert bytes(back) == data
+    np.frombuffer(back, np.uint8)[0] ^= 1  # a fresh buffer the reader may decode in place
+
+
+def test_an_empty_zstd_blob_with_trailing_data_is_refused():
+    from unipack.errors import FormatError
+    from unipack.format import codec
+
+    empty = zstandard.ZstdCompressor(write_content_size=True).compress(b"")
+    assert codec.decode(empty, "zstd", False, 1, 0, "blob") == b""
+    with pytest.raises(FormatError, match="trailing"):
+        codec.decode(empty + empty, "zstd", False, 1, 0, "blob")
+
+
+@pytest.fixture(scope="module")
+def many_tensors(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A rank-0 lossless bundle of BF16 members with a dozen residual tensors (every tensor's
+    prediction is the mean or a sibling), special values in some."""
+    d = tmp_path_factory.mktemp("many")
+    specs = {f"layer{i}.weight": TensorSpec((24, 16), kind="flat", rank=1) for i in range(12)}
+    pop = write_population(d / "in", {**standard_specs(), **specs}, n=4, seed=5)
+    for i, path in enumerate(pop.paths):
+        tensors = load_file(str(path))
+        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors["layer3.weight"].view(-1)[:40] = special_values(torch.bfloat16, 40, seed=10 + i)
+        save_file(tensors, str(path))
+    out = d / "bundle.upk"
+    unipack.merge(pop.paths, out, exact_tier=True, lossless="off", baselines=False, rank=0)
+    return out, pop.paths
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_threads_give_every_member_bit_for_bit_in_manifest_order(many_tensors, threads):
+    bundle, paths = many_tensors
+    with unipack.open(bundle) as b:
+        residuals = sum(1 for m in b.manifest.members for e in (m.exact or {}).values() if e.blob)
+        assert residuals >= 4 * 12
+        for name, path in zip(b.members, paths):
+            got = list(b.iter_arrays(name, exact=True, threads=threads))
+            assert [t.name for t, _, _ in got] == [t.name for t in b.manifest.tensors]
+            original = load_file(str(path))
+            names = {torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+            for t, dtype, array in got:
+                assert dtype == names[original[t.name].dtype]
+                assert tensor_sha(torch.from_numpy(np.ascontiguousarray(array))) == tensor_sha(original[t.name])
+
+
+def _damaging(b: unipack.Bundle, blobs: set[str]):
+    """``b``'s blob reader, with one bit of each residual in ``blobs`` flipped after its checksum
+    passed (a residual the writer got wrong), and every array read-only as zstd's own bytes are."""
+    read = b._file.read_blob
+
+    def read_blob(name: str) -> np.ndarray:
+        array = np.array(read(name))
+        if name in blobs:
+            array.reshape(-1)[array.size // 2] ^= 1
+        array.flags.writeable = False
+        return array
+
+    return read_blob
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_wrong_residual_fails_its_sha256_check_first_in_order(many_tensors, threads):
+    from unipack.bundle.exact import ExactMember
+    from unipack.errors import ChecksumError
+
+    bundle, _ = many_tensors
+    with unipack.open(bundle) as b:
+        member = b.manifest.members[3]
+        exact = member.exact or {}
+        damaged = [t.name for t in b.manifest.tensors if exact[t.name].blob and exact[t.name].base == "mean"]
+        first, later = damaged[1], damaged[-1]
+        blobs = {str(exact[first].blob), str(exact[later].blob)}
+        rebuilt = ExactMember(b.manifest, member, _damaging(b, blobs), "bundle", threads=threads)
+        seen = []
+        with pytest.raises(ChecksumError, match=f"tensor {first!r} does not match the sha256"):
+            for t, _, _ in rebuilt.arrays():
+                seen.append(t.name)
+        assert seen == [t.name for t in b.manifest.tensors][: len(seen)]
+        assert first not in seen
+        # Undamaged, the read-only arrays decode in a copy and every tensor checks.
+        whole = ExactMember(b.manifest, member, _damaging(b, set()), "bundle", threads=threads)
+        assert len(list(whole.arrays())) == len(b.manifest.tensors)
+
+
+def test_a_caller_that_stops_early_leaves_no_thread_running(many_tensors):
+    import threading
+
+    bundle, _ = many_tensors
+    with unipack.open(bundle) as b:
+        arrays = b.iter_arrays(b.members[1], exact=True, threads=4)
+        next(arrays)
+        arrays.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("unipack-exact")]
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_zstd_through_the_scratch_buffer_decodes_and_refuses_as_without_it(checksum):
+    """Blobs decoded through a thread's scratch buffer are the same bytes, and every damaged
+    frame is refused with the same message as without one."""
+    from unipack.errors import FormatError
+    from unipack.format import codec
+
+    data = np.random.default_rng(7).normal(0, 0.02, 50_000).astype(np.float32).tobytes()
+    planes = bytes(codec.shuffle(data, 4))
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=checksum).compress(planes)
+    corrupt = bytearray(frame)
+    corrupt[zstandard.frame_header_size(frame)] |= 0b110  # the first block's type: reserved
+    damaged = {
+        "trailing": frame + b"\0\0",
+        "second frame": frame + zstandard.ZstdCompressor(write_content_size=True).compress(b"x" * 100),
+        "truncated": frame[:-7],
+        "corrupt": bytes(corrupt),
+    }
+    messages = {}
+    for name, stored in damaged.items():
+        with pytest.raises(FormatError) as plain:
+            codec.decode(stored, "zstd", True, 4, len(data), "blob")
+        messages[name] = str(plain.value)
+    with codec.scratch_buffer():
+        first = codec.decode(frame, "zstd", True, 4, len(data), "blob")
+        second = codec.decode(frame, "zstd", True, 4, len(data), "blob")
+        assert bytes(first) == bytes(second) == data
+        assert codec._SCRATCH.buffer.size == len(data)  # decoded through the scratch buffer
+        np.frombuffer(first, np.uint8)[:] = 0  # each result is its own array, not the scratch
+        assert bytes(second) == data
+        for name, stored in damaged.items():
+            with pytest.raises(FormatError) as scratched:
+                codec.decode(stored, "zstd", True, 4, len(data), "blob")
+            assert str(scratched.value) == messages[name], name
+    assert "trailing" in messages["trailing"] and "trailing" in messages["second frame"]

@@ -312,6 +312,68 @@ def test_lossless_baseline_is_zstd_19_of_each_input(tmp_path: Path, pop: Populat
     assert doc["bytes"]["ratio_vs_lossless"] == pytest.approx(sum(own) / os.path.getsize(out))
 
 
+def test_a_lossless_tier_is_compared_with_zstd_3_of_every_whole_input(
+    tmp_path: Path, pop: Population, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Next to a lossless tier the baseline is exact: zstd -3 of every whole file, even where a
+    lossy merge's ``auto`` would sample (FULL_LIMIT lowered here)."""
+    from unipack.pack import lossless
+
+    monkeypatch.setattr(lossless, "FULL_LIMIT", 1)
+    monkeypatch.setattr(lossless, "zipnn_version", lambda: None)  # as without ZipNN installed
+    out = tmp_path / "tier.upk"
+    unipack.merge(pop.paths, out, exact_tier=True, baselines=False)
+    own = [len(zstandard.ZstdCompressor(level=3).compress(p.read_bytes())) for p in pop.paths]
+    with unipack.open(out) as b:
+        assert [m.lossless_bytes for m in b.manifest.members] == own
+        assert b.manifest.stats["lossless"] == {"codec": "zstd", "level": 3, "sampled": False}
+        assert "zipnn" not in b.manifest.stats
+        r = report(b)
+    assert r.bytes.exact_tier and r.bytes.lossless_level == 3 and r.bytes.zipnn is None
+    headline = next(line for line in run("report", out).output.splitlines() if line.startswith("ratio "))
+    assert f"{sum(own) / os.path.getsize(out):.2f}x vs the inputs compressed losslessly (zstd -3: " in headline
+    assert "estimated" not in headline and "ZipNN" not in headline
+    # A lossy merge under the same limit measures zstd -19 (files this small are never sampled).
+    lossy = tmp_path / "lossy.upk"
+    unipack.merge(pop.paths, lossy, baselines=False)
+    with unipack.open(lossy) as b:
+        assert b.manifest.stats["lossless"]["level"] == 19
+        assert lossless.plan_mode("auto", sum(p.stat().st_size for p in pop.paths)) == "sample"
+        assert not report(b).bytes.exact_tier
+
+
+def test_a_lossless_tier_is_compared_with_zipnn_where_installed(tmp_path: Path, pop: Population) -> None:
+    zipnn = pytest.importorskip("zipnn")
+    out = tmp_path / "tier.upk"
+    unipack.merge(pop.paths, out, exact_tier=True, baselines=False)
+    coder = zipnn.ZipNN(bytearray_dtype="float32", input_format="byte")  # the inputs are mostly F32
+    own = sum(len(coder.compress(p.read_bytes())) for p in pop.paths)
+    with unipack.open(out) as b:
+        assert b.manifest.stats["zipnn"]["bytes"] == own
+        r = report(b)
+    assert r.bytes.zipnn == own and r.bytes.ratio_vs_zipnn == pytest.approx(own / os.path.getsize(out))
+    text = run("report", out).output
+    headline = next(line for line in text.splitlines() if line.startswith("ratio "))
+    assert f"{own / os.path.getsize(out):.2f}x vs ZipNN" in headline
+    assert "extract --exact gives every member bit for bit" in " ".join(text.split())
+    doc = json.loads(run("report", out, "--json").stdout)
+    assert doc["bytes"]["zipnn"] == own and doc["bytes"]["ratio_vs_zipnn"] == pytest.approx(own / os.path.getsize(out))
+    assert doc["bytes"]["exact_tier"] is True and doc["bytes"]["lossless_level"] == 3
+
+
+def test_add_to_a_lossless_tier_measures_zstd_3_and_drops_zipnn(tmp_path: Path, pop: Population) -> None:
+    out, grown = tmp_path / "tier.upk", tmp_path / "grown.upk"
+    unipack.merge(pop.paths[:-1], out, exact_tier=True, baselines=False)
+    unipack.add(out, pop.paths[-1], output=grown)
+    with unipack.open(grown) as b:
+        assert b.manifest.members[-1].lossless_bytes == len(
+            zstandard.ZstdCompressor(level=3).compress(pop.paths[-1].read_bytes())
+        )
+        assert b.manifest.stats["lossless"]["level"] == 3
+        assert "zipnn" not in b.manifest.stats  # it no longer covers every member
+        assert report(b).bytes.zipnn is None
+
+
 def test_lossless_baseline_off(tmp_path: Path, pop: Population) -> None:
     out = tmp_path / "off.upk"
     result = run("merge", *pop.paths, "-o", out, "--lossless-baseline", "off", "-q")

@@ -188,7 +188,8 @@ class MergeOptions:
         "--lossless-baseline",
         "Measure the inputs compressed losslessly (zstd -19) "
         "for the report: full, sample (an estimate from 16 MiB), off, or auto (full up "
-        "to 64 MiB of inputs, else sample).",
+        "to 64 MiB of inputs, else sample). With --lossless: zstd -3 (auto: full), and "
+        "ZipNN where the zipnn package is installed.",
         choices=LOSSLESS,
     )
 

@@ -53,10 +53,14 @@ METHODS = ("unipack", "mean-only", "svd")
 class ByteReport:
     file: int
     inputs: int
-    lossless: int | None  # inputs compressed with zstd -19 (None: not measured)
+    lossless: int | None  # inputs compressed with zstd at lossless_level (None: not measured)
     lossless_sampled: bool  # lossless is an estimate from evenly spaced samples
     parts: dict[str, int]
     mean_only: int  # what the bundle would cost without bases and coefficients (rank 0 everywhere)
+    lossless_level: int = 19  # zstd's level for ``lossless`` (3 next to a lossless tier: whole files)
+    exact_tier: bool = False  # every member comes back bit for bit: the file is a lossless figure
+    zipnn: int | None = None  # ZipNN on every input, measured by a lossless merge where installed
+    zipnn_version: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -65,6 +69,10 @@ class ByteReport:
     @property
     def ratio_vs_lossless(self) -> float | None:
         return self.lossless / self.file if self.lossless and self.file else None
+
+    @property
+    def ratio_vs_zipnn(self) -> float | None:
+        return self.zipnn / self.file if self.zipnn and self.file else None
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ class Report:
         doc = asdict(self)
         doc["bytes"]["ratio"] = self.bytes.ratio
         doc["bytes"]["ratio_vs_lossless"] = self.bytes.ratio_vs_lossless
+        doc["bytes"]["ratio_vs_zipnn"] = self.bytes.ratio_vs_zipnn
         doc["worst_error"] = max((m.errors["unipack"].worst for m in self.members if m.errors["unipack"]), default=0.0)
         # Flat aliases the PNG and simple scripts read: worst/mean error and baselines per member.
         for m, d in zip(self.members, doc["members"]):
@@ -209,13 +218,20 @@ def build_report(
     measured = [m.lossless_bytes for m in manifest.members if m.lossless_bytes is not None]
     complete = bool(measured) and len(measured) == len(manifest.members)  # a partial sum would flatter
     lossless_stats = manifest.stats.get("lossless")
+    lossless_stats = lossless_stats if isinstance(lossless_stats, dict) else {}
+    zipnn = manifest.stats.get("zipnn")
+    zipnn = zipnn if isinstance(zipnn, dict) and isinstance(zipnn.get("bytes"), int) else {}
     byte_report = ByteReport(
         file=header.file_size,
         inputs=int(manifest.stats.get("input_bytes", 0)),
         lossless=sum(measured) if complete else None,
-        lossless_sampled=bool(isinstance(lossless_stats, dict) and lossless_stats.get("sampled")),
+        lossless_sampled=bool(lossless_stats.get("sampled")),
         parts=parts,
         mean_only=_mean_only_bytes(manifest, parts, stored),
+        lossless_level=int(lossless_stats.get("level", 19)),
+        exact_tier=bool(manifest.members) and all(m.exact is not None for m in manifest.members),
+        zipnn=zipnn.get("bytes"),
+        zipnn_version=str(zipnn["version"]) if zipnn.get("version") else None,
     )
     return Report(
         path=str(header.path),

@@ -5,11 +5,21 @@ member's overrides), else its residual blob decoded against its prediction (the 
 rounded to the member's dtype, or another member's exact tensor). Every tensor's bytes are
 checked against the sha256 the merge recorded from the original, so a damaged bundle or a
 reader that rebuilt a prediction differently fails loudly instead of returning other bits.
+
+Tensors are independent (a tensor's chain of member bases stays within that tensor), so they
+are rebuilt on a few threads and handed out in the manifest's order: the work is reading,
+sha256 (of each stored blob and of each tensor), zstd and numpy passes, all of which release
+the GIL. Each thread decompresses into one scratch buffer it keeps (``codec.scratch_buffer``),
+and each residual is decoded in place in the array its blob was unshuffled into.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -47,35 +57,80 @@ def stored_mean_prediction(t: TensorRecord, read_blob: ReadBlob, blob_dtype: str
     return mean_prediction(mean_values(t, read_blob, blob_dtype), dtype)
 
 
-class ExactMember:
-    """Rebuilds one member's tensors bit for bit (``view``: the member's lossy view)."""
+#: Threads that rebuild tensors at once, at most (fewer on fewer cores). Past four, reading and
+#: hashing a member is bound by memory bandwidth, and every thread holds a tensor in memory.
+MAX_THREADS = 4
 
-    def __init__(self, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob, where: str) -> None:
+
+def default_threads() -> int:
+    """One thread per core this process may run on, up to ``MAX_THREADS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cores))
+
+
+class ExactMember:
+    """Rebuilds one member's tensors bit for bit (``threads``: tensors rebuilt at once; default
+    :func:`default_threads`, 1 rebuilds them one by one in the caller's thread)."""
+
+    def __init__(
+        self, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob, where: str, *, threads: int | None = None
+    ) -> None:
         if member.exact is None:
             raise UnipackError(
                 f"{where}: member {member.name!r} has no lossless tier (only members merged with "
                 f"--lossless have one); extract it without --exact for the lossy member"
             )
         self.manifest, self.member, self.read_blob, self.where = manifest, member, read_blob, where
+        self.threads = default_threads() if threads is None else max(1, threads)
         self._views: dict[str, MemberView] = {}
+        self._views_lock = threading.Lock()
 
     def _view(self, member: MemberRecord) -> MemberView:
-        if member.name not in self._views:
-            self._views[member.name] = MemberView.of(self.manifest, member, self.read_blob)
-        return self._views[member.name]
+        with self._views_lock:  # built once (it reads the member's coefficient blob), shared by threads
+            if member.name not in self._views:
+                self._views[member.name] = MemberView.of(self.manifest, member, self.read_blob)
+            return self._views[member.name]
 
     def arrays(self) -> Iterator[Array]:
+        """Every tensor of the member, in the manifest's order. With threads, at most ``threads``
+        tensors are rebuilt ahead of the one the caller holds; the first damaged tensor in that
+        order raises, as it does on one thread."""
+        if self.threads == 1 or len(self.manifest.tensors) < 2:
+            with codec.scratch_buffer():
+                for t in self.manifest.tensors:
+                    yield from self._tensor(t)
+            return
+        pending: deque[Future[list[Array]]] = deque()
+        workers = ThreadPoolExecutor(
+            self.threads, thread_name_prefix="unipack-exact", initializer=codec.keep_scratch_buffer
+        )
+        with workers as pool:
+            try:
+                for t in self.manifest.tensors:
+                    pending.append(pool.submit(self._tensor, t))
+                    if len(pending) > self.threads:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+            finally:  # an error, or a caller that stopped early: start nothing more
+                for future in pending:
+                    future.cancel()
+
+    def _tensor(self, t: TensorRecord) -> list[Array]:
+        """One tensor of the member, checked: the lossy tier's arrays, or the decoded residual."""
         assert self.member.exact is not None
-        for t in self.manifest.tensors:
-            dtype = self.member.dtype_of(t)
-            entry = self.member.exact[t.name]
-            if entry.blob is None:
-                for record, dt, array in scheme_of(t).member_arrays(self._view(self.member), t):
-                    self._check(self.member, t, entry, dtypes.to_bytes(array, dt))
-                    yield record, dt, array
-                continue
-            bits = self._bits(self.member, t, entry)
-            yield t, dtype, bits.view(dtypes.holder(dtype)).reshape(t.shape or ())
+        dtype = self.member.dtype_of(t)
+        entry = self.member.exact[t.name]
+        if entry.blob is None:
+            arrays = list(scheme_of(t).member_arrays(self._view(self.member), t))
+            for _, dt, array in arrays:
+                self._check(self.member, t, entry, dtypes.byte_view(array, dt))
+            return arrays
+        bits = self._bits(self.member, t, entry)
+        return [(t, dtype, bits.view(dtypes.holder(dtype)).reshape(t.shape or ()))]
 
     def _bits(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry) -> np.ndarray:
         """The member's exact bits of ``t``, checked against the recorded sha256."""
@@ -85,6 +140,8 @@ class ExactMember:
             bits = residual.as_bits(np.ascontiguousarray(arrays[0][2], dtype=dtypes.holder(dtype)))
         else:
             r = residual.as_bits(self.read_blob(entry.blob))
+            if not r.flags.writeable:  # zstd's own bytes (a blob stored unshuffled): decode in a copy
+                r = r.copy()
             prediction = None
             if entry.base == MEAN_BASE:
                 prediction = stored_mean_prediction(t, self.read_blob, self.manifest.blobs[t.mean].dtype, dtype)
@@ -92,7 +149,7 @@ class ExactMember:
                 base = self.manifest.member(entry.base)
                 assert base.exact is not None  # checked when the manifest was read
                 prediction = self._bits(base, t, base.exact[t.name])
-            bits = residual.decode(r, prediction, str(entry.coding))
+            bits = residual.decode_in_place(r, prediction, str(entry.coding))
         self._check(member, t, entry, bits.view(np.uint8).data)  # hashed in place, not copied
         return bits
 

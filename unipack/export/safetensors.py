@@ -31,7 +31,7 @@ def write_safetensors(
     with atomic_write(out, force=force, inputs=[bundle.path]) as f:
         f.write(header)
         for _, dtype, array in bundle.iter_arrays(member, exact=exact):
-            f.write(dtypes.to_bytes(array, dtype))
+            f.write(dtypes.byte_view(array, dtype))  # no copy of a contiguous tensor
     return out
 
 

@@ -64,6 +64,12 @@ def to_bytes(array: np.ndarray, dtype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=holder(dtype)).tobytes()
 
 
+def byte_view(array: np.ndarray, dtype: str) -> memoryview:
+    """:func:`to_bytes` without the copy where the array is already contiguous at ``holder(dtype)``:
+    what a hash or a file write reads in place."""
+    return np.ascontiguousarray(array, dtype=holder(dtype)).reshape(-1).view(np.uint8).data
+
+
 def to_float(array: np.ndarray, dtype: str, out_dtype: type = np.float64) -> np.ndarray:
     """Widen a float tensor (held as ``holder(dtype)``) to float32/float64 values.
 

@@ -312,11 +312,14 @@ class _Adder:
         self.outcomes.append((t.name, kind, error, reason, blob, over_budget))
 
     def _lossless(self) -> lossless.LosslessSize | None:
-        """zstd -19 size of the new input, measured only if the bundle records that baseline."""
-        if "lossless" not in self.old.stats:
+        """zstd size of the new input (at the level the bundle records), measured only if the bundle
+        records that baseline."""
+        recorded = self.old.stats.get("lossless")
+        if not isinstance(recorded, dict):
             return None
-        mode = lossless.plan_mode(self.options.lossless, self.checkpoint.file_size)
-        return lossless.measure_files(self.checkpoint.files, mode) if mode is not None else None
+        level = int(recorded.get("level", lossless.LEVEL))
+        mode = lossless.plan_mode(self.options.lossless, self.checkpoint.file_size, level == lossless.FAST_LEVEL)
+        return lossless.measure_files(self.checkpoint.files, mode, level=level) if mode is not None else None
 
     def _stats(self, measured: lossless.LosslessSize | None) -> dict[str, Any]:
         """The old stats, every key kept, with the new input counted."""
@@ -329,4 +332,6 @@ class _Adder:
             stats.pop("lossless", None)  # it promises a lossless size for every member (spec 3.6)
         elif measured.sampled and isinstance(recorded, dict) and not recorded.get("sampled"):
             stats["lossless"] = {**recorded, "sampled": True}  # the baseline is now partly an estimate
+        # ZipNN's total covers every member, or it goes (the new member has no lossless tier either)
+        stats.pop("zipnn", None)
         return stats

@@ -104,6 +104,7 @@ class Merger:
         self.errors: list[list[float]] = [[] for _ in range(n)]
         self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
         self.lossless: list[lossless.LosslessSize | None] = [None] * n
+        self.zipnn: list[int | None] = [None] * n  # ZipNN of each input, next to a lossless tier
         # What the one-line alternatives would cost, measured with the baselines (--no-baselines
         # skips both: they are what the report compares the bundle with, not what it stores).
         self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
@@ -123,7 +124,9 @@ class Merger:
         records = []
         with parallel.Workers(workers, tasks) as pool:
             # The zstd -19 baseline (seconds per member) runs beside the tensors, not before them.
-            mode = lossless.plan_mode(self.options.lossless, sum(c.file_size for c in self.checkpoints))
+            mode = lossless.plan_mode(
+                self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
+            )
             measured = [pool.start("lossless", i) for i in range(len(self.checkpoints))] if mode else []
             for index, part in enumerate(pool.in_order("tensor", len(plans))):
                 if self.progress:
@@ -132,7 +135,7 @@ class Merger:
             for i, wait in enumerate(measured):
                 if self.progress:
                     self.progress.lossless(i, len(self.checkpoints))
-                self.lossless[i] = wait()
+                self.lossless[i], self.zipnn[i] = wait()
         return self._manifest(records)
 
     def _store_apart(self, plan: TensorPlan) -> StoredTensor:
@@ -317,13 +320,18 @@ class Merger:
         params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
         return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
-    def _measure_lossless(self, i: int) -> lossless.LosslessSize | None:
-        """Member ``i``'s inputs compressed with zstd -19 (the report's lossless baseline)."""
+    def _measure_lossless(self, i: int) -> tuple[lossless.LosslessSize | None, int | None]:
+        """Member ``i``'s inputs compressed losslessly, for the report: the baseline (zstd -19, or
+        with a lossless tier zstd -3 of the whole files) and, with a tier, ZipNN where installed."""
         sizes = [c.file_size for c in self.checkpoints]
-        mode = lossless.plan_mode(self.options.lossless, sum(sizes))
+        tier = self.options.exact_tier
+        mode = lossless.plan_mode(self.options.lossless, sum(sizes), exact_tier=tier)
         if mode is None:
-            return None
-        return lossless.measure_files(self.checkpoints[i].files, mode, sizes[i] / max(sum(sizes), 1))
+            return None, None
+        c = self.checkpoints[i]
+        measured = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1), lossless.baseline_level(tier))
+        zipnn = lossless.zipnn_size(c.files, _main_dtype(c)) if tier and lossless.zipnn_version() is not None else None
+        return measured, zipnn
 
     def _values(self, i: int, name: str) -> np.ndarray:
         if self.progress:
@@ -458,9 +466,11 @@ class Merger:
         if all(self.lossless):
             stats["lossless"] = {
                 "codec": "zstd",
-                "level": lossless.LEVEL,
+                "level": lossless.baseline_level(self.options.exact_tier),
                 "sampled": any(m.sampled for m in self.lossless if m),
             }
+        if all(z is not None for z in self.zipnn):
+            stats["zipnn"] = {"bytes": sum(z or 0 for z in self.zipnn), "version": lossless.zipnn_version()}
         return Manifest(
             created_by=f"unipack {__version__}",
             options=self.options.to_dict(),
@@ -481,3 +491,11 @@ class Merger:
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return {}
+
+
+def _main_dtype(c: Checkpoint) -> str:
+    """The dtype holding most of a checkpoint's bytes (what ZipNN groups its bytes for)."""
+    held: dict[str, int] = {}
+    for info in c.tensors.values():
+        held[info.dtype] = held.get(info.dtype, 0) + info.numel * dtypes.itemsize(info.dtype)
+    return max(held, key=lambda d: held[d]) if held else "F32"

@@ -94,7 +94,7 @@ def _tensor_tier(
         member = manifest.members[i]
         dtype = member.dtype_of(t)
         array = c.read(t.name)
-        sha = codec.sha256(dtypes.to_bytes(array, dtype))
+        sha = codec.sha256(dtypes.byte_view(array, dtype))
         if t.mean is None or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
             entries[i][t.name] = ExactEntry(sha)
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:

@@ -129,7 +129,7 @@ class LoraMerger(Merger):
         for i in range(len(self.checkpoints)):
             if self.progress:
                 self.progress.lossless(i, len(self.checkpoints))
-            self.lossless[i] = self._measure_lossless(i)
+            self.lossless[i], self.zipnn[i] = self._measure_lossless(i)
         if self.progress:
             self.progress.start(len(modules) + len(extras), len(self.checkpoints))
         records = []

@@ -56,7 +56,7 @@ class ProgressBars:
         self._progress.advance(self._reads)
 
     def lossless(self, done: int, total: int) -> None:
-        self._progress.update(self._tensors, total=total, completed=done, description="lossless baseline (zstd -19)")
+        self._progress.update(self._tensors, total=total, completed=done, description="lossless baseline (zstd)")
 
     def stop(self) -> None:
         self._progress.stop()

@@ -146,11 +146,15 @@ def _headline(r: Report) -> Text:
     )
     if b.ratio_vs_lossless is not None:
         text.append(
-            f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly (zstd -19: "
+            f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly (zstd -{b.lossless_level}: "
             f"{format_bytes(b.lossless or 0)}{', estimated from samples' if b.lossless_sampled else ''})"
         )
+    if b.ratio_vs_zipnn is not None:
+        text.append(f", {b.ratio_vs_zipnn:.2f}x vs ZipNN ({format_bytes(b.zipnn or 0)})")
     text.append(", at worst relative error ")
     text.append(f"{worst:.3g}", style="bold")
+    if b.exact_tier:
+        text.append(" (the lossy tier; extract --exact gives every member bit for bit)")
     return text
 
 

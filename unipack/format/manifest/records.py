@@ -214,7 +214,7 @@ class MemberRecord:
     dtypes: dict[str, str] = field(default_factory=dict)  # tensor name -> dtype where it differs
     errors: tuple[float, ...] = ()  # relative Frobenius error per tensor, aligned with Manifest.tensors
     added: bool = False  # joined by `unipack add` (projected onto existing bases), not by the merge
-    lossless_bytes: int | None = None  # the input losslessly compressed (zstd -19), informative
+    lossless_bytes: int | None = None  # the input compressed by zstd at stats.lossless.level, informative
     fidelity: FidelityRecord | None = None
     metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "unipack": {...}}
     configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
