@@ -22,7 +22,7 @@ from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
-from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, balanced, cast_factors, fit_quantized
+from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, QuantSearch, balanced, cast_factors
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
@@ -242,31 +242,37 @@ class LoraMerger(Merger):
         self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
     ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
         """The cheapest level count (of ``LEVELS``, every one tried) whose quantized factors meet
-        the rule for every adapter, with its compressed bytes (codes and steps)."""
+        the rule for every adapter, with its compressed bytes (codes and steps).
+
+        Adapter by adapter, each searched at every level count still open (``QuantSearch``
+        shares quantizations between them); a level count closes for all once an adapter's
+        finest steps miss the rule at it. Only one adapter's search is held at a time."""
         budget = self.options.budget
         if not self.options.quantize or budget is None or budget.max_error is None:
             return None
+        open_levels = sorted(LEVELS, reverse=True)
+        fits: dict[int, list[QuantizedFactors | None]] = {levels: [] for levels in open_levels}
+        for f, d in zip(factors, member_dtypes):
+            if f is None or d is None:
+                for levels in open_levels:
+                    fits[levels].append(None)
+                continue
+            search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
+            open_levels = [levels for levels in open_levels if search.floor_meets(budget.max_error, levels)]
+            for levels in open_levels:
+                fits[levels].append(search.fit(budget.max_error, levels))
+            if not open_levels:
+                return None
         best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
-        gauges = [None if f is None else balanced(f) for f in factors]
-        for levels in sorted(LEVELS, reverse=True):
-            fits: list[QuantizedFactors | None] = []
-            for f, d, gauge in zip(factors, member_dtypes, gauges):
-                fitted = None
-                if f is not None and d is not None:
-                    fitted = fit_quantized(
-                        f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d, gauge=gauge
-                    )
-                    if fitted is None:
-                        break
-                fits.append(fitted)
-            live = [q for q in fits if q is not None]
-            if len(fits) < len(factors) or not live:
-                continue  # an adapter misses the rule at this L (or none touches the module)
+        for levels in open_levels:
+            live = [q for q in fits[levels] if q is not None]
+            if not live:
+                continue  # no adapter touches the module
             codes = np.concatenate([quantize.pack(q.codes, levels) for q in live])  # as stored: one blob
             steps = np.concatenate([q.steps_held for q in live])
             cost = self._compressed(codes, "U8") + self._compressed(steps, self.coef_dtype)
             if best is None or cost < best[0]:
-                best = (cost, (levels, fits))
+                best = (cost, (levels, fits[levels]))
         return best
 
     def _subspace_cost(self, enc: EncodedLora) -> int:
