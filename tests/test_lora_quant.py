@@ -30,10 +30,12 @@ from test_lora_bundle import (
 
 import unipack
 from unipack.cli import cli
-from unipack.core import quantize
+from unipack.core import lora_quant, quantize
 from unipack.core.lora import LoraFactors
 from unipack.core.lora_quant import LEVELS, balanced, cast_factors, fit_quantized
 from unipack.format import codec, dtypes
+from unipack.pack import parallel
+from unipack.sources.checkpoint import close_all, open_inputs
 
 PREFIX = "base_model.model."
 
@@ -290,3 +292,74 @@ def test_cli_merge_extract_quantized(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# speed: one search across level counts, modules in worker processes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_error, step_dtype", [(0.05, "F32"), (0.3, "F16"), (0.6, "BF16")])
+def test_one_search_across_level_counts_finds_what_each_finds_alone(monkeypatch, max_error, step_dtype) -> None:
+    """``QuantSearch`` reuses quantizations between level counts: at every L it returns, bit for
+    bit, what a search at that L alone returns, whose factors dense numpy rebuilds from codes and
+    steps (§10.2) with the recorded error; and it quantizes fewer times than the searches alone."""
+    f = random_factors(7, out_dim=96, in_dim=80, r=8)
+    calls = {"n": 0}
+    real = lora_quant.quantize_at
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_quant, "quantize_at", counted)
+    shared = lora_quant.QuantSearch(f, step_dtype=step_dtype, member_dtype="F32")
+    together: dict[int, Any] = {}
+    for levels in sorted(LEVELS, reverse=True):
+        together[levels] = shared.fit(max_error, levels) if shared.floor_meets(max_error, levels) else None
+    shared_calls, calls["n"] = calls["n"], 0
+    delta = f.update()
+    for levels, q in together.items():
+        alone = fit_quantized(f, max_error, levels=levels, step_dtype=step_dtype, member_dtype="F32")
+        if q is None or alone is None:
+            assert q is None and alone is None, levels
+            continue
+        assert np.array_equal(q.codes, alone.codes) and np.array_equal(q.steps_held, alone.steps_held), levels
+        assert np.array_equal(q.a, alone.a) and np.array_equal(q.b, alone.b) and q.error == alone.error
+        assert int(q.codes.max()) < levels
+        steps = dtypes.to_float(q.steps_held, step_dtype)
+        qv = q.codes.astype(np.float64) - (levels - 1) / 2
+        a = qv[: f.rank * f.in_dim].reshape(f.rank, f.in_dim) * steps[: f.rank, None]
+        b = (qv[f.rank * f.in_dim :].reshape(f.rank, f.out_dim) * steps[f.rank :, None]).T
+        a, b = (dtypes.to_float(dtypes.from_float(x, "F32"), "F32") for x in (a, b))
+        assert dense_rel(delta, f.scale * (b @ a)) == pytest.approx(q.error, rel=1e-9)
+        assert q.error <= max_error
+    assert any(q is not None for q in together.values())
+    assert shared_calls < calls["n"], (shared_calls, calls["n"])
+
+
+@pytest.mark.parametrize("options", [{"max_error": 0.1, "lossless": "full"}, {"max_error": 0.3, "dtype": "float16"}])
+def test_lora_modules_in_two_jobs_write_the_serial_bundle(tmp_path, options) -> None:
+    """Modules fitted in forked workers (and the zstd -19 baseline beside them) give the serial
+    merge's bundle byte for byte."""
+    adapters = structured_population(tmp_path / "p", n=4, noise=0.3, seed=5, ranks=[8, 4])
+    serial = merged(adapters, tmp_path / "serial.upk", jobs=1, **options)
+    forked = merged(adapters, tmp_path / "forked.upk", jobs=2, **options)
+    assert (tmp_path / "serial.upk").read_bytes() == (tmp_path / "forked.upk").read_bytes()
+    assert forked.manifest.members[0].lora == serial.manifest.members[0].lora
+
+
+def test_lora_adapters_are_forked_from_a_few_mib(tmp_path) -> None:
+    """PEFT adapters in safetensors are read with pread (fork-safe); the automatic job count
+    forks from ``LORA_PARALLEL_FROM_BYTES`` of adapters, not the dense 64 MiB."""
+    adapters = structured_population(tmp_path / "p", n=3, noise=0.3, seed=6, ranks=[4])
+    checkpoints = open_inputs([a.path for a in adapters], None)
+    try:
+        assert all(c.fork_safe for c in checkpoints)
+        size = sum(c.file_size for c in checkpoints)
+        assert parallel.effective_jobs(None, checkpoints, 8, from_bytes=size + 1) == 1
+        assert parallel.effective_jobs(None, checkpoints, 8, from_bytes=size) == min(parallel.default_jobs(), 8)
+        assert parallel.effective_jobs(2, checkpoints, 8, from_bytes=size + 1) == 2
+    finally:
+        close_all(checkpoints)
+    assert parallel.LORA_PARALLEL_FROM_BYTES < parallel.PARALLEL_FROM_BYTES

@@ -1209,6 +1209,13 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if "--synthetic" in args:  # the scaling bench: adapters of a configurable shape, several N
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_lora_synthetic
+
+        bench_lora_synthetic.main(args)
+        return
     bench(build_parser().parse_args(argv))
 
 

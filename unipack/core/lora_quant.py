@@ -23,6 +23,7 @@ Cast (``cast``): the balanced factors rounded to the coefficient dtype (F16, BF1
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -152,61 +153,124 @@ def fit_quantized(
 ) -> QuantizedFactors | None:
     """The coarsest quantization at ``levels`` whose product error is within ``max_error``
     (relative to ||ΔW||), or None if even the finest steps (the floors) miss it. ``gauge``:
-    ``balanced(f)`` where the caller already has it (the chooser tries several L)."""
-    a, b, sigma = balanced(f) if gauge is None else gauge
-    top = quantize.offset(levels)
-    # Floors: per row (A's rows, then B's columns), the finer of the step that never clips and
-    # the MSE-optimal step of L levels for the row's RMS.
-    absmax = np.concatenate([np.abs(a).max(axis=1, initial=0.0), np.abs(b).max(axis=0, initial=0.0)])
-    rms = np.concatenate([np.sqrt(np.mean(a * a, axis=1)), np.sqrt(np.mean(b * b, axis=0))])
-    floor = np.minimum(absmax / top, _gaussian_step(levels) * rms)
-    weight = np.concatenate([np.sqrt(sigma), np.sqrt(sigma)])
-    live = weight > 0.0
+    ``balanced(f)`` where the caller already has it. (``QuantSearch`` tries several L.)"""
+    search = QuantSearch(f, step_dtype=step_dtype, member_dtype=member_dtype, gauge=gauge)
+    return search.fit(max_error, levels) if search.floor_meets(max_error, levels) else None
 
-    def steps_for(c: float) -> np.ndarray:
+
+class QuantSearch:
+    """One adapter's module, searched at one level count after another (the chooser tries each
+    of ``LEVELS``): the same result as an independent ``fit_quantized`` per L, bit for bit.
+
+    A quantization depends only on the steps as stored and on the clipping range. Where the
+    search at one L tries stored steps already tried at another and no code reached the end of
+    either range (nothing was clipped, so nothing would be), the codes are the earlier ones
+    shifted by the levels' offset and the factors and error are the same: they are reused rather
+    than quantized again. At the finer level counts the floors rarely bind, so their searches
+    mostly repeat one another.
+    """
+
+    def __init__(
+        self,
+        f: LoraFactors,
+        *,
+        step_dtype: str,
+        member_dtype: str,
+        gauge: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        self.f, self.step_dtype, self.member_dtype = f, step_dtype, member_dtype
+        self.a, self.b, self.sigma = balanced(f) if gauge is None else gauge
+        a, b = self.a, self.b
+        self._absmax = np.concatenate([np.abs(a).max(axis=1, initial=0.0), np.abs(b).max(axis=0, initial=0.0)])
+        self._rms = np.concatenate([np.sqrt(np.mean(a * a, axis=1)), np.sqrt(np.mean(b * b, axis=0))])
+        self._weight = np.concatenate([np.sqrt(self.sigma), np.sqrt(self.sigma)])
+        # stored steps -> (the result, its L, its largest |q|)
+        self._tried: dict[bytes, tuple[QuantizedFactors, int, float]] = {}
+        self._floors: dict[int, QuantizedFactors] = {}
+
+    def _floor(self, levels: int) -> np.ndarray:
+        # Per row (A's rows, then B's columns), the finer of the step that never clips and the
+        # MSE-optimal step of L levels for the row's RMS.
+        return np.minimum(self._absmax / quantize.offset(levels), _gaussian_step(levels) * self._rms)
+
+    def _steps_for(self, floor: np.ndarray, c: float) -> np.ndarray:
         steps = floor.copy()
-        steps[live] = np.maximum(c / weight[live], floor[live])
+        live = self._weight > 0.0
+        steps[live] = np.maximum(c / self._weight[live], floor[live])
         return steps
 
-    def at(c: float) -> QuantizedFactors:
-        return quantize_at(f, a, b, steps_for(c), levels=levels, step_dtype=step_dtype, member_dtype=member_dtype)
+    def at(self, steps: np.ndarray, levels: int) -> QuantizedFactors:
+        """``quantize_at`` with these steps, or its result from another L where that is the same."""
+        key = dtypes.store_as(np.asarray(steps, dtype=np.float64), self.step_dtype)[1].tobytes()
+        top = quantize.offset(levels)
+        seen = self._tried.get(key)
+        if seen is not None and levels % 2:
+            result, seen_levels, reach = seen
+            if seen_levels == levels:
+                return result
+            if reach < quantize.offset(seen_levels) and reach <= top:
+                shift = int(top - quantize.offset(seen_levels))
+                codes = (result.codes.astype(np.int16) + shift).astype(np.uint8)
+                return dataclasses.replace(result, codes=codes)
+        result = quantize_at(
+            self.f, self.a, self.b, steps, levels=levels, step_dtype=self.step_dtype, member_dtype=self.member_dtype
+        )
+        if levels % 2:  # odd L: q = u - (L - 1)/2 is an integer, comparable across level counts
+            reach = float(np.max(np.abs(result.codes.astype(np.float64) - top), initial=0.0))
+            self._tried[key] = (result, levels, reach)
+        return result
 
-    floor_fit = at(0.0)
-    if floor_fit.error > max_error:
-        return None
-    n_live = int(np.count_nonzero(sigma))
-    if n_live == 0 or f.scale == 0.0:
-        return floor_fit
-    # Start from the high-rate prediction: error² = s² Σ_j σ_j n_j (c²/σ_j) / 12 = s² c² (in + out) k / 12.
-    budget = max_error * f.norm / abs(f.scale)
-    c = budget * math.sqrt(12.0 / ((f.in_dim + f.out_dim) * n_live))
-    best: tuple[float, QuantizedFactors] = (0.0, floor_fit)
-    failed: float | None = None
-    for _ in range(_MAX_TRIES):  # bracket: a passing c and a failing one 1.3x above it
-        result = at(c)
-        if result.error <= max_error:
-            best = (c, result)
-            if failed is not None:
-                break
-            c *= _GROW
-        else:
-            failed = c
-            if best[0] > 0.0:
-                break
-            c /= _GROW
-    if failed is None:
+    def floor_meets(self, max_error: float, levels: int) -> bool:
+        """Whether the finest steps at ``levels`` meet ``max_error`` (else ``fit`` has nothing)."""
+        floor_fit = self._floors.get(levels)
+        if floor_fit is None:
+            floor_fit = self._floors[levels] = self.at(self._steps_for(self._floor(levels), 0.0), levels)
+        return floor_fit.error <= max_error
+
+    def fit(self, max_error: float, levels: int) -> QuantizedFactors:
+        """The coarsest quantization at ``levels`` within ``max_error``; ``floor_meets`` first."""
+        f, sigma = self.f, self.sigma
+        floor = self._floor(levels)
+        if not self.floor_meets(max_error, levels):
+            raise ValueError(f"the finest steps at {levels} levels miss {max_error}: check floor_meets first")
+        floor_fit = self._floors[levels]
+
+        def at(c: float) -> QuantizedFactors:
+            return self.at(self._steps_for(floor, c), levels)
+
+        n_live = int(np.count_nonzero(sigma))
+        if n_live == 0 or f.scale == 0.0:
+            return floor_fit
+        # Start from the high-rate prediction: error² = s² Σ_j σ_j n_j (c²/σ_j) / 12 = s² c² (in + out) k / 12.
+        budget = max_error * f.norm / abs(f.scale)
+        c = budget * math.sqrt(12.0 / ((f.in_dim + f.out_dim) * n_live))
+        best: tuple[float, QuantizedFactors] = (0.0, floor_fit)
+        failed: float | None = None
+        for _ in range(_MAX_TRIES):  # bracket: a passing c and a failing one 1.3x above it
+            result = at(c)
+            if result.error <= max_error:
+                best = (c, result)
+                if failed is not None:
+                    break
+                c *= _GROW
+            else:
+                failed = c
+                if best[0] > 0.0:
+                    break
+                c /= _GROW
+        if failed is None:
+            return best[1]
+        lo, hi = best[0], failed
+        if lo == 0.0:
+            return best[1]
+        for _ in range(_BISECT):
+            mid = math.sqrt(lo * hi)
+            result = at(mid)
+            if result.error <= max_error:
+                lo, best = mid, (mid, result)
+            else:
+                hi = mid
         return best[1]
-    lo, hi = best[0], failed
-    if lo == 0.0:
-        return best[1]
-    for _ in range(_BISECT):
-        mid = math.sqrt(lo * hi)
-        result = at(mid)
-        if result.error <= max_error:
-            lo, best = mid, (mid, result)
-        else:
-            hi = mid
-    return best[1]
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,10 @@ class Merger:
 
     def _store_apart(self, plan: TensorPlan) -> StoredTensor:
         """``_store`` in a worker: everything it would write, recorded for ``_apply``."""
+        return self._apart(lambda merger: merger._store(plan))
+
+    def _apart(self, store: Callable[[Merger], TensorRecord]) -> StoredTensor:
+        """``store`` run on a copy of this merger that records what it writes, for ``_apply``."""
         n = len(self.checkpoints)
         apart = copy.copy(self)
         apart.progress = None
@@ -148,7 +152,7 @@ class Merger:
         apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         if self.alternatives is not None:
             apart.alternatives = RecordingMeter(n, self.options.budget)
-        record = apart._store(plan)
+        record = store(apart)
         return StoredTensor(
             record=record,
             blobs=apart.writer.made,  # type: ignore[attr-defined]

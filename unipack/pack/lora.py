@@ -22,10 +22,11 @@ from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
-from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, balanced, cast_factors, fit_quantized
+from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, QuantSearch, balanced, cast_factors
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
+from unipack.pack import lossless, parallel
 from unipack.pack.dense import Merger
 from unipack.schemes.lora_factors import LORA_FACTORS, LoraFactorsParams
 from unipack.schemes.lora_quant import LORA_CAST, LORA_QUANT, LoraCastParams, LoraQuantParams
@@ -121,26 +122,48 @@ class LoraMerger(Merger):
 
     format_version = LORA_FORMAT_VERSION
 
-    def run_lora(self, modules: list[ModulePlan], extras: list[ExtraPlan]) -> Manifest:
+    def run_lora(self, modules: list[ModulePlan], extras: list[ExtraPlan], jobs: int | None = 1) -> Manifest:
+        """Every module, then every extra tensor, in plan order. ``jobs``: worker processes for
+        the modules (None: automatic, from ``parallel.LORA_PARALLEL_FROM_BYTES`` of inputs); the
+        zstd -19 baseline runs beside them. The bundle's bytes do not depend on it."""
         adapters = [c.source for c in self.checkpoints]
         assert all(isinstance(a, PeftAdapterSource) for a in adapters)
         self.adapters: list[PeftAdapterSource] = adapters  # type: ignore[assignment]
         self._lora: list[dict[str, tuple[int, float]]] = [{} for _ in self.checkpoints]
-        for i in range(len(self.checkpoints)):
-            if self.progress:
-                self.progress.lossless(i, len(self.checkpoints))
-            self.lossless[i], self.zipnn[i] = self._measure_lossless(i)
+        for module in modules:  # each adapter's map in module order, as the manifest lists them
+            for i, adapter in enumerate(self.adapters):
+                m = adapter.lora_modules.get(module.name)
+                if m is not None:
+                    self._lora[i][module.name] = (m.rank, m.scale)
         if self.progress:
             self.progress.start(len(modules) + len(extras), len(self.checkpoints))
+        workers = parallel.effective_jobs(
+            jobs, self.checkpoints, len(modules), from_bytes=parallel.LORA_PARALLEL_FROM_BYTES
+        )
+        apart = workers > 1
+
+        def store(index: int) -> object:
+            module = modules[index]
+            return self._apart(lambda m: LoraMerger._store_module(m, module)) if apart else self._store_module(module)  # type: ignore[arg-type]
+
         records = []
-        for index, module in enumerate(modules):
-            if self.progress:
-                self.progress.tensor(index, module.name)
-            records.append(self._store_module(module))
-        for index, extra in enumerate(extras, start=len(modules)):
-            if self.progress:
-                self.progress.tensor(index, extra.name)
-            records.append(self._store_extra(extra))
+        with parallel.Workers(workers, {"module": store, "lossless": self._measure_lossless}) as pool:
+            mode = lossless.plan_mode(
+                self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
+            )
+            measured = [pool.start("lossless", i) for i in range(len(self.checkpoints))] if mode else []
+            for index, part in enumerate(pool.in_order("module", len(modules))):
+                if self.progress:
+                    self.progress.tensor(index, modules[index].name)
+                records.append(self._apply(part) if apart else part)  # type: ignore[arg-type]
+            for index, extra in enumerate(extras, start=len(modules)):
+                if self.progress:
+                    self.progress.tensor(index, extra.name)
+                records.append(self._store_extra(extra))
+            for i, wait in enumerate(measured):
+                if self.progress:
+                    self.progress.lossless(i, len(self.checkpoints))
+                self.lossless[i], self.zipnn[i] = wait()
         return self._manifest(records)
 
     # -- LoRA modules --------------------------------------------------------------------------------
@@ -148,7 +171,7 @@ class LoraMerger(Merger):
     def _factors(self, module: ModulePlan) -> tuple[list[LoraFactors | None], list[str | None]]:
         factors: list[LoraFactors | None] = []
         member_dtypes: list[str | None] = []
-        for i, (c, adapter) in enumerate(zip(self.checkpoints, self.adapters)):
+        for c, adapter in zip(self.checkpoints, self.adapters):
             m = adapter.lora_modules.get(module.name)
             if m is None:
                 factors.append(None)
@@ -164,7 +187,6 @@ class LoraMerger(Merger):
                 self.progress.member_read()
             factors.append(LoraFactors(a, b, m.scale))
             member_dtypes.append(c.tensors[m.a_key].dtype)
-            self._lora[i][module.name] = (m.rank, m.scale)
         return factors, member_dtypes
 
     def _store_module(self, module: ModulePlan) -> TensorRecord:
@@ -242,31 +264,37 @@ class LoraMerger(Merger):
         self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
     ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
         """The cheapest level count (of ``LEVELS``, every one tried) whose quantized factors meet
-        the rule for every adapter, with its compressed bytes (codes and steps)."""
+        the rule for every adapter, with its compressed bytes (codes and steps).
+
+        Adapter by adapter, each searched at every level count still open (``QuantSearch``
+        shares quantizations between them); a level count closes for all once an adapter's
+        finest steps miss the rule at it. Only one adapter's search is held at a time."""
         budget = self.options.budget
         if not self.options.quantize or budget is None or budget.max_error is None:
             return None
+        open_levels = sorted(LEVELS, reverse=True)
+        fits: dict[int, list[QuantizedFactors | None]] = {levels: [] for levels in open_levels}
+        for f, d in zip(factors, member_dtypes):
+            if f is None or d is None:
+                for levels in open_levels:
+                    fits[levels].append(None)
+                continue
+            search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
+            open_levels = [levels for levels in open_levels if search.floor_meets(budget.max_error, levels)]
+            for levels in open_levels:
+                fits[levels].append(search.fit(budget.max_error, levels))
+            if not open_levels:
+                return None
         best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
-        gauges = [None if f is None else balanced(f) for f in factors]
-        for levels in sorted(LEVELS, reverse=True):
-            fits: list[QuantizedFactors | None] = []
-            for f, d, gauge in zip(factors, member_dtypes, gauges):
-                fitted = None
-                if f is not None and d is not None:
-                    fitted = fit_quantized(
-                        f, budget.max_error, levels=levels, step_dtype=self.coef_dtype, member_dtype=d, gauge=gauge
-                    )
-                    if fitted is None:
-                        break
-                fits.append(fitted)
-            live = [q for q in fits if q is not None]
-            if len(fits) < len(factors) or not live:
-                continue  # an adapter misses the rule at this L (or none touches the module)
+        for levels in open_levels:
+            live = [q for q in fits[levels] if q is not None]
+            if not live:
+                continue  # no adapter touches the module
             codes = np.concatenate([quantize.pack(q.codes, levels) for q in live])  # as stored: one blob
             steps = np.concatenate([q.steps_held for q in live])
             cost = self._compressed(codes, "U8") + self._compressed(steps, self.coef_dtype)
             if best is None or cost < best[0]:
-                best = (cost, (levels, fits))
+                best = (cost, (levels, fits[levels]))
         return best
 
     def _subspace_cost(self, enc: EncodedLora) -> int:

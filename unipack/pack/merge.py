@@ -109,7 +109,7 @@ def merge(
                 modules, extras = plan_lora(checkpoints, adapters)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
                     merger = LoraMerger(checkpoints, opts, writer, progress)
-                    manifest = merger.run_lora(modules, extras)
+                    manifest = merger.run_lora(modules, extras, jobs)
                     size = writer.finish(manifest, out_path, force=force)
             else:
                 plans = plan_tensors(checkpoints, opts)

@@ -25,6 +25,9 @@ from unipack.sources.checkpoint import Checkpoint
 #: Below this many bytes of inputs a merge runs in-process: forking and shipping results back
 #: costs more than a small merge gains (and the test suite's many tiny merges stay serial).
 PARALLEL_FROM_BYTES = 64 * 1024 * 1024
+#: The same for PEFT adapters, whose modules cost far more time per input byte (every level
+#: count of the quantized-factor search): a few MiB of adapters already take seconds.
+LORA_PARALLEL_FROM_BYTES = 4 * 1024 * 1024
 
 # The functions a forked worker runs, set in the parent just before the pool forks (a closure
 # over the merger cannot be pickled; a fork inherits this module's globals instead).
@@ -39,9 +42,11 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def effective_jobs(jobs: int | None, checkpoints: Sequence[Checkpoint], n_tensors: int) -> int:
+def effective_jobs(
+    jobs: int | None, checkpoints: Sequence[Checkpoint], n_tensors: int, from_bytes: int = PARALLEL_FROM_BYTES
+) -> int:
     """How many worker processes a merge uses: ``jobs`` (None: automatic), 1 where forking is
-    unsafe (a source read through torch) or not worth it (small inputs, one tensor)."""
+    unsafe (a source read through torch) or not worth it (inputs under ``from_bytes``, one tensor)."""
     if jobs is not None and jobs < 1:
         raise ValueError("jobs must be at least 1")
     if jobs == 1 or n_tensors < 2 or "fork" not in multiprocessing.get_all_start_methods():
@@ -49,7 +54,7 @@ def effective_jobs(jobs: int | None, checkpoints: Sequence[Checkpoint], n_tensor
     if not all(c.fork_safe for c in checkpoints):
         return 1
     if jobs is None:
-        if sum(c.file_size for c in checkpoints) < PARALLEL_FROM_BYTES:
+        if sum(c.file_size for c in checkpoints) < from_bytes:
             return 1
         jobs = default_jobs()
     return max(1, min(jobs, n_tensors))

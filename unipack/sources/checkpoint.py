@@ -87,10 +87,11 @@ class Checkpoint:
 
     @property
     def fork_safe(self) -> bool:
-        """Whether a forked child process may read this member: safetensors files (and folders
-        of them) are read with ``pread``; a torch checkpoint reads through torch, whose thread
-        pools do not survive a fork."""
-        shards = getattr(self.source, "shards", (self.source,))
+        """Whether a forked child process may read this member: safetensors files (folders of
+        them, PEFT adapters saved as one) are read with ``pread``; a torch checkpoint reads
+        through torch, whose thread pools do not survive a fork."""
+        source = getattr(self.source, "weights", self.source)  # a PEFT adapter: its weights file
+        shards = getattr(source, "shards", (source,))
         return all(isinstance(s, SafetensorsSource) for s in shards)
 
     @property

@@ -116,6 +116,11 @@ class PeftAdapterSource:
         return self._path
 
     @property
+    def weights(self) -> TensorSource:
+        """The adapter's weights file (safetensors or a torch ``.bin``)."""
+        return self._weights
+
+    @property
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._weights.tensors
 
