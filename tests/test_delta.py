@@ -529,26 +529,6 @@ def test_a_code_byte_out_of_range_is_refused_on_load(gentle: list[Path], tmp_pat
         b.load_numpy(b.members[0])
 
 
-def test_a_narrow_valley_between_grid_points_is_found() -> None:
-    """With few levels the error is a valley in the step (clipping on the left, rounding on the
-    right); a budget only its floor meets lies between two grid points that both miss. The
-    search must still find a passing step, the largest one near the floor (brute force on a
-    fine grid is the reference)."""
-    floor_at, width = 1.13, 0.004
-
-    def error(c: float) -> float:
-        return 1.0 + (math.log(c / floor_at) / width) ** 2
-
-    budget = 1.5  # passes for |ln(c / 1.13)| <= 0.0028: far narrower than the 1.25 grid
-    c = quantize._largest_step(error, 1.0, budget, quantize._GROW, quantize._BISECT)
-    assert c is not None and error(c) <= budget
-    fine = [x for x in np.exp(np.linspace(math.log(1.1), math.log(1.16), 20001)) if error(x) <= budget]
-    assert min(fine) <= c <= max(fine)
-    assert c >= max(fine) * 0.99  # pushed up towards the valley's right edge
-    # a floor above the budget: refused, as before
-    assert quantize._largest_step(error, 1.0, 0.9, quantize._GROW, quantize._BISECT) is None
-
-
 def test_even_level_counts_do_not_end_the_chain_walk(tmp_path: Path) -> None:
     """16 levels has no zero level and can cost more than 31 and 15: the first member's walk
     goes on past it to the fewer odd counts. Else a looser rule could end on a costlier storage
