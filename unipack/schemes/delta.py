@@ -446,18 +446,18 @@ def fit(
     ranked = sorted(alive, key=lambda c: estimate[c])
     cheapest = estimate[ranked[0]]
     leaders = [c for c in ranked if estimate[c] <= LEAD * cheapest][:MAX_LEADERS]
-    others = [c for c in ranked if c not in leaders]
+    behind = [c for c in ranked if c not in leaders]
     survivors = search_rest({c: alive[c] for c in leaders})
     if survivors:
         # The leaders were picked on one member's bytes: a candidate behind them is still
         # searched where its estimate is under what the best leader actually cost (a member
         # whose delta suits it less can reverse a near-tie on member 0).
-        best = min(cost + mean_bytes[c.mean_dtype] for c, (cost, _) in survivors.items())
-        challengers = [c for c in others if estimate[c] < best]
+        leading_price = min(cost + mean_bytes[c.mean_dtype] for c, (cost, _) in survivors.items())
+        challengers = [c for c in behind if estimate[c] < leading_price]
         if challengers:
             survivors.update(search_rest({c: alive[c] for c in challengers}))
     else:
-        survivors = search_rest({c: alive[c] for c in others})
+        survivors = search_rest({c: alive[c] for c in behind})
     if not survivors:
         return None
     for cand in ranked:
