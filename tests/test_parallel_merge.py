@@ -68,7 +68,14 @@ def test_two_jobs_write_the_serial_bundle_byte_for_byte(pop, tmp_path: Path, opt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forked.upk", "serial.upk"]  # no spool left
 
 
-def test_how_many_jobs(pop, tmp_path: Path) -> None:
+def fake_sysconf(free_bytes: int):  # type: ignore[no-untyped-def]
+    def sysconf(name: str) -> int:
+        return {"SC_AVPHYS_PAGES": free_bytes // 4096, "SC_PAGE_SIZE": 4096}[name]
+
+    return sysconf
+
+
+def test_how_many_jobs(pop, tmp_path: Path, monkeypatch) -> None:
     checkpoints = open_inputs(pop.paths, None)
     try:
         assert parallel.effective_jobs(1, checkpoints, 10) == 1
@@ -78,6 +85,20 @@ def test_how_many_jobs(pop, tmp_path: Path) -> None:
         # automatic: these inputs are far below PARALLEL_FROM_BYTES, so in-process
         assert sum(c.file_size for c in checkpoints) < parallel.PARALLEL_FROM_BYTES
         assert parallel.effective_jobs(None, checkpoints, 10) == 1
+    finally:
+        close_all(checkpoints)
+    # automatic, on large inputs: every core, as far as the free memory holds the largest tensor
+    # once per worker (its working set taken as WORKING_BYTES_PER_ELEMENT per element)
+    checkpoints = open_inputs(pop.paths, None)
+    try:
+        largest = max(info.numel for info in checkpoints[0].tensors.values())
+        per_job = largest * parallel.WORKING_BYTES_PER_ELEMENT
+        for free_jobs in (1, 3):
+            monkeypatch.setattr(parallel, "default_jobs", lambda: 8)
+            monkeypatch.setattr(parallel.os, "sysconf", fake_sysconf(free_jobs * per_job + per_job // 2))
+            assert parallel.effective_jobs(None, checkpoints, 10, from_bytes=0) == free_jobs
+        monkeypatch.setattr(parallel.os, "sysconf", fake_sysconf(10**15))
+        assert parallel.effective_jobs(None, checkpoints, 10, from_bytes=0) == 8
     finally:
         close_all(checkpoints)
     # torch checkpoints read through torch, which must not run in a forked child

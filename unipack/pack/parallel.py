@@ -56,8 +56,25 @@ def effective_jobs(
     if jobs is None:
         if sum(c.file_size for c in checkpoints) < from_bytes:
             return 1
-        jobs = default_jobs()
+        jobs = min(default_jobs(), jobs_that_fit(checkpoints))
     return max(1, min(jobs, n_tensors))
+
+
+#: A tensor's working set in a merge, per element of one member's copy: its float64 sums, mean,
+#: one member's delta and the candidates' codes (measured: the 20M-parameter bench_merge model's
+#: largest tensor raised the peak by ~78 bytes per element; rounded up).
+WORKING_BYTES_PER_ELEMENT = 96
+
+
+def jobs_that_fit(checkpoints: Sequence[Checkpoint]) -> int:
+    """How many workers the free memory holds, each fitting the largest tensor at once (every
+    core of a large machine on a large model would otherwise multiply the merge's peak)."""
+    largest = max((info.numel for c in checkpoints for info in c.tensors.values()), default=0)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not reported here: do not limit
+        return default_jobs()
+    return max(1, free // max(1, largest * WORKING_BYTES_PER_ELEMENT))
 
 
 def _quiet_worker() -> None:
