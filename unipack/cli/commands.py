@@ -174,8 +174,9 @@ def cli() -> None:
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),
-    help="Processes that fit tensors side by side (default: every core, for inputs of 64 MiB and more "
-    "read from safetensors; 1 otherwise). The bundle is byte-identical whatever the number.",
+    help="Processes that fit tensors side by side (default: every core, as far as free memory holds "
+    "one tensor per worker, for inputs of 64 MiB and more read from safetensors; 1 otherwise). The "
+    "bundle is byte-identical whatever the number.",
 )
 @click.option(
     "--size",
@@ -183,7 +184,7 @@ def cli() -> None:
     metavar="SIZE",
     callback=lambda ctx, param, value: _size_option(value, "--size"),
     help="Write the most faithful bundle that fits SIZE (e.g. 200MB, 1.5GiB): the error "
-    "bounds are scaled together until the file is within 1%% below SIZE (one merge per try).",
+    "bounds are scaled together until the file is within 1% below SIZE (one merge per try).",
 )
 @click.option(
     "--bits",
