@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import unipack
+from unipack.cli import cli
 
 TORCH_DTYPES = {
     "float64": torch.float64,
@@ -696,3 +698,23 @@ BUNDLE_BAD_CASES = [
     "version_99_both",
 ]
 ALL_BAD_CASES = MERGE_BAD_CASES + BUNDLE_BAD_CASES
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+
+
+def run(*args: Any) -> Result:
+    """``unipack ARGS...`` through click's runner, wide enough that no line wraps."""
+    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_one_line_error(result: Result) -> str:
+    """A bad-input exit: code 1, one ``Error: ...`` line, no traceback; returns the line."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]

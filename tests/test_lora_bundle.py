@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import read_raw_header
+from click.testing import Result
+from conftest import assert_one_line_error, read_raw_header, run
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
@@ -29,7 +29,6 @@ from torch import nn
 
 import unipack
 from unipack import InputError, UnipackError
-from unipack.cli import cli
 from unipack.errors import OptionsError
 
 PREFIX = "base_model.model."
@@ -267,21 +266,8 @@ def projection_errors(updates: list[np.ndarray], u: np.ndarray, v: np.ndarray) -
     return [rel(w, u @ (u.T @ w @ v) @ v.T) for w in updates]
 
 
-def run(*args: Any) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
-
-
 def assert_ok(result: Result) -> None:
     assert result.exit_code == 0, (result.output, result.exception)
-
-
-def assert_one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def peft_outputs(folder: Path) -> torch.Tensor:

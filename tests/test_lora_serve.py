@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import assert_one_line_error, run
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 import unipack
-from unipack.cli import cli
 from unipack.errors import InputError, ModelError, OptionsError, OutputExistsError
 
 transformers = pytest.importorskip("transformers")
@@ -85,19 +85,6 @@ def peft_logits(base: Path, adapter: Path) -> np.ndarray:
         warnings.simplefilter("ignore")
         model = peft.PeftModel.from_pretrained(load_base(base), str(adapter)).eval()
     return logits(model)
-
-
-def run(*args: Any) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
-
-
-def assert_one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def assert_usage_error(result: Result, words: str) -> None:

@@ -238,6 +238,14 @@ class MergeOptions:
             DEFAULT_MAX_DELTA_ERROR,
         )
 
+    def for_adapters(self) -> MergeOptions:
+        """These options for PEFT adapters: the default rule becomes the LoRA default (an adapter
+        is already a delta, its errors measured against its own update: the delta bound has
+        nothing to add); any rule the user gave stays."""
+        if not self.is_default_rule:
+            return self
+        return dataclasses.replace(self, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
+
     @property
     def rule(self) -> str:
         """Which rule applies: ``max-error`` (error bounds: ``budget``), ``rank`` or ``energy``."""

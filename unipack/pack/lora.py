@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,9 +29,10 @@ from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
 from unipack.pack import lossless, parallel
 from unipack.pack.dense import Merger
-from unipack.schemes.lora_factors import LORA_FACTORS, LoraFactorsParams
-from unipack.schemes.lora_quant import LORA_CAST, LORA_QUANT, LoraCastParams, LoraQuantParams
-from unipack.schemes.lora_subspace import LORA_SUBSPACE, LoraSubspaceParams
+from unipack.schemes.lora_common import LoraParams, LoraScheme
+from unipack.schemes.lora_factors import LoraFactorsParams
+from unipack.schemes.lora_quant import LoraCastParams, LoraQuantParams
+from unipack.schemes.lora_subspace import LoraSubspaceParams
 from unipack.schemes.raw import RAW, RawParams
 from unipack.sources import PeftAdapterSource
 from unipack.sources.checkpoint import Checkpoint
@@ -355,15 +357,7 @@ class LoraMerger(Merger):
             for q in fits
         ]
         self._own_fidelity(model, factors, errors, numbers)
-        head, variance = spectrum(model.left_spectrum)
-        return TensorRecord(
-            module.name,
-            LORA_QUANT.storage,
-            module.dtype,
-            (module.out_dim, module.in_dim),
-            reason,
-            LoraQuantParams(levels=levels, codes=codes, spectrum=tuple(head), variance=variance),
-        )
+        return _module_record(module, model, reason, LoraQuantParams, levels=levels, codes=codes)
 
     def _store_cast(
         self,
@@ -378,15 +372,7 @@ class LoraMerger(Merger):
                 self.coefs[i].append(c.values_held)
         errors = [0.0 if c is None else c.error for c in casts]
         self._own_fidelity(model, factors, errors, [0.0 if c is None else float(c.values_held.size) for c in casts])
-        head, variance = spectrum(model.left_spectrum)
-        return TensorRecord(
-            module.name,
-            LORA_CAST.storage,
-            module.dtype,
-            (module.out_dim, module.in_dim),
-            reason,
-            LoraCastParams(spectrum=tuple(head), variance=variance),
-        )
+        return _module_record(module, model, reason, LoraCastParams)
 
     def _choose(
         self, model: LoraModel, factors: list[LoraFactors | None], member_dtypes: list[str | None], own_bytes: int
@@ -445,16 +431,8 @@ class LoraMerger(Merger):
                     norm=f.norm, delta_error=err, mean_error=mean_error, svd_error=svd_error, svd_rank=svd_rank
                 )
             )
-        head, variance = spectrum(model.left_spectrum)
         reason = f"{self._rule_text()}: ranks {k_out} x {k_in} of the update space ({model.n_touched} adapters)"
-        return TensorRecord(
-            module.name,
-            LORA_SUBSPACE.storage,
-            module.dtype,
-            (module.out_dim, module.in_dim),
-            reason,
-            LoraSubspaceParams(ranks=(k_out, k_in), left=left, right=right, spectrum=tuple(head), variance=variance),
-        )
+        return _module_record(module, model, reason, LoraSubspaceParams, ranks=(k_out, k_in), left=left, right=right)
 
     def _store_factors(
         self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None], reason: str, cause: str
@@ -473,15 +451,7 @@ class LoraMerger(Merger):
             self.fidelity[i].append(
                 MemberFidelity(norm=f.norm, delta_error=0.0, mean_error=mean_error, svd_error=0.0, svd_rank=f.rank)
             )
-        head, variance = spectrum(model.left_spectrum)
-        return TensorRecord(
-            module.name,
-            LORA_FACTORS.storage,
-            module.dtype,
-            (module.out_dim, module.in_dim),
-            reason,
-            LoraFactorsParams(spectrum=tuple(head), variance=variance),
-        )
+        return _module_record(module, model, reason, LoraFactorsParams)
 
     def _baselines(self, model: LoraModel, k_out: int, k_in: int) -> list[tuple[float, float | None, int | None]]:
         """Per adapter: (mean-only error, per-member SVD error at equal bytes, its rank); the SVD
@@ -523,3 +493,18 @@ class LoraMerger(Merger):
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return self._lora[i]
+
+
+def _module_record(
+    module: ModulePlan, model: LoraModel, reason: str, params: type[LoraParams], **fields: Any
+) -> TensorRecord:
+    """A LoRA module's record in any form, with the informative spectrum of its update space."""
+    head, variance = spectrum(model.left_spectrum)
+    return TensorRecord(
+        module.name,
+        LoraScheme.storage,
+        module.dtype,
+        (module.out_dim, module.in_dim),
+        reason,
+        params(spectrum=tuple(head), variance=variance, **fields),
+    )

@@ -29,10 +29,10 @@ from unipack.errors import EvalError, OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
-from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions, rule_text
+from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
 from unipack.pack.lora import adapter_sources
-from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
+from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, default_name, open_inputs
 from unipack.usercode import EvalHook, pick_metric
 
@@ -88,8 +88,8 @@ def merge_with_eval(
     check_writable(out_path, force=force, inputs=paths)
     member_names = list(names) if names is not None else [default_name(Path(p)) for p in paths]
     originals, metric, adapters = _score_originals(paths, member_names, hook, metric)
-    if adapters and opts.is_default_rule:  # as merge() does: an adapter's error is already relative to its update
-        opts = dataclasses.replace(opts, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
+    if adapters:  # as merge() does
+        opts = opts.for_adapters()
 
     start = (opts.max_error, opts.max_delta_error)
     # The search's variable: one scale of the starting bounds (the largest bound reaches LOOSEST
@@ -194,16 +194,7 @@ def merge_with_eval(
             )
 
         size = rewrite_bundle(trial, annotate, out=out_path, force=force)
-        with BundleReader(out_path) as b:
-            manifest = b.manifest
-        return MergeResult(
-            out_path,
-            size,
-            int(manifest.stats["input_bytes"]),
-            manifest,
-            time.perf_counter() - started,
-            peak_rss_bytes(),
-        )
+        return read_back(out_path, size, started)
     finally:
         for trial in trials:
             with contextlib.suppress(OSError):

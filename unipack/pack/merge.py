@@ -7,7 +7,6 @@ the per-member coefficients stay in memory until the bundle is written atomicall
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -17,11 +16,12 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from unipack.bundle.reader import BundleReader
 from unipack.errors import FormatError, InputError, OptionsError
 from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
-from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions
+from unipack.options import MergeOptions
 from unipack.pack.dense import MergeProgress, Merger
 from unipack.pack.exact_tier import add_exact_tier
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
@@ -89,16 +89,12 @@ def merge(
         if adapters is not None:
             if opts.exact_tier:
                 raise OptionsError("--lossless is for full checkpoints, not LoRA adapters")
-            if opts.is_default_rule:
-                # An adapter is already a delta: its errors are measured against its own update,
-                # so the default rule's delta bound has nothing to add (and LoRA bundles keep
-                # the rule they always had).
-                opts = dataclasses.replace(opts, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
-            elif opts.max_delta_error is not None:
+            if not opts.is_default_rule and opts.max_delta_error is not None:
                 raise OptionsError(
                     "--max-delta-error is for full checkpoints; a LoRA adapter is already a delta: "
                     "give --max-error (relative to each adapter's update)"
                 )
+            opts = opts.for_adapters()
         # One BLAS thread: LAPACK's eigenvectors of the trailing (noise) part of a spectrum depend
         # on how many threads split its sums, and a bundle's bytes (a subspace at a rank inside
         # the noise, the paper-recipe errors the merge records) must not depend on the machine's
@@ -122,6 +118,22 @@ def merge(
         close_all(checkpoints)
     return MergeResult(
         out_path, size, manifest.stats["input_bytes"], manifest, time.perf_counter() - started, peak_rss_bytes()
+    )
+
+
+def read_back(path: Path, file_bytes: int, started: float) -> MergeResult:
+    """The result of a search that wrote its chosen bundle to ``path`` (``--max-drop``,
+    ``--size``): the manifest as written, read back; ``started``: ``time.perf_counter()`` at
+    the search's start."""
+    with BundleReader(path) as b:
+        manifest = b.manifest
+    return MergeResult(
+        path,
+        file_bytes,
+        int(manifest.stats["input_bytes"]),
+        manifest,
+        time.perf_counter() - started,
+        peak_rss_bytes(),
     )
 
 

@@ -30,15 +30,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from unipack.bundle.reader import BundleReader
 from unipack.errors import InputError, OptionsError
 from unipack.format.atomic import check_writable
 from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
-from unipack.options import LORA_DEFAULT_MAX_ERROR, MergeOptions, rule_text
+from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
 from unipack.pack.lora import adapter_sources
-from unipack.pack.merge import MergeResult, merge, peak_rss_bytes
+from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, open_inputs
 
 #: A bundle within this fraction below the target is close enough ("met within 1%").
@@ -115,8 +114,8 @@ def merge_to_size(
         adapters = adapter_sources(checkpoints) is not None
     finally:
         close_all(checkpoints)
-    if adapters and opts.is_default_rule:  # as merge() does: an adapter's error is relative to its update
-        opts = dataclasses.replace(opts, max_error=LORA_DEFAULT_MAX_ERROR, max_delta_error=None)
+    if adapters:  # as merge() does
+        opts = opts.for_adapters()
     start = (opts.max_error, opts.max_delta_error)
     largest = max(b for b in start if b is not None)
     # The search record is written into the chosen bundle's manifest after the search: a trial
@@ -207,16 +206,7 @@ def merge_to_size(
         size = write(guess)
         if not finest and (size >= aim_low) != guess:
             size = write(not guess, again=True)
-        with BundleReader(out_path) as b:
-            manifest = b.manifest
-        return MergeResult(
-            out_path,
-            size,
-            int(manifest.stats["input_bytes"]),
-            manifest,
-            time.perf_counter() - started,
-            peak_rss_bytes(),
-        )
+        return read_back(out_path, size, started)
     finally:
         for trial in trials.values():
             with contextlib.suppress(OSError):

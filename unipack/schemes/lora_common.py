@@ -51,6 +51,15 @@ class LoraScheme(Scheme):
     def factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         """The member's factors (A, B) held as ``holder(dtype)``; it touches the module."""
 
+    def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
+        """s B A, from the factors extraction returns (rounded to the member's dtype)."""
+        if t.name not in view.member.lora:
+            return None
+        _, scale = view.member.lora[t.name]
+        dtype = view.member.dtype_of(t)
+        a_held, b_held = self.factors(view, t)
+        return scale * (dtypes.to_float(b_held, dtype) @ dtypes.to_float(a_held, dtype))
+
     def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         if t.name not in view.member.lora:
             return

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from unipack.format import dtypes
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord
 from unipack.format.manifest.doc import Doc
 from unipack.schemes.base import MemberView
@@ -37,15 +36,6 @@ class LoraFactorsScheme(LoraScheme):
     def factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         a_key, b_key = t.lora_keys
         return view.read_blob(view.member.raw[a_key]), view.read_blob(view.member.raw[b_key])
-
-    def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
-        """s B A, from the stored factors."""
-        if t.name not in view.member.lora:
-            return None
-        _, scale = view.member.lora[t.name]
-        dtype = view.member.dtype_of(t)
-        a_held, b_held = self.factors(view, t)
-        return scale * (dtypes.to_float(b_held, dtype) @ dtypes.to_float(a_held, dtype))
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
         return {m.raw[key]: "factors" for m in manifest.members for key in t.lora_keys if key in m.raw}

@@ -15,6 +15,7 @@ numbers in its coefficient blob: A in C order, then Bᵀ.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -85,24 +86,15 @@ class _OwnFactorsScheme(LoraScheme):
 
     min_format_version = LORA_QUANT_FORMAT_VERSION
 
+    @abstractmethod
     def float_factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         """(A, B) as float64 before rounding to the member's dtype."""
-        raise NotImplementedError
 
     def factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
         dtype = view.member.dtype_of(t)
         a, b = self.float_factors(view, t)
         with np.errstate(over="ignore"):
             return dtypes.from_float(a, dtype), dtypes.from_float(b, dtype)
-
-    def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
-        """s B A, from the factors extraction returns (rounded to the member's dtype)."""
-        if t.name not in view.member.lora:
-            return None
-        _, scale = view.member.lora[t.name]
-        dtype = view.member.dtype_of(t)
-        a_held, b_held = self.factors(view, t)
-        return scale * (dtypes.to_float(b_held, dtype) @ dtypes.to_float(a_held, dtype))
 
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
         return t.name in member.lora
