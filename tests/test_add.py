@@ -283,6 +283,42 @@ def test_rank_rule_projects_without_overrides(tmp_path: Path) -> None:
     assert "fixed rank 1" in run("add", bundle, stranger, "--name", "again").output
 
 
+def test_reference_check_sizes_blobs_of_members_with_overrides_as_brute_force_does(tmp_path: Path) -> None:
+    """Opening a bundle sizes each member's coefficient and codes blobs from per-tensor numbers
+    computed once, minus the tensors the member holds raw (``per_member_blocks``). Here, on a
+    member with overrides, those sizes equal the member-by-member sum over every record, and a
+    blob one element off is refused."""
+    from dataclasses import replace
+
+    from unipack.errors import FormatError
+    from unipack.format.manifest.references import check_references
+
+    pop, bundle = held_out(tmp_path, standard_specs(), extra=0, max_error=MAX_ERROR)
+    unipack.add(bundle, random_member(pop, tmp_path / "stranger.safetensors"))
+    with unipack.open(bundle) as b:
+        m = b.manifest
+    assert any(set(mem.raw) & {t.name for t in m.tensors if t.params.coefficient_shape(t, None)} for mem in m.members)
+    for mem in m.members:
+        coef_end = max((end for _, end in m.coef_offsets(mem).values()), default=0)
+        codes_end = max((end for _, end in m.code_offsets(mem).values()), default=0)
+        assert (m.blobs[mem.coefficients].shape if mem.coefficients else (0,)) == (coef_end,)
+        assert (m.blobs[mem.codes].shape if mem.codes else (0,)) == (codes_end,)
+    # The stranger holds every tensor with coefficients raw: it may name no coefficient blob.
+    stranger = m.member("stranger")
+    assert stranger.coefficients is None and stranger.raw
+    members = tuple(replace(mem, coefficients="coef/0") if mem is stranger else mem for mem in m.members)
+    with pytest.raises(FormatError, match="names a coefficient blob but no tensor has rank > 0"):
+        check_references(replace(m, members=members), "w")
+    first = m.members[0]
+    assert first.coefficients is not None
+    size = m.blobs[first.coefficients].shape[0]
+    for delta in (-1, 1):
+        blobs = dict(m.blobs)
+        blobs[first.coefficients] = replace(blobs[first.coefficients], shape=(size + delta,))
+        with pytest.raises(FormatError, match="coefficients: blob .* has shape"):
+            check_references(replace(m, blobs=blobs), "w")
+
+
 # ------------------------------------------------------------------------------------------
 # (3) errors: one line, nothing changed
 # ------------------------------------------------------------------------------------------

@@ -73,8 +73,13 @@ def strict_json(text: bytes | str, where: str) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
+        else:
+            text.encode("utf-8")  # a lone surrogate in the text itself (at C speed)
         doc = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=_no_constants)
-        _check_strings(doc)
+        # Past that check, a lone surrogate can only come from a ``\uXXXX`` escape: the walk
+        # over every string runs only where the text has one.
+        if "\\u" in text:
+            _check_strings(doc)
         return doc
     except (UnicodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{where}: invalid JSON header ({exc})") from None

@@ -22,6 +22,7 @@ from unipack.schemes.base import Array, MemberView, Scheme
 @dataclass(frozen=True)
 class LoraParams(StorageParams):
     lora_module: ClassVar[bool] = True
+    per_member_blocks: ClassVar[bool] = True  # a member's blocks follow the modules it touches
     overridable: ClassVar[bool] = False  # its factors are stored under their own keys
     spectrum: tuple[float, ...] | None = None
     variance: float | None = None

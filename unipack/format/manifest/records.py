@@ -112,6 +112,12 @@ class StorageParams:
     overridable: ClassVar[bool] = True
     #: Whether the record is a LoRA module (a member's ``lora`` map may name it).
     lora_module: ClassVar[bool] = False
+    #: False: ``coefficient_shape``, ``code_bytes`` and ``member_blobs`` give every member that
+    #: does not hold the tensor raw the same answer, so a reader may compute them once per tensor
+    #: instead of once per member and tensor (checking a manifest of many members is then
+    #: O(members + tensors), not O(members x tensors)). True where they depend on the member
+    #: otherwise (a LoRA module: on whether, and at which rank, the member touches it).
+    per_member_blocks: ClassVar[bool] = False
 
 
 #: Attributes that records had before their params were split out, with their value where a

@@ -24,6 +24,10 @@ from unipack.format.manifest.records import (
 )
 from unipack.format.manifest.storages import STORAGE_FORMATS
 
+#: The member a ``per_member_blocks = False`` record's ``member_blobs`` is asked about: its answer
+#: is the same for every member.
+_NO_MEMBER = MemberRecord(name="", source="", source_bytes=0, metadata=None, coefficients=None)
+
 #: The dtypes a coefficient blob may have: the merge's ``--dtype`` (spec §3.2).
 COEF_DTYPES = tuple(dtypes.STORAGE_DTYPES.values())
 
@@ -75,22 +79,41 @@ def check_references(m: Manifest, where: str) -> None:
                     f"{where}: {what}: blob {name!r} has shape {list(m.blobs[name].shape)}, "
                     f"the members need {list(needed)}"
                 )
+    # What the records need of a member that holds none of them raw, computed once: the sizes of
+    # its coefficient and codes blobs and the raw keys they require. Records whose needs vary by
+    # member otherwise (``per_member_blocks``: LoRA modules) are asked member by member below.
+    base_total = base_codes = 0
+    base_required: dict[str, tuple[TensorRecord, tuple[int, ...] | None]] = {}
+    static: dict[str, tuple[int, int]] = {}  # tensor name -> (its coefficients, its code bytes)
+    per_member = [t for t in m.tensors if t.params.per_member_blocks]
+    for t in m.tensors:
+        p = t.params
+        if p.per_member_blocks:
+            continue
+        block, codes = p.coefficient_shape(t, None), p.code_bytes(t, None)
+        static[t.name] = (0 if block is None else math.prod(block), codes or 0)
+        base_total += static[t.name][0]
+        base_codes += static[t.name][1]
+        for key, shape in p.member_blobs(t, _NO_MEMBER):
+            base_required[key] = (t, shape)
     for mem in m.members:
-        # One pass over the records per member gathers what the checks below need (the sizes of
-        # its coefficient and codes blobs, the raw keys the records require): this loop runs
-        # members x tensors times and is most of the time spent checking a manifest.
-        total = code_bytes = 0
-        required: dict[str, tuple[TensorRecord, tuple[int, ...] | None]] = {}
-        for t in m.tensors:
-            p = t.params
-            block = p.coefficient_shape(t, mem)
-            if block is not None:
-                total += math.prod(block)
-            codes = p.code_bytes(t, mem)
-            if codes is not None:
-                code_bytes += codes
-            for key, shape in p.member_blobs(t, mem):
-                required[key] = (t, shape)
+        total, code_bytes, required = base_total, base_codes, base_required
+        for tname in mem.raw:
+            if tname in static:  # held raw: none of its coefficients or codes
+                total -= static[tname][0]
+                code_bytes -= static[tname][1]
+        if per_member:
+            required = dict(base_required)
+            for t in per_member:
+                p = t.params
+                block = p.coefficient_shape(t, mem)
+                if block is not None:
+                    total += math.prod(block)
+                codes = p.code_bytes(t, mem)
+                if codes is not None:
+                    code_bytes += codes
+                for key, shape in p.member_blobs(t, mem):
+                    required[key] = (t, shape)
         what = f"member {mem.name!r}"
         for tname, dt in mem.dtypes.items():
             known = by_name.get(tname)
