@@ -96,6 +96,55 @@ def test_dequantize_is_the_spec_arithmetic() -> None:
     assert got.tolist() == expected
 
 
+def test_unpack_table_gives_each_byte_its_radix_digits() -> None:
+    """Every byte 0..255 (the invalid ones too) unpacks to its k base-L digits, least significant
+    first, as the spec's division and remainder give them."""
+    every = np.arange(256, dtype=np.uint8)
+    for levels in (3, 4, 5, 6, 7, 15, 16):
+        k = quantize.per_byte(levels)
+        expected = [(b // levels**i) % levels for b in range(256) for i in range(k)]
+        assert quantize.unpack(every, levels, 256 * k).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("mean_dtype", "mean_step", "out_dtype"),
+    [
+        ("F32", None, "F32"),
+        ("F16", None, "F16"),
+        ("BF16", None, "BF16"),
+        ("I16", 2.0**-12, "F32"),
+        ("F64", None, "F64"),
+    ],
+)
+@pytest.mark.parametrize(("numel", "group"), [(1000, 7), (1000, 1000), (5000, 5000), (70_000, 1), (600_000, 300_001)])
+def test_blockwise_dequantization_is_bit_identical_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch, mean_dtype: str, mean_step: float | None, out_dtype: str, numel: int, group: int
+) -> None:
+    """The reader's block-by-block path rounds exactly what ``dequantize`` (the spec's float64
+    arithmetic) gives, for groups that do and do not divide the blocks or the tensor, one
+    step for all, and steps overflowing the output dtype."""
+    from unipack.format import dtypes
+
+    monkeypatch.setattr(quantize, "READ_BLOCK", 4096)  # many blocks, even on small tensors
+    rng = np.random.default_rng(numel + group)
+    levels = 5
+    if mean_step is None:
+        mean_held = dtypes.from_float(rng.standard_normal(numel), mean_dtype)
+        mean64 = dtypes.to_float(mean_held, mean_dtype)
+    else:
+        mean_held = rng.integers(-30000, 30000, size=numel).astype(np.int16)
+        mean64 = mean_held.astype(np.float64) * mean_step
+    codes = rng.integers(0, levels, size=numel).astype(np.uint8)
+    scales = rng.uniform(0, 0.1, size=quantize.n_groups(numel, group))
+    scales[0] = 0.0
+    if out_dtype == "F16" and scales.size > 1:
+        scales[-1] = 1e5  # beyond fp16's range: inf, as the reference gives
+    reference = dtypes.from_float(quantize.dequantize(mean64, codes, scales, levels, group), out_dtype)
+    got = quantize.dequantize_rounded(mean_held, mean_dtype, mean_step, codes, scales, levels, group, out_dtype)
+    assert got.dtype == reference.dtype
+    assert got.tobytes() == reference.tobytes()
+
+
 @pytest.mark.parametrize("levels", [3, 5, 16, 255])
 @pytest.mark.parametrize("group", [1000, 40])
 def test_fit_step_meets_the_budget_with_the_coarsest_step(levels: int, group: int) -> None:

@@ -38,8 +38,7 @@ from unipack.core.alternatives import METHODS
 from unipack.core.decomposition import SchemeModel, TensorJob
 from unipack.format import dtypes
 from unipack.options import ErrorBudget
-from unipack.schemes.rows import RowsModel
-from unipack.schemes.shared import decomposition
+from unipack.schemes.rows import RowsModel, cheapest_side, fit_rows
 
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 PAPER_RANK = 16
@@ -219,7 +218,10 @@ def _paper(
     if models:  # the merge's own rows models, encoding for the recipe's job
         models = [m.for_job(paper_job) for m in models if isinstance(m, RowsModel)]
     elif len(job.shape) >= 1:  # a scalar has no rows to stack
-        models = decomposition("rows").fit(paper_job)
+        # Only the side the recipe keeps (fewer bytes at k = 16, known from the shapes) is
+        # fitted: the other side's Gram would be formed just to lose.
+        side = cheapest_side(paper_job, PAPER_RANK)
+        models = fit_rows(paper_job, sides=[side]) if side is not None else []
     if not models:  # a scalar, or both sides beyond --gram-limit: counted as stored as it is (raw bytes)
         return TensorOutcome(job.raw_bytes, [0.0] * job.n_members, [0.0] * job.n_members, [0.0] * job.n_members)
     model = min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))

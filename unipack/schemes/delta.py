@@ -92,16 +92,6 @@ def _params(t: TensorRecord) -> DeltaParams:
     return t.params
 
 
-def rebuild(t: TensorRecord, mean: np.ndarray, packed: np.ndarray, scales: np.ndarray, where: str) -> np.ndarray:
-    """float64 values of a member's delta tensor (before rounding to its dtype), in its shape."""
-    p = _params(t)
-    assert t.shape is not None
-    if not quantize.valid_bytes(packed, p.levels):
-        raise FormatError(f"{where}: tensor {t.name!r}: a code byte is not a packing of codes < {p.levels}")
-    codes = quantize.unpack(packed, p.levels, p.numel(t))
-    return quantize.dequantize(mean, codes, scales, p.levels, p.group).reshape(t.shape)
-
-
 class DeltaScheme(Scheme):
     name = storage = "delta"
     min_format_version = DELTA_FORMAT_VERSION
@@ -131,10 +121,17 @@ class DeltaScheme(Scheme):
         packed, scales = view.codes(t), view.coefficients(t)
         assert packed is not None and scales is not None  # the manifest reader checked both exist
         dtype = view.member.dtype_of(t)
-        mean = p.mean_values(view.read_blob(p.mean), view.manifest.blobs[p.mean].dtype)
-        values = rebuild(t, mean, packed, scales, f"member {view.member.name!r}")
-        with np.errstate(over="ignore"):
-            yield t, dtype, dtypes.from_float(values, dtype)
+        where = f"member {view.member.name!r}"
+        if not quantize.valid_bytes(packed, p.levels):
+            raise FormatError(f"{where}: tensor {t.name!r}: a code byte is not a packing of codes < {p.levels}")
+        assert t.shape is not None
+        codes = quantize.unpack(packed, p.levels, p.numel(t))
+        mean_dtype = view.manifest.blobs[p.mean].dtype
+        # Block by block, straight to the member's dtype (spec §8.2's arithmetic, then its rounding).
+        rounded = quantize.dequantize_rounded(
+            view.read_blob(p.mean), mean_dtype, p.mean_step, codes, scales, p.levels, p.group, dtype
+        )
+        yield t, dtype, rounded.reshape(t.shape)
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
         p = _params(t)

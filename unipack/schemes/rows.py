@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -319,8 +320,8 @@ def usable_sides(shape: tuple[int, ...], gram_limit: int) -> list[str]:
     return [side for side, dim in (("right", n), ("left", m)) if dim <= gram_limit]
 
 
-def fit_rows(job: TensorJob) -> list[RowsModel]:
-    """One model per usable side, from a single pass over the members.
+def fit_rows(job: TensorJob, sides: Sequence[str] | None = None) -> list[RowsModel]:
+    """One model per usable side (of ``sides``, where given), from a single pass over the members.
 
     Which side gives fewer bytes depends on the data (a shared column space favours a left
     basis even for wide matrices), so both are fitted and ``decompose`` keeps the cheaper.
@@ -329,7 +330,11 @@ def fit_rows(job: TensorJob) -> list[RowsModel]:
     ``sum X^T X - N M^T M`` would suffer; sums are kept in float64. F64 inputs stay in float64.
     """
     m, n = job.shape[0], math.prod(job.shape[1:])
-    sides = [side for side in usable_sides(job.shape, job.gram_limit) if _may_pay(job, side, m, n)]
+    sides = [
+        side
+        for side in usable_sides(job.shape, job.gram_limit)
+        if _may_pay(job, side, m, n) and (sides is None or side in sides)
+    ]
     if not sides:
         return []
     work = np.float64 if "F64" in job.member_dtypes else np.float32
@@ -352,6 +357,24 @@ def fit_rows(job: TensorJob) -> list[RowsModel]:
         )
         for side in sides
     ]
+
+
+def cheapest_side(job: TensorJob, rank: int) -> str | None:
+    """The usable side whose model stores ``rank`` (capped at its ``max_rank``) in the fewest
+    bytes, the first of ``usable_sides`` on a tie: ``RowsModel.bytes_at`` and ``max_rank``
+    depend on the shapes alone, so this is known before any Gram is formed (and only that
+    side need be fitted where nothing else asks for the other)."""
+    m, n = job.shape[0], math.prod(job.shape[1:])
+    best: tuple[int, str] | None = None
+    for side in usable_sides(job.shape, job.gram_limit):
+        r, p = (m, n) if side == "right" else (n, m)
+        k = min(rank, p, job.n_members * r)
+        size = job.numel * dtypes.itemsize(job.mean_dtype) + k * (p + job.n_members * r) * dtypes.itemsize(
+            job.coef_dtype
+        )
+        if best is None or size < best[0]:
+            best = (size, side)
+    return None if best is None else best[1]
 
 
 def _may_pay(job: TensorJob, side: str, m: int, n: int) -> bool:
