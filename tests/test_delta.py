@@ -258,6 +258,41 @@ def test_rule_met_and_errors_recorded_exactly(gentle: list[Path], tmp_path: Path
                     assert fidelity.delta_errors[j] == pytest.approx(err / np.linalg.norm(w - exact_mean), rel=1e-3)
 
 
+def test_members_load_the_same_on_any_number_of_threads(gentle: list[Path], tmp_path: Path) -> None:
+    """The lossy path rebuilds tensors side by side: the same arrays in the manifest's order on
+    1, 2 or 4 threads; a damaged blob raises, and the tensors before it came out in order; a
+    caller that stops early leaves no thread behind."""
+    import threading
+
+    from unipack.errors import ChecksumError
+
+    out = tmp_path / "b.upk"
+    unipack.merge(gentle, out, raw_mismatched=True)
+    with unipack.open(out) as b:
+        order = [t.name for t in b.manifest.tensors]
+        for name in b.members:
+            one = [(t.name, d, a.tobytes()) for t, d, a in b.iter_arrays(name, threads=1)]
+            assert [n for n, _, _ in one] == order
+            for threads in (2, 4):
+                assert [(t.name, d, a.tobytes()) for t, d, a in b.iter_arrays(name, threads=threads)] == one
+        arrays = b.iter_arrays(b.members[0], threads=4)
+        next(arrays)
+        arrays.close()
+        assert not [t for t in threading.enumerate() if t.name.startswith("unipack-load")]
+        mean_blob = next(t.params.mean for t in b.manifest.tensors if t.storage == "delta")
+        damaged = order.index(next(t.name for t in b.manifest.tensors if getattr(t.params, "mean", None) == mean_blob))
+        entry = b._file.header.tensors[mean_blob]
+    data = bytearray(out.read_bytes())
+    data[entry.start] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with unipack.open(out) as b:
+        seen = []
+        with pytest.raises(ChecksumError, match=f"blob {mean_blob!r} is corrupt"):
+            for t, _, _ in b.iter_arrays(b.members[0], threads=3):
+                seen.append(t.name)
+        assert seen == order[:damaged]
+
+
 def test_codes_and_steps_are_where_the_spec_puts_them(gentle: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "b.upk"
     unipack.merge(gentle, out, max_delta_error=0.3, codec="none")

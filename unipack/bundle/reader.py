@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unipack.bundle.exact import ExactMember
+from unipack.bundle.exact import ExactMember, default_threads
 from unipack.bundle.lora import AdapterParts, fan_in_fan_out, update_key
+from unipack.bundle.ordered import in_order
 from unipack.bundle.summary import BundleSummary, summarize
 from unipack.errors import MemberNotFoundError, UnipackError
 from unipack.format import codec, dtypes
@@ -62,16 +63,22 @@ class BundleReader:
     ) -> Iterator[tuple[TensorRecord, str, np.ndarray]]:
         """``(record, dtype, array)`` for each tensor of ``member``; arrays held as ``holder(dtype)``.
         A LoRA module yields its two factors (records named by their keys), if the member touches it.
-        ``exact``: the original bits from the lossless tier (spec §9), each tensor's sha256 checked,
-        rebuilt on ``threads`` threads (default: one per core, up to 4; the order is the same)."""
+        ``exact``: the original bits from the lossless tier (spec §9), each tensor's sha256 checked.
+        Either way tensors are rebuilt on ``threads`` threads (default: one per core, up to 4; the
+        order is the same, and so are the arrays)."""
         if exact:
             rec = self.member(member)
             yield from ExactMember(self.manifest, rec, self._file.read_blob, str(self.path), threads=threads).arrays()
             return
-        with codec.scratch_buffer():  # one zstd output buffer for all of the member's blobs
+        with codec.scratch_buffer():  # one zstd output buffer for the member's shared blobs
             view = self.view(member)
-            for t in self.manifest.tensors:
-                yield from scheme_of(t).member_arrays(view, t)
+        # Tensors rebuilt side by side (``in_order``: the manifest's order, a few ahead at most).
+        yield from in_order(
+            lambda t: list(scheme_of(t).member_arrays(view, t)),
+            self.manifest.tensors,
+            default_threads() if threads is None else max(1, threads),
+            "unipack-load",
+        )
 
     @property
     def is_lora(self) -> bool:
