@@ -33,8 +33,9 @@ from unipack.schemes.registry import register
 
 
 def _rank(tensor: TensorRecord, member: MemberRecord | None) -> int | None:
-    """The member's rank r for the module, None where it does not touch it."""
-    if member is None or tensor.name not in member.lora:
+    """The member's rank r for the module, None where it does not touch it or holds it as its own
+    factors (an override: no block, no codes)."""
+    if member is None or tensor.name not in member.lora or tensor.lora_keys[0] in member.raw:
         return None
     return member.lora[tensor.name][0]
 
@@ -97,7 +98,8 @@ class _OwnFactorsScheme(LoraScheme):
             return dtypes.from_float(a, dtype), dtypes.from_float(b, dtype)
 
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
-        return t.name in member.lora
+        assert isinstance(t.params, LoraParams)
+        return t.name in member.lora and not t.params.overridden(t, member)
 
 
 class LoraQuantScheme(_OwnFactorsScheme):
@@ -140,7 +142,7 @@ class LoraQuantScheme(_OwnFactorsScheme):
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
         p = _quant(t)
-        return {} if p.codes is None else {p.codes: "factors"}
+        return {**self.overrides(t, manifest), **({} if p.codes is None else {p.codes: "factors"})}
 
     def rank_text(self, t: TensorRecord) -> str:
         return f"L={_quant(t).levels}"
@@ -165,6 +167,9 @@ class LoraCastScheme(_OwnFactorsScheme):
         flat = values.reshape(-1)
         split = rank * in_dim
         return flat[:split].reshape(rank, in_dim), flat[split:].reshape(rank, out_dim).T
+
+    def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
+        return self.overrides(t, manifest)
 
     def report_scheme(self, t: TensorRecord) -> str | None:
         return "factors cast"

@@ -37,7 +37,7 @@ class LoraSubspaceParams(LoraParams):
         }
 
     def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
-        touched = member is not None and tensor.name in member.lora
+        touched = member is not None and tensor.name in member.lora and not self.overridden(tensor, member)
         return self.ranks if touched and self.ranks[0] * self.ranks[1] > 0 else None
 
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
@@ -94,15 +94,18 @@ class LoraSubspaceScheme(LoraScheme):
         return dtypes.from_float(a, dtype), dtypes.from_float(b, dtype)
 
     def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
-        """U C Vᵀ: the bundle's own reconstruction, before the extracted factors are rounded."""
+        """U C Vᵀ: the bundle's own reconstruction, before the extracted factors are rounded (an
+        override: s B A of its own factors)."""
         if t.name not in view.member.lora:
             return None
+        if _params(t).overridden(t, view.member):
+            return super().member_update(view, t)
         u, v = self.bases(view, t)
         return (u @ self.core(view, t)) @ v.T
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
         p = _params(t)
-        return {name: "bases" for name in (p.left, p.right) if name is not None}
+        return {**self.overrides(t, manifest), **{name: "bases" for name in (p.left, p.right) if name is not None}}
 
     def rank_text(self, t: TensorRecord) -> str:
         k_out, k_in = _params(t).ranks
@@ -113,7 +116,7 @@ class LoraSubspaceScheme(LoraScheme):
         return f"{k_out}x{k_in}"
 
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
-        return t.name in member.lora
+        return t.name in member.lora and not _params(t).overridden(t, member)
 
 
 def _params(t: TensorRecord) -> LoraSubspaceParams:
