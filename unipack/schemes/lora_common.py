@@ -12,10 +12,12 @@ import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from unipack.core.lora import LoraFactors
+from unipack.core.lora_quant import CastFactors, QuantizedFactors
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import (
@@ -28,6 +30,9 @@ from unipack.format.manifest import (
 )
 from unipack.format.manifest.doc import Doc
 from unipack.schemes.base import Array, MemberView, Scheme
+
+if TYPE_CHECKING:
+    from unipack.options import MergeOptions
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,48 @@ class LoraParams(StorageParams):
         return LORA_OVERRIDE_FORMAT_VERSION if self.overridden(tensor, member) else FORMAT_VERSION
 
 
+@dataclass(frozen=True)
+class AdapterCandidate:
+    """A new member's module stored in the record's own form, as ``unipack add`` would keep it;
+    ``add`` compares it with the member's exact factors (an override) and keeps the cheaper one
+    that meets the bundle's rule."""
+
+    kind: str  # the add's outcome kind: projected (subspace) | quantized | cast
+    cost: int  # its bytes in the bundle, compressed as written
+    error: float  # ||ΔW - s B A|| / ||ΔW|| of the factors extraction returns
+    numbers: float  # numbers at the coefficient dtype it takes (the SVD baseline at equal bytes)
+    reason: str
+    coefficients: np.ndarray | None = None  # its block of the member's coefficient blob
+    codes: np.ndarray | None = None  # its packed codes, appended to the record's codes blob
+
+
+class LoraAddContext(Protocol):
+    """What ``unipack add`` offers a LoRA form pricing a new member's module (``pack.lora_add``,
+    through the merge's own chooser, ``pack.lora.Pricing``)."""
+
+    old: Manifest
+    options: MergeOptions
+    coef_dtype: str
+
+    def read_blob(self, name: str) -> np.ndarray:
+        """A blob of the bundle being added to, checksum verified."""
+
+    def compressed(self, array: np.ndarray, dtype: str) -> int:
+        """Bytes ``array`` (held as ``dtype``) takes in the bundle, compressed as written."""
+
+    def quant_fit(self, f: LoraFactors, dtype: str, code_levels: int) -> tuple[int, int, QuantizedFactors] | None:
+        """(bytes, level count, fit): the cheapest level count of the chooser's, no more than
+        ``code_levels``, meeting the rule, its codes in ``code_levels``' alphabet; None if none does."""
+
+    def cast_fit(self, f: LoraFactors, dtype: str) -> tuple[int, CastFactors] | None:
+        """(bytes, fit): the balanced factors cast, where the merge would take that; else None."""
+
+
 class LoraScheme(Scheme):
     storage = "lora"
     min_format_version = 2
     lora = True
+    keeps_factors = False  # whether the form's storage is the members' own factors, bit-exact
 
     def parse_lora(self, d: Doc, base: TensorRecord) -> dict[str, Any]:
         assert base.shape is not None
@@ -88,6 +131,18 @@ class LoraScheme(Scheme):
         return {
             m.raw[key]: "factors" for m in manifest.members if p.overridden(t, m) for key in t.lora_keys if key in m.raw
         }
+
+    def add_candidate(
+        self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
+    ) -> AdapterCandidate | None:
+        """A new member's module in this form (``f``: its factors, ``dtype``: theirs); None where
+        the form keeps members' own factors anyway (``factors``) or cannot hold it."""
+        return None
+
+    def appended_blobs(self, t: TensorRecord) -> tuple[str, ...]:
+        """Blobs of the record holding every member's data, which a new member's is appended to
+        (``add`` rewrites them: the ``quant`` form's codes)."""
+        return ()
 
     def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
         """s B A, from the factors extraction returns (rounded to the member's dtype)."""

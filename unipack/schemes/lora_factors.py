@@ -32,6 +32,7 @@ class LoraFactorsParams(LoraParams):
 class LoraFactorsScheme(LoraScheme):
     name = "lora-factors"
     variant = ("form", "factors")
+    keeps_factors = True
 
     def parse_params(self, d: Doc, base: TensorRecord) -> LoraFactorsParams:
         return LoraFactorsParams(**self.parse_lora(d, base))
