@@ -246,6 +246,7 @@ def _add_table(result: AddResult) -> Table:
     over = [o for o in result.outcomes if o.over_budget]
     within = "the records' forms" if result.lora else "the bundle's mean and bases"
     what = "module" if result.lora else "tensor"
+    stored_as = "as the member's own factors" if result.lora else "raw"
     if options.rule != "max-error":
         t.add_row("budget", rule_text(options.to_dict()))
     elif over:
@@ -253,7 +254,7 @@ def _add_table(result: AddResult) -> Table:
             "budget",
             f"{options.rule_text} not met within {within} for {len(over)} "
             f"{what}{'s' if len(over) != 1 else ''}: stored them "
-            f"{'as its own factors' if result.lora else 'raw'} "
+            f"{stored_as} "
             f"(+{format_bytes(sum(o.stored_bytes for o in over))})",
             style="bold yellow",
         )
