@@ -27,7 +27,7 @@ from test_lora_bundle import (
     structured_population,
     write_adapter,
 )
-from test_spec_reader import SpecBundle
+from test_spec_reader import SpecBundle, SpecFormatError, _rewrite
 
 import unipack
 from unipack import InputError
@@ -145,6 +145,47 @@ def test_subspace_projection_and_override(tmp_path) -> None:
         rec = b.member(stranger.name)
         assert set(rec.raw) >= {f"{m}.lora_{x}.weight" for m in MODULES for x in "AB"}
         assert rec.coefficients is None
+
+
+def set_version(version: int):  # noqa: ANN201 - a header edit for ``_rewrite``
+    def edit(header: dict[str, Any]) -> None:
+        header["__metadata__"]["format_version"] = str(version)
+
+    return edit
+
+
+@pytest.mark.parametrize("case", ["version-6", "b-key-missing"])
+def test_overrides_are_checked_by_both_readers(tmp_path, case) -> None:
+    """§7.4/§7.3: an override needs version 8 and both factor blobs; both readers refuse otherwise."""
+    family = structured_population(tmp_path / "fam", n=3, k=3, seed=2)
+    bundle = tmp_path / "b.upk"
+    unipack.merge([a.path for a in family], bundle, max_error=0.05, quantize=False)
+    rng = np.random.default_rng(1)
+    stranger = write_adapter(
+        tmp_path / "stranger",
+        {m: factors(rng, 4, inn, out) for m, (out, inn) in SHAPES.items()},
+        r=4,
+        alpha=8,
+        extras=head_extras(rng),
+    )
+    assert unipack.add(bundle, stranger.path).format_version == 8
+    bad = tmp_path / "bad.upk"
+    if case == "version-6":
+
+        def edit(m: dict[str, Any]) -> None:
+            m["format_version"] = 6
+
+        _rewrite(bundle, bad, edit_header=set_version(6), edit_manifest=edit)
+    else:
+
+        def edit(m: dict[str, Any]) -> None:
+            m["members"][-1]["raw"].pop(f"{MODULES[0]}.lora_B.weight")
+
+        _rewrite(bundle, bad, edit_manifest=edit)
+    with pytest.raises(SpecFormatError):
+        SpecBundle(bad).read_member("stranger")
+    with pytest.raises(unipack.FormatError), unipack.open(bad) as b:
+        b.load_numpy("stranger")
 
 
 def compressed(array: np.ndarray, dtype: str, level: int) -> int:
