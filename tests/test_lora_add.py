@@ -277,8 +277,8 @@ def test_cast_and_factors_records(tmp_path) -> None:
 
 
 def test_other_rank_and_partial_targets(tmp_path) -> None:
-    """A new adapter of another rank, touching one of the bundle's modules: the other is untouched
-    (no block, no codes), and the record's codes blob keeps its old length there."""
+    """A new adapter of another rank and dtype (F16), touching one of the bundle's modules: the other
+    is untouched (no block, no codes); its dtype is recorded for the module and extraction returns it."""
     adapters = structured_population(tmp_path / "p", n=4, noise=0.3, seed=4)
     bundle = tmp_path / "b.upk"
     unipack.merge([a.path for a in adapters], bundle, max_error=0.1)
@@ -288,8 +288,8 @@ def test_other_rank_and_partial_targets(tmp_path) -> None:
         tmp_path / "one",
         {
             "body.0": (
-                rng.standard_normal((2, inn)).astype(np.float32),
-                rng.standard_normal((out, 2)).astype(np.float32),
+                rng.standard_normal((2, inn)).astype(np.float16),
+                rng.standard_normal((out, 2)).astype(np.float16),
             )
         },
         r=2,
@@ -304,6 +304,8 @@ def test_other_rank_and_partial_targets(tmp_path) -> None:
     with unipack.open(bundle) as b:
         assert set(b.member(one.name).lora) == {MODULES[0]}
         assert b.member(one.name).lora[MODULES[0]][0] == 2
+        assert b.member(one.name).dtypes == {MODULES[0]: "F16"}
+    assert members_numpy(bundle)[one.name][f"{MODULES[0]}.lora_A.weight"][0] == "F16"
     assert_old_members_unchanged(before, members_numpy(bundle))
     assert_spec_reader_agrees(bundle)
 
