@@ -132,10 +132,15 @@ def test_subspace_projection_and_override(tmp_path) -> None:
         extras=head_extras(np.random.default_rng(3)),
     )
     before = members_numpy(bundle)
-    grown = unipack.add(bundle, stranger.path)
-    kinds = outcome_kinds(grown)
+    printed = run("add", bundle, stranger.path, "--json")
+    assert printed.exit_code == 0, printed.output
+    grown = json.loads(printed.output)
+    kinds = {o["tensor"]: o["kind"] for o in grown["outcomes"]}
     assert [kinds[m] for m in MODULES] == ["override"] * len(MODULES)
-    assert not grown.budget_met and grown.format_version == 8
+    assert not grown["budget_met"] and grown["format_version"] == 8
+    assert grown["over_budget"] == MODULES
+    factor_bytes = sum(a.nbytes + b.nbytes for a, b, _ in stranger.modules.values())
+    assert 0 < grown["over_budget_bytes"] <= factor_bytes  # both factor blobs, as stored
     check_added(bundle, stranger, 0.05, exact=set(MODULES))
     assert_old_members_unchanged(before, members_numpy(bundle))
     sb = assert_spec_reader_agrees(bundle)
