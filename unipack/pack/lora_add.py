@@ -245,9 +245,10 @@ class LoraJoin:
                 appended[name] = candidate.codes
             return appended
         if candidate is None:
-            why = (
-                f"the record's form ({scheme.variant[1] if scheme.variant else scheme.name}) cannot meet {rule} for it"
-            )
+            # quant: no level count within the record's meets the rule; cast: that, or the
+            # coefficient dtype is no narrower than the adapter's own (nothing to gain)
+            form = scheme.variant[1] if scheme.variant else scheme.name
+            why = f"the record's form ({form}) has no encoding of it within {rule}"
         elif not meets:
             why = f"the record's form misses {rule} for it (error {candidate.error:.3g})"
         else:
