@@ -1,4 +1,4 @@
-"""An independent .upk reader (format versions 1 to 4 and 6), written from ``format_spec/upk-v1.md``
+"""An independent .upk reader (format versions 1 to 6 and 8), written from ``format_spec/upk-v1.md``
 alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
@@ -11,7 +11,8 @@ It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and 
 ``codes`` blobs, and the rebuild of §8.2), version 5 (section 9: the lossless tier, a member's
 ``exact`` map and its residual blobs, rebuilt bit for bit by §9.2) and version 6 (section 10:
 ``lora`` records in ``quant`` and ``cast`` form, each adapter's own factors from its steps and
-codes or its coefficient block).
+codes or its coefficient block) and version 8 (§7.4: a member added later holding a module of any
+form as its own factors, an override).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -35,7 +36,7 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 8)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
@@ -526,6 +527,7 @@ class SpecBundle:
         self.member_layout: dict[str, dict[str, tuple[int, list[int]]]] = {}
         self.code_layout: dict[str, dict[str, int]] = {}  # member -> delta tensor -> byte offset
         self.quant_codes: dict[str, dict[str, tuple[int, int]]] = {}  # quant module -> member -> (offset, P)
+        self.lora_overrides: dict[str, set[str]] = {}  # member -> modules it holds as its own factors (§7.4)
         quant_total: dict[str, int] = {}  # quant module -> bytes its codes blob must hold
         for i, mem in enumerate(members):
             _need(isinstance(mem, dict), f"member {i} is not an object")
@@ -570,8 +572,18 @@ class SpecBundle:
             # §3.3: every raw tensor, plus overrides of shared or exact tensors; §7.1: plus the factor
             # keys of every factors module the member touches, and never a lora module itself.
             factor_keys: dict[str, str] = {}  # key -> module
+            # §7.4: a module of another form that the member holds as its own factors (an override,
+            # version 8): its raw map has the module's A key.
+            overrides = {
+                mod for mod in lora if self.lora_modules[mod]["form"] != "factors" and _factor_keys(mod)[0] in raw
+            }
+            _need(
+                not overrides or self.version >= 8,
+                f"member {mname}: a lora override in a version {self.version} bundle",
+            )
+            self.lora_overrides[mname] = overrides
             for mod in lora:
-                if self.lora_modules[mod]["form"] == "factors":
+                if self.lora_modules[mod]["form"] == "factors" or mod in overrides:
                     for key in _factor_keys(mod):
                         # A key that is also a tensor name would make two tensors of the member's
                         # file share a name (the spec is silent: this reader refuses it).
@@ -595,7 +607,7 @@ class SpecBundle:
                 mdt = dts.get(tname, t["dtype"])
                 if t["storage"] == "lora":
                     _need(mdt in _FLOAT_DTYPES, f"{mname}: lora module {tname} with dtype {mdt}")
-                    if tname in lora and t["form"] == "factors":
+                    if tname in lora and (t["form"] == "factors" or tname in overrides):
                         r = lora[tname][0]
                         out_dim, in_dim = t["shape"]
                         key_a, key_b = _factor_keys(tname)
@@ -620,6 +632,8 @@ class SpecBundle:
             for tname in by_name:
                 if tname in self.coef_layout and tname not in raw:
                     c_shape = self.coef_layout[tname][1]
+                elif tname in overrides:
+                    continue  # §7.4: an override has no block and no codes
                 elif tname in self.core_shapes and tname in lora:
                     c_shape = self.core_shapes[tname]
                 elif tname in self.delta_layout and tname not in raw:
@@ -773,7 +787,7 @@ class SpecBundle:
                 if name not in lora:
                     continue
                 key_a, key_b = _factor_keys(name)
-                if t["form"] == "factors":
+                if t["form"] == "factors" or name in self.lora_overrides[member]:
                     out[key_a] = (mdt, self.decode_blob(mem["raw"][key_a]))
                     out[key_b] = (mdt, self.decode_blob(mem["raw"][key_b]))
                     continue
@@ -931,7 +945,7 @@ class SpecBundle:
                 continue
             mdt = mem["dtypes"].get(name, t["dtype"])
             _, s = lora[name]
-            if t["form"] == "factors":
+            if t["form"] == "factors" or name in self.lora_overrides[member]:
                 key_a, key_b = _factor_keys(name)
                 a = _widen(self.decode_blob(mem["raw"][key_a]), mdt)
                 b = _widen(self.decode_blob(mem["raw"][key_b]), mdt)

@@ -664,6 +664,8 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool, 
 def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, force: bool, as_json: bool) -> None:
     """Add a checkpoint as a new member, projected onto the bundle's existing bases.
 
+    A PEFT adapter folder joins a bundle of LoRA adapters module by module, in the form the merge
+    chose for each module, or as its own exact factors where that form misses the bundle's rule.
     The add summary is the result: on stdout (--json: as JSON)."""
     from unipack.pack.add import add
     from unipack.render.console import add_summary

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -355,6 +355,7 @@ def rewrite_bundle(
     out: Path | None = None,
     force: bool = False,
     source: BundleFile | None = None,
+    rewritten: Collection[str] = (),
 ) -> int:
     """Rewrite the bundle at ``path`` with a new manifest and, optionally, new blobs.
 
@@ -370,6 +371,8 @@ def rewrite_bundle(
     bundle to renaming the new one, so concurrent rewrites of one bundle (``add``) run one after
     the other and none is lost. ``source``: the bundle at ``path`` already open (the caller then
     holds the lock from before it opened it, if it rewrites in place); it is read, not closed.
+    ``rewritten``: blobs not copied, which ``update`` writes again under the same names (a blob
+    holding every member's data, that a new member's data is appended to).
     """
     target = Path(out) if out is not None else Path(path)
     check_writable(target, force=force)  # refuse before copying anything
@@ -378,7 +381,7 @@ def rewrite_bundle(
         codec_name, level = _recorded_codec(old.manifest.options)
         with BundleWriter.spooled(target, codec_name, level) as writer:
             for name in old.header.tensors:  # data order
-                if name != MANIFEST_BLOB:  # the old manifest: finish() writes the new one
+                if name != MANIFEST_BLOB and name not in rewritten:  # finish() writes the new manifest
                     writer.add_stored(name, old.manifest.blobs[name], old.read_stored(name))
             manifest = update(old.manifest, writer)
             if manifest.blobs != writer.blobs:

@@ -1,5 +1,8 @@
 """``unipack.add``: join a checkpoint that was not in the merge to a bundle, as a new member.
 
+A PEFT adapter joins a bundle of LoRA adapters module by module in each record's own form, or as
+its exact factors where that form misses the rule or costs more (``pack.lora_add``).
+
 The checkpoint is projected onto the bundle's existing means and bases: only its coefficients
 (and its raw tensors) are stored. Means and bases never change, so every existing member
 rebuilds bit for bit as before. Under the ``max-error`` rule a tensor the bases cannot bring
@@ -28,17 +31,21 @@ from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest, MemberRecord, TensorRecord, check_member_name
 from unipack.options import MergeOptions
 from unipack.pack import lossless
+from unipack.pack.lora_add import LoraJoin, check_adapter, rewritten_blobs
 from unipack.schemes import is_lora, scheme_of
+from unipack.sources import PeftAdapterSource
 from unipack.sources.checkpoint import Checkpoint, default_name, name_difference, open_checkpoint
 
 
 @dataclass(frozen=True)
 class TensorOutcome:
     tensor: str
-    kind: str  # projected | raw | exact (identical to the bundle's copy) | override (raw for this member)
+    # projected | raw | exact (identical to the bundle's copy) | override (raw for this member);
+    # for a LoRA module also quantized | cast | factors (the record's own forms) | untouched
+    kind: str
     error: float  # the relative error recorded for it (0 for raw, exact and overrides: bit-exact)
     reason: str
-    stored_bytes: int = 0  # bytes of its own blob (raw and overrides); coefficients share one blob
+    stored_bytes: int = 0  # bytes of its own blobs (raw and overrides); coefficients share one blob
     over_budget: bool = False  # an override because the projection missed the max-error budget
 
 
@@ -56,6 +63,8 @@ class AddResult:
     options: MergeOptions  # the bundle's options (its rank rule applied here)
     input_bytes: int  # the bundle's input bytes, the new member included
     bundle_worst_error: float  # worst recorded error of any member of the written bundle
+    lora: bool = False  # the bundle holds LoRA adapters (outcomes are modules and heads)
+    format_version: int = 0  # of the written bundle (a LoRA override needs 8)
 
     @property
     def bytes_added(self) -> int:
@@ -90,7 +99,8 @@ def add(
     """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
 
     ``source`` is anything ``merge`` takes: a ``.safetensors`` file, a ``.bin``/``.pt`` state dict
-    or a Hugging Face model folder (whose config files are kept with the member).
+    or a Hugging Face model folder (whose config files are kept with the member); for a bundle of
+    LoRA adapters, a PEFT adapter folder of the same base (``pack.lora_add``).
 
     The bundle is rewritten in place, or written to ``output`` (which needs ``force`` to
     replace an existing file). Everything the new member needs is checked from headers before
@@ -109,25 +119,35 @@ def add(
     in_place = contextlib.nullcontext() if out is not None else bundle_lock(bundle_path)
     with in_place, BundleFile(bundle_path) as reader:
         manifest = reader.manifest
-        if is_lora(manifest):
-            raise InputError(
-                f"{bundle_path}: holds LoRA adapters; adding one to an existing bundle is not supported "
-                f"yet: merge all the adapters again"
-            )
+        lora = is_lora(manifest)
         member = _member_name(name, source_path, manifest, bundle_path)
         checkpoint = open_checkpoint(source_path, member)
         try:
-            _check_tensors(manifest, checkpoint, bundle_path)
+            adapter = check_adapter(manifest, checkpoint, bundle_path) if lora else None
+            if not lora:
+                if checkpoint.is_adapter:
+                    raise InputError(
+                        f"{source_path}: is a PEFT adapter, but bundle {bundle_path} holds full checkpoints; "
+                        f"add it to a bundle of adapters of its base model"
+                    )
+                _check_tensors(manifest, checkpoint, bundle_path)
             options = _options(manifest, bundle_path)
-            adder = _Adder(reader, checkpoint, options)
-            size = rewrite_bundle(bundle_path, adder, out=out, force=force if out is not None else True, source=reader)
+            adder = _Adder(reader, checkpoint, options, adapter)
+            size = rewrite_bundle(
+                bundle_path,
+                adder,
+                out=out,
+                force=force if out is not None else True,
+                source=reader,
+                rewritten=rewritten_blobs(manifest) if lora else (),
+            )
         finally:
             checkpoint.close()
     target = out or bundle_path
     stored = adder.writer.stored_sizes  # not read back from ``target``: another add may have replaced it
     outcomes = [
-        TensorOutcome(tensor, kind, error, reason, stored[blob] if blob else 0, over)
-        for tensor, kind, error, reason, blob, over in adder.outcomes
+        TensorOutcome(tensor, kind, error, reason, sum(stored[b] for b in blobs), over)
+        for tensor, kind, error, reason, blobs, over in adder.outcomes
     ]
     overridden = [o for o in outcomes if o.kind == "override"]
     new = adder.manifest
@@ -145,6 +165,8 @@ def add(
         options=options,
         input_bytes=int(new.stats["input_bytes"]),
         bundle_worst_error=max((max(m.errors, default=0.0) for m in new.members), default=0.0),
+        lora=lora,
+        format_version=new.format_version,
     )
 
 
@@ -214,11 +236,13 @@ def _options(manifest: Manifest, bundle: Path) -> MergeOptions:
 class _Adder:
     """The ``update`` step of ``rewrite_bundle``: store the new member, return the new manifest."""
 
-    def __init__(self, reader: BundleFile, checkpoint: Checkpoint, options: MergeOptions) -> None:
-        self.reader, self.checkpoint, self.options = reader, checkpoint, options
+    def __init__(
+        self, reader: BundleFile, checkpoint: Checkpoint, options: MergeOptions, adapter: PeftAdapterSource | None
+    ) -> None:
+        self.reader, self.checkpoint, self.options, self.adapter = reader, checkpoint, options, adapter
         self.manifest: Manifest | None = None
-        # (tensor, kind, recorded error, reason, its blob or None, over budget): bytes are known after writing
-        self.outcomes: list[tuple[str, str, float, str, str | None, bool]] = []
+        # (tensor, kind, recorded error, reason, its own blobs, over budget): bytes are known after writing
+        self.outcomes: list[tuple[str, str, float, str, tuple[str, ...], bool]] = []
         self.raw: dict[str, str] = {}
         self.errors: list[float] = []
         self.fidelity: list[MemberFidelity] = []
@@ -232,7 +256,14 @@ class _Adder:
         self.old, self.writer = old, writer
         self.index = free_member_index(old.blobs)
         self.coef_dtype = old.coefficient_dtype()
-        records = [scheme_of(t).add(self, t, c.tensors[t.name].dtype, c.read(t.name)) for t in old.tensors]
+        join = LoraJoin(self, self.adapter) if self.adapter is not None else None
+        if join is not None:
+            records = join.records()
+            member_dtypes, lora, version = join.dtypes, join.lora, join.format_version
+        else:
+            records = [scheme_of(t).add(self, t, c.tensors[t.name].dtype, c.read(t.name)) for t in old.tensors]
+            member_dtypes = {t.name: c.tensors[t.name].dtype for t in old.tensors if c.tensors[t.name].dtype != t.dtype}
+            lora, version = {}, old.format_version
         coef_blob = None
         if self.coefs:
             coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
@@ -245,12 +276,13 @@ class _Adder:
             metadata=c.metadata,
             coefficients=coef_blob,
             raw=self.raw,
-            dtypes={t.name: c.tensors[t.name].dtype for t in old.tensors if c.tensors[t.name].dtype != t.dtype},
+            dtypes=member_dtypes,
             errors=tuple(self.errors),
             added=True,
             lossless_bytes=measured.compressed_bytes if measured else None,
             fidelity=fidelity_record(self.fidelity, self.options.baselines),
             configs=c.configs,
+            lora=lora,
             codes=codes_blob,
         )
         self.manifest = dataclasses.replace(
@@ -259,6 +291,7 @@ class _Adder:
             members=old.members + (member,),
             blobs=writer.blobs,
             stats=self._stats(measured),
+            format_version=version,
         )
         return self.manifest
 
@@ -295,7 +328,19 @@ class _Adder:
     ) -> None:
         """The member's own tensor, bit-exact: for raw tensors, and overrides of shared or exact ones."""
         blob = self.raw[t.name] = self.writer.add(f"raw/{self.index}/{t.name}", array, dtype)
-        self._record(t, kind, 0.0, reason, fidelity, blob, over_budget)
+        self._record(t, kind, 0.0, reason, fidelity, (blob,), over_budget)
+
+    def record_blobs(
+        self,
+        t: TensorRecord,
+        kind: str,
+        reason: str,
+        fidelity: MemberFidelity,
+        blobs: tuple[str, ...],
+        over_budget: bool = False,
+    ) -> None:
+        """A tensor kept bit-exact in blobs the caller wrote (a LoRA module's two factors)."""
+        self._record(t, kind, 0.0, reason, fidelity, blobs, over_budget)
 
     def _record(
         self,
@@ -304,12 +349,12 @@ class _Adder:
         error: float,
         reason: str,
         fidelity: MemberFidelity,
-        blob: str | None = None,
+        blobs: tuple[str, ...] = (),
         over_budget: bool = False,
     ) -> None:
         self.errors.append(error)
         self.fidelity.append(fidelity)
-        self.outcomes.append((t.name, kind, error, reason, blob, over_budget))
+        self.outcomes.append((t.name, kind, error, reason, blobs, over_budget))
 
     def _lossless(self) -> lossless.LosslessSize | None:
         """zstd size of the new input (at the level the bundle records), measured only if the bundle

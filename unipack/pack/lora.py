@@ -13,7 +13,8 @@ formed, and a module's factors are held only while it is being encoded.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, Quant
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
+from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
 from unipack.pack.dense import Merger
 from unipack.schemes.lora_common import LoraParams, LoraScheme
@@ -239,65 +241,19 @@ class LoraMerger(Merger):
                 cost += sum(self._compressed(c.read(key), c.tensors[key].dtype) for key in (m.a_key, m.b_key))
         return cost
 
-    def _meets(self, errors: list[float]) -> bool:
-        budget = self.options.budget
-        return budget is not None and budget.met(errors)
+    @property
+    def pricing(self) -> Pricing:
+        return Pricing(self.options, self.coef_dtype, self._compressed)
 
     def _cast_candidate(
         self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
     ) -> tuple[int, list[CastFactors | None]] | None:
-        """The balanced factors at the coefficient dtype, where it is narrower than the adapters'
-        (``--dtype float16``) and, under an error rule, meets it; under a rank or energy rule the
-        user's ``--dtype`` is taken as asked."""
-        narrower = any(d is not None and dtypes.itemsize(self.coef_dtype) < dtypes.itemsize(d) for d in member_dtypes)
-        if not narrower:
-            return None
-        casts: list[CastFactors | None] = [
-            None if f is None or d is None else cast_factors(f, self.coef_dtype, d)
-            for f, d in zip(factors, member_dtypes)
-        ]
-        errors = [c.error for c in casts if c is not None]
-        if self.options.budget is not None and not self._meets(errors):
-            return None
-        held = [c.values_held for c in casts if c is not None]
-        return self._compressed(np.concatenate(held), self.coef_dtype), casts
+        return self.pricing.cast_candidate(factors, member_dtypes)
 
     def _quant_candidate(
         self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
     ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
-        """The cheapest level count (of ``LEVELS``, every one tried) whose quantized factors meet
-        the rule for every adapter, with its compressed bytes (codes and steps).
-
-        Adapter by adapter, each searched at every level count still open (``QuantSearch``
-        shares quantizations between them); a level count closes for all once an adapter's
-        finest steps miss the rule at it. Only one adapter's search is held at a time."""
-        budget = self.options.budget
-        if not self.options.quantize or budget is None or budget.max_error is None:
-            return None
-        open_levels = sorted(LEVELS, reverse=True)
-        fits: dict[int, list[QuantizedFactors | None]] = {levels: [] for levels in open_levels}
-        for f, d in zip(factors, member_dtypes):
-            if f is None or d is None:
-                for levels in open_levels:
-                    fits[levels].append(None)
-                continue
-            search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
-            open_levels = [levels for levels in open_levels if search.floor_meets(budget.max_error, levels)]
-            for levels in open_levels:
-                fits[levels].append(search.fit(budget.max_error, levels))
-            if not open_levels:
-                return None
-        best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
-        for levels in open_levels:
-            live = [q for q in fits[levels] if q is not None]
-            if not live:
-                continue  # no adapter touches the module
-            codes = np.concatenate([quantize.pack(q.codes, levels) for q in live])  # as stored: one blob
-            steps = np.concatenate([q.steps_held for q in live])
-            cost = self._compressed(codes, "U8") + self._compressed(steps, self.coef_dtype)
-            if best is None or cost < best[0]:
-                best = (cost, (levels, fits[levels]))
-        return best
+        return self.pricing.quant_candidate(factors, member_dtypes)
 
     def _subspace_cost(self, enc: EncodedLora) -> int:
         cost = 0
@@ -312,10 +268,7 @@ class LoraMerger(Merger):
     def _own_fidelity(
         self, model: LoraModel, factors: list[LoraFactors | None], errors: list[float], numbers: list[float]
     ) -> None:
-        """Errors and fidelity numbers of a form that keeps each adapter's own factors. The SVD
-        baseline (spec §10.2) is the adapter's own truncated SVD at equal bytes: rank
-        q = min(r, floor(numbers / (out + in))) for the ``numbers`` (at the coefficient dtype)
-        its block and codes take, with the exact truncation error from ΔW's singular values."""
+        """Errors and fidelity numbers of a form that keeps each adapter's own factors."""
         baselines = self._baselines(model, 0, 0)
         for i, (f, err) in enumerate(zip(factors, errors)):
             if f is None:
@@ -323,18 +276,7 @@ class LoraMerger(Merger):
                 self.fidelity[i].append(EXACT)
                 continue
             self.errors[i].append(round_up(float(err)))
-            svd_error: float | None = None
-            svd_rank: int | None = None
-            if self.options.baselines:
-                sigma = balanced(f)[2]
-                svd_rank = int(min(f.rank, numbers[i] // (f.out_dim + f.in_dim)))
-                total = float(np.sum(sigma**2))
-                svd_error = math.sqrt(float(np.sum(sigma[svd_rank:] ** 2)) / total) if total > 0 else 0.0
-            self.fidelity[i].append(
-                MemberFidelity(
-                    norm=f.norm, delta_error=err, mean_error=baselines[i][0], svd_error=svd_error, svd_rank=svd_rank
-                )
-            )
+            self.fidelity[i].append(own_fidelity(f, err, numbers[i], baselines[i][0], self.options.baselines))
 
     def _store_quant(
         self,
@@ -493,6 +435,110 @@ class LoraMerger(Merger):
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return self._lora[i]
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """The per-module chooser's prices of each adapter's own factors, quantized or cast (spec §10):
+    used by the merge for every adapter of a module, and by ``unipack add`` for the one it joins."""
+
+    options: MergeOptions
+    coef_dtype: str
+    compressed: Callable[[np.ndarray, str], int]  # bytes an array takes in the bundle, as written
+
+    def meets(self, errors: list[float]) -> bool:
+        budget = self.options.budget
+        return budget is not None and budget.met(errors)
+
+    def cast_candidate(
+        self, factors: list[LoraFactors | None], member_dtypes: list[str | None]
+    ) -> tuple[int, list[CastFactors | None]] | None:
+        """The balanced factors at the coefficient dtype, where it is narrower than the adapters'
+        (``--dtype float16``) and, under an error rule, meets it; under a rank or energy rule the
+        user's ``--dtype`` is taken as asked."""
+        narrower = any(d is not None and dtypes.itemsize(self.coef_dtype) < dtypes.itemsize(d) for d in member_dtypes)
+        if not narrower:
+            return None
+        casts: list[CastFactors | None] = [
+            None if f is None or d is None else cast_factors(f, self.coef_dtype, d)
+            for f, d in zip(factors, member_dtypes)
+        ]
+        errors = [c.error for c in casts if c is not None]
+        if self.options.budget is not None and not self.meets(errors):
+            return None
+        held = [c.values_held for c in casts if c is not None]
+        return self.compressed(np.concatenate(held), self.coef_dtype), casts
+
+    def quant_candidate(
+        self,
+        factors: list[LoraFactors | None],
+        member_dtypes: list[str | None],
+        levels: tuple[int, ...] = LEVELS,
+        code_levels: int | None = None,
+    ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
+        """The cheapest level count (of ``levels``, every one tried) whose quantized factors meet
+        the rule for every adapter, with its compressed bytes (codes and steps).
+
+        Adapter by adapter, each searched at every level count still open (``QuantSearch``
+        shares quantizations between them); a level count closes for all once an adapter's
+        finest steps miss the rule at it. Only one adapter's search is held at a time.
+
+        ``code_levels``: the codes are written in the alphabet of that (odd) level count whatever
+        the level count found, each code shifted by the difference of their offsets, so the same
+        integers q come back (``add`` joining a record of one ``levels``: at most that many)."""
+        budget = self.options.budget
+        if not self.options.quantize or budget is None or budget.max_error is None:
+            return None
+        open_levels = sorted(levels, reverse=True)
+        fits: dict[int, list[QuantizedFactors | None]] = {n: [] for n in open_levels}
+        for f, d in zip(factors, member_dtypes):
+            if f is None or d is None:
+                for n in open_levels:
+                    fits[n].append(None)
+                continue
+            search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
+            open_levels = [n for n in open_levels if search.floor_meets(budget.max_error, n)]
+            for n in open_levels:
+                fits[n].append(search.fit(budget.max_error, n))
+            if not open_levels:
+                return None
+        best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
+        for n in open_levels:
+            written = fits[n] if code_levels is None else [_recoded(q, n, code_levels) for q in fits[n]]
+            live = [q for q in written if q is not None]
+            if not live:
+                continue  # no adapter touches the module
+            packing = n if code_levels is None else code_levels
+            codes = np.concatenate([quantize.pack(q.codes, packing) for q in live])  # as stored: one blob
+            steps = np.concatenate([q.steps_held for q in live])
+            cost = self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype)
+            if best is None or cost < best[0]:
+                best = (cost, (n, written))
+        return best
+
+
+def _recoded(q: QuantizedFactors | None, levels: int, code_levels: int) -> QuantizedFactors | None:
+    """``q``'s codes (of ``levels`` levels) in the alphabet of ``code_levels`` (same parity, no fewer)."""
+    if q is None or levels == code_levels:
+        return q
+    shift = quantize.offset(code_levels) - quantize.offset(levels)
+    assert shift >= 0 and shift == int(shift)
+    return replace(q, codes=(q.codes.astype(np.int16) + int(shift)).astype(np.uint8))
+
+
+def own_fidelity(f: LoraFactors, error: float, numbers: float, mean_error: float, baselines: bool) -> MemberFidelity:
+    """Fidelity numbers of an adapter's module stored in a form that keeps its own factors. The
+    SVD baseline (spec §10.2) is the adapter's own truncated SVD at equal bytes: rank
+    q = min(r, floor(numbers / (out + in))) for the ``numbers`` (at the coefficient dtype) its
+    block and codes take, with the exact truncation error from ΔW's singular values."""
+    svd_error: float | None = None
+    svd_rank: int | None = None
+    if baselines:
+        sigma = balanced(f)[2]
+        svd_rank = int(min(f.rank, numbers // (f.out_dim + f.in_dim)))
+        total = float(np.sum(sigma**2))
+        svd_error = math.sqrt(float(np.sum(sigma[svd_rank:] ** 2)) / total) if total > 0 else 0.0
+    return MemberFidelity(norm=f.norm, delta_error=error, mean_error=mean_error, svd_error=svd_error, svd_rank=svd_rank)
 
 
 def _module_record(

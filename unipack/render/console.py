@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -205,41 +205,67 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         yield FittedTable(tensors)
 
 
-def add_summary(result: AddResult) -> Table:
+def add_summary(result: AddResult) -> RenderableType:
     """What ``unipack add`` stored: projected vs raw tensors, the worst error, the bytes it cost,
-    and, plainly, where the bundle's bases could not meet its error budget."""
+    and, plainly, where the bundle's bases could not meet its error budget; for a LoRA adapter,
+    then each module's form and error."""
+    if not result.lora:
+        return _add_table(result)
+    modules = Table(title="modules of the added adapter", title_justify="left")
+    modules.add_column("module")
+    modules.add_column("stored as")
+    modules.add_column("error", justify="right")
+    modules.add_column("why")
+    for o in result.outcomes:
+        modules.add_row(o.tensor, o.kind, f"{o.error:.3g}", o.reason)
+    return Group(_add_table(result), modules)
+
+
+def _add_table(result: AddResult) -> Table:
     options = result.options
     t = Table(title="add summary", show_header=False, title_justify="left")
     t.add_row("member", f"{result.member} (from {result.record.source}, {format_bytes(result.record.source_bytes)})")
-    t.add_row(
-        "tensors",
-        f"{result.count('projected')} projected onto the bundle's bases, {result.count('raw')} raw, "
-        f"{result.count('exact')} identical to the bundle's exact copy, "
-        f"{result.overrides} stored raw for this member (overrides)"
-        # kinds a newer storage scheme adds (e.g. quantized deltas) are counted too, never dropped
-        + "".join(f", {result.count(kind)} {kind}" for kind in _other_kinds(result)),
-    )
+    if result.lora:
+        kinds = sorted({o.kind for o in result.outcomes})
+        t.add_row(
+            "modules",
+            ", ".join(f"{result.count(kind)} {LORA_KINDS.get(kind, kind)}" for kind in kinds)
+            + f" (format v{result.format_version})",
+        )
+    else:
+        t.add_row(
+            "tensors",
+            f"{result.count('projected')} projected onto the bundle's bases, {result.count('raw')} raw, "
+            f"{result.count('exact')} identical to the bundle's exact copy, "
+            f"{result.overrides} stored raw for this member (overrides)"
+            # kinds a newer storage scheme adds (e.g. quantized deltas) are counted too, never dropped
+            + "".join(f", {result.count(kind)} {kind}" for kind in _other_kinds(result)),
+        )
     worst = f" ({result.worst_tensor})" if result.worst_tensor else " (every tensor bit-exact)"
     t.add_row("error", f"worst relative error {result.worst_error:.3g}{worst}")
     over = [o for o in result.outcomes if o.over_budget]
+    within = "the records' forms" if result.lora else "the bundle's mean and bases"
+    what = "module" if result.lora else "tensor"
+    stored_as = "as the member's own factors" if result.lora else "raw"
     if options.rule != "max-error":
         t.add_row("budget", rule_text(options.to_dict()))
     elif over:
         t.add_row(
             "budget",
-            f"{options.rule_text} not met within the bundle's mean and bases for {len(over)} "
-            f"tensor{'s' if len(over) != 1 else ''}: stored them raw "
+            f"{options.rule_text} not met within {within} for {len(over)} "
+            f"{what}{'s' if len(over) != 1 else ''}: stored them "
+            f"{stored_as} "
             f"(+{format_bytes(sum(o.stored_bytes for o in over))})",
             style="bold yellow",
         )
     else:
-        t.add_row("budget", f"{options.rule_text} met within the bundle's mean and bases")
+        t.add_row("budget", f"{options.rule_text} met within {within}")
     other = [o for o in result.outcomes if o.kind == "override" and not o.over_budget]
     if other:
+        why = "its exact factors cost less" if result.lora else "exact copy differs, or NaN/inf values"
         t.add_row(
             "overrides",
-            f"{len(other)} more stored raw (exact copy differs, or NaN/inf values): "
-            f"+{format_bytes(sum(o.stored_bytes for o in other))}",
+            f"{len(other)} more stored raw ({why}): +{format_bytes(sum(o.stored_bytes for o in other))}",
         )
     t.add_row(
         "bytes",
@@ -253,6 +279,17 @@ def add_summary(result: AddResult) -> Table:
     )
     return t
 
+
+#: The outcome kinds of a LoRA adapter's records, in words.
+LORA_KINDS = {
+    "projected": "projected onto the bundle's bases",
+    "quantized": "own factors quantized",
+    "cast": "own factors cast",
+    "factors": "own factors (the record's form)",
+    "override": "own factors, bit-exact (overrides)",
+    "untouched": "not adapted",
+    "raw": "raw (heads, biases)",
+}
 
 #: The outcome kinds the add summary names in words.
 NAMED_KINDS = ("projected", "raw", "exact", "override")

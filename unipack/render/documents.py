@@ -78,6 +78,8 @@ def add_document(result: AddResult) -> dict[str, Any]:
         "input_bytes": result.input_bytes,
         "ratio": result.ratio,
         "bundle_worst_error": result.bundle_worst_error,
+        "lora": result.lora,
+        "format_version": result.format_version,
         "outcomes": [dataclasses.asdict(o) for o in result.outcomes],
     }
 

@@ -1,6 +1,10 @@
-"""What the two LoRA forms (storage ``lora``, spec §7) share: a record is one LoRA module, shape
+"""What the LoRA forms (storage ``lora``, spec §7, §10) share: a record is one LoRA module, shape
 [out, in] of its update, standing for two keys of an adapter file, ``<module>.lora_A.weight``
-(r x in) and ``<module>.lora_B.weight`` (out x r), in the members that touch it."""
+(r x in) and ``<module>.lora_B.weight`` (out x r), in the members that touch it.
+
+A member joined by ``unipack add`` may hold a module of any form as its own exact factors under
+those two keys of its raw map (an *override*, spec §7.4): the record's shared bases, or its one
+level count, were fitted without it and may not meet the bundle's rule for it."""
 
 from __future__ import annotations
 
@@ -8,15 +12,27 @@ import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from unipack.core.lora import LoraFactors
+from unipack.core.lora_quant import CastFactors, QuantizedFactors
 from unipack.errors import FormatError
 from unipack.format import dtypes
-from unipack.format.manifest import Manifest, MemberRecord, StorageParams, TensorRecord
+from unipack.format.manifest import (
+    FORMAT_VERSION,
+    LORA_OVERRIDE_FORMAT_VERSION,
+    Manifest,
+    MemberRecord,
+    StorageParams,
+    TensorRecord,
+)
 from unipack.format.manifest.doc import Doc
 from unipack.schemes.base import Array, MemberView, Scheme
+
+if TYPE_CHECKING:
+    from unipack.options import MergeOptions
 
 
 @dataclass(frozen=True)
@@ -35,11 +51,60 @@ class LoraParams(StorageParams):
     def spectrum_doc(self) -> dict[str, Any]:
         return {} if self.spectrum is None else {"spectrum": list(self.spectrum), "variance": self.variance}
 
+    def overridden(self, tensor: TensorRecord, member: MemberRecord | None) -> bool:
+        """Whether ``member`` holds the module as its own factors instead of the form's storage
+        (spec §7.4): it touches the module and its raw map has the module's A key."""
+        return member is not None and tensor.name in member.lora and tensor.lora_keys[0] in member.raw
+
+    def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
+        return factor_shapes(tensor, member) if self.overridden(tensor, member) else []
+
+    def member_format_version(self, tensor: TensorRecord, member: MemberRecord) -> int:
+        return LORA_OVERRIDE_FORMAT_VERSION if self.overridden(tensor, member) else FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class AdapterCandidate:
+    """A new member's module stored in the record's own form, as ``unipack add`` would keep it;
+    ``add`` compares it with the member's exact factors (an override) and keeps the cheaper one
+    that meets the bundle's rule."""
+
+    kind: str  # the add's outcome kind: projected (subspace) | quantized | cast
+    cost: int  # its bytes in the bundle, compressed as written
+    error: float  # ||ΔW - s B A|| / ||ΔW|| of the factors extraction returns
+    numbers: float  # numbers at the coefficient dtype it takes (the SVD baseline at equal bytes)
+    reason: str
+    coefficients: np.ndarray | None = None  # its block of the member's coefficient blob
+    codes: np.ndarray | None = None  # its packed codes, appended to the record's codes blob
+
+
+class LoraAddContext(Protocol):
+    """What ``unipack add`` offers a LoRA form pricing a new member's module (``pack.lora_add``,
+    through the merge's own chooser, ``pack.lora.Pricing``)."""
+
+    old: Manifest
+    options: MergeOptions
+    coef_dtype: str
+
+    def read_blob(self, name: str) -> np.ndarray:
+        """A blob of the bundle being added to, checksum verified."""
+
+    def compressed(self, array: np.ndarray, dtype: str) -> int:
+        """Bytes ``array`` (held as ``dtype``) takes in the bundle, compressed as written."""
+
+    def quant_fit(self, f: LoraFactors, dtype: str, code_levels: int) -> tuple[int, int, QuantizedFactors] | None:
+        """(bytes, level count, fit): the cheapest level count of the chooser's, no more than
+        ``code_levels``, meeting the rule, its codes in ``code_levels``' alphabet; None if none does."""
+
+    def cast_fit(self, f: LoraFactors, dtype: str) -> tuple[int, CastFactors] | None:
+        """(bytes, fit): the balanced factors cast, where the merge would take that; else None."""
+
 
 class LoraScheme(Scheme):
     storage = "lora"
     min_format_version = 2
     lora = True
+    keeps_factors = False  # whether the form's storage is the members' own factors, bit-exact
 
     def parse_lora(self, d: Doc, base: TensorRecord) -> dict[str, Any]:
         assert base.shape is not None
@@ -50,7 +115,34 @@ class LoraScheme(Scheme):
 
     @abstractmethod
     def factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
-        """The member's factors (A, B) held as ``holder(dtype)``; it touches the module."""
+        """The member's factors (A, B) held as ``holder(dtype)``, from the form's storage; it
+        touches the module and does not override it."""
+
+    def held_factors(self, view: MemberView, t: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
+        """The member's factors (A, B) as extraction returns them: its override, or the form's."""
+        if _lora(t).overridden(t, view.member):
+            a_key, b_key = t.lora_keys
+            return view.read_blob(view.member.raw[a_key]), view.read_blob(view.member.raw[b_key])
+        return self.factors(view, t)
+
+    def overrides(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
+        """The override blobs of every member (``blob_parts``: the members' own factors)."""
+        p = _lora(t)
+        return {
+            m.raw[key]: "factors" for m in manifest.members if p.overridden(t, m) for key in t.lora_keys if key in m.raw
+        }
+
+    def add_candidate(
+        self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
+    ) -> AdapterCandidate | None:
+        """A new member's module in this form (``f``: its factors, ``dtype``: theirs); None where
+        the form keeps members' own factors anyway (``factors``) or cannot hold it."""
+        return None
+
+    def appended_blobs(self, t: TensorRecord) -> tuple[str, ...]:
+        """Blobs of the record holding every member's data, which a new member's is appended to
+        (``add`` rewrites them: the ``quant`` form's codes)."""
+        return ()
 
     def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
         """s B A, from the factors extraction returns (rounded to the member's dtype)."""
@@ -58,7 +150,7 @@ class LoraScheme(Scheme):
             return None
         _, scale = view.member.lora[t.name]
         dtype = view.member.dtype_of(t)
-        a_held, b_held = self.factors(view, t)
+        a_held, b_held = self.held_factors(view, t)
         return scale * (dtypes.to_float(b_held, dtype) @ dtypes.to_float(a_held, dtype))
 
     def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
@@ -66,7 +158,7 @@ class LoraScheme(Scheme):
             return
         dtype = view.member.dtype_of(t)
         a_key, b_key = t.lora_keys
-        a_held, b_held = self.factors(view, t)
+        a_held, b_held = self.held_factors(view, t)
         yield replace(t, name=a_key, shape=tuple(a_held.shape)), dtype, a_held
         yield replace(t, name=b_key, shape=tuple(b_held.shape)), dtype, b_held
 
@@ -110,6 +202,11 @@ def factor_shapes(t: TensorRecord, member: MemberRecord) -> list[tuple[str, tupl
     rank = member.lora[t.name][0]
     a_key, b_key = t.lora_keys
     return [(a_key, (rank, t.shape[1])), (b_key, (t.shape[0], rank))]
+
+
+def _lora(t: TensorRecord) -> LoraParams:
+    assert isinstance(t.params, LoraParams)
+    return t.params
 
 
 def prod(shape: tuple[int, ...]) -> int:

@@ -22,6 +22,9 @@ class LoraFactorsParams(LoraParams):
     def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
         return {"form": "factors", **self.spectrum_doc()}
 
+    def overridden(self, tensor: TensorRecord, member: MemberRecord | None) -> bool:
+        return False  # the members' own factors are this form's storage, not an override
+
     def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
         return factor_shapes(tensor, member)
 
@@ -29,6 +32,7 @@ class LoraFactorsParams(LoraParams):
 class LoraFactorsScheme(LoraScheme):
     name = "lora-factors"
     variant = ("form", "factors")
+    keeps_factors = True
 
     def parse_params(self, d: Doc, base: TensorRecord) -> LoraFactorsParams:
         return LoraFactorsParams(**self.parse_lora(d, base))

@@ -22,19 +22,21 @@ from typing import Any, ClassVar
 import numpy as np
 
 from unipack.core import quantize
+from unipack.core.lora import LoraFactors
 from unipack.core.lora_quant import dequantize
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_QUANT_FORMAT_VERSION, BlobRef, Manifest, MemberRecord, TensorRecord
 from unipack.format.manifest.doc import Doc
 from unipack.schemes.base import MemberView
-from unipack.schemes.lora_common import LoraParams, LoraScheme
+from unipack.schemes.lora_common import AdapterCandidate, LoraAddContext, LoraParams, LoraScheme
 from unipack.schemes.registry import register
 
 
 def _rank(tensor: TensorRecord, member: MemberRecord | None) -> int | None:
-    """The member's rank r for the module, None where it does not touch it."""
-    if member is None or tensor.name not in member.lora:
+    """The member's rank r for the module, None where it does not touch it or holds it as its own
+    factors (an override: no block, no codes)."""
+    if member is None or tensor.name not in member.lora or tensor.lora_keys[0] in member.raw:
         return None
     return member.lora[tensor.name][0]
 
@@ -97,7 +99,8 @@ class _OwnFactorsScheme(LoraScheme):
             return dtypes.from_float(a, dtype), dtypes.from_float(b, dtype)
 
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
-        return t.name in member.lora
+        assert isinstance(t.params, LoraParams)
+        return t.name in member.lora and not t.params.overridden(t, member)
 
 
 class LoraQuantScheme(_OwnFactorsScheme):
@@ -138,9 +141,34 @@ class LoraQuantScheme(_OwnFactorsScheme):
             lo += p.member_code_bytes(t, m)
         raise KeyError(member.name)
 
+    def add_candidate(
+        self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
+    ) -> AdapterCandidate | None:
+        """The new member's balanced factors at the cheapest level count, of the chooser's no more
+        than the record's L, that meets the rule; codes written in the record's alphabet."""
+        p = _quant(t)
+        fit = ctx.quant_fit(f, dtype, p.levels)
+        if fit is None:
+            return None
+        cost, levels, q = fit
+        packed = quantize.pack(q.codes, p.levels)
+        return AdapterCandidate(
+            "quantized",
+            cost,
+            q.error,
+            q.steps_held.size + packed.size / dtypes.itemsize(ctx.coef_dtype),
+            f"its balanced factors at {levels} levels (codes in the record's {p.levels}-level alphabet)",
+            coefficients=q.steps_held,
+            codes=packed,
+        )
+
+    def appended_blobs(self, t: TensorRecord) -> tuple[str, ...]:
+        p = _quant(t)
+        return () if p.codes is None else (p.codes,)
+
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
         p = _quant(t)
-        return {} if p.codes is None else {p.codes: "factors"}
+        return {**self.overrides(t, manifest), **({} if p.codes is None else {p.codes: "factors"})}
 
     def rank_text(self, t: TensorRecord) -> str:
         return f"L={_quant(t).levels}"
@@ -165,6 +193,26 @@ class LoraCastScheme(_OwnFactorsScheme):
         flat = values.reshape(-1)
         split = rank * in_dim
         return flat[:split].reshape(rank, in_dim), flat[split:].reshape(rank, out_dim).T
+
+    def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
+        return self.overrides(t, manifest)
+
+    def add_candidate(
+        self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
+    ) -> AdapterCandidate | None:
+        """The new member's balanced factors at the coefficient dtype, where the merge would cast."""
+        fit = ctx.cast_fit(f, dtype)
+        if fit is None:
+            return None
+        cost, c = fit
+        return AdapterCandidate(
+            "cast",
+            cost,
+            c.error,
+            float(c.values_held.size),
+            f"its balanced factors cast to {ctx.coef_dtype}",
+            coefficients=c.values_held,
+        )
 
     def report_scheme(self, t: TensorRecord) -> str | None:
         return "factors cast"

@@ -10,13 +10,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from unipack.core.lora_encode import peft_factors
+from unipack.core.linalg import least_squares_projector
+from unipack.core.lora import LoraFactors
+from unipack.core.lora_encode import peft_factors, product_error
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import BlobRef, Manifest, MemberRecord, TensorRecord
 from unipack.format.manifest.doc import Doc
 from unipack.schemes.base import MemberView
-from unipack.schemes.lora_common import LoraParams, LoraScheme
+from unipack.schemes.lora_common import AdapterCandidate, LoraAddContext, LoraParams, LoraScheme
 from unipack.schemes.registry import register
 
 
@@ -37,7 +39,7 @@ class LoraSubspaceParams(LoraParams):
         }
 
     def coefficient_shape(self, tensor: TensorRecord, member: MemberRecord | None) -> tuple[int, ...] | None:
-        touched = member is not None and tensor.name in member.lora
+        touched = member is not None and tensor.name in member.lora and not self.overridden(tensor, member)
         return self.ranks if touched and self.ranks[0] * self.ranks[1] > 0 else None
 
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
@@ -94,15 +96,18 @@ class LoraSubspaceScheme(LoraScheme):
         return dtypes.from_float(a, dtype), dtypes.from_float(b, dtype)
 
     def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
-        """U C Vᵀ: the bundle's own reconstruction, before the extracted factors are rounded."""
+        """U C Vᵀ: the bundle's own reconstruction, before the extracted factors are rounded (an
+        override: s B A of its own factors)."""
         if t.name not in view.member.lora:
             return None
+        if _params(t).overridden(t, view.member):
+            return super().member_update(view, t)
         u, v = self.bases(view, t)
         return (u @ self.core(view, t)) @ v.T
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
         p = _params(t)
-        return {name: "bases" for name in (p.left, p.right) if name is not None}
+        return {**self.overrides(t, manifest), **{name: "bases" for name in (p.left, p.right) if name is not None}}
 
     def rank_text(self, t: TensorRecord) -> str:
         k_out, k_in = _params(t).ranks
@@ -113,7 +118,34 @@ class LoraSubspaceScheme(LoraScheme):
         return f"{k_out}x{k_in}"
 
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
-        return t.name in member.lora
+        return t.name in member.lora and not _params(t).overridden(t, member)
+
+    def add_candidate(self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str) -> AdapterCandidate:
+        """The new member's core on the bundle's bases as stored, fitted as the merge fits one
+        (``core.lora_encode.encode``: least squares on the rounded bases, then rounded), and the
+        error of the factors extraction then returns."""
+        p = _params(t)
+        assert t.shape is not None
+        out_dim, in_dim = t.shape
+        sides = []
+        for name, dim, k in ((p.left, out_dim, p.ranks[0]), (p.right, in_dim, p.ranks[1])):
+            sides.append(np.zeros((dim, k)) if name is None else dtypes.to_float(ctx.read_blob(name), ctx.coef_dtype))
+        u, v = sides
+        core = f.scale * ((least_squares_projector(u).T @ f.b) @ (f.a @ least_squares_projector(v)))
+        held, values = dtypes.store_as(core, ctx.coef_dtype)
+        b, a = peft_factors(u, values, v, f.rank, f.scale, dtype)
+        error = product_error(f, LoraFactors(a, b, f.scale))
+        k_out, k_in = p.ranks
+        touching = 1 + sum(t.name in m.lora and not p.overridden(t, m) for m in ctx.old.members)
+        stored = held.reshape(-1) if held.size else None
+        return AdapterCandidate(
+            "projected",
+            ctx.compressed(stored, ctx.coef_dtype) if stored is not None else 0,
+            error,
+            k_out * k_in + (out_dim * k_out + in_dim * k_in) / touching,
+            f"projected onto the bundle's {k_out} x {k_in} update space",
+            coefficients=stored,
+        )
 
 
 def _params(t: TensorRecord) -> LoraSubspaceParams:

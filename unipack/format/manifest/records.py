@@ -32,7 +32,12 @@ EXACT_TIER_FORMAT_VERSION = 5
 #: ``codes`` blob) and ``cast`` (its factors at the coefficient dtype); only bundles that use one
 #: are written as version 6.
 LORA_QUANT_FORMAT_VERSION = 6
-SUPPORTED_VERSIONS = (1, 2, 3, 4, EXACT_TIER_FORMAT_VERSION, LORA_QUANT_FORMAT_VERSION)
+#: Version 8 lets a member added by ``unipack add`` hold a LoRA module of any form as its own
+#: exact factors (an override, spec §7.4), where the record's form cannot meet the bundle's rule
+#: for it or costs more. Only bundles with such an override are written as version 8. (Version 7
+#: is another change's number; a reader of 8 reads every earlier version.)
+LORA_OVERRIDE_FORMAT_VERSION = 8
+SUPPORTED_VERSIONS = (1, 2, 3, 4, EXACT_TIER_FORMAT_VERSION, LORA_QUANT_FORMAT_VERSION, LORA_OVERRIDE_FORMAT_VERSION)
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
 
@@ -107,6 +112,10 @@ class StorageParams:
     def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
         """Keys ``member.raw`` must hold for this tensor, with each blob's shape (None: any)."""
         return []
+
+    def member_format_version(self, tensor: TensorRecord, member: MemberRecord) -> int:
+        """The format version the way ``member`` holds this tensor needs (a LoRA override: 8)."""
+        return FORMAT_VERSION
 
     #: Whether a member may hold the tensor raw instead (an override, spec §4.4).
     overridable: ClassVar[bool] = True

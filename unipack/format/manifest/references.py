@@ -114,6 +114,13 @@ def check_references(m: Manifest, where: str) -> None:
                     code_bytes += codes
                 for key, shape in p.member_blobs(t, mem):
                     required[key] = (t, shape)
+                version_needed = p.member_format_version(t, mem)
+                if m.format_version < version_needed:
+                    raise FormatError(
+                        f"{where}: member {mem.name!r}: holds lora module {t.name!r} as its own factors "
+                        f"(an override), which needs format version {version_needed}, the manifest says "
+                        f"{m.format_version}"
+                    )
         what = f"member {mem.name!r}"
         for tname, dt in mem.dtypes.items():
             known = by_name.get(tname)
