@@ -72,6 +72,8 @@ def merge_with_eval(
     force: bool = False,
     progress: MergeProgress | None = None,
     jobs: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> MergeResult:
     """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it."""
@@ -117,6 +119,8 @@ def merge_with_eval(
             force=True,
             progress=progress,
             jobs=jobs,
+            executor=executor,
+            scheduler=scheduler,
         )
         with BundleReader(trial) as b:
             scores = {name: hook(b.load(name), name) for name in b.members}

@@ -95,6 +95,8 @@ def merge_to_size(
     force: bool = False,
     progress: MergeProgress | None = None,
     jobs: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
     on_attempt: Callable[[SizeAttempt], None] | None = None,
 ) -> MergeResult:
     """Merge at the tightest scale of the error rule whose bundle fits in ``target_bytes``."""
@@ -152,6 +154,8 @@ def merge_to_size(
                 force=True,
                 progress=progress,
                 jobs=jobs,
+            executor=executor,
+            scheduler=scheduler,
             )
             a = SizeAttempt(max_error, max_delta_error, result.file_bytes)
             attempts.append(a)
