@@ -32,8 +32,8 @@ from unipack.format.container import BundleWriter, blob_level
 from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
-from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
+from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.plan import TensorPlan
 from unipack.schemes import delta, scheme_of
 from unipack.schemes.exact import EXACT_SCHEME, ExactParams

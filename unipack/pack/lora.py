@@ -28,7 +28,7 @@ from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
 from unipack.options import MergeOptions
-from unipack.pack import lossless, parallel
+from unipack.pack import parallel
 from unipack.pack.dense import Merger, StoredTensor, worker_merger
 from unipack.pack.executors import Execution, Inputs
 from unipack.schemes.lora_common import LoraParams, LoraScheme

@@ -31,6 +31,7 @@ from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
+from unipack.pack.executors import Execution
 from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, default_name, open_inputs
@@ -77,6 +78,7 @@ def merge_with_eval(
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> MergeResult:
     """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it."""
+    Execution(executor, jobs, scheduler)  # refuses a bad --executor/--scheduler/--jobs before any work
     opts = options or MergeOptions()
     if max_drop is not None and opts.rule != "max-error":
         raise OptionsError(

@@ -27,6 +27,7 @@ PARALLEL_FROM_BYTES = 64 * 1024 * 1024
 #: count of the quantized-factor search): a few MiB of adapters already take seconds.
 LORA_PARALLEL_FROM_BYTES = 4 * 1024 * 1024
 
+
 def default_jobs() -> int:
     """The cores this process may use."""
     try:
