@@ -142,7 +142,7 @@ def test_an_error_in_a_worker_is_the_local_pools_error(cluster, tmp_path: Path) 
 
 def test_a_worker_refuses_other_files_or_other_versions(pop, monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers open the inputs by path: what they see must be what the merge planned on."""
-    monkeypatch.setattr(executors, "_BLAS_PINNED", True)  # this process is no worker: leave its BLAS be
+    monkeypatch.setattr(executors, "_WORKER_READY", True)  # this process is no worker: leave its BLAS be
     from unipack.sources.checkpoint import close_all, open_inputs
 
     checkpoints = open_inputs(pop.paths, None)
