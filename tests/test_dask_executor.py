@@ -7,6 +7,7 @@ inputs that differ on a worker, Ctrl-C) ends in one clean line."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,6 +101,9 @@ def test_the_cli_by_address_and_by_scheduler_file(cluster, pop, tmp_path: Path) 
     r = run("merge", *pop.paths, "-o", tmp_path / "b.upk", "-q", *on(scheduler_file))
     assert r.exit_code == 0, r.output
     assert digest(tmp_path / "a.upk") == digest(tmp_path / "b.upk") == digest(tmp_path / "serial.upk")
+    # the merges are over: no worker still holds their inputs open
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        assert set(client.run(lambda: len(__import__("unipack.pack.executors").pack.executors._OPENED)).values()) == {0}
 
 
 def test_lora_adapters_on_a_dask_cluster(cluster, tmp_path: Path) -> None:
@@ -152,15 +156,18 @@ def test_a_worker_refuses_other_files_or_other_versions(pop, monkeypatch: pytest
         close_all(checkpoints)
     assert inputs.paths == tuple(os.path.abspath(p) for p in pop.paths)
     assert inputs.sizes == tuple(p.stat().st_size for p in pop.paths)
-    grown = Inputs(inputs.paths, inputs.names, (inputs.sizes[0] + 1, *inputs.sizes[1:]), inputs.environment)
+    assert inputs.modified == tuple(p.stat().st_mtime_ns for p in pop.paths)
+    grown = dataclasses.replace(inputs, sizes=(inputs.sizes[0] + 1, *inputs.sizes[1:]))
     with pytest.raises(InputError, match="workers must read the same files"):
         executors.opened(grown)
-    older = Inputs(inputs.paths, inputs.names, inputs.sizes, (("unipack", "0.0.1"), *inputs.environment[1:]))
+    saved_again = dataclasses.replace(inputs, modified=(inputs.modified[0] - 1, *inputs.modified[1:]))
+    with pytest.raises(InputError, match="workers must read the same files"):
+        executors.opened(saved_again)
+    assert executors._OPENED == {}  # nothing refused stays open
+    older = dataclasses.replace(inputs, environment=(("unipack", "0.0.1"), *inputs.environment[1:]))
     with pytest.raises(ClusterError, match="unipack 0.1.0 here, 0.0.1 there"):
         executors.opened(older)
-    missing = Inputs(
-        ("/nonexistent/a.safetensors", "/nonexistent/b.safetensors"), ("a", "b"), (1, 1), inputs.environment
-    )
+    missing = dataclasses.replace(inputs, paths=tuple(f"/nonexistent/{p.name}" for p in pop.paths))
     with pytest.raises(InputError, match="workers read the inputs by path"):
         executors.opened(missing)
 

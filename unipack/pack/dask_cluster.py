@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from unipack.errors import ClusterError, OptionsError, first_line
-from unipack.pack.executors import Executor
+from unipack.pack.executors import Executor, Inputs, forget
 
 #: Seconds to wait for the scheduler to answer, and for a worker to join it, before giving up.
 CONNECT_TIMEOUT_S = 20.0
@@ -41,13 +41,14 @@ def _distributed() -> Any:
 
 
 class DaskCluster(Executor):
-    """Jobs on the Dask cluster whose scheduler ``scheduler`` names. Leaving the context early
-    (an error, Ctrl-C) cancels every job still pending; a job already running on a worker
-    finishes there (Dask cannot stop a running task) and its result is dropped."""
+    """Jobs over ``inputs`` on the Dask cluster whose scheduler ``scheduler`` names. Leaving the
+    context early (an error, Ctrl-C) cancels every job still pending; a job already running on a
+    worker finishes there (Dask cannot stop a running task) and its result is dropped. Leaving it
+    in any way closes the inputs on every worker."""
 
-    def __init__(self, scheduler: str, timeout: float | None = None) -> None:
+    def __init__(self, scheduler: str, inputs: Inputs | None = None, timeout: float | None = None) -> None:
         distributed = _distributed()
-        self.scheduler = scheduler
+        self.scheduler, self.inputs = scheduler, inputs
         wait = CONNECT_TIMEOUT_S if timeout is None else timeout
         where: dict[str, Any]
         if "://" not in scheduler and os.path.isfile(scheduler):
@@ -110,6 +111,8 @@ class DaskCluster(Executor):
             if self._futures:  # left early: no pending job may keep the cluster busy
                 self.client.cancel(list(self._futures), force=True)
                 self._futures.clear()
+            if self.inputs is not None:  # workers hold the inputs open for this merge's next job
+                self.client.run(forget, self.inputs, on_error="ignore")
         finally:
             self.client.close(timeout=CONNECT_TIMEOUT_S)
 

@@ -44,12 +44,14 @@ EXECUTORS = ("local", "dask")
 class Inputs:
     """Where a merge's members are, as plain data a worker process opens by itself: absolute
     paths (workers of a cluster must see them at the same paths: shared storage), the members'
-    names (reasons and errors name them), the sizes the merging process saw (a worker that sees
-    other files refuses them) and the versions that decide the bundle's bytes."""
+    names (reasons and errors name them), the sizes and latest modification times the merging
+    process saw (a worker that sees other files refuses them; a file saved again is another
+    input, never one a worker still holds open) and the versions that decide the bundle's bytes."""
 
     paths: tuple[str, ...]
     names: tuple[str, ...]
     sizes: tuple[int, ...]
+    modified: tuple[int, ...]
     environment: tuple[tuple[str, str], ...]
 
     @classmethod
@@ -58,8 +60,14 @@ class Inputs:
             tuple(os.path.abspath(c.path) for c in checkpoints),
             tuple(c.name for c in checkpoints),
             tuple(c.file_size for c in checkpoints),
+            tuple(modified(c) for c in checkpoints),
             environment(),
         )
+
+
+def modified(checkpoint: Checkpoint) -> int:
+    """The latest modification time (ns) of the files a member is read from."""
+    return max((os.stat(path).st_mtime_ns for path, _ in checkpoint.files), default=0)
 
 
 def environment() -> tuple[tuple[str, str], ...]:
@@ -86,10 +94,13 @@ def environment() -> tuple[tuple[str, str], ...]:
 
 
 # The inputs this process has open for jobs: the merging process registers its own before it
-# forks (a fork inherits them); a Dask worker opens the merge's inputs on its first job and keeps
-# them for the next (one merge's at a time: another merge's inputs replace them).
+# forks (a fork inherits them); a Dask worker opens a merge's inputs on its first job of it and
+# keeps them for the next, until the merge ends (``forget``) or, should the merging process not
+# say so (killed), until KEEP_OPEN later merges have opened theirs. Merges that overlap on one
+# worker (its threads, or several clients) each keep their own.
 _OPENED: dict[Inputs, list[Checkpoint]] = {}
-_OWNED: set[Inputs] = set()  # opened here (and so closed here), not registered by a parent
+_OWNED: list[Inputs] = []  # opened here (and so closed here), least recently opened first
+KEEP_OPEN = 8
 _WORKER_READY = False
 
 
@@ -108,23 +119,30 @@ def opened(inputs: Inputs) -> list[Checkpoint]:
             f"a worker ({_host()}) runs other versions than the merging process ({differ}); a bundle's "
             f"bytes depend on them: install the same versions on the workers"
         )
-    for key in list(_OWNED):
-        close_all(_OPENED.pop(key, []))
-        _OWNED.discard(key)
     try:
         checkpoints = open_inputs([Path(p) for p in inputs.paths], list(inputs.names))
     except InputError as exc:
         raise InputError(f"{exc} (opened on worker {_host()}: workers read the inputs by path)") from None
-    for c, size in zip(checkpoints, inputs.sizes):
-        if c.file_size != size:
+    for c, size, stamp in zip(checkpoints, inputs.sizes, inputs.modified):
+        if (c.file_size, modified(c)) != (size, stamp):
             close_all(checkpoints)
             raise InputError(
-                f"{c.path}: {c.file_size:,} bytes on worker {_host()}, {size:,} where the merge started; "
-                f"workers must read the same files (shared storage, not changed during the merge)"
+                f"{c.path}: {c.file_size:,} bytes modified at {modified(c)} ns on worker {_host()}, {size:,} "
+                f"bytes at {stamp} ns where the merge started; workers must read the same files (shared "
+                f"storage, not changed during the merge)"
             )
     _OPENED[inputs] = checkpoints
-    _OWNED.add(inputs)
+    _OWNED.append(inputs)
+    while len(_OWNED) > KEEP_OPEN:
+        forget(_OWNED[0])
     return checkpoints
+
+
+def forget(inputs: Inputs) -> None:
+    """Close ``inputs`` where this process opened them (run on every Dask worker as a merge ends)."""
+    if inputs in _OWNED:
+        _OWNED.remove(inputs)
+        close_all(_OPENED.pop(inputs, []))
 
 
 def _host() -> str:
@@ -271,7 +289,7 @@ class Execution:
             from unipack.pack.dask_cluster import DaskCluster
 
             assert self.scheduler is not None
-            return DaskCluster(self.scheduler)
+            return DaskCluster(self.scheduler, Inputs.of(checkpoints))
         workers = parallel.effective_jobs(self.jobs, checkpoints, n_jobs, from_bytes)
         if workers == 1:
             return Serial()
