@@ -55,7 +55,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
         yield local
 
 
@@ -207,6 +207,10 @@ def test_wrong_ways_to_ask_for_dask(pop, tmp_path: Path, monkeypatch: pytest.Mon
     address = f"tcp://127.0.0.1:{free_port()}"
     line = assert_one_line_error(run(*args, *on(address)))
     assert f"--scheduler {address}: no Dask scheduler answered within 1 s" in line and "dask scheduler" in line
+    # a scheduler without workers: said so, within the timeout
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        line = assert_one_line_error(run(*args, *on(empty.scheduler_address)))
+    assert "the scheduler has no workers" in line and "dask worker" in line
     # dask not installed: the extra to install, exit 1
     monkeypatch.setitem(sys.modules, "distributed", None)
     line = assert_one_line_error(run(*args, *on(address)))
@@ -323,3 +327,17 @@ def _restore() -> None:
     from unipack.pack import dense
 
     dense.Merger._choose_and_store = dense.Merger.unpatched  # type: ignore[attr-defined]
+
+
+def test_dask_is_imported_only_when_chosen(pop, tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import unipack, unipack.cli
+        unipack.merge({[str(p) for p in pop.paths]!r}, {str(tmp_path / "b.upk")!r}, jobs=2)
+        print(sorted(m for m in ("dask", "distributed", "unipack.pack.dask_cluster") if m in sys.modules))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

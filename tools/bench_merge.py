@@ -764,7 +764,7 @@ def compare_executors(
     rows: list[dict[str, Any]] = []
     with (
         distributed.LocalCluster(
-            n_workers=ns.local_cluster, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=ns.local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
