@@ -165,7 +165,7 @@ def test_a_worker_refuses_other_files_or_other_versions(pop, monkeypatch: pytest
         executors.opened(saved_again)
     assert executors._OPENED == {}  # nothing refused stays open
     older = dataclasses.replace(inputs, environment=(("unipack", "0.0.1"), *inputs.environment[1:]))
-    with pytest.raises(ClusterError, match="unipack 0.1.0 here, 0.0.1 there"):
+    with pytest.raises(ClusterError, match="unipack 0.1.0 on the worker, 0.0.1 in the merging process"):
         executors.opened(older)
     missing = dataclasses.replace(inputs, paths=tuple(f"/nonexistent/{p.name}" for p in pop.paths))
     with pytest.raises(InputError, match="workers read the inputs by path"):

@@ -74,7 +74,8 @@ W single-threaded worker processes in this process and merges every N twice, in 
 (``jobs=1``) and on the cluster (``executor="dask"``), on the same files; it prints the time
 ratio and whether the two bundles are byte-identical. The workers import unipack before the
 timing starts (a cluster is long-lived: its start-up is not the merge's); their first job still
-opens the inputs. ``worker peak MB`` is then the largest Dask worker's peak RSS so far.
+opens the inputs. ``worker peak MB`` is then the largest Dask worker's peak RSS so far, and a
+cluster row's ``others_cpu_share`` counts its workers (children of this process, not of the merge).
 
 The population needs about N_max x 80 MB of disk at ``--params 20`` (5.1 GB for N = 64); building
 it takes about 2 minutes the first time. The default run then takes about 5.5 minutes on 2 idle
@@ -595,7 +596,7 @@ def render(rows: list[dict[str, Any]], baseline: int, label: str, console: Any) 
 def render_notes(rows: list[dict[str, Any]], console: Any) -> None:
     """RSS slope vs coefficient slope, where the largest merge spent its time, measurement caveats."""
     ns = [float(r["n"]) for r in rows]
-    if len(rows) >= 2:
+    if len(set(ns)) >= 2 and len(set(ns)) == len(ns):  # a slope over N (not --local-cluster's pairs)
         rss = slope(ns, [r["rss_minus_baseline_bytes"] / MB for r in rows])
         coef = slope(ns, [r["coef_decoded_bytes"] / MB for r in rows])
         console.print(

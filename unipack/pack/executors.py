@@ -26,6 +26,7 @@ import ctypes
 import multiprocessing
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -102,22 +103,30 @@ _OPENED: dict[Inputs, list[Checkpoint]] = {}
 _OWNED: list[Inputs] = []  # opened here (and so closed here), least recently opened first
 KEEP_OPEN = 8
 _WORKER_READY = False
+_LOCK = threading.RLock()
 
 
 def opened(inputs: Inputs) -> list[Checkpoint]:
     """The members of ``inputs``, open in this process (a forked worker's were opened by its
     parent; a Dask worker opens them on its first job)."""
-    found = _OPENED.get(inputs)
-    if found is not None:
-        return found
+    with _LOCK:  # a Dask worker's threads may start two jobs of one merge at once
+        found = _OPENED.get(inputs)
+        return found if found is not None else _open(inputs)
+
+
+def _open(inputs: Inputs) -> list[Checkpoint]:
     _prepare_worker()
     mine = environment()
     if mine != inputs.environment:
-        theirs, here = dict(inputs.environment), dict(mine)
-        differ = ", ".join(f"{k} {here.get(k)} here, {theirs.get(k)} there" for k in here if here[k] != theirs.get(k))
+        merging, worker = dict(inputs.environment), dict(mine)
+        differ = ", ".join(
+            f"{k} {worker[k]} on the worker, {merging.get(k)} in the merging process"
+            for k in worker
+            if worker[k] != merging.get(k)
+        )
         raise ClusterError(
-            f"a worker ({_host()}) runs other versions than the merging process ({differ}); a bundle's "
-            f"bytes depend on them: install the same versions on the workers"
+            f"worker {_host()} runs other versions ({differ}); a bundle's bytes depend on them: install "
+            f"the same versions on the workers"
         )
     try:
         checkpoints = open_inputs([Path(p) for p in inputs.paths], list(inputs.names))
@@ -125,24 +134,35 @@ def opened(inputs: Inputs) -> list[Checkpoint]:
         raise InputError(f"{exc} (opened on worker {_host()}: workers read the inputs by path)") from None
     for c, size, stamp in zip(checkpoints, inputs.sizes, inputs.modified):
         if (c.file_size, modified(c)) != (size, stamp):
+            seen = f"{c.file_size:,} bytes modified {_when(modified(c))}"
             close_all(checkpoints)
             raise InputError(
-                f"{c.path}: {c.file_size:,} bytes modified at {modified(c)} ns on worker {_host()}, {size:,} "
-                f"bytes at {stamp} ns where the merge started; workers must read the same files (shared "
-                f"storage, not changed during the merge)"
+                f"{c.path}: {seen} on worker {_host()}, {size:,} bytes modified {_when(stamp)} where the "
+                f"merge started; workers must read the same files (shared storage, not changed during the merge)"
             )
     _OPENED[inputs] = checkpoints
     _OWNED.append(inputs)
     while len(_OWNED) > KEEP_OPEN:
-        forget(_OWNED[0])
+        _forget(_OWNED[0])
     return checkpoints
 
 
 def forget(inputs: Inputs) -> None:
     """Close ``inputs`` where this process opened them (run on every Dask worker as a merge ends)."""
+    with _LOCK:
+        _forget(inputs)
+
+
+def _forget(inputs: Inputs) -> None:
     if inputs in _OWNED:
         _OWNED.remove(inputs)
         close_all(_OPENED.pop(inputs, []))
+
+
+def _when(ns: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _host() -> str:
