@@ -67,6 +67,15 @@ How to run
     python tools/bench_merge.py --params 5 --rule max_error=0.02 --rule dtype=float16
     python tools/bench_merge.py --members 16 --profile           # cProfile each child, print top
     python tools/bench_merge.py --threads 1                      # single-threaded BLAS in children
+    python tools/bench_merge.py --members 8 --local-cluster 2    # in-process vs a Dask LocalCluster
+
+``--local-cluster W`` (needs ``pip install 'unipack[dask]'``) starts a Dask ``LocalCluster`` of
+W single-threaded worker processes in this process and merges every N twice, in the merge child
+(``jobs=1``) and on the cluster (``executor="dask"``), on the same files; it prints the time
+ratio and whether the two bundles are byte-identical. The workers import unipack before the
+timing starts (a cluster is long-lived: its start-up is not the merge's); their first job still
+opens the inputs. ``worker peak MB`` is then the largest Dask worker's peak RSS so far, and a
+cluster row's ``others_cpu_share`` counts its workers (children of this process, not of the merge).
 
 The population needs about N_max x 80 MB of disk at ``--params 20`` (5.1 GB for N = 64); building
 it takes about 2 minutes the first time. The default run then takes about 5.5 minutes on 2 idle
@@ -587,7 +596,7 @@ def render(rows: list[dict[str, Any]], baseline: int, label: str, console: Any) 
 def render_notes(rows: list[dict[str, Any]], console: Any) -> None:
     """RSS slope vs coefficient slope, where the largest merge spent its time, measurement caveats."""
     ns = [float(r["n"]) for r in rows]
-    if len(rows) >= 2:
+    if len(set(ns)) >= 2 and len(set(ns)) == len(ns):  # a slope over N (not --local-cluster's pairs)
         rss = slope(ns, [r["rss_minus_baseline_bytes"] / MB for r in rows])
         coef = slope(ns, [r["coef_decoded_bytes"] / MB for r in rows])
         console.print(
@@ -658,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument(
+        "--local-cluster",
+        type=int,
+        metavar="W",
+        help="also merge every N on a Dask LocalCluster of W single-threaded worker processes, and "
+        "compare with the in-process merge (jobs=1) of the same files",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="run each merge child under cProfile (slower) and print its top functions",
@@ -704,12 +720,13 @@ def merge_one(
     ns: argparse.Namespace,
     baseline: int,
     console: Any,
+    tag: str = "",
 ) -> dict[str, Any]:
     """Merge the first ``n`` members in a fresh child; the child's numbers plus derived columns."""
     inputs_file = bundles / f"inputs-{n}.json"
     inputs_file.write_text(json.dumps([str(p.resolve()) for p in paths[:n]]))
-    prof = bundles / f"merge-{n}.prof" if ns.profile else None
-    console.print(f"merging N={n} ...")
+    prof = bundles / f"merge-{n}{tag}.prof" if ns.profile else None
+    console.print(f"merging N={n}{' ' + tag if tag else ''} ...")
     busy0, kids0 = cpu_seconds()
     wall0 = time.perf_counter()
     args = [
@@ -718,7 +735,7 @@ def merge_one(
         "--inputs-file",
         str(inputs_file),
         "--out",
-        str(bundles / f"bundle-{n}.upk"),
+        str(bundles / f"bundle-{n}{tag}.upk"),
         "--options-json",
         json.dumps(options),
     ]
@@ -730,6 +747,48 @@ def merge_one(
     if prof is not None:
         print_profile(prof, console)
     return row
+
+
+def compare_executors(
+    ns: argparse.Namespace,
+    paths: list[Path],
+    bundles: Path,
+    options: dict[str, Any],
+    baseline: int,
+    console: Any,
+) -> list[dict[str, Any]]:
+    """Every N merged in-process (``jobs=1``) and on a Dask LocalCluster of ``ns.local_cluster``
+    single-threaded workers, on the same files; prints the time ratio and whether the bundles are
+    the same bytes. The rows carry ``executor`` and, for the cluster, its workers' peak RSS."""
+    import distributed
+
+    rows: list[dict[str, Any]] = []
+    with (
+        distributed.LocalCluster(
+            n_workers=ns.local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.run(_import_unipack)  # a cluster outlives a merge: its start-up is not timed
+        for n in ns.members:
+            serial = merge_one(n, paths, bundles, {**options, "jobs": 1}, ns, baseline, console, "-serial")
+            remote_options = {**options, "executor": "dask", "scheduler": cluster.scheduler_address}
+            remote = merge_one(n, paths, bundles, remote_options, ns, baseline, console, "-dask")
+            remote["worker_peak_rss_bytes"] = max(client.run(ru_maxrss_bytes).values())
+            serial["executor"], remote["executor"] = "serial", f"dask LocalCluster({ns.local_cluster})"
+            same = (bundles / f"bundle-{n}-serial.upk").read_bytes() == (bundles / f"bundle-{n}-dask.upk").read_bytes()
+            serial["same_bytes"] = remote["same_bytes"] = same
+            console.print(
+                f"  N={n}: in-process {serial['seconds']:.1f}s, Dask LocalCluster of {ns.local_cluster} workers "
+                f"{remote['seconds']:.1f}s: {serial['seconds'] / remote['seconds']:.2f}x; "
+                f"bundles {'byte-identical' if same else 'DIFFER'}"
+            )
+            rows += [serial, remote]
+    return rows
+
+
+def _import_unipack() -> None:
+    import unipack.pack.dense  # noqa: F401
 
 
 def unipack_revision() -> dict[str, Any]:
@@ -790,7 +849,10 @@ def bench(ns: argparse.Namespace) -> list[dict[str, Any]]:
     bundles.mkdir(exist_ok=True)
     baseline = run_child(["--child", "baseline"], None, ns.threads)["ru_maxrss_bytes"]
     console.print(f"baseline child (import numpy, torch, unipack): peak RSS {baseline / MB:.0f} MB")
-    rows = [merge_one(n, paths, bundles, options, ns, baseline, console) for n in ns.members]
+    if ns.local_cluster:
+        rows = compare_executors(ns, paths, bundles, options, baseline, console)
+    else:
+        rows = [merge_one(n, paths, bundles, options, ns, baseline, console) for n in ns.members]
     render(rows, baseline, rule_label(options), console)
     if ns.json:
         write_json(ns.json, spec, options, baseline, ns.threads, rows)

@@ -19,6 +19,7 @@ from unipack.analysis.report import Report, report
 from unipack.api import Bundle, open
 from unipack.errors import (
     ChecksumError,
+    ClusterError,
     EvalError,
     FormatError,
     InputError,
@@ -39,6 +40,7 @@ __all__ = [
     "AddResult",
     "Bundle",
     "ChecksumError",
+    "ClusterError",
     "EvalError",
     "FormatError",
     "InputError",

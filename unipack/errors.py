@@ -28,6 +28,11 @@ class OptionsError(UnipackError):
     """Options that are invalid or contradict each other."""
 
 
+class ClusterError(UnipackError):
+    """A Dask cluster (``merge --executor dask``) that cannot be reached, was lost, lost a worker,
+    or whose workers run other versions than the merging process."""
+
+
 class MemberNotFoundError(UnipackError):
     """A member name that the bundle does not hold."""
 

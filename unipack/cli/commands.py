@@ -23,6 +23,7 @@ from unipack.api import open as open_bundle
 from unipack.errors import UnipackError
 from unipack.format.atomic import atomic_write, check_not_input, check_writable
 from unipack.options import MergeOptions
+from unipack.pack.executors import EXECUTORS
 from unipack.pack.merge import MergeResult, merge
 from unipack.render.console import ProgressBars, format_bytes, info_table, merge_summary
 from unipack.render.documents import merge_document
@@ -179,6 +180,21 @@ def cli() -> None:
     "bundle is byte-identical whatever the number.",
 )
 @click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default="local",
+    show_default=True,
+    help="Where the per-tensor jobs run: local (--jobs processes on this machine) or dask (the Dask "
+    "cluster of --scheduler, whose workers read the inputs at the same paths: shared storage; needs "
+    "pip install 'unipack[dask]'). The bundle is byte-identical whatever runs them.",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDR",
+    help="With --executor dask: the scheduler's address (tcp://host:port, as `dask scheduler` prints it) "
+    "or its --scheduler-file.",
+)
+@click.option(
     "--size",
     "size_target",
     metavar="SIZE",
@@ -211,6 +227,8 @@ def merge_cmd(
     max_drop: float | None,
     metric: str | None,
     jobs: int | None,
+    executor: str,
+    scheduler: str | None,
     size_target: int | None,
     bits: float | None,
     name_pairs: tuple[str, ...],
@@ -224,6 +242,13 @@ def merge_cmd(
         raise click.UsageError("--max-drop and --metric need --eval SPEC (the function that scores a member)")
     if size_target is not None and bits is not None:
         raise click.UsageError("give --size or --bits, not both")
+    if scheduler is not None and executor != "dask":
+        raise click.UsageError("--scheduler is for --executor dask (add --executor dask)")
+    if executor == "dask" and scheduler is None:
+        raise click.UsageError("--executor dask needs --scheduler ADDR (tcp://host:port, or a scheduler file)")
+    if executor == "dask" and jobs is not None:
+        raise click.UsageError("--jobs is for --executor local; a Dask cluster runs one job per worker thread")
+    where: dict[str, Any] = {"jobs": jobs, "executor": executor, "scheduler": scheduler}
     if (size_target is not None or bits is not None) and eval_spec is not None:
         raise click.UsageError("--size/--bits cannot be combined with --eval yet: pick the bundle by size or by drop")
     names = resolve_names(inputs, name_pairs) if name_pairs else None
@@ -250,11 +275,11 @@ def merge_cmd(
                 names=names,
                 force=force,
                 progress=bars,
-                jobs=jobs,
                 on_attempt=None if quiet else tried,
+                **where,
             )
         elif eval_spec is None:
-            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars, jobs=jobs)
+            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars, **where)
         else:
             from unipack.pack.max_drop import merge_with_eval
             from unipack.usercode import load_eval
@@ -269,7 +294,7 @@ def merge_cmd(
                 names=names,
                 force=force,
                 progress=bars,
-                jobs=jobs,
+                **where,
                 on_attempt=lambda a: err_console.print(
                     f"{a.rule_text}: {format_bytes(a.file_bytes)}, largest drop {a.worst_drop:.3g} ({a.worst_member})"
                 ),

@@ -50,6 +50,15 @@ MANIFEST_LEVEL = 19
 MAX_MANIFEST_BYTES = 1 << 30
 
 
+def blob_level(dtype: str, level: int) -> int:
+    """The zstd level a blob of ``dtype`` is written at, for a bundle at ``level``. Packed
+    quantization codes (U8) are near-random bytes: at the fast levels, zstd's match finder spends
+    bits on spurious short matches that its level 1 skips (about 0.1-0.5 bit per code less,
+    measured on Gaussian and Laplacian deltas), while the slow levels' optimal parsing avoids
+    them anyway."""
+    return 1 if dtype == "U8" and level <= 3 else level
+
+
 class BundleWriter:
     """Collects blobs in a spool file; :meth:`finish` writes the bundle atomically."""
 
@@ -70,12 +79,13 @@ class BundleWriter:
     def codec_name(self) -> str:
         return self._codec
 
+    @property
+    def level(self) -> int:
+        return self._level
+
     def level_for(self, dtype: str) -> int:
-        """The zstd level a blob of ``dtype`` is written at. Packed quantization codes (U8) are
-        near-random bytes: at the fast levels, zstd's match finder spends bits on spurious short
-        matches that its level 1 skips (about 0.1-0.5 bit per code less, measured on Gaussian
-        and Laplacian deltas), while the slow levels' optimal parsing avoids them anyway."""
-        return 1 if dtype == "U8" and self._level <= 3 else self._level
+        """The zstd level a blob of ``dtype`` is written at (``blob_level``)."""
+        return blob_level(dtype, self._level)
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> str:
         """Store ``array`` (held as ``dtypes.holder(dtype)``) as blob ``name``; returns the name."""

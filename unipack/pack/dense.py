@@ -1,7 +1,9 @@
 """The dense merge, one tensor name at a time: plan, decompose, stream blobs, build the manifest.
 
 ``Merger`` holds only the manifest's records and each member's coefficients until the end;
-``merge_lora.LoraMerger`` reuses its bookkeeping for PEFT adapters.
+``merge_lora.LoraMerger`` reuses its bookkeeping for PEFT adapters. A tensor's work is also a job
+(``tensor_job``: a top-level function of plain data) that an executor (``executors``) runs in
+another process: it returns a ``StoredTensor``, which the merging process applies in plan order.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from unipack.core.fidelity import (
 )
 from unipack.core.linalg import rel_error
 from unipack.format import codec, dtypes
-from unipack.format.container import BundleWriter
+from unipack.format.container import BundleWriter, blob_level
 from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
+from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.plan import TensorPlan
 from unipack.schemes import delta, scheme_of
 from unipack.schemes.exact import EXACT_SCHEME, ExactParams
@@ -63,11 +66,14 @@ class EncodedBlob:
 
 class RecordingWriter:
     """Stands in for the bundle writer in a worker: compresses each blob exactly as the writer
-    would and keeps it, in order, for the parent to append."""
+    would (``codec_name`` at zstd ``level``) and keeps it, in order, for the parent to append."""
 
-    def __init__(self, writer: BundleWriter) -> None:
-        self.level_for, self._codec = writer.level_for, writer.codec_name
+    def __init__(self, codec_name: str, level: int) -> None:
+        self._codec, self._level = codec_name, level
         self.made: list[EncodedBlob] = []
+
+    def level_for(self, dtype: str) -> int:
+        return blob_level(dtype, self._level)
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> str:
         data = dtypes.to_bytes(array, dtype)
@@ -109,34 +115,46 @@ class Merger:
         # skips both: they are what the report compares the bundle with, not what it stores).
         self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
 
-    def run(self, plans: list[TensorPlan], jobs: int | None = 1) -> Manifest:
-        """Every tensor stored in plan order; ``jobs``: worker processes (None: automatic, see
-        ``parallel.effective_jobs``). The bundle's bytes do not depend on it."""
+    def run(self, plans: list[TensorPlan], execution: Execution | None = None) -> Manifest:
+        """Every tensor stored in plan order; ``execution``: where the tensors' jobs run (default:
+        in this process). The bundle's bytes do not depend on it."""
         if self.progress:
             self.progress.start(len(plans), len(self.checkpoints))
-        workers = parallel.effective_jobs(jobs, self.checkpoints, len(plans))
-        apart = workers > 1
-        store: Callable[[TensorPlan], object] = self._store_apart if apart else self._store
-        tasks: dict[str, Callable[[int], object]] = {
-            "tensor": lambda index: store(plans[index]),
-            "lossless": self._measure_lossless,
-        }
         records = []
-        with parallel.Workers(workers, tasks) as pool:
-            # The zstd -19 baseline (seconds per member) runs beside the tensors, not before them.
-            mode = lossless.plan_mode(
-                self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
-            )
-            measured = [pool.start("lossless", i) for i in range(len(self.checkpoints))] if mode else []
-            for index, part in enumerate(pool.in_order("tensor", len(plans))):
+        with self._executor(execution, len(plans), parallel.PARALLEL_FROM_BYTES) as pool:
+            measured = self._start_lossless(pool)
+            if pool.in_process:
+                parts = pool.in_order(self._store, [(plan,) for plan in plans])
+            else:
+                inputs = Inputs.of(self.checkpoints)
+                parts = pool.in_order(tensor_job, [(inputs, self.options, plan) for plan in plans])
+            for index, part in enumerate(parts):
                 if self.progress:
                     self.progress.tensor(index, plans[index].name)
-                records.append(self._apply(part) if apart else part)
-            for i, wait in enumerate(measured):
-                if self.progress:
-                    self.progress.lossless(i, len(self.checkpoints))
-                self.lossless[i], self.zipnn[i] = wait()
+                records.append(part if pool.in_process else self._apply(part))
+            self._take_lossless(measured)
         return self._manifest(records)
+
+    def _executor(self, execution: Execution | None, n_jobs: int, from_bytes: int) -> Executor:
+        return (execution or Execution(jobs=1)).open(self.checkpoints, n_jobs, from_bytes)
+
+    def _start_lossless(self, pool: Executor) -> list[Callable[[], Any]]:
+        """The zstd -19 baseline (seconds per member) started beside the tensors, not before them."""
+        mode = lossless.plan_mode(
+            self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
+        )
+        if not mode:
+            return []
+        if pool.in_process:
+            return [pool.start(self._measure_lossless, i) for i in range(len(self.checkpoints))]
+        inputs = Inputs.of(self.checkpoints)
+        return [pool.start(lossless_job, inputs, self.options, i) for i in range(len(self.checkpoints))]
+
+    def _take_lossless(self, measured: list[Callable[[], Any]]) -> None:
+        for i, wait in enumerate(measured):
+            if self.progress:
+                self.progress.lossless(i, len(self.checkpoints))
+            self.lossless[i], self.zipnn[i] = wait()
 
     def _store_apart(self, plan: TensorPlan) -> StoredTensor:
         """``_store`` in a worker: everything it would write, recorded for ``_apply``."""
@@ -147,7 +165,7 @@ class Merger:
         n = len(self.checkpoints)
         apart = copy.copy(self)
         apart.progress = None
-        apart.writer = RecordingWriter(self.writer)  # type: ignore[assignment]
+        apart.writer = RecordingWriter(self.options.codec, self.options.zstd_level)  # type: ignore[assignment]
         apart.coefs, apart.codes = [[] for _ in range(n)], [[] for _ in range(n)]
         apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         if self.alternatives is not None:
@@ -503,3 +521,22 @@ def _main_dtype(c: Checkpoint) -> str:
     for info in c.tensors.values():
         held[info.dtype] = held.get(info.dtype, 0) + info.numel * dtypes.itemsize(info.dtype)
     return max(held, key=lambda d: held[d]) if held else "F32"
+
+
+# -- jobs: a tensor's work as a function of plain data, for an executor's worker process ----------
+
+
+def worker_merger(cls: type[Merger], inputs: Inputs, options: MergeOptions) -> Merger:
+    """A merger over ``inputs`` in a worker process, writing nowhere (``_apart`` records)."""
+    writer = RecordingWriter(options.codec, options.zstd_level)
+    return cls(opened(inputs), options, writer, None)  # type: ignore[arg-type]
+
+
+def tensor_job(inputs: Inputs, options: MergeOptions, plan: TensorPlan) -> StoredTensor:
+    """Everything the merge writes for ``plan``'s tensor, computed where this runs."""
+    return worker_merger(Merger, inputs, options)._store_apart(plan)
+
+
+def lossless_job(inputs: Inputs, options: MergeOptions, i: int) -> tuple[lossless.LosslessSize | None, int | None]:
+    """Member ``i``'s lossless baseline (``Merger._measure_lossless``), measured where this runs."""
+    return worker_merger(Merger, inputs, options)._measure_lossless(i)

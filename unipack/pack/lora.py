@@ -29,8 +29,9 @@ from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
 from unipack.options import MergeOptions
-from unipack.pack import lossless, parallel
-from unipack.pack.dense import Merger
+from unipack.pack import parallel
+from unipack.pack.dense import Merger, StoredTensor, worker_merger
+from unipack.pack.executors import Execution, Inputs
 from unipack.schemes.lora_common import LoraParams, LoraScheme
 from unipack.schemes.lora_factors import LoraFactorsParams
 from unipack.schemes.lora_quant import LoraCastParams, LoraQuantParams
@@ -126,13 +127,14 @@ class LoraMerger(Merger):
 
     format_version = LORA_FORMAT_VERSION
 
-    def run_lora(self, modules: list[ModulePlan], extras: list[ExtraPlan], jobs: int | None = 1) -> Manifest:
-        """Every module, then every extra tensor, in plan order. ``jobs``: worker processes for
-        the modules (None: automatic, from ``parallel.LORA_PARALLEL_FROM_BYTES`` of inputs); the
-        zstd -19 baseline runs beside them. The bundle's bytes do not depend on it."""
-        adapters = [c.source for c in self.checkpoints]
-        assert all(isinstance(a, PeftAdapterSource) for a in adapters)
-        self.adapters: list[PeftAdapterSource] = adapters  # type: ignore[assignment]
+    def run_lora(
+        self, modules: list[ModulePlan], extras: list[ExtraPlan], execution: Execution | None = None
+    ) -> Manifest:
+        """Every module, then every extra tensor, in plan order. ``execution``: where the
+        modules' jobs run (default: in this process; an automatic ``--jobs`` forks from
+        ``parallel.LORA_PARALLEL_FROM_BYTES`` of inputs); the zstd -19 baseline runs beside them.
+        The bundle's bytes do not depend on it."""
+        self._take_adapters()
         self._lora: list[dict[str, tuple[int, float]]] = [{} for _ in self.checkpoints]
         for module in modules:  # each adapter's map in module order, as the manifest lists them
             for i, adapter in enumerate(self.adapters):
@@ -141,34 +143,29 @@ class LoraMerger(Merger):
                     self._lora[i][module.name] = (m.rank, m.scale)
         if self.progress:
             self.progress.start(len(modules) + len(extras), len(self.checkpoints))
-        workers = parallel.effective_jobs(
-            jobs, self.checkpoints, len(modules), from_bytes=parallel.LORA_PARALLEL_FROM_BYTES
-        )
-        apart = workers > 1
-
-        def store(index: int) -> object:
-            module = modules[index]
-            return self._apart(lambda m: LoraMerger._store_module(m, module)) if apart else self._store_module(module)  # type: ignore[arg-type]
-
         records = []
-        with parallel.Workers(workers, {"module": store, "lossless": self._measure_lossless}) as pool:
-            mode = lossless.plan_mode(
-                self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
-            )
-            measured = [pool.start("lossless", i) for i in range(len(self.checkpoints))] if mode else []
-            for index, part in enumerate(pool.in_order("module", len(modules))):
+        with self._executor(execution, len(modules), parallel.LORA_PARALLEL_FROM_BYTES) as pool:
+            measured = self._start_lossless(pool)
+            if pool.in_process:
+                parts = pool.in_order(self._store_module, [(module,) for module in modules])
+            else:
+                inputs = Inputs.of(self.checkpoints)
+                parts = pool.in_order(module_job, [(inputs, self.options, module) for module in modules])
+            for index, part in enumerate(parts):
                 if self.progress:
                     self.progress.tensor(index, modules[index].name)
-                records.append(self._apply(part) if apart else part)  # type: ignore[arg-type]
+                records.append(part if pool.in_process else self._apply(part))
             for index, extra in enumerate(extras, start=len(modules)):
                 if self.progress:
                     self.progress.tensor(index, extra.name)
                 records.append(self._store_extra(extra))
-            for i, wait in enumerate(measured):
-                if self.progress:
-                    self.progress.lossless(i, len(self.checkpoints))
-                self.lossless[i], self.zipnn[i] = wait()
+            self._take_lossless(measured)
         return self._manifest(records)
+
+    def _take_adapters(self) -> None:
+        adapters = [c.source for c in self.checkpoints]
+        assert all(isinstance(a, PeftAdapterSource) for a in adapters)
+        self.adapters: list[PeftAdapterSource] = adapters  # type: ignore[assignment]
 
     # -- LoRA modules --------------------------------------------------------------------------------
 
@@ -554,3 +551,12 @@ def _module_record(
         reason,
         params(spectrum=tuple(head), variance=variance, **fields),
     )
+
+
+def module_job(inputs: Inputs, options: MergeOptions, module: ModulePlan) -> StoredTensor:
+    """Everything the merge writes for one LoRA module, computed where this runs (an executor's
+    worker: see ``dense.tensor_job``)."""
+    merger = worker_merger(LoraMerger, inputs, options)
+    assert isinstance(merger, LoraMerger)
+    merger._take_adapters()
+    return merger._apart(lambda m: LoraMerger._store_module(m, module))  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
+from unipack.pack.executors import Execution
 from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, default_name, open_inputs
@@ -72,9 +73,12 @@ def merge_with_eval(
     force: bool = False,
     progress: MergeProgress | None = None,
     jobs: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> MergeResult:
     """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it."""
+    Execution(executor, jobs, scheduler)  # refuses a bad --executor/--scheduler/--jobs before any work
     opts = options or MergeOptions()
     if max_drop is not None and opts.rule != "max-error":
         raise OptionsError(
@@ -117,6 +121,8 @@ def merge_with_eval(
             force=True,
             progress=progress,
             jobs=jobs,
+            executor=executor,
+            scheduler=scheduler,
         )
         with BundleReader(trial) as b:
             scores = {name: hook(b.load(name), name) for name in b.members}

@@ -24,6 +24,7 @@ from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
 from unipack.pack.dense import MergeProgress, Merger
 from unipack.pack.exact_tier import add_exact_tier
+from unipack.pack.executors import Execution
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.plan import plan_tensors
 from unipack.sources.checkpoint import close_all, open_inputs
@@ -61,18 +62,22 @@ def merge(
     force: bool = False,
     progress: MergeProgress | None = None,
     jobs: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
     **option_fields: Any,
 ) -> MergeResult:
     """Merge checkpoints into ``out``; options as a ``MergeOptions`` or as its field names.
 
-    ``jobs``: processes that fit tensors side by side (None: this machine's cores, for inputs of
-    64 MiB and more read from safetensors; 1: in this process). The bundle is byte-identical
-    whatever it is; only its speed and peak memory (one tensor per job) change."""
+    Where the per-tensor jobs run: ``executor="local"`` with ``jobs`` processes that fit tensors
+    side by side (None: this machine's cores, for inputs of 64 MiB and more read from
+    safetensors; 1: in this process), or ``executor="dask"`` on the Dask cluster whose scheduler
+    ``scheduler`` names (``tcp://host:port``, or a scheduler file; its workers read the inputs at
+    the same paths). The bundle is byte-identical whatever they are; only its speed and peak
+    memory (one tensor per job) change."""
     if options is not None and option_fields:
         raise TypeError("give either options= or option keywords, not both")
     opts = options or MergeOptions(**option_fields)
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise OptionsError(f"--jobs {jobs}: give a whole number of processes, at least 1")
+    execution = Execution(executor, jobs, scheduler)
     started = time.perf_counter()
     out_path = Path(out)
     check_writable(out_path, force=force, inputs=paths)  # -o onto an input would destroy it
@@ -105,12 +110,12 @@ def merge(
                 modules, extras = plan_lora(checkpoints, adapters)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
                     merger = LoraMerger(checkpoints, opts, writer, progress)
-                    manifest = merger.run_lora(modules, extras, jobs)
+                    manifest = merger.run_lora(modules, extras, execution)
                     size = writer.finish(manifest, out_path, force=force)
             else:
                 plans = plan_tensors(checkpoints, opts)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
-                    manifest = Merger(checkpoints, opts, writer, progress).run(plans, jobs)
+                    manifest = Merger(checkpoints, opts, writer, progress).run(plans, execution)
                     if opts.exact_tier:
                         manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec)
                     size = writer.finish(manifest, out_path, force=force)

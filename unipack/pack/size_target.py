@@ -36,6 +36,7 @@ from unipack.format.container import BundleWriter, rewrite_bundle
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions, rule_text
 from unipack.pack.dense import MergeProgress
+from unipack.pack.executors import Execution
 from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, open_inputs
@@ -95,9 +96,12 @@ def merge_to_size(
     force: bool = False,
     progress: MergeProgress | None = None,
     jobs: int | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
     on_attempt: Callable[[SizeAttempt], None] | None = None,
 ) -> MergeResult:
     """Merge at the tightest scale of the error rule whose bundle fits in ``target_bytes``."""
+    Execution(executor, jobs, scheduler)  # refuses a bad --executor/--scheduler/--jobs before any work
     opts = options or MergeOptions()
     if opts.rule != "max-error":
         raise OptionsError(
@@ -152,6 +156,8 @@ def merge_to_size(
                 force=True,
                 progress=progress,
                 jobs=jobs,
+                executor=executor,
+                scheduler=scheduler,
             )
             a = SizeAttempt(max_error, max_delta_error, result.file_bytes)
             attempts.append(a)
