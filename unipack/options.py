@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unipack.errors import OptionsError
-from unipack.format.codec import CODECS as CODEC_REGISTRY
+from unipack.format.codec import SELECTABLE as CODEC_REGISTRY
 from unipack.format.dtypes import STORAGE_DTYPES
 
 #: The default fidelity target: every member's relative Frobenius error on every tensor, against

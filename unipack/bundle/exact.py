@@ -11,11 +11,15 @@ are rebuilt on a few threads and handed out in the manifest's order: the work is
 sha256 (of each stored blob and of each tensor), zstd and numpy passes, all of which release
 the GIL. Each thread decompresses into one scratch buffer it keeps (``codec.scratch_buffer``),
 and each residual is decoded in place in the array its blob was unshuffled into.
+
+One large tensor would still run on one core: a residual stored as ``zstd-chunks`` (format
+version 7) is rebuilt chunk by chunk on the codec's chunk pool instead, each chunk decoded,
+rebuilt against its range of the prediction and checked against its own digest of the original
+(``_chunked_bits``); its means and other large blobs decode chunk-parallel as well.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from unipack.core import residual
-from unipack.errors import ChecksumError, UnipackError
+from unipack.errors import ChecksumError, FormatError, UnipackError
 from unipack.format import codec, dtypes
 from unipack.format.manifest import ExactEntry, Manifest, MemberRecord, TensorRecord
 from unipack.format.manifest.records import MEAN_BASE
@@ -32,6 +36,7 @@ from unipack.schemes import MemberView, scheme_of
 from unipack.schemes.delta import DeltaParams
 
 ReadBlob = Callable[[str], np.ndarray]
+ReadFrames = Callable[[str], bytes | bytearray]
 Array = tuple[TensorRecord, str, np.ndarray]
 
 
@@ -59,16 +64,8 @@ def stored_mean_prediction(t: TensorRecord, read_blob: ReadBlob, blob_dtype: str
 
 #: Threads that rebuild tensors at once, at most (fewer on fewer cores). Past four, reading and
 #: hashing a member is bound by memory bandwidth, and every thread holds a tensor in memory.
-MAX_THREADS = 4
-
-
-def default_threads() -> int:
-    """One thread per core this process may run on, up to ``MAX_THREADS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_THREADS, cores))
+MAX_THREADS = codec.MAX_THREADS
+default_threads = codec.default_threads
 
 
 class ExactMember:
@@ -76,7 +73,14 @@ class ExactMember:
     :func:`default_threads`, 1 rebuilds them one by one in the caller's thread)."""
 
     def __init__(
-        self, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob, where: str, *, threads: int | None = None
+        self,
+        manifest: Manifest,
+        member: MemberRecord,
+        read_blob: ReadBlob,
+        where: str,
+        *,
+        threads: int | None = None,
+        read_frames: ReadFrames | None = None,
     ) -> None:
         if member.exact is None:
             raise UnipackError(
@@ -84,6 +88,9 @@ class ExactMember:
                 f"--lossless have one); extract it without --exact for the lossy member"
             )
         self.manifest, self.member, self.read_blob, self.where = manifest, member, read_blob, where
+        #: A chunked blob's stored bytes, unverified (``BundleFile.read_frames``): where given, a
+        #: chunked residual is decoded chunk by chunk, each checked against its chunk_sha256.
+        self.read_frames = read_frames
         self.threads = default_threads() if threads is None else max(1, threads)
         self._views: dict[str, MemberView] = {}
         self._views_lock = threading.Lock()
@@ -98,7 +105,12 @@ class ExactMember:
         """Every tensor of the member, in the manifest's order. With threads, at most ``threads``
         tensors are rebuilt ahead of the one the caller holds; the first damaged tensor in that
         order raises, as it does on one thread."""
-        if self.threads == 1 or len(self.manifest.tensors) < 2:
+        if self.threads == 1:
+            with codec.scratch_buffer(), codec.one_thread():
+                for t in self.manifest.tensors:
+                    yield from self._tensor(t)
+            return
+        if len(self.manifest.tensors) < 2:
             with codec.scratch_buffer():
                 for t in self.manifest.tensors:
                     yield from self._tensor(t)
@@ -139,9 +151,6 @@ class ExactMember:
             arrays = list(scheme_of(t).member_arrays(self._view(member), t))
             bits = residual.as_bits(np.ascontiguousarray(arrays[0][2], dtype=dtypes.holder(dtype)))
         else:
-            r = residual.as_bits(self.read_blob(entry.blob))
-            if not r.flags.writeable:  # zstd's own bytes (a blob stored unshuffled): decode in a copy
-                r = r.copy()
             prediction = None
             if entry.base == MEAN_BASE:
                 prediction = stored_mean_prediction(t, self.read_blob, self.manifest.blobs[t.mean].dtype, dtype)
@@ -149,9 +158,53 @@ class ExactMember:
                 base = self.manifest.member(entry.base)
                 assert base.exact is not None  # checked when the manifest was read
                 prediction = self._bits(base, t, base.exact[t.name])
+            if entry.chunks is not None and self.read_frames is not None:
+                return self._chunked_bits(member, t, entry, prediction)
+            r = residual.as_bits(self.read_blob(entry.blob))
+            if not r.flags.writeable:  # zstd's own bytes (a blob stored unshuffled): decode in a copy
+                r = r.copy()
             bits = residual.decode_in_place(r, prediction, str(entry.coding))
         self._check(member, t, entry, bits.view(np.uint8).data)  # hashed in place, not copied
         return bits
+
+    def _chunked_bits(
+        self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, prediction: np.ndarray | None
+    ) -> np.ndarray:
+        """A ``zstd-chunks`` residual (spec §9.2 with ``chunk_sha256``) rebuilt chunk by chunk on
+        the chunk pool: each chunk's frame is decompressed and unshuffled into its range of one
+        output array, decoded against the prediction's range in place, and hashed there.
+
+        Neither the blob's sha256 nor the frames' digests are checked: the chunk digests of the
+        original bytes verify every output byte (a damaged frame fails to decompress or gives
+        other bits), and hashing the stored bytes as well would add a pass over them (about a
+        tenth of the work). Nor is the whole-tensor sha256 recomputed: it is one serial pass
+        over the tensor, and the chunks' digests already cover every byte of it."""
+        assert entry.blob is not None and entry.chunks is not None
+        rec = self.manifest.blobs[entry.blob]
+        itemsize = dtypes.itemsize(rec.dtype)
+        where = f"{self.where}: member {member.name!r} tensor {t.name!r} (residual blob {entry.blob!r})"
+        stored = self.read_frames(entry.blob)
+        index = codec.chunk_index(stored, itemsize, rec.nbytes, where)
+        if index.count != len(entry.chunks):
+            raise FormatError(f"{where}: {len(entry.chunks)} chunk digests for {index.count} chunks")
+        out = np.empty(index.numel, residual.UNSIGNED[itemsize])
+        coding = str(entry.coding)
+        chunks = entry.chunks
+
+        def chunk(k: int) -> None:
+            start, stop = index.span(k)
+            r = out[start:stop]
+            codec.decode_chunk(stored, index, k, rec.shuffle, itemsize, r.view(np.uint8).data, where, verify=False)
+            residual.decode_in_place(r, None if prediction is None else prediction[start:stop], coding)
+            if codec.sha256(r.data) != chunks[k]:
+                raise ChecksumError(
+                    f"{self.where}: member {member.name!r} tensor {t.name!r} chunk {k} of {index.count} (elements "
+                    f"{start} to {stop}) does not match the sha256 of its original (the lossless tier is damaged); "
+                    f"re-download or re-merge the bundle"
+                )
+
+        codec.run_chunks(chunk, index.count)
+        return out
 
     def _check(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, data: bytes | memoryview) -> None:
         if codec.sha256(data) != entry.sha256:

@@ -66,7 +66,10 @@ class BundleReader:
         rebuilt on ``threads`` threads (default: one per core, up to 4; the order is the same)."""
         if exact:
             rec = self.member(member)
-            yield from ExactMember(self.manifest, rec, self._file.read_blob, str(self.path), threads=threads).arrays()
+            rebuilt = ExactMember(
+                self.manifest, rec, self._file.read_blob, str(self.path), threads=threads, read_frames=self._file.read_frames
+            )
+            yield from rebuilt.arrays()
             return
         with codec.scratch_buffer():  # one zstd output buffer for all of the member's blobs
             view = self.view(member)

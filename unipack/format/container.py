@@ -25,6 +25,8 @@ from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec, dtypes
 from unipack.format.atomic import atomic_write, bundle_lock, check_writable, real_target, same_file, spool_file
 from unipack.format.manifest import (
+    CHUNKED_CODEC,
+    CHUNKED_FORMAT_VERSION,
     COMPRESSED_MANIFEST_VERSION,
     FORMAT_NAME,
     MANIFEST_BLOB,
@@ -53,18 +55,20 @@ MAX_MANIFEST_BYTES = 1 << 30
 class BundleWriter:
     """Collects blobs in a spool file; :meth:`finish` writes the bundle atomically."""
 
-    def __init__(self, spool: BinaryIO, codec_name: str, level: int) -> None:
+    def __init__(self, spool: BinaryIO, codec_name: str, level: int, chunk_bytes: int | None = None) -> None:
         self._spool = spool
         self._codec, self._level = codec_name, level
+        #: zstd blobs larger than this are stored as ``zstd-chunks`` (None: one frame each).
+        self.chunk_bytes = chunk_bytes
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []  # header entries in data order
         self.blobs: dict[str, BlobRecord] = {}
 
     @classmethod
     @contextlib.contextmanager
-    def spooled(cls, out: Path, codec_name: str, level: int) -> Iterator[BundleWriter]:
+    def spooled(cls, out: Path, codec_name: str, level: int, chunk_bytes: int | None = None) -> Iterator[BundleWriter]:
         real = real_target(out)  # beside the file a link names: where the final write goes
         with spool_file(real.parent, real.name) as f:
-            yield cls(f, codec_name, level)
+            yield cls(f, codec_name, level, chunk_bytes)
 
     @property
     def codec_name(self) -> str:
@@ -82,7 +86,8 @@ class BundleWriter:
         if name in self.blobs:
             raise ValueError(f"blob {name!r} written twice")
         data = dtypes.to_bytes(array, dtype)
-        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self.level_for(dtype))
+        level = self.level_for(dtype)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
         shape = tuple(int(d) for d in array.shape)
         self.blobs[name] = BlobRecord(dtype, shape, used, shuffled, codec.sha256(stored))
         if used == "none":  # an ordinary tensor that any safetensors tool can read
@@ -152,6 +157,9 @@ class BundleWriter:
         Under the bundle's writers' lock (``bundle_lock``): a bundle replaced by ``merge --force``
         is never renamed into place in the middle of an ``add`` to it.
         """
+        if any(b.codec == CHUNKED_CODEC for b in manifest.blobs.values()):
+            # Readers of versions 1 to 6 know no chunked blob: only a bundle with one says 7.
+            manifest = dataclasses.replace(manifest, format_version=max(manifest.format_version, CHUNKED_FORMAT_VERSION))
         text = manifest_json.to_json(manifest)
         packed = None
         if len(text.encode("utf-8")) > COMPRESS_MANIFEST_ABOVE:
@@ -225,10 +233,21 @@ class BundleFile:
             )
         return stored
 
+    def read_frames(self, name: str) -> bytes | bytearray:
+        """A ``zstd-chunks`` blob's stored bytes, *not* yet verified: each frame's digest (spec
+        §3.1) is checked as that frame is decoded, on the chunk pool, instead of one serial
+        sha256 of the whole blob first. Decoding it with ``codec.decode`` checks them all."""
+        if self._fd is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        if self.manifest.blobs[name].codec != CHUNKED_CODEC:
+            raise ValueError(f"blob {name!r} is not chunked")
+        return read_bytes(self._fd, self.header.tensors[name], self.path)
+
     def read_blob(self, name: str) -> np.ndarray:
-        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
+        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified (a
+        chunked blob's frames, each against its digest, as they decode)."""
         rec = self.manifest.blobs[name]
-        stored = self.read_stored(name)
+        stored = self.read_frames(name) if rec.codec == CHUNKED_CODEC else self.read_stored(name)
         data = codec.decode(
             stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes, f"{self.path}: blob {name!r}"
         )

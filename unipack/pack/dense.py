@@ -66,12 +66,13 @@ class RecordingWriter:
     would and keeps it, in order, for the parent to append."""
 
     def __init__(self, writer: BundleWriter) -> None:
-        self.level_for, self._codec = writer.level_for, writer.codec_name
+        self.level_for, self._codec, self.chunk_bytes = writer.level_for, writer.codec_name, writer.chunk_bytes
         self.made: list[EncodedBlob] = []
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> str:
         data = dtypes.to_bytes(array, dtype)
-        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self.level_for(dtype))
+        level = self.level_for(dtype)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
         shape = tuple(int(d) for d in array.shape)
         self.made.append(EncodedBlob(name, dtype, shape, bytes(stored), used, shuffled))
         return name

@@ -36,7 +36,7 @@ from unipack.bundle.exact import stored_mean_prediction
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
-from unipack.format.manifest import EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
+from unipack.format.manifest import CHUNKED_CODEC, EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
 from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
 from unipack.sources.checkpoint import Checkpoint
 
@@ -113,18 +113,40 @@ def _tensor_tier(
         shape = tuple(int(d) for d in array.shape)
         rdtype = RESIDUAL_DTYPES[dtypes.itemsize(dtype)]
         blob = writer.add_encoded(f"residual/{i}/{t.name}", rdtype, shape, best.stored, best.codec, best.shuffled)
-        entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base)
+        chunks = None
+        if best.codec == CHUNKED_CODEC:  # each chunk's original bytes: what the reader verifies
+            assert writer.chunk_bytes is not None
+            chunks = chunk_digests(x, codec.chunk_elements(x.dtype.itemsize, writer.chunk_bytes))
+        entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base, chunks)
         predictable[member.name] = (x, depths[best.base] if best.base is not None else 0)
 
 
-def candidates(x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int) -> list[Coded]:
+def chunk_digests(x: np.ndarray, elements: int) -> tuple[str, ...]:
+    """The sha256 of ``x``'s bytes over each chunk of ``elements`` elements (spec §9.1
+    ``chunk_sha256``), hashed on the chunk pool."""
+    count = -(-x.size // elements)
+    return tuple(codec.run_chunks(lambda k: codec.sha256(x[k * elements : (k + 1) * elements].data), count))
+
+
+def candidates(
+    x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int, chunk_bytes: int | None = None
+) -> list[Coded]:
     """Every coding of ``x`` against prediction ``p``, compressed as the writer would store it."""
-    return [encoded(x, p, base, coding, itemsize, codec_name, level) for coding in residual.CODINGS]
+    return [encoded(x, p, base, coding, itemsize, codec_name, level, chunk_bytes) for coding in residual.CODINGS]
 
 
-def encoded(x: np.ndarray, p: np.ndarray, base: str, coding: str, itemsize: int, codec_name: str, level: int) -> Coded:
+def encoded(
+    x: np.ndarray,
+    p: np.ndarray,
+    base: str,
+    coding: str,
+    itemsize: int,
+    codec_name: str,
+    level: int,
+    chunk_bytes: int | None = None,
+) -> Coded:
     data = residual.encode(x, None if coding == "bits" else p, coding).view(np.uint8).data
-    stored, used, shuffled = codec.encode(data, itemsize, codec_name, level)
+    stored, used, shuffled = codec.encode(data, itemsize, codec_name, level, chunk_bytes)
     return Coded(coding, None if coding == "bits" else base, stored, used, shuffled)
 
 
@@ -153,10 +175,12 @@ def residual_level(writer_level: int) -> int:
 
 def _smallest(x: np.ndarray, p: np.ndarray, base: str, dtype: str, writer: BundleWriter, codec_name: str) -> Coded:
     level, itemsize = residual_level(writer.level_for(dtype)), dtypes.itemsize(dtype)
+    chunk_bytes = writer.chunk_bytes
     if x.nbytes <= TRIAL_BYTES:
-        options = candidates(x, p, base, itemsize, codec_name, level)
+        options = candidates(x, p, base, itemsize, codec_name, level, chunk_bytes)
         return min(options, key=lambda c: len(c.stored))  # min keeps the first of equals: CODINGS order
     xs, ps = trial_sample(x, p)
+    # The trials compare codings, one frame each (as the chunks would compare, a chunk at a time).
     trials = candidates(xs, ps, base, itemsize, codec_name, level)
     winner = min(trials, key=lambda c: len(c.stored)).coding
-    return encoded(x, p, base, winner, itemsize, codec_name, level)
+    return encoded(x, p, base, winner, itemsize, codec_name, level, chunk_bytes)

@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from unipack.bundle.reader import BundleReader
 from unipack.errors import FormatError, InputError, OptionsError
+from unipack.format import codec
 from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
@@ -109,7 +110,11 @@ def merge(
                     size = writer.finish(manifest, out_path, force=force)
             else:
                 plans = plan_tensors(checkpoints, opts)
-                with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                # A bundle with a lossless tier stores its large blobs in chunks (format version
+                # 7) that ``extract --exact`` decodes and verifies in parallel; a lossy bundle
+                # keeps the one-frame layout every older reader reads.
+                chunk_bytes = codec.CHUNK_BYTES if opts.exact_tier else None
+                with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level, chunk_bytes) as writer:
                     manifest = Merger(checkpoints, opts, writer, progress).run(plans, jobs)
                     if opts.exact_tier:
                         manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec)
