@@ -791,13 +791,13 @@ class SpecBundle:
         import zstandard
 
         per, frames = self.chunk_table(name, stored, n)
+        _need(n * size <= 1024 * len(stored) + 65536, f"blob {name!r}: beyond the 1024:1 ratio")  # the whole blob
         out = []
         for k, (frame, digest) in enumerate(frames):
             if hashlib.sha256(frame).digest() != digest:
                 raise SpecChecksumError(f"blob {name!r}: chunk {k} sha256 mismatch")
             count = min(per, n - k * per)
             logical = count * size
-            _need(logical <= 1024 * len(frame) + 65536, f"blob {name!r}: chunk {k} beyond the 1024:1 ratio")
             try:
                 declared = zstandard.get_frame_parameters(frame).content_size
                 data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=logical, allow_extra_data=False)

@@ -81,6 +81,7 @@ class ExactMember:
         *,
         threads: int | None = None,
         read_frames: ReadFrames | None = None,
+        read_unverified: ReadBlob | None = None,
     ) -> None:
         if member.exact is None:
             raise UnipackError(
@@ -91,6 +92,13 @@ class ExactMember:
         #: A chunked blob's stored bytes, unverified (``BundleFile.read_frames``): where given, a
         #: chunked residual is decoded chunk by chunk, each checked against its chunk_sha256.
         self.read_frames = read_frames
+        #: Blobs decoded without their stored checksums (``BundleFile.read_blob(verify=False)``),
+        #: where given, for everything exact extraction reads: every byte it returns is checked
+        #: against a digest of the original (sha256, or chunk_sha256), which a damaged blob
+        #: behind it (a residual, a mean, a base member's residual) cannot pass, so hashing their
+        #: stored bytes first would only repeat the check (spec §9.2 step 4). Where a check fails,
+        #: the blobs behind the tensor are then read with their checksums, to name the damaged one.
+        self.read = read_unverified or read_blob
         self.threads = default_threads() if threads is None else max(1, threads)
         self._views: dict[str, MemberView] = {}
         self._views_lock = threading.Lock()
@@ -98,7 +106,7 @@ class ExactMember:
     def _view(self, member: MemberRecord) -> MemberView:
         with self._views_lock:  # built once (it reads the member's coefficient blob), shared by threads
             if member.name not in self._views:
-                self._views[member.name] = MemberView.of(self.manifest, member, self.read_blob)
+                self._views[member.name] = MemberView.of(self.manifest, member, self.read)
             return self._views[member.name]
 
     def arrays(self) -> Iterator[Array]:
@@ -144,8 +152,10 @@ class ExactMember:
         bits = self._bits(self.member, t, entry)
         return [(t, dtype, bits.view(dtypes.holder(dtype)).reshape(t.shape or ()))]
 
-    def _bits(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry) -> np.ndarray:
-        """The member's exact bits of ``t``, checked against the recorded sha256."""
+    def _bits(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, check: bool = True) -> np.ndarray:
+        """The member's exact bits of ``t``, checked against the recorded sha256 (``check``; a base
+        member's bits are not: they only feed a prediction, and the tensor rebuilt from it is
+        checked, which a wrong prediction cannot pass)."""
         dtype = member.dtype_of(t)
         if entry.blob is None:  # a base member whose lossy tier is exact (raw, override)
             arrays = list(scheme_of(t).member_arrays(self._view(member), t))
@@ -153,22 +163,23 @@ class ExactMember:
         else:
             prediction = None
             if entry.base == MEAN_BASE:
-                prediction = stored_mean_prediction(t, self.read_blob, self.manifest.blobs[t.mean].dtype, dtype)
+                prediction = stored_mean_prediction(t, self.read, self.manifest.blobs[t.mean].dtype, dtype)
             elif entry.base is not None:
                 base = self.manifest.member(entry.base)
                 assert base.exact is not None  # checked when the manifest was read
-                prediction = self._bits(base, t, base.exact[t.name])
+                prediction = self._bits(base, t, base.exact[t.name], check=False)
             if entry.chunks is not None and self.read_frames is not None:
-                return self._chunked_bits(member, t, entry, prediction)
-            r = residual.as_bits(self.read_blob(entry.blob))
+                return self._chunked_bits(member, t, entry, prediction, check)
+            r = residual.as_bits(self.read(entry.blob))
             if not r.flags.writeable:  # zstd's own bytes (a blob stored unshuffled): decode in a copy
                 r = r.copy()
             bits = residual.decode_in_place(r, prediction, str(entry.coding))
-        self._check(member, t, entry, bits.view(np.uint8).data)  # hashed in place, not copied
+        if check:
+            self._check(member, t, entry, bits.view(np.uint8).data)  # hashed in place, not copied
         return bits
 
     def _chunked_bits(
-        self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, prediction: np.ndarray | None
+        self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, prediction: np.ndarray | None, check: bool
     ) -> np.ndarray:
         """A ``zstd-chunks`` residual (spec §9.2 with ``chunk_sha256``) rebuilt chunk by chunk on
         the chunk pool: each chunk's frame is decompressed and unshuffled into its range of one
@@ -196,19 +207,49 @@ class ExactMember:
             r = out[start:stop]
             codec.decode_chunk(stored, index, k, rec.shuffle, itemsize, r.view(np.uint8).data, where, verify=False)
             residual.decode_in_place(r, None if prediction is None else prediction[start:stop], coding)
-            if codec.sha256(r.data) != chunks[k]:
-                raise ChecksumError(
-                    f"{self.where}: member {member.name!r} tensor {t.name!r} chunk {k} of {index.count} (elements "
-                    f"{start} to {stop}) does not match the sha256 of its original (the lossless tier is damaged); "
-                    f"re-download or re-merge the bundle"
-                )
+            if check and codec.sha256(r.data) != chunks[k]:
+                self._damaged(member, t, entry, f"chunk {k} of {index.count} (elements {start} to {stop})")
 
-        codec.run_chunks(chunk, index.count)
+        try:
+            codec.run_chunks(chunk, index.count)
+        except FormatError as exc:  # a frame that does not decode: name the damaged blob if it can be
+            if isinstance(exc, ChecksumError):
+                raise
+            self._damaged(member, t, entry, "", str(exc))
         return out
 
     def _check(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, data: bytes | memoryview) -> None:
         if codec.sha256(data) != entry.sha256:
-            raise ChecksumError(
-                f"{self.where}: member {member.name!r} tensor {t.name!r} does not match the sha256 of its "
-                f"original (the lossless tier is damaged); re-download or re-merge the bundle"
-            )
+            self._damaged(member, t, entry, "")
+
+    def _damaged(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry, part: str, fault: str = "") -> None:
+        """Raise the one-line error of a tensor (``part`` of it) that failed its check, naming the
+        first blob behind it whose stored checksum fails (read again, with checksums, only now)."""
+        found = fault
+        for name in self._blobs_behind(member, t, entry):
+            try:
+                self.read_blob(name)
+            except FormatError as exc:
+                found = str(exc)
+                break
+        what = f"tensor {t.name!r}" + (f" {part}" if part else "")
+        raise ChecksumError(
+            f"{self.where}: member {member.name!r} {what} does not match the sha256 of its original "
+            f"(the lossless tier is damaged{': ' + found if found else ''}); re-download or re-merge the bundle"
+        )
+
+    def _blobs_behind(self, member: MemberRecord, t: TensorRecord, entry: ExactEntry) -> list[str]:
+        """The blobs a member's exact tensor is rebuilt from: residuals along its chain of member
+        bases, then the mean or the lossy tier's own blobs."""
+        names: list[str] = []
+        while entry.blob is not None:
+            names.append(entry.blob)
+            if entry.base == MEAN_BASE:
+                return [*names, str(t.mean)]
+            if entry.base is None:
+                return names
+            member = self.manifest.member(entry.base)
+            assert member.exact is not None
+            entry = member.exact[t.name]
+        own = member.raw.get(t.name)
+        return [*names, own] if own else [*names, *(r.name for r in t.params.blob_refs(t) if r.name)]

@@ -67,7 +67,13 @@ class BundleReader:
         if exact:
             rec = self.member(member)
             rebuilt = ExactMember(
-                self.manifest, rec, self._file.read_blob, str(self.path), threads=threads, read_frames=self._file.read_frames
+                self.manifest,
+                rec,
+                self._file.read_blob,
+                str(self.path),
+                threads=threads,
+                read_frames=self._file.read_frames,
+                read_unverified=self._file.read_unverified,
             )
             yield from rebuilt.arrays()
             return

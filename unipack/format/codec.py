@@ -297,6 +297,14 @@ def chunk_index(stored: bytes | bytearray | memoryview, itemsize: int, expected_
     view = memoryview(stored)
     if len(view) < INDEX_HEAD or expected_size <= 0 or expected_size % itemsize:
         raise FormatError(f"{where}: a zstd-chunks blob needs an index and at least one element")
+    # The bound of a one-frame blob, on the blob as a whole: it is what a reader allocates. Each
+    # frame decodes into its chunk's range of that, never more; a bound per frame would refuse
+    # the long all-zero runs of a residual (rows a fine-tune never touched) that chunks isolate.
+    if expected_size > max_decoded_size(len(view)):
+        raise FormatError(
+            f"{where}: claims {expected_size} decoded bytes from {len(view)} stored, beyond "
+            f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)"
+        )
     elements = int.from_bytes(view[:8], "little")
     count = int.from_bytes(view[8:12], "little")
     numel = expected_size // itemsize
@@ -312,14 +320,8 @@ def chunk_index(stored: bytes | bytearray | memoryview, itemsize: int, expected_
     for k in range(count):
         entry = view[INDEX_HEAD + INDEX_ENTRY * k : INDEX_HEAD + INDEX_ENTRY * (k + 1)]
         length = int.from_bytes(entry[:8], "little")
-        logical = (min((k + 1) * elements, numel) - k * elements) * itemsize
         if length < 1 or offset + length > len(view):
             raise FormatError(f"{where}: chunk {k} of {count} runs past the end of the blob")
-        if logical > max_decoded_size(length):
-            raise FormatError(
-                f"{where}: chunk {k} of {count} claims {logical} decoded bytes from {length} stored, beyond "
-                f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)"
-            )
         frames.append((offset, length, bytes(entry[8:])))
         offset += length
     if offset != len(view):
@@ -401,18 +403,15 @@ class ZstdChunks:
 
         frames = run_chunks(frame, count)
         head = [elements.to_bytes(8, "little"), count.to_bytes(4, "little")]
-        for k, (packed, digest) in enumerate(frames):
-            logical = (min((k + 1) * elements, numel) - k * elements) * itemsize
-            if logical > max_decoded_size(len(packed)):
-                return None  # a chunk of near-constant bytes: the whole blob is stored plainly
+        for packed, digest in frames:
             head += [len(packed).to_bytes(8, "little"), digest]
         stored = b"".join(head + [packed for packed, _ in frames])
-        if len(stored) > len(data) * (1 - MIN_SAVING):
+        if len(stored) > len(data) * (1 - MIN_SAVING) or len(data) > max_decoded_size(len(stored)):
             return None
         return stored, shuffled
 
     def decode(
-        self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
+        self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str, verify: bool = True
     ) -> Decoded:
         index = chunk_index(stored, itemsize, expected_size, where)
         out = np.empty(expected_size, np.uint8)
@@ -420,7 +419,8 @@ class ZstdChunks:
 
         def one(k: int) -> None:
             start, stop = index.span(k)
-            decode_chunk(stored, index, k, shuffled, itemsize, byte_out[start * itemsize : stop * itemsize], where)
+            part = byte_out[start * itemsize : stop * itemsize]
+            decode_chunk(stored, index, k, shuffled, itemsize, part, where, verify=verify)
 
         run_chunks(one, index.count)
         return byte_out
@@ -516,10 +516,21 @@ def encode(
 
 
 def decode(
-    stored: bytes | bytearray, codec: str, shuffled: bool, itemsize: int, expected_size: int, where: str
+    stored: bytes | bytearray,
+    codec: str,
+    shuffled: bool,
+    itemsize: int,
+    expected_size: int,
+    where: str,
+    *,
+    verify: bool = True,
 ) -> Decoded:
-    """Inverse of :func:`encode`; the result is exactly ``expected_size`` bytes or a FormatError."""
+    """Inverse of :func:`encode`; the result is exactly ``expected_size`` bytes or a FormatError.
+    ``verify``: check a ``zstd-chunks`` blob's frame digests (other codecs have none: their
+    checksum is the blob's, checked by whoever reads the stored bytes)."""
     coder = CODECS.get(codec)
     if coder is None:
         raise FormatError(f"{where}: unknown codec {codec!r}")
+    if isinstance(coder, ZstdChunks):
+        return coder.decode(stored, shuffled, itemsize, expected_size, where, verify)
     return coder.decode(stored, shuffled, itemsize, expected_size, where)

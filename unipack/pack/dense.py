@@ -326,16 +326,16 @@ class Merger:
         return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
     def _measure_lossless(self, i: int) -> tuple[lossless.LosslessSize | None, int | None]:
-        """Member ``i``'s inputs compressed losslessly, for the report: the baseline (zstd -19, or
-        with a lossless tier zstd -3 of the whole files) and, with a tier, ZipNN where installed."""
+        """Member ``i``'s inputs compressed losslessly, for the report: the baseline (byte-grouped
+        zstd of the whole files) and, with a lossless tier, ZipNN where installed."""
         sizes = [c.file_size for c in self.checkpoints]
         tier = self.options.exact_tier
         mode = lossless.plan_mode(self.options.lossless, sum(sizes), exact_tier=tier)
         if mode is None:
             return None, None
         c = self.checkpoints[i]
-        measured = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1), lossless.baseline_level(tier))
-        zipnn = lossless.zipnn_size(c.files, _main_dtype(c)) if tier and lossless.zipnn_version() is not None else None
+        measured = lossless.measure_grouped(c.files, lossless.group_size(c), mode, sizes[i] / max(sum(sizes), 1))
+        zipnn = lossless.zipnn_size(c.files, lossless.main_dtype(c)) if tier and lossless.zipnn_version() is not None else None
         return measured, zipnn
 
     def _values(self, i: int, name: str) -> np.ndarray:
@@ -469,11 +469,7 @@ class Merger:
         if self.alternatives is not None and self.alternatives.compared:
             stats["alternatives"] = self.alternatives.to_stats()
         if all(self.lossless):
-            stats["lossless"] = {
-                "codec": "zstd",
-                "level": lossless.baseline_level(self.options.exact_tier),
-                "sampled": any(m.sampled for m in self.lossless if m),
-            }
+            stats["lossless"] = lossless.grouped_stats(any(m.sampled for m in self.lossless if m))
         if all(z is not None for z in self.zipnn):
             stats["zipnn"] = {"bytes": sum(z or 0 for z in self.zipnn), "version": lossless.zipnn_version()}
         return Manifest(
@@ -496,11 +492,3 @@ class Merger:
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return {}
-
-
-def _main_dtype(c: Checkpoint) -> str:
-    """The dtype holding most of a checkpoint's bytes (what ZipNN groups its bytes for)."""
-    held: dict[str, int] = {}
-    for info in c.tensors.values():
-        held[info.dtype] = held.get(info.dtype, 0) + info.numel * dtypes.itemsize(info.dtype)
-    return max(held, key=lambda d: held[d]) if held else "F32"
