@@ -135,7 +135,7 @@ def test_chunked_blobs_and_digests_match_an_independent_computation(chunked):
             most, partial = max(most, len(entries)), partial or rec.numel % per != 0
             assert hashlib.sha256(stored).hexdigest() == rec.sha256
             logical, pos = [], 12 + 40 * len(entries)
-            for k, (length, digest) in enumerate(entries):
+            for length, digest in entries:
                 frame = stored[pos : pos + length]
                 pos += length
                 assert hashlib.sha256(frame).digest() == digest

@@ -24,10 +24,10 @@ import torch
 import zstandard
 from click.testing import CliRunner, Result
 from conftest import (
-    grouped_zstd_size,
     Population,
     TensorSpec,
     as64,
+    grouped_zstd_size,
     rel_error,
     spectrum,
     stored_mean,

@@ -2471,7 +2471,9 @@ def test_chunk_digests_are_those_of_the_original_bytes(lossless_bundles, variant
             n = original[tname][1].size
             per, frames = SpecBundle.chunk_table(e["blob"], sb.blob_stored_bytes(e["blob"]), n)
             width = len(raw) // n
-            want = [hashlib.sha256(raw[k * per * width : (k + 1) * per * width]).hexdigest() for k in range(len(frames))]
+            want = [
+                hashlib.sha256(raw[k * per * width : (k + 1) * per * width]).hexdigest() for k in range(len(frames))
+            ]
             assert e["chunk_sha256"] == want and per * width <= LOSSLESS_VARIANTS[variant]["chunk_bytes"]
             seen_partial |= n % per != 0
             most = max(most, len(frames))

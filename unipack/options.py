@@ -186,10 +186,9 @@ class MergeOptions:
     lossless: str = _opt(
         "auto",
         "--lossless-baseline",
-        "Measure the inputs compressed losslessly (zstd -19) "
-        "for the report: full, sample (an estimate from 16 MiB), off, or auto (full up "
-        "to 64 MiB of inputs, else sample). With --lossless: zstd -3 (auto: full), and "
-        "ZipNN where the zipnn package is installed.",
+        "Measure the inputs compressed losslessly (zstd -1 of byte-grouped floats, every "
+        "byte) for the report: full (also auto), sample (an estimate from 16 MiB), or off. "
+        "With --lossless, also ZipNN where the zipnn package is installed.",
         choices=LOSSLESS,
     )
 

@@ -24,6 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 
@@ -36,7 +37,17 @@ from unipack.schemes import MemberView, scheme_of
 from unipack.schemes.delta import DeltaParams
 
 ReadBlob = Callable[[str], np.ndarray]
-ReadFrames = Callable[[str], bytes | bytearray]
+
+
+class ChunkSource(Protocol):
+    """Where a chunked residual's frames come from (``BundleFile``): its index, then each frame
+    on its own, read by the chunk that decodes it."""
+
+    def chunk_index(self, name: str) -> codec.ChunkIndex: ...
+
+    def read_part(self, name: str, offset: int, length: int) -> bytearray: ...
+
+
 Array = tuple[TensorRecord, str, np.ndarray]
 
 
@@ -80,7 +91,7 @@ class ExactMember:
         where: str,
         *,
         threads: int | None = None,
-        read_frames: ReadFrames | None = None,
+        chunks: ChunkSource | None = None,
         read_unverified: ReadBlob | None = None,
     ) -> None:
         if member.exact is None:
@@ -89,9 +100,9 @@ class ExactMember:
                 f"--lossless have one); extract it without --exact for the lossy member"
             )
         self.manifest, self.member, self.read_blob, self.where = manifest, member, read_blob, where
-        #: A chunked blob's stored bytes, unverified (``BundleFile.read_frames``): where given, a
-        #: chunked residual is decoded chunk by chunk, each checked against its chunk_sha256.
-        self.read_frames = read_frames
+        #: Where given, a chunked residual is decoded chunk by chunk (each chunk reading its own
+        #: frame), each checked against its chunk_sha256; else as one blob, checked whole.
+        self.chunks = chunks
         #: Blobs decoded without their stored checksums (``BundleFile.read_blob(verify=False)``),
         #: where given, for everything exact extraction reads: every byte it returns is checked
         #: against a digest of the original (sha256, or chunk_sha256), which a damaged blob
@@ -168,7 +179,7 @@ class ExactMember:
                 base = self.manifest.member(entry.base)
                 assert base.exact is not None  # checked when the manifest was read
                 prediction = self._bits(base, t, base.exact[t.name], check=False)
-            if entry.chunks is not None and self.read_frames is not None:
+            if entry.chunks is not None and self.chunks is not None:
                 return self._chunked_bits(member, t, entry, prediction, check)
             r = residual.as_bits(self.read(entry.blob))
             if not r.flags.writeable:  # zstd's own bytes (a blob stored unshuffled): decode in a copy
@@ -194,8 +205,9 @@ class ExactMember:
         rec = self.manifest.blobs[entry.blob]
         itemsize = dtypes.itemsize(rec.dtype)
         where = f"{self.where}: member {member.name!r} tensor {t.name!r} (residual blob {entry.blob!r})"
-        stored = self.read_frames(entry.blob)
-        index = codec.chunk_index(stored, itemsize, rec.nbytes, where)
+        assert self.chunks is not None
+        source, blob = self.chunks, entry.blob
+        index = source.chunk_index(blob)
         if index.count != len(entry.chunks):
             raise FormatError(f"{where}: {len(entry.chunks)} chunk digests for {index.count} chunks")
         out = np.empty(index.numel, residual.UNSIGNED[itemsize])
@@ -205,7 +217,8 @@ class ExactMember:
         def chunk(k: int) -> None:
             start, stop = index.span(k)
             r = out[start:stop]
-            codec.decode_chunk(stored, index, k, rec.shuffle, itemsize, r.view(np.uint8).data, where, verify=False)
+            frame = source.read_part(blob, *index.frames[k][:2])
+            codec.decode_chunk(frame, index, k, rec.shuffle, itemsize, r.view(np.uint8).data, where, verify=False)
             residual.decode_in_place(r, None if prediction is None else prediction[start:stop], coding)
             if check and codec.sha256(r.data) != chunks[k]:
                 self._damaged(member, t, entry, f"chunk {k} of {index.count} (elements {start} to {stop})")

@@ -72,7 +72,7 @@ class BundleReader:
                 self._file.read_blob,
                 str(self.path),
                 threads=threads,
-                read_frames=self._file.read_frames,
+                chunks=self._file,
                 read_unverified=self._file.read_unverified,
             )
             yield from rebuilt.arrays()

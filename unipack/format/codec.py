@@ -85,13 +85,13 @@ def unshuffle(data: bytes | bytearray | memoryview, itemsize: int, out: memoryvi
         elements = np.frombuffer(out, f"<u{itemsize}")
     widened = np.empty(min(UNSHUFFLE_BLOCK, count), elements.dtype)
     for start in range(0, count, UNSHUFFLE_BLOCK):
-        out = elements[start : start + UNSHUFFLE_BLOCK]
-        part = widened[: len(out)]
-        np.copyto(out, planes[0, start : start + UNSHUFFLE_BLOCK], casting="unsafe")
+        block = elements[start : start + UNSHUFFLE_BLOCK]
+        part = widened[: len(block)]
+        np.copyto(block, planes[0, start : start + UNSHUFFLE_BLOCK], casting="unsafe")
         for j in range(1, itemsize):
             np.copyto(part, planes[j, start : start + UNSHUFFLE_BLOCK], casting="unsafe")
             part <<= 8 * j
-            out |= part
+            block |= part
     return elements.view(np.uint8).data
 
 
@@ -206,7 +206,7 @@ class Zstd:
         return out
 
 
-def _frame_length(data: bytes | bytearray) -> int | None:
+def _frame_length(data: bytes | bytearray | memoryview) -> int | None:
     """Bytes of the zstd frame that ``data`` starts with, from its block headers (RFC 8878 §3.1.1:
     3-byte headers, RLE blocks hold one byte, a 4-byte checksum may end the frame); None where
     they run past the end. A frame read into a buffer of its declared size says nothing of what
@@ -291,18 +291,34 @@ class ChunkIndex:
         return k * self.elements, min((k + 1) * self.elements, self.numel)
 
 
-def chunk_index(stored: bytes | bytearray | memoryview, itemsize: int, expected_size: int, where: str) -> ChunkIndex:
+def index_length(head: bytes | bytearray | memoryview) -> int:
+    """Bytes of a ``zstd-chunks`` index, from its first ``INDEX_HEAD`` bytes (what a reader that
+    reads frames one by one reads first; ``chunk_index`` checks it)."""
+    if len(head) < INDEX_HEAD:
+        return INDEX_HEAD
+    return INDEX_HEAD + INDEX_ENTRY * int.from_bytes(head[8:12], "little")
+
+
+def chunk_index(
+    stored: bytes | bytearray | memoryview,
+    itemsize: int,
+    expected_size: int,
+    where: str,
+    stored_length: int | None = None,
+) -> ChunkIndex:
     """Parse and check a ``zstd-chunks`` blob's index: ``ceil(numel / elements)`` entries whose
-    frames tile the bytes after the index exactly, each within the decompression-bomb bound."""
+    frames tile the bytes after the index exactly. ``stored`` holds the blob, or at least its
+    index where ``stored_length`` gives the blob's length (frames are then read one by one)."""
     view = memoryview(stored)
+    total = len(view) if stored_length is None else stored_length
     if len(view) < INDEX_HEAD or expected_size <= 0 or expected_size % itemsize:
         raise FormatError(f"{where}: a zstd-chunks blob needs an index and at least one element")
     # The bound of a one-frame blob, on the blob as a whole: it is what a reader allocates. Each
     # frame decodes into its chunk's range of that, never more; a bound per frame would refuse
     # the long all-zero runs of a residual (rows a fine-tune never touched) that chunks isolate.
-    if expected_size > max_decoded_size(len(view)):
+    if expected_size > max_decoded_size(total):
         raise FormatError(
-            f"{where}: claims {expected_size} decoded bytes from {len(view)} stored, beyond "
+            f"{where}: claims {expected_size} decoded bytes from {total} stored, beyond "
             f"the {MAX_RATIO}:1 compression ratio a .upk allows (a decompression bomb?)"
         )
     elements = int.from_bytes(view[:8], "little")
@@ -314,23 +330,23 @@ def chunk_index(stored: bytes | bytearray | memoryview, itemsize: int, expected_
             f"the blob's {numel} elements exactly"
         )
     offset = INDEX_HEAD + INDEX_ENTRY * count
-    if offset > len(view):
-        raise FormatError(f"{where}: chunk index of {count} entries runs past the blob's {len(view)} bytes")
+    if offset > total or offset > len(view):
+        raise FormatError(f"{where}: chunk index of {count} entries runs past the blob's {total} bytes")
     frames = []
     for k in range(count):
         entry = view[INDEX_HEAD + INDEX_ENTRY * k : INDEX_HEAD + INDEX_ENTRY * (k + 1)]
         length = int.from_bytes(entry[:8], "little")
-        if length < 1 or offset + length > len(view):
+        if length < 1 or offset + length > total:
             raise FormatError(f"{where}: chunk {k} of {count} runs past the end of the blob")
         frames.append((offset, length, bytes(entry[8:])))
         offset += length
-    if offset != len(view):
-        raise FormatError(f"{where}: {len(view) - offset} bytes after the last chunk's frame")
+    if offset != total:
+        raise FormatError(f"{where}: {total - offset} bytes after the last chunk's frame")
     return ChunkIndex(elements, numel, tuple(frames))
 
 
 def decode_chunk(
-    stored: bytes | bytearray | memoryview,
+    frame: bytes | bytearray | memoryview,
     index: ChunkIndex,
     k: int,
     shuffled: bool,
@@ -340,12 +356,15 @@ def decode_chunk(
     *,
     verify: bool = True,
 ) -> None:
-    """Chunk ``k`` of a ``zstd-chunks`` blob into ``out`` (its bytes of the blob's output).
-    ``verify``: check the frame's digest first (spec §3.1); a caller that checks what it builds
-    from the chunk against a digest of its own may skip it (the lossless tier, spec §9.2)."""
-    offset, length, digest = index.frames[k]
-    frame = memoryview(stored)[offset : offset + length]
+    """Chunk ``k`` of a ``zstd-chunks`` blob, from its ``frame`` (its stored bytes), into ``out``
+    (its bytes of the blob's output). ``verify``: check the frame's digest first (spec §3.1); a
+    caller that checks what it builds from the chunk against a digest of its own may skip it
+    (the lossless tier, spec §9.2)."""
+    _, length, digest = index.frames[k]
+    frame = memoryview(frame)
     what = f"{where}: chunk {k} of {index.count}"
+    if len(frame) != length:
+        raise FormatError(f"{what}: {len(frame)} bytes read, the index says {length}")
     if verify and hashlib.sha256(frame).digest() != digest:
         raise ChecksumError(
             f"{what} is corrupt (checksum mismatch); the file was damaged after it was written: "
@@ -393,12 +412,13 @@ class ZstdChunks:
         count = -(-numel // elements)
         view = memoryview(data).cast("B")
         shuffled = itemsize > 1
-        compressor_args = {"level": level, "write_content_size": True, "write_checksum": False}
 
         def frame(k: int) -> tuple[bytes, bytes]:
             part = view[k * elements * itemsize : min((k + 1) * elements, numel) * itemsize]
             payload = shuffle(part, itemsize) if shuffled else part
-            packed = zstandard.ZstdCompressor(**compressor_args).compress(payload)
+            # Single-threaded, content size written, as for ``zstd``: deterministic frames.
+            compressor = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+            packed = compressor.compress(payload)
             return packed, hashlib.sha256(packed).digest()
 
         frames = run_chunks(frame, count)
@@ -411,7 +431,13 @@ class ZstdChunks:
         return stored, shuffled
 
     def decode(
-        self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str, verify: bool = True
+        self,
+        stored: bytes | bytearray,
+        shuffled: bool,
+        itemsize: int,
+        expected_size: int,
+        where: str,
+        verify: bool = True,
     ) -> Decoded:
         index = chunk_index(stored, itemsize, expected_size, where)
         out = np.empty(expected_size, np.uint8)
@@ -419,8 +445,10 @@ class ZstdChunks:
 
         def one(k: int) -> None:
             start, stop = index.span(k)
+            offset, length, _ = index.frames[k]
+            frame = memoryview(stored)[offset : offset + length]
             part = byte_out[start * itemsize : stop * itemsize]
-            decode_chunk(stored, index, k, shuffled, itemsize, part, where, verify=verify)
+            decode_chunk(frame, index, k, shuffled, itemsize, part, where, verify=verify)
 
         run_chunks(one, index.count)
         return byte_out

@@ -159,7 +159,9 @@ class BundleWriter:
         """
         if any(b.codec == CHUNKED_CODEC for b in manifest.blobs.values()):
             # Readers of versions 1 to 6 know no chunked blob: only a bundle with one says 7.
-            manifest = dataclasses.replace(manifest, format_version=max(manifest.format_version, CHUNKED_FORMAT_VERSION))
+            manifest = dataclasses.replace(
+                manifest, format_version=max(manifest.format_version, CHUNKED_FORMAT_VERSION)
+            )
         text = manifest_json.to_json(manifest)
         packed = None
         if len(text.encode("utf-8")) > COMPRESS_MANIFEST_ABOVE:
@@ -233,16 +235,6 @@ class BundleFile:
             )
         return stored
 
-    def read_frames(self, name: str) -> bytes | bytearray:
-        """A ``zstd-chunks`` blob's stored bytes, *not* yet verified: each frame's digest (spec
-        §3.1) is checked as that frame is decoded, on the chunk pool, instead of one serial
-        sha256 of the whole blob first. Decoding it with ``codec.decode`` checks them all."""
-        if self._fd is None:
-            raise FormatError(f"{self.path}: bundle is closed")
-        if self.manifest.blobs[name].codec != CHUNKED_CODEC:
-            raise ValueError(f"blob {name!r} is not chunked")
-        return read_bytes(self._fd, self.header.tensors[name], self.path)
-
     def read_blob(self, name: str) -> np.ndarray:
         """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified (a
         chunked blob's frames, each against its digest, as they decode)."""
@@ -255,11 +247,33 @@ class BundleFile:
         more memory than its record allows."""
         return self._decoded(name, verify=False)
 
+    def read_part(self, name: str, offset: int, length: int) -> bytearray:
+        """Bytes ``[offset, offset + length)`` of a blob's stored bytes, unverified (a chunked
+        blob's index or one frame: each chunk reads its own frame, so reading is parallel too)."""
+        if self._fd is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        entry = self.header.tensors[name]
+        if not 0 <= offset <= offset + length <= entry.nbytes:
+            raise FormatError(f"{self.path}: blob {name!r}: bytes {offset} to {offset + length} are outside it")
+        return read_bytes(
+            self._fd,
+            dataclasses.replace(entry, start=entry.start + offset, end=entry.start + offset + length),
+            self.path,
+        )
+
+    def chunk_index(self, name: str) -> codec.ChunkIndex:
+        """A ``zstd-chunks`` blob's index, read and checked (its frames are not read)."""
+        rec, entry = self.manifest.blobs[name], self.header.tensors[name]
+        where = f"{self.path}: blob {name!r}"
+        head = self.read_part(name, 0, min(codec.INDEX_HEAD, entry.nbytes))
+        head = self.read_part(name, 0, min(codec.index_length(head), entry.nbytes))
+        return codec.chunk_index(head, dtypes.itemsize(rec.dtype), rec.nbytes, where, entry.nbytes)
+
     def _decoded(self, name: str, *, verify: bool) -> np.ndarray:
         rec = self.manifest.blobs[name]
         if rec.codec == CHUNKED_CODEC:
-            stored = self.read_frames(name)
-        elif verify:
+            return self._chunked(name, verify)
+        if verify:
             stored = self.read_stored(name)
         else:
             if self._fd is None:
@@ -268,6 +282,22 @@ class BundleFile:
         itemsize, where = dtypes.itemsize(rec.dtype), f"{self.path}: blob {name!r}"
         data = codec.decode(stored, rec.codec, rec.shuffle, itemsize, rec.nbytes, where, verify=verify)
         return dtypes.from_bytes(data, rec.dtype, rec.shape)
+
+    def _chunked(self, name: str, verify: bool) -> np.ndarray:
+        """A ``zstd-chunks`` blob, each chunk read, verified and decoded on the chunk pool."""
+        rec, where = self.manifest.blobs[name], f"{self.path}: blob {name!r}"
+        index, itemsize = self.chunk_index(name), dtypes.itemsize(rec.dtype)
+        out = np.empty(rec.nbytes, np.uint8)
+
+        def one(k: int) -> None:
+            start, stop = index.span(k)
+            offset, length, _ = index.frames[k]
+            frame = self.read_part(name, offset, length)
+            part = out[start * itemsize : stop * itemsize].data
+            codec.decode_chunk(frame, index, k, rec.shuffle, itemsize, part, where, verify=verify)
+
+        codec.run_chunks(one, index.count)
+        return dtypes.from_bytes(out.data, rec.dtype, rec.shape)
 
     def read_header_bytes(self) -> bytes:
         """The header exactly as stored: 8-byte length, JSON, padding."""

@@ -124,7 +124,7 @@ class Merger:
         }
         records = []
         with parallel.Workers(workers, tasks) as pool:
-            # The zstd -19 baseline (seconds per member) runs beside the tensors, not before them.
+            # The lossless baseline (a second or so per member) runs beside the tensors, not before them.
             mode = lossless.plan_mode(
                 self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
             )
@@ -335,7 +335,11 @@ class Merger:
             return None, None
         c = self.checkpoints[i]
         measured = lossless.measure_grouped(c.files, lossless.group_size(c), mode, sizes[i] / max(sum(sizes), 1))
-        zipnn = lossless.zipnn_size(c.files, lossless.main_dtype(c)) if tier and lossless.zipnn_version() is not None else None
+        zipnn = (
+            lossless.zipnn_size(c.files, lossless.main_dtype(c))
+            if tier and lossless.zipnn_version() is not None
+            else None
+        )
         return measured, zipnn
 
     def _values(self, i: int, name: str) -> np.ndarray:

@@ -127,7 +127,7 @@ class LoraMerger(Merger):
     def run_lora(self, modules: list[ModulePlan], extras: list[ExtraPlan], jobs: int | None = 1) -> Manifest:
         """Every module, then every extra tensor, in plan order. ``jobs``: worker processes for
         the modules (None: automatic, from ``parallel.LORA_PARALLEL_FROM_BYTES`` of inputs); the
-        zstd -19 baseline runs beside them. The bundle's bytes do not depend on it."""
+        lossless baseline runs beside them. The bundle's bytes do not depend on it."""
         adapters = [c.source for c in self.checkpoints]
         assert all(isinstance(a, PeftAdapterSource) for a in adapters)
         self.adapters: list[PeftAdapterSource] = adapters  # type: ignore[assignment]

@@ -89,9 +89,7 @@ def is_grouped(recorded: dict[str, object]) -> bool:
     return recorded.get("grouping") == GROUPING
 
 
-def measure_grouped(
-    files: Sequence[tuple[Path, int]], itemsize: int, mode: str, share: float = 1.0
-) -> LosslessSize:
+def measure_grouped(files: Sequence[tuple[Path, int]], itemsize: int, mode: str, share: float = 1.0) -> LosslessSize:
     """zstd at ``GROUPED_LEVEL`` of a member's files with their bytes grouped for elements of
     ``itemsize`` bytes (1: not grouped), summed; ``mode`` ``full`` (every byte, the default) or
     ``sample`` (``share`` of SAMPLE_BYTES in evenly spaced windows, scaled up: an estimate)."""
