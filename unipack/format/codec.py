@@ -503,6 +503,16 @@ def one_thread() -> Iterator[None]:
         _IN_POOL.active = outer
 
 
+def in_background(work: Callable[[], T]) -> Callable[[], T]:
+    """Start ``work`` on the chunk pool and return what waits for its result (in a pool thread,
+    or with one thread, ``work`` runs at once): a serial pass, such as a whole tensor's sha256,
+    overlapping the chunk-parallel work beside it."""
+    if getattr(_IN_POOL, "active", False) or default_threads() == 1:
+        done = work()
+        return lambda: done
+    return _pool().submit(work).result
+
+
 def run_chunks(work: Callable[[int], T], count: int) -> list[T]:
     """``[work(0), ..., work(count - 1)]``, on the chunk pool where that helps. All chunks are
     waited for; the first failure in chunk order is raised (the same error one thread would

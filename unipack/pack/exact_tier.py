@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -36,7 +37,14 @@ from unipack.bundle.exact import stored_mean_prediction
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
-from unipack.format.manifest import CHUNKED_CODEC, EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
+from unipack.format.manifest import (
+    CHUNKED_CODEC,
+    CHUNKED_FORMAT_VERSION,
+    EXACT_TIER_FORMAT_VERSION,
+    ExactEntry,
+    Manifest,
+    TensorRecord,
+)
 from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
 from unipack.sources.checkpoint import Checkpoint
 
@@ -74,9 +82,16 @@ def add_exact_tier(
         tensors=manifest.tensors,
         members=members,
         blobs=writer.blobs,
-        format_version=max(manifest.format_version, EXACT_TIER_FORMAT_VERSION),
+        format_version=_version(manifest.format_version, writer),
         stats=stats,
     )
+
+
+def _version(version: int, writer: BundleWriter) -> int:
+    """A lossless tier's format version: 5, or 7 where the writer chunked a blob (the writer
+    would say so when writing; the merge's result says it already)."""
+    chunked = any(b.codec == CHUNKED_CODEC for b in writer.blobs.values())
+    return max(version, CHUNKED_FORMAT_VERSION if chunked else EXACT_TIER_FORMAT_VERSION)
 
 
 def _tensor_tier(
@@ -94,9 +109,12 @@ def _tensor_tier(
         member = manifest.members[i]
         dtype = member.dtype_of(t)
         array = c.read(t.name)
-        sha = codec.sha256(dtypes.byte_view(array, dtype))
+        view = dtypes.byte_view(array, dtype)
+        # The whole tensor's sha256 is one serial pass: it runs beside the ranking and the
+        # (chunk-parallel) compression of the residual instead of before them.
+        sha_of = codec.in_background(partial(codec.sha256, view))
         if t.mean is None or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
-            entries[i][t.name] = ExactEntry(sha)
+            entries[i][t.name] = ExactEntry(sha_of())
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
                 predictable[member.name] = (residual.as_bits(array), 0)
             continue
@@ -117,7 +135,7 @@ def _tensor_tier(
         if best.codec == CHUNKED_CODEC:  # each chunk's original bytes: what the reader verifies
             assert writer.chunk_bytes is not None
             chunks = chunk_digests(x, codec.chunk_elements(x.dtype.itemsize, writer.chunk_bytes))
-        entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base, chunks)
+        entries[i][t.name] = ExactEntry(sha_of(), blob, best.coding, best.base, chunks)
         predictable[member.name] = (x, depths[best.base] if best.base is not None else 0)
 
 
