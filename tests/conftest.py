@@ -718,3 +718,50 @@ def assert_one_line_error(result: Result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the lossless baseline, computed independently (spec §3.6)
+# --------------------------------------------------------------------------------------------
+
+#: Bytes per element of each dtype that the baseline groups for (float dtypes only).
+GROUPED_WIDTHS = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def main_width(files: list[Path]) -> int:
+    """The byte width the baseline groups a member's files for: that of the dtype holding most of
+    its tensor bytes, if a float dtype, else 1. Read from the files themselves (safetensors
+    headers; a torch ``.bin`` through torch's own loader)."""
+    held: dict[str, int] = {}
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    for path in files:
+        if path.suffix == ".safetensors":
+            raw = path.read_bytes()
+            (n,) = struct.unpack("<Q", raw[:8])
+            for key, entry in json.loads(raw[8 : 8 + n]).items():
+                if key != "__metadata__":
+                    b, e = entry["data_offsets"]
+                    held[entry["dtype"]] = held.get(entry["dtype"], 0) + e - b
+        else:
+            for t in torch.load(path, map_location="cpu", weights_only=True).values():
+                dt = names.get(t.dtype, str(t.dtype))
+                held[dt] = held.get(dt, 0) + t.numel() * t.element_size()
+    main = max(held, key=lambda d: held[d]) if held else "F32"
+    return GROUPED_WIDTHS.get(main, 1)
+
+
+def grouped_zstd_size(files: list[Path], width: int | None = None, piece: int = 64 << 20) -> int:
+    """zstd -1 of each file's bytes grouped by byte position within ``width``-byte elements (a
+    transpose of the ``[n, width]`` byte matrix), in ``piece``-byte pieces, summed."""
+    import zstandard
+
+    width = main_width(files) if width is None else width
+    total = 0
+    for path in files:
+        data = path.read_bytes()
+        for start in range(0, len(data), piece):
+            part = data[start : start + piece]
+            whole = len(part) // width * width
+            grouped = np.frombuffer(part[:whole], np.uint8).reshape(-1, width).T.tobytes() + part[whole:]
+            total += len(zstandard.ZstdCompressor(level=1).compress(grouped))
+    return total

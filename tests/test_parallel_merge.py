@@ -184,7 +184,9 @@ def test_ctrl_c_ends_the_workers_and_writes_nothing(pop, tmp_path: Path) -> None
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
+        # both workers may say so at once (the lossless baseline no longer keeps one busy), and
+        # their words may share a line
+        assert child.stdout.readline().strip().startswith("ready")
         os.killpg(child.pid, signal.SIGINT)
         _, err = child.communicate(timeout=60)
     finally:

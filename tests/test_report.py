@@ -8,6 +8,7 @@ original files (reference safetensors loader) and on the members the bundle retu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -26,6 +27,7 @@ from conftest import (
     Population,
     TensorSpec,
     as64,
+    grouped_zstd_size,
     rel_error,
     spectrum,
     stored_mean,
@@ -290,56 +292,109 @@ def test_byte_parts_in_the_terminal_and_json(bundles: dict[str, Path]) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_lossless_baseline_is_zstd_19_of_each_input(tmp_path: Path, pop: Population) -> None:
+GROUPED = {"codec": "zstd", "level": 1, "grouping": "bytes", "sampled": False}
+
+
+def test_lossless_baseline_is_byte_grouped_zstd_of_each_whole_input(
+    tmp_path: Path, pop: Population, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spec §3.6: zstd -1 of each input's bytes grouped by position within its float elements,
+    every byte of every file (``auto`` no longer samples, even past the old 64 MiB limit)."""
+    from unipack.pack import lossless
+
+    monkeypatch.setattr(lossless, "FULL_LIMIT", 1)
     out = tmp_path / "full.upk"
-    unipack.merge(pop.paths, out, lossless="full")
-    own = [len(zstandard.ZstdCompressor(level=19).compress(p.read_bytes())) for p in pop.paths]
+    unipack.merge(pop.paths, out)
+    own = [grouped_zstd_size([p], 4) for p in pop.paths]  # the population is F32
     with unipack.open(out) as b:
         assert [m.lossless_bytes for m in b.manifest.members] == own
-        assert b.manifest.stats["lossless"] == {"codec": "zstd", "level": 19, "sampled": False}
+        assert b.manifest.stats["lossless"] == GROUPED
         r = report(b)
     assert r.bytes.lossless == sum(own)
-    assert r.bytes.lossless_sampled is False
+    assert r.bytes.lossless_sampled is False and r.bytes.lossless_grouped and r.bytes.lossless_level == 1
     assert r.bytes.ratio_vs_lossless == pytest.approx(sum(own) / os.path.getsize(out))
     result = run("report", out)
     assert_ok(result)
     headline = next(line for line in result.output.splitlines() if line.startswith("ratio "))
     assert f"{r.bytes.ratio:.2f}x vs the inputs" in headline
-    assert f"{sum(own) / os.path.getsize(out):.2f}x vs the inputs compressed losslessly (zstd -19" in headline
+    assert (
+        f"{sum(own) / os.path.getsize(out):.2f}x vs the inputs compressed losslessly (zstd -1 of byte-grouped"
+        in headline
+    )
     assert "estimated" not in headline
     doc = json.loads(run("report", out, "--json").stdout)
-    assert doc["bytes"]["lossless"] == sum(own)
+    assert doc["bytes"]["lossless"] == sum(own) and doc["bytes"]["lossless_grouped"] is True
     assert doc["bytes"]["ratio_vs_lossless"] == pytest.approx(sum(own) / os.path.getsize(out))
 
 
-def test_a_lossless_tier_is_compared_with_zstd_3_of_every_whole_input(
-    tmp_path: Path, pop: Population, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Next to a lossless tier the baseline is exact: zstd -3 of every whole file, even where a
-    lossy merge's ``auto`` would sample (FULL_LIMIT lowered here)."""
+def test_lossless_baseline_sample_mode_is_an_estimate(tmp_path: Path) -> None:
+    """``--lossless-baseline sample``: evenly spaced 1 MiB windows, grouped, scaled to the file."""
     from unipack.pack import lossless
 
-    monkeypatch.setattr(lossless, "FULL_LIMIT", 1)
+    big = tmp_path / "big.bin"
+    values = np.random.default_rng(0).normal(0, 0.02, 3 * lossless.WINDOW // 4).astype(np.float32)
+    big.write_bytes(values.tobytes())
+    size = big.stat().st_size
+    measured = lossless.measure_grouped([(big, size)], 4, "sample", share=2 / 16)  # two windows
+    windows = [big.read_bytes()[s : s + lossless.WINDOW] for s in (0, size - lossless.WINDOW)]
+    expected = 0
+    for w in windows:
+        part = tmp_path / "w"
+        part.write_bytes(w)
+        expected += grouped_zstd_size([part], 4)
+    assert measured.sampled and measured.read_bytes == 2 * lossless.WINDOW
+    assert measured.compressed_bytes == round(expected * size / (2 * lossless.WINDOW))
+    full = lossless.measure_grouped([(big, size)], 4, "full")
+    assert not full.sampled and full.compressed_bytes == grouped_zstd_size([big], 4)
+
+
+def test_a_lossless_tier_is_compared_with_the_same_exact_baseline(
+    tmp_path: Path, pop: Population, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Next to a lossless tier the baseline is the same byte-grouped measure of every whole file."""
+    from unipack.pack import lossless
+
     monkeypatch.setattr(lossless, "zipnn_version", lambda: None)  # as without ZipNN installed
     out = tmp_path / "tier.upk"
     unipack.merge(pop.paths, out, exact_tier=True, baselines=False)
-    own = [len(zstandard.ZstdCompressor(level=3).compress(p.read_bytes())) for p in pop.paths]
+    own = [grouped_zstd_size([p], 4) for p in pop.paths]
     with unipack.open(out) as b:
         assert [m.lossless_bytes for m in b.manifest.members] == own
-        assert b.manifest.stats["lossless"] == {"codec": "zstd", "level": 3, "sampled": False}
+        assert b.manifest.stats["lossless"] == GROUPED
         assert "zipnn" not in b.manifest.stats
         r = report(b)
-    assert r.bytes.exact_tier and r.bytes.lossless_level == 3 and r.bytes.zipnn is None
+    assert r.bytes.exact_tier and r.bytes.lossless_level == 1 and r.bytes.zipnn is None
     headline = next(line for line in run("report", out).output.splitlines() if line.startswith("ratio "))
-    assert f"{sum(own) / os.path.getsize(out):.2f}x vs the inputs compressed losslessly (zstd -3: " in headline
+    assert f"{sum(own) / os.path.getsize(out):.2f}x vs the inputs compressed losslessly (zstd -1 of " in headline
     assert "estimated" not in headline and "ZipNN" not in headline
-    # A lossy merge under the same limit measures zstd -19 (files this small are never sampled).
-    lossy = tmp_path / "lossy.upk"
-    unipack.merge(pop.paths, lossy, baselines=False)
-    with unipack.open(lossy) as b:
-        assert b.manifest.stats["lossless"]["level"] == 19
-        assert lossless.plan_mode("auto", sum(p.stat().st_size for p in pop.paths)) == "sample"
-        assert not report(b).bytes.exact_tier
+
+
+def test_an_older_bundles_plain_zstd_baseline_still_reads_and_grows_alike(tmp_path: Path, pop: Population) -> None:
+    """A bundle that recorded the earlier baseline (plain zstd -19, spec §3.6) reports it as such,
+    and ``add`` measures a new member the same way, so the sum stays one measure."""
+    from unipack.format.container import rewrite_bundle
+
+    out, grown = tmp_path / "old.upk", tmp_path / "grown.upk"
+    unipack.merge(pop.paths[:-1], out, baselines=False)
+    old = [len(zstandard.ZstdCompressor(level=19).compress(p.read_bytes())) for p in pop.paths[:-1]]
+
+    def as_before(manifest, writer):  # type: ignore[no-untyped-def]
+        members = tuple(dataclasses.replace(m, lossless_bytes=n) for m, n in zip(manifest.members, old))
+        stats = {**manifest.stats, "lossless": {"codec": "zstd", "level": 19, "sampled": False}}
+        return dataclasses.replace(manifest, members=members, stats=stats, blobs=writer.blobs)
+
+    rewrite_bundle(out, as_before, force=True)
+    with unipack.open(out) as b:
+        r = report(b)
+    assert r.bytes.lossless == sum(old) and r.bytes.lossless_level == 19 and not r.bytes.lossless_grouped
+    headline = next(line for line in run("report", out).output.splitlines() if line.startswith("ratio "))
+    assert "losslessly (zstd -19: " in headline
+    unipack.add(out, pop.paths[-1], output=grown)
+    with unipack.open(grown) as b:
+        assert b.manifest.members[-1].lossless_bytes == len(
+            zstandard.ZstdCompressor(level=19).compress(pop.paths[-1].read_bytes())
+        )
+        assert b.manifest.stats["lossless"] == {"codec": "zstd", "level": 19, "sampled": False}
 
 
 def test_a_lossless_tier_is_compared_with_zipnn_where_installed(tmp_path: Path, pop: Population) -> None:
@@ -358,18 +413,16 @@ def test_a_lossless_tier_is_compared_with_zipnn_where_installed(tmp_path: Path, 
     assert "extract --exact gives every member bit for bit" in " ".join(text.split())
     doc = json.loads(run("report", out, "--json").stdout)
     assert doc["bytes"]["zipnn"] == own and doc["bytes"]["ratio_vs_zipnn"] == pytest.approx(own / os.path.getsize(out))
-    assert doc["bytes"]["exact_tier"] is True and doc["bytes"]["lossless_level"] == 3
+    assert doc["bytes"]["exact_tier"] is True and doc["bytes"]["lossless_level"] == 1
 
 
-def test_add_to_a_lossless_tier_measures_zstd_3_and_drops_zipnn(tmp_path: Path, pop: Population) -> None:
+def test_add_to_a_lossless_tier_measures_the_grouped_baseline_and_drops_zipnn(tmp_path: Path, pop: Population) -> None:
     out, grown = tmp_path / "tier.upk", tmp_path / "grown.upk"
     unipack.merge(pop.paths[:-1], out, exact_tier=True, baselines=False)
     unipack.add(out, pop.paths[-1], output=grown)
     with unipack.open(grown) as b:
-        assert b.manifest.members[-1].lossless_bytes == len(
-            zstandard.ZstdCompressor(level=3).compress(pop.paths[-1].read_bytes())
-        )
-        assert b.manifest.stats["lossless"]["level"] == 3
+        assert b.manifest.members[-1].lossless_bytes == grouped_zstd_size([pop.paths[-1]], 4)
+        assert b.manifest.stats["lossless"] == GROUPED
         assert "zipnn" not in b.manifest.stats  # it no longer covers every member
         assert report(b).bytes.zipnn is None
 

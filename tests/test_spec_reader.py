@@ -1,4 +1,4 @@
-"""An independent .upk reader (format versions 1 to 6 and 8), written from ``format_spec/upk-v1.md``
+"""An independent .upk reader (format versions 1 to 8), written from ``format_spec/upk-v1.md``
 alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
@@ -11,8 +11,9 @@ It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and 
 ``codes`` blobs, and the rebuild of §8.2), version 5 (section 9: the lossless tier, a member's
 ``exact`` map and its residual blobs, rebuilt bit for bit by §9.2) and version 6 (section 10:
 ``lora`` records in ``quant`` and ``cast`` form, each adapter's own factors from its steps and
-codes or its coefficient block) and version 8 (§7.4: a member added later holding a module of any
-form as its own factors, an override).
+codes or its coefficient block), version 7 (§3.1: ``zstd-chunks`` blobs, a chunk index and one
+frame per chunk; §9.1: a residual's ``chunk_sha256``) and version 8 (§7.4: a member added later
+holding a module of any form as its own factors, an override).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -36,7 +37,7 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 8)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
@@ -329,7 +330,8 @@ class SpecBundle:
             dtype, shape, codec = rec.get("dtype"), rec.get("shape"), rec.get("codec")
             _need(dtype in _DTYPES, f"blob record {name!r}: unknown dtype {dtype!r}")
             _need(_shape_ok(shape), f"blob record {name!r}: bad shape")
-            _need(codec in ("none", "zstd"), f"blob record {name!r}: unknown codec {codec!r}")
+            _need(codec in ("none", "zstd", "zstd-chunks"), f"blob record {name!r}: unknown codec {codec!r}")
+            _need(codec != "zstd-chunks" or self.version >= 7, f"blob {name!r}: zstd-chunks needs version 7")
             _need(isinstance(rec.get("shuffle"), bool), f"blob record {name!r}: shuffle is not a bool")
             _need(
                 isinstance(rec.get("sha256"), str) and _HEX64.fullmatch(rec["sha256"]) is not None,
@@ -721,6 +723,15 @@ class SpecBundle:
                         here, base = base, oe.get("base")
                 width = _DTYPES[mdt][1]
                 use(e["blob"], f"residual {mname}/{tname}", dtype=f"U{8 * width}", shape=t["shape"])
+                # §9.1: chunk_sha256 exactly for a zstd-chunks residual, a list of digests.
+                chunked = blobs[e["blob"]]["codec"] == "zstd-chunks"
+                digests = e.get("chunk_sha256")
+                _need((digests is not None) == chunked, f"{mname}/{tname}: chunk_sha256 iff zstd-chunks")
+                _need(
+                    digests is None
+                    or (isinstance(digests, list) and all(isinstance(h, str) and _HEX64.fullmatch(h) for h in digests)),
+                    f"{mname}/{tname}: chunk_sha256 is not a list of sha256 digests",
+                )
         unused = set(blobs) - set(used)
         _need(not unused, f"blobs not referenced by the manifest: {sorted(unused)}")
 
@@ -742,7 +753,9 @@ class SpecBundle:
         np_dtype, size = _DTYPES[rec["dtype"]]
         n = _prod(rec["shape"])
         logical = n * size
-        if rec["codec"] == "zstd":
+        if rec["codec"] == "zstd-chunks":
+            data = b"".join(self._chunks(name, stored, n, size, rec["shuffle"]))
+        elif rec["codec"] == "zstd":
             import zstandard  # lazily: only zstd blobs need it
 
             try:
@@ -768,6 +781,47 @@ class SpecBundle:
             _need(bool(np.all(arr <= 1)), f"blob {name!r}: BOOL value other than 0 or 1")
             arr = arr.astype(np.bool_)
         return arr
+
+    @staticmethod
+    def chunk_table(name: str, stored: bytes, n: int) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """§3.1 zstd-chunks: the index (E, then per chunk its frame and digest), checked."""
+        _need(len(stored) >= 12 and n >= 1, f"blob {name!r}: no chunk index")
+        per, count = struct.unpack_from("<QI", stored, 0)
+        _need(per >= 1 and count == (n + per - 1) // per, f"blob {name!r}: {count} chunks of {per} for {n}")
+        pos = 12 + 40 * count
+        _need(pos <= len(stored), f"blob {name!r}: chunk index runs past the blob")
+        frames = []
+        for k in range(count):
+            (length,) = struct.unpack_from("<Q", stored, 12 + 40 * k)
+            digest = stored[12 + 40 * k + 8 : 12 + 40 * k + 40]
+            _need(length >= 1 and pos + length <= len(stored), f"blob {name!r}: chunk {k} runs past the blob")
+            frames.append((stored[pos : pos + length], digest))
+            pos += length
+        _need(pos == len(stored), f"blob {name!r}: bytes after the last frame")
+        return per, frames
+
+    def _chunks(self, name: str, stored: bytes, n: int, size: int, shuffle: bool) -> list[bytes]:
+        """§3.1 zstd-chunks: every chunk's logical bytes, each frame verified against its digest."""
+        import zstandard
+
+        per, frames = self.chunk_table(name, stored, n)
+        _need(n * size <= 1024 * len(stored) + 65536, f"blob {name!r}: beyond the 1024:1 ratio")  # the whole blob
+        out = []
+        for k, (frame, digest) in enumerate(frames):
+            if hashlib.sha256(frame).digest() != digest:
+                raise SpecChecksumError(f"blob {name!r}: chunk {k} sha256 mismatch")
+            count = min(per, n - k * per)
+            logical = count * size
+            try:
+                declared = zstandard.get_frame_parameters(frame).content_size
+                data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=logical, allow_extra_data=False)
+            except zstandard.ZstdError as exc:
+                raise SpecFormatError(f"blob {name!r}: chunk {k}: bad zstd frame ({exc})") from None
+            _need(declared == logical == len(data), f"blob {name!r}: chunk {k} is not {logical} bytes")
+            if shuffle:  # §3.1: the chunk's own byte planes
+                data = np.frombuffer(data, np.uint8).reshape(size, count).T.tobytes()
+            out.append(data)
+        return out
 
     def read_member(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
         """§4: rebuild every tensor of ``member``, in the order of ``tensors``."""
@@ -869,7 +923,16 @@ class SpecBundle:
                 d = (r >> one) ^ (np.zeros((), udt) - (r & one))
                 x = p + d
             arr = x.view(_DTYPES[dt][0]).reshape(t["shape"])
-        got = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+        raw = np.ascontiguousarray(arr).tobytes()
+        if e.get("chunk_sha256") is not None:  # §9.2 step 4: each chunk's element range
+            digests = e["chunk_sha256"]
+            per, _ = self.chunk_table(e["blob"], self.blob_stored_bytes(e["blob"]), arr.size)
+            _need(len(digests) == (arr.size + per - 1) // per, f"{member}/{name}: chunk_sha256 count")
+            step = per * arr.itemsize
+            for k, digest in enumerate(digests):
+                if hashlib.sha256(raw[k * step : (k + 1) * step]).hexdigest() != digest:
+                    raise SpecChecksumError(f"member {member} tensor {name}: chunk {k} of the rebuilt tensor differs")
+        got = hashlib.sha256(raw).hexdigest()
         if got != e["sha256"]:  # step 4
             raise SpecChecksumError(f"member {member} tensor {name}: sha256 of the rebuilt tensor differs")
         return arr
@@ -2245,6 +2308,12 @@ LOSSLESS_VARIANTS: dict[str, dict[str, Any]] = {
     "mixed": {"members": ["F32", "F16", "F32", "F32", "F16"], "options": {}},
     "delta": {"members": ["F32"] * N_MEMBERS, "options": {"quantize": True}},
     "mean-only": {"members": ["F32"] * N_MEMBERS, "options": {"rank": 0}},
+    # §3.1, §9.1 (version 7): chunks of 1 KiB, so every large blob spans several, the last partial.
+    "chunked-f32": {"members": ["F32"] * N_MEMBERS, "options": {}, "chunk_bytes": 1024},
+    "chunked-bf16": {"members": ["BF16"] * N_MEMBERS, "options": {"rank": 0}, "chunk_bytes": 1000},
+    "chunked-mixed": {"members": ["F32", "F16", "F32", "F32", "F16"], "options": {}, "chunk_bytes": 700},
+    # The layout of versions 5 and 6 (one frame per blob), which readers still read.
+    "one-frame": {"members": ["F32"] * N_MEMBERS, "options": {}, "chunk_bytes": None},
 }
 
 
@@ -2286,7 +2355,12 @@ def lossless_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
             near["blocks.0.wide.bias"] = near["blocks.0.wide.bias"] * 1.001
             _st_save(near, str(paths[3]), metadata=_st_meta(paths[3]))
         target = d / "bundle.upk"
-        unipack.merge([str(p) for p in paths], str(target), exact_tier=True, **{**_COMMON, **spec["options"]})
+        with pytest.MonkeyPatch.context() as mp:
+            if "chunk_bytes" in spec:
+                from unipack.format import codec
+
+                mp.setattr(codec, "CHUNK_BYTES", spec["chunk_bytes"])
+            unipack.merge([str(p) for p in paths], str(target), exact_tier=True, **{**_COMMON, **spec["options"]})
         out[key] = (target, paths)
     return out
 
@@ -2296,7 +2370,10 @@ def test_spec_reader_rebuilds_lossless_members_bit_for_bit(lossless_bundles, var
     """§9.2: the spec reader's exact members equal the inputs byte for byte, and unipack's."""
     path, inputs = lossless_bundles[variant]
     sb = SpecBundle(path)
-    assert sb.version == 5
+    # §9, §6: version 7 only where a blob is chunked (the variants of 1 KiB chunks, not the others).
+    chunked = any(rec["codec"] == "zstd-chunks" for rec in sb.blobs.values())
+    assert chunked == (LOSSLESS_VARIANTS[variant].get("chunk_bytes") is not None and variant.startswith("chunked"))
+    assert sb.version == (7 if chunked else 5)
     for i, name in enumerate(_member_names(path)):
         original = _original(inputs[i])
         spec_exact = sb.read_member_exact(name)
@@ -2383,4 +2460,81 @@ def test_a_cycle_of_member_bases_is_refused_by_both_readers(lossless_bundles, tm
     with pytest.raises(SpecFormatError, match="chain"):
         SpecBundle(bad)
     with pytest.raises(unipack.FormatError, match="chain"):
+        unipack.open(str(bad))
+
+
+# --------------------------------------------------------------------------------------
+# §3.1, §9.1 (version 7): chunked blobs and chunk digests, checked independently
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [k for k in LOSSLESS_VARIANTS if k.startswith("chunked")])
+def test_chunk_digests_are_those_of_the_original_bytes(lossless_bundles, variant):
+    """§9.1: each chunk_sha256 is the sha256 of the original tensor's bytes over the chunk's
+    element range (E from the blob's index, the last chunk partial), computed here from the input
+    file; the index's frames tile the blob and decode to the residual's bytes."""
+    path, inputs = lossless_bundles[variant]
+    sb = SpecBundle(path)
+    names, seen_partial, most = _member_names(path), False, 0
+    for i, mname in enumerate(names):
+        original = _original(inputs[i])
+        for tname, e in sb.members[mname]["exact"].items():
+            if e.get("chunk_sha256") is None:
+                continue
+            raw = np.ascontiguousarray(original[tname][1]).tobytes()
+            n = original[tname][1].size
+            per, frames = SpecBundle.chunk_table(e["blob"], sb.blob_stored_bytes(e["blob"]), n)
+            width = len(raw) // n
+            want = [
+                hashlib.sha256(raw[k * per * width : (k + 1) * per * width]).hexdigest() for k in range(len(frames))
+            ]
+            assert e["chunk_sha256"] == want and per * width <= LOSSLESS_VARIANTS[variant]["chunk_bytes"]
+            seen_partial |= n % per != 0
+            most = max(most, len(frames))
+    assert seen_partial and most >= 3
+
+
+def test_a_corrupt_chunk_is_one_clear_error_naming_tensor_and_chunk(lossless_bundles, tmp_path):
+    """A byte flipped inside one frame of a chunked residual: both readers refuse the member,
+    unipack with one error that names the member, tensor and chunk; the lossy member still reads."""
+    path, _ = lossless_bundles["chunked-f32"]
+    sb = SpecBundle(path)
+    name = _member_names(path)[2]
+    tname, e = next((k, e) for k, e in sb.members[name]["exact"].items() if e.get("chunk_sha256"))
+    stored = sb.blob_stored_bytes(e["blob"])
+    _, frames = SpecBundle.chunk_table(e["blob"], stored, _prod(sb.blobs[e["blob"]]["shape"]))
+    frame_at = stored.index(frames[1][0])  # inside chunk 1's frame
+    bad = tmp_path / "bad.upk"
+    data = bytearray(path.read_bytes())
+    start = sb.data_start + sb.entries[e["blob"]]["begin"]
+    data[start + frame_at + len(frames[1][0]) // 2] ^= 0x55
+    bad.write_bytes(bytes(data))
+    with pytest.raises((SpecChecksumError, SpecFormatError)):
+        SpecBundle(bad).read_member_exact(name)
+    with pytest.raises(unipack.FormatError) as caught:
+        with unipack.open(str(bad)) as b:
+            b.load_numpy(name, exact=True)
+    message = str(caught.value)
+    assert "\n" not in message and repr(tname) in message and "chunk 1" in message and repr(name) in message
+    with unipack.open(str(bad)) as b:
+        b.load_numpy(name)
+        problems = b.verify()  # the frame's own digest finds it without the lossless tier
+    assert any("chunk 1" in p and e["blob"] in p for p in problems)
+
+
+def test_a_chunked_blob_in_a_version_6_bundle_is_refused_by_both_readers(lossless_bundles, tmp_path):
+    """§3.1, §5: zstd-chunks only from version 7."""
+    path, _ = lossless_bundles["chunked-bf16"]
+    header, _ = _raw_header(path)
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    manifest["format_version"] = 6
+
+    def edit(meta: dict[str, str]) -> None:
+        text = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False)
+        meta.update(format_version="6", manifest=text, manifest_sha256=hashlib.sha256(text.encode()).hexdigest())
+
+    bad = _repack(path, tmp_path / "v6.upk", meta_edit=edit)
+    with pytest.raises(SpecFormatError, match="version 7"):
+        SpecBundle(bad)
+    with pytest.raises(unipack.FormatError, match="version 7"):
         unipack.open(str(bad))

@@ -26,6 +26,10 @@ population of ``tools/rd_population.py``::
     python tools/bench_exact.py                                    # synthetic, 4 x 50 MB fp32
     python tools/bench_exact.py --dtype bf16
     python tools/bench_exact.py ~/.cache/unipack/rd-minilm/population
+
+Bundles are written in the current layout (large blobs as ``zstd-chunks``, format version 7);
+``--one-frame`` writes and reads the layout of versions 5 and 6 (one zstd frame per blob), and
+``--compare`` times exact extraction of that layout's bundle too, in the same rounds.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from safetensors.torch import load_file as load_torch
 
 import unipack
 from unipack.bundle.exact import ExactMember
+from unipack.format import codec, dtypes
 
 MB = 1e6
 CACHE = Path("/tmp/unipack-bench-exact")
@@ -119,15 +124,18 @@ def floor_blobs(bundle: unipack.Bundle, member: str) -> list[str]:
     return names
 
 
-def best_of(repeat: int, runs: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Best seconds of each run over ``repeat`` interleaved rounds (load drifts between rounds)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+def best_of(repeat: int, runs: dict[str, Callable[[], object]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Best wall-clock seconds of each run over ``repeat`` interleaved rounds (load drifts between
+    rounds), and the CPU seconds (all threads of this process) of that round: on a shared
+    machine, MB per CPU second shows the work done, whatever share of the cores the run got."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - started)
-    return {name: min(t) for name, t in times.items()}
+            times[name].append((time.perf_counter() - started, time.process_time() - cpu))
+    best = {name: min(t) for name, t in times.items()}
+    return {name: b[0] for name, b in best.items()}, {name: b[1] for name, b in best.items()}
 
 
 def main() -> int:
@@ -141,6 +149,8 @@ def main() -> int:
     ap.add_argument("--rule", choices=("rank0", "default"), default="rank0", help="rank0: --lossless --rank 0")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--one-frame", action="store_true", help="the one-frame layout of versions 5-6")
+    ap.add_argument("--compare", action="store_true", help="also time exact extraction of the one-frame layout")
     args = ap.parse_args()
 
     if args.population is None:
@@ -155,10 +165,20 @@ def main() -> int:
     if not paths:
         print(f"{args.population}: no inputs", file=sys.stderr)
         return 1
-    if not bundle_path.is_file():
-        options = {"rank": 0} if args.rule == "rank0" else {}
-        print(f"merging {len(paths)} members into {bundle_path} ...", file=sys.stderr)
-        unipack.merge(paths, bundle_path, exact_tier=True, baselines=False, lossless="off", force=True, **options)
+    one_frame_path = bundle_path  # the name the one-frame layout always had
+    if not args.one_frame:
+        bundle_path = bundle_path.with_name(f"{bundle_path.stem}-chunked.upk")
+    options = {"rank": 0} if args.rule == "rank0" else {}
+    for path, chunked in ((bundle_path, not args.one_frame), (one_frame_path, False)):
+        if path.is_file() or (path == one_frame_path and not (args.compare or args.one_frame)):
+            continue
+        print(f"merging {len(paths)} members into {path} ...", file=sys.stderr)
+        saved = codec.CHUNK_BYTES
+        codec.CHUNK_BYTES = saved if chunked else None
+        try:
+            unipack.merge(paths, path, exact_tier=True, baselines=False, lossless="off", force=True, **options)
+        finally:
+            codec.CHUNK_BYTES = saved
 
     source = original_file(paths[args.member])
     with unipack.open(bundle_path) as b:
@@ -167,6 +187,7 @@ def main() -> int:
         got = b.load_numpy(member, exact=True)
         exact = {k: hashlib.sha256(np.ascontiguousarray(a)).hexdigest() for k, (_, a) in got.items()} == reference
         nbytes = sum(a.nbytes for _, a in got.values())
+        version = b.manifest.format_version
         blobs = floor_blobs(b, member)
         outputs = [a for _, a in got.values()]
         del got
@@ -174,8 +195,13 @@ def main() -> int:
         def floor() -> None:
             for name in blobs:
                 stored = b._file.read_stored(name)  # with its checksum
-                if b.manifest.blobs[name].codec == "zstd":
+                rec = b.manifest.blobs[name]
+                if rec.codec == "zstd":
                     zstandard.ZstdDecompressor().decompress(stored)
+                elif rec.codec == "zstd-chunks":  # every frame, one after the other
+                    index = codec.chunk_index(stored, dtypes.itemsize(rec.dtype), rec.nbytes, name)
+                    for offset, length, _ in index.frames:
+                        zstandard.ZstdDecompressor().decompress(stored[offset : offset + length])
             for a in outputs:
                 hashlib.sha256(np.ascontiguousarray(a)).hexdigest()
 
@@ -191,25 +217,38 @@ def main() -> int:
             runs["exact"] = lambda: b.load_numpy(member, exact=True)
         runs["lossy"] = lambda: b.load_numpy(member)
         runs["floor (zstd + sha256), 1 thread"] = floor
-        seconds = best_of(args.repeat, runs)
+        other = unipack.open(one_frame_path) if args.compare and bundle_path != one_frame_path else None
+        if other is not None:
+            runs["exact, one-frame bundle"] = lambda: other.load_numpy(member, exact=True)
+        seconds, cpu_seconds = best_of(args.repeat, runs)
+        if other is not None:
+            other.close()
 
     speeds = {name: nbytes / s / MB for name, s in seconds.items()}
+    per_cpu = {name: nbytes / max(s, 1e-9) / MB for name, s in cpu_seconds.items()}
     result = {
         "bundle": str(bundle_path),
         "member": member,
         "member_mb": round(nbytes / MB, 1),
         "bit_exact": exact,
         "blobs_read": len(blobs),
+        "format_version": version,
+        "file_bytes": bundle_path.stat().st_size,
         "mb_per_s": {k: round(v, 1) for k, v in speeds.items()},
+        "mb_per_cpu_s": {k: round(v, 1) for k, v in per_cpu.items()},
         "exact_vs": {k: round(speeds["exact"] / v, 3) for k, v in speeds.items() if k != "exact"},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0 if exact else 1
     print(f"{bundle_path} member {member!r}: {nbytes / MB:.1f} MB, bit exact: {exact}, {len(blobs)} blobs read")
-    print(f"{'run':<34}{'MB/s':>9}{'exact / run':>13}")
+    print(f"format version {version}, {bundle_path.stat().st_size} bytes", end="")
+    if one_frame_path.is_file() and one_frame_path != bundle_path:
+        print(f" (one-frame layout: {one_frame_path.stat().st_size} bytes)", end="")
+    print()
+    print(f"{'run':<34}{'MB/s':>9}{'exact / run':>13}{'MB/CPU-s':>10}")
     for name, speed in speeds.items():
-        print(f"{name:<34}{speed:>9.1f}{speeds['exact'] / speed:>12.2f}x")
+        print(f"{name:<34}{speed:>9.1f}{speeds['exact'] / speed:>12.2f}x{per_cpu[name]:>10.1f}")
     return 0 if exact else 1
 
 

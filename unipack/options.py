@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unipack.errors import OptionsError
-from unipack.format.codec import CODECS as CODEC_REGISTRY
+from unipack.format.codec import SELECTABLE as CODEC_REGISTRY
 from unipack.format.dtypes import STORAGE_DTYPES
 
 #: The default fidelity target: every member's relative Frobenius error on every tensor, against
@@ -186,10 +186,9 @@ class MergeOptions:
     lossless: str = _opt(
         "auto",
         "--lossless-baseline",
-        "Measure the inputs compressed losslessly (zstd -19) "
-        "for the report: full, sample (an estimate from 16 MiB), off, or auto (full up "
-        "to 64 MiB of inputs, else sample). With --lossless: zstd -3 (auto: full), and "
-        "ZipNN where the zipnn package is installed.",
+        "Measure the inputs compressed losslessly (zstd -1 of byte-grouped floats, every "
+        "byte) for the report: full (also auto), sample (an estimate from 16 MiB), or off. "
+        "With --lossless, also ZipNN where the zipnn package is installed.",
         choices=LOSSLESS,
     )
 

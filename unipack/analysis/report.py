@@ -57,7 +57,10 @@ class ByteReport:
     lossless_sampled: bool  # lossless is an estimate from evenly spaced samples
     parts: dict[str, int]
     mean_only: int  # what the bundle would cost without bases and coefficients (rank 0 everywhere)
-    lossless_level: int = 19  # zstd's level for ``lossless`` (3 next to a lossless tier: whole files)
+    lossless_level: int = 19  # zstd's level for ``lossless`` (older bundles: 19, or 3 next to a lossless tier)
+    #: ``lossless`` is zstd of byte-grouped streams (spec §3.6 ``grouping``), measured whole; older
+    #: bundles recorded plain zstd
+    lossless_grouped: bool = False
     exact_tier: bool = False  # every member comes back bit for bit: the file is a lossless figure
     zipnn: int | None = None  # ZipNN on every input, measured by a lossless merge where installed
     zipnn_version: str | None = None
@@ -228,7 +231,8 @@ def build_report(
         lossless_sampled=bool(lossless_stats.get("sampled")),
         parts=parts,
         mean_only=_mean_only_bytes(manifest, parts, stored),
-        lossless_level=int(lossless_stats.get("level", 19)),
+        lossless_level=int(lossless_stats.get("level", 19)) if _is_int(lossless_stats.get("level", 19)) else 19,
+        lossless_grouped=lossless_stats.get("grouping") == "bytes",
         exact_tier=bool(manifest.members) and all(m.exact is not None for m in manifest.members),
         zipnn=zipnn.get("bytes"),
         zipnn_version=str(zipnn["version"]) if zipnn.get("version") else None,
@@ -550,3 +554,7 @@ def report(
         for m in result.members
     ]
     return replace(result, members=members, evaluation=scored)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

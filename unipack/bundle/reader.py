@@ -68,7 +68,16 @@ class BundleReader:
         order is the same, and so are the arrays)."""
         if exact:
             rec = self.member(member)
-            yield from ExactMember(self.manifest, rec, self._file.read_blob, str(self.path), threads=threads).arrays()
+            rebuilt = ExactMember(
+                self.manifest,
+                rec,
+                self._file.read_blob,
+                str(self.path),
+                threads=threads,
+                chunks=self._file,
+                read_unverified=self._file.read_unverified,
+            )
+            yield from rebuilt.arrays()
             return
         with codec.scratch_buffer():  # one zstd output buffer for the member's shared blobs
             view = self.view(member)

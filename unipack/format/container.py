@@ -25,6 +25,8 @@ from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec, dtypes
 from unipack.format.atomic import atomic_write, bundle_lock, check_writable, real_target, same_file, spool_file
 from unipack.format.manifest import (
+    CHUNKED_CODEC,
+    CHUNKED_FORMAT_VERSION,
     COMPRESSED_MANIFEST_VERSION,
     FORMAT_NAME,
     MANIFEST_BLOB,
@@ -62,18 +64,20 @@ def blob_level(dtype: str, level: int) -> int:
 class BundleWriter:
     """Collects blobs in a spool file; :meth:`finish` writes the bundle atomically."""
 
-    def __init__(self, spool: BinaryIO, codec_name: str, level: int) -> None:
+    def __init__(self, spool: BinaryIO, codec_name: str, level: int, chunk_bytes: int | None = None) -> None:
         self._spool = spool
         self._codec, self._level = codec_name, level
+        #: zstd blobs larger than this are stored as ``zstd-chunks`` (None: one frame each).
+        self.chunk_bytes = chunk_bytes
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []  # header entries in data order
         self.blobs: dict[str, BlobRecord] = {}
 
     @classmethod
     @contextlib.contextmanager
-    def spooled(cls, out: Path, codec_name: str, level: int) -> Iterator[BundleWriter]:
+    def spooled(cls, out: Path, codec_name: str, level: int, chunk_bytes: int | None = None) -> Iterator[BundleWriter]:
         real = real_target(out)  # beside the file a link names: where the final write goes
         with spool_file(real.parent, real.name) as f:
-            yield cls(f, codec_name, level)
+            yield cls(f, codec_name, level, chunk_bytes)
 
     @property
     def codec_name(self) -> str:
@@ -92,7 +96,8 @@ class BundleWriter:
         if name in self.blobs:
             raise ValueError(f"blob {name!r} written twice")
         data = dtypes.to_bytes(array, dtype)
-        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self.level_for(dtype))
+        level = self.level_for(dtype)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
         shape = tuple(int(d) for d in array.shape)
         self.blobs[name] = BlobRecord(dtype, shape, used, shuffled, codec.sha256(stored))
         if used == "none":  # an ordinary tensor that any safetensors tool can read
@@ -162,6 +167,11 @@ class BundleWriter:
         Under the bundle's writers' lock (``bundle_lock``): a bundle replaced by ``merge --force``
         is never renamed into place in the middle of an ``add`` to it.
         """
+        if any(b.codec == CHUNKED_CODEC for b in manifest.blobs.values()):
+            # Readers of versions 1 to 6 know no chunked blob: only a bundle with one says 7.
+            manifest = dataclasses.replace(
+                manifest, format_version=max(manifest.format_version, CHUNKED_FORMAT_VERSION)
+            )
         text = manifest_json.to_json(manifest)
         packed = None
         if len(text.encode("utf-8")) > COMPRESS_MANIFEST_ABOVE:
@@ -236,13 +246,68 @@ class BundleFile:
         return stored
 
     def read_blob(self, name: str) -> np.ndarray:
-        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified."""
-        rec = self.manifest.blobs[name]
-        stored = self.read_stored(name)
-        data = codec.decode(
-            stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes, f"{self.path}: blob {name!r}"
+        """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified (a
+        chunked blob's frames, each against its digest, as they decode)."""
+        return self._decoded(name, verify=True)
+
+    def read_unverified(self, name: str) -> np.ndarray:
+        """:meth:`read_blob` without checking the stored checksums, for a caller that checks what
+        it builds from the blob against digests of its own (exact extraction, spec §9.2 step 4).
+        Decoding stays bounded and strict: a damaged blob gives an error or other bits, never
+        more memory than its record allows."""
+        return self._decoded(name, verify=False)
+
+    def read_part(self, name: str, offset: int, length: int) -> bytearray:
+        """Bytes ``[offset, offset + length)`` of a blob's stored bytes, unverified (a chunked
+        blob's index or one frame: each chunk reads its own frame, so reading is parallel too)."""
+        if self._fd is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        entry = self.header.tensors[name]
+        if not 0 <= offset <= offset + length <= entry.nbytes:
+            raise FormatError(f"{self.path}: blob {name!r}: bytes {offset} to {offset + length} are outside it")
+        return read_bytes(
+            self._fd,
+            dataclasses.replace(entry, start=entry.start + offset, end=entry.start + offset + length),
+            self.path,
         )
+
+    def chunk_index(self, name: str) -> codec.ChunkIndex:
+        """A ``zstd-chunks`` blob's index, read and checked (its frames are not read)."""
+        rec, entry = self.manifest.blobs[name], self.header.tensors[name]
+        where = f"{self.path}: blob {name!r}"
+        head = self.read_part(name, 0, min(codec.INDEX_HEAD, entry.nbytes))
+        head = self.read_part(name, 0, min(codec.index_length(head), entry.nbytes))
+        return codec.chunk_index(head, dtypes.itemsize(rec.dtype), rec.nbytes, where, entry.nbytes)
+
+    def _decoded(self, name: str, *, verify: bool) -> np.ndarray:
+        rec = self.manifest.blobs[name]
+        if rec.codec == CHUNKED_CODEC:
+            return self._chunked(name, verify)
+        if verify:
+            stored = self.read_stored(name)
+        else:
+            if self._fd is None:
+                raise FormatError(f"{self.path}: bundle is closed")
+            stored = read_bytes(self._fd, self.header.tensors[name], self.path)
+        itemsize, where = dtypes.itemsize(rec.dtype), f"{self.path}: blob {name!r}"
+        data = codec.decode(stored, rec.codec, rec.shuffle, itemsize, rec.nbytes, where, verify=verify)
         return dtypes.from_bytes(data, rec.dtype, rec.shape)
+
+    def _chunked(self, name: str, verify: bool) -> np.ndarray:
+        """A ``zstd-chunks`` blob, each chunk read, verified and decoded on the chunk pool."""
+        rec, where = self.manifest.blobs[name], f"{self.path}: blob {name!r}"
+        index, itemsize = self.chunk_index(name), dtypes.itemsize(rec.dtype)
+        out = np.empty(rec.nbytes, np.uint8)
+
+        def one(k: int) -> None:
+            start, stop = index.span(k)
+            offset, length, _ = index.frames[k]
+            frame = self.read_part(name, offset, length)
+            part = out[start * itemsize : stop * itemsize].data
+            codec.decode_chunk(frame, index, k, rec.shuffle, itemsize, part, where, verify=verify)
+
+        codec.run_chunks(one, index.count)
+        return dtypes.from_bytes(out.data, rec.dtype, rec.shape)
 
     def read_header_bytes(self) -> bytes:
         """The header exactly as stored: 8-byte length, JSON, padding."""

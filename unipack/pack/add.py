@@ -357,13 +357,19 @@ class _Adder:
         self.outcomes.append((t.name, kind, error, reason, blobs, over_budget))
 
     def _lossless(self) -> lossless.LosslessSize | None:
-        """zstd size of the new input (at the level the bundle records), measured only if the bundle
-        records that baseline."""
+        """The new input's lossless size by the measure the bundle records (byte-grouped zstd, or
+        an older bundle's plain zstd at its level), measured only if the bundle records one."""
         recorded = self.old.stats.get("lossless")
         if not isinstance(recorded, dict):
             return None
+        if lossless.is_grouped(recorded):
+            mode = lossless.plan_mode(self.options.lossless, self.checkpoint.file_size)
+            size = lossless.group_size(self.checkpoint)
+            return lossless.measure_grouped(self.checkpoint.files, size, mode) if mode is not None else None
         level = int(recorded.get("level", lossless.LEVEL))
-        mode = lossless.plan_mode(self.options.lossless, self.checkpoint.file_size, level == lossless.FAST_LEVEL)
+        mode = lossless.plan_mode(
+            self.options.lossless, self.checkpoint.file_size, level == lossless.FAST_LEVEL, grouped=False
+        )
         return lossless.measure_files(self.checkpoint.files, mode, level=level) if mode is not None else None
 
     def _stats(self, measured: lossless.LosslessSize | None) -> dict[str, Any]:

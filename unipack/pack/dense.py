@@ -68,8 +68,8 @@ class RecordingWriter:
     """Stands in for the bundle writer in a worker: compresses each blob exactly as the writer
     would (``codec_name`` at zstd ``level``) and keeps it, in order, for the parent to append."""
 
-    def __init__(self, codec_name: str, level: int) -> None:
-        self._codec, self._level = codec_name, level
+    def __init__(self, codec_name: str, level: int, chunk_bytes: int | None = None) -> None:
+        self._codec, self._level, self.chunk_bytes = codec_name, level, chunk_bytes
         self.made: list[EncodedBlob] = []
 
     def level_for(self, dtype: str) -> int:
@@ -77,7 +77,8 @@ class RecordingWriter:
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> str:
         data = dtypes.to_bytes(array, dtype)
-        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, self.level_for(dtype))
+        level = self.level_for(dtype)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
         shape = tuple(int(d) for d in array.shape)
         self.made.append(EncodedBlob(name, dtype, shape, bytes(stored), used, shuffled))
         return name
@@ -139,7 +140,7 @@ class Merger:
         return (execution or Execution(jobs=1)).open(self.checkpoints, n_jobs, from_bytes)
 
     def _start_lossless(self, pool: Executor) -> list[Callable[[], Any]]:
-        """The zstd -19 baseline (seconds per member) started beside the tensors, not before them."""
+        """The lossless baseline (a second or so per member) started beside the tensors, not before them."""
         mode = lossless.plan_mode(
             self.options.lossless, sum(c.file_size for c in self.checkpoints), exact_tier=self.options.exact_tier
         )
@@ -165,7 +166,7 @@ class Merger:
         n = len(self.checkpoints)
         apart = copy.copy(self)
         apart.progress = None
-        apart.writer = RecordingWriter(self.options.codec, self.options.zstd_level)  # type: ignore[assignment]
+        apart.writer = RecordingWriter(self.options.codec, self.options.zstd_level, chunk_bytes_for(self.options))  # type: ignore[assignment]
         apart.coefs, apart.codes = [[] for _ in range(n)], [[] for _ in range(n)]
         apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         if self.alternatives is not None:
@@ -343,16 +344,20 @@ class Merger:
         return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
     def _measure_lossless(self, i: int) -> tuple[lossless.LosslessSize | None, int | None]:
-        """Member ``i``'s inputs compressed losslessly, for the report: the baseline (zstd -19, or
-        with a lossless tier zstd -3 of the whole files) and, with a tier, ZipNN where installed."""
+        """Member ``i``'s inputs compressed losslessly, for the report: the baseline (byte-grouped
+        zstd of the whole files) and, with a lossless tier, ZipNN where installed."""
         sizes = [c.file_size for c in self.checkpoints]
         tier = self.options.exact_tier
         mode = lossless.plan_mode(self.options.lossless, sum(sizes), exact_tier=tier)
         if mode is None:
             return None, None
         c = self.checkpoints[i]
-        measured = lossless.measure_files(c.files, mode, sizes[i] / max(sum(sizes), 1), lossless.baseline_level(tier))
-        zipnn = lossless.zipnn_size(c.files, _main_dtype(c)) if tier and lossless.zipnn_version() is not None else None
+        measured = lossless.measure_grouped(c.files, lossless.group_size(c), mode, sizes[i] / max(sum(sizes), 1))
+        zipnn = (
+            lossless.zipnn_size(c.files, lossless.main_dtype(c))
+            if tier and lossless.zipnn_version() is not None
+            else None
+        )
         return measured, zipnn
 
     def _values(self, i: int, name: str) -> np.ndarray:
@@ -486,11 +491,7 @@ class Merger:
         if self.alternatives is not None and self.alternatives.compared:
             stats["alternatives"] = self.alternatives.to_stats()
         if all(self.lossless):
-            stats["lossless"] = {
-                "codec": "zstd",
-                "level": lossless.baseline_level(self.options.exact_tier),
-                "sampled": any(m.sampled for m in self.lossless if m),
-            }
+            stats["lossless"] = lossless.grouped_stats(any(m.sampled for m in self.lossless if m))
         if all(z is not None for z in self.zipnn):
             stats["zipnn"] = {"bytes": sum(z or 0 for z in self.zipnn), "version": lossless.zipnn_version()}
         return Manifest(
@@ -515,12 +516,11 @@ class Merger:
         return {}
 
 
-def _main_dtype(c: Checkpoint) -> str:
-    """The dtype holding most of a checkpoint's bytes (what ZipNN groups its bytes for)."""
-    held: dict[str, int] = {}
-    for info in c.tensors.values():
-        held[info.dtype] = held.get(info.dtype, 0) + info.numel * dtypes.itemsize(info.dtype)
-    return max(held, key=lambda d: held[d]) if held else "F32"
+def chunk_bytes_for(options: MergeOptions) -> int | None:
+    """Bytes per chunk of large blobs: a bundle with a lossless tier stores them in chunks
+    (format version 7) that ``extract --exact`` decodes and verifies in parallel; a lossy bundle
+    keeps the one-frame layout every older reader reads (None)."""
+    return codec.CHUNK_BYTES if options.exact_tier else None
 
 
 # -- jobs: a tensor's work as a function of plain data, for an executor's worker process ----------
@@ -528,7 +528,7 @@ def _main_dtype(c: Checkpoint) -> str:
 
 def worker_merger(cls: type[Merger], inputs: Inputs, options: MergeOptions) -> Merger:
     """A merger over ``inputs`` in a worker process, writing nowhere (``_apart`` records)."""
-    writer = RecordingWriter(options.codec, options.zstd_level)
+    writer = RecordingWriter(options.codec, options.zstd_level, chunk_bytes_for(options))
     return cls(opened(inputs), options, writer, None)  # type: ignore[arg-type]
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -36,7 +37,14 @@ from unipack.bundle.exact import stored_mean_prediction
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
-from unipack.format.manifest import EXACT_TIER_FORMAT_VERSION, ExactEntry, Manifest, TensorRecord
+from unipack.format.manifest import (
+    CHUNKED_CODEC,
+    CHUNKED_FORMAT_VERSION,
+    EXACT_TIER_FORMAT_VERSION,
+    ExactEntry,
+    Manifest,
+    TensorRecord,
+)
 from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
 from unipack.sources.checkpoint import Checkpoint
 
@@ -74,9 +82,16 @@ def add_exact_tier(
         tensors=manifest.tensors,
         members=members,
         blobs=writer.blobs,
-        format_version=max(manifest.format_version, EXACT_TIER_FORMAT_VERSION),
+        format_version=_version(manifest.format_version, writer),
         stats=stats,
     )
+
+
+def _version(version: int, writer: BundleWriter) -> int:
+    """A lossless tier's format version: 5, or 7 where the writer chunked a blob (the writer
+    would say so when writing; the merge's result says it already)."""
+    chunked = any(b.codec == CHUNKED_CODEC for b in writer.blobs.values())
+    return max(version, CHUNKED_FORMAT_VERSION if chunked else EXACT_TIER_FORMAT_VERSION)
 
 
 def _tensor_tier(
@@ -94,9 +109,12 @@ def _tensor_tier(
         member = manifest.members[i]
         dtype = member.dtype_of(t)
         array = c.read(t.name)
-        sha = codec.sha256(dtypes.byte_view(array, dtype))
+        view = dtypes.byte_view(array, dtype)
+        # The whole tensor's sha256 is one serial pass: it runs beside the ranking and the
+        # (chunk-parallel) compression of the residual instead of before them.
+        sha_of = codec.in_background(partial(codec.sha256, view))
         if t.mean is None or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
-            entries[i][t.name] = ExactEntry(sha)
+            entries[i][t.name] = ExactEntry(sha_of())
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
                 predictable[member.name] = (residual.as_bits(array), 0)
             continue
@@ -113,18 +131,40 @@ def _tensor_tier(
         shape = tuple(int(d) for d in array.shape)
         rdtype = RESIDUAL_DTYPES[dtypes.itemsize(dtype)]
         blob = writer.add_encoded(f"residual/{i}/{t.name}", rdtype, shape, best.stored, best.codec, best.shuffled)
-        entries[i][t.name] = ExactEntry(sha, blob, best.coding, best.base)
+        chunks = None
+        if best.codec == CHUNKED_CODEC:  # each chunk's original bytes: what the reader verifies
+            assert writer.chunk_bytes is not None
+            chunks = chunk_digests(x, codec.chunk_elements(x.dtype.itemsize, writer.chunk_bytes))
+        entries[i][t.name] = ExactEntry(sha_of(), blob, best.coding, best.base, chunks)
         predictable[member.name] = (x, depths[best.base] if best.base is not None else 0)
 
 
-def candidates(x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int) -> list[Coded]:
+def chunk_digests(x: np.ndarray, elements: int) -> tuple[str, ...]:
+    """The sha256 of ``x``'s bytes over each chunk of ``elements`` elements (spec §9.1
+    ``chunk_sha256``), hashed on the chunk pool."""
+    count = -(-x.size // elements)
+    return tuple(codec.run_chunks(lambda k: codec.sha256(x[k * elements : (k + 1) * elements].data), count))
+
+
+def candidates(
+    x: np.ndarray, p: np.ndarray, base: str, itemsize: int, codec_name: str, level: int, chunk_bytes: int | None = None
+) -> list[Coded]:
     """Every coding of ``x`` against prediction ``p``, compressed as the writer would store it."""
-    return [encoded(x, p, base, coding, itemsize, codec_name, level) for coding in residual.CODINGS]
+    return [encoded(x, p, base, coding, itemsize, codec_name, level, chunk_bytes) for coding in residual.CODINGS]
 
 
-def encoded(x: np.ndarray, p: np.ndarray, base: str, coding: str, itemsize: int, codec_name: str, level: int) -> Coded:
+def encoded(
+    x: np.ndarray,
+    p: np.ndarray,
+    base: str,
+    coding: str,
+    itemsize: int,
+    codec_name: str,
+    level: int,
+    chunk_bytes: int | None = None,
+) -> Coded:
     data = residual.encode(x, None if coding == "bits" else p, coding).view(np.uint8).data
-    stored, used, shuffled = codec.encode(data, itemsize, codec_name, level)
+    stored, used, shuffled = codec.encode(data, itemsize, codec_name, level, chunk_bytes)
     return Coded(coding, None if coding == "bits" else base, stored, used, shuffled)
 
 
@@ -153,10 +193,12 @@ def residual_level(writer_level: int) -> int:
 
 def _smallest(x: np.ndarray, p: np.ndarray, base: str, dtype: str, writer: BundleWriter, codec_name: str) -> Coded:
     level, itemsize = residual_level(writer.level_for(dtype)), dtypes.itemsize(dtype)
+    chunk_bytes = writer.chunk_bytes
     if x.nbytes <= TRIAL_BYTES:
-        options = candidates(x, p, base, itemsize, codec_name, level)
+        options = candidates(x, p, base, itemsize, codec_name, level, chunk_bytes)
         return min(options, key=lambda c: len(c.stored))  # min keeps the first of equals: CODINGS order
     xs, ps = trial_sample(x, p)
+    # The trials compare codings, one frame each (as the chunks would compare, a chunk at a time).
     trials = candidates(xs, ps, base, itemsize, codec_name, level)
     winner = min(trials, key=lambda c: len(c.stored)).coding
-    return encoded(x, p, base, winner, itemsize, codec_name, level)
+    return encoded(x, p, base, winner, itemsize, codec_name, level, chunk_bytes)

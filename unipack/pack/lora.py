@@ -132,7 +132,7 @@ class LoraMerger(Merger):
     ) -> Manifest:
         """Every module, then every extra tensor, in plan order. ``execution``: where the
         modules' jobs run (default: in this process; an automatic ``--jobs`` forks from
-        ``parallel.LORA_PARALLEL_FROM_BYTES`` of inputs); the zstd -19 baseline runs beside them.
+        ``parallel.LORA_PARALLEL_FROM_BYTES`` of inputs); the lossless baseline runs beside them.
         The bundle's bytes do not depend on it."""
         self._take_adapters()
         self._lora: list[dict[str, tuple[int, float]]] = [{} for _ in self.checkpoints]

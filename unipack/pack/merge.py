@@ -22,7 +22,7 @@ from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
-from unipack.pack.dense import MergeProgress, Merger
+from unipack.pack.dense import MergeProgress, Merger, chunk_bytes_for
 from unipack.pack.exact_tier import add_exact_tier
 from unipack.pack.executors import Execution
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
@@ -114,7 +114,7 @@ def merge(
                     size = writer.finish(manifest, out_path, force=force)
             else:
                 plans = plan_tensors(checkpoints, opts)
-                with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level) as writer:
+                with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level, chunk_bytes_for(opts)) as writer:
                     manifest = Merger(checkpoints, opts, writer, progress).run(plans, execution)
                     if opts.exact_tier:
                         manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec)

@@ -145,8 +145,9 @@ def _headline(r: Report) -> Text:
         ("ratio ", "bold"), f"{b.ratio:.2f}x vs the inputs ({format_bytes(b.inputs)} -> {format_bytes(b.file)})"
     )
     if b.ratio_vs_lossless is not None:
+        how = f"zstd -{b.lossless_level}" + (" of byte-grouped floats" if b.lossless_grouped else "")
         text.append(
-            f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly (zstd -{b.lossless_level}: "
+            f", {b.ratio_vs_lossless:.2f}x vs the inputs compressed losslessly ({how}: "
             f"{format_bytes(b.lossless or 0)}{', estimated from samples' if b.lossless_sampled else ''})"
         )
     if b.ratio_vs_zipnn is not None:

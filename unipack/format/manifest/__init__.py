@@ -17,6 +17,8 @@ from unipack.format.manifest.names import (
 )
 from unipack.format.manifest.parse import from_json, to_json
 from unipack.format.manifest.records import (
+    CHUNKED_CODEC,
+    CHUNKED_FORMAT_VERSION,
     COMPRESSED_MANIFEST_VERSION,
     DELTA_FORMAT_VERSION,
     EXACT_TIER_FORMAT_VERSION,
@@ -38,6 +40,8 @@ from unipack.format.manifest.records import (
 )
 
 __all__ = [
+    "CHUNKED_CODEC",
+    "CHUNKED_FORMAT_VERSION",
     "COMPRESSED_MANIFEST_VERSION",
     "MANIFEST_BLOB",
     "FORMAT_NAME",

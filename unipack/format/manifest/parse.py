@@ -17,6 +17,8 @@ from unipack.format import codec, dtypes
 from unipack.format.manifest.doc import Doc, nonnegative_numbers, str_map
 from unipack.format.manifest.names import check_config_name, check_member_name, check_tensor_name
 from unipack.format.manifest.records import (
+    CHUNKED_CODEC,
+    CHUNKED_FORMAT_VERSION,
     FORMAT_NAME,
     MANIFEST_BLOB,
     RESIDUAL_CODINGS,
@@ -138,7 +140,10 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
 def _exact_entry_to_doc(e: ExactEntry) -> dict[str, Any]:
     if e.blob is None:
         return {"sha256": e.sha256}
-    return {"sha256": e.sha256, "blob": e.blob, "coding": e.coding, "base": e.base}
+    doc: dict[str, Any] = {"sha256": e.sha256, "blob": e.blob, "coding": e.coding, "base": e.base}
+    if e.chunks is not None:
+        doc["chunk_sha256"] = list(e.chunks)
+    return doc
 
 
 def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
@@ -160,6 +165,13 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
         )
     codecs = tuple(codec.CODECS)
     blobs = {name: _parse_blob(name, spec, where, codecs) for name, spec in d.obj("blobs").items()}
+    if version < CHUNKED_FORMAT_VERSION:
+        chunked = next((name for name, b in blobs.items() if b.codec == CHUNKED_CODEC), None)
+        if chunked is not None:
+            raise FormatError(
+                f"{where}: blob {chunked!r}: codec {CHUNKED_CODEC!r} needs format version "
+                f"{CHUNKED_FORMAT_VERSION}, not {version}"
+            )
     if not STORAGE_FORMATS:  # registered by unipack.schemes, which `import unipack` loads
         raise RuntimeError("no storage schemes registered: import unipack first")
     kinds = {storage: formats_of(storage) for storage in storages()}  # looked up once, not per tensor
@@ -330,7 +342,12 @@ def _parse_exact(value: Any, where: str) -> dict[str, ExactEntry]:
         base = e.text("base", optional=True)
         if (base is None) != (coding == "bits"):
             raise FormatError(f"{e.where}: coding {coding!r} {'takes no' if coding == 'bits' else 'needs a'} 'base'")
-        out[name] = ExactEntry(sha, blob, coding, base)
+        chunks = e.doc.get("chunk_sha256")
+        if chunks is not None and not (
+            isinstance(chunks, list) and chunks and all(isinstance(c, str) and _SHA256.fullmatch(c) for c in chunks)
+        ):
+            raise FormatError(f"{e.where}: chunk_sha256 must be a non-empty list of 64-hex-digit sha256s")
+        out[name] = ExactEntry(sha, blob, coding, base, None if chunks is None else tuple(chunks))
     return out
 
 

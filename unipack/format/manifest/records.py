@@ -32,12 +32,27 @@ EXACT_TIER_FORMAT_VERSION = 5
 #: ``codes`` blob) and ``cast`` (its factors at the coefficient dtype); only bundles that use one
 #: are written as version 6.
 LORA_QUANT_FORMAT_VERSION = 6
+#: Version 7 adds the ``zstd-chunks`` codec (a blob as independent frames of whole elements, each
+#: with its digest) and a lossless tier entry's ``chunk_sha256`` (the original's bytes per chunk of
+#: its residual); only bundles with such a blob are written as version 7.
+CHUNKED_FORMAT_VERSION = 7
+#: The codec of a chunked blob (``format/codec.py``).
+CHUNKED_CODEC = "zstd-chunks"
 #: Version 8 lets a member added by ``unipack add`` hold a LoRA module of any form as its own
 #: exact factors (an override, spec §7.4), where the record's form cannot meet the bundle's rule
-#: for it or costs more. Only bundles with such an override are written as version 8. (Version 7
-#: is another change's number; a reader of 8 reads every earlier version.)
+#: for it or costs more. Only bundles with such an override are written as version 8. (A reader of 8
+#: reads every earlier version.)
 LORA_OVERRIDE_FORMAT_VERSION = 8
-SUPPORTED_VERSIONS = (1, 2, 3, 4, EXACT_TIER_FORMAT_VERSION, LORA_QUANT_FORMAT_VERSION, LORA_OVERRIDE_FORMAT_VERSION)
+SUPPORTED_VERSIONS = (
+    1,
+    2,
+    3,
+    4,
+    EXACT_TIER_FORMAT_VERSION,
+    LORA_QUANT_FORMAT_VERSION,
+    CHUNKED_FORMAT_VERSION,
+    LORA_OVERRIDE_FORMAT_VERSION,
+)
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
 
@@ -216,6 +231,9 @@ class ExactEntry:
     blob: str | None = None  # the residual blob (None: the lossy tier's own array is exact)
     coding: str | None = None  # bits | xor | sub (core/residual.py)
     base: str | None = None  # the prediction: "mean" (the stored mean, rounded) or a member's name
+    #: With a ``zstd-chunks`` residual: the sha256 of the original's bytes over each chunk's element
+    #: range, which verify each chunk as it is rebuilt (in parallel) instead of the whole tensor.
+    chunks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import math
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest.records import (
+    CHUNKED_CODEC,
     EXACT_TIER_FORMAT_VERSION,
     MAX_BASE_DEPTH,
     MEAN_BASE,
@@ -203,6 +204,11 @@ def _exact_blobs(
                 raise FormatError(f"{what}: {tname!r}: base 'mean', but the tensor has no stored mean")
         elif e.base is not None:
             _check_member_base(mem, tname, t, members, what)
+        # §9.1: chunk digests exactly for a chunked residual (their count is checked against its
+        # index when it is read: the index is in the blob's bytes).
+        rec = m.blobs.get(e.blob)
+        if rec is not None and (e.chunks is not None) != (rec.codec == CHUNKED_CODEC):
+            raise FormatError(f"{what}: {tname!r}: chunk_sha256 is given exactly for a {CHUNKED_CODEC} residual")
         out.append((tname, e.blob, RESIDUAL_DTYPES[dtypes.itemsize(dtype)]))
     return out
 
