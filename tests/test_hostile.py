@@ -311,14 +311,14 @@ def test_p02_safetensors_without_unipack_format(tmp_path: Path, base: Base, meta
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", ["8", "99", "abc", "", "-1", "1.0", "١", "¹", "1\u0000"])
+@pytest.mark.parametrize("version", ["9", "99", "abc", "", "-1", "1.0", "١", "¹", "1\u0000"])
 def test_p03_unknown_header_version(tmp_path: Path, base: Base, version: str) -> None:
     p = base.parts()
     p.meta["format_version"] = version
     open_fails(write(tmp_path, p.assemble()), FormatError, repr(version), "supported: 1")
 
 
-@pytest.mark.parametrize("version", [8, 99])
+@pytest.mark.parametrize("version", [9, 99])
 def test_p03_consistent_future_version(tmp_path: Path, base: Base, version: int) -> None:
     p = base.parts()
     p.meta["format_version"] = str(version)
