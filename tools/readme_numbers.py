@@ -48,7 +48,8 @@ def paragraph(f: dict[str, Any]) -> str:
         f"heads stored raw, the default rule): {size(f['input_bytes'])} → {size(f['file_bytes'])}, "
         f"**{f['ratio']:.2f}x**"
         + (
-            f" ({f['ratio_vs_lossless']:.2f}x against the inputs compressed with zstd -19: {size(f['lossless_bytes'])})"
+            f" ({f['ratio_vs_lossless']:.2f}x against the inputs compressed losslessly, "
+            f"{f.get('lossless_how', 'zstd -19')}: {size(f['lossless_bytes'])})"
             if f.get("ratio_vs_lossless")
             else ""
         )

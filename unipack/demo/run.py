@@ -121,6 +121,9 @@ def run_demo(
         "ratio": result.ratio,
         "ratio_vs_lossless": rep.bytes.ratio_vs_lossless,
         "lossless_bytes": rep.bytes.lossless,
+        # how the lossless baseline was measured, as `report` words it
+        "lossless_how": f"zstd -{rep.bytes.lossless_level}"
+        + (" of byte-grouped floats" if rep.bytes.lossless_grouped else ""),
         "worst_error": result.worst_error,
         "worst_drop": worst_drop,
         "mean_drop": drops["unipack"]["mean"],
