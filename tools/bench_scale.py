@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plan-members", type=int, default=50)
     parser.add_argument("--workers", type=int, default=64, help="cores of the plan's cluster (default 64)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path, help="print the table and plan of a saved --json run")
     ns = parser.parse_args(argv)
     counts = sorted({int(c) for c in ns.members.split(",")})
     bench_merge.prepare_workdir(ns.workdir)
@@ -115,64 +116,60 @@ def main(argv: list[str] | None = None) -> None:
             print(f"building member {i} ({p}) ...", flush=True)
             build_member(i, p)
     runs: dict[int, dict[str, Any]] = {}
-    for n in counts:
+    if ns.from_json:  # re-render a saved run
+        runs = {int(n): r for n, r in json.loads(ns.from_json.read_text())["runs"].items()}
+    for n in [] if ns.from_json else counts:
         inputs = ns.workdir / f"inputs-{n}.json"
         inputs.write_text(json.dumps([str(p.resolve()) for p in paths[:n]]))
         print(f"merging N={n} (--jobs 1) ...", flush=True)
         args = ["--child", "merge", "--inputs-file", str(inputs), "--out", str(ns.workdir / f"bundle-{n}.upk")]
         runs[n] = bench_merge.run_child([*args, "--options-json", json.dumps({"jobs": 1})], None, None)
-    seconds = {n: dict(r["trace"]["seconds_by_kind"]) for n, r in runs.items()}
-    print(f"\n{'tensor':<48} {'shape':>14} " + " ".join(f"{'N=' + str(n):>8}" for n in counts) + "   a + b N")
-    fits: dict[str, tuple[float, float]] = {}
-    for name, shape in LAYER.items():
-        row = [seconds[n].get(name, 0.0) for n in counts]
-        fits[name] = fit_line(counts, row)
-        a, b = fits[name]
+    layer_params = sum(math.prod(s) for s in LAYER.values())
+    for n, r in sorted(runs.items()):
         print(
-            f"{name:<48} {'x'.join(map(str, shape)):>14} "
-            + " ".join(f"{s:>8.1f}" for s in row)
-            + f"   {a:.1f} + {b:.2f} N"
+            f"N={n}: {r['seconds']:.1f} s on one core, {r['seconds'] / (n * layer_params) * 1e6:.2f} us per "
+            f"member-parameter; input {r['input_bytes'] / 1e9:.2f} GB, bundle {r['file_bytes'] / 1e9:.3f} GB "
+            f"({r['ratio']:.1f}x), worst error {r['worst_error']:.4f}, peak RSS {r['ru_maxrss_bytes'] / 1e9:.2f} GB"
         )
-    for n, r in runs.items():
-        print(
-            f"N={n}: {r['seconds']:.1f} s, input {r['input_bytes'] / 1e9:.2f} GB, "
-            f"bundle {r['file_bytes'] / 1e9:.3f} GB ({r['ratio']:.1f}x), "
-            f"worst error {r['worst_error']:.4f}, peak RSS {r['ru_maxrss_bytes'] / 1e9:.2f} GB"
-        )
-    # The plan: one layer's fit x 32, plus the outside tensors per element like the MLP matrices.
-    big = "model.layers.0.mlp.gate_proj.weight"
-    per_element = tuple(x / math.prod(LAYER[big]) for x in fits[big])
+    # The plan: a merge's work is per tensor and, per tensor, grows with members x elements (every
+    # pass is over each member's copy; the Grams' N-independent part is small next to it), so it
+    # is costed per member-parameter, from the largest N measured (the least start-up per member).
+    # Per-tensor seconds are not used: on this shared machine they moved with other jobs' load.
+    n_top = max(runs)
+    per_member_param = runs[n_top]["seconds"] / (n_top * layer_params)
     n_plan = ns.plan_members
-    layer_seconds = sum(a + b * n_plan for a, b in fits.values())
-    outside_seconds = sum((per_element[0] + per_element[1] * n_plan) * math.prod(s) for s in OUTSIDE.values())
-    core_seconds = LAYERS * layer_seconds + outside_seconds
-    params = LAYERS * sum(math.prod(s) for s in LAYER.values()) + sum(math.prod(s) for s in OUTSIDE.values())
+    params = LAYERS * layer_params + sum(math.prod(s) for s in OUTSIDE.values())
+    core_seconds = per_member_param * params * n_plan
     largest = max([*LAYER.values(), *OUTSIDE.values()], key=math.prod)
+    mlp = LAYER["model.layers.0.mlp.gate_proj.weight"]
+    peak = max(r["ru_maxrss_bytes"] for r in runs.values())
+    peaks = ", ".join(f"{runs[n]['ru_maxrss_bytes'] / 1e9:.2f}" for n in sorted(runs))
+    embed_seconds = per_member_param * math.prod(OUTSIDE["model.embed_tokens.weight"]) * n_plan
     plan = {
         "members": n_plan,
         "params_per_member": params,
         "input_bytes": 2 * params * n_plan,
+        "seconds_per_member_param": per_member_param,
         "core_hours": core_seconds / 3600,
         "workers": ns.workers,
-        "hours": core_seconds / 3600 / ns.workers,
+        "hours": max(core_seconds / 3600 / ns.workers, embed_seconds / 3600),
+        "embedding_hours": embed_seconds / 3600,
         "largest_tensor": largest,
-        "largest_tensor_member_float64_bytes": 8 * math.prod(largest),
+        "worker_bytes": peak * math.prod(largest) / math.prod(mlp),
+        "measured_peak_bytes": peak,
     }
-    # Memory: a worker holds one tensor's job; the measured peak scales with the largest
-    # tensor's element count (the embedding, 8.9x the MLP matrices).
-    peak = max(r["ru_maxrss_bytes"] for r in runs.values())
-    plan["worker_bytes"] = peak * math.prod(largest) / math.prod(LAYER[big])
     print(
         f"\nplan, {n_plan} members of an 8B model ({params / 1e9:.2f}B parameters, "
         f"{plan['input_bytes'] / 1e9:.0f} GB of bf16 inputs, each byte read by one worker):\n"
-        f"  {plan['core_hours']:.1f} core-hours: {plan['hours']:.2f} h on {ns.workers} workers; no tensor is "
-        f"split, so the embedding and the LM head ({outside_seconds / 7200:.2f} h each) bound the wall time "
-        f"from below\n"
-        f"  memory per worker: about {plan['worker_bytes'] / 1e9:.1f} GB (the measured peak, "
-        f"{peak / 1e9:.2f} GB, scaled to the {largest[0]} x {largest[1]} embedding)"
+        f"  {plan['core_hours']:.0f} core-hours; on {ns.workers} workers {plan['hours']:.1f} h, of which the "
+        f"embedding alone (one job, not split) takes {plan['embedding_hours']:.1f} h\n"
+        f"  memory per worker: about {plan['worker_bytes'] / 1e9:.0f} GB for the embedding's job (the measured "
+        f"peak, {peak / 1e9:.2f} GB with the {mlp[0]} x {mlp[1]} MLP matrices, scaled by element count; "
+        f"flat in N: {peaks} GB "
+        f"at N = {', '.join(map(str, sorted(runs)))})"
     )
     if ns.json:
-        ns.json.write_text(json.dumps({"runs": runs, "fits": fits, "plan": plan}, indent=2))
+        ns.json.write_text(json.dumps({"runs": runs, "plan": plan}, indent=2))
 
 
 if __name__ == "__main__":
