@@ -21,13 +21,12 @@ rebuilt against its range of the prediction and checked against its own digest o
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 
+from unipack.bundle.ordered import in_order
 from unipack.core import residual
 from unipack.errors import ChecksumError, FormatError, UnipackError
 from unipack.format import codec, dtypes
@@ -124,31 +123,7 @@ class ExactMember:
         """Every tensor of the member, in the manifest's order. With threads, at most ``threads``
         tensors are rebuilt ahead of the one the caller holds; the first damaged tensor in that
         order raises, as it does on one thread."""
-        if self.threads == 1:
-            with codec.scratch_buffer(), codec.one_thread():
-                for t in self.manifest.tensors:
-                    yield from self._tensor(t)
-            return
-        if len(self.manifest.tensors) < 2:
-            with codec.scratch_buffer():
-                for t in self.manifest.tensors:
-                    yield from self._tensor(t)
-            return
-        pending: deque[Future[list[Array]]] = deque()
-        workers = ThreadPoolExecutor(
-            self.threads, thread_name_prefix="unipack-exact", initializer=codec.keep_scratch_buffer
-        )
-        with workers as pool:
-            try:
-                for t in self.manifest.tensors:
-                    pending.append(pool.submit(self._tensor, t))
-                    if len(pending) > self.threads:
-                        yield from pending.popleft().result()
-                while pending:
-                    yield from pending.popleft().result()
-            finally:  # an error, or a caller that stopped early: start nothing more
-                for future in pending:
-                    future.cancel()
+        return in_order(self._tensor, self.manifest.tensors, self.threads, "unipack-exact")
 
     def _tensor(self, t: TensorRecord) -> list[Array]:
         """One tensor of the member, checked: the lossy tier's arrays, or the decoded residual."""

@@ -9,8 +9,9 @@ as it would on one thread.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -21,12 +22,14 @@ Result = TypeVar("Result")
 
 
 def in_order(
-    work: Callable[[Item], list[Result]], items: Iterable[Item], threads: int, name: str = "unipack"
+    work: Callable[[Item], list[Result]], items: Sequence[Item], threads: int, name: str = "unipack"
 ) -> Iterator[Result]:
     """Every result of ``work(item)`` for each item, in the items' order; on ``threads`` threads
-    (each decoding through a zstd scratch buffer it keeps), or in the caller's thread for 1."""
-    if threads <= 1:
-        with codec.scratch_buffer():
+    (each decoding through a zstd scratch buffer it keeps), or in the caller's thread for 1 (then
+    a chunked blob's frames are decoded one after the other too: one thread means one) or for a
+    single item (whose chunked blobs still decode on the chunk pool)."""
+    if threads <= 1 or len(items) < 2:
+        with codec.scratch_buffer(), codec.one_thread() if threads <= 1 else contextlib.nullcontext():
             for item in items:
                 yield from work(item)
         return
