@@ -344,10 +344,13 @@ class TensorTracer:
 
     def start(self, n_tensors: int, n_members: int) -> None:
         self._hwm0 = proc_status_bytes("VmHWM") or 0
+        self._t0 = time.perf_counter()
 
     def tensor(self, index: int, name: str) -> None:
+        # The merge reports a tensor once it is stored: the time since the last report is its own.
+        self._name = name
         self.close()
-        self._name, self._t0 = name, time.perf_counter()
+        self._t0 = time.perf_counter()
 
     def member_read(self) -> None:
         pass
@@ -356,7 +359,7 @@ class TensorTracer:
         pass
 
     def close(self) -> None:
-        """End the tensor in progress (called on the next tensor and once after the merge)."""
+        """Record the tensor just reported (a no-op once it is recorded, as after the merge)."""
         if self._name is None:
             return
         hwm = proc_status_bytes("VmHWM") or 0

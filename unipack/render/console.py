@@ -49,7 +49,7 @@ class ProgressBars:
 
     def tensor(self, index: int, name: str) -> None:
         short = name if len(name) <= 48 else "…" + name[-47:]
-        self._progress.update(self._tensors, completed=index, description=f"tensor {short}")
+        self._progress.update(self._tensors, completed=index + 1, description=f"stored {short}")
         self._progress.reset(self._reads, total=None, description="member reads")
 
     def member_read(self) -> None:
