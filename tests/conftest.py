@@ -705,6 +705,22 @@ ALL_BAD_CASES = MERGE_BAD_CASES + BUNDLE_BAD_CASES
 # --------------------------------------------------------------------------------------------
 
 
+def assert_members_within(bundle: Path, pop: Population, bound: float | None) -> None:
+    """Every member of ``bundle`` has its original's tensor names, and every float tensor is
+    within ``bound`` of its original (relative Frobenius error; None: names only), checked
+    on what ``load`` gives back against the input files."""
+    from safetensors.torch import load_file
+
+    with unipack.open(bundle) as b:
+        for name, path in zip(pop.names, pop.paths):
+            original, rebuilt = load_file(str(path)), b.load(name)
+            assert set(rebuilt) == set(original)
+            for key, t in original.items():
+                if bound is not None and t.is_floating_point():
+                    error = torch.linalg.norm((rebuilt[key].double() - t.double()).reshape(-1))
+                    assert float(error) <= bound * float(torch.linalg.norm(t.double().reshape(-1))) + 1e-12, key
+
+
 def run(*args: Any) -> Result:
     """``unipack ARGS...`` through click's runner, wide enough that no line wraps."""
     return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 from conftest import (
     Population,
     TensorSpec,
@@ -27,15 +27,16 @@ from conftest import (
     listing,
     read_safetensors,
     rel_error,
+    run,
     small_specs,
     standard_specs,
     write_population,
 )
+from conftest import assert_one_line_error as one_line_error
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import unipack
-from unipack.cli import cli
 from unipack.format.container import rewrite_bundle
 from unipack.pack.add import free_member_index
 
@@ -109,18 +110,11 @@ def independent_coefficients(bundle: Path, member: str, original: dict[str, torc
     return out
 
 
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
-
-
 def assert_one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "internal error" not in lines[0]
-    return lines[0]
+    """conftest's one-line bad-input check, and the line is not unipack's internal-error one."""
+    line = one_line_error(result)
+    assert "internal error" not in line
+    return line
 
 
 def random_member(pop: Population, path: Path, seed: int = 99) -> Path:

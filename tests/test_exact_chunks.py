@@ -17,22 +17,16 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from click.testing import CliRunner, Result
-from conftest import TensorSpec, blob_range, standard_specs, write_population
+from conftest import TensorSpec, blob_range, run, standard_specs, write_population
 from safetensors.torch import load_file, save_file
 
 import unipack
-from unipack.cli import cli
 from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec
 from unipack.format.manifest import CHUNKED_CODEC
 
 #: Logical bytes per chunk in these tests: 256 F32 or 512 16-bit elements.
 CHUNK = 1024
-
-
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
 def tensor_sha(t: torch.Tensor) -> str:

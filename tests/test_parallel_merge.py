@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TensorSpec, listing, standard_specs, write_population
+from conftest import TensorSpec, assert_members_within, listing, standard_specs, write_population
 from safetensors.torch import load_file
 
 import unipack
@@ -57,14 +57,7 @@ def test_two_jobs_write_the_serial_bundle_byte_for_byte(pop, tmp_path: Path, opt
     assert result.file_bytes == forked.stat().st_size
     # the bound each member was held to, checked on what the parallel bundle gives back
     bound = options.get("max_error", 0.05) if "rank" not in options else None
-    with unipack.open(forked) as b:
-        for name, path in zip(pop.names, pop.paths):
-            original, rebuilt = load_file(str(path)), b.load(name)
-            assert set(rebuilt) == set(original)
-            for key, t in original.items():
-                if bound is not None and t.is_floating_point():
-                    error = torch.linalg.norm((rebuilt[key].double() - t.double()).reshape(-1))
-                    assert float(error) <= bound * float(torch.linalg.norm(t.double().reshape(-1))) + 1e-12, key
+    assert_members_within(forked, pop, bound)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forked.upk", "serial.upk"]  # no spool left
 
 

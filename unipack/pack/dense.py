@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -123,20 +123,31 @@ class Merger:
         in this process). The bundle's bytes do not depend on it."""
         if self.progress:
             self.progress.start(len(plans), len(self.checkpoints))
-        records = []
         with self._executor(execution, len(plans), parallel.PARALLEL_FROM_BYTES) as pool:
             measured = self._start_lossless(pool)
-            if pool.in_process:
-                parts = pool.in_order(self._store, [(plan,) for plan in plans])
-            else:
-                inputs = Inputs.of(self.checkpoints)
-                parts = pool.in_order(tensor_job, [(inputs, self.options, plan) for plan in plans])
-            for index, part in enumerate(parts):
-                if self.progress:
-                    self.progress.tensor(index, plans[index].name)
-                records.append(part if pool.in_process else self._apply(part))
+            records = list(self._stored(pool, self._store, tensor_job, plans))
             self._take_lossless(measured)
         return self._manifest(records)
+
+    def _stored(
+        self,
+        pool: Executor,
+        here: Callable[[Any], TensorRecord],
+        job: Callable[[Inputs, MergeOptions, Any], StoredTensor],
+        items: Sequence[Any],
+    ) -> Iterator[TensorRecord]:
+        """Each item's record in order: ``here(item)`` where the pool runs jobs in this process,
+        else ``job(inputs, options, item)`` on its workers, whose blobs are written here
+        (``_apply``). Each is reported to the progress once stored."""
+        if pool.in_process:
+            parts = pool.in_order(here, [(item,) for item in items])
+        else:
+            inputs = Inputs.of(self.checkpoints)
+            parts = pool.in_order(job, [(inputs, self.options, item) for item in items])
+        for index, part in enumerate(parts):
+            if self.progress:
+                self.progress.tensor(index, items[index].name)
+            yield part if pool.in_process else self._apply(part)
 
     def _executor(self, execution: Execution | None, n_jobs: int, from_bytes: int) -> Executor:
         return (execution or Execution(jobs=1)).open(self.checkpoints, n_jobs, from_bytes)

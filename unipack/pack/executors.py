@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import sys
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -209,7 +210,7 @@ def _prepare_worker() -> None:
     _WORKER_READY = True
 
 
-class Executor:
+class Executor(ABC):
     """Runs jobs (a function and its arguments) and gives their results back in order."""
 
     #: True: jobs run in the merging process, which may call its own methods instead.
@@ -217,10 +218,10 @@ class Executor:
     #: The most jobs ``in_order`` keeps started and not yet taken.
     window = 1
 
+    @abstractmethod
     def start(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
         """Start ``fn(*args)``; returns the function that waits for its result (and raises the
         job's exception, if it raised one)."""
-        raise NotImplementedError
 
     def in_order(self, fn: Callable[..., Any], argses: Iterable[tuple[Any, ...]]) -> Iterator[Any]:
         """``fn(*args)`` for each of ``argses``, yielded in that order, at most ``window`` in flight."""
@@ -235,7 +236,7 @@ class Executor:
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: object) -> None:  # noqa: B027 (nothing to release unless a pool says so)
         pass
 
 

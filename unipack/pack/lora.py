@@ -143,18 +143,9 @@ class LoraMerger(Merger):
                     self._lora[i][module.name] = (m.rank, m.scale)
         if self.progress:
             self.progress.start(len(modules) + len(extras), len(self.checkpoints))
-        records = []
         with self._executor(execution, len(modules), parallel.LORA_PARALLEL_FROM_BYTES) as pool:
             measured = self._start_lossless(pool)
-            if pool.in_process:
-                parts = pool.in_order(self._store_module, [(module,) for module in modules])
-            else:
-                inputs = Inputs.of(self.checkpoints)
-                parts = pool.in_order(module_job, [(inputs, self.options, module) for module in modules])
-            for index, part in enumerate(parts):
-                if self.progress:
-                    self.progress.tensor(index, modules[index].name)
-                records.append(part if pool.in_process else self._apply(part))
+            records = list(self._stored(pool, self._store_module, module_job, modules))
             for index, extra in enumerate(extras, start=len(modules)):
                 if self.progress:
                     self.progress.tensor(index, extra.name)

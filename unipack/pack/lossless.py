@@ -23,7 +23,7 @@ merge with a lossless tier also records ZipNN (byte grouping + Huffman) of every
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -118,15 +118,22 @@ def measure_grouped(files: Sequence[tuple[Path, int]], itemsize: int, mode: str,
     )
 
 
+def _pieces(f: BinaryIO, length: int, size: int) -> Iterator[bytes]:
+    """The next ``length`` bytes of ``f`` (fewer at its end), ``size`` at a time."""
+    left = length
+    while left > 0:
+        piece = f.read(min(size, left))
+        if not piece:
+            return
+        left -= len(piece)
+        yield piece
+
+
 def _grouped_size(f: BinaryIO, length: int, itemsize: int) -> int:
     """Compressed size of the next ``length`` bytes of ``f``, byte-grouped a piece at a time."""
     compressor = zstandard.ZstdCompressor(level=GROUPED_LEVEL)
-    left, total = length, 0
-    while left > 0:
-        piece = f.read(min(GROUP_BYTES, left))
-        if not piece:
-            break
-        left -= len(piece)
+    total = 0
+    for piece in _pieces(f, length, GROUP_BYTES):
         whole = len(piece) // itemsize * itemsize
         grouped = codec.shuffle(memoryview(piece)[:whole], itemsize)
         total += len(compressor.compress(bytes(grouped) + piece[whole:]))
@@ -226,11 +233,5 @@ ZIPNN_CHUNK = 64 * 1024 * 1024
 def _compressed_size(f: BinaryIO, length: int, level: int) -> int:
     """Compressed size of the next ``length`` bytes of ``f``, streamed (never held whole)."""
     compressor = zstandard.ZstdCompressor(level=level).compressobj(size=length)
-    left, total = length, 0
-    while left > 0:
-        chunk = f.read(min(WINDOW, left))
-        if not chunk:
-            break
-        left -= len(chunk)
-        total += len(compressor.compress(chunk))
+    total = sum(len(compressor.compress(piece)) for piece in _pieces(f, length, WINDOW))
     return total + len(compressor.flush())
