@@ -37,8 +37,9 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
+_NUMBERS_BLOB = "__numbers__"  # §2.4
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
 
 # §2.2: name -> (numpy dtype used to hold the array, size in bytes)
@@ -218,10 +219,11 @@ class SpecBundle:
         _need(isinstance(meta, dict), "header has no __metadata__ object")
         plain = {"format", "format_version", "manifest", "manifest_sha256"}
         packed = {"format", "format_version", "manifest_codec", "manifest_bytes", "manifest_sha256"}
+        numbered = packed | {"numbers_bytes", "numbers_sha256"}  # §2.4
         _need(
-            set(meta) in (plain, packed),
+            set(meta) in (plain, packed, numbered),
             f"__metadata__ must have exactly format, format_version, manifest_sha256 and either manifest or "
-            f"manifest_codec + manifest_bytes; got {sorted(meta)}",
+            f"manifest_codec + manifest_bytes (+ numbers_bytes + numbers_sha256); got {sorted(meta)}",
         )
         _need(all(isinstance(v, str) for v in meta.values()), "__metadata__ values must be strings")
         _need(meta["format"] == "unipack.upk", f"format is {meta['format']!r}, not 'unipack.upk'")
@@ -238,6 +240,7 @@ class SpecBundle:
         self.version = version
         self.meta = meta
         _need(set(meta) == plain or version >= 4, f"a compressed manifest needs version 4, not {version}")
+        _need(set(meta) != numbered or version >= 9, f"a numbers section needs version 9, not {version}")
 
         # Blob entries and the tiling rule.
         self.entries: dict[str, dict[str, Any]] = {}
@@ -279,6 +282,18 @@ class SpecBundle:
                 self.packed_manifest = f.read(entry["end"] - entry["begin"])
         else:
             _need(_MANIFEST_BLOB not in self.entries, f"{_MANIFEST_BLOB!r} without manifest_codec")
+        # §2.4: the numbers section is the range before the compressed manifest, a U8 vector.
+        self.packed_numbers = None
+        if "numbers_bytes" in meta:
+            before = sorted(ranges)[-2][2] if len(ranges) >= 2 else None
+            _need(before == _NUMBERS_BLOB, f"the range before the manifest is {before!r}, not the numbers")
+            entry = self.entries.pop(_NUMBERS_BLOB)
+            _need(entry["dtype"] == "U8" and len(entry["shape"]) == 1, "the numbers section is not a U8 vector")
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + entry["begin"])
+                self.packed_numbers = f.read(entry["end"] - entry["begin"])
+        else:
+            _need(_NUMBERS_BLOB not in self.entries, f"{_NUMBERS_BLOB!r} without numbers_bytes")
 
     # ---------------------------------------------------------------- §3 manifest
     def _manifest_text(self) -> str:
@@ -297,6 +312,30 @@ class SpecBundle:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             raise SpecChecksumError("compressed manifest is not UTF-8") from None
+
+    def _join_numbers(self, members: list[Any]) -> None:
+        """§2.4: each member's errors and fidelity, from the numbers section (and only there), put
+        into its record, where the checks of §3.3 then see them."""
+        size = self.meta["numbers_bytes"]
+        _need(re.fullmatch(r"[0-9]+", size) is not None and 0 < int(size) <= 2**30, f"numbers_bytes {size!r}")
+        try:
+            data = zstandard.ZstdDecompressor().decompress(self.packed_numbers, max_output_size=int(size))
+        except zstandard.ZstdError as exc:
+            raise SpecChecksumError(f"numbers section does not decompress: {exc}") from None
+        if len(data) != int(size) or hashlib.sha256(data).hexdigest() != self.meta["numbers_sha256"]:
+            raise SpecChecksumError("numbers section: size or sha256 mismatch")
+        try:
+            doc = _strict_json(data.decode("utf-8"), "numbers section")
+        except UnicodeDecodeError:
+            raise SpecChecksumError("numbers section is not UTF-8") from None
+        entries = doc.get("members") if isinstance(doc, dict) else None
+        _need(isinstance(entries, list) and len(entries) == len(members), "numbers section: one entry per member")
+        for mem, entry in zip(members, entries):
+            _need(isinstance(mem, dict) and isinstance(entry, dict), "numbers section: entries are objects")
+            _need("errors" not in mem and "fidelity" not in mem, "errors or fidelity in the manifest and the section")
+            mem["errors"] = entry.get("errors")
+            if "fidelity" in entry:
+                mem["fidelity"] = entry["fidelity"]
 
     def _check_manifest(self) -> None:
         text = self._manifest_text()
@@ -358,6 +397,8 @@ class SpecBundle:
         members = m.get("members")
         _need(isinstance(tensors, list), "manifest tensors is not a list")
         _need(isinstance(members, list) and members, "manifest members is not a non-empty list")
+        if self.packed_numbers is not None:
+            self._join_numbers(members)
         used: dict[str, str] = {}
 
         def use(
@@ -1239,11 +1280,13 @@ def test_delta_bundles_hold_delta_tensors_at_version_3(bundles, variant):
             assert SpecBundle(bundles[key][0]).version == 1, key
 
 
-def test_packed_manifests_are_version_4_and_read_alike(bundles):
-    """§2.3: a compressed manifest makes the bundle version 4 and holds the same manifest as the
-    header would (the same population, merged both ways)."""
+def test_packed_manifests_are_version_9_and_read_alike(bundles):
+    """§2.3, §2.4: a compressed manifest, with the members' numbers in their own section, makes
+    the bundle version 9 and holds the same manifest as the header would once the numbers are put
+    back (the same population, merged both ways)."""
     packed, plain = SpecBundle(bundles["packed-f32"][0]), SpecBundle(bundles["zstd-f32"][0])
-    assert packed.version == 4 and packed.packed_manifest is not None and plain.packed_manifest is None
+    assert packed.version == 9 and packed.packed_manifest is not None and plain.packed_manifest is None
+    assert packed.packed_numbers is not None and plain.packed_numbers is None
     assert "manifest" not in packed.meta and packed.meta["manifest_codec"] == "zstd"
     strip = ("format_version", "created_by")
     a = {k: v for k, v in packed.manifest.items() if k not in strip}
@@ -1251,11 +1294,12 @@ def test_packed_manifests_are_version_4_and_read_alike(bundles):
     for m in (*a["members"], *b["members"]):
         m.pop("lossless_bytes")  # zstd -19 of each variant's own input files (written apart)
     assert a == b
-    assert SpecBundle(bundles["packed-delta-f32"][0]).version == 4
+    assert SpecBundle(bundles["packed-delta-f32"][0]).version == 9
 
 
-def _repack(path: Path, out: Path, *, meta_edit=None, frame=None, last_blob=None) -> Path:
-    """A copy of a packed bundle with its metadata, manifest frame or tensor order changed."""
+def _repack(path: Path, out: Path, *, meta_edit=None, frame=None, last_blob=None, numbers=None, swap=False) -> Path:
+    """A copy of a packed bundle with its metadata, manifest or numbers frame, or tensor order
+    changed (``swap``: the numbers after the manifest)."""
     header, _ = _raw_header(path)
     data = path.read_bytes()
     start = 8 + struct.unpack("<Q", data[:8])[0]
@@ -1264,9 +1308,14 @@ def _repack(path: Path, out: Path, *, meta_edit=None, frame=None, last_blob=None
     chunks = {k: data[start + entries[k]["data_offsets"][0] : start + entries[k]["data_offsets"][1]] for k in order}
     if frame is not None:
         chunks["__manifest__"] = frame(chunks["__manifest__"])
+    if numbers is not None:
+        chunks["__numbers__"] = numbers(chunks["__numbers__"])
     if last_blob is not None:  # move the manifest before the last blob
         order.remove("__manifest__")
         order.insert(len(order) - 1, "__manifest__")
+    if swap:
+        order.remove("__numbers__")
+        order.append("__numbers__")
     meta = dict(header["__metadata__"])
     if meta_edit is not None:
         meta_edit(meta)
@@ -1274,7 +1323,7 @@ def _repack(path: Path, out: Path, *, meta_edit=None, frame=None, last_blob=None
     offset = 0
     for k in order:
         size = len(chunks[k])
-        shape = [size] if k == "__manifest__" else entries[k]["shape"]
+        shape = [size] if k in ("__manifest__", "__numbers__") else entries[k]["shape"]
         doc[k] = {"dtype": entries[k]["dtype"], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(doc).encode()
@@ -1302,9 +1351,35 @@ PACKED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(PACKED_CASES))
+#: Damage to the numbers section (§2.4) that a reader finds on open: its place and its metadata.
+NUMBERS_OPEN_CASES = {
+    "numbers-last": dict(swap=True),
+    "numbers-no-size": dict(meta_edit=lambda m: m.pop("numbers_bytes")),
+    "numbers-size-huge": dict(meta_edit=lambda m: m.update(numbers_bytes=str(2**31))),
+}
+#: ... and that unipack finds when the numbers are read (``verify``, ``info``), not on open.
+NUMBERS_READ_CASES = {
+    "numbers-flipped": dict(numbers=lambda b: b[:20] + bytes([b[20] ^ 0xFF]) + b[21:]),
+    "numbers-truncated": dict(numbers=lambda b: b[: len(b) // 2]),
+    "numbers-size-long": dict(meta_edit=lambda m: m.update(numbers_bytes=str(int(m["numbers_bytes"]) + 1))),
+    "numbers-sha": dict(meta_edit=lambda m: m.update(numbers_sha256="0" * 64)),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBERS_READ_CASES))
+def test_damaged_numbers_are_refused_when_read(bundles, tmp_path, case):
+    bad = _repack(bundles["packed-f32"][0], tmp_path / "bad.upk", **NUMBERS_READ_CASES[case])
+    with pytest.raises((SpecFormatError, SpecChecksumError)):
+        SpecBundle(bad)
+    with unipack.open(str(bad)) as b:
+        with pytest.raises(unipack.errors.ChecksumError, match="numbers section is corrupt"):
+            b.manifest.members[-1].fidelity
+        assert any("numbers section is corrupt" in p for p in b.verify())
+
+
+@pytest.mark.parametrize("case", [*PACKED_CASES, *NUMBERS_OPEN_CASES])
 def test_damaged_packed_manifests_are_refused_by_both_readers(bundles, tmp_path, case):
-    bad = _repack(bundles["packed-f32"][0], tmp_path / "bad.upk", **PACKED_CASES[case])
+    bad = _repack(bundles["packed-f32"][0], tmp_path / "bad.upk", **{**PACKED_CASES, **NUMBERS_OPEN_CASES}[case])
     with pytest.raises((SpecFormatError, SpecChecksumError, SpecVersionError)):
         SpecBundle(bad)
     with pytest.raises(unipack.errors.UnipackError):
@@ -1313,9 +1388,9 @@ def test_damaged_packed_manifests_are_refused_by_both_readers(bundles, tmp_path,
 
 def test_an_untouched_repack_is_accepted_by_both(bundles, tmp_path):
     good = _repack(bundles["packed-f32"][0], tmp_path / "good.upk")
-    assert SpecBundle(good).version == 4
+    assert SpecBundle(good).version == 9
     with unipack.open(str(good)) as b:
-        assert b.members == _member_names(good)
+        assert b.members == _member_names(good) and not b.verify()
 
 
 def test_codec_none_bundle_has_no_zstd_blob(bundles):

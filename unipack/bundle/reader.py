@@ -178,6 +178,11 @@ class BundleReader:
         bundle already validated its header and manifest.
         """
         problems = []
+        try:  # the members' numbers (a version-9 section is otherwise read only when shown)
+            for m in self.manifest.members:
+                m.resolved_numbers  # noqa: B018
+        except UnipackError as exc:
+            problems.append(str(exc))
         for name in self.manifest.blobs:
             try:
                 self._file.read_blob(name)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from unipack.errors import FormatError
-from unipack.format.manifest import MANIFEST_BLOB, Manifest
+from unipack.format.manifest import MANIFEST_BLOB, NUMBERS_BLOB, Manifest
 from unipack.format.safetensors_file import SafetensorsHeader
 from unipack.schemes import scheme_of
 
@@ -93,14 +93,17 @@ def blob_parts(manifest: Manifest) -> dict[str, str]:
 
 def header_parts(header: SafetensorsHeader, header_bytes: bytes) -> dict[str, int]:
     """The bytes that are not blobs, in three parts: ``manifest`` (the manifest as a JSON string
-    inside the header, or the compressed manifest tensor of format version 4), ``padding`` (the
+    inside the header, or the compressed manifest tensor of format version 4 and, from version 9,
+    the members' numbers tensor beside it), ``padding`` (the
     spaces that align the data section) and ``header`` (the rest: the length prefix, the blob
     entries and the other metadata)."""
     body = header_bytes[8:]
     padding = len(body) - len(body.rstrip(b" "))
     compressed = header.tensors.get(MANIFEST_BLOB)
     if compressed is not None:
-        return {"header": header.data_start - padding, "manifest": compressed.nbytes, "padding": padding}
+        numbers = header.tensors.get(NUMBERS_BLOB)  # the members' numbers: part of the manifest
+        nbytes = compressed.nbytes + (numbers.nbytes if numbers is not None else 0)
+        return {"header": header.data_start - padding, "manifest": nbytes, "padding": padding}
     manifest = 0
     text = (header.metadata or {}).get("manifest", "")
     for ascii_only in (False, True):  # as unipack writes it, or as another writer may escape it

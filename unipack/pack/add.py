@@ -28,7 +28,7 @@ from unipack.errors import FormatError, InputError, OptionsError, UnipackError
 from unipack.format import dtypes
 from unipack.format.atomic import bundle_lock, check_member_file_name, check_writable, same_file
 from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
-from unipack.format.manifest import Manifest, MemberRecord, TensorRecord, check_member_name
+from unipack.format.manifest import Manifest, MemberNumbers, MemberRecord, TensorRecord, check_member_name
 from unipack.options import MergeOptions
 from unipack.pack import lossless
 from unipack.pack.lora_add import LoraJoin, check_adapter, rewritten_blobs
@@ -277,10 +277,9 @@ class _Adder:
             coefficients=coef_blob,
             raw=self.raw,
             dtypes=member_dtypes,
-            errors=tuple(self.errors),
+            numbers=MemberNumbers(tuple(self.errors), fidelity_record(self.fidelity, self.options.baselines)),
             added=True,
             lossless_bytes=measured.compressed_bytes if measured else None,
-            fidelity=fidelity_record(self.fidelity, self.options.baselines),
             configs=c.configs,
             lora=lora,
             codes=codes_blob,

@@ -29,7 +29,7 @@ from unipack.core.fidelity import (
 from unipack.core.linalg import rel_error
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter, blob_level
-from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
+from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberNumbers, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
@@ -492,9 +492,10 @@ class Merger:
                     coefficients=coef,
                     raw=self.raw[i],
                     dtypes=overrides,
-                    errors=tuple(self.errors[i]),
+                    numbers=MemberNumbers(
+                        tuple(self.errors[i]), fidelity_record(self.fidelity[i], self.options.baselines)
+                    ),
                     lossless_bytes=measured.compressed_bytes if measured else None,
-                    fidelity=fidelity_record(self.fidelity[i], self.options.baselines),
                     configs=c.configs,
                     lora=self._member_lora(i),
                     codes=codes,

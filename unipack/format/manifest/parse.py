@@ -21,13 +21,18 @@ from unipack.format.manifest.records import (
     CHUNKED_FORMAT_VERSION,
     FORMAT_NAME,
     MANIFEST_BLOB,
+    MEMBER_NUMBERS_FORMAT_VERSION,
+    NUMBERS_BLOB,
     RESIDUAL_CODINGS,
     SUPPORTED_VERSIONS,
     BlobRecord,
+    DeferredNumbers,
     ExactEntry,
     FidelityRecord,
     Manifest,
+    MemberNumbers,
     MemberRecord,
+    NumbersSection,
     TensorRecord,
 )
 from unipack.format.manifest.references import check_references
@@ -35,7 +40,9 @@ from unipack.format.manifest.storages import STORAGE_FORMATS, StorageFormat, for
 from unipack.format.safetensors_file import MAX_DIM, _check_strings, _no_constants, is_int
 
 
-def to_json(manifest: Manifest) -> str:
+def to_json(manifest: Manifest, *, numbers_apart: bool = False) -> str:
+    """The manifest's JSON. ``numbers_apart``: without the members' ``errors`` and ``fidelity``,
+    which ``numbers_to_json`` writes for a version-9 numbers section (spec §2.4)."""
     doc = {
         "format": FORMAT_NAME,
         "format_version": manifest.format_version,
@@ -43,14 +50,35 @@ def to_json(manifest: Manifest) -> str:
         "options": manifest.options,
         "stats": manifest.stats,
         "tensors": [_tensor_to_doc(t) for t in manifest.tensors],
-        "members": [_member_to_doc(m) for m in manifest.members],
+        "members": [_member_to_doc(m, numbers=not numbers_apart) for m in manifest.members],
         "blobs": {name: _blob_to_doc(b) for name, b in manifest.blobs.items()},
     }
+    return _dumps(doc)
+
+
+def numbers_to_json(manifest: Manifest) -> str:
+    """The JSON of a version-9 numbers section: every member's numbers, in manifest order."""
+    return _dumps({"members": [_numbers_to_doc(m.resolved_numbers) for m in manifest.members]})
+
+
+def _dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def from_json(doc: Any, where: str) -> Manifest:
-    return _parse_manifest(doc, where)
+def from_json(doc: Any, where: str, numbers: NumbersSection | None = None) -> Manifest:
+    """The manifest of a parsed JSON document. ``numbers``: the bundle's version-9 numbers
+    section, where its members' ``errors`` and ``fidelity`` are (read when first asked for)."""
+    return _parse_manifest(doc, where, numbers)
+
+
+def parse_numbers(text: str, where: str, members: int, tensors: int) -> tuple[MemberNumbers, ...]:
+    """A version-9 numbers section's JSON: one entry per member (``members`` of them), each with
+    the numbers ``_parse_numbers`` checks for ``tensors`` tensors."""
+    d = Doc(loads(text, where), where)
+    entries = d.array("members")
+    if len(entries) != members:
+        raise FormatError(f"{where}: lists numbers for {len(entries)} members, the manifest has {members}")
+    return tuple(_parse_numbers(Doc(e, f"{where}: members[{i}]"), tensors) for i, e in enumerate(entries))
 
 
 def loads(text: str, where: str) -> Any:
@@ -100,7 +128,7 @@ def _tensor_to_doc(t: TensorRecord) -> dict[str, Any]:
     return doc
 
 
-def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
+def _member_to_doc(m: MemberRecord, *, numbers: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": m.name,
         "source": m.source,
@@ -109,21 +137,13 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
         "coefficients": m.coefficients,
         "raw": m.raw,
         "dtypes": m.dtypes,
-        "errors": list(m.errors),
     }
+    if numbers:
+        doc.update(_numbers_to_doc(m.resolved_numbers))
     if m.added:
         doc["added"] = True
     if m.lossless_bytes is not None:
         doc["lossless_bytes"] = m.lossless_bytes
-    if m.fidelity is not None:
-        f = m.fidelity
-        doc["fidelity"] = {
-            "norms": list(f.norms),
-            "delta_errors": list(f.delta_errors),
-            "mean_errors": list(f.mean_errors),
-        }
-        if f.svd_errors is not None and f.svd_ranks is not None:
-            doc["fidelity"].update(svd_errors=list(f.svd_errors), svd_ranks=list(f.svd_ranks))
     if m.metrics is not None:
         doc["metrics"] = m.metrics
     if m.configs is not None:
@@ -134,6 +154,20 @@ def _member_to_doc(m: MemberRecord) -> dict[str, Any]:
         doc["lora"] = {module: [rank, scale] for module, (rank, scale) in m.lora.items()}
     if m.exact is not None:
         doc["exact"] = {name: _exact_entry_to_doc(e) for name, e in m.exact.items()}
+    return doc
+
+
+def _numbers_to_doc(n: MemberNumbers) -> dict[str, Any]:
+    doc: dict[str, Any] = {"errors": list(n.errors)}
+    if n.fidelity is not None:
+        f = n.fidelity
+        doc["fidelity"] = {
+            "norms": list(f.norms),
+            "delta_errors": list(f.delta_errors),
+            "mean_errors": list(f.mean_errors),
+        }
+        if f.svd_errors is not None and f.svd_ranks is not None:
+            doc["fidelity"].update(svd_errors=list(f.svd_errors), svd_ranks=list(f.svd_ranks))
     return doc
 
 
@@ -153,7 +187,7 @@ def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
 # -- strict parsing ------------------------------------------------------------------------------
 
 
-def _parse_manifest(raw: Any, where: str) -> Manifest:
+def _parse_manifest(raw: Any, where: str, numbers: NumbersSection | None) -> Manifest:
     d = Doc(raw, f"{where}: manifest")
     if d.text("format") != FORMAT_NAME:
         raise FormatError(f"{where}: manifest format is {d.doc.get('format')!r}, expected {FORMAT_NAME!r}")
@@ -179,8 +213,17 @@ def _parse_manifest(raw: Any, where: str) -> Manifest:
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise FormatError(f"{where}: manifest lists a tensor name twice")
+    if numbers is not None:
+        if version < MEMBER_NUMBERS_FORMAT_VERSION:
+            raise FormatError(
+                f"{where}: a members' numbers section needs format version {MEMBER_NUMBERS_FORMAT_VERSION}"
+            )
+        numbers.bind(len(d.array("members")), len(tensors))
     members = tuple(
-        _parse_member(m, f"{where}: members[{i}]", tensors, blobs) for i, m in enumerate(d.array("members"))
+        _parse_member(
+            m, f"{where}: members[{i}]", tensors, blobs, None if numbers is None else DeferredNumbers(numbers, i)
+        )
+        for i, m in enumerate(d.array("members"))
     )
     if len({m.name for m in members}) != len(members):
         raise FormatError(f"{where}: manifest lists a member name twice")
@@ -205,8 +248,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _parse_blob(name: str, spec: Any, where: str, codecs: tuple[str, ...]) -> BlobRecord:
-    if name == MANIFEST_BLOB:
-        raise FormatError(f"{where}: blob name {name!r} is reserved for the compressed manifest")
+    if name in (MANIFEST_BLOB, NUMBERS_BLOB):
+        raise FormatError(f"{where}: blob name {name!r} is reserved for the compressed manifest and its numbers")
     b = Doc(spec, f"{where}: blob {name!r}")
     sha = b.text("sha256")
     if not _SHA256.fullmatch(sha):
@@ -265,27 +308,24 @@ def _parse_lora_map(value: Any, where: str, tensors: tuple[TensorRecord, ...]) -
 
 
 def _parse_member(
-    raw: Any, where: str, tensors: tuple[TensorRecord, ...], blobs: dict[str, BlobRecord]
+    raw: Any,
+    where: str,
+    tensors: tuple[TensorRecord, ...],
+    blobs: dict[str, BlobRecord],
+    deferred: DeferredNumbers | None,
 ) -> MemberRecord:
     d = Doc(raw, where)
     name = check_member_name(d.text("name"), f"{where}: name")
     d.where = where = f"{where.rsplit(':', 1)[0]}: member {name!r}"
     metadata = d.obj("metadata", optional=True)
-    errors = nonnegative_numbers(d.array("errors"))
-    if errors is None or len(errors) != len(tensors):
-        raise FormatError(f"{where}: errors must list one non-negative number per tensor ({len(tensors)})")
-    fidelity = None
-    if d.obj("fidelity", optional=True) is not None:
-        f = Doc(d.doc["fidelity"], f"{where}: fidelity")
-        n = len(tensors)
-        svd_errors = f.numbers("svd_errors", optional=True, count=n)
-        fidelity = FidelityRecord(
-            f.numbers("norms", count=n),
-            f.numbers("delta_errors", count=n),
-            f.numbers("mean_errors", count=n),
-            svd_errors,
-            f.numbers("svd_ranks", optional=svd_errors is None, count=n, ints=True),
-        )
+    numbers: MemberNumbers | DeferredNumbers
+    if deferred is None:
+        numbers = _parse_numbers(d, len(tensors))
+    elif any(d.doc.get(key) is not None for key in ("errors", "fidelity")):
+        # One place for them: two could disagree, and a reader could show either.
+        raise FormatError(f"{where}: errors and fidelity belong in the members' numbers section (version 9)")
+    else:
+        numbers = deferred
     metrics = d.obj("metrics", optional=True)
     if metrics is not None:
         metrics = _metrics(metrics, f"{where}: metrics")
@@ -309,16 +349,35 @@ def _parse_member(
         coefficients=d.text("coefficients", optional=True),
         raw=str_map(d.obj("raw"), f"{where}: raw"),
         dtypes=member_dtypes,
-        errors=errors,
+        numbers=numbers,
         added=added,
         lossless_bytes=d.integer("lossless_bytes", optional=True),
-        fidelity=fidelity,
         metrics=metrics,
         configs=configs,
         lora=lora,
         codes=d.text("codes", optional=True),
         exact=_parse_exact(d.doc["exact"], where) if d.doc.get("exact") is not None else None,
     )
+
+
+def _parse_numbers(d: Doc, tensors: int) -> MemberNumbers:
+    """A member's ``errors`` (required) and ``fidelity`` (optional), one number per tensor each,
+    from the member's record or its entry in a numbers section."""
+    errors = nonnegative_numbers(d.array("errors"))
+    if errors is None or len(errors) != tensors:
+        raise FormatError(f"{d.where}: errors must list one non-negative number per tensor ({tensors})")
+    fidelity = None
+    if d.obj("fidelity", optional=True) is not None:
+        f = Doc(d.doc["fidelity"], f"{d.where}: fidelity")
+        svd_errors = f.numbers("svd_errors", optional=True, count=tensors)
+        fidelity = FidelityRecord(
+            f.numbers("norms", count=tensors),
+            f.numbers("delta_errors", count=tensors),
+            f.numbers("mean_errors", count=tensors),
+            svd_errors,
+            f.numbers("svd_ranks", optional=svd_errors is None, count=tensors, ints=True),
+        )
+    return MemberNumbers(errors, fidelity)
 
 
 def _parse_exact(value: Any, where: str) -> dict[str, ExactEntry]:

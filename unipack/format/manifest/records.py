@@ -9,6 +9,8 @@ the params what it needs (their JSON fields, their coefficient block, the blobs 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,6 +45,11 @@ CHUNKED_CODEC = "zstd-chunks"
 #: for it or costs more. Only bundles with such an override are written as version 8. (A reader of 8
 #: reads every earlier version.)
 LORA_OVERRIDE_FORMAT_VERSION = 8
+#: Version 9 keeps the members' informative numbers (``errors``, ``fidelity``) out of the
+#: manifest, in a zstd-compressed section of their own (``NUMBERS_BLOB``, spec §2.4) that is read
+#: only when they are asked for: opening a bundle of many members to load one then parses what
+#: loading needs and nothing else. Written where the manifest is large (the version 4 rule).
+MEMBER_NUMBERS_FORMAT_VERSION = 9
 SUPPORTED_VERSIONS = (
     1,
     2,
@@ -52,9 +59,12 @@ SUPPORTED_VERSIONS = (
     LORA_QUANT_FORMAT_VERSION,
     CHUNKED_FORMAT_VERSION,
     LORA_OVERRIDE_FORMAT_VERSION,
+    MEMBER_NUMBERS_FORMAT_VERSION,
 )
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
+#: The tensor that holds the members' numbers (version 9; never a blob of the manifest's table).
+NUMBERS_BLOB = "__numbers__"
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,57 @@ class ExactEntry:
 
 
 @dataclass(frozen=True)
+class MemberNumbers:
+    """A member's informative per-tensor numbers: what ``info`` and ``report`` show, never what
+    rebuilding it needs. Version 9 stores them apart from the manifest (``NumbersSection``)."""
+
+    errors: tuple[float, ...] = ()  # relative Frobenius error per tensor, aligned with Manifest.tensors
+    fidelity: FidelityRecord | None = None
+
+
+class NumbersSection:
+    """The members' numbers of a version-9 bundle, decoded and checked the first time any member's
+    are asked for. ``load(members, tensors)``: every member's numbers, in manifest order, from the
+    section's stored bytes, raising the reader's errors for a damaged section; the manifest's
+    parser gives the counts (``bind``). Safe to share between threads."""
+
+    def __init__(self, load: Callable[[int, int], tuple[MemberNumbers, ...]]) -> None:
+        self._load: Callable[[int, int], tuple[MemberNumbers, ...]] | None = load
+        self._counts = (0, 0)
+        self._numbers: tuple[MemberNumbers, ...] | None = None
+        self._lock = threading.Lock()
+
+    def bind(self, members: int, tensors: int) -> None:
+        """The manifest's member and tensor counts, which the section must match."""
+        self._counts = (members, tensors)
+
+    def member(self, index: int) -> MemberNumbers:
+        if self._numbers is None:
+            with self._lock:
+                if self._numbers is None:
+                    assert self._load is not None
+                    self._numbers = self._load(*self._counts)
+                    self._load = None  # the stored bytes it holds are no longer needed
+        return self._numbers[index]
+
+
+@dataclass(frozen=True, eq=False)
+class DeferredNumbers:
+    """One member's numbers in a ``NumbersSection``, read when first asked for."""
+
+    section: NumbersSection
+    index: int
+
+    def resolve(self) -> MemberNumbers:
+        return self.section.member(self.index)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A manifest sent to another process takes the numbers themselves, not the section.
+        numbers = self.resolve()
+        return MemberNumbers, (numbers.errors, numbers.fidelity)
+
+
+@dataclass(frozen=True)
 class MemberRecord:
     name: str
     source: str  # the input's file name
@@ -245,10 +306,10 @@ class MemberRecord:
     coefficients: str | None  # blob holding all this member's coefficients, or None if rank 0 everywhere
     raw: dict[str, str] = field(default_factory=dict)  # tensor name -> blob, for raw tensors
     dtypes: dict[str, str] = field(default_factory=dict)  # tensor name -> dtype where it differs
-    errors: tuple[float, ...] = ()  # relative Frobenius error per tensor, aligned with Manifest.tensors
+    #: ``errors`` and ``fidelity`` (the properties below), or where a version-9 section holds them.
+    numbers: MemberNumbers | DeferredNumbers = field(default_factory=MemberNumbers)
     added: bool = False  # joined by `unipack add` (projected onto existing bases), not by the merge
     lossless_bytes: int | None = None  # the input compressed by zstd at stats.lossless.level, informative
-    fidelity: FidelityRecord | None = None
     metrics: dict[str, dict[str, float]] | None = None  # eval results: {"original": {...}, "unipack": {...}}
     configs: dict[str, str] | None = None  # small files of its Hugging Face folder, verbatim (config.json, ...)
     lora: dict[str, tuple[int, float]] = field(default_factory=dict)  # lora module -> (rank r, PEFT scale s)
@@ -257,6 +318,20 @@ class MemberRecord:
 
     def dtype_of(self, tensor: TensorRecord) -> str:
         return self.dtypes.get(tensor.name, tensor.dtype)
+
+    @property
+    def resolved_numbers(self) -> MemberNumbers:
+        n = self.numbers
+        return n.resolve() if isinstance(n, DeferredNumbers) else n
+
+    @property
+    def errors(self) -> tuple[float, ...]:
+        """Relative Frobenius error per tensor, aligned with ``Manifest.tensors``."""
+        return self.resolved_numbers.errors
+
+    @property
+    def fidelity(self) -> FidelityRecord | None:
+        return self.resolved_numbers.fidelity
 
 
 @dataclass(frozen=True)
