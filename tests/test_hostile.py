@@ -323,7 +323,7 @@ def test_p03_unknown_header_version(tmp_path: Path, base: Base, version: str) ->
     open_fails(write(tmp_path, p.assemble()), FormatError, repr(version), "supported: 1")
 
 
-@pytest.mark.parametrize("version", [9, 99])
+@pytest.mark.parametrize("version", [int(NEXT_VERSION), 99])
 def test_p03_consistent_future_version(tmp_path: Path, base: Base, version: int) -> None:
     p = base.parts()
     p.meta["format_version"] = str(version)
