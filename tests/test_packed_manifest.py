@@ -95,7 +95,7 @@ def test_the_numbers_are_read_only_when_asked_for(packed_and_plain, tmp_path: Pa
             x, y = b.load_numpy(member), good.load_numpy(member)
             assert all(np.array_equal(x[k][1], y[k][1]) for k in x)
         with pytest.raises(unipack.ChecksumError, match="members' numbers section is corrupt"):
-            b.manifest.members[0].errors
+            _ = b.manifest.members[0].errors
         problems = b.verify()
         assert len(problems) == 1 and "numbers section is corrupt" in problems[0]
     result = CliRunner().invoke(cli, ["info", str(damaged)])

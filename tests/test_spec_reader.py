@@ -1373,7 +1373,7 @@ def test_damaged_numbers_are_refused_when_read(bundles, tmp_path, case):
         SpecBundle(bad)
     with unipack.open(str(bad)) as b:
         with pytest.raises(unipack.errors.ChecksumError, match="numbers section is corrupt"):
-            b.manifest.members[-1].fidelity
+            _ = b.manifest.members[-1].fidelity
         assert any("numbers section is corrupt" in p for p in b.verify())
 
 

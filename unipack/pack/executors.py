@@ -254,6 +254,10 @@ def _call(task: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
     return fn(*args)
 
 
+#: How often a wait for a forked worker's result wakes to let a signal's handler run.
+SIGNAL_POLL_SECONDS = 0.25
+
+
 class ForkPool(Executor):
     """``jobs`` forked workers; they inherit ``checkpoints``, open here, as ``inputs``. Leaving
     the context early (an exception, Ctrl-C) terminates them."""
@@ -265,7 +269,19 @@ class ForkPool(Executor):
 
     def start(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
         pending = self._pool.apply_async(_call, ((fn, args),))
-        return pending.get
+
+        def wait() -> Any:
+            # Ctrl-C reaches this process through whichever thread the kernel picks; when that is
+            # one of the pool's threads, an untimed wait here never wakes to run the handler and
+            # the merge sits out the job (a test caught it hanging 1 run in 3 under load). Waking
+            # every fraction of a second lets the handler raise here.
+            while True:
+                try:
+                    return pending.get(timeout=SIGNAL_POLL_SECONDS)
+                except multiprocessing.TimeoutError:
+                    continue
+
+        return wait
 
     def __exit__(self, *exc: object) -> None:
         self._pool.terminate()
