@@ -211,10 +211,39 @@ def test_error_bars_against_baselines(report: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_no_shared_tensors(tmp_path: Path, report: dict[str, Any]) -> None:
+def test_no_shared_tensors_and_no_parameter_counts(tmp_path: Path, report: dict[str, Any]) -> None:
     report["tensors"] = [t for t in report["tensors"] if t["storage"] != "shared"]
-    assert texts(render_figure(report).axes[0]) == ["no shared tensors"]
+    assert texts(render_figure(report).axes[0]) == [
+        "no parameter counts recorded (a LoRA bundle, or a report of an older unipack)"
+    ]
     write_png(report, tmp_path / "r.png")
+    check_png(tmp_path / "r.png")
+
+
+def test_without_shared_tensors_panel_a_is_the_bit_allocation(tmp_path: Path) -> None:
+    """A delta bundle: each tensor at 8 x stored bytes / parameters, by storage, the cheapest
+    alternative hollow beside it, and the fp16 line."""
+    rows = [
+        ("a.weight", "delta", 3000, 8000, 4000),  # 3 bits; its alternative 4 bits
+        ("a.bias", "delta", 100, 400, None),  # 2 bits, no alternative meets the rule
+        ("head.weight", "raw", 4000, 1000, None),  # 32 bits
+        ("b.weight", "delta", 500, 1000, 1000),  # 4 bits; alternative 8 bits
+    ]
+    tensors = []
+    for name, storage, stored, parameters, alternative in rows:
+        t = tensor(name, storage, stored_bytes=stored)
+        t.update(parameters=parameters, alternative_bytes=alternative)
+        tensors.append(t)
+    tensors.append(tensor("lora.module", "lora"))  # no parameter count: left out
+    ax = render_figure({"tensors": tensors, "members": []}).axes[0]
+    assert ax.get_title(loc="left").startswith("(a) bit allocation")
+    drawn = {c.get_label(): [tuple(xy) for xy in c.get_offsets()] for c in ax.collections}
+    assert drawn["delta (3)"] == [(0, 3.0), (1, 2.0), (3, 4.0)]
+    assert drawn["raw (1)"] == [(2, 32.0)]
+    assert drawn["cheapest alternative meeting the rule"] == [(0, 4.0), (3, 8.0)]
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [16.0]
+    assert ax.get_yscale() == "log"
+    write_png({"tensors": tensors, "members": []}, tmp_path / "r.png")
     check_png(tmp_path / "r.png")
 
 

@@ -231,6 +231,14 @@ def bundles(pop: Population) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("key", ["delta", "raw"])
+def test_each_tensor_counts_the_parameters_of_every_member(bundles: dict[str, Path], pop: Population, key: str) -> None:
+    """``parameters`` (its bit allocation's denominator) is the members' own element counts."""
+    doc = json.loads(run("report", str(bundles[key]), "--json").output)
+    for t in doc["tensors"]:
+        assert t["parameters"] == sum(member[t["name"]].numel() for member in pop.tensors), t["name"]
+
+
 @pytest.mark.parametrize("key", ["default", "float16", "raw", "codec-none", "rank0", "delta", "delta-rel", "lossless"])
 def test_byte_parts_add_up_to_the_file(bundles: dict[str, Path], pop: Population, key: str) -> None:
     path = bundles[key]

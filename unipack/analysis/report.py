@@ -21,7 +21,7 @@ from unipack.bundle.summary import blob_parts, header_parts
 from unipack.core.alternatives import LABELS as ALTERNATIVE_LABELS
 from unipack.core.alternatives import METHODS as ALTERNATIVES
 from unipack.errors import InputError
-from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord
+from unipack.format.manifest import FidelityRecord, Manifest, MemberRecord, TensorRecord
 from unipack.format.safetensors_file import SafetensorsHeader
 from unipack.options import rule_text as options_rule_text
 from unipack.schemes import scheme_of
@@ -116,6 +116,9 @@ class TensorReport:
     # members (measured at merge time; None: none meets it, or not measured).
     alternative: str | None = None
     alternative_bytes: int | None = None
+    #: The parameters it stands for, over every member that holds it (None: not counted, as for
+    #: a LoRA module): stored_bytes / parameters is its bits per parameter, its bit allocation.
+    parameters: int | None = None
 
 
 @dataclass(frozen=True)
@@ -450,9 +453,21 @@ def _tensor_reports(
                 stored_bytes=own + coef_share.get(t.name, 0),
                 errors=errors,
                 winner=winner,
+                parameters=_parameters(manifest, t),
             )
         )
     return out
+
+
+def _parameters(manifest: Manifest, t: TensorRecord) -> int | None:
+    """The parameters of ``t`` over every member: its shape's, once per member, or where its
+    shape differs between members (heads, stored raw) the sum of each member's own."""
+    if scheme_of(t).lora:  # an update of its base's weight, not parameters of its own
+        return None
+    if t.shape is not None:
+        return math.prod(t.shape) * len(manifest.members)
+    blobs = [manifest.blobs.get(m.raw.get(t.name, "")) for m in manifest.members]
+    return sum(b.numel for b in blobs if b is not None) or None
 
 
 def _winner(errors: Mapping[str, float | None]) -> str | None:

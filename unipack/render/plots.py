@@ -4,7 +4,10 @@ Three panels, drawn from the dict that ``unipack report --json`` prints:
 
 (a) for every shared tensor, the fraction of centred variance kept against the rank (the
     cumulative spectrum over the total variance), with a dot at the rank the bundle chose, so
-    one can see whether a smaller rank would have kept almost as much;
+    one can see whether a smaller rank would have kept almost as much; for a bundle without
+    shared tensors (quantized deltas, the default), the bit allocation instead: every tensor's
+    stored bits per parameter, by storage, next to the cheapest one-line alternative that meets
+    the rule on it and the 16 bits of a fp16 cast;
 (b) rate against distortion: the bundle's bytes and weight error next to every one-line
     alternative the merge measured (fp16 cast, int8/int4/int2 and 1-bit deltas, the paper's
     k = 16), filled where it meets the rule on every tensor;
@@ -74,7 +77,11 @@ def render_figure(report: Mapping[str, Any]) -> Any:
     grid = fig.add_gridspec(2, 2)
     # Created in this order so that fig.axes is (a), (c), (b): the first two as before (b) came.
     variance, errors, rate = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, :]), fig.add_subplot(grid[0, 1])
-    _variance_panel(variance, [t for t in tensors if t.get("storage") == "shared"])
+    shared = [t for t in tensors if t.get("storage") == "shared"]
+    if shared or not tensors:
+        _variance_panel(variance, shared)
+    else:
+        _allocation_panel(variance, tensors)
     _error_panel(errors, members)
     _rate_panel(rate, report)
     return fig
@@ -225,6 +232,45 @@ def _variance_panel(ax: Any, shared: Sequence[Mapping[str, Any]]) -> None:
     ax.set_ylabel("fraction of centred variance kept")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, title="largest by stored bytes", title_fontsize=8)
+
+
+def _allocation_panel(ax: Any, tensors: Sequence[Mapping[str, Any]]) -> None:
+    """(a) for a bundle without shared tensors: bits per parameter of every tensor, in manifest
+    order, coloured by storage, with the cheapest alternative meeting the rule on it (hollow)."""
+    ax.set_title("(a) bit allocation: stored bits per parameter of each tensor", loc="left")
+    points = []
+    for i, t in enumerate(tensors):
+        parameters, stored = _num(t.get("parameters")), _num(t.get("stored_bytes"))
+        if parameters and parameters > 0 and stored is not None and stored > 0:
+            other = _num(t.get("alternative_bytes"))
+            points.append((i, str(t.get("storage", "?")), 8 * stored / parameters, other and 8 * other / parameters))
+    if not points:
+        _empty(ax, "no parameter counts recorded (a LoRA bundle, or a report of an older unipack)")
+        return
+    storages = sorted({storage for _, storage, _, _ in points})
+    for storage, colour in zip(storages, _palette(len(storages))):
+        mine = [(i, bits) for i, kind, bits, _ in points if kind == storage]
+        ax.scatter(
+            [i for i, _ in mine], [b for _, b in mine], s=22, color=colour, zorder=3, label=f"{storage} ({len(mine)})"
+        )
+    others = [(i, bits) for i, _, _, bits in points if bits]
+    if others:
+        ax.scatter(
+            [i for i, _ in others],
+            [b for _, b in others],
+            s=22,
+            facecolors="none",
+            edgecolors="0.3",
+            zorder=2,
+            label="cheapest alternative meeting the rule",
+        )
+    ax.axhline(16.0, color="0.5", linestyle="--", linewidth=1.0, label="fp16 cast (16 bits)")
+    ax.set_yscale("log")
+    ax.set_xlim(-1, len(tensors))
+    ax.set_xlabel("tensor (manifest order)")
+    ax.set_ylabel("stored bits per parameter, all members (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
 
 
 # ------------------------------------------------------------------------------------------
