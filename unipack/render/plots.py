@@ -266,6 +266,12 @@ def _allocation_panel(ax: Any, tensors: Sequence[Mapping[str, Any]]) -> None:
         )
     ax.axhline(16.0, color="0.5", linestyle="--", linewidth=1.0, label="fp16 cast (16 bits)")
     ax.set_yscale("log")
+    # Whole bit counts as plain numbers (a log axis would write 3 x 10^1)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.yaxis.set_major_locator(FixedLocator([0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(-1, len(tensors))
     ax.set_xlabel("tensor (manifest order)")
     ax.set_ylabel("stored bits per parameter, all members (log)")
