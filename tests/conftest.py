@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -721,18 +722,30 @@ def assert_members_within(bundle: Path, pop: Population, bound: float | None) ->
                     assert float(error) <= bound * float(torch.linalg.norm(t.double().reshape(-1))) + 1e-12, key
 
 
-def run(*args: Any) -> Result:
-    """``unipack ARGS...`` through click's runner, wide enough that no line wraps."""
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
+def run(*args: Any, cwd: Path | None = None, columns: int = 250) -> Result:
+    """``unipack ARGS...`` through click's runner, ``columns`` wide (by default so wide that no
+    line wraps), in ``cwd`` if given (for relative paths)."""
+    runner = CliRunner(env={"COLUMNS": str(columns)})
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    finally:
+        os.chdir(old)
 
 
-def assert_one_line_error(result: Result) -> str:
-    """A bad-input exit: code 1, one ``Error: ...`` line, no traceback; returns the line."""
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+def assert_one_line_error(result: Result, *mentions: str, exit_code: int = 1) -> str:
+    """A refused command: ``exit_code`` (1: bad input), one ``Error: ...`` line holding every
+    mention, no traceback and no internal error; returns the line."""
+    assert result.exit_code == exit_code, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "internal error" not in lines[0]
+    for text in mentions:
+        assert text in lines[0], (text, lines[0])
     return lines[0]
 
 

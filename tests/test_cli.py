@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from conftest import (
     ALL_BAD_CASES,
     bad_case,
@@ -15,25 +14,13 @@ from conftest import (
     listing,
     make_bundle,
     read_safetensors,
+    run,
     small_specs,
     standard_specs,
     write_population,
 )
 
 import unipack
-from unipack.cli import cli
-
-
-def run(*args: str, cwd: Path | None = None) -> Result:
-    runner = CliRunner(env={"COLUMNS": "250"})  # wide enough that rich never wraps a cell
-    if cwd is None:
-        return runner.invoke(cli, list(map(str, args)), catch_exceptions=True)
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return runner.invoke(cli, list(map(str, args)), catch_exceptions=True)
-    finally:
-        os.chdir(old)
 
 
 def assert_ok(result: Result) -> None:

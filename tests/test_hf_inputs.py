@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
-from click.testing import CliRunner, Result
 from conftest import (
     Population,
     TensorSpec,
     assert_close_errors,
+    assert_one_line_error,
     bits_equal,
     check_against_originals,
     grouped_zstd_size,
@@ -29,6 +29,7 @@ from conftest import (
     make_values,
     read_safetensors,
     rel_error,
+    run,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -36,7 +37,6 @@ from safetensors.torch import load_file, save_file
 import unipack
 from unipack import FormatError, InputError, UnipackError
 from unipack.analysis.report import find_originals
-from unipack.cli import cli
 from unipack.format.manifest import MAX_CONFIG_BYTES
 from unipack.options import DEFAULT_MAX_ERROR
 
@@ -195,19 +195,6 @@ def mixed(tmp_path: Path) -> Population:
         tensors.append(ref)
         metas.append(meta)
     return Population(paths, list(NAMES), tensors, metas, dict(SPECS))
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "internal error" not in lines[0] and "Traceback" not in result.output
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,7 +400,7 @@ def test_name_pair_errors(mixed: Population, tmp_path: Path, pairs: list[str], f
     args: list[str | Path] = ["merge", *mixed.paths[:3], "-o", out_dir / "x.upk", "-q"]
     for pair in pairs:
         args += ["--name", pair]
-    line = one_line_error(run(*args))
+    line = assert_one_line_error(run(*args))
     for fragment in fragments:
         assert fragment in line, line
     assert list(out_dir.iterdir()) == []
@@ -426,7 +413,7 @@ def test_name_pair_ambiguous_default(tmp_path: Path) -> None:
         (tmp_path / f"run{i}").mkdir()
         paths.append(tmp_path / f"run{i}" / "model.safetensors")
         save_file(state, str(paths[-1]))
-    line = one_line_error(run("merge", *paths, "-o", tmp_path / "x.upk", "-q", "--name", "model=x"))
+    line = assert_one_line_error(run("merge", *paths, "-o", tmp_path / "x.upk", "-q", "--name", "model=x"))
     assert "'model' is the default name of 2 inputs" in line and "give the input's path instead" in line
     result = run("merge", *paths, "-o", tmp_path / "x.upk", "-q", "--name", f"{paths[0]}=a", "--name", f"{paths[1]}=b")
     assert result.exit_code == 0, result.output
@@ -568,7 +555,7 @@ def test_bad_inputs_fail_with_one_clear_line(mixed: Population, tmp_path: Path, 
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
-    line = one_line_error(run("merge", *good, bad, "-o", out_dir / "x.upk", "-q"))
+    line = assert_one_line_error(run("merge", *good, bad, "-o", out_dir / "x.upk", "-q"))
     assert line == f"Error: {message}"
     assert list(out_dir.iterdir()) == []
     assert open_files_under(tmp_path / "in") == [], "a failed merge left input files open"

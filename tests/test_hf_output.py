@@ -20,14 +20,13 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import bits_equal, listing, small_specs, write_population
+from click.testing import Result
+from conftest import bits_equal, listing, run, small_specs, write_population
 from safetensors import safe_open
 from safetensors.torch import save_model
 
 import unipack
 from unipack import OptionsError, OutputExistsError, UnipackError
-from unipack.cli import cli
 from unipack.export import hf_folder
 from unipack.export.hf_folder import parse_size, plan_shards
 from unipack.format.container import rewrite_bundle
@@ -170,17 +169,6 @@ def reconstructed(pop: HFPopulation, member: str) -> torch.nn.Module:
     with unipack.open(pop.bundle) as b:
         model.load_state_dict(b.load(member), strict=True)
     return model.eval()
-
-
-def run(*args: object, cwd: Path | None = None) -> Result:
-    runner = CliRunner(env={"COLUMNS": "250"})
-    old = os.getcwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=True)
-    finally:
-        os.chdir(old)
 
 
 def assert_ok(result: Result) -> None:

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import run
 from safetensors.torch import load_file, save_file
 
 import unipack
-from unipack.cli import cli
 from unipack.format.manifest import check_tensor_name
 from unipack.sources import open_source
 from unipack.sources.base import MAX_MAGNITUDE
@@ -50,10 +50,6 @@ pytestmark = pytest.mark.filterwarnings("error")
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
 def one_line_error(result: Result, *fragments: str) -> str:

@@ -15,17 +15,11 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from click.testing import CliRunner, Result
-from conftest import TensorSpec, blob_range, flip_byte, standard_specs, write_population
+from conftest import TensorSpec, blob_range, flip_byte, run, standard_specs, write_population
 from safetensors.torch import load_file, save_file
 
 import unipack
-from unipack.cli import cli
 from unipack.core import residual
-
-
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
 def tensor_sha(t: torch.Tensor) -> str:

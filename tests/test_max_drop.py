@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from conftest import Population, TensorSpec, as64, write_population
+from click.testing import Result
+from conftest import Population, TensorSpec, as64, run, write_population
 from safetensors.torch import load_file
 
 import unipack
-from unipack.cli import cli
 from unipack.errors import EvalError, OptionsError
 from unipack.pack.max_drop import Attempt, merge_with_eval
 from unipack.usercode import load_eval
@@ -37,10 +36,6 @@ SAMPLES = 400
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
 def assert_one_line_error(result: Result, *mentions: str, exit_code: int = 1) -> str:

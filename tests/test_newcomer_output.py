@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from conftest import (
     TensorSpec,
     bits_equal,
@@ -25,6 +25,7 @@ from conftest import (
     flip_byte,
     read_safetensors,
     rel_error,
+    run,
     small_specs,
     write_population,
 )
@@ -40,17 +41,6 @@ from unipack.render.report_view import compact_report_view, report_view
 from unipack.render.tables import FittedTable
 
 HEAD = "classifier.weight"
-
-
-def run(*args: object, cwd: Path | None = None, columns: int = 250) -> Result:
-    runner = CliRunner(env={"COLUMNS": str(columns)})
-    old = os.getcwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=True)
-    finally:
-        os.chdir(old)
 
 
 def ok(result: Result) -> Result:

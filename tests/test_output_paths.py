@@ -17,17 +17,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import listing, small_specs, write_population
+from click.testing import Result
+from conftest import listing, run, small_specs, write_population
 
 import unipack
-from unipack.cli import cli
 from unipack.cli.commands import INTERRUPTED
 from unipack.format.atomic import NAME_MAX, TEMP_MARK, remove_stale_temps, temp_prefix
-
-
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
 def one_line_error(result: Result, *fragments: str) -> str:

@@ -22,13 +22,15 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from click.testing import CliRunner, Result
+from click.testing import Result
 from conftest import (
     Population,
     TensorSpec,
     as64,
+    assert_one_line_error,
     grouped_zstd_size,
     rel_error,
+    run,
     spectrum,
     stored_mean,
     write_population,
@@ -37,7 +39,6 @@ from safetensors.torch import load_file, save_file
 
 import unipack
 from unipack.analysis.report import report
-from unipack.cli import cli
 from unipack.errors import InputError
 from unipack.usercode import load_eval
 
@@ -53,24 +54,8 @@ SVD_RTOL = 1.5e-3
 # ------------------------------------------------------------------------------------------
 
 
-def run(*args: object) -> Result:
-    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args], catch_exceptions=True)
-
-
 def assert_ok(result: Result) -> None:
     assert result.exit_code == 0, (result.output, result.exception)
-
-
-def assert_one_line_error(result: Result, *mentions: str, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "internal error" not in lines[0]
-    for text in mentions:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 def report_specs() -> dict[str, TensorSpec]:
