@@ -61,10 +61,27 @@ def test_seeds_are_valid_and_varied(seeds: list[tuple[str, bytes]], tmp_path: Pa
         outcome, exc, _ = fuzz_upk.run_one(data, str(tmp_path / f"{name}.upk"))
         assert outcome == "ok", f"seed {name}: {exc!r}"
     parsed = {name: fuzz_upk.parse(data) for name, data in seeds}
-    codecs = {b["codec"] for p in parsed.values() for b in p.manifest["blobs"].values()}
-    storages = {t["storage"] for p in parsed.values() for t in p.manifest["tensors"]}
+    in_header = [p for p in parsed.values() if p.manifest is not None]
+    codecs = {b["codec"] for p in in_header for b in p.manifest["blobs"].values()}
+    storages = {t["storage"] for p in in_header for t in p.manifest["tensors"]}
     assert codecs == {"none", "zstd"}
     assert storages == {"shared", "raw", "exact", "delta"}
+    # and one seed with the compressed manifest and its members' numbers section (version 9)
+    packed = [p.header for p in parsed.values() if p.manifest is None]
+    assert len(packed) == 1 and {"__numbers__", "__manifest__"} <= set(packed[0])
+
+
+def test_a_damaged_numbers_section_is_rejected(seeds: list[tuple[str, bytes]], tmp_path: Path) -> None:
+    """Every byte of the numbers section matters to whoever reads the numbers (here ``summary``)."""
+    name, data = next((n, d) for n, d in seeds if n == "packed-numbers")
+    p = fuzz_upk.parse(data)
+    begin, end = p.header["__numbers__"]["data_offsets"]
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    for offset in range(begin, end, max(1, (end - begin) // 16)):
+        body = bytearray(data)
+        body[start + offset] ^= 0x01
+        exc = _expect_unipack_error(bytes(body), tmp_path, f"{name}-numbers-{offset}")
+        assert "numbers section" in str(exc), exc
 
 
 def test_hand_picked_mutations_are_rejected(seeds: list[tuple[str, bytes]], tmp_path: Path) -> None:
@@ -75,12 +92,13 @@ def test_hand_picked_mutations_are_rejected(seeds: list[tuple[str, bytes]], tmp_
         _expect_unipack_error(b"\0" * 8 + data[8:], tmp_path, f"{name}-zero-hlen")
         # one byte of the manifest string changed (manifest_sha256 left as it was)
         p = fuzz_upk.parse(data)
-        text = p.header["__metadata__"]["manifest"]
-        i = text.index('"tensors"') + 2
-        flipped = text[:i] + chr(ord(text[i]) ^ 0x01) + text[i + 1 :]
-        bad = fuzz_upk.serialize(p, fix_manifest_sha=False, manifest_text=flipped)
-        exc = _expect_unipack_error(bad, tmp_path, f"{name}-manifest-byte")
-        assert isinstance(exc, unipack.ChecksumError)
+        if p.manifest is not None:  # a compressed one: its frame and numbers are fuzzed as bytes
+            text = p.header["__metadata__"]["manifest"]
+            i = text.index('"tensors"') + 2
+            flipped = text[:i] + chr(ord(text[i]) ^ 0x01) + text[i + 1 :]
+            bad = fuzz_upk.serialize(p, fix_manifest_sha=False, manifest_text=flipped)
+            exc = _expect_unipack_error(bad, tmp_path, f"{name}-manifest-byte")
+            assert isinstance(exc, unipack.ChecksumError)
         # a flipped bit in a blob's stored bytes: caught by the blob checksum when loading
         hlen = struct.unpack("<Q", data[:8])[0]
         body = bytearray(data)

@@ -87,6 +87,8 @@ def _population(
     return members
 
 
+#: A seed option (not a merge option): write the manifest compressed, with its numbers section.
+PACKED = "packed"
 SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     # name, population kwargs, merge options
     ("zstd-rows-flat", {"n": 3}, {"codec": "zstd", "max_error": 0.05}),
@@ -98,6 +100,8 @@ SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     ("rank0", {"n": 2, "ints": True}, {"rank": 0}),
     ("rows-rank2-raw-glob", {"n": 4}, {"rank": 2, "scheme": "rows", "raw": ("conv.*",)}),
+    # the compressed manifest and the members' numbers section (format version 9), whatever its size
+    ("packed-numbers", {"n": 3}, {"max_error": 0.05, PACKED: True}),
 ]
 
 
@@ -119,7 +123,18 @@ def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
             save_file(tensors, str(p), metadata={"task": f"t{i}", "seed": name})
             paths.append(str(p))
         out = d / "bundle.upk"
-        unipack.merge(paths, out, force=True, **opts)
+        opts = dict(opts)
+        if opts.pop(PACKED, False):
+            from unipack.format import container
+
+            limit = container.COMPRESS_MANIFEST_ABOVE
+            container.COMPRESS_MANIFEST_ABOVE = 0  # every manifest counts as large
+            try:
+                unipack.merge(paths, out, force=True, **opts)
+            finally:
+                container.COMPRESS_MANIFEST_ABOVE = limit
+        else:
+            unipack.merge(paths, out, force=True, **opts)
         data = out.read_bytes()
         with unipack.open(out) as b:  # seeds must be valid
             for m in b.members:
