@@ -318,6 +318,7 @@ class SpecBundle:
         into its record, where the checks of §3.3 then see them."""
         size = self.meta["numbers_bytes"]
         _need(re.fullmatch(r"[0-9]+", size) is not None and 0 < int(size) <= 2**30, f"numbers_bytes {size!r}")
+        _need(int(size) <= 1024 * len(self.packed_numbers), f"numbers_bytes {size} is over 1024x the stored section")
         try:
             data = zstandard.ZstdDecompressor().decompress(self.packed_numbers, max_output_size=int(size))
         except zstandard.ZstdError as exc:
@@ -1356,6 +1357,7 @@ NUMBERS_OPEN_CASES = {
     "numbers-last": dict(swap=True),
     "numbers-no-size": dict(meta_edit=lambda m: m.pop("numbers_bytes")),
     "numbers-size-huge": dict(meta_edit=lambda m: m.update(numbers_bytes=str(2**31))),
+    "numbers-size-bomb": dict(meta_edit=lambda m: m.update(numbers_bytes=str(2**29))),  # in range, > 1024x
 }
 #: ... and that unipack finds when the numbers are read (``verify``, ``info``), not on open.
 NUMBERS_READ_CASES = {

@@ -450,6 +450,11 @@ def _numbers_section(header: SafetensorsHeader, fd: int, version: int) -> Number
             f"{p}: corrupt {WHAT}: the members' numbers are not the tensor before the manifest, {NUMBERS_BLOB!r} (U8)"
         )
     stored = bytes(read_bytes(fd, entries[-2], p))
+    if int(size) > codec.MAX_RATIO * len(stored):  # what any compressed blob may claim (a bomb otherwise)
+        raise FormatError(
+            f"{p}: corrupt {WHAT}: the members' numbers claim {size} bytes from {len(stored)} stored "
+            f"(more than {codec.MAX_RATIO}x)"
+        )
 
     def load(members: int, tensors: int) -> tuple[MemberNumbers, ...]:
         where = f"{p}: the members' numbers section"
