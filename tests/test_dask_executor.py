@@ -340,3 +340,70 @@ def test_dask_is_imported_only_when_chosen(pop, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_scheduler_that_dies_mid_merge_is_one_line_and_writes_nothing(pop, tmp_path: Path) -> None:
+    """The scheduler killed while a job runs: the merge stops with one line naming the scheduler
+    (no Dask log on stderr), exit 1, and leaves nothing behind; never a hang."""
+    marker, out_dir, scheduler_file = tmp_path / "marker", tmp_path / "out", tmp_path / "scheduler.json"
+    out_dir.mkdir()
+    marker.write_text("")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0", "--dashboard-address", ":0"]
+        + ["--scheduler-file", str(scheduler_file)],
+        **quiet,
+    )
+    worker = None
+    try:
+        for _ in range(300):
+            if scheduler_file.is_file() and scheduler_file.stat().st_size:
+                break
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nthreads",
+                "1",
+                "--dashboard-address",
+                ":0",
+            ],
+            **quiet,
+        )
+        with distributed.Client(address, set_as_default=False, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        subprocess.run([sys.executable, "-c", SLOW_WORKERS, str(marker), address], check=True, timeout=60)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CLI, "merge", *map(str, pop.paths), "-o", str(out_dir / "b.upk")] + on(address),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for _ in range(600):  # a worker has started a tensor job
+                if marker.read_text() == "running" or child.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert marker.read_text() == "running", child.communicate(timeout=60)
+            scheduler.kill()
+            _, err = child.communicate(timeout=120)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    finally:
+        marker.write_text("stop")
+        for process in (worker, scheduler):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert child.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert f"--scheduler {address}: the Dask scheduler went away during the merge" in lines[0]
+    assert "restart it and merge again" in lines[0]
+    assert listing(out_dir) == []

@@ -60,9 +60,11 @@ class DaskCluster(Executor):
                 f"--scheduler {scheduler!r}: neither an address (tcp://host:port) nor a scheduler file; "
                 f"give the address `dask scheduler` prints, or its --scheduler-file"
             )
+        _quiet_logs(True)
         try:
             self.client = distributed.Client(**where, timeout=wait, set_as_default=False)
         except (OSError, TimeoutError, asyncio.TimeoutError, ValueError) as exc:
+            _quiet_logs(False)
             raise ClusterError(
                 f"--scheduler {scheduler}: no Dask scheduler answered within {wait:g} s "
                 f"({first_line(exc, with_type=True)}); start one (`dask scheduler`) or check the address"
@@ -73,6 +75,7 @@ class DaskCluster(Executor):
             threads = sum(self.client.nthreads().values())
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
             self.client.close()
+            _quiet_logs(False)
             raise ClusterError(
                 f"--scheduler {scheduler}: the scheduler has no workers ({first_line(exc, with_type=True)}); "
                 f"start some (`dask worker {scheduler}`)"
@@ -88,26 +91,44 @@ class DaskCluster(Executor):
         def wait() -> Any:
             try:
                 return future.result()
-            except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
-                raise ClusterError(self._lost(future, exc)) from None
+            except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:  # the second: a BaseException
+                raise self._failed(future, exc) from None
             except Exception as exc:
-                if _from_dask(exc):  # a worker died (KilledWorker), the scheduler went away
-                    raise ClusterError(self._lost(future, exc)) from None
-                raise  # the job's own error, as the worker raised it
+                if self.connected and "scheduler-connection-lost" not in str(exc) and not _from_dask(exc):
+                    raise  # the job's own error, as the worker raised it
+                raise self._failed(future, exc) from None
             finally:
                 self._futures.discard(future)
-                future.release()  # the result is ours now: the cluster need not keep it
+                if self.connected:
+                    future.release()  # the result is ours now: the cluster need not keep it
 
         return wait
 
-    def _lost(self, future: Any, exc: BaseException) -> str:
-        return (
+    @property
+    def connected(self) -> bool:
+        """Whether the client still talks to the scheduler (it closes itself when reconnecting
+        fails for ``CONNECT_TIMEOUT_S``)."""
+        return str(getattr(self.client, "status", "")) == "running"
+
+    def _failed(self, future: Any, exc: BaseException) -> ClusterError:
+        """The error for a job the cluster did not finish: its scheduler went away (the client
+        cancels every future, then gives up reconnecting after ``CONNECT_TIMEOUT_S``), or it lost
+        the job (a worker died: ``KilledWorker``)."""
+        if not self.connected or "scheduler-connection-lost" in str(exc):
+            return ClusterError(
+                f"--scheduler {self.scheduler}: the Dask scheduler went away during the merge "
+                f"({first_line(exc, with_type=True)}); nothing was written: restart it and merge again"
+            )
+        return ClusterError(
             f"--scheduler {self.scheduler}: job {future.key} was lost on the Dask cluster "
             f"({first_line(exc, with_type=True)}); a worker died (out of memory?) or the scheduler went away"
         )
 
     def __exit__(self, *exc: object) -> None:
         try:
+            if not self.connected:  # nothing to cancel or to tell: the scheduler is gone
+                self._futures.clear()
+                return
             if self._futures:  # left early: no pending job may keep the cluster busy
                 self.client.cancel(list(self._futures), force=True)
                 self._futures.clear()
@@ -115,6 +136,31 @@ class DaskCluster(Executor):
                 self.client.run(forget, self.inputs, on_error="ignore")
         finally:
             self.client.close(timeout=CONNECT_TIMEOUT_S)
+            _quiet_logs(False)
+
+
+#: The families of loggers the client side of Dask writes to stderr with (Dask's logging config
+#: gives several of them handlers and levels of their own), and their levels before a merge.
+_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
+_saved_levels: dict[str, int] = {}
+
+
+def _quiet_logs(quiet: bool) -> None:
+    """The client side of Dask logs its troubles (a lost scheduler, its reconnection attempts and
+    their cancellation, with tracebacks) to stderr; the merge reports them itself, as one line
+    (``ClusterError``). Quiet while a merge holds a client, restored after."""
+    import logging
+
+    if not quiet:
+        for name, level in _saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        _saved_levels.clear()
+        return
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in _LOGGERS]
+    for name in {*_LOGGERS, *names}:
+        log = logging.getLogger(name)
+        _saved_levels.setdefault(name, log.level)
+        log.setLevel(logging.CRITICAL + 1)
 
 
 def _from_dask(exc: BaseException) -> bool:
