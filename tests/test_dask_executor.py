@@ -166,6 +166,14 @@ def test_a_worker_refuses_other_files_or_other_versions(pop, monkeypatch: pytest
     older = dataclasses.replace(inputs, environment=(("unipack", "0.0.1"), *inputs.environment[1:]))
     with pytest.raises(ClusterError, match="unipack 0.1.0 on the worker, 0.0.1 in the merging process"):
         executors.opened(older)
+    # the same numpy running other BLAS kernels (another CPU family) rounds sums otherwise
+    blas = dict(inputs.environment)["blas"]
+    assert blas.split()[0] in ("openblas", "mkl", "blis", "accelerate", "scipy-openblas") or blas == "unknown", blas
+    elsewhere = dataclasses.replace(
+        inputs, environment=tuple((k, v + " SkylakeX" if k == "blas" else v) for k, v in inputs.environment)
+    )
+    with pytest.raises(ClusterError, match=f"blas {blas} on the worker, {blas} SkylakeX in the merging process"):
+        executors.opened(elsewhere)
     missing = dataclasses.replace(inputs, paths=tuple(f"/nonexistent/{p.name}" for p in pop.paths))
     with pytest.raises(InputError, match="workers read the inputs by path"):
         executors.opened(missing)

@@ -90,8 +90,31 @@ def environment() -> tuple[tuple[str, str], ...]:
     return (
         ("unipack", __version__),
         ("numpy", np.__version__),
+        ("blas", numpy_blas()),
         ("zstd", ".".join(map(str, zstandard.ZSTD_VERSION))),
         ("zipnn", zipnn),
+    )
+
+
+def numpy_blas() -> str:
+    """numpy's BLAS library, its version and the CPU kernels it runs. The same numpy wheel runs
+    other kernels on another CPU family (OpenBLAS picks them at run time: Haswell, SkylakeX, ...),
+    whose sums round differently: a worker on one would write other bytes than the merging
+    process on the other."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    home = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy/ and numpy.libs/
+    mine = [
+        lib
+        for lib in threadpool_info()
+        if lib.get("user_api") == "blas" and str(lib.get("filepath", "")).startswith(os.path.join(home, "numpy"))
+    ]
+    if not mine:  # numpy linked to a BLAS outside its wheel (a distribution's, conda's): as built
+        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        return f"{blas.get('name', 'unknown')} {blas.get('version', '')}".strip()
+    return "; ".join(
+        sorted(f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture', '')}".strip() for lib in mine)
     )
 
 
