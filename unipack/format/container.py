@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -95,13 +95,15 @@ class BundleWriter:
         """The zstd level a blob of ``dtype`` is written at (``blob_level``)."""
         return blob_level(dtype, self._level)
 
-    def add(self, name: str, array: np.ndarray, dtype: str) -> str:
-        """Store ``array`` (held as ``dtypes.holder(dtype)``) as blob ``name``; returns the name."""
+    def add(self, name: str, array: np.ndarray, dtype: str, parts: Sequence[int] | None = None) -> str:
+        """Store ``array`` (held as ``dtypes.holder(dtype)``) as blob ``name``; returns the name.
+        ``parts``: sizes in bytes of its consecutive sections of unlike statistics (a member's
+        codes, tensor by tensor), each coded as a zstd block of its own (``codec.encode``)."""
         if name in self.blobs:
             raise ValueError(f"blob {name!r} written twice")
         data = dtypes.to_bytes(array, dtype)
         level = self.level_for(dtype)
-        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
+        stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes, parts)
         shape = tuple(int(d) for d in array.shape)
         self.blobs[name] = BlobRecord(dtype, shape, used, shuffled, codec.sha256(stored))
         if used == "none":  # an ordinary tensor that any safetensors tool can read

@@ -28,7 +28,7 @@ from unipack.errors import FormatError, InputError, OptionsError, UnipackError
 from unipack.format import dtypes
 from unipack.format.atomic import bundle_lock, check_member_file_name, check_writable, same_file
 from unipack.format.container import BundleFile, BundleWriter, rewrite_bundle
-from unipack.format.manifest import Manifest, MemberNumbers, MemberRecord, TensorRecord, check_member_name
+from unipack.format.manifest import Manifest, MemberNumbers, MemberRecord, TensorRecord, check_member_name, code_runs
 from unipack.options import MergeOptions
 from unipack.pack import lossless
 from unipack.pack.lora_add import LoraJoin, check_adapter, rewritten_blobs
@@ -267,7 +267,10 @@ class _Adder:
         coef_blob = None
         if self.coefs:
             coef_blob = writer.add(f"coef/{self.index}", np.concatenate(self.coefs), self.coef_dtype)
-        codes_blob = writer.add(f"codes/{self.index}", np.concatenate(self.codes), "U8") if self.codes else None
+        codes_blob = None
+        if self.codes:
+            runs = code_runs(records, self.raw)
+            codes_blob = writer.add(f"codes/{self.index}", np.concatenate(self.codes), "U8", parts=runs)
         measured = self._lossless()
         member = MemberRecord(
             name=c.name,

@@ -29,7 +29,7 @@ from unipack.core.fidelity import (
 from unipack.core.linalg import rel_error
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter, blob_level
-from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberNumbers, MemberRecord, TensorRecord
+from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberNumbers, MemberRecord, TensorRecord, code_runs
 from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
@@ -479,7 +479,8 @@ class Merger:
                 self.coefs[i] = []  # release as we go
             codes = None
             if self.codes[i]:
-                codes = self.writer.add(f"codes/{i}", np.concatenate(self.codes[i]), "U8")
+                runs = code_runs(records, self.raw[i])
+                codes = self.writer.add(f"codes/{i}", np.concatenate(self.codes[i]), "U8", parts=runs)
                 self.codes[i] = []
             overrides = self._member_dtypes(c, records)
             measured = self.lossless[i]

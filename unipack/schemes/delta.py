@@ -62,6 +62,9 @@ class DeltaParams(StorageParams):
         assert tensor.shape is not None
         return _blocks(tensor.shape, self.group, self.levels)[1]
 
+    def code_levels(self) -> int | None:
+        return self.levels
+
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
         kind = "float" if self.mean_step is None else INT_MEAN
         return [BlobRef(self.mean, f"tensor {tensor.name!r} mean", tensor.shape, kind)]

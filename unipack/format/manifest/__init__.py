@@ -42,6 +42,7 @@ from unipack.format.manifest.records import (
     NumbersSection,
     StorageParams,
     TensorRecord,
+    code_runs,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "check_config_name",
     "check_member_name",
     "check_tensor_name",
+    "code_runs",
     "from_json",
     "to_json",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -124,6 +124,10 @@ class StorageParams:
 
     def code_bytes(self, tensor: TensorRecord, member: MemberRecord | None) -> int | None:
         """Bytes of ``member``'s packed codes for this tensor in its codes blob, or None if it has none."""
+        return None
+
+    def code_levels(self) -> int | None:
+        """The level count of the codes ``code_bytes`` counts (their alphabet), if it has any."""
         return None
 
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
@@ -384,3 +388,20 @@ class Manifest:
                 if ref.dtype == "coef" and ref.name is not None:
                     return self.blobs[ref.name].dtype
         return dtypes.STORAGE_DTYPES.get(str(self.options.get("dtype")), "F32")
+
+
+def code_runs(tensors: Sequence[TensorRecord], raw: Collection[str]) -> list[int]:
+    """Bytes of each run of consecutive tensors (of ``tensors``, in order) whose codes share a
+    level count, in the codes blob of a member that holds the tensors named ``raw`` as its own.
+    The writer codes each run as a zstd block of its own (``codec.encode``'s ``parts``)."""
+    runs: list[list[int]] = []  # [levels, bytes]
+    for t in tensors:
+        n = None if t.name in raw else t.params.code_bytes(t, None)
+        if n is None:
+            continue
+        levels = t.params.code_levels() or 0
+        if runs and runs[-1][0] == levels:
+            runs[-1][1] += n
+        else:
+            runs.append([levels, n])
+    return [n for _, n in runs]
