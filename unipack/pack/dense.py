@@ -29,10 +29,11 @@ from unipack.core.fidelity import (
 from unipack.core.linalg import rel_error
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter, blob_level
-from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
+from unipack.format.manifest import BASE_REF_FORMAT_VERSION, FORMAT_VERSION, Manifest, MemberRecord, TensorRecord
 from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
+from unipack.pack.base_match import base_reference, base_tensor
 from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.plan import TensorPlan
 from unipack.schemes import delta, scheme_of
@@ -127,7 +128,12 @@ class Merger:
             measured = self._start_lossless(pool)
             records = list(self._stored(pool, self._store, tensor_job, plans))
             self._take_lossless(measured)
-        return self._manifest(records)
+        manifest = self._manifest(records)
+        base = base_reference(records, plans)
+        if base is None:
+            return manifest
+        version = max(manifest.format_version, BASE_REF_FORMAT_VERSION)
+        return dataclasses.replace(manifest, base=base, format_version=version)
 
     def _stored(
         self,
@@ -285,9 +291,13 @@ class Merger:
                         (c.size + s.nbytes) / dtypes.itemsize(self.coef_dtype)
                         for c, s in zip(quantized.codes, quantized.scales)
                     ]
-                    mean = delta.DeltaParams(mean_step=quantized.mean_step).mean_values(
-                        quantized.mean, quantized.mean_dtype
-                    )
+                    # Each member's own SVD of its delta from what the rule measures it from.
+                    if quantized.reference is not None:
+                        mean = quantized.reference
+                    else:
+                        mean = delta.DeltaParams(mean_step=quantized.mean_step).mean_values(
+                            quantized.mean, quantized.mean_dtype
+                        )
                     quantized.fidelity = self._svd_baselines(plan, quantized.fidelity, mean, values)
                 return self._store_delta(plan, quantized), job
         if isinstance(result, KeepRaw):
@@ -343,17 +353,22 @@ class Merger:
             budget=budget,
             scale_dtype=self.coef_dtype,
             compressed=self._compressed,
+            base=base_tensor(plan),
         )
 
     def _store_delta(self, plan: TensorPlan, enc: delta.DeltaEncoded) -> TensorRecord:
-        mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+        if enc.on_base:  # referenced, not stored: the manifest's base table names it (base_reference)
+            params = delta.DeltaParams(levels=enc.levels, group=enc.group, center=delta.BASE_CENTER)
+            reason = f"{self.options.rule_text} of the change from the base: quantized deltas ({enc.reason})"
+        else:
+            mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+            params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
+            reason = f"{self.options.rule_text}: mean + quantized deltas ({enc.reason})"
         for i in range(len(self.checkpoints)):
             self.coefs[i].append(enc.scales[i].reshape(-1))
             self.codes[i].append(enc.codes[i])
             self.errors[i].append(round_up(float(enc.errors[i])))
             self.fidelity[i].append(enc.fidelity[i])
-        reason = f"{self.options.rule_text}: mean + quantized deltas ({enc.reason})"
-        params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
         return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
     def _measure_lossless(self, i: int) -> tuple[lossless.LosslessSize | None, int | None]:

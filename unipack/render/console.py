@@ -16,7 +16,7 @@ from rich.text import Text
 
 from unipack.analysis.report import recorded_alternatives, rule_text
 from unipack.bundle.summary import BundleSummary
-from unipack.format.manifest import Manifest
+from unipack.format.manifest import BaseReference, Manifest
 from unipack.options import rule_text as bounds_text
 from unipack.pack.add import AddResult
 from unipack.pack.merge import MergeResult
@@ -76,8 +76,18 @@ def merge_summary(result: MergeResult) -> Table:
     t = Table(title="merge summary", show_header=False, title_justify="left")
     t.add_row("inputs", f"{len(result.manifest.members)} members, {format_bytes(result.input_bytes)}")
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
-    t.add_row("ratio", f"{size_ratio(result.ratio)}, at worst relative error {worst:.3g} ({worst_name})")
+    base = result.manifest.base
+    excluded = "" if base is None else f" (not counting the base model: {format_bytes(base.nbytes)} referenced)"
+    t.add_row("ratio", f"{size_ratio(result.ratio)}{excluded}, at worst relative error {worst:.3g} ({worst_name})")
     t.add_row("rule", rule_text(result.manifest.options))
+    if result.base is not None:
+        t.add_row("base", result.base.text)
+        t.add_row(
+            "",
+            f"referenced, not stored: {base_line(base)}; extract, add and export need --base"
+            if base is not None
+            else "no tensor was cheaper as deltas from the base: the bundle does not reference it",
+        )
     mismatched = result.shape_mismatched
     if mismatched:
         shown = ", ".join(mismatched[:3]) + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
@@ -113,6 +123,14 @@ def merge_summary(result: MergeResult) -> Table:
     t.add_row("peak memory", format_bytes(result.peak_rss_bytes))
     t.add_row("next", f"unipack report {result.path}   (bytes by part, errors vs baselines, spectra)")
     return t
+
+
+def base_line(base: BaseReference) -> str:
+    """A referenced base model in one phrase: how many tensors, their bytes, its name and digest."""
+    return (
+        f"{len(base.tensors)} tensors, {format_bytes(base.nbytes)} of {base.source} "
+        f"(sha256 of its tensors {base.sha256[:12]}...)"
+    )
 
 
 def size_target_line(record: dict[str, Any], file_bytes: int) -> str:

@@ -17,6 +17,7 @@ from unipack.format.manifest.names import (
 )
 from unipack.format.manifest.parse import from_json, to_json
 from unipack.format.manifest.records import (
+    BASE_REF_FORMAT_VERSION,
     CHUNKED_CODEC,
     CHUNKED_FORMAT_VERSION,
     COMPRESSED_MANIFEST_VERSION,
@@ -29,6 +30,8 @@ from unipack.format.manifest.records import (
     LORA_QUANT_FORMAT_VERSION,
     MANIFEST_BLOB,
     SUPPORTED_VERSIONS,
+    BaseReference,
+    BaseTensor,
     BlobRecord,
     BlobRef,
     ExactEntry,
@@ -40,6 +43,7 @@ from unipack.format.manifest.records import (
 )
 
 __all__ = [
+    "BASE_REF_FORMAT_VERSION",
     "CHUNKED_CODEC",
     "CHUNKED_FORMAT_VERSION",
     "COMPRESSED_MANIFEST_VERSION",
@@ -55,6 +59,8 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_TENSOR_NAME_CHARS",
     "SUPPORTED_VERSIONS",
+    "BaseReference",
+    "BaseTensor",
     "BlobRecord",
     "BlobRef",
     "ExactEntry",
