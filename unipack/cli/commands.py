@@ -630,26 +630,49 @@ def report_cmd(
 
 @cli.command("verify", short_help="Check every checksum of a bundle; exit 0 sound, 1 not.")
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE",
+    help="For a bundle merged with --base: the base model it references, so that every member is "
+    "rebuilt (without it, members that need the base are not, and the verdict says so).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict and every problem found as JSON.")
-def verify_cmd(bundle: Path, as_json: bool) -> None:
+def verify_cmd(bundle: Path, base: Path | None, as_json: bool) -> None:
     """Check a bundle's header, manifest and every blob's checksum; exit 0 if sound, 1 if not."""
+    unchecked: list[str] = []
     try:
         with open_bundle(bundle) as b:
+            if base is not None:
+                b.attach_base(base)
             problems = b.verify()
             blobs, members = len(b.manifest.blobs), len(b.members)
+            unchecked = b.unverified_members()
     except UnipackError as exc:
         problems = [str(exc)]
         blobs = members = 0
     if as_json:
         print_json(
-            {"bundle": str(bundle), "ok": not problems, "blobs": blobs, "members": members, "problems": problems}
+            {
+                "bundle": str(bundle),
+                "ok": not problems,
+                "blobs": blobs,
+                "members": members,
+                "problems": problems,
+                "not_rebuilt": unchecked,
+            }
         )
     if problems:
         for line in problems:
             click.echo(f"Error: {line}", err=True)
         raise SystemExit(1)
     if not as_json:
-        click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified)")
+        not_rebuilt = (
+            f"; {len(unchecked)} members not rebuilt: they need the base model the bundle references (--base)"
+            if unchecked
+            else ""
+        )
+        click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified{not_rebuilt})")
 
 
 @cli.command("demo", short_help="The end-to-end demo on real fine-tunes (UCI digits).")

@@ -66,6 +66,7 @@ class AddResult:
     bundle_worst_error: float  # worst recorded error of any member of the written bundle
     lora: bool = False  # the bundle holds LoRA adapters (outcomes are modules and heads)
     format_version: int = 0  # of the written bundle (a LoRA override needs 8)
+    base_bytes: int | None = None  # the referenced base model's bytes (spec §11), which ``ratio`` leaves out
 
     @property
     def bytes_added(self) -> int:
@@ -180,6 +181,7 @@ def add(
         bundle_worst_error=max((max(m.errors, default=0.0) for m in new.members), default=0.0),
         lora=lora,
         format_version=new.format_version,
+        base_bytes=new.base.nbytes if new.base is not None else None,
     )
 
 

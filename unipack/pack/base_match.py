@@ -81,7 +81,7 @@ def close_bases() -> None:
 
 def base_tensor(plan: TensorPlan) -> tuple[np.ndarray, str] | None:
     """The base's tensor for ``plan`` (held array, dtype), or None where it was not matched."""
-    if plan.base is None:
+    if plan.base is None or plan.base.name is None:
         return None
     base = open_base(plan.base.path)
     return base.read(plan.base.name), base.tensors[plan.base.name].dtype
@@ -111,13 +111,13 @@ def match_base(
     out, matched, unmatched = [], 0, []
     for plan in plans:
         if plan.storage != "shared" or plan.shape is None:
-            out.append(plan)
+            out.append(replace(plan, base=BaseTensorPlan(path, None)))
             continue
         name = _base_name(plan.name, prefix, members_prefixed)
         info = base.tensors.get(name) if name is not None else None
         if name is None or info is None or tuple(info.shape) != plan.shape or any(d != info.dtype for d in plan.dtypes):
             unmatched.append(plan.name)
-            out.append(plan)
+            out.append(replace(plan, base=BaseTensorPlan(path, None)))
             continue
         matched += 1
         out.append(replace(plan, base=BaseTensorPlan(path, name)))
@@ -165,7 +165,7 @@ def base_reference(records: Sequence[TensorRecord], plans: Sequence[TensorPlan])
         if not t.params.base_centred(t):
             continue
         plan = by_name[t.name]
-        assert plan.base is not None
+        assert plan.base is not None and plan.base.name is not None
         base = open_base(plan.base.path)
         source = source_name(base.path)
         dtype = base.tensors[plan.base.name].dtype

@@ -103,7 +103,12 @@ class StoredTensor:
 
 class Merger:
     def __init__(
-        self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter, progress: MergeProgress | None
+        self,
+        checkpoints: list[Checkpoint],
+        options: MergeOptions,
+        writer: BundleWriter,
+        progress: MergeProgress | None,
+        with_base: bool = False,
     ) -> None:
         self.checkpoints, self.options, self.writer, self.progress = checkpoints, options, writer, progress
         self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
@@ -117,7 +122,7 @@ class Merger:
         self.zipnn: list[int | None] = [None] * n  # ZipNN of each input, next to a lossless tier
         # What the one-line alternatives would cost, measured with the baselines (--no-baselines
         # skips both: they are what the report compares the bundle with, not what it stores).
-        self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
+        self.alternatives = AlternativesMeter(n, options.budget, with_base) if options.baselines else None
 
     def run(self, plans: list[TensorPlan], execution: Execution | None = None) -> Manifest:
         """Every tensor stored in plan order; ``execution``: where the tensors' jobs run (default:
@@ -178,9 +183,9 @@ class Merger:
 
     def _store_apart(self, plan: TensorPlan) -> StoredTensor:
         """``_store`` in a worker: everything it would write, recorded for ``_apply``."""
-        return self._apart(lambda merger: merger._store(plan))
+        return self._apart(lambda merger: merger._store(plan), with_base=plan.base is not None)
 
-    def _apart(self, store: Callable[[Merger], TensorRecord]) -> StoredTensor:
+    def _apart(self, store: Callable[[Merger], TensorRecord], with_base: bool = False) -> StoredTensor:
         """``store`` run on a copy of this merger that records what it writes, for ``_apply``."""
         n = len(self.checkpoints)
         apart = copy.copy(self)
@@ -189,7 +194,7 @@ class Merger:
         apart.coefs, apart.codes = [[] for _ in range(n)], [[] for _ in range(n)]
         apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         if self.alternatives is not None:
-            apart.alternatives = RecordingMeter(n, self.options.budget)
+            apart.alternatives = RecordingMeter(n, self.options.budget, with_base)
         record = store(apart)
         return StoredTensor(
             record=record,
@@ -225,7 +230,9 @@ class Merger:
             # the same models serve (their Gram and spectrum do not depend on the coefficients'
             # dtype), one Gram pass fewer per tensor.
             reuse = self._fitted.get("rows")
-            self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse)
+            found = base_tensor(plan)
+            base = None if found is None else dtypes.to_float(*found)
+            self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse, base=base)
         else:  # heads, identical and non-finite tensors: every alternative keeps them too
             numels = [c.tensors[plan.name].numel for c in self.checkpoints]
             self.alternatives.kept(numels, plan.dtypes, once=record.storage == EXACT_SCHEME.storage)

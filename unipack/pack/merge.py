@@ -41,6 +41,9 @@ class MergeResult:
     peak_rss_bytes: int
     base: BaseMatch | None = None  # ``--base``: how its tensors matched the members'
 
+    # ``ratio`` counts the file only: a bundle that references a base model (``manifest.base``)
+    # does not hold it, and every place that prints the ratio says so.
+
     @property
     def ratio(self) -> float:
         return self.input_bytes / self.file_bytes
@@ -132,7 +135,8 @@ def merge(
                 if base_model is not None:
                     plans, matched = match_base(base_model, checkpoints, plans)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level, chunk_bytes_for(opts)) as writer:
-                    manifest = Merger(checkpoints, opts, writer, progress).run(plans, execution)
+                    dense = Merger(checkpoints, opts, writer, progress, with_base=base_model is not None)
+                    manifest = dense.run(plans, execution)
                     if opts.exact_tier:
                         manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec, base_reader(plans))
                     size = writer.finish(manifest, out_path, force=force)

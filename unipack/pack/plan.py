@@ -21,7 +21,7 @@ class BaseTensorPlan:
     worker process opens by itself."""
 
     path: str  # the base model's absolute path
-    name: str  # the tensor's name in the base
+    name: str | None  # the tensor's name in the base; None: the base lacks it (or holds it otherwise)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class TensorPlan:
     schemes: tuple[str, ...]  # for shared: the candidate schemes, the cheapest is kept
     shape: tuple[int, ...] | None  # None if it differs between members
     dtypes: tuple[str, ...]  # per member
-    base: BaseTensorPlan | None = None  # set: quantized deltas may also be taken from the base model
+    base: BaseTensorPlan | None = None  # set in a merge given a base model (``pack.base_match``)
 
 
 def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[TensorPlan]:

@@ -164,6 +164,13 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         f"{format_bytes(s.file_bytes)}) at worst relative error ",
         (f"{s.worst_error:.3g}", "bold"),
     )
+    if s.base is not None:
+        yield Text.assemble(
+            ("base ", "bold"),
+            f"referenced, not stored: {s.base['tensors']} tensors, {format_bytes(s.base['bytes'])} of "
+            f"{s.base['source']} (sha256 of its tensors {str(s.base['sha256'])[:12]}...); the ratio leaves it "
+            f"out, and extract, add and export need it (--base)",
+        )
     if s.parts.get("residuals"):
         lossy = s.file_bytes - s.parts["residuals"]
         yield Text.assemble(
@@ -292,8 +299,13 @@ def _add_table(result: AddResult) -> Table:
     )
     t.add_row(
         "ratio",
-        f"{size_ratio(result.ratio)} than its inputs, at worst relative error "
-        f"{result.bundle_worst_error:.3g} over all members",
+        f"{size_ratio(result.ratio)} than its inputs"
+        + (
+            f" (not counting the base model: {format_bytes(result.base_bytes)} referenced)"
+            if result.base_bytes is not None
+            else ""
+        )
+        + f", at worst relative error {result.bundle_worst_error:.3g} over all members",
     )
     return t
 

@@ -97,6 +97,7 @@ def add_document(result: AddResult) -> dict[str, Any]:
         "file_bytes_after": result.file_bytes_after,
         "input_bytes": result.input_bytes,
         "ratio": result.ratio,
+        **({"ratio_excludes_base_bytes": result.base_bytes} if result.base_bytes is not None else {}),
         "bundle_worst_error": result.bundle_worst_error,
         "lora": result.lora,
         "format_version": result.format_version,

@@ -152,6 +152,11 @@ def _headline(r: Report) -> Text:
         )
     if b.ratio_vs_zipnn is not None:
         text.append(f", {b.ratio_vs_zipnn:.2f}x vs ZipNN ({format_bytes(b.zipnn or 0)})")
+    if b.base is not None:
+        text.append(
+            f"; every ratio leaves out the base model {b.base_source} ({format_bytes(b.base)}), "
+            f"referenced, not stored: extraction needs it (--base)"
+        )
     text.append(", at worst relative error ")
     text.append(f"{worst:.3g}", style="bold")
     if b.exact_tier:
@@ -190,8 +195,9 @@ def _members_table(r: Report) -> FittedTable:
         )
     t.caption = (
         "own bytes: its coefficients and raw tensors; with share: plus 1/N of the means, bases and "
-        "header.  delta lost: ||W-Ŵ|| / ||W-mean||, how much of what makes the member different "
-        "did not survive."
+        "header.  delta lost: ||W-Ŵ|| / ||W-mean||"
+        + (" (||W-base|| on tensors centred on the base model)" if r.bytes.base is not None else "")
+        + ", how much of what makes the member different did not survive."
     )
     return FittedTable(t)
 
