@@ -229,6 +229,13 @@ class BundleReader:
                 problems.append(str(exc))
         if problems:
             return problems
+        if self._base is not None and self.manifest.base is not None:
+            # A wrong base fails every member alike: said once, about the base.
+            try:
+                for name in self.manifest.base.tensors:
+                    self._base.read(name)
+            except UnipackError as exc:
+                return [str(exc)]
         skipped = set(self.unverified_members())
         for member in self.members:
             if member in skipped:  # its blobs' checksums were checked above; its rebuild needs the base

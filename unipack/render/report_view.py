@@ -237,7 +237,14 @@ def _verdict(r: Report) -> Iterator[Text]:
         )
         return
     winner = r.overall["winner"]
-    if winner == "mean-only":
+    if winner == "mean-only" and r.bytes.mean_only >= r.bytes.file:
+        # Deltas from a referenced base (spec §11) store no mean: a rank-0 bundle would add them.
+        yield Text(
+            f"the members' mean alone is about as close (mean error {mean:.3g} vs {ours:.3g}), but it is not "
+            f"stored: a bundle of means would take {format_bytes(r.bytes.mean_only)}, this one "
+            f"{format_bytes(r.bytes.file)}"
+        )
+    elif winner == "mean-only":
         yield Text(
             f"the mean alone does as well as the subspace here (mean error {mean:.3g} vs {ours:.3g}): "
             f"the bases and coefficients buy nothing; --rank 0 gives a smaller bundle",

@@ -194,7 +194,9 @@ class DeltaScheme(Scheme):
         return p.mean_values(read_blob(p.mean), manifest.blobs[p.mean].dtype).reshape(t.shape)
 
     def mean_only_change(self, t: TensorRecord, manifest: Manifest, stored: dict[str, int]) -> int:
-        return 0
+        # A delta from the base stores no mean, which a rank-0 bundle would have to (counted
+        # uncompressed, at the tensor's dtype: in the mean-only baseline's favour by zstd's share).
+        return self.original_bytes(t, manifest.members[0], manifest) if _params(t).center == BASE_CENTER else 0
 
     def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
         """Quantize the new member's delta from the record's center (the stored mean, or the base
