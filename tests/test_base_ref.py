@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from test_spec_reader import SpecBundle, SpecFormatError
 
 import unipack
-from unipack.errors import FormatError, InputError
+from unipack.errors import FormatError, InputError, OptionsError
 
 N = 4
 SHAPES = {
@@ -361,7 +361,7 @@ def test_python_api_base_on_open_and_on_methods(merged, tmp_path):
         load_file(str(out))["bert.embeddings.word_embeddings.weight"].tobytes()
         == load_file(str(folder.directory / "model.safetensors"))["bert.embeddings.word_embeddings.weight"].tobytes()
     )
-    with pytest.raises(InputError, match="references no base model"):
+    with pytest.raises(OptionsError, match="references no base model"):
         plain = tmp_path / "plain.upk"
         unipack.merge(paths, plain)
         unipack.open(plain, base=base)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unipack.errors import InputError, UnipackError
+from unipack.errors import InputError, OptionsError, UnipackError
 from unipack.format import codec, dtypes
 from unipack.format.manifest import BaseReference, Manifest, MemberRecord
 from unipack.sources.checkpoint import Checkpoint, open_checkpoint
@@ -45,8 +45,10 @@ class BaseModel:
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest, bundle: str) -> None:
         self.path = Path(path)
         if manifest.base is None:
-            raise InputError(
-                f"{bundle}: references no base model (it was merged without --base); drop --base {self.path}"
+            # Neither meaning of --base applies: no referenced base, and no adapter to fold into one.
+            raise OptionsError(
+                f"{bundle}: references no base model (merged without --base) and holds full checkpoints, not "
+                f"LoRA adapters to fold into a base; drop --base {self.path}"
             )
         self.reference = manifest.base
         self.bundle = bundle

@@ -237,7 +237,7 @@ def _verdict(r: Report) -> Iterator[Text]:
         )
         return
     winner = r.overall["winner"]
-    if winner == "mean-only" and r.bytes.mean_only >= r.bytes.file:
+    if winner == "mean-only" and r.bytes.base is not None and r.bytes.mean_only >= r.bytes.file:
         # Deltas from a referenced base (spec §11) store no mean: a rank-0 bundle would add them.
         yield Text(
             f"the members' mean alone is about as close (mean error {mean:.3g} vs {ours:.3g}), but it is not "
