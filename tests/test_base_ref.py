@@ -365,3 +365,21 @@ def test_python_api_base_on_open_and_on_methods(merged, tmp_path):
         plain = tmp_path / "plain.upk"
         unipack.merge(paths, plain)
         unipack.open(plain, base=base)
+
+
+def test_a_base_folder_serves_as_the_base(merged, tmp_path):
+    """A Hugging Face folder is a base as a member may be one: the same tensors, the same hashes."""
+    bundle, base, paths = merged
+    folder = tmp_path / "base-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(base.read_bytes())
+    (folder / "config.json").write_text("{}")
+    out = tmp_path / "f.upk"
+    assert run("merge", *paths, "--base", folder, "-o", out, "-q").exit_code == 0
+    with unipack.open(out) as b:
+        assert b.manifest.base.source == "base-model"
+    # Either form of the base reads either bundle: only the tensors' bytes identify it.
+    assert run("extract", bundle, "--member", "ft0", "--base", folder, "-o", tmp_path / "a.safetensors").exit_code == 0
+    assert run("extract", out, "--member", "ft0", "--base", base, "-o", tmp_path / "b.safetensors").exit_code == 0
+    report = run("report", out, "--base", folder, "--originals", paths[0].parent)
+    assert report.exit_code == 0, report.output

@@ -587,6 +587,13 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
     is_flag=True,
     help="Measure the baselines again from --originals (for bundles merged with --no-baselines).",
 )
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE",
+    help="For a bundle merged with --base: the base model it references, needed where the report "
+    "rebuilds members (--eval, --originals).",
+)
 def report_cmd(
     bundle: Path,
     as_json: bool,
@@ -597,6 +604,7 @@ def report_cmd(
     metric: str | None,
     originals: Path | None,
     recompute: bool,
+    base: Path | None,
 ) -> None:
     """Size and fidelity: bytes by part, errors per member, baselines, spectra, eval scores."""
     from unipack.analysis.report import report
@@ -607,6 +615,8 @@ def report_cmd(
         check_not_input(png, [bundle, *([originals] if originals else [])])
     hook = load_eval(eval_spec) if eval_spec else None
     with open_bundle(bundle) as b:
+        if base is not None:
+            b.attach_base(base)
         if member is not None:
             b.member(member)  # a clear error before any work
         progress = (
