@@ -17,6 +17,7 @@ import numpy as np
 from unipack.errors import InputError, OptionsError, UnipackError
 from unipack.format import codec, dtypes
 from unipack.format.manifest import BaseReference, Manifest, MemberRecord
+from unipack.schemes import is_lora
 from unipack.sources.checkpoint import Checkpoint, open_checkpoint
 
 #: The option that gives the base, as the CLI spells it (messages tell the user what to type).
@@ -44,6 +45,11 @@ class BaseModel:
 
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest, bundle: str) -> None:
         self.path = Path(path)
+        if manifest.base is None and is_lora(manifest):
+            raise OptionsError(
+                f"{bundle}: holds LoRA adapters, which need no base to be read; a base model folds an adapter "
+                f"in: extract --format hf --base (Python: extract_hf, to_module, export_onnx with base=)"
+            )
         if manifest.base is None:
             # Neither meaning of --base applies: no referenced base, and no adapter to fold into one.
             raise OptionsError(
