@@ -258,9 +258,7 @@ def merge_cmd(
         raise click.UsageError("--executor dask needs --scheduler ADDR (tcp://host:port, or a scheduler file)")
     if executor == "dask" and jobs is not None:
         raise click.UsageError("--jobs is for --executor local; a Dask cluster runs one job per worker thread")
-    where: dict[str, Any] = {"jobs": jobs, "executor": executor, "scheduler": scheduler}
-    if base is not None and (size_target is not None or bits is not None or eval_spec is not None):
-        raise click.UsageError("--base cannot be combined with --size, --bits or --eval yet")
+    where: dict[str, Any] = {"jobs": jobs, "executor": executor, "scheduler": scheduler, "base": base}
     if (size_target is not None or bits is not None) and eval_spec is not None:
         raise click.UsageError("--size/--bits cannot be combined with --eval yet: pick the bundle by size or by drop")
     names = resolve_names(inputs, name_pairs) if name_pairs else None
@@ -291,9 +289,7 @@ def merge_cmd(
                 **where,
             )
         elif eval_spec is None:
-            result = merge(
-                list(inputs), output, options=options, names=names, force=force, progress=bars, base=base, **where
-            )
+            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars, **where)
         else:
             from unipack.pack.max_drop import merge_with_eval
             from unipack.usercode import load_eval
