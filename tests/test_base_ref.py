@@ -383,3 +383,26 @@ def test_a_base_folder_serves_as_the_base(merged, tmp_path):
     assert run("extract", out, "--member", "ft0", "--base", base, "-o", tmp_path / "b.safetensors").exit_code == 0
     report = run("report", out, "--base", folder, "--originals", paths[0].parent)
     assert report.exit_code == 0, report.output
+
+
+def test_eval_and_size_searches_merge_against_the_base(tmp_path):
+    base, paths = _population(tmp_path)
+    hook = tmp_path / "ev.py"
+    hook.write_text(
+        "import numpy as np\n"
+        "def evaluate(state_dict, name):\n"
+        "    w = state_dict['bert.encoder.layer.0.attention.query.weight'].double().numpy()\n"
+        "    return {'score': float(100 * np.abs(w).mean())}\n"
+    )
+    out = tmp_path / "e.upk"
+    result = run("merge", *paths, "--base", base, "--eval", hook, "--max-drop", "0.5", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    with unipack.open(out, base=base) as b:
+        assert b.manifest.base is not None
+        for member in b.manifest.members:  # scored on the members as rebuilt from the base
+            w = b.load_numpy(member.name)["bert.encoder.layer.0.attention.query.weight"][1].astype(np.float64)
+            assert member.metrics["unipack"]["score"] == pytest.approx(100 * np.abs(w).mean(), rel=1e-12)
+    sized = tmp_path / "s.upk"
+    result = run("merge", *paths, "--base", base, "--size", "20KB", "-o", sized, "-q")
+    assert result.exit_code == 0, result.output
+    assert "not counting the base model" in result.output and sized.stat().st_size <= 20_000
