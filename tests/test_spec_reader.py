@@ -863,6 +863,7 @@ class SpecBundle:
                 and _HEX64.fullmatch(e["sha256"]) is not None,
                 f"manifest base entry {name!r} is malformed",
             )
+        _need(len({e["name"] for e in tensors.values()}) == len(tensors), "manifest base names a base tensor twice")
         lines = "".join(f"{e['name']} {e['sha256']}\n" for e in sorted(tensors.values(), key=lambda e: e["name"]))
         _need(hashlib.sha256(lines.encode()).hexdigest() == base.get("sha256"), "manifest base sha256 mismatch")
         self.base_table = tensors
