@@ -406,3 +406,42 @@ def test_eval_and_size_searches_merge_against_the_base(tmp_path):
     result = run("merge", *paths, "--base", base, "--size", "20KB", "-o", sized, "-q")
     assert result.exit_code == 0, result.output
     assert "not counting the base model" in result.output and sized.stat().st_size <= 20_000
+
+
+def _edited(bundle: Path, out: Path, edit) -> Path:
+    """A copy of ``bundle`` whose manifest ``edit`` changed (its sha256 recomputed)."""
+    header, _ = read_raw_header(bundle)
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    edit(manifest)
+    text = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False)
+    header["__metadata__"].update(manifest=text, manifest_sha256=hashlib.sha256(text.encode()).hexdigest())
+    return rewrite_header(bundle, header, out)
+
+
+def _centred_record(m: dict) -> dict:
+    return next(t for t in m["tensors"] if t.get("center") == "base")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["digest", "dtype", "stray", "unlisted", "with-mean", "unknown-center", "empty"],
+)
+def test_malformed_base_references_are_refused_by_both_readers(merged, tmp_path, case):
+    bundle, base, _ = merged
+    first = "bert.embeddings.word_embeddings.weight"
+    edits = {
+        "digest": lambda m: m["base"].update(sha256="0" * 64),
+        "dtype": lambda m: m["base"]["tensors"][first].update(dtype="F16"),
+        "stray": lambda m: m["base"]["tensors"].update(
+            {"classifier.weight": {"name": "x", "dtype": "F32", "shape": [1], "sha256": "0" * 64}}
+        ),
+        "unlisted": lambda m: m["base"]["tensors"].pop(first),
+        "with-mean": lambda m: _centred_record(m).update(mean="coef/0"),
+        "unknown-center": lambda m: _centred_record(m).update(center="median"),
+        "empty": lambda m: m["base"].update(tensors={}),
+    }
+    bad = _edited(bundle, tmp_path / f"{case}.upk", edits[case])
+    with pytest.raises(FormatError):
+        unipack.open(bad, base=base)
+    with pytest.raises(SpecFormatError):
+        SpecBundle(bad, base=_base_dict(base))
