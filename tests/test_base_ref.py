@@ -445,3 +445,11 @@ def test_malformed_base_references_are_refused_by_both_readers(merged, tmp_path,
         unipack.open(bad, base=base)
     with pytest.raises(SpecFormatError):
         SpecBundle(bad, base=_base_dict(base))
+
+
+@pytest.mark.parametrize("option", [["--no-quantize"], ["--rank", "2"], ["--energy", "0.9"]])
+def test_base_needs_quantized_deltas_under_an_error_rule(tmp_path, option):
+    base, paths = _population(tmp_path)
+    line = assert_one_line_error(run("merge", *paths, "--base", base, *option, "-o", tmp_path / "x.upk"))
+    assert "--base centres quantized deltas" in line
+    assert not (tmp_path / "x.upk").exists()

@@ -106,8 +106,12 @@ def merge(
                 "--base is for full checkpoints; a LoRA adapter is already a delta from its base "
                 "(extract --format hf --base folds one into it)"
             )
-        if base is not None and not opts.quantize:
-            raise OptionsError("--base needs quantized deltas (the deltas it centres); drop --no-quantize")
+        if base is not None and (not opts.quantize or opts.budget is None):
+            # Deltas from the base are quantized deltas, tried only under an error rule.
+            raise OptionsError(
+                "--base centres quantized deltas, which need an error rule (--max-error, --max-delta-error) "
+                "and --quantize; drop --no-quantize, --rank or --energy"
+            )
         base_model = open_base(base) if base is not None else None
         if adapters is not None:
             if opts.exact_tier:
