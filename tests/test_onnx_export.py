@@ -334,6 +334,36 @@ def test_factory_module_exports(mlp: Path, monkeypatch: pytest.MonkeyPatch) -> N
         assert np.max(np.abs(got - reference(x).numpy())) <= ATOL
 
 
+def test_a_member_of_a_base_referencing_bundle_exports_with_its_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export --onnx --base``: for a bundle merged with --base, the base it references (spec §11)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tests_factory.py").write_text(textwrap.dedent(MLP_FACTORY))
+    g = torch.Generator().manual_seed(2)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).state_dict()
+    save_file(base, "base.safetensors")
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"mlp-{i}.safetensors")
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(paths[-1]))
+    unipack.merge(paths, "b.upk", base="base.safetensors")
+    args = ["export", "b.upk", "--member", "mlp-1", "--onnx", "m.onnx", "--model", "tests_factory.py:build"]
+    assert "--base PATH" in one_error_line(invoke(*args))
+    result = invoke(*args, "--base", "base.safetensors")
+    assert result.exit_code == 0, (result.output, result.exception)
+    with unipack.open("b.upk", base="base.safetensors") as bundle:
+        assert bundle.manifest.base is not None
+        state = bundle.load("mlp-1")
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    reference.load_state_dict(state)
+    x = torch.randn(5, 8)
+    session = ort.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.max(np.abs(got - reference(x).numpy())) <= ATOL
+
+
 @pytest.mark.parametrize(
     ("function", "expected"),
     [

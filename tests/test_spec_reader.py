@@ -13,7 +13,9 @@ It covers version 1 (checkpoints: ``shared`` / ``raw`` / ``exact`` records) and 
 ``lora`` records in ``quant`` and ``cast`` form, each adapter's own factors from its steps and
 codes or its coefficient block), version 7 (§3.1: ``zstd-chunks`` blobs, a chunk index and one
 frame per chunk; §9.1: a residual's ``chunk_sha256``) and version 8 (§7.4: a member added later
-holding a module of any form as its own factors, an override).
+holding a module of any form as its own factors, an override), and version 10 (§11: ``delta``
+records centred on a base model the bundle references by sha256; the base is given to the reader
+as a dict of its tensors, read from its file by the caller).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -37,7 +39,7 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
 _NUMBERS_BLOB = "__numbers__"  # §2.4
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
@@ -191,8 +193,10 @@ def _lora_factors(
 class SpecBundle:
     """A validated v1 or v2 bundle (§4.2, §7.3: every check is made before any number is used)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, base: dict[str, tuple[str, np.ndarray]] | None = None) -> None:
+        """``base``: the base model's tensors by their names in it, ``(dtype, array)`` (§11)."""
         self.path = Path(path)
+        self.base = base
         self._read_header()
         self._check_manifest()
 
@@ -357,6 +361,7 @@ class SpecBundle:
             )
         _need(mv == self.version, f"format_version differs: header {self.version}, manifest {mv}")
         self.manifest = m
+        self._check_base_table(m.get("base"))
 
         # Blob records (§3.1) against the header entries (§3.5: the same set).
         blobs = m.get("blobs")
@@ -442,6 +447,7 @@ class SpecBundle:
         self.core_shapes: dict[str, list[int]] = {}  # subspace module with k_out k_in > 0 -> [k_out, k_in]
         self.lora_modules: dict[str, dict[str, Any]] = {}  # §7.1: name -> lora record
         self.delta_layout: dict[str, dict[str, int]] = {}  # §8.1: name -> levels, group, k, G, P
+        self.centred: set[str] = set()  # §11: delta tensors centred on the base model
         self.own_layout: dict[str, dict[str, Any]] = {}  # §10.1: quant / cast module -> form, L, k
         coef_total = 0
         raw_names = []
@@ -508,7 +514,17 @@ class SpecBundle:
                 _need(_is_int(levels) and 2 <= levels <= 256, f"{name}: levels {levels!r} not in 2..256")
                 _need(_is_int(group) and 1 <= group <= d, f"{name}: group {group!r} not in 1..{d}")
                 step = t.get("mean_step")
-                if step is None:
+                center = t.get("center", "mean")
+                _need(center in ("mean", "base", None), f"{name}: center {center!r} is not mean or base")
+                if center == "base":  # §11.2: no mean; the base table lists it at this dtype and shape
+                    _need(self.version >= 10, f"{name}: a delta centred on a base in a version {self.version} bundle")
+                    _need(t.get("mean") is None and step is None, f"{name}: a base-centred delta with a mean")
+                    ref = self.base_table.get(name)
+                    _need(ref is not None, f"{name}: centred on the base, which the base table does not list")
+                    assert ref is not None
+                    _need(ref["dtype"] == dtype and ref["shape"] == shape, f"{name}: base tensor of another kind")
+                    self.centred.add(name)
+                elif step is None:
                     use(t.get("mean"), f"mean of {name}", shape=shape, float_ok=True)
                 else:  # §8.1: a quantized mean, I16 integers times a positive finite step
                     _need(
@@ -564,6 +580,7 @@ class SpecBundle:
                     coef_total += _prod(c_shape)
         self.tensors = tensors
         self.coef_total = coef_total
+        _need(set(self.base_table) == self.centred, "the manifest base lists tensors no delta is centred on")
 
         # Member records (§3.3).
         member_names: set[str] = set()
@@ -750,7 +767,10 @@ class SpecBundle:
                 _need(coding in ("bits", "xor", "sub"), f"{mname}/{tname}: unknown coding {coding!r}")
                 _need((base is None) == (coding == "bits"), f"{mname}/{tname}: base present iff coding is not bits")
                 if base == "mean":
-                    _need(isinstance(t.get("mean"), str), f"{mname}/{tname}: mean base on a record without a mean")
+                    _need(
+                        isinstance(t.get("mean"), str) or tname in self.centred,  # §11.3: the base is its center
+                        f"{mname}/{tname}: mean base on a record without a mean",
+                    )
                 elif base is not None:
                     # §9.2: a chain of at most 3 member bases, each another member with a tier, same dtype.
                     here, hops = mname, 0
@@ -865,6 +885,43 @@ class SpecBundle:
             out.append(data)
         return out
 
+    def _check_base_table(self, base: Any) -> None:
+        """§11.1: the manifest's ``base``: source, sha256 over its tensors' lines, one entry per
+        tensor centred on it (checked against the records once they are read)."""
+        self.base_table: dict[str, dict[str, Any]] = {}
+        if base is None:
+            return
+        _need(self.version >= 10, f"a manifest base in a version {self.version} bundle")
+        _need(isinstance(base, dict) and isinstance(base.get("source"), str), "manifest base is not an object")
+        tensors = base.get("tensors")
+        _need(isinstance(tensors, dict) and tensors, "manifest base lists no tensors")
+        for name, e in tensors.items():
+            _need(
+                isinstance(e, dict)
+                and isinstance(e.get("name"), str)
+                and e.get("dtype") in _DTYPES
+                and _shape_ok(e.get("shape"))
+                and isinstance(e.get("sha256"), str)
+                and _HEX64.fullmatch(e["sha256"]) is not None,
+                f"manifest base entry {name!r} is malformed",
+            )
+        _need(len({e["name"] for e in tensors.values()}) == len(tensors), "manifest base names a base tensor twice")
+        lines = "".join(f"{e['name']} {e['sha256']}\n" for e in sorted(tensors.values(), key=lambda e: e["name"]))
+        _need(hashlib.sha256(lines.encode()).hexdigest() == base.get("sha256"), "manifest base sha256 mismatch")
+        self.base_table = tensors
+
+    def base_values(self, name: str) -> tuple[str, np.ndarray]:
+        """§11.2: the base's tensor for bundle tensor ``name``, checked, as (dtype, its array)."""
+        ref = self.base_table[name]
+        if self.base is None:
+            raise SpecFormatError(f"tensor {name}: needs the base model {self.manifest['base']['source']}")
+        _need(ref["name"] in self.base, f"the base lacks {ref['name']}")
+        dtype, arr = self.base[ref["name"]]
+        _need(dtype == ref["dtype"] and list(arr.shape) == ref["shape"], f"base tensor {ref['name']}: another kind")
+        if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != ref["sha256"]:
+            raise SpecChecksumError(f"base tensor {ref['name']}: sha256 differs")
+        return dtype, arr
+
     def read_member(self, member: str) -> dict[str, tuple[str, np.ndarray]]:
         """§4: rebuild every tensor of ``member``, in the order of ``tensors``."""
         if member not in self.members:
@@ -905,7 +962,10 @@ class SpecBundle:
                 out[name] = (mdt, self.decode_blob(t["blob"]))
                 continue
             shape = t["shape"]
-            if t.get("mean_step") is not None:  # §8.2 step 1: integers times the step, in float64
+            if name in self.centred:  # §11.2: the base's tensor, widened, is M
+                base_dtype, base_array = self.base_values(name)
+                mean = _widen(base_array, base_dtype)
+            elif t.get("mean_step") is not None:  # §8.2 step 1: integers times the step, in float64
                 mean = self.decode_blob(t["mean"]).astype(np.float64) * float(t["mean_step"])
             else:
                 mean = _widen(self.decode_blob(t["mean"]), self.blobs[t["mean"]]["dtype"])
@@ -948,7 +1008,11 @@ class SpecBundle:
             dt = mem["dtypes"].get(name, t["dtype"])
             r = self.decode_blob(e["blob"]).reshape(-1)
             udt = r.dtype
-            if e["base"] == "mean":  # step 2: the mean, float64, rounded to the member's dtype
+            if e["base"] == "mean" and name in self.centred:  # §11.3: the base's tensor is the prediction
+                bdt, barr = self.base_values(name)
+                same = bdt == dt
+                p = (np.ascontiguousarray(barr) if same else _round_to(_widen(barr, bdt), dt)).reshape(-1).view(udt)
+            elif e["base"] == "mean":  # step 2: the mean, float64, rounded to the member's dtype
                 if t["storage"] == "delta" and t.get("mean_step") is not None:
                     mean = self.decode_blob(t["mean"]).astype(np.float64) * float(t["mean_step"])
                 else:

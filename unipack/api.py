@@ -26,7 +26,20 @@ if TYPE_CHECKING:
 
 
 class Bundle(BundleReader):
-    """A validated .upk bundle. Use as a context manager or call :meth:`close`."""
+    """A validated .upk bundle. Use as a context manager or call :meth:`close`.
+
+    ``base`` means the base model everywhere: for a bundle merged with ``--base`` (its deltas
+    taken from a base model it references, spec §11), the model every member needs, given once to
+    :func:`open` (or to a method below, which gives it to the bundle); for a LoRA bundle, the
+    model an adapter is folded into by ``extract_hf``, ``to_module`` and ``export_onnx``."""
+
+    def _folding(self, base: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+        """``base`` where it is a LoRA adapter's model to fold into; for a dense bundle it is the
+        referenced base model, given to the bundle here (None returned: nothing to fold)."""
+        if base is None or self.is_lora:
+            return base
+        self.attach_base(base)
+        return None
 
     def extract(self, member: str, path: str | os.PathLike[str], *, force: bool = False, exact: bool = False) -> Path:
         """Write ``member`` as a .safetensors file (its original ``__metadata__`` kept), atomically.
@@ -51,6 +64,7 @@ class Bundle(BundleReader):
         ``transformers.AutoModel*.from_pretrained`` loads; atomically, via a temp folder.
         ``base`` (LoRA bundles): the base model's folder, written with the adapter folded in
         (unipack.export.folded)."""
+        base = self._folding(base)
         if base is not None:
             return write_folded_folder(self, member, directory, base=base, max_shard_size=max_shard_size, force=force)
         return write_hf_folder(self, member, directory, max_shard_size=max_shard_size, force=force)
@@ -65,6 +79,7 @@ class Bundle(BundleReader):
     ) -> list[HFExport]:
         """Every member as a Hugging Face folder ``directory/<member>/`` (``base``: every adapter
         folded into that base model)."""
+        base = self._folding(base)
         if base is not None:
             return write_folded_folders(self, directory, base=base, max_shard_size=max_shard_size, force=force)
         return write_hf_folders(self, directory, max_shard_size=max_shard_size, force=force)
@@ -86,7 +101,7 @@ class Bundle(BundleReader):
         ``base`` (LoRA bundles): the base model's folder, with the adapter folded in."""
         from unipack.export.torch_module import build_module  # torch and transformers only when asked
 
-        return build_module(self, member, model, base=base).module
+        return build_module(self, member, model, base=self._folding(base)).module
 
     def export_onnx(
         self,
@@ -103,12 +118,16 @@ class Bundle(BundleReader):
         bundles): the base model's folder, exported with the adapter folded in."""
         from unipack.export.onnx import export_onnx
 
-        return export_onnx(self, member, out, model=model, base=base, atol=atol, force=force)
+        return export_onnx(self, member, out, model=model, base=self._folding(base), atol=atol, force=force)
 
     def __enter__(self) -> Bundle:
         return self
 
 
-def open(path: str | os.PathLike[str]) -> Bundle:  # noqa: A001 - `unipack.open` mirrors builtins.open
-    """Open and validate a .upk bundle (reads only its header)."""
-    return Bundle(path)
+def open(  # noqa: A001 - `unipack.open` mirrors builtins.open
+    path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None
+) -> Bundle:
+    """Open and validate a .upk bundle (reads only its header). ``base``: the base model a bundle
+    merged with ``--base`` references (its tensors' names, dtypes and shapes are checked now,
+    their sha256s as they are read); members that use it cannot be loaded without it."""
+    return Bundle(path, base=base)

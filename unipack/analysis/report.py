@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from unipack.analysis.baselines import measure_member
 from unipack.analysis.scoring import score_members
 from unipack.bundle.summary import blob_parts, header_parts
+from unipack.core.alternatives import BASE_METHODS as BASE_ALTERNATIVES
 from unipack.core.alternatives import LABELS as ALTERNATIVE_LABELS
 from unipack.core.alternatives import METHODS as ALTERNATIVES
 from unipack.errors import InputError
@@ -64,6 +65,10 @@ class ByteReport:
     exact_tier: bool = False  # every member comes back bit for bit: the file is a lossless figure
     zipnn: int | None = None  # ZipNN on every input, measured by a lossless merge where installed
     zipnn_version: str | None = None
+    #: The base model the bundle references but does not hold (``merge --base``, spec §11): its
+    #: referenced tensors' bytes, which no ratio here counts, and its recorded name.
+    base: int | None = None
+    base_source: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -239,6 +244,8 @@ def build_report(
         exact_tier=bool(manifest.members) and all(m.exact is not None for m in manifest.members),
         zipnn=zipnn.get("bytes"),
         zipnn_version=str(zipnn["version"]) if zipnn.get("version") else None,
+        base=manifest.base.nbytes if manifest.base is not None else None,
+        base_source=manifest.base.source if manifest.base is not None else None,
     )
     return Report(
         path=str(header.path),
@@ -267,7 +274,9 @@ def _recorded_alternatives(manifest: Manifest) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), int):
         return None
     methods, cheapest = doc.get("methods"), doc.get("cheapest")
-    if not isinstance(methods, dict) or set(methods) != set(ALTERNATIVES) or not isinstance(cheapest, dict):
+    if not isinstance(methods, dict) or not isinstance(cheapest, dict):
+        return None
+    if set(methods) not in (set(ALTERNATIVES), set(ALTERNATIVES + BASE_ALTERNATIVES)):
         return None
     for entry in methods.values():
         if not (
@@ -283,7 +292,7 @@ def _recorded_alternatives(manifest: Manifest) -> dict[str, Any] | None:
             name in names
             and isinstance(pair, list)
             and len(pair) == 2
-            and (pair[0] is None or pair[0] in ALTERNATIVES)
+            and (pair[0] is None or pair[0] in methods)
             and isinstance(pair[1], int)
         ):
             return None
@@ -318,7 +327,8 @@ def _alternatives(
             tensors_met=doc["methods"][method]["tensors_met"],
             errors=[float(e) for e in doc["methods"][method]["errors"]],
         )
-        for method in ALTERNATIVES
+        for method in ALTERNATIVES + BASE_ALTERNATIVES
+        if method in doc["methods"]
     ]
     met = [r for r in rows if r.tensors_met == doc["tensors"]]
     bounded = manifest.options.get("max_error") is not None or manifest.options.get("max_delta_error") is not None
@@ -393,7 +403,11 @@ def _member_report(
             if scheme_of(t).projected(t, m):
                 projected += 1
                 lost += (m.errors[i] * record.norms[i]) ** 2
-                kept += (record.mean_errors[i] * record.norms[i]) ** 2
+                if t.params.base_centred(t) and record.delta_errors[i] > 0:
+                    # Its delta is from the base (spec §11.4): ||W - base|| = ||E|| / delta error.
+                    kept += (m.errors[i] * record.norms[i] / record.delta_errors[i]) ** 2
+                else:
+                    kept += (record.mean_errors[i] * record.norms[i]) ** 2
         if projected:
             delta = math.sqrt(lost / kept) if kept > 0 else (0.0 if lost == 0 else None)
     return MemberReport(

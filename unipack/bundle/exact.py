@@ -33,6 +33,7 @@ from unipack.format import codec, dtypes
 from unipack.format.manifest import ExactEntry, Manifest, MemberRecord, TensorRecord
 from unipack.format.manifest.records import MEAN_BASE
 from unipack.schemes import MemberView, scheme_of
+from unipack.schemes.base import ReadBase, no_base
 from unipack.schemes.delta import DeltaParams
 
 ReadBlob = Callable[[str], np.ndarray]
@@ -72,6 +73,21 @@ def stored_mean_prediction(t: TensorRecord, read_blob: ReadBlob, blob_dtype: str
     return mean_prediction(mean_values(t, read_blob, blob_dtype), dtype)
 
 
+def center_prediction(
+    t: TensorRecord, manifest: Manifest, read_blob: ReadBlob, read_base: ReadBase, dtype: str
+) -> np.ndarray:
+    """The ``mean`` prediction of spec §9.2 as bits: the record's center, the stored mean or (a
+    delta centred on the base model, §11) the base's tensor, rounded to the member's dtype."""
+    if t.params.base_centred(t):
+        assert isinstance(t.params, DeltaParams)
+        held, center_dtype, _ = t.params.center_held(t, manifest, read_blob, read_base)
+        if center_dtype == dtype:  # its own rounding: its bits as they are
+            return residual.as_bits(np.ascontiguousarray(held))
+        return mean_prediction(dtypes.to_float(held, center_dtype), dtype)
+    assert t.mean is not None
+    return stored_mean_prediction(t, read_blob, manifest.blobs[t.mean].dtype, dtype)
+
+
 #: Threads that rebuild tensors at once, at most (fewer on fewer cores). Past four, reading and
 #: hashing a member is bound by memory bandwidth, and every thread holds a tensor in memory.
 MAX_THREADS = codec.MAX_THREADS
@@ -92,6 +108,7 @@ class ExactMember:
         threads: int | None = None,
         chunks: ChunkSource | None = None,
         read_unverified: ReadBlob | None = None,
+        read_base: ReadBase = no_base,
     ) -> None:
         if member.exact is None:
             raise UnipackError(
@@ -109,6 +126,7 @@ class ExactMember:
         #: stored bytes first would only repeat the check (spec §9.2 step 4). Where a check fails,
         #: the blobs behind the tensor are then read with their checksums, to name the damaged one.
         self.read = read_unverified or read_blob
+        self.read_base = read_base  # the base model's tensors (a delta centred on it, spec §11)
         self.threads = default_threads() if threads is None else max(1, threads)
         self._views: dict[str, MemberView] = {}
         self._views_lock = threading.Lock()
@@ -116,7 +134,7 @@ class ExactMember:
     def _view(self, member: MemberRecord) -> MemberView:
         with self._views_lock:  # built once (it reads the member's coefficient blob), shared by threads
             if member.name not in self._views:
-                self._views[member.name] = MemberView.of(self.manifest, member, self.read)
+                self._views[member.name] = MemberView.of(self.manifest, member, self.read, self.read_base)
             return self._views[member.name]
 
     def arrays(self) -> Iterator[Array]:
@@ -149,7 +167,7 @@ class ExactMember:
         else:
             prediction = None
             if entry.base == MEAN_BASE:
-                prediction = stored_mean_prediction(t, self.read, self.manifest.blobs[t.mean].dtype, dtype)
+                prediction = center_prediction(t, self.manifest, self.read, self.read_base, dtype)
             elif entry.base is not None:
                 base = self.manifest.member(entry.base)
                 assert base.exact is not None  # checked when the manifest was read
@@ -233,7 +251,7 @@ class ExactMember:
         while entry.blob is not None:
             names.append(entry.blob)
             if entry.base == MEAN_BASE:
-                return [*names, str(t.mean)]
+                return [*names, str(t.mean)] if t.mean is not None else names
             if entry.base is None:
                 return names
             member = self.manifest.member(entry.base)

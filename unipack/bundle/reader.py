@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from unipack.bundle.base_model import BASE_OPTION, BaseModel, base_text, missing_base_message, needs_base
 from unipack.bundle.exact import ExactMember, default_threads
 from unipack.bundle.lora import AdapterParts, fan_in_fan_out, update_key
 from unipack.bundle.ordered import in_order
 from unipack.bundle.summary import BundleSummary, summarize
-from unipack.errors import MemberNotFoundError, UnipackError
+from unipack.errors import InputError, MemberNotFoundError, UnipackError
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleFile
-from unipack.format.manifest import Manifest, MemberRecord, TensorRecord
+from unipack.format.manifest import BaseReference, Manifest, MemberRecord, TensorRecord
 from unipack.schemes import MemberView, is_lora, scheme_of
 from unipack.schemes.shared import stored_mean
 
@@ -31,11 +32,50 @@ if TYPE_CHECKING:
 class BundleReader:
     """A validated .upk bundle. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None) -> None:
         self._file = BundleFile(path)
         self.path = self._file.path
         self.manifest: Manifest = self._file.manifest
         self.header = self._file.header
+        self._base: BaseModel | None = None
+        if base is not None:
+            try:
+                self.attach_base(base)
+            except BaseException:
+                self.close()
+                raise
+
+    def attach_base(self, base: str | os.PathLike[str]) -> None:
+        """Give the base model this bundle's delta tensors are centred on (``merge --base``, spec
+        §11): a .safetensors file or a model folder whose referenced tensors have the recorded
+        names, dtypes, shapes and sha256s (checked on open, the hashes on every read). A bundle
+        that references no base refuses it."""
+        if self._base is not None:
+            self._base.close()
+            self._base = None
+        self._base = BaseModel(base, self.manifest, str(self.path))
+
+    @property
+    def base_reference(self) -> BaseReference | None:
+        """The base model the bundle references but does not store, if any."""
+        return self.manifest.base
+
+    def read_base(self, name: str) -> np.ndarray:
+        """The base model's tensor for bundle tensor ``name``, checked (the base must be given)."""
+        if self._base is None:
+            assert self.manifest.base is not None
+            raise InputError(
+                f"{self.path}: tensor {name!r} is a delta from the base model {base_text(self.manifest.base)}; "
+                f"pass {BASE_OPTION} (Python: unipack.open(bundle, base=PATH))"
+            )
+        return self._base.read(name)
+
+    def _require_base(self, member: MemberRecord) -> None:
+        """One line before any decoding where ``member`` needs the base and none was given."""
+        if self._base is None and self.manifest.base is not None:
+            needed = needs_base(self.manifest, member)
+            if needed:
+                raise InputError(missing_base_message(str(self.path), member.name, self.manifest.base, needed))
 
     @property
     def members(self) -> list[str]:
@@ -56,7 +96,9 @@ class BundleReader:
 
     def view(self, member: str) -> MemberView:
         """What a scheme needs to rebuild ``member`` (its coefficient blob is read once, here)."""
-        return MemberView.of(self.manifest, self.member(member), self._file.read_blob)
+        rec = self.member(member)
+        self._require_base(rec)
+        return MemberView.of(self.manifest, rec, self._file.read_blob, self.read_base)
 
     def iter_arrays(
         self, member: str, *, exact: bool = False, threads: int | None = None
@@ -68,6 +110,7 @@ class BundleReader:
         order is the same, and so are the arrays)."""
         if exact:
             rec = self.member(member)
+            self._require_base(rec)
             rebuilt = ExactMember(
                 self.manifest,
                 rec,
@@ -76,6 +119,7 @@ class BundleReader:
                 threads=threads,
                 chunks=self._file,
                 read_unverified=self._file.read_unverified,
+                read_base=self.read_base,
             )
             yield from rebuilt.arrays()
             return
@@ -190,7 +234,17 @@ class BundleReader:
                 problems.append(str(exc))
         if problems:
             return problems
+        if self._base is not None and self.manifest.base is not None:
+            # A wrong base fails every member alike: said once, about the base.
+            try:
+                for name in self.manifest.base.tensors:
+                    self._base.read(name)
+            except UnipackError as exc:
+                return [str(exc)]
+        skipped = set(self.unverified_members())
         for member in self.members:
+            if member in skipped:  # its blobs' checksums were checked above; its rebuild needs the base
+                continue
             try:
                 for _ in self.iter_arrays(member):
                     pass
@@ -200,6 +254,12 @@ class BundleReader:
             except UnipackError as exc:
                 problems.append(f"member {member!r}: {exc}")
         return problems
+
+    def unverified_members(self) -> list[str]:
+        """Members ``verify`` cannot rebuild: they need the base model, which was not given."""
+        if self._base is not None or self.manifest.base is None:
+            return []
+        return [m.name for m in self.manifest.members if needs_base(self.manifest, m)]
 
     def header_bytes(self) -> bytes:
         """The file's header as stored (length prefix + JSON + padding), for byte accounting."""
@@ -212,6 +272,9 @@ class BundleReader:
         return summarize(self.manifest, self._file.header, self._file.read_header_bytes())
 
     def close(self) -> None:
+        if self._base is not None:
+            self._base.close()
+            self._base = None
         self._file.close()
 
     def __enter__(self) -> BundleReader:

@@ -59,6 +59,9 @@ class BundleSummary:
     rank_max: int | None
     members: list[MemberSummary]
     options: dict[str, Any]
+    #: The base model referenced, not stored (``merge --base``, spec §11): ``source``, ``sha256``,
+    #: ``tensors``, ``bytes`` (what ``ratio`` leaves out); None for a bundle that holds everything.
+    base: dict[str, Any] | None = None
 
     @property
     def ratio(self) -> float:
@@ -172,4 +175,12 @@ def summarize(manifest: Manifest, header: SafetensorsHeader, header_bytes: bytes
         rank_max=max(ranks) if ranks else None,
         members=members,
         options=manifest.options,
+        base=None
+        if manifest.base is None
+        else {
+            "source": manifest.base.source,
+            "sha256": manifest.base.sha256,
+            "tensors": len(manifest.base.tensors),
+            "bytes": manifest.base.nbytes,
+        },
     )

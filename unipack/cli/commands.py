@@ -208,6 +208,15 @@ def cli() -> None:
     help="As --size, with SIZE = BITS per parameter of the inputs (every tensor of every member).",
 )
 @click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE",
+    help="The base model the members were fine-tuned from (a .safetensors file or model folder): "
+    "quantized deltas may then be taken from its tensors (matched by name, across one common prefix, "
+    "shape and dtype), which the bundle references by sha256 instead of storing a mean; "
+    "--max-delta-error is then relative to ||W - base||. extract/add/export need the same base.",
+)
+@click.option(
     "--name",
     "name_pairs",
     multiple=True,
@@ -231,6 +240,7 @@ def merge_cmd(
     scheduler: str | None,
     size_target: int | None,
     bits: float | None,
+    base: Path | None,
     name_pairs: tuple[str, ...],
     **fields: Any,
 ) -> None:
@@ -248,7 +258,7 @@ def merge_cmd(
         raise click.UsageError("--executor dask needs --scheduler ADDR (tcp://host:port, or a scheduler file)")
     if executor == "dask" and jobs is not None:
         raise click.UsageError("--jobs is for --executor local; a Dask cluster runs one job per worker thread")
-    where: dict[str, Any] = {"jobs": jobs, "executor": executor, "scheduler": scheduler}
+    where: dict[str, Any] = {"jobs": jobs, "executor": executor, "scheduler": scheduler, "base": base}
     if (size_target is not None or bits is not None) and eval_spec is not None:
         raise click.UsageError("--size/--bits cannot be combined with --eval yet: pick the bundle by size or by drop")
     names = resolve_names(inputs, name_pairs) if name_pairs else None
@@ -356,8 +366,10 @@ def _size_option(value: str | None, what: str) -> int | None:
 @click.option(
     "--base",
     type=click.Path(path_type=Path),
-    metavar="BASE_DIR",
-    help="With --format hf, for a LoRA bundle: the base model's Hugging Face folder (config.json + "
+    metavar="BASE",
+    help="The base model. For a bundle merged with --base: the base it references (a .safetensors "
+    "file or model folder, checked against its recorded sha256s), which its members are rebuilt "
+    "from. With --format hf, for a LoRA bundle: the base model's Hugging Face folder (config.json + "
     "safetensors weights); writes that folder with the adapter folded in (W + s·B·A, its "
     "modules_to_save tensors in place), which from_pretrained loads without peft.",
 )
@@ -404,9 +416,12 @@ def extract_cmd(
         raise click.UsageError("--max-shard-size applies to --format hf only")
     if exact and fmt != "safetensors":
         raise click.UsageError("--exact applies to --format safetensors only")
-    if base is not None and fmt != "hf":
-        raise click.UsageError("--base applies to --format hf only (a LoRA adapter folded into its base model)")
     with open_bundle(bundle) as b:
+        if base is not None and b.is_lora and fmt != "hf":
+            raise click.UsageError("--base applies to --format hf only (a LoRA adapter folded into its base model)")
+        if base is not None and not b.is_lora:  # the base model the bundle references: every format
+            b.attach_base(base)
+            base = None
         names = list(b.members) if all_members else [str(member)]
         folder = output or Path(".")
         suffix = ".safetensors" if fmt == "safetensors" else ""
@@ -568,6 +583,13 @@ def info_cmd(bundle: Path, as_json: bool, tensors: bool) -> None:
     is_flag=True,
     help="Measure the baselines again from --originals (for bundles merged with --no-baselines).",
 )
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE",
+    help="For a bundle merged with --base: the base model it references, needed where the report "
+    "rebuilds members (--eval, --originals).",
+)
 def report_cmd(
     bundle: Path,
     as_json: bool,
@@ -578,6 +600,7 @@ def report_cmd(
     metric: str | None,
     originals: Path | None,
     recompute: bool,
+    base: Path | None,
 ) -> None:
     """Size and fidelity: bytes by part, errors per member, baselines, spectra, eval scores."""
     from unipack.analysis.report import report
@@ -588,6 +611,8 @@ def report_cmd(
         check_not_input(png, [bundle, *([originals] if originals else [])])
     hook = load_eval(eval_spec) if eval_spec else None
     with open_bundle(bundle) as b:
+        if base is not None:
+            b.attach_base(base)
         if member is not None:
             b.member(member)  # a clear error before any work
         progress = (
@@ -611,26 +636,49 @@ def report_cmd(
 
 @cli.command("verify", short_help="Check every checksum of a bundle; exit 0 sound, 1 not.")
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE",
+    help="For a bundle merged with --base: the base model it references, so that every member is "
+    "rebuilt (without it, members that need the base are not, and the verdict says so).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict and every problem found as JSON.")
-def verify_cmd(bundle: Path, as_json: bool) -> None:
+def verify_cmd(bundle: Path, base: Path | None, as_json: bool) -> None:
     """Check a bundle's header, manifest and every blob's checksum; exit 0 if sound, 1 if not."""
+    unchecked: list[str] = []
     try:
         with open_bundle(bundle) as b:
+            if base is not None:
+                b.attach_base(base)
             problems = b.verify()
             blobs, members = len(b.manifest.blobs), len(b.members)
+            unchecked = b.unverified_members()
     except UnipackError as exc:
         problems = [str(exc)]
         blobs = members = 0
     if as_json:
         print_json(
-            {"bundle": str(bundle), "ok": not problems, "blobs": blobs, "members": members, "problems": problems}
+            {
+                "bundle": str(bundle),
+                "ok": not problems,
+                "blobs": blobs,
+                "members": members,
+                "problems": problems,
+                "not_rebuilt": unchecked,
+            }
         )
     if problems:
         for line in problems:
             click.echo(f"Error: {line}", err=True)
         raise SystemExit(1)
     if not as_json:
-        click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified)")
+        not_rebuilt = (
+            f"; {len(unchecked)} members not rebuilt: they need the base model the bundle references (--base)"
+            if unchecked
+            else ""
+        )
+        click.echo(f"{bundle}: OK ({blobs} blobs, {members} members, every checksum verified{not_rebuilt})")
 
 
 @cli.command("demo", short_help="The end-to-end demo on real fine-tunes (UCI digits).")
@@ -685,8 +733,17 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool, 
     help="Write the grown bundle here and leave BUNDLE as it is (default: rewrite BUNDLE in place).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing -o output.")
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    metavar="BASE",
+    help="For a bundle merged with --base: the base model it references (required; checked against "
+    "its recorded sha256s); the new member's deltas are taken from it too.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the add summary, with every tensor's outcome, as JSON.")
-def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, force: bool, as_json: bool) -> None:
+def add_cmd(
+    bundle: Path, source: Path, name: str | None, output: Path | None, force: bool, base: Path | None, as_json: bool
+) -> None:
     """Add a checkpoint as a new member, projected onto the bundle's existing bases.
 
     A PEFT adapter folder joins a bundle of LoRA adapters module by module, in the form the merge
@@ -696,7 +753,7 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
     from unipack.render.console import add_summary
     from unipack.render.documents import add_document
 
-    result = add(bundle, source, name=name, output=output, force=force)
+    result = add(bundle, source, name=name, output=output, force=force, base=base)
     if as_json:
         print_json(add_document(result))
     else:
@@ -724,9 +781,10 @@ def add_cmd(bundle: Path, source: Path, name: str | None, output: Path | None, f
 @click.option(
     "--base",
     type=click.Path(path_type=Path),
-    metavar="BASE_DIR",
-    help="For a LoRA bundle: the base model's Hugging Face folder; exports the base with the adapter "
-    "folded in (as extract --format hf --base writes it).",
+    metavar="BASE",
+    help="The base model. For a bundle merged with --base: the base it references, which the member "
+    "is rebuilt from. For a LoRA bundle: the base model's Hugging Face folder; exports the base with "
+    "the adapter folded in (as extract --format hf --base writes it).",
 )
 @click.option(
     "--atol",
@@ -760,6 +818,9 @@ def export_cmd(
                 click.echo(line)
 
     with open_bundle(bundle) as b:
+        if base is not None and not b.is_lora:  # the base model the bundle references
+            b.attach_base(base)
+            base = None
         try:
             check = export_onnx(b, member, onnx_path, model=model_spec, base=base, atol=atol, force=force)
         except OnnxCheckError as exc:

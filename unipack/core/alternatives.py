@@ -11,6 +11,9 @@ file holds, so a comparison never flatters unipack by coding it and not its riva
   output channel; one per tensor for vectors). b = 8, 4, 3, 2 are the anchors: int2 is ternary.
 - ``sign_delta``: BitDelta without its distillation step: sign(delta) times one fp16 scale per
   tensor, the mean |delta| (the least-squares scale of a sign pattern).
+- With a base model (``merge --base``), ``int_delta`` from the base instead of the mean, the base
+  not stored (it is referenced, as the bundle's own deltas from it are): the fair rival of a
+  bundle that does not store the base either. Tensors the base lacks take the mean, as the bundle does.
 
 The arithmetic is plain numpy in float64; outputs are rounded to the member's dtype by the
 caller, as a loaded checkpoint would be.
@@ -34,7 +37,12 @@ LABELS = {
     "int2": "mean + int2 per-row deltas",
     "1-bit": "mean + 1-bit deltas (BitDelta-style)",
     "paper-k16": "the paper's recipe (rows PCA, k = 16, fp32)",
+    "base-int8": "base + int8 per-row deltas (base not stored)",
+    "base-int4": "base + int4 per-row deltas (base not stored)",
+    "base-int2": "base + int2 per-row deltas (base not stored)",
 }
+#: Measured only by a merge given a base model (``merge --base``), after ``METHODS``.
+BASE_METHODS = ("base-int8", "base-int4", "base-int2")
 
 
 def rows_of(shape: tuple[int, ...]) -> int:

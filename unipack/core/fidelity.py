@@ -64,14 +64,18 @@ def measure(
     member_dtype: str,
     coef_dtype: str,
     svd_values: float | None,
+    *,
+    reference: np.ndarray | None = None,
 ) -> MemberFidelity:
     """Fidelity numbers for one member.
 
     ``x``: the original as a float64 matrix (m x n; either orientation: the SVD does not care),
     ``out``: what extract returns for it, ``mean``: the stored mean (float64, same view),
     ``svd_values``: the per-member SVD's budget in numbers, or None to skip that baseline.
+    ``reference``: what the delta error and the SVD's delta are measured from, where not the
+    mean (the base model, spec §11.4); the mean-only baseline stays the mean's.
     """
-    delta = x - mean
+    delta = x - (mean if reference is None else reference)
     delta_norm = float(np.linalg.norm(delta.ravel()))
     delta_error = rel_error(x, out, delta_norm)
     mean_error = rel_error(x, dtypes.round_trip(mean, member_dtype), norm)

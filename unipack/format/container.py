@@ -25,6 +25,7 @@ from unipack.errors import ChecksumError, FormatError
 from unipack.format import codec, dtypes
 from unipack.format.atomic import atomic_write, bundle_lock, check_writable, real_target, same_file, spool_file
 from unipack.format.manifest import (
+    BASE_REF_FORMAT_VERSION,
     CHUNKED_CODEC,
     CHUNKED_FORMAT_VERSION,
     COMPRESSED_MANIFEST_VERSION,
@@ -180,6 +181,12 @@ class BundleWriter:
             # Readers of versions 1 to 6 know no chunked blob: only a bundle with one says 7.
             manifest = dataclasses.replace(
                 manifest, format_version=max(manifest.format_version, CHUNKED_FORMAT_VERSION)
+            )
+        if manifest.base is not None:
+            # Readers before version 10 cannot rebuild a delta centred on a base model they never
+            # see: only a bundle that references one says 10.
+            manifest = dataclasses.replace(
+                manifest, format_version=max(manifest.format_version, BASE_REF_FORMAT_VERSION)
             )
         text = manifest_json.to_json(manifest)
         packed = numbers = None

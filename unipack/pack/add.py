@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from unipack.bundle.base_model import BASE_OPTION, BaseModel, base_text
 from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record
 from unipack.errors import FormatError, InputError, OptionsError, UnipackError
 from unipack.format import dtypes
@@ -65,6 +66,7 @@ class AddResult:
     bundle_worst_error: float  # worst recorded error of any member of the written bundle
     lora: bool = False  # the bundle holds LoRA adapters (outcomes are modules and heads)
     format_version: int = 0  # of the written bundle (a LoRA override needs 8)
+    base_bytes: int | None = None  # the referenced base model's bytes (spec §11), which ``ratio`` leaves out
 
     @property
     def bytes_added(self) -> int:
@@ -95,6 +97,7 @@ def add(
     name: str | None = None,
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
+    base: str | os.PathLike[str] | None = None,
 ) -> AddResult:
     """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
 
@@ -109,6 +112,9 @@ def add(
     Adding in place holds the bundle's writers' lock (``<bundle>.lock`` beside it, see
     ``format.atomic.bundle_lock``) from reading the bundle until the grown one is renamed over
     it: concurrent adds to one bundle run one after the other and every member is kept.
+
+    ``base``: the base model a bundle merged with ``--base`` references (required for one, and
+    checked as extraction checks it): the new member's deltas are taken from it, too.
     """
     bundle_path, source_path = Path(bundle), Path(source)
     out = Path(output) if output is not None else None
@@ -121,7 +127,13 @@ def add(
         manifest = reader.manifest
         lora = is_lora(manifest)
         member = _member_name(name, source_path, manifest, bundle_path)
-        checkpoint = open_checkpoint(source_path, member)
+        base_model = _base_model(manifest, base, bundle_path)
+        try:
+            checkpoint = open_checkpoint(source_path, member)
+        except BaseException:
+            if base_model is not None:
+                base_model.close()
+            raise
         try:
             adapter = check_adapter(manifest, checkpoint, bundle_path) if lora else None
             if not lora:
@@ -132,7 +144,7 @@ def add(
                     )
                 _check_tensors(manifest, checkpoint, bundle_path)
             options = _options(manifest, bundle_path)
-            adder = _Adder(reader, checkpoint, options, adapter)
+            adder = _Adder(reader, checkpoint, options, adapter, base_model)
             size = rewrite_bundle(
                 bundle_path,
                 adder,
@@ -143,6 +155,8 @@ def add(
             )
         finally:
             checkpoint.close()
+            if base_model is not None:
+                base_model.close()
     target = out or bundle_path
     stored = adder.writer.stored_sizes  # not read back from ``target``: another add may have replaced it
     outcomes = [
@@ -167,6 +181,7 @@ def add(
         bundle_worst_error=max((max(m.errors, default=0.0) for m in new.members), default=0.0),
         lora=lora,
         format_version=new.format_version,
+        base_bytes=new.base.nbytes if new.base is not None else None,
     )
 
 
@@ -222,6 +237,18 @@ def _check_tensors(manifest: Manifest, checkpoint: Checkpoint, bundle: Path) -> 
             )
 
 
+def _base_model(manifest: Manifest, base: str | os.PathLike[str] | None, bundle: Path) -> BaseModel | None:
+    """The base model a bundle references, given and checked; required where it references one."""
+    if base is None:
+        if manifest.base is not None:
+            raise InputError(
+                f"{bundle}: its delta tensors are centred on a base model it references but does not hold; "
+                f"pass {BASE_OPTION} with {base_text(manifest.base)} to add a member"
+            )
+        return None
+    return BaseModel(base, manifest, str(bundle))
+
+
 def _options(manifest: Manifest, bundle: Path) -> MergeOptions:
     """The bundle's recorded options; keys a newer unipack may have added are ignored."""
     known = {f.name for f in dataclasses.fields(MergeOptions)}
@@ -237,9 +264,15 @@ class _Adder:
     """The ``update`` step of ``rewrite_bundle``: store the new member, return the new manifest."""
 
     def __init__(
-        self, reader: BundleFile, checkpoint: Checkpoint, options: MergeOptions, adapter: PeftAdapterSource | None
+        self,
+        reader: BundleFile,
+        checkpoint: Checkpoint,
+        options: MergeOptions,
+        adapter: PeftAdapterSource | None,
+        base_model: BaseModel | None = None,
     ) -> None:
         self.reader, self.checkpoint, self.options, self.adapter = reader, checkpoint, options, adapter
+        self.base_model = base_model
         self.manifest: Manifest | None = None
         # (tensor, kind, recorded error, reason, its own blobs, over budget): bytes are known after writing
         self.outcomes: list[tuple[str, str, float, str, tuple[str, ...], bool]] = []
@@ -298,6 +331,11 @@ class _Adder:
         return self.manifest
 
     # -- AddContext: what a scheme calls to store the new member's tensor ------------------------
+
+    def read_base(self, name: str) -> np.ndarray:
+        # add() refuses a bundle that references a base model unless it was given one.
+        assert self.base_model is not None
+        return self.base_model.read(name)
 
     def read_blob(self, name: str) -> np.ndarray:
         return self.reader.read_blob(name)

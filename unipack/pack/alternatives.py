@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 
 from unipack.core import alternatives as alt
-from unipack.core.alternatives import METHODS
+from unipack.core.alternatives import BASE_METHODS, METHODS
 from unipack.core.decomposition import SchemeModel, TensorJob
 from unipack.format import dtypes
 from unipack.options import ErrorBudget
 from unipack.schemes.rows import RowsModel, cheapest_side, fit_rows
 
-INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2, "base-int8": 8, "base-int4": 4, "base-int2": 2}
 PAPER_RANK = 16
 #: Members of one tensor are kept in memory (float64) for the measurement up to this many bytes;
 #: larger tensors are re-read member by member, so memory stays flat in N.
@@ -75,9 +75,11 @@ class TensorOutcome:
 class AlternativesMeter:
     """Accumulates every method's bytes and errors over the tensors of one merge."""
 
-    def __init__(self, n_members: int, budget: ErrorBudget | None) -> None:
+    def __init__(self, n_members: int, budget: ErrorBudget | None, with_base: bool = False) -> None:
         self.n, self.budget = n_members, budget
-        self.tallies = {m: Tally(err2=[0.0] * n_members, worst=[0.0] * n_members) for m in METHODS}
+        #: With a base model (``merge --base``), also its int-b deltas (``BASE_METHODS``).
+        self.methods = METHODS + BASE_METHODS if with_base else METHODS
+        self.tallies = {m: Tally(err2=[0.0] * n_members, worst=[0.0] * n_members) for m in self.methods}
         self.norm2 = [0.0] * n_members
         self.compared = 0
         self.cheapest: dict[str, tuple[str | None, int]] = {}
@@ -90,11 +92,17 @@ class AlternativesMeter:
             tally.bytes += sum(numel * per(dtype) for numel, dtype in pairs)
 
     def measure(
-        self, job: TensorJob, bundle_errors: Sequence[float], rows_models: Sequence[SchemeModel] | None = None
+        self,
+        job: TensorJob,
+        bundle_errors: Sequence[float],
+        rows_models: Sequence[SchemeModel] | None = None,
+        base: np.ndarray | None = None,
     ) -> None:
         """Every method on one decomposable tensor; ``bundle_errors``: the bundle's own relative
         errors on it (the bar under a rank or energy rule); ``rows_models``: the rows scheme's
-        models the merge already fitted to this tensor with fp32 coefficients, if any."""
+        models the merge already fitted to this tensor with fp32 coefficients, if any; ``base``:
+        the base model's tensor (float64) where the merge was given one that holds it: the delta
+        bound is then relative to ||W - base|| for every method, as the merge's rule is."""
         load = _cached(job)
         total = None
         for i in range(job.n_members):
@@ -103,22 +111,24 @@ class AlternativesMeter:
         assert total is not None
         center = total / job.n_members  # M of the delta rule, in float64
         mean = dtypes.round_trip(center, job.mean_dtype)  # what the alternatives store
-        outcomes = {m: TensorOutcome(0, [], [], []) for m in METHODS if m != "paper-k16"}
+        reference = center if base is None else base.reshape(center.shape)
+        outcomes = {m: TensorOutcome(0, [], [], []) for m in self.methods if m != "paper-k16"}
         norms: list[float] = []
         for i, dtype in enumerate(job.member_dtypes):
             x = load(i)
             norm = float(np.linalg.norm(x))
-            delta_norm = float(np.linalg.norm(x - center))
+            delta_norm = float(np.linalg.norm(x - reference))
             norms.append(norm)
             for method in outcomes:
-                approx = dtypes.round_trip(_approximate(method, x, mean, dtype), dtype)
+                start = reference if method in BASE_METHODS and base is not None else mean
+                approx = dtypes.round_trip(_approximate(method, x, start, dtype), dtype)
                 e = float(np.linalg.norm(x - approx))
                 o = outcomes[method]
                 o.errors.append(e / norm if norm > 0 else 0.0 if e == 0 else math.inf)
                 o.delta_errors.append(e / delta_norm if delta_norm > 0 else 0.0 if e == 0 else math.inf)
                 o.err2.append(e * e)
         for method in outcomes:
-            outcomes[method] = replace(outcomes[method], bytes=_bytes(method, job))
+            outcomes[method] = replace(outcomes[method], bytes=_bytes(method, job, base is not None))
         outcomes["paper-k16"] = _paper(job, load, norms, rows_models)
         self._record(job.name, outcomes, norms, bundle_errors)
 
@@ -138,7 +148,7 @@ class AlternativesMeter:
         for i, norm in enumerate(norms):
             self.norm2[i] += norm * norm
         best: tuple[str | None, int] = (None, 0)
-        for method in METHODS:
+        for method in self.methods:
             o, tally = outcomes[method], self.tallies[method]
             tally.bytes += o.bytes
             for i in range(self.n):
@@ -189,11 +199,12 @@ def _approximate(method: str, x: np.ndarray, mean: np.ndarray, dtype: str) -> np
     return alt.int_delta(x, mean, INT_BITS[method])
 
 
-def _bytes(method: str, job: TensorJob) -> int:
+def _bytes(method: str, job: TensorJob, on_base: bool = False) -> int:
     n, shape = job.n_members, job.shape
     if method == "fp16":
         return sum(job.numel * cast_itemsize(d) for d in job.member_dtypes)
-    mean = job.numel * dtypes.itemsize(job.mean_dtype)
+    # Deltas from the base store no center: the base is referenced, not stored.
+    mean = 0 if on_base and method in BASE_METHODS else job.numel * dtypes.itemsize(job.mean_dtype)
     if method == "1-bit":
         return mean + n * alt.sign_delta_bytes(shape)
     return mean + n * alt.int_delta_bytes(shape, INT_BITS[method])
@@ -248,8 +259,8 @@ class RecordingMeter(AlternativesMeter):
     the calls that add it to the tallies, for the merging process to ``replay`` in order (the
     tallies are sums and maxima over tensors: their order must not depend on the workers)."""
 
-    def __init__(self, n_members: int, budget: ErrorBudget | None) -> None:
-        super().__init__(n_members, budget)
+    def __init__(self, n_members: int, budget: ErrorBudget | None, with_base: bool = False) -> None:
+        super().__init__(n_members, budget, with_base)
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
     def kept(self, numel_by_member: Sequence[int], member_dtypes: Sequence[str], *, once: bool) -> None:

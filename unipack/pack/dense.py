@@ -29,10 +29,19 @@ from unipack.core.fidelity import (
 from unipack.core.linalg import rel_error
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter, blob_level
-from unipack.format.manifest import FORMAT_VERSION, Manifest, MemberNumbers, MemberRecord, TensorRecord, code_runs
+from unipack.format.manifest import (
+    BASE_REF_FORMAT_VERSION,
+    FORMAT_VERSION,
+    Manifest,
+    MemberNumbers,
+    MemberRecord,
+    TensorRecord,
+    code_runs,
+)
 from unipack.options import MergeOptions
 from unipack.pack import lossless, parallel
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
+from unipack.pack.base_match import base_reference, base_tensor
 from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.plan import TensorPlan
 from unipack.schemes import delta, scheme_of
@@ -102,7 +111,12 @@ class StoredTensor:
 
 class Merger:
     def __init__(
-        self, checkpoints: list[Checkpoint], options: MergeOptions, writer: BundleWriter, progress: MergeProgress | None
+        self,
+        checkpoints: list[Checkpoint],
+        options: MergeOptions,
+        writer: BundleWriter,
+        progress: MergeProgress | None,
+        with_base: bool = False,
     ) -> None:
         self.checkpoints, self.options, self.writer, self.progress = checkpoints, options, writer, progress
         self.coef_dtype = dtypes.STORAGE_DTYPES[options.dtype]
@@ -116,7 +130,7 @@ class Merger:
         self.zipnn: list[int | None] = [None] * n  # ZipNN of each input, next to a lossless tier
         # What the one-line alternatives would cost, measured with the baselines (--no-baselines
         # skips both: they are what the report compares the bundle with, not what it stores).
-        self.alternatives = AlternativesMeter(n, options.budget) if options.baselines else None
+        self.alternatives = AlternativesMeter(n, options.budget, with_base) if options.baselines else None
 
     def run(self, plans: list[TensorPlan], execution: Execution | None = None) -> Manifest:
         """Every tensor stored in plan order; ``execution``: where the tensors' jobs run (default:
@@ -127,7 +141,12 @@ class Merger:
             measured = self._start_lossless(pool)
             records = list(self._stored(pool, self._store, tensor_job, plans))
             self._take_lossless(measured)
-        return self._manifest(records)
+        manifest = self._manifest(records)
+        base = base_reference(records, plans)
+        if base is None:
+            return manifest
+        version = max(manifest.format_version, BASE_REF_FORMAT_VERSION)
+        return dataclasses.replace(manifest, base=base, format_version=version)
 
     def _stored(
         self,
@@ -172,9 +191,9 @@ class Merger:
 
     def _store_apart(self, plan: TensorPlan) -> StoredTensor:
         """``_store`` in a worker: everything it would write, recorded for ``_apply``."""
-        return self._apart(lambda merger: merger._store(plan))
+        return self._apart(lambda merger: merger._store(plan), with_base=plan.base is not None)
 
-    def _apart(self, store: Callable[[Merger], TensorRecord]) -> StoredTensor:
+    def _apart(self, store: Callable[[Merger], TensorRecord], with_base: bool = False) -> StoredTensor:
         """``store`` run on a copy of this merger that records what it writes, for ``_apply``."""
         n = len(self.checkpoints)
         apart = copy.copy(self)
@@ -183,7 +202,7 @@ class Merger:
         apart.coefs, apart.codes = [[] for _ in range(n)], [[] for _ in range(n)]
         apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         if self.alternatives is not None:
-            apart.alternatives = RecordingMeter(n, self.options.budget)
+            apart.alternatives = RecordingMeter(n, self.options.budget, with_base)
         record = store(apart)
         return StoredTensor(
             record=record,
@@ -219,7 +238,9 @@ class Merger:
             # the same models serve (their Gram and spectrum do not depend on the coefficients'
             # dtype), one Gram pass fewer per tensor.
             reuse = self._fitted.get("rows")
-            self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse)
+            found = base_tensor(plan)
+            base = None if found is None else dtypes.to_float(*found)
+            self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse, base=base)
         else:  # heads, identical and non-finite tensors: every alternative keeps them too
             numels = [c.tensors[plan.name].numel for c in self.checkpoints]
             self.alternatives.kept(numels, plan.dtypes, once=record.storage == EXACT_SCHEME.storage)
@@ -285,9 +306,13 @@ class Merger:
                         (c.size + s.nbytes) / dtypes.itemsize(self.coef_dtype)
                         for c, s in zip(quantized.codes, quantized.scales)
                     ]
-                    mean = delta.DeltaParams(mean_step=quantized.mean_step).mean_values(
-                        quantized.mean, quantized.mean_dtype
-                    )
+                    # Each member's own SVD of its delta from what the rule measures it from.
+                    if quantized.reference is not None:
+                        mean = quantized.reference
+                    else:
+                        mean = delta.DeltaParams(mean_step=quantized.mean_step).mean_values(
+                            quantized.mean, quantized.mean_dtype
+                        )
                     quantized.fidelity = self._svd_baselines(plan, quantized.fidelity, mean, values)
                 return self._store_delta(plan, quantized), job
         if isinstance(result, KeepRaw):
@@ -343,17 +368,22 @@ class Merger:
             budget=budget,
             scale_dtype=self.coef_dtype,
             compressed=self._compressed,
+            base=base_tensor(plan),
         )
 
     def _store_delta(self, plan: TensorPlan, enc: delta.DeltaEncoded) -> TensorRecord:
-        mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+        if enc.on_base:  # referenced, not stored: the manifest's base table names it (base_reference)
+            params = delta.DeltaParams(levels=enc.levels, group=enc.group, center=delta.BASE_CENTER)
+            reason = f"{self.options.rule_text} of the change from the base: quantized deltas ({enc.reason})"
+        else:
+            mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
+            params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
+            reason = f"{self.options.rule_text}: mean + quantized deltas ({enc.reason})"
         for i in range(len(self.checkpoints)):
             self.coefs[i].append(enc.scales[i].reshape(-1))
             self.codes[i].append(enc.codes[i])
             self.errors[i].append(round_up(float(enc.errors[i])))
             self.fidelity[i].append(enc.fidelity[i])
-        reason = f"{self.options.rule_text}: mean + quantized deltas ({enc.reason})"
-        params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
         return TensorRecord(plan.name, delta.DELTA.storage, plan.dtypes[0], plan.shape, reason, params)
 
     def _measure_lossless(self, i: int) -> tuple[lossless.LosslessSize | None, int | None]:

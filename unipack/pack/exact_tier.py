@@ -5,7 +5,8 @@ and tensor it records the sha256 of the original bytes; where the lossy tier doe
 rebuild the tensor exactly (a ``shared`` or ``delta`` tensor the member does not hold raw), it
 stores a residual blob against the best of these predictions:
 
-- the tensor's stored mean, rounded to the member's dtype (every member can use it);
+- the tensor's stored mean, rounded to the member's dtype (every member can use it), or the base
+  model's tensor where the record is a delta centred on it (spec §11);
 - an earlier member's original tensor, if the chain of member bases behind it is shorter than
   ``MAX_BASE_DEPTH`` (extracting a member then decodes at most that many residuals per tensor).
   Fine-tunes from one recipe share most of what separates them from the mean: on the MiniLM
@@ -33,7 +34,7 @@ from functools import partial
 
 import numpy as np
 
-from unipack.bundle.exact import stored_mean_prediction
+from unipack.bundle.exact import center_prediction
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
@@ -46,6 +47,7 @@ from unipack.format.manifest import (
     TensorRecord,
 )
 from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
+from unipack.schemes.base import ReadBase, no_base
 from unipack.sources.checkpoint import Checkpoint
 
 
@@ -61,13 +63,19 @@ class Coded:
 
 
 def add_exact_tier(
-    checkpoints: list[Checkpoint], manifest: Manifest, writer: BundleWriter, codec_name: str
+    checkpoints: list[Checkpoint],
+    manifest: Manifest,
+    writer: BundleWriter,
+    codec_name: str,
+    read_base: ReadBase = no_base,
 ) -> Manifest:
-    """``manifest`` with every member's ``exact`` map, its residual blobs written to ``writer``."""
+    """``manifest`` with every member's ``exact`` map, its residual blobs written to ``writer``;
+    ``read_base``: the base model's tensors, where delta tensors are centred on it (their center,
+    the base's tensor, is then the ``mean`` prediction)."""
     started = time.perf_counter()
     entries: list[dict[str, ExactEntry]] = [{} for _ in checkpoints]
     for t in manifest.tensors:
-        _tensor_tier(checkpoints, manifest, writer, codec_name, t, entries)
+        _tensor_tier(checkpoints, manifest, writer, codec_name, t, entries, read_base)
     members = tuple(dataclasses.replace(m, exact=entries[i]) for i, m in enumerate(manifest.members))
     residual_bytes = sum(writer.stored_sizes[e.blob] for es in entries for e in es.values() if e.blob is not None)
     stats = dict(manifest.stats)
@@ -84,6 +92,7 @@ def add_exact_tier(
         blobs=writer.blobs,
         format_version=_version(manifest.format_version, writer),
         stats=stats,
+        base=manifest.base,
     )
 
 
@@ -101,8 +110,10 @@ def _tensor_tier(
     codec_name: str,
     t: TensorRecord,
     entries: list[dict[str, ExactEntry]],
+    read_base: ReadBase,
 ) -> None:
-    mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the mean rounded to it (once per tensor)
+    mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the center rounded to it (once per tensor)
+    centred = t.mean is not None or t.params.base_centred(t)
     # member name -> (original bits, length of its chain of member bases), for possible bases
     predictable: dict[str, tuple[np.ndarray, int]] = {}
     for i, c in enumerate(checkpoints):
@@ -113,14 +124,14 @@ def _tensor_tier(
         # The whole tensor's sha256 is one serial pass: it runs beside the ranking and the
         # (chunk-parallel) compression of the residual instead of before them.
         sha_of = codec.in_background(partial(codec.sha256, view))
-        if t.mean is None or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
+        if not centred or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
             entries[i][t.name] = ExactEntry(sha_of())
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
                 predictable[member.name] = (residual.as_bits(array), 0)
             continue
         x = residual.as_bits(array)
         if dtype not in mean_bits:
-            mean_bits[dtype] = stored_mean_prediction(t, writer.read_blob, manifest.blobs[t.mean].dtype, dtype)
+            mean_bits[dtype] = center_prediction(t, manifest, writer.read_blob, read_base, dtype)
         bases = {MEAN_BASE: mean_bits[dtype]}
         depths = {MEAN_BASE: 0}
         for name, (bits, depth) in predictable.items():

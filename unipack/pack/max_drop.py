@@ -75,9 +75,11 @@ def merge_with_eval(
     jobs: int | None = None,
     executor: str = "local",
     scheduler: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> MergeResult:
-    """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it."""
+    """Merge, score every member with ``hook``, and (with ``max_drop``) tighten until within it.
+    ``base``: as for ``merge``; every trial's members are scored rebuilt from it."""
     Execution(executor, jobs, scheduler)  # refuses a bad --executor/--scheduler/--jobs before any work
     opts = options or MergeOptions()
     if max_drop is not None and opts.rule != "max-error":
@@ -123,8 +125,9 @@ def merge_with_eval(
             jobs=jobs,
             executor=executor,
             scheduler=scheduler,
+            base=base,
         )
-        with BundleReader(trial) as b:
+        with BundleReader(trial, base=base if result.manifest.base is not None else None) as b:
             scores = {name: hook(b.load(name), name) for name in b.members}
         drops = {name: originals[name][metric] - scores[name].get(metric, -math.inf) for name in scores}
         worst = max(drops, key=drops.__getitem__)

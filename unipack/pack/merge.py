@@ -22,6 +22,7 @@ from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
+from unipack.pack.base_match import BaseMatch, base_reader, close_bases, match_base, open_base
 from unipack.pack.dense import MergeProgress, Merger, chunk_bytes_for
 from unipack.pack.exact_tier import add_exact_tier
 from unipack.pack.executors import Execution
@@ -38,6 +39,10 @@ class MergeResult:
     manifest: Manifest
     seconds: float
     peak_rss_bytes: int
+    base: BaseMatch | None = None  # ``--base``: how its tensors matched the members'
+
+    # ``ratio`` counts the file only: a bundle that references a base model (``manifest.base``)
+    # does not hold it, and every place that prints the ratio says so.
 
     @property
     def ratio(self) -> float:
@@ -64,6 +69,7 @@ def merge(
     jobs: int | None = None,
     executor: str = "local",
     scheduler: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     **option_fields: Any,
 ) -> MergeResult:
     """Merge checkpoints into ``out``; options as a ``MergeOptions`` or as its field names.
@@ -73,7 +79,11 @@ def merge(
     safetensors; 1: in this process), or ``executor="dask"`` on the Dask cluster whose scheduler
     ``scheduler`` names (``tcp://host:port``, or a scheduler file; its workers read the inputs at
     the same paths). The bundle is byte-identical whatever they are; only its speed and peak
-    memory (one tensor per job) change."""
+    memory (one tensor per job) change.
+
+    ``base``: the base model the members were fine-tuned from (a .safetensors file or a model
+    folder): quantized deltas may then be taken from its tensors, which the bundle references by
+    sha256 instead of storing a mean (spec §11); extracting such a member needs the base again."""
     if options is not None and option_fields:
         raise TypeError("give either options= or option keywords, not both")
     opts = options or MergeOptions(**option_fields)
@@ -91,6 +101,18 @@ def merge(
                     f"{c.path}: {exc}; give a shorter name (merge --name SOURCE=NAME; names= in Python)"
                 ) from None
         adapters = adapter_sources(checkpoints)
+        if adapters is not None and base is not None:
+            raise OptionsError(
+                "--base is for full checkpoints; a LoRA adapter is already a delta from its base "
+                "(extract --format hf --base folds one into it)"
+            )
+        if base is not None and (not opts.quantize or opts.budget is None):
+            # Deltas from the base are quantized deltas, tried only under an error rule.
+            raise OptionsError(
+                "--base centres quantized deltas, which need an error rule (--max-error, --max-delta-error) "
+                "and --quantize; drop --no-quantize, --rank or --energy"
+            )
+        base_model = open_base(base) if base is not None else None
         if adapters is not None:
             if opts.exact_tier:
                 raise OptionsError("--lossless is for full checkpoints, not LoRA adapters")
@@ -114,15 +136,25 @@ def merge(
                     size = writer.finish(manifest, out_path, force=force)
             else:
                 plans = plan_tensors(checkpoints, opts)
+                if base_model is not None:
+                    plans, matched = match_base(base_model, checkpoints, plans)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level, chunk_bytes_for(opts)) as writer:
-                    manifest = Merger(checkpoints, opts, writer, progress).run(plans, execution)
+                    dense = Merger(checkpoints, opts, writer, progress, with_base=base_model is not None)
+                    manifest = dense.run(plans, execution)
                     if opts.exact_tier:
-                        manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec)
+                        manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec, base_reader(plans))
                     size = writer.finish(manifest, out_path, force=force)
     finally:
         close_all(checkpoints)
+        close_bases()
     return MergeResult(
-        out_path, size, manifest.stats["input_bytes"], manifest, time.perf_counter() - started, peak_rss_bytes()
+        out_path,
+        size,
+        manifest.stats["input_bytes"],
+        manifest,
+        time.perf_counter() - started,
+        peak_rss_bytes(),
+        matched if base is not None else None,
     )
 
 

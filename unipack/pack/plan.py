@@ -16,6 +16,15 @@ from unipack.sources.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
+class BaseTensorPlan:
+    """Where a tensor's counterpart in the base model is (``merge --base``), as plain data a
+    worker process opens by itself."""
+
+    path: str  # the base model's absolute path
+    name: str | None  # the tensor's name in the base; None: the base lacks it (or holds it otherwise)
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     name: str
     storage: str  # shared | raw | exact-candidate (exact if all members hold the same bytes)
@@ -23,6 +32,7 @@ class TensorPlan:
     schemes: tuple[str, ...]  # for shared: the candidate schemes, the cheapest is kept
     shape: tuple[int, ...] | None  # None if it differs between members
     dtypes: tuple[str, ...]  # per member
+    base: BaseTensorPlan | None = None  # set in a merge given a base model (``pack.base_match``)
 
 
 def plan_tensors(checkpoints: list[Checkpoint], options: MergeOptions) -> list[TensorPlan]:

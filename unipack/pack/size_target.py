@@ -98,9 +98,11 @@ def merge_to_size(
     jobs: int | None = None,
     executor: str = "local",
     scheduler: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     on_attempt: Callable[[SizeAttempt], None] | None = None,
 ) -> MergeResult:
-    """Merge at the tightest scale of the error rule whose bundle fits in ``target_bytes``."""
+    """Merge at the tightest scale of the error rule whose bundle fits in ``target_bytes``
+    (``base``: as for ``merge``; the base is not counted in the size)."""
     Execution(executor, jobs, scheduler)  # refuses a bad --executor/--scheduler/--jobs before any work
     opts = options or MergeOptions()
     if opts.rule != "max-error":
@@ -158,6 +160,7 @@ def merge_to_size(
                 jobs=jobs,
                 executor=executor,
                 scheduler=scheduler,
+                base=base,
             )
             a = SizeAttempt(max_error, max_delta_error, result.file_bytes)
             attempts.append(a)

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from unipack.analysis.report import recorded_alternatives, rule_text
 from unipack.bundle.summary import BundleSummary
-from unipack.format.manifest import Manifest
+from unipack.format.manifest import BaseReference, Manifest
 from unipack.options import rule_text as bounds_text
 from unipack.pack.add import AddResult
 from unipack.pack.merge import MergeResult
@@ -76,8 +76,18 @@ def merge_summary(result: MergeResult) -> Table:
     t = Table(title="merge summary", show_header=False, title_justify="left")
     t.add_row("inputs", f"{len(result.manifest.members)} members, {format_bytes(result.input_bytes)}")
     t.add_row("output", f"{result.path} ({format_bytes(result.file_bytes)})")
-    t.add_row("ratio", f"{size_ratio(result.ratio)}, at worst relative error {worst:.3g} ({worst_name})")
+    base = result.manifest.base
+    excluded = "" if base is None else f" (not counting the base model: {format_bytes(base.nbytes)} referenced)"
+    t.add_row("ratio", f"{size_ratio(result.ratio)}{excluded}, at worst relative error {worst:.3g} ({worst_name})")
     t.add_row("rule", rule_text(result.manifest.options))
+    if result.base is not None:
+        t.add_row("base", result.base.text)
+        t.add_row(
+            "",
+            f"referenced, not stored: {base_line(base)}; extract, add and export need --base"
+            if base is not None
+            else "no tensor was cheaper as deltas from the base: the bundle does not reference it",
+        )
     mismatched = result.shape_mismatched
     if mismatched:
         shown = ", ".join(mismatched[:3]) + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
@@ -115,6 +125,14 @@ def merge_summary(result: MergeResult) -> Table:
     return t
 
 
+def base_line(base: BaseReference) -> str:
+    """A referenced base model in one phrase: how many tensors, their bytes, its name and digest."""
+    return (
+        f"{len(base.tensors)} tensors, {format_bytes(base.nbytes)} of {base.source} "
+        f"(sha256 of its tensors {base.sha256[:12]}...)"
+    )
+
+
 def size_target_line(record: dict[str, Any], file_bytes: int) -> str:
     """What ``merge --size/--bits`` asked for and got (``stats.size_target``)."""
     target = int(record.get("target_bytes") or 0)
@@ -146,6 +164,13 @@ def info_table(s: BundleSummary, manifest: Manifest | None = None) -> Iterator[R
         f"{format_bytes(s.file_bytes)}) at worst relative error ",
         (f"{s.worst_error:.3g}", "bold"),
     )
+    if s.base is not None:
+        yield Text.assemble(
+            ("base ", "bold"),
+            f"referenced, not stored: {s.base['tensors']} tensors, {format_bytes(s.base['bytes'])} of "
+            f"{s.base['source']} (sha256 of its tensors {str(s.base['sha256'])[:12]}...); the ratio leaves it "
+            f"out, and extract, add and export need it (--base)",
+        )
     if s.parts.get("residuals"):
         lossy = s.file_bytes - s.parts["residuals"]
         yield Text.assemble(
@@ -274,8 +299,13 @@ def _add_table(result: AddResult) -> Table:
     )
     t.add_row(
         "ratio",
-        f"{size_ratio(result.ratio)} than its inputs, at worst relative error "
-        f"{result.bundle_worst_error:.3g} over all members",
+        f"{size_ratio(result.ratio)} than its inputs"
+        + (
+            f" (not counting the base model: {format_bytes(result.base_bytes)} referenced)"
+            if result.base_bytes is not None
+            else ""
+        )
+        + f", at worst relative error {result.bundle_worst_error:.3g} over all members",
     )
     return t
 

@@ -10,7 +10,9 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from unipack.analysis.report import recorded_alternatives, rule_text
+from unipack.format.manifest import BaseReference
 from unipack.pack.add import AddResult
+from unipack.pack.base_match import BaseMatch
 from unipack.pack.merge import MergeResult
 
 if TYPE_CHECKING:  # importing it at run time would load torch for every command
@@ -46,7 +48,25 @@ def merge_document(result: MergeResult) -> dict[str, Any]:
         "size_target": sized if isinstance(sized := result.manifest.stats.get("size_target"), dict) else None,
         "seconds": result.seconds,
         "peak_rss_bytes": result.peak_rss_bytes,
+        **({"base": base_document(result.manifest.base, result.base)} if result.base is not None else {}),
     }
+
+
+def base_document(base: BaseReference | None, match: BaseMatch | None = None) -> dict[str, Any]:
+    """The referenced base model (``None``: given to the merge, but no tensor uses it): what every
+    ratio of the bundle leaves out (``ratio_excludes_base_bytes``)."""
+    doc: dict[str, Any] = {"referenced": base is not None}
+    if base is not None:
+        doc.update(
+            source=base.source,
+            sha256=base.sha256,
+            tensors=len(base.tensors),
+            ratio_excludes_base_bytes=base.nbytes,
+        )
+    if match is not None:
+        doc.update(prefix=match.prefix, members_prefixed=match.members_prefixed, matched=match.matched)
+        doc["unmatched"] = list(match.unmatched)
+    return doc
 
 
 def _alternatives_document(result: MergeResult) -> dict[str, Any] | None:
@@ -77,6 +97,7 @@ def add_document(result: AddResult) -> dict[str, Any]:
         "file_bytes_after": result.file_bytes_after,
         "input_bytes": result.input_bytes,
         "ratio": result.ratio,
+        **({"ratio_excludes_base_bytes": result.base_bytes} if result.base_bytes is not None else {}),
         "bundle_worst_error": result.bundle_worst_error,
         "lora": result.lora,
         "format_version": result.format_version,

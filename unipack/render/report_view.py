@@ -152,6 +152,11 @@ def _headline(r: Report) -> Text:
         )
     if b.ratio_vs_zipnn is not None:
         text.append(f", {b.ratio_vs_zipnn:.2f}x vs ZipNN ({format_bytes(b.zipnn or 0)})")
+    if b.base is not None:
+        text.append(
+            f"; every ratio leaves out the base model {b.base_source} ({format_bytes(b.base)}), "
+            f"referenced, not stored: extraction needs it (--base)"
+        )
     text.append(", at worst relative error ")
     text.append(f"{worst:.3g}", style="bold")
     if b.exact_tier:
@@ -190,8 +195,9 @@ def _members_table(r: Report) -> FittedTable:
         )
     t.caption = (
         "own bytes: its coefficients and raw tensors; with share: plus 1/N of the means, bases and "
-        "header.  delta lost: ||W-Ŵ|| / ||W-mean||, how much of what makes the member different "
-        "did not survive."
+        "header.  delta lost: ||W-Ŵ|| / ||W-mean||"
+        + (" (||W-base|| on tensors centred on the base model)" if r.bytes.base is not None else "")
+        + ", how much of what makes the member different did not survive."
     )
     return FittedTable(t)
 
@@ -231,7 +237,14 @@ def _verdict(r: Report) -> Iterator[Text]:
         )
         return
     winner = r.overall["winner"]
-    if winner == "mean-only":
+    if winner == "mean-only" and r.bytes.base is not None and r.bytes.mean_only >= r.bytes.file:
+        # Deltas from a referenced base (spec §11) store no mean: a rank-0 bundle would add them.
+        yield Text(
+            f"the members' mean alone is about as close (mean error {mean:.3g} vs {ours:.3g}), but it is not "
+            f"stored: a bundle of means would take {format_bytes(r.bytes.mean_only)}, this one "
+            f"{format_bytes(r.bytes.file)}"
+        )
+    elif winner == "mean-only":
         yield Text(
             f"the mean alone does as well as the subspace here (mean error {mean:.3g} vs {ours:.3g}): "
             f"the bases and coefficients buy nothing; --rank 0 gives a smaller bundle",

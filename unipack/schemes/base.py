@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 #: (tensor name as a file of the member holds it, dtype, array held as ``dtypes.holder(dtype)``)
 Array = tuple[TensorRecord, str, np.ndarray]
 ReadBlob = Callable[[str], np.ndarray]
+#: The referenced base model's tensor for a bundle tensor name (held as its dtype, its sha256
+#: verified); raises where no base was given (``unipack.bundle.base_model``).
+ReadBase = Callable[[str], np.ndarray]
+
+
+def no_base(name: str) -> np.ndarray:
+    """A ``ReadBase`` where none was given: reading the bundle's members checks before decoding
+    that none needs the base (and says which bundle and member), so reaching this is a bug."""
+    raise AssertionError(f"tensor {name!r} needs the base model, and none was given")
 
 
 @dataclass
@@ -44,9 +53,12 @@ class MemberView:
     _offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
     _codes: np.ndarray | None = None
     _code_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    read_base: ReadBase = no_base  # the base model's tensors, for delta tensors centred on it
 
     @classmethod
-    def of(cls, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob) -> MemberView:
+    def of(
+        cls, manifest: Manifest, member: MemberRecord, read_blob: ReadBlob, read_base: ReadBase = no_base
+    ) -> MemberView:
         # ``is not None``: a blob may be called "" (blob names are not normative, spec §3.5).
         coefficients = read_blob(member.coefficients) if member.coefficients is not None else None
         codes = read_blob(member.codes) if member.codes is not None else None
@@ -58,6 +70,7 @@ class MemberView:
             manifest.coef_offsets(member),
             codes,
             manifest.code_offsets(member),
+            read_base,
         )
 
     def codes(self, t: TensorRecord) -> np.ndarray | None:
@@ -96,6 +109,9 @@ class AddContext(Protocol):
 
     def read_blob(self, name: str) -> np.ndarray:
         """A blob of the bundle being added to, checksum verified."""
+
+    def read_base(self, name: str) -> np.ndarray:
+        """The referenced base model's tensor for bundle tensor ``name``, sha256 verified."""
 
     def store_raw(
         self,

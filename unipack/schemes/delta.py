@@ -28,8 +28,13 @@ from unipack.format.manifest import BlobRef, Manifest, MemberRecord, StoragePara
 from unipack.format.manifest.doc import Doc
 from unipack.format.manifest.records import DELTA_FORMAT_VERSION
 from unipack.options import ErrorBudget
-from unipack.schemes.base import AddContext, Array, MemberView, ReadBlob, Scheme
+from unipack.schemes.base import AddContext, Array, MemberView, ReadBase, ReadBlob, Scheme
 from unipack.schemes.registry import register
+
+#: A ``delta`` record's ``center``: the members' mean (a blob), or the tensor of the base model the
+#: bundle references (spec §11). Also the ``Candidate.mean_dtype`` that stands for the base.
+MEAN_CENTER = "mean"
+BASE_CENTER = "base"
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,18 @@ class DeltaParams(StorageParams):
     levels: int = 3  # L: q = u - (L - 1)/2 for codes u < L
     group: int = 1  # consecutive elements (row-major) sharing one step
     mean_step: float | None = None  # set: the mean blob is I16, the mean is its integers x this step
+    center: str = MEAN_CENTER  # what the deltas are from: the mean blob, or the base model's tensor
 
     def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
+        if self.center == BASE_CENTER:
+            return {"center": BASE_CENTER, "levels": self.levels, "group": self.group}
         doc: dict[str, Any] = {"mean": self.mean, "levels": self.levels, "group": self.group}
         if self.mean_step is not None:
             doc["mean_step"] = self.mean_step
         return doc
+
+    def base_centred(self, tensor: TensorRecord) -> bool:
+        return self.center == BASE_CENTER
 
     def numel(self, tensor: TensorRecord) -> int:
         assert tensor.shape is not None
@@ -66,6 +77,8 @@ class DeltaParams(StorageParams):
         return self.levels
 
     def blob_refs(self, tensor: TensorRecord) -> list[BlobRef]:
+        if self.center == BASE_CENTER:  # the center is the base model's tensor: no blob
+            return []
         kind = "float" if self.mean_step is None else INT_MEAN
         return [BlobRef(self.mean, f"tensor {tensor.name!r} mean", tensor.shape, kind)]
 
@@ -75,6 +88,25 @@ class DeltaParams(StorageParams):
         if self.mean_step is None:
             return dtypes.to_float(held, dtype)
         return held.astype(np.float64) * self.mean_step
+
+    def center_held(
+        self, tensor: TensorRecord, manifest: Manifest, read_blob: ReadBlob, read_base: ReadBase
+    ) -> tuple[np.ndarray, str, float | None]:
+        """The center as stored: ``(array, its dtype, mean_step)``: the mean blob (spec §8.2 step
+        1), or the referenced base model's tensor, its sha256 checked (§11.2). The one place that
+        tells the two apart, for reading, adding and the lossless tier's prediction."""
+        if self.center == BASE_CENTER:
+            assert manifest.base is not None  # the manifest reader checked the record is listed
+            return read_base(tensor.name), manifest.base.tensors[tensor.name].dtype, None
+        assert self.mean is not None
+        return read_blob(self.mean), manifest.blobs[self.mean].dtype, self.mean_step
+
+    def center_values(
+        self, tensor: TensorRecord, manifest: Manifest, read_blob: ReadBlob, read_base: ReadBase
+    ) -> np.ndarray:
+        """The center as float64 values, flat."""
+        held, dtype, _ = self.center_held(tensor, manifest, read_blob, read_base)
+        return self.mean_values(held, dtype).reshape(-1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,15 +136,17 @@ class DeltaScheme(Scheme):
         numel = math.prod(base.shape)
         if numel == 0:
             raise FormatError(f"{d.where}: delta tensors must not be empty")
+        levels = d.integer("levels", quantize.MIN_LEVELS, quantize.MAX_LEVELS)
+        group = d.integer("group", 1, numel)
+        center = MEAN_CENTER if d.doc.get("center") is None else d.choice("center", (MEAN_CENTER, BASE_CENTER))
+        if center == BASE_CENTER:
+            if d.doc.get("mean") is not None or d.doc.get("mean_step") is not None:
+                raise FormatError(f"{d.where}: a delta centred on the base model has no 'mean' or 'mean_step'")
+            return DeltaParams(levels=levels, group=group, center=BASE_CENTER)
         mean_step = d.num("mean_step", optional=True)
         if mean_step is not None and not mean_step > 0:
             raise FormatError(f"{d.where}: field 'mean_step' must be a positive number")
-        return DeltaParams(
-            mean=d.text("mean"),
-            levels=d.integer("levels", quantize.MIN_LEVELS, quantize.MAX_LEVELS),
-            group=d.integer("group", 1, numel),
-            mean_step=mean_step,
-        )
+        return DeltaParams(mean=d.text("mean"), levels=levels, group=group, mean_step=mean_step)
 
     def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         own = view.override(t)
@@ -120,7 +154,6 @@ class DeltaScheme(Scheme):
             yield own
             return
         p = _params(t)
-        assert p.mean is not None
         packed, scales = view.codes(t), view.coefficients(t)
         assert packed is not None and scales is not None  # the manifest reader checked both exist
         dtype = view.member.dtype_of(t)
@@ -129,11 +162,9 @@ class DeltaScheme(Scheme):
             raise FormatError(f"{where}: tensor {t.name!r}: a code byte is not a packing of codes < {p.levels}")
         assert t.shape is not None
         codes = quantize.unpack(packed, p.levels, p.numel(t))
-        mean_dtype = view.manifest.blobs[p.mean].dtype
+        center, center_dtype, step = p.center_held(t, view.manifest, view.read_blob, view.read_base)
         # Block by block, straight to the member's dtype (spec §8.2's arithmetic, then its rounding).
-        rounded = quantize.dequantize_rounded(
-            view.read_blob(p.mean), mean_dtype, p.mean_step, codes, scales, p.levels, p.group, dtype
-        )
+        rounded = quantize.dequantize_rounded(center, center_dtype, step, codes, scales, p.levels, p.group, dtype)
         yield t, dtype, rounded.reshape(t.shape)
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
@@ -155,27 +186,31 @@ class DeltaScheme(Scheme):
         return t.name not in member.raw
 
     def replaced_by_mean(self, t: TensorRecord, member: MemberRecord) -> bool:
-        return True
+        # A delta from the base model has no stored mean to stand in for it.
+        return _params(t).center == MEAN_CENTER
 
     def baseline_mean(self, manifest: Manifest, read_blob: ReadBlob, t: TensorRecord) -> np.ndarray | None:
         p = _params(t)
-        assert p.mean is not None and t.shape is not None
+        if p.mean is None:
+            return None
+        assert t.shape is not None
         return p.mean_values(read_blob(p.mean), manifest.blobs[p.mean].dtype).reshape(t.shape)
 
     def mean_only_change(self, t: TensorRecord, manifest: Manifest, stored: dict[str, int]) -> int:
-        return 0
+        # A delta from the base stores no mean, which a rank-0 bundle would have to (counted
+        # uncompressed, at the tensor's dtype: in the mean-only baseline's favour by zstd's share).
+        return self.original_bytes(t, manifest.members[0], manifest) if _params(t).center == BASE_CENTER else 0
 
     def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
-        """Quantize the new member's delta from the stored mean with the record's levels and
-        grouping, at the coarsest step meeting the merge's rule; raw where none does."""
+        """Quantize the new member's delta from the record's center (the stored mean, or the base
+        model's tensor) with the record's levels and grouping, at the coarsest step meeting the
+        merge's rule; raw where none does."""
         p = _params(t)
         values = dtypes.to_float(array, dtype)
         if not np.isfinite(values).all():
             ctx.store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
             return t
-        mean = self.baseline_mean(ctx.old, ctx.read_blob, t)
-        assert mean is not None
-        x, m = values.reshape(-1), mean.reshape(-1)
+        x, m = values.reshape(-1), p.center_values(t, ctx.old, ctx.read_blob, ctx.read_base)
         norm = float(np.linalg.norm(x))
         rule = ctx.options.budget
         result = None
@@ -202,7 +237,7 @@ class DeltaScheme(Scheme):
             t,
             "quantized",
             round_up(rel_error(x, result.out, norm)),
-            f"quantized from the bundle's mean ({p.levels} levels)",
+            f"quantized from the bundle's {'base model' if p.center == BASE_CENTER else 'mean'} ({p.levels} levels)",
             fidelity,
             result.scales_held,
             codes=quantize.pack(result.codes, p.levels),
@@ -239,6 +274,12 @@ class DeltaEncoded:
     # candidate -> bytes (None: missed the rule; -1: dropped after the first member, see PRUNE)
     tried: dict[str, int | None] = field(default_factory=dict)
     mean_step: float | None = None  # a quantized mean's step (``mean_dtype`` is then INT_MEAN)
+    reference: np.ndarray | None = None  # what the rule's delta bound is relative to, float64 flat
+
+    @property
+    def on_base(self) -> bool:
+        """Whether the deltas are from the base model's tensor (no mean blob to write)."""
+        return self.mean_dtype == BASE_CENTER
 
 
 #: The level counts the merge tries: a sign (2), then odd counts (zero is a level) that pack
@@ -318,8 +359,12 @@ def fit(
     budget: ErrorBudget,
     scale_dtype: str,
     compressed: Compressed,
+    base: tuple[np.ndarray, str] | None = None,
 ) -> DeltaEncoded | None:
     """The cheapest candidate meeting the rule for every member, encoded; None if none does.
+    ``base``: the base model's tensor (held array, dtype) where the merge was given one that holds
+    it; then its chains of candidates centred on it (no mean stored: 0 bytes) are tried beside
+    the mean's, and the delta bound is relative to ||W - base|| for every candidate (spec §11.4).
     (Candidates far behind on the first member are not pursued: ``PRUNE``, ``candidates``.)
     The per-member SVD baselines are left out of its fidelity: the merge measures them once,
     for whichever storage wins the tensor.
@@ -340,16 +385,37 @@ def fit(
     exact_mean = total / n_members
     del total
     spread = math.sqrt(max(squares / n_members - float(np.dot(exact_mean, exact_mean)), 0.0) / numel)
-    first_budget = budget.absolute(float(np.linalg.norm(first)), float(np.linalg.norm(first - exact_mean)))
+    # The delta bound is relative to what the fine-tune changed: from the base model where it is
+    # known, else from the members' mean.
+    reference = exact_mean if base is None else dtypes.to_float(base[0], base[1]).reshape(-1)
+    first_budget = budget.absolute(float(np.linalg.norm(first)), float(np.linalg.norm(first - reference)))
     int_mean = quantized_mean(exact_mean, spread, n_members)
     chains = candidates(shape, member_dtypes, exact_mean, first_budget, int_mean is not None)
-    cands = [c for chain in chains for c in chain]
-    means = {c.mean_dtype: dtypes.store_as(exact_mean, c.mean_dtype) for c in cands if c.mean_dtype != INT_MEAN}
+    lead = chains[0][0].mean_dtype
+    # The base's chains: the lead mean's groupings and level counts, centred on the base instead.
+    base_chains = (
+        []
+        if base is None
+        else [
+            [Candidate(BASE_CENTER, c.levels, c.group) for c in chain]
+            for chain in chains
+            if chain[0].mean_dtype == lead
+        ]
+    )
+    cands = [c for chain in chains + base_chains for c in chain]
+    means = {
+        c.mean_dtype: dtypes.store_as(exact_mean, c.mean_dtype)
+        for c in cands
+        if c.mean_dtype not in (INT_MEAN, BASE_CENTER)
+    }
     mean_step = None
     if int_mean is not None:
         means[INT_MEAN] = (int_mean[0], int_mean[1])
         mean_step = int_mean[2]
     mean_bytes = {dtype: compressed(held, dtype) for dtype, (held, _) in means.items()}
+    if base is not None:
+        means[BASE_CENTER] = (base[0], reference)
+        mean_bytes[BASE_CENTER] = 0  # referenced, not stored
     tried: dict[str, int | None] = {}
     # Member 0's c / c0 per candidate: members of one collection need about the same, so the
     # others' searches start there (a few tries instead of a full bracket).
@@ -403,13 +469,13 @@ def fit(
             chain_best = min(chain_best, found[0])
             alive[cand] = (found[0], [found[1]])
 
-    lead = chains[0][0].mean_dtype
-    for chain in chains:
-        if chain[0].mean_dtype == lead:
+    for chain in chains + base_chains:
+        if chain[0].mean_dtype in (lead, BASE_CENTER):
             walk(chain, first)
     others = [c for c in chains if c[0].mean_dtype != lead]
-    if alive:
-        winner = min(alive, key=lambda c: alive[c][0])
+    centred_on_mean = [c for c in alive if c.mean_dtype != BASE_CENTER]
+    if centred_on_mean:
+        winner = min(centred_on_mean, key=lambda c: alive[c][0])
         for chain in others:
             cand = Candidate(chain[0].mean_dtype, winner.levels, winner.group)
             if chain[0].group == winner.group and (found := search(cand, 0, first, first_budget)) is not None:
@@ -429,7 +495,7 @@ def fit(
             if not pool:
                 break
             x = load(i).reshape(-1)
-            limit = budget.absolute(float(np.linalg.norm(x)), float(np.linalg.norm(x - exact_mean)))
+            limit = budget.absolute(float(np.linalg.norm(x)), float(np.linalg.norm(x - reference)))
             for cand in list(pool):
                 found = search(cand, i, x, limit)
                 if found is None:
@@ -473,6 +539,7 @@ def fit(
         alive[best][1],
         means[best.mean_dtype],
         exact_mean,
+        reference,
         shape,
         member_dtypes,
         load,
@@ -482,11 +549,15 @@ def fit(
     )
     if best.mean_dtype == INT_MEAN:
         encoded.mean_step = mean_step
+    if base is not None:
+        encoded.reference = reference
     return encoded
 
 
 def _label(c: Candidate, shape: tuple[int, ...]) -> str:
     grouping = "tensor" if c.group == math.prod(shape) else f"group {c.group}"
+    if c.mean_dtype == BASE_CENTER:
+        return f"base model (referenced), {c.levels} levels, one step per {grouping}"
     mean = "quantized (int16)" if c.mean_dtype == INT_MEAN else c.mean_dtype
     return f"{mean} mean, {c.levels} levels, one step per {grouping}"
 
@@ -496,6 +567,7 @@ def _encode(
     steps: list[np.ndarray],
     mean: tuple[np.ndarray, np.ndarray],
     exact_mean: np.ndarray,
+    reference: np.ndarray,
     shape: tuple[int, ...],
     member_dtypes: Sequence[str],
     load: Callable[[int], np.ndarray],
@@ -529,6 +601,7 @@ def _encode(
                 member_dtypes[i],
                 scale_dtype,
                 None,
+                reference=reference.reshape(matrix),
             )
         )
     return DeltaEncoded(

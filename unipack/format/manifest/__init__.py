@@ -17,6 +17,7 @@ from unipack.format.manifest.names import (
 )
 from unipack.format.manifest.parse import from_json, to_json
 from unipack.format.manifest.records import (
+    BASE_REF_FORMAT_VERSION,
     CHUNKED_CODEC,
     CHUNKED_FORMAT_VERSION,
     COMPRESSED_MANIFEST_VERSION,
@@ -31,6 +32,8 @@ from unipack.format.manifest.records import (
     MEMBER_NUMBERS_FORMAT_VERSION,
     NUMBERS_BLOB,
     SUPPORTED_VERSIONS,
+    BaseReference,
+    BaseTensor,
     BlobRecord,
     BlobRef,
     DeferredNumbers,
@@ -46,6 +49,7 @@ from unipack.format.manifest.records import (
 )
 
 __all__ = [
+    "BASE_REF_FORMAT_VERSION",
     "CHUNKED_CODEC",
     "CHUNKED_FORMAT_VERSION",
     "COMPRESSED_MANIFEST_VERSION",
@@ -63,6 +67,8 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_TENSOR_NAME_CHARS",
     "SUPPORTED_VERSIONS",
+    "BaseReference",
+    "BaseTensor",
     "BlobRecord",
     "BlobRef",
     "DeferredNumbers",

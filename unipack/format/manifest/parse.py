@@ -17,6 +17,7 @@ from unipack.format import codec, dtypes
 from unipack.format.manifest.doc import Doc, nonnegative_numbers, str_map
 from unipack.format.manifest.names import check_config_name, check_member_name, check_tensor_name
 from unipack.format.manifest.records import (
+    BASE_REF_FORMAT_VERSION,
     CHUNKED_CODEC,
     CHUNKED_FORMAT_VERSION,
     FORMAT_NAME,
@@ -25,6 +26,8 @@ from unipack.format.manifest.records import (
     NUMBERS_BLOB,
     RESIDUAL_CODINGS,
     SUPPORTED_VERSIONS,
+    BaseReference,
+    BaseTensor,
     BlobRecord,
     DeferredNumbers,
     ExactEntry,
@@ -34,6 +37,7 @@ from unipack.format.manifest.records import (
     MemberRecord,
     NumbersSection,
     TensorRecord,
+    base_digest,
 )
 from unipack.format.manifest.references import check_references
 from unipack.format.manifest.storages import STORAGE_FORMATS, StorageFormat, formats_of, storages
@@ -53,6 +57,8 @@ def to_json(manifest: Manifest, *, numbers_apart: bool = False) -> str:
         "members": [_member_to_doc(m, numbers=not numbers_apart) for m in manifest.members],
         "blobs": {name: _blob_to_doc(b) for name, b in manifest.blobs.items()},
     }
+    if manifest.base is not None:  # only then: a bundle without one keeps its bytes (and version)
+        doc["base"] = _base_to_doc(manifest.base)
     return _dumps(doc)
 
 
@@ -180,6 +186,17 @@ def _exact_entry_to_doc(e: ExactEntry) -> dict[str, Any]:
     return doc
 
 
+def _base_to_doc(base: BaseReference) -> dict[str, Any]:
+    return {
+        "source": base.source,
+        "sha256": base.sha256,
+        "tensors": {
+            name: {"name": b.name, "dtype": b.dtype, "shape": list(b.shape), "sha256": b.sha256}
+            for name, b in base.tensors.items()
+        },
+    }
+
+
 def _blob_to_doc(b: BlobRecord) -> dict[str, Any]:
     return {"dtype": b.dtype, "shape": list(b.shape), "codec": b.codec, "shuffle": b.shuffle, "sha256": b.sha256}
 
@@ -231,6 +248,14 @@ def _parse_manifest(raw: Any, where: str, numbers: NumbersSection | None) -> Man
     input_bytes = stats.get("input_bytes", 0)
     if not isinstance(input_bytes, int) or isinstance(input_bytes, bool) or input_bytes < 0:
         raise FormatError(f"{where}: manifest stats.input_bytes must be a non-negative integer")
+    base = None
+    if d.doc.get("base") is not None:
+        if version < BASE_REF_FORMAT_VERSION:
+            raise FormatError(
+                f"{where}: manifest references a base model, which needs format version "
+                f"{BASE_REF_FORMAT_VERSION}, not {version}"
+            )
+        base = _parse_base(d.obj("base"), f"{where}: manifest base")
     manifest = Manifest(
         created_by=d.text("created_by"),
         options=d.obj("options"),
@@ -239,12 +264,41 @@ def _parse_manifest(raw: Any, where: str, numbers: NumbersSection | None) -> Man
         blobs=blobs,
         format_version=version,
         stats=stats,
+        base=base,
     )
     check_references(manifest, where)
     return manifest
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _parse_base(raw: dict[str, Any], where: str) -> BaseReference:
+    """The referenced base model (spec §11.1); which records use it is checked with the references."""
+    d = Doc(raw, where)
+    sha = d.text("sha256")
+    if not _SHA256.fullmatch(sha):
+        raise FormatError(f"{where}: sha256 must be 64 lowercase hex digits")
+    tensors: dict[str, BaseTensor] = {}
+    for name, spec in d.obj("tensors").items():
+        e = Doc(spec, f"{where}: tensor {name!r}")
+        tensor_sha = e.text("sha256")
+        if not _SHA256.fullmatch(tensor_sha):
+            raise FormatError(f"{e.where}: sha256 must be 64 lowercase hex digits")
+        tensors[name] = BaseTensor(
+            check_tensor_name(e.text("name"), f"{e.where}: name"),
+            dtypes.check_dtype(e.doc.get("dtype"), e.where),
+            e.shape("shape"),
+            tensor_sha,
+        )
+    if not tensors:
+        raise FormatError(f"{where}: references no tensor")
+    names = [b.name for b in tensors.values()]
+    if len(set(names)) != len(names):
+        raise FormatError(f"{where}: two tensors of the bundle reference one base tensor")
+    if base_digest(tensors) != sha:
+        raise FormatError(f"{where}: sha256 is not the digest of its tensors' sha256s (spec §11.1)")
+    return BaseReference(d.text("source"), sha, tensors)
 
 
 def _parse_blob(name: str, spec: Any, where: str, codecs: tuple[str, ...]) -> BlobRecord:

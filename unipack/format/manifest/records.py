@@ -8,6 +8,7 @@ the params what it needs (their JSON fields, their coefficient block, the blobs 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Collection, Sequence
@@ -50,6 +51,11 @@ LORA_OVERRIDE_FORMAT_VERSION = 8
 #: only when they are asked for: opening a bundle of many members to load one then parses what
 #: loading needs and nothing else. Written where the manifest is large (the version 4 rule).
 MEMBER_NUMBERS_FORMAT_VERSION = 9
+#: Version 10 lets a ``delta`` record be centred on a base model that the bundle references by the
+#: sha256 of its tensors but does not store (``Manifest.base``, spec §11): extracting a member that
+#: uses one needs that base. Only bundles that reference a base are written as version 10.
+#: (A reader of 10 reads every earlier version.)
+BASE_REF_FORMAT_VERSION = 10
 SUPPORTED_VERSIONS = (
     1,
     2,
@@ -60,6 +66,7 @@ SUPPORTED_VERSIONS = (
     CHUNKED_FORMAT_VERSION,
     LORA_OVERRIDE_FORMAT_VERSION,
     MEMBER_NUMBERS_FORMAT_VERSION,
+    BASE_REF_FORMAT_VERSION,
 )
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
@@ -141,6 +148,10 @@ class StorageParams:
     def member_blobs(self, tensor: TensorRecord, member: MemberRecord) -> list[tuple[str, tuple[int, ...] | None]]:
         """Keys ``member.raw`` must hold for this tensor, with each blob's shape (None: any)."""
         return []
+
+    def base_centred(self, tensor: TensorRecord) -> bool:
+        """Whether the record is centred on the referenced base model's tensor (spec §11)."""
+        return False
 
     def member_format_version(self, tensor: TensorRecord, member: MemberRecord) -> int:
         """The format version the way ``member`` holds this tensor needs (a LoRA override: 8)."""
@@ -339,6 +350,41 @@ class MemberRecord:
 
 
 @dataclass(frozen=True)
+class BaseTensor:
+    """One tensor of the base model a bundle references (spec §11.1): what a base given at
+    extraction must hold under ``name``, bit for bit."""
+
+    name: str  # its name in the base model's files (the bundle's name less or plus a prefix)
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str  # of its little-endian bytes in C order (as a lossless tier's sha256, spec §9.1)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """The base model a bundle's ``delta`` tensors are centred on, referenced, not stored (spec §11)."""
+
+    source: str  # the base's file or folder name at merge time (informative, for messages)
+    sha256: str  # ``base_digest(tensors)``: the referenced tensors' identity in one string
+    tensors: dict[str, BaseTensor]  # bundle tensor name -> the base tensor its center is
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the referenced tensors (what the bundle does not store)."""
+        return sum(b.nbytes for b in self.tensors.values())
+
+
+def base_digest(tensors: dict[str, BaseTensor]) -> str:
+    """SHA-256 of the lines ``<base tensor name> <sha256>\n`` (UTF-8), sorted by name (spec §11.1)."""
+    lines = "".join(f"{b.name} {b.sha256}\n" for b in sorted(tensors.values(), key=lambda b: b.name))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
 class Manifest:
     created_by: str
     options: dict[str, Any]
@@ -347,6 +393,7 @@ class Manifest:
     blobs: dict[str, BlobRecord]
     format_version: int = FORMAT_VERSION
     stats: dict[str, Any] = field(default_factory=dict)  # informative numbers (input bytes, timings)
+    base: BaseReference | None = None  # the base model its delta tensors may be centred on (spec §11)
 
     def member(self, name: str) -> MemberRecord:
         for m in self.members:

@@ -12,6 +12,7 @@ import math
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest.records import (
+    BASE_REF_FORMAT_VERSION,
     CHUNKED_CODEC,
     EXACT_TIER_FORMAT_VERSION,
     MAX_BASE_DEPTH,
@@ -64,6 +65,7 @@ def check_references(m: Manifest, where: str) -> None:
             raise FormatError(f"{where}: {owner}: {r.what.removeprefix(owner).strip()} blob must be float")
 
     by_name = {t.name: t for t in m.tensors}
+    _check_base(m, where)
     for t in m.tensors:
         what = f"tensor {t.name!r}"
         version = STORAGE_FORMATS[t.params.scheme_name].min_format_version
@@ -181,6 +183,32 @@ def check_references(m: Manifest, where: str) -> None:
         raise FormatError(f"{where}: blobs {sorted(unused)[:5]} are not referenced by any record")
 
 
+def _check_base(m: Manifest, where: str) -> None:
+    """Records centred on the base model and the manifest's base table name each other exactly,
+    at the record's dtype and shape (spec §11.3)."""
+    centred = {t.name: t for t in m.tensors if t.params.base_centred(t)}
+    listed = {} if m.base is None else m.base.tensors
+    for name, t in centred.items():
+        if m.format_version < BASE_REF_FORMAT_VERSION:
+            raise FormatError(
+                f"{where}: tensor {name!r} is centred on a base model, which needs format version "
+                f"{BASE_REF_FORMAT_VERSION}, the manifest says {m.format_version}"
+            )
+        b = listed.get(name)
+        if b is None:
+            raise FormatError(
+                f"{where}: tensor {name!r} is centred on the base model, which the manifest does not list"
+            )
+        if b.dtype != t.dtype or b.shape != t.shape:
+            raise FormatError(
+                f"{where}: tensor {name!r}: base tensor {b.name!r} is {b.dtype} {list(b.shape)}, "
+                f"the record {t.dtype} {list(t.shape or ())}"
+            )
+    stray = sorted(set(listed) - set(centred))
+    if stray:
+        raise FormatError(f"{where}: manifest base lists {stray[:3]}, which no delta record is centred on")
+
+
 def _exact_blobs(
     m: Manifest, mem: MemberRecord, by_name: dict[str, TensorRecord], members: dict[str, MemberRecord], where: str
 ) -> list[tuple[str, str, str]]:
@@ -200,8 +228,8 @@ def _exact_blobs(
         if t.shape is None or dtype not in dtypes.FLOAT_DTYPES:
             raise FormatError(f"{what}: {tname!r}: a residual needs a float tensor of one shape")
         if e.base == MEAN_BASE:
-            if t.mean is None:
-                raise FormatError(f"{what}: {tname!r}: base 'mean', but the tensor has no stored mean")
+            if t.mean is None and not t.params.base_centred(t):
+                raise FormatError(f"{what}: {tname!r}: base 'mean', but the tensor has no stored mean or base center")
         elif e.base is not None:
             _check_member_base(mem, tname, t, members, what)
         # §9.1: chunk digests exactly for a chunked residual (their count is checked against its
