@@ -453,3 +453,23 @@ def test_base_needs_quantized_deltas_under_an_error_rule(tmp_path, option):
     line = assert_one_line_error(run("merge", *paths, "--base", base, *option, "-o", tmp_path / "x.upk"))
     assert "--base centres quantized deltas" in line
     assert not (tmp_path / "x.upk").exists()
+
+
+def test_a_large_manifest_with_a_base_has_the_numbers_section_too(tmp_path, monkeypatch):
+    """Versions 9 and 10 together: a base-referencing bundle whose manifest is compressed keeps
+    its members' numbers in their own section, is version 10, and both readers agree."""
+    from unipack.format import container
+
+    base, paths = _population(tmp_path)
+    monkeypatch.setattr(container, "COMPRESS_MANIFEST_ABOVE", 0)  # every manifest counts as large
+    out = tmp_path / "packed.upk"
+    unipack.merge(paths, out, base=base, lossless="off")
+    spec = SpecBundle(out, base=_base_dict(base))
+    assert spec.version == 10 and spec.packed_numbers is not None
+    with unipack.open(out, base=base) as b:
+        assert not b.verify()
+        for i, path in enumerate(paths):
+            assert list(spec.members[path.stem]["errors"]) == list(b.manifest.members[i].errors)
+            theirs, ours = spec.read_member(path.stem), b.load_numpy(path.stem)
+            for name, (dtype, array) in theirs.items():
+                assert ours[name][0] == dtype and ours[name][1].tobytes() == np.ascontiguousarray(array).tobytes()
