@@ -234,3 +234,34 @@ class Scheme(ABC):
         raise InputError(
             f"tensor {t.name!r}: adding a member to {self.label} storage is not supported; merge all the members again"
         )
+
+
+class RebuiltScheme(Scheme):
+    """A scheme whose members are rebuilt from the record's blobs (a mean and quantized deltas, a
+    subspace), except where a member holds the tensor as its own: an override (spec §4.4), which
+    takes precedence when reading, and which ``add`` writes for a new member whose tensor holds
+    NaN or inf (no rebuild can be faithful to those)."""
+
+    def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
+        own = view.override(t)
+        if own is not None:
+            yield own
+        else:
+            yield from self.rebuilt_arrays(view, t)
+
+    @abstractmethod
+    def rebuilt_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
+        """The member's tensor as the record rebuilds it (the member does not override it)."""
+
+    def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
+        values = dtypes.to_float(array, dtype)
+        if not np.isfinite(values).all():
+            ctx.store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
+            return t
+        return self.add_finite(ctx, t, dtype, array, values)
+
+    @abstractmethod
+    def add_finite(
+        self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray, values: np.ndarray
+    ) -> TensorRecord:
+        """``add`` for a new member's finite tensor (``values``: ``array`` as float64)."""

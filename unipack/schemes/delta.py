@@ -28,7 +28,7 @@ from unipack.format.manifest import BlobRef, Manifest, MemberRecord, StoragePara
 from unipack.format.manifest.doc import Doc
 from unipack.format.manifest.records import DELTA_FORMAT_VERSION
 from unipack.options import ErrorBudget
-from unipack.schemes.base import AddContext, Array, MemberView, ReadBase, ReadBlob, Scheme
+from unipack.schemes.base import AddContext, Array, MemberView, ReadBase, ReadBlob, RebuiltScheme
 from unipack.schemes.registry import register
 
 #: A ``delta`` record's ``center``: the members' mean (a blob), or the tensor of the base model the
@@ -127,7 +127,7 @@ def _params(t: TensorRecord) -> DeltaParams:
     return t.params
 
 
-class DeltaScheme(Scheme):
+class DeltaScheme(RebuiltScheme):
     name = storage = "delta"
     min_format_version = DELTA_FORMAT_VERSION
 
@@ -148,11 +148,7 @@ class DeltaScheme(Scheme):
             raise FormatError(f"{d.where}: field 'mean_step' must be a positive number")
         return DeltaParams(mean=d.text("mean"), levels=levels, group=group, mean_step=mean_step)
 
-    def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
-        own = view.override(t)
-        if own is not None:
-            yield own
-            return
+    def rebuilt_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         p = _params(t)
         packed, scales = view.codes(t), view.coefficients(t)
         assert packed is not None and scales is not None  # the manifest reader checked both exist
@@ -201,15 +197,13 @@ class DeltaScheme(Scheme):
         # uncompressed, at the tensor's dtype: in the mean-only baseline's favour by zstd's share).
         return self.original_bytes(t, manifest.members[0], manifest) if _params(t).center == BASE_CENTER else 0
 
-    def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
+    def add_finite(
+        self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray, values: np.ndarray
+    ) -> TensorRecord:
         """Quantize the new member's delta from the record's center (the stored mean, or the base
         model's tensor) with the record's levels and grouping, at the coarsest step meeting the
         merge's rule; raw where none does."""
         p = _params(t)
-        values = dtypes.to_float(array, dtype)
-        if not np.isfinite(values).all():
-            ctx.store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
-            return t
         x, m = values.reshape(-1), p.center_values(t, ctx.old, ctx.read_blob, ctx.read_base)
         norm = float(np.linalg.norm(x))
         rule = ctx.options.budget

@@ -23,7 +23,7 @@ from unipack.core.linalg import rel_error
 from unipack.format import dtypes
 from unipack.format.manifest import BlobRef, Manifest, MemberRecord, StorageParams, TensorRecord
 from unipack.format.manifest.doc import Doc
-from unipack.schemes.base import AddContext, Array, MemberView, ReadBlob, Scheme
+from unipack.schemes.base import AddContext, Array, MemberView, ReadBlob, RebuiltScheme
 from unipack.schemes.registry import SCHEMES
 
 
@@ -150,7 +150,7 @@ def project(
     return Projection(coef_held, error, fidelity)
 
 
-class SharedScheme(Scheme):
+class SharedScheme(RebuiltScheme):
     storage = "shared"
 
     def parse_shared(self, d: Doc, limit: int) -> dict[str, Any]:
@@ -177,11 +177,7 @@ class SharedScheme(Scheme):
     def fit(self, job: TensorJob) -> Sequence[SchemeModel]:
         """Fit the members of one tensor: the candidate models ``decompose`` chooses from."""
 
-    def member_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
-        own = view.override(t)
-        if own is not None:
-            yield own
-            return
+    def rebuilt_arrays(self, view: MemberView, t: TensorRecord) -> Iterator[Array]:
         p = _params(t)
         assert p.mean is not None
         mean = view.values(p.mean)
@@ -222,13 +218,11 @@ class SharedScheme(Scheme):
         p = _params(t)
         return 0.0 if p.rank == 0 else p.svd_values(t, n_members)
 
-    def add(self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray) -> TensorRecord:
+    def add_finite(
+        self, ctx: AddContext, t: TensorRecord, dtype: str, array: np.ndarray, values: np.ndarray
+    ) -> TensorRecord:
         """Project onto the record's mean and basis, or store raw where that cannot be faithful."""
         p = _params(t)
-        values = dtypes.to_float(array, dtype)
-        if not np.isfinite(values).all():
-            ctx.store_raw(t, dtype, array, "override", "holds NaN or inf values: stored raw, bit-exact")
-            return t
         mean = stored_mean(ctx.old, ctx.read_blob, t)
         basis = None
         if p.rank > 0:
