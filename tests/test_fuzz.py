@@ -66,6 +66,8 @@ def test_seeds_are_valid_and_varied(seeds: list[tuple[str, bytes]], tmp_path: Pa
     storages = {t["storage"] for p in in_header for t in p.manifest["tensors"]}
     assert codecs == {"none", "zstd"}
     assert storages == {"shared", "raw", "exact", "delta"}
+    # one seed whose deltas are taken from a referenced base (version 10), opened with its base
+    assert [p.header["__metadata__"]["format_version"] for p in in_header if "base" in p.manifest] == ["10"]
     # and one seed with the compressed manifest and its members' numbers section (version 9)
     packed = [p.header for p in parsed.values() if p.manifest is None]
     assert len(packed) == 1 and {"__numbers__", "__manifest__"} <= set(packed[0])

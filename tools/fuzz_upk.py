@@ -89,6 +89,12 @@ def _population(
 
 #: A seed option (not a merge option): write the manifest compressed, with its numbers section.
 PACKED = "packed"
+#: A seed option: merge against a base model (``--base``: deltas from a referenced base, format
+#: version 10), a perturbed copy of the first member's float tensors, written beside the seed.
+BASED = "based"
+#: The seeds' base models, by the digest a bundle records for its base (``target`` opens a bundle
+#: with the base it names, where one is known: a mutated digest finds none).
+BASES: dict[str, Path] = {}
 SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     # name, population kwargs, merge options
     ("zstd-rows-flat", {"n": 3}, {"codec": "zstd", "max_error": 0.05}),
@@ -102,6 +108,7 @@ SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("rows-rank2-raw-glob", {"n": 4}, {"rank": 2, "scheme": "rows", "raw": ("conv.*",)}),
     # the compressed manifest and the members' numbers section (format version 9), whatever its size
     ("packed-numbers", {"n": 3}, {"max_error": 0.05, PACKED: True}),
+    ("base-referenced", {"n": 4}, {"max_error": 0.05, BASED: True}),
 ]
 
 
@@ -124,6 +131,17 @@ def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
             paths.append(str(p))
         out = d / "bundle.upk"
         opts = dict(opts)
+        if opts.pop(BASED, False):
+            first = _population(np.random.default_rng(1000 + idx), **pop)[0]
+            noise = np.random.default_rng(7)
+            base = {
+                k: (v + 0.01 * noise.standard_normal(v.shape)).astype(v.dtype)
+                for k, v in first.items()
+                if v.dtype.kind == "f"
+            }
+            save_file(base, str(d / "base.safetensors"))
+            opts["base"] = d / "base.safetensors"
+            paths = paths[1:]
         if opts.pop(PACKED, False):
             from unipack.format import container
 
@@ -136,7 +154,11 @@ def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
         else:
             unipack.merge(paths, out, force=True, **opts)
         data = out.read_bytes()
-        with unipack.open(out) as b:  # seeds must be valid
+        if "base" in opts:
+            with unipack.open(out) as b:
+                assert b.manifest.base is not None, f"seed {name}: no tensor took its deltas from the base"
+                BASES[b.manifest.base.sha256] = Path(opts["base"])
+        with unipack.open(out, base=opts.get("base")) as b:  # seeds must be valid
             for m in b.members:
                 b.load_numpy(m)
             b.summary()
@@ -871,6 +893,10 @@ def target(path: str) -> None:
     import unipack
 
     b = unipack.open(path)
+    base = BASES.get(b.manifest.base.sha256) if b.manifest.base is not None else None
+    if base is not None:  # a seed's base: opened with it, as its user would
+        b.close()
+        b = unipack.open(path, base=base)
     try:
         for member in b.members:
             b.load_numpy(member)
