@@ -109,7 +109,9 @@ def test_quantized_factors_rebuild_and_errors_by_dense_numpy(levels, step_dtype,
     assert np.array_equal(digits[: q.codes.size], q.codes)
 
 
-@pytest.mark.parametrize("out_dim, in_dim, r, rank_deficient", [(48, 40, 6, False), (30, 70, 8, True), (5, 64, 8, False)])
+@pytest.mark.parametrize(
+    "out_dim, in_dim, r, rank_deficient", [(48, 40, 6, False), (30, 70, 8, True), (5, 64, 8, False)]
+)
 def test_product_svd_error_is_the_dense_error(out_dim, in_dim, r, rank_deficient) -> None:
     """``ProductSvd.error`` (the search's error, from r x r products) of approximations of the
     balanced factors, as the search makes them (zero rows stay zero), is the dense error of the
