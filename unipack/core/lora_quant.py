@@ -134,9 +134,15 @@ class QuantizedFactors:
 
     codes: np.ndarray  # uint8, r*in codes of A' then r*out of B'ᵀ (C order), unpacked
     steps_held: np.ndarray  # 2r steps as stored (holder(step dtype)): A's rows, then B's columns
-    a: np.ndarray  # float64 values of the extracted A (rounded to the member's dtype)
-    b: np.ndarray  # float64 values of the extracted B
+    a: np.ndarray | None  # float64 values of the extracted A (rounded to the member's dtype)
+    b: np.ndarray | None  # float64 values of the extracted B; both None once ``stored_only``
     error: float  # ||ΔW - s B A|| / ||ΔW|| of exactly those
+
+    def stored_only(self) -> QuantizedFactors:
+        """Without the extracted values (8 bytes a number against the codes' 1): what the chooser
+        keeps of each adapter at each level count it may still pick, so that a module's working
+        set grows by the codes alone per adapter."""
+        return dataclasses.replace(self, a=None, b=None)
 
 
 def dequantize(
