@@ -354,6 +354,8 @@ def test_one_search_across_level_counts_finds_what_each_finds_alone(monkeypatch,
             continue
         assert np.array_equal(q.codes, alone.codes) and np.array_equal(q.steps_held, alone.steps_held), levels
         assert np.array_equal(q.a, alone.a) and np.array_equal(q.b, alone.b) and q.error == alone.error
+        kept = q.stored_only()  # what the chooser holds per level count: no float64 factors
+        assert kept.a is None and kept.b is None and kept.codes is q.codes and kept.error == q.error
         assert int(q.codes.max()) < levels
         steps = dtypes.to_float(q.steps_held, step_dtype)
         qv = q.codes.astype(np.float64) - (levels - 1) / 2
