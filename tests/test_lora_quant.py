@@ -32,6 +32,7 @@ import unipack
 from unipack.cli import cli
 from unipack.core import lora_quant, quantize
 from unipack.core.lora import LoraFactors
+from unipack.core.lora_encode import product_error
 from unipack.core.lora_quant import LEVELS, balanced, cast_factors, fit_quantized
 from unipack.format import codec, dtypes
 from unipack.pack import parallel
@@ -106,6 +107,33 @@ def test_quantized_factors_rebuild_and_errors_by_dense_numpy(levels, step_dtype,
     assert packed.size == math.ceil(q.codes.size / k)
     digits = np.stack([(packed.astype(np.int64) // levels**i) % levels for i in range(k)], axis=1).reshape(-1)
     assert np.array_equal(digits[: q.codes.size], q.codes)
+
+
+@pytest.mark.parametrize(
+    "out_dim, in_dim, r, rank_deficient", [(48, 40, 6, False), (30, 70, 8, True), (5, 64, 8, False)]
+)
+def test_product_svd_error_is_the_dense_error(out_dim, in_dim, r, rank_deficient) -> None:
+    """``ProductSvd.error`` (the search's error, from r x r products) of approximations of the
+    balanced factors, as the search makes them (zero rows stay zero), is the dense error of the
+    product, and ``product_error``'s (two QRs), from near-exact approximations to coarse ones;
+    rank-deficient updates and out < r included. (At relative noise ε both lose ~1e-16/ε of
+    accuracy to the float64 inputs: the tolerance follows it.)"""
+    f = random_factors(11, out_dim=out_dim, in_dim=in_dim, r=r)
+    if rank_deficient:  # two columns of B repeat others: rank r - 2
+        b = f.b.copy()
+        b[:, -2:] = b[:, :2]
+        f = LoraFactors(f.a, b, f.scale)
+    a0, b0, _, product = lora_quant._balanced_svd(f)
+    delta = f.update()
+    rng = np.random.default_rng(3)
+    for noise in (1e-9, 1e-5, 1e-2, 0.5):
+        a = a0 * (1 + noise * rng.standard_normal(a0.shape))
+        b = b0 * (1 + noise * rng.standard_normal(b0.shape))
+        got = product.error(a, b)
+        rel = 1e-13 / noise
+        assert got == pytest.approx(dense_rel(delta, f.scale * (b @ a)), rel=max(rel, 1e-9)), noise
+        assert got == pytest.approx(product_error(f, LoraFactors(a, b, f.scale)), rel=rel), noise
+    assert product.error(a0, b0) < 1e-14
 
 
 def test_fewer_levels_cannot_meet_a_tight_budget() -> None:
@@ -326,6 +354,8 @@ def test_one_search_across_level_counts_finds_what_each_finds_alone(monkeypatch,
             continue
         assert np.array_equal(q.codes, alone.codes) and np.array_equal(q.steps_held, alone.steps_held), levels
         assert np.array_equal(q.a, alone.a) and np.array_equal(q.b, alone.b) and q.error == alone.error
+        kept = q.stored_only()  # what the chooser holds per level count: no float64 factors
+        assert kept.a is None and kept.b is None and kept.codes is q.codes and kept.error == q.error
         assert int(q.codes.max()) < levels
         steps = dtypes.to_float(q.steps_held, step_dtype)
         qv = q.codes.astype(np.float64) - (levels - 1) / 2

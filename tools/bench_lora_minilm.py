@@ -23,8 +23,11 @@ against the original adapter (mean and worst). The ratio is the adapters' files 
   positions plus a sign bit each), heads at fp16; d is set so that the bytes equal the unipack
   default bundle's ("at equal bytes").
 
-Usage: ``python tools/bench_lora_minilm.py [--adapters N] [--budgets 0.05,0.1] [--json out.json]``.
-Results are cached per method under ``~/.cache/unipack/rd-minilm/lora-bench/`` (delete it to rerun).
+Usage: ``python tools/bench_lora_minilm.py [--adapters N] [--budgets 0.05,0.1] [--only int,fp16]
+[--json out.json]``. Results are cached per method under ``~/.cache/unipack/rd-minilm/lora-bench/``
+(delete it to rerun); the scores of methods that treat each adapter alone (the original, the
+factor casts and quantizations, the zero update) per adapter too, so that a larger collection
+scores only its new adapters with them.
 """
 
 from __future__ import annotations
@@ -160,8 +163,30 @@ def unipack_run(folders: list[Path], work: Path, label: str, args: list[str]) ->
     return out, bundle.stat().st_size, seconds
 
 
+#: Methods whose output for an adapter depends on that adapter alone (not on the collection
+#: merged with it): their scores are cached per adapter, shared by every collection size.
+PER_ADAPTER = ("original", "factors fp16", "factors int8", "factors int4", "factors int2", "zero update (heads only)")
+
+
 def score(cache: Path, folders: list[Path], tasks: list[str]) -> list[float]:
     return [pop.accuracy(cache, t, f) for f, t in zip(folders, tasks)]
+
+
+def score_per_adapter(cache: Path, label: str, originals: list[Path], out: list[Path], tasks: list[str]) -> list[float]:
+    """``score`` for a ``PER_ADAPTER`` method, read from (and added to) ``lora-bench/per-adapter.json``,
+    keyed by the method and the adapter's name and recipe (a rebuilt adapter is scored again)."""
+    path = cache / "lora-bench" / "per-adapter.json"
+    known: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    scores = []
+    for src, dst, task in zip(originals, out, tasks):
+        key = f"{label}/{src.name}/recipe{json.loads((src / 'lora_member.json').read_text())['recipe']}"
+        if key not in known:
+            known[key] = pop.accuracy(cache, task, dst)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)  # atomic: a run cut short keeps what it scored
+        scores.append(known[key])
+    return scores
 
 
 def main() -> int:
@@ -170,6 +195,9 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=len(pop.PLAN))
     parser.add_argument("--budgets", default="0.05,0.1,0.2,0.3,0.5", help="unipack --max-error values to run")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--only", help="comma-separated parts of method labels: run (and print) only the methods they match"
+    )
     args = parser.parse_args()
     rd._quiet_transformers()
     torch.set_num_threads(1)
@@ -184,7 +212,10 @@ def main() -> int:
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     original_bytes = sum((f / WEIGHTS).stat().st_size for f in folders)
     if "original" not in results:
-        results["original"] = {"accuracy": score(args.cache, folders, tasks), "bytes": original_bytes}
+        results["original"] = {
+            "accuracy": score_per_adapter(args.cache, "original", folders, folders, tasks),
+            "bytes": original_bytes,
+        }
         results_path.write_text(json.dumps(results, indent=1))
     methods: list[tuple[str, list[str] | None]] = [("unipack default", [])]
     for budget in args.budgets.split(","):
@@ -193,6 +224,9 @@ def main() -> int:
     methods += [(f"factors {m}", None) for m in ("fp16", "int8", "int4", "int2")]
     methods += [("zero update (heads only)", None)]
     methods += [("ComPEFT-style ternary at the default's bytes", None)]
+    if args.only:
+        wanted = args.only.split(",")
+        methods = [(label, cli) for label, cli in methods if any(w in label for w in wanted)]
     for label, cli_args in methods:
         if label in results:
             continue
@@ -205,8 +239,13 @@ def main() -> int:
             out, nbytes = baseline(folders, work, "zero" if label.startswith("zero") else label.split()[-1])
         else:
             out, nbytes, seconds = unipack_run(folders, work, label.replace(" ", "_").replace("-", ""), cli_args)
+        scored = (
+            score_per_adapter(args.cache, label, folders, out, tasks)
+            if label in PER_ADAPTER
+            else score(args.cache, out, tasks)
+        )
         results[label] = {
-            "accuracy": score(args.cache, out, tasks),
+            "accuracy": scored,
             "bytes": nbytes,
             "merge_seconds": seconds,
             **note,

@@ -13,7 +13,7 @@ meant for tests and small modules.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,10 +255,13 @@ def fit(adapters: list[LoraFactors | None], out_dim: int, in_dim: int) -> LoraMo
     # G = [s_i B_i R_iᵀ] (out x Σ r_i). Right, the same with roles swapped: B_i = P_i L_i gives
     # ΔW_iᵀ = s_i A_iᵀ L_iᵀ P_iᵀ. The thin SVD of each stack gives the basis and spectrum without
     # an out x out or in x in Gram, and more accurately than eigh of the stack's own Gram.
-    left = [f.scale * (f.b @ _r_factor(f.a.T).T) for f in live]
-    right = [f.scale * (f.a.T @ _r_factor(f.b).T) for f in live]
-    u, left_spectrum = _basis(left, out_dim)
-    v, right_spectrum = _basis(right, in_dim)
+    # One stack at a time, each block written straight into it (no list of blocks beside it).
+    u, left_spectrum = _basis(
+        (f.scale * (f.b @ _r_factor(f.a.T).T) for f in live), out_dim, sum(min(f.in_dim, f.rank) for f in live)
+    )
+    v, right_spectrum = _basis(
+        (f.scale * (f.a.T @ _r_factor(f.b).T) for f in live), in_dim, sum(min(f.out_dim, f.rank) for f in live)
+    )
     coords: list[tuple[np.ndarray, np.ndarray, float] | None] = [
         None if f is None else (u.T @ f.b, f.a @ v, f.scale) for f in coords_in
     ]
@@ -291,17 +294,21 @@ def reconstruct_factors(
     return u_k @ (x_fixed * root), (root[:, None] * yt) @ v_k.T, 1.0
 
 
-def _basis(stack: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Orthonormal basis (signs fixed) and eigenvalues (σ², descending) of Σ G_i G_iᵀ.
+def _basis(blocks: Iterable[np.ndarray], dim: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal basis (signs fixed) and eigenvalues (σ², descending) of Σ G_i G_iᵀ, for the
+    blocks G_i (dim x w_i, w_i summing to ``width``) stacked side by side.
 
     Directions with σ below the usual numerical-rank tolerance carry only rounding and would be
     chosen arbitrarily by LAPACK; they are dropped so the basis is reproducible.
     """
-    if not stack:
+    if width == 0:
         return np.zeros((dim, 0)), np.zeros(0)
-    g = np.concatenate(stack, axis=1)
-    if g.shape[1] == 0:
-        return np.zeros((dim, 0)), np.zeros(0)
+    g = np.empty((dim, width))
+    start = 0
+    for block in blocks:
+        g[:, start : start + block.shape[1]] = block
+        start += block.shape[1]
+    assert start == width
     basis, sigma, _ = np.linalg.svd(g, full_matrices=False)
     tol = sigma[0] * max(g.shape) * np.finfo(np.float64).eps if sigma.size else 0.0
     keep = int(np.count_nonzero(sigma > tol))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,12 @@ def _gaussian_step(levels: int) -> float:
 def balanced(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A', B', σ): A' (r x in) and B' (out x r) with B' A' = B A and row j of A', column j of B'
     both of norm √σ_j (σ descending; zero rows / columns pad an update of rank below r)."""
+    a, b, padded, _ = _balanced_svd(f)
+    return a, b, padded
+
+
+def _balanced_svd(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray, ProductSvd]:
+    """``balanced(f)`` and the thin SVD B A = P diag(σ) Qᵀ it comes from."""
     rank = f.rank
     q_b, r_b = np.linalg.qr(f.b)  # out x m, m x r with m = min(out, r)
     q_a, r_a = np.linalg.qr(f.a.T)  # in x n, n x r
@@ -78,7 +85,47 @@ def balanced(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b[:, :kept] = q_b @ (x_fixed * root)
     padded = np.zeros(rank)
     padded[:kept] = sigma
-    return a, b, padded
+    return a, b, padded, ProductSvd(q_b @ x_fixed, sigma, q_a @ yt.T, f.scale, f.norm)
+
+
+@dataclass(frozen=True)
+class ProductSvd:
+    """An update s B A as s P diag(σ) Qᵀ (P, Q with orthonormal columns): the error of any
+    approximation s B̂ Â of it from k x r products (k = len(σ)), no QR per approximation."""
+
+    p: np.ndarray  # out x k
+    sigma: np.ndarray  # k
+    q: np.ndarray  # in x k
+    scale: float
+    norm: float  # ||s B A||_F as ``LoraFactors.norm`` gives it
+
+    def error(self, a: np.ndarray, b: np.ndarray) -> float:
+        """``product_error`` of the factors (a, b) at the same scale: ||s (B A - b a)|| / ||s B A||.
+
+        Split b = P Bp + B⊥ (Bp = Pᵀ b) and a = Aq Qᵀ + A⊥ (Aq = a Q). Then
+        B A - b a = P (Σ - Bp Aq) Qᵀ - B⊥ Aq Qᵀ - b A⊥, three parts orthogonal to each other
+        (left factors in span P or its complement, right ones in span Q or its complement), so
+        the squared norm is the sum of theirs. The first is formed entry by entry (k x k); the
+        others are traces of products of r x r Grams, each with a factor off the span (B⊥, A⊥),
+        of the error's size: nothing is subtracted from ||ΔW||², so small errors keep their
+        accuracy (within ~1e-14 relative of ``product_error``'s two QRs, at a fraction of their
+        cost on the chooser's many tries). That holds for approximations of the balanced
+        factors, as the search makes them: their rows and columns off the spans are noise. (An
+        arbitrary gauge's a can have rows far off span Q that b cancels, when b's columns are
+        dependent: there ``product_error``.)"""
+        bp = self.p.T @ b
+        b_off = b - self.p @ bp
+        aq = a @ self.q
+        a_off = a - aq @ self.q.T
+        core = np.diag(self.sigma) - bp @ aq
+        # ||P Bp A⊥||² + ||B⊥ A⊥||² = ||b A⊥||² (the two are orthogonal): one Gram product fewer.
+        sq = (
+            float(np.vdot(core, core))
+            + float(np.vdot(b_off.T @ b_off, aq @ aq.T))
+            + float(np.vdot(b.T @ b, a_off @ a_off.T))
+        )
+        diff = abs(self.scale) * math.sqrt(max(sq, 0.0))
+        return diff / self.norm if self.norm > 0.0 else diff
 
 
 @dataclass(frozen=True)
@@ -87,9 +134,15 @@ class QuantizedFactors:
 
     codes: np.ndarray  # uint8, r*in codes of A' then r*out of B'ᵀ (C order), unpacked
     steps_held: np.ndarray  # 2r steps as stored (holder(step dtype)): A's rows, then B's columns
-    a: np.ndarray  # float64 values of the extracted A (rounded to the member's dtype)
-    b: np.ndarray  # float64 values of the extracted B
+    a: np.ndarray | None  # float64 values of the extracted A (rounded to the member's dtype)
+    b: np.ndarray | None  # float64 values of the extracted B; both None once ``stored_only``
     error: float  # ||ΔW - s B A|| / ||ΔW|| of exactly those
+
+    def stored_only(self) -> QuantizedFactors:
+        """Without the extracted values (8 bytes a number against the codes' 1): what the chooser
+        keeps of each adapter at each level count it may still pick, so that a module's working
+        set grows by the codes alone per adapter."""
+        return dataclasses.replace(self, a=None, b=None)
 
 
 def dequantize(
@@ -112,34 +165,41 @@ def quantize_at(
     levels: int,
     step_dtype: str,
     member_dtype: str,
+    error: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> QuantizedFactors:
     """Quantize the balanced factors with the 2r ``steps`` (rounded to ``step_dtype`` first, so
-    the codes are nearest for the steps a reader sees) and measure the product's error."""
+    the codes are nearest for the steps a reader sees) and measure the product's error
+    (``error(a, b)`` where the caller has a cheaper one than ``product_error``: ``ProductSvd``)."""
     rank = f.rank
-    a_q = quantize.quantize(
-        balanced_a.reshape(-1),
-        np.zeros(balanced_a.size),
-        steps[:rank],
-        levels=levels,
-        group=max(f.in_dim, 1),
-        scale_dtype=step_dtype,
-        member_dtype=member_dtype,
-    )
-    b_q = quantize.quantize(
-        balanced_b.T.reshape(-1),
-        np.zeros(balanced_b.size),
-        steps[rank:],
-        levels=levels,
-        group=max(f.out_dim, 1),
-        scale_dtype=step_dtype,
-        member_dtype=member_dtype,
-    )
-    a = a_q.out.reshape(rank, f.in_dim)
-    b = b_q.out.reshape(rank, f.out_dim).T
-    error = product_error(f, LoraFactors(a, b, f.scale)) if np.isfinite(a).all() and np.isfinite(b).all() else math.inf
-    return QuantizedFactors(
-        np.concatenate([a_q.codes, b_q.codes]), np.concatenate([a_q.scales_held, b_q.scales_held]), a, b, error
-    )
+    held, stored = dtypes.store_as(np.asarray(steps, dtype=np.float64), step_dtype)
+    a_codes, a = _quantize_rows(balanced_a, stored[:rank], levels, member_dtype)
+    b_codes, b_t = _quantize_rows(balanced_b.T, stored[rank:], levels, member_dtype)
+    b = b_t.T
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        measured = math.inf
+    elif error is not None:
+        measured = error(a, b)
+    else:
+        measured = product_error(f, LoraFactors(a, b, f.scale))
+    return QuantizedFactors(np.concatenate([a_codes.reshape(-1), b_codes.reshape(-1)]), held, a, b, measured)
+
+
+def _quantize_rows(x: np.ndarray, steps: np.ndarray, levels: int, member_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, values as extracted) of each row of ``x`` at its step (as stored, float64): what
+    ``quantize.quantize`` gives with a zero mean and a group per row, the same IEEE operations
+    on every element without its flat copies, its zero mean's array or its error."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = x / steps[:, None]
+    bad = ~(steps > 0)  # a row of zeros (its step 0) or a NaN step: every code 0
+    if bad.any():
+        ratio[bad] = 0.0
+    q = quantize.nearest_level(ratio, levels)
+    codes = (q + quantize.offset(levels)).astype(np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = q * steps[:, None]
+        values += 0.0  # the zero mean's addition: -0.0 becomes 0.0, as there
+        out = dtypes.round_trip(values, member_dtype)
+    return codes, out
 
 
 def fit_quantized(
@@ -149,12 +209,11 @@ def fit_quantized(
     levels: int,
     step_dtype: str,
     member_dtype: str,
-    gauge: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> QuantizedFactors | None:
     """The coarsest quantization at ``levels`` whose product error is within ``max_error``
-    (relative to ||ΔW||), or None if even the finest steps (the floors) miss it. ``gauge``:
-    ``balanced(f)`` where the caller already has it. (``QuantSearch`` tries several L.)"""
-    search = QuantSearch(f, step_dtype=step_dtype, member_dtype=member_dtype, gauge=gauge)
+    (relative to ||ΔW||), or None if even the finest steps (the floors) miss it.
+    (``QuantSearch`` tries several L.)"""
+    search = QuantSearch(f, step_dtype=step_dtype, member_dtype=member_dtype)
     return search.fit(max_error, levels) if search.floor_meets(max_error, levels) else None
 
 
@@ -176,10 +235,9 @@ class QuantSearch:
         *,
         step_dtype: str,
         member_dtype: str,
-        gauge: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.f, self.step_dtype, self.member_dtype = f, step_dtype, member_dtype
-        self.a, self.b, self.sigma = balanced(f) if gauge is None else gauge
+        self.a, self.b, self.sigma, self._product = _balanced_svd(f)
         a, b = self.a, self.b
         self._absmax = np.concatenate([np.abs(a).max(axis=1, initial=0.0), np.abs(b).max(axis=0, initial=0.0)])
         self._rms = np.concatenate([np.sqrt(np.mean(a * a, axis=1)), np.sqrt(np.mean(b * b, axis=0))])
@@ -213,10 +271,18 @@ class QuantSearch:
                 codes = (result.codes.astype(np.int16) + shift).astype(np.uint8)
                 return dataclasses.replace(result, codes=codes)
         result = quantize_at(
-            self.f, self.a, self.b, steps, levels=levels, step_dtype=self.step_dtype, member_dtype=self.member_dtype
+            self.f,
+            self.a,
+            self.b,
+            steps,
+            levels=levels,
+            step_dtype=self.step_dtype,
+            member_dtype=self.member_dtype,
+            error=self._product.error,
         )
         if levels % 2:  # odd L: q = u - (L - 1)/2 is an integer, comparable across level counts
-            reach = float(np.max(np.abs(result.codes.astype(np.float64) - top), initial=0.0))
+            codes = result.codes
+            reach = float(max(int(codes.max()) - top, top - int(codes.min()))) if codes.size else 0.0
             self._tried[key] = (result, levels, reach)
         return result
 

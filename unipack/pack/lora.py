@@ -487,7 +487,7 @@ class Pricing:
             search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
             open_levels = [n for n in open_levels if search.floor_meets(budget.max_error, n)]
             for n in open_levels:
-                fits[n].append(search.fit(budget.max_error, n))
+                fits[n].append(search.fit(budget.max_error, n).stored_only())
             if not open_levels:
                 return None
         best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
