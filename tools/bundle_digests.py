@@ -9,7 +9,8 @@ running this script before and after it and comparing the two outputs::
 Populations: the demo's real fine-tunes (``unipack.demo``, cached under ``$UNIPACK_CACHE`` or
 ``~/.cache/unipack/demo``), the real PEFT LoRA adapters of ``tools/bench_lora.py`` (cached under
 ``--workdir``), and small synthetic ones that reach the storages the real ones may miss (F16,
-BF16 and mixed dtypes, integer buffers, NaN, identical tensors, heads of different shapes). Each
+BF16 and mixed dtypes, integer buffers, NaN, identical tensors, heads of different shapes; one
+merged against its base with ``--base``, format version 10). Each
 is merged under several option sets, and ``unipack add`` joins a held-out member to some bundles.
 Only the public API is used, so the script runs unchanged across internal reorganisations.
 """
@@ -44,6 +45,13 @@ LORA_OPTIONS: dict[str, dict[str, object]] = {
     "rank-4-f16": {"rank": 4, "dtype": "float16"},
     "energy-0.8": {"energy": 0.8},
 }
+#: Option sets for the synthetic population merged against its base (``--base``, format 10); the
+#: base file is added to each by ``digests``.
+BASE_OPTIONS: dict[str, dict[str, object]] = {
+    "default": {},
+    "max-delta-error-0.3": {"max_error": 0.05, "max_delta_error": 0.3},
+    "exact-tier": {"exact_tier": True},
+}
 #: Every merge records its baselines; the lossless baseline is measured whole (deterministic).
 COMMON = {"lossless": "full", "raw_mismatched": True}
 
@@ -52,8 +60,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def synthetic_population(directory: Path, dtype: str, n: int = 5, seed: int = 0) -> list[Path]:
-    """Fine-tune-like members: a shared base, a shared 2-D drift, private noise; every storage kind."""
+def synthetic_population(
+    directory: Path, dtype: str, n: int = 5, seed: int = 0, base_file: Path | None = None
+) -> list[Path]:
+    """Fine-tune-like members: a shared base, a shared 2-D drift, private noise; every storage kind.
+    ``base_file``: also write the base they drift from there (float32), for ``merge --base``."""
     import torch
     from safetensors.torch import save_file
 
@@ -67,6 +78,8 @@ def synthetic_population(directory: Path, dtype: str, n: int = 5, seed: int = 0)
         "frozen.weight": rng.normal(size=(8, 8)),
     }
     drift = {k: rng.normal(size=(2, *v.shape)) for k, v in base.items()}
+    if base_file is not None:
+        save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in base.items()}, str(base_file))
     paths = []
     for i in range(n):
         member_dtype = dtype if dtype != "mixed" else ("F32", "F16", "BF16")[i % 3]
@@ -109,6 +122,14 @@ def digests(workdir: Path, only: set[str] | None, say: Callable[[str], None]) ->
             folder = tmp / f"synthetic-{dtype}"
             folder.mkdir()
             populations[f"synthetic-{dtype}"] = (synthetic_population(folder, dtype), DENSE_OPTIONS)
+        folder = tmp / "synthetic-base"
+        folder.mkdir()
+        base_file = folder / "base.safetensors"
+        members = synthetic_population(folder, "F32", seed=1, base_file=base_file)
+        populations["synthetic-base"] = (
+            members,
+            {label: {**options, "base": base_file} for label, options in BASE_OPTIONS.items()},
+        )
         if only is None or "demo" in only:
             from unipack.demo import build_population, default_cache_dir
 
@@ -132,7 +153,7 @@ def digests(workdir: Path, only: set[str] | None, say: Callable[[str], None]) ->
                 say(f"{label}/{opt_label}: {out[f'{label}/{opt_label}'][:16]}")
                 if label != "lora" and opt_label in ("default", "rank-4-bf16", "max-error-0.05-f16"):
                     added = tmp / f"{label}-{opt_label}-added.upk"
-                    unipack.add(bundle, held_out, name="held-out", output=added)
+                    unipack.add(bundle, held_out, name="held-out", output=added, base=options.get("base"))
                     out[f"{label}/{opt_label}/add"] = sha256(added)
                 bundle.unlink()
     return out
