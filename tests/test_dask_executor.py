@@ -286,6 +286,29 @@ SLOW_WORKERS = textwrap.dedent(
 CLI = "import sys; from unipack.cli import main; sys.argv = ['unipack', *sys.argv[1:]]; main()"
 
 
+def merging_a_slow_job(pop: Any, out_dir: Path, address: str, marker: Path, **popen: Any) -> subprocess.Popen[str]:
+    """``unipack merge`` of ``pop`` into ``out_dir`` on the cluster at ``address``, in a child
+    process (``popen``: more of its arguments), once a worker has started a tensor job that
+    waits until ``marker`` says "stop" (``SLOW_WORKERS``)."""
+    subprocess.run([sys.executable, "-c", SLOW_WORKERS, str(marker), address], check=True, timeout=60)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CLI, "merge", *map(str, pop.paths), "-o", str(out_dir / "b.upk")] + on(address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    for _ in range(600):  # a worker has started a tensor job
+        if marker.read_text() == "running" or child.poll() is not None:
+            break
+        time.sleep(0.1)
+    if marker.read_text() != "running":
+        marker.write_text("stop")
+        child.kill()
+        raise AssertionError(f"no tensor job started: {child.communicate(timeout=60)}")
+    return child
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_cancels_the_jobs_and_writes_nothing(cluster, pop, tmp_path: Path) -> None:
     marker, out_dir = tmp_path / "marker", tmp_path / "out"
@@ -294,22 +317,16 @@ def test_ctrl_c_cancels_the_jobs_and_writes_nothing(cluster, pop, tmp_path: Path
     address = cluster.scheduler_address
     client = distributed.Client(address, set_as_default=False)
     try:
-        subprocess.run([sys.executable, "-c", SLOW_WORKERS, str(marker), address], check=True, timeout=60)
-        child = subprocess.Popen(
-            [sys.executable, "-c", CLI, "merge", *map(str, pop.paths), "-o", str(out_dir / "b.upk")] + on(address),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        child = merging_a_slow_job(
+            pop,
+            out_dir,
+            address,
+            marker,
             start_new_session=True,
             # a parent that ignores SIGINT (a background shell) would pass that on: restore it
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
-            for _ in range(600):  # a worker has started a tensor job
-                if marker.read_text() == "running" or child.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert marker.read_text() == "running", child.communicate(timeout=60)
             os.killpg(child.pid, signal.SIGINT)
             _, err = child.communicate(timeout=60)
         finally:
@@ -385,19 +402,8 @@ def test_a_scheduler_that_dies_mid_merge_is_one_line_and_writes_nothing(pop, tmp
         )
         with distributed.Client(address, set_as_default=False, timeout=60) as client:
             client.wait_for_workers(1, timeout=60)
-        subprocess.run([sys.executable, "-c", SLOW_WORKERS, str(marker), address], check=True, timeout=60)
-        child = subprocess.Popen(
-            [sys.executable, "-c", CLI, "merge", *map(str, pop.paths), "-o", str(out_dir / "b.upk")] + on(address),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        child = merging_a_slow_job(pop, out_dir, address, marker)
         try:
-            for _ in range(600):  # a worker has started a tensor job
-                if marker.read_text() == "running" or child.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert marker.read_text() == "running", child.communicate(timeout=60)
             scheduler.kill()
             _, err = child.communicate(timeout=120)
         finally:

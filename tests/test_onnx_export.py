@@ -314,6 +314,18 @@ def test_missing_transformers_says_what_to_install(
 # ------------------------------------------------------------------------------------------
 
 
+def assert_ort_matches_mlp(onnx_path: str, state: dict[str, torch.Tensor]) -> None:
+    """ONNX Runtime on ``onnx_path`` against ``MLP_FACTORY``'s module with the weights ``state``,
+    built here, on random inputs."""
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    reference.load_state_dict(state)
+    x = torch.randn(5, 8)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.max(np.abs(got - reference(x).numpy())) <= ATOL
+
+
 def test_factory_module_exports(mlp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(mlp)
     result = invoke(
@@ -325,13 +337,7 @@ def test_factory_module_exports(mlp: Path, monkeypatch: pytest.MonkeyPatch) -> N
     # ONNX Runtime on the file vs the original weights in a module this test builds
     with unipack.open("mlp.upk") as bundle:
         state = bundle.load("mlp-1")
-    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    reference.load_state_dict(state)
-    x = torch.randn(5, 8)
-    session = ort.InferenceSession("mlp-1.onnx", providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        assert np.max(np.abs(got - reference(x).numpy())) <= ATOL
+    assert_ort_matches_mlp("mlp-1.onnx", state)
 
 
 def test_a_member_of_a_base_referencing_bundle_exports_with_its_base(
@@ -355,13 +361,7 @@ def test_a_member_of_a_base_referencing_bundle_exports_with_its_base(
     with unipack.open("b.upk", base="base.safetensors") as bundle:
         assert bundle.manifest.base is not None
         state = bundle.load("mlp-1")
-    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    reference.load_state_dict(state)
-    x = torch.randn(5, 8)
-    session = ort.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        assert np.max(np.abs(got - reference(x).numpy())) <= ATOL
+    assert_ort_matches_mlp("m.onnx", state)
 
 
 @pytest.mark.parametrize(

@@ -275,29 +275,29 @@ class SpecBundle:
             cursor = e
         _need(cursor == self.data_len, f"{self.data_len - cursor} bytes after the last blob")
         # §2.3: the compressed manifest is the last range, a U8 vector, and not a blob.
-        self.packed_manifest = None
-        if "manifest_codec" in meta:
-            last = max(ranges)[2] if ranges else None
-            _need(last == _MANIFEST_BLOB, f"the last range is {last!r}, not the compressed manifest")
-            entry = self.entries.pop(_MANIFEST_BLOB)
-            _need(entry["dtype"] == "U8" and len(entry["shape"]) == 1, "the compressed manifest is not a U8 vector")
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + entry["begin"])
-                self.packed_manifest = f.read(entry["end"] - entry["begin"])
-        else:
-            _need(_MANIFEST_BLOB not in self.entries, f"{_MANIFEST_BLOB!r} without manifest_codec")
+        self.packed_manifest = self._section(
+            sorted(ranges), "manifest_codec" in meta, _MANIFEST_BLOB, 1, "the compressed manifest", "manifest_codec"
+        )
         # §2.4: the numbers section is the range before the compressed manifest, a U8 vector.
-        self.packed_numbers = None
-        if "numbers_bytes" in meta:
-            before = sorted(ranges)[-2][2] if len(ranges) >= 2 else None
-            _need(before == _NUMBERS_BLOB, f"the range before the manifest is {before!r}, not the numbers")
-            entry = self.entries.pop(_NUMBERS_BLOB)
-            _need(entry["dtype"] == "U8" and len(entry["shape"]) == 1, "the numbers section is not a U8 vector")
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + entry["begin"])
-                self.packed_numbers = f.read(entry["end"] - entry["begin"])
-        else:
-            _need(_NUMBERS_BLOB not in self.entries, f"{_NUMBERS_BLOB!r} without numbers_bytes")
+        self.packed_numbers = self._section(
+            sorted(ranges), "numbers_bytes" in meta, _NUMBERS_BLOB, 2, "the numbers section", "numbers_bytes"
+        )
+
+    def _section(
+        self, ranges: list[tuple[int, int, str]], declared: bool, name: str, from_end: int, what: str, key: str
+    ) -> bytes | None:
+        """The stored bytes of the section ``name``, ``from_end`` ranges from the end of the data,
+        where the metadata ``declared`` it (``key``); taken out of the blob entries."""
+        if not declared:
+            _need(name not in self.entries, f"{name!r} without {key}")
+            return None
+        there = ranges[-from_end][2] if len(ranges) >= from_end else None
+        _need(there == name, f"range {from_end} from the end is {there!r}, not {what}")
+        entry = self.entries.pop(name)
+        _need(entry["dtype"] == "U8" and len(entry["shape"]) == 1, f"{what} is not a U8 vector")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + entry["begin"])
+            return f.read(entry["end"] - entry["begin"])
 
     # ---------------------------------------------------------------- §3 manifest
     def _manifest_text(self) -> str:

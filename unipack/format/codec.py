@@ -109,7 +109,9 @@ class Codec(Protocol):
     #: blobs of a bundle with a lossless tier, not a choice of its own).
     selectable: bool
 
-    def encode(self, data: Buffer, itemsize: int, level: int) -> tuple[Buffer, bool] | None: ...
+    def encode(
+        self, data: Buffer, itemsize: int, level: int, *, parts: Sequence[int] | None = None
+    ) -> tuple[Buffer, bool] | None: ...
 
     def decode(
         self, stored: bytes | bytearray, shuffled: bool, itemsize: int, expected_size: int, where: str
@@ -122,7 +124,9 @@ class Plain:
     name = "none"
     selectable = True
 
-    def encode(self, data: Buffer, itemsize: int, level: int) -> tuple[Buffer, bool] | None:
+    def encode(
+        self, data: Buffer, itemsize: int, level: int, *, parts: Sequence[int] | None = None
+    ) -> tuple[Buffer, bool] | None:
         return data, False
 
     def decode(
@@ -140,7 +144,7 @@ class Zstd:
     selectable = True
 
     def encode(
-        self, data: Buffer, itemsize: int, level: int, parts: Sequence[int] | None = None
+        self, data: Buffer, itemsize: int, level: int, *, parts: Sequence[int] | None = None
     ) -> tuple[Buffer, bool] | None:
         shuffled = itemsize > 1
         payload = shuffle(data, itemsize) if shuffled else data
@@ -432,7 +436,13 @@ class ZstdChunks:
     selectable = False
 
     def encode(
-        self, data: Buffer, itemsize: int, level: int, chunk_bytes: int | None = None
+        self,
+        data: Buffer,
+        itemsize: int,
+        level: int,
+        chunk_bytes: int | None = None,
+        *,
+        parts: Sequence[int] | None = None,  # chunks are coded whole: no blocks within them
     ) -> tuple[Buffer, bool] | None:
         elements = chunk_elements(itemsize, chunk_bytes or CHUNK_BYTES or len(data))
         numel = len(data) // itemsize
@@ -582,11 +592,7 @@ def encode(
         if chunked is None:
             return data, "none", False
         return chunked[0], ZstdChunks.name, chunked[1]
-    coded = (
-        Zstd().encode(data, itemsize, level, parts)
-        if codec == Zstd.name
-        else CODECS[codec].encode(data, itemsize, level)
-    )
+    coded = CODECS[codec].encode(data, itemsize, level, parts=parts)
     if coded is None:
         return data, "none", False
     return coded[0], codec, coded[1]

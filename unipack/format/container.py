@@ -42,6 +42,7 @@ from unipack.format.manifest import (
 from unipack.format.manifest import parse as manifest_json
 from unipack.format.safetensors_file import (
     SafetensorsHeader,
+    TensorEntry,
     encode_header,
     read_bytes,
     read_header,
@@ -409,22 +410,14 @@ def _manifest_text(header: SafetensorsHeader, fd: int, version: int) -> str:
         )
     if meta.get("manifest_codec") != "zstd":
         raise FormatError(f"{p}: manifest codec {meta.get('manifest_codec')!r} is not supported (only 'zstd')")
-    size = meta.get("manifest_bytes", "")
-    if not re.fullmatch(r"[0-9]{1,10}", size) or not 0 < int(size) <= MAX_MANIFEST_BYTES:
-        raise FormatError(
-            f"{p}: corrupt {WHAT}: manifest_bytes {size!r} is not a size up to {MAX_MANIFEST_BYTES} bytes"
-        )
-    entries = list(header.tensors.values())
-    if not entries or entries[-1].name != MANIFEST_BLOB or entries[-1].dtype != "U8" or len(entries[-1].shape) != 1:
-        raise FormatError(
-            f"{p}: corrupt {WHAT}: the compressed manifest is not the last tensor, {MANIFEST_BLOB!r} (U8)"
-        )
-    stored = read_bytes(fd, entries[-1], p)
+    size = _declared_size(header, "manifest_bytes")
+    entry = _trailing_section(header, 1, MANIFEST_BLOB, "the compressed manifest is not the last tensor")
+    stored = read_bytes(fd, entry, p)
     try:
-        data = zstandard.ZstdDecompressor().decompress(bytes(stored), max_output_size=int(size))
+        data = zstandard.ZstdDecompressor().decompress(bytes(stored), max_output_size=size)
     except zstandard.ZstdError as exc:
         raise ChecksumError(f"{p}: the manifest is corrupt ({exc}); re-download or re-merge it") from None
-    if len(data) != int(size):
+    if len(data) != size:
         raise ChecksumError(f"{p}: the manifest is corrupt (it holds {len(data)} bytes, not {size})")
     try:
         return data.decode("utf-8")
@@ -444,22 +437,16 @@ def _numbers_section(header: SafetensorsHeader, fd: int, version: int) -> Number
         if NUMBERS_BLOB in header.tensors:
             raise FormatError(f"{p}: corrupt {WHAT}: a {NUMBERS_BLOB!r} tensor without numbers_bytes")
         return None
-    size = meta.get("numbers_bytes", "")
     if version < MEMBER_NUMBERS_FORMAT_VERSION or "manifest_codec" not in meta:
         raise FormatError(
             f"{p}: corrupt {WHAT}: a members' numbers section needs format version "
             f"{MEMBER_NUMBERS_FORMAT_VERSION} and a compressed manifest"
         )
-    if not re.fullmatch(r"[0-9]{1,10}", size) or not 0 < int(size) <= MAX_MANIFEST_BYTES:
-        raise FormatError(f"{p}: corrupt {WHAT}: numbers_bytes {size!r} is not a size up to {MAX_MANIFEST_BYTES} bytes")
+    size = _declared_size(header, "numbers_bytes")
     digest = meta.get("numbers_sha256", "")
-    entries = list(header.tensors.values())
-    if len(entries) < 2 or entries[-2].name != NUMBERS_BLOB or entries[-2].dtype != "U8" or len(entries[-2].shape) != 1:
-        raise FormatError(
-            f"{p}: corrupt {WHAT}: the members' numbers are not the tensor before the manifest, {NUMBERS_BLOB!r} (U8)"
-        )
-    stored = bytes(read_bytes(fd, entries[-2], p))
-    if int(size) > codec.MAX_RATIO * len(stored):  # what any compressed blob may claim (a bomb otherwise)
+    entry = _trailing_section(header, 2, NUMBERS_BLOB, "the members' numbers are not the tensor before the manifest")
+    stored = bytes(read_bytes(fd, entry, p))
+    if size > codec.MAX_RATIO * len(stored):  # what any compressed blob may claim (a bomb otherwise)
         raise FormatError(
             f"{p}: corrupt {WHAT}: the members' numbers claim {size} bytes from {len(stored)} stored "
             f"(more than {codec.MAX_RATIO}x)"
@@ -468,14 +455,35 @@ def _numbers_section(header: SafetensorsHeader, fd: int, version: int) -> Number
     def load(members: int, tensors: int) -> tuple[MemberNumbers, ...]:
         where = f"{p}: the members' numbers section"
         try:
-            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=int(size))
+            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
         except zstandard.ZstdError as exc:
             raise ChecksumError(f"{where} is corrupt ({exc}); re-download or re-merge the bundle") from None
-        if len(data) != int(size) or codec.sha256(data) != digest:
+        if len(data) != size or codec.sha256(data) != digest:
             raise ChecksumError(f"{where} is corrupt (checksum mismatch); re-download or re-merge the bundle")
         return manifest_json.parse_numbers(data.decode("utf-8"), where, members, tensors)
 
     return NumbersSection(load)
+
+
+def _declared_size(header: SafetensorsHeader, key: str) -> int:
+    """A compressed section's decoded size as the header's metadata ``key`` declares it: a
+    decimal of 1 to ``MAX_MANIFEST_BYTES`` bytes."""
+    size = (header.metadata or {}).get(key, "")
+    if not re.fullmatch(r"[0-9]{1,10}", size) or not 0 < int(size) <= MAX_MANIFEST_BYTES:
+        raise FormatError(
+            f"{header.path}: corrupt {WHAT}: {key} {size!r} is not a size up to {MAX_MANIFEST_BYTES} bytes"
+        )
+    return int(size)
+
+
+def _trailing_section(header: SafetensorsHeader, from_end: int, name: str, misplaced: str) -> TensorEntry:
+    """The header entry of a section stored after the blobs (``from_end``: 1 for the last tensor),
+    which must be ``name``, a 1-D U8 tensor; ``misplaced`` says what is wrong otherwise."""
+    entries = list(header.tensors.values())
+    entry = entries[-from_end] if len(entries) >= from_end else None
+    if entry is None or entry.name != name or entry.dtype != "U8" or len(entry.shape) != 1:
+        raise FormatError(f"{header.path}: corrupt {WHAT}: {misplaced}, {name!r} (U8)")
+    return entry
 
 
 def _check_layout(header: SafetensorsHeader, manifest: Manifest) -> None:

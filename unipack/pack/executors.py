@@ -23,6 +23,7 @@ head would otherwise let every later result pile up in the merging process.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import sys
@@ -96,6 +97,7 @@ def environment() -> tuple[tuple[str, str], ...]:
     )
 
 
+@functools.lru_cache(maxsize=1)  # a process's BLAS does not change; threadpoolctl takes ~5-25 ms
 def numpy_blas() -> str:
     """numpy's BLAS library, its version and the CPU kernels it runs. The same numpy wheel runs
     other kernels on another CPU family (OpenBLAS picks them at run time: Haswell, SkylakeX, ...),
