@@ -271,3 +271,37 @@ def test_add_leaves_the_merge_time_comparison_out(tmp_path: Path) -> None:
     unipack.add(out, pop.paths[3])
     doc = json.loads(CliRunner().invoke(cli, ["report", str(out), "--json"]).output)
     assert doc["alternatives"] is None  # measured on 3 members; the bundle now holds 4
+
+
+@pytest.mark.parametrize("exact_side", [0, 10**6], ids=["randomized", "exact-gram"])
+def test_paper_recipe_randomized_or_exact_matches_the_svd(tmp_path: Path, monkeypatch, exact_side: int) -> None:
+    """Sides longer than ``PAPER_EXACT_SIDE`` take the recipe's basis from subspace iteration on
+    the members (no Gram formed), shorter ones from the Gram: both agree with an SVD of the
+    stacked centred rows, bytes exactly, errors to the fp32 rounding of basis and coefficients."""
+    import unipack.pack.alternatives as alternatives
+
+    monkeypatch.setattr(alternatives, "PAPER_EXACT_SIDE", exact_side)
+    specs = {
+        "wide.weight": TensorSpec((48, 160), kind="right", rank=6, scale=0.05),
+        "tall.weight": TensorSpec((150, 20), kind="left", rank=4, scale=0.05),
+        "noisy.weight": TensorSpec((30, 140), kind="noise", scale=0.02),
+    }
+    pop = write_population(tmp_path / "in", specs, n=4, seed=11)
+    out = tmp_path / "b.upk"
+    unipack.merge(pop.paths, out, lossless="off", jobs=1)
+    header, _ = read_raw_header(out)
+    recorded = json.loads(header["__metadata__"]["manifest"])["stats"]["alternatives"]["methods"]["paper-k16"]
+    values = [{k: as64(v) for k, v in member.items()} for member in pop.tensors]
+    size, err2, norm2 = 0, [0.0] * 4, [0.0] * 4
+    for name in specs:
+        ws = [v[name] for v in values]
+        s, errors = _paper(ws)
+        size += s
+        for i, (e, w) in enumerate(zip(errors, ws, strict=True)):
+            err2[i] += (e * np.linalg.norm(w)) ** 2
+            norm2[i] += float(np.sum(w * w))
+    assert recorded["bytes"] == size
+    best = [math.sqrt(e / n) for e, n in zip(err2, norm2)]
+    np.testing.assert_allclose(recorded["errors"], best, rtol=1e-2)
+    got = sum((e * e) * n for e, n in zip(recorded["errors"], norm2))
+    assert sum(err2) * (1 - 1e-5) <= got <= sum(err2) * 1.02

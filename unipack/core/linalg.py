@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -31,14 +33,33 @@ def top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     far below the matrix's side. Ritz values never exceed the true eigenvalues. The start is a
     fixed-seed Gaussian block, so the result is reproducible (a bundle's bytes depend on it).
     """
-    n = gram.shape[0]
-    width = min(n, k + max(8, k // 2))  # oversampling: the k-th direction converges like the width-th gap
     sym = (gram + gram.T) * 0.5
+    q = _iterated_block(lambda block: sym @ block, gram.shape[0], k)
+    return _ritz(q, q.T @ sym @ q, k)
+
+
+def top_eigh_of(apply: Callable[[np.ndarray], np.ndarray], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``top_eigh`` of a symmetric PSD operator known only by its product with an n x w block,
+    e.g. ``S @ B = sum_i Y_i^T (Y_i @ B)`` for a Gram ``S`` of stacked members that is never
+    formed: each product then costs O(N r n w) instead of the Gram's O(N r n^2)."""
+    q = _iterated_block(apply, n, k)
+    projected = q.T @ apply(q)
+    return _ritz(q, (projected + projected.T) * 0.5, k)
+
+
+def _iterated_block(apply: Callable[[np.ndarray], np.ndarray], n: int, k: int) -> np.ndarray:
+    """An orthonormal n x w block (w = k plus oversampling) spanning the operator's leading
+    directions after ``POWER_ITERATIONS``, from a fixed-seed Gaussian start."""
+    width = min(n, k + max(8, k // 2))  # oversampling: the k-th direction converges like the width-th gap
     block = np.random.default_rng(0).standard_normal((n, width))
-    q = np.linalg.qr(sym @ block)[0]
+    q = np.linalg.qr(apply(block))[0]
     for _ in range(POWER_ITERATIONS):
-        q = np.linalg.qr(sym @ q)[0]
-    values, small = np.linalg.eigh(q.T @ sym @ q)
+        q = np.linalg.qr(apply(q))[0]
+    return q
+
+
+def _ritz(q: np.ndarray, projected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, small = np.linalg.eigh(projected)
     order = np.arange(values.size - 1, values.size - 1 - k, -1)
     return np.clip(values[order], 0.0, None), fix_signs(q @ small[:, order])
 
