@@ -463,3 +463,26 @@ def test_zstd_through_the_scratch_buffer_decodes_and_refuses_as_without_it(check
                 codec.decode(stored, "zstd", True, 4, len(data), "blob")
             assert str(scratched.value) == messages[name], name
     assert "trailing" in messages["trailing"] and "trailing" in messages["second frame"]
+
+
+def test_a_lossless_bundle_is_the_same_bytes_on_every_run(tmp_path, monkeypatch):
+    """Nothing run-dependent (a time, a path) goes into the file: two merges of the same inputs
+    are byte-identical, with the tier's record free of timings, even when the tier takes longer."""
+    import time
+
+    import unipack.pack.exact_tier as exact_tier
+
+    paths = lossless_population(tmp_path / "in", "F32")
+    a, b = tmp_path / "a.upk", tmp_path / "b.upk"
+    unipack.merge(paths, a, lossless="off", exact_tier=True)
+    slow = exact_tier._tensor_tier
+
+    def slower(*args, **kwargs):
+        time.sleep(0.002)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(exact_tier, "_tensor_tier", slower)
+    unipack.merge(paths, b, lossless="off", exact_tier=True)
+    assert a.read_bytes() == b.read_bytes()
+    with unipack.open(a) as bundle:
+        assert set(bundle.manifest.stats["exact_tier"]) == {"residual_bytes", "codec"}

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 import unipack
+import unipack.pack.merge as unipack_merge
 
 MB = 1e6
 
@@ -126,9 +128,23 @@ def tensor_digests(path: Path) -> dict[str, str]:
 def unipack_lossless(paths: list[Path], out: Path, **options: object) -> dict[str, object]:
     cpu = time.process_time()
     folders = [p.parent for p in paths]  # Hugging Face folders: members named after them
-    result = unipack.merge(folders, out, exact_tier=True, baselines=False, lossless="off", force=True, **options)
+    tier_seconds = []
+    add_tier = unipack_merge.add_exact_tier
+
+    def timed_tier(*args: Any, **kwargs: Any) -> Any:  # the tier runs in this process, after the merge's jobs
+        started = time.perf_counter()
+        try:
+            return add_tier(*args, **kwargs)
+        finally:
+            tier_seconds.append(time.perf_counter() - started)
+
+    unipack_merge.add_exact_tier = timed_tier
+    try:
+        result = unipack.merge(folders, out, exact_tier=True, baselines=False, lossless="off", force=True, **options)
+    finally:
+        unipack_merge.add_exact_tier = add_tier
     merge_cpu = time.process_time() - cpu
-    tier = result.manifest.stats["exact_tier"]
+    tier = {**result.manifest.stats["exact_tier"], "seconds": round(sum(tier_seconds), 3)}
     input_bytes = result.input_bytes
     wanted = [tensor_digests(path) for path in paths]
     extract_s = extract_cpu = 0.0

@@ -28,7 +28,6 @@ read from the file).
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -72,7 +71,6 @@ def add_exact_tier(
     """``manifest`` with every member's ``exact`` map, its residual blobs written to ``writer``;
     ``read_base``: the base model's tensors, where delta tensors are centred on it (their center,
     the base's tensor, is then the ``mean`` prediction)."""
-    started = time.perf_counter()
     entries: list[dict[str, ExactEntry]] = [{} for _ in checkpoints]
     for t in manifest.tensors:
         _tensor_tier(checkpoints, manifest, writer, codec_name, t, entries, read_base)
@@ -81,7 +79,6 @@ def add_exact_tier(
     stats = dict(manifest.stats)
     stats["exact_tier"] = {
         "residual_bytes": residual_bytes,
-        "seconds": round(time.perf_counter() - started, 3),
         "codec": codec_name,
     }
     return Manifest(
