@@ -190,18 +190,38 @@ def quantize(
     numel = x.size
     d = x - mean if delta is None else delta
     held, stored = dtypes.store_as(np.asarray(steps, dtype=np.float64), scale_dtype)
+    flat_steps = stored.reshape(-1)
+    # Every full-size array below is made once and then worked on in place: on tensors of a
+    # million elements the allocations cost as much as the arithmetic. Steps broadcast per
+    # group (a (groups, group) view) instead of being repeated per element, where the groups
+    # tile the tensor; the IEEE operations on each element are those of the plain expressions
+    # in the comments, so the results are bit-identical.
     s: np.ndarray | float
-    if stored.size == 1:  # one step for the whole tensor: a scalar (the same IEEE operations, faster)
-        s = float(stored.reshape(-1)[0])
+    tiled = flat_steps.size > 1 and numel == flat_steps.size * group
+    if flat_steps.size == 1:  # one step for the whole tensor: a scalar
+        s = float(flat_steps[0])
         ratio = d / s if s > 0 else np.zeros(numel)
-    else:
+    elif tiled:
+        s = flat_steps[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (d.reshape(-1, group) / s).reshape(-1)  # d / s
+        bad = ~(flat_steps > 0)
+        if bad.any():
+            ratio.reshape(-1, group)[bad] = 0.0
+    else:  # a shorter last group: steps per element
         s = expand(stored, group, numel)
         ratio = steps_ratio(d, s)
-    q = nearest_level(ratio, levels)
+    q = nearest_level(ratio, levels, in_place=True)
     codes = (q + offset(levels)).astype(np.uint8)
     with np.errstate(over="ignore", invalid="ignore"):
-        out = dtypes.round_trip(mean + q * s, member_dtype)
-        error = float(np.linalg.norm(x - out))
+        if tiled:
+            q.reshape(-1, group).__imul__(s)  # q * s
+        else:
+            q *= s
+        q += mean  # mean + q * s
+        out = dtypes.round_trip(q, member_dtype)
+        np.subtract(x, out, out=q)
+        error = float(np.linalg.norm(q))  # ||x - out||
     return Quantized(codes, held, out, error if math.isfinite(error) else math.inf)
 
 
@@ -219,14 +239,23 @@ def steps_ratio(d: np.ndarray, s: np.ndarray) -> np.ndarray:
     return ratio
 
 
-def nearest_level(ratio: np.ndarray, levels: int) -> np.ndarray:
-    """The level nearest to each ``ratio`` (x - mean in steps), ties to even, clipped to the range.
+def nearest_level(ratio: np.ndarray, levels: int, *, in_place: bool = False) -> np.ndarray:
+    """The level nearest to each ``ratio`` (x - mean in steps), ties to even, clipped to the range
+    (``in_place``: overwriting ``ratio``, a float64 array the caller no longer needs).
 
     Clipped in place with ``maximum``/``minimum`` (``np.clip`` is several times slower on large
     arrays; both keep NaN as NaN).
     """
     top = offset(levels)
-    q = np.rint(ratio) if levels % 2 else np.floor(ratio) + 0.5
+    if in_place:
+        q = ratio
+        if levels % 2:
+            np.rint(q, out=q)
+        else:
+            np.floor(q, out=q)
+            q += 0.5
+    else:
+        q = np.rint(ratio) if levels % 2 else np.floor(ratio) + 0.5
     np.maximum(q, -top, out=q)
     np.minimum(q, top, out=q)
     return q
@@ -301,6 +330,8 @@ def fit_step(
     member_dtype: str,
     hint: float | None = None,
     zero: float | None = None,
+    delta: np.ndarray | None = None,
+    shape: np.ndarray | None = None,
 ) -> Quantized | None:
     """The coarsest quantization of ``x - mean`` (flat float64) whose error ||x - out|| is within
     ``budget``, or None if no step meets it.
@@ -311,11 +342,13 @@ def fit_step(
     ``multiplier``), is bracketed by constant factors and then bisected. The error is not
     monotone in c once codes clip (narrow containers): shrinking stops when it no longer helps.
     A sign quantizer has its closed-form step (c = 1) and is taken or refused as it is.
-    ``zero``: ``zero_error(x, mean, member_dtype)`` where the caller has it.
+    ``zero``: ``zero_error(x, mean, member_dtype)`` where the caller has it; ``delta``: ``x - mean``
+    and ``shape``: ``step_shape(x - mean, levels, group)``, likewise (a chooser trying many level
+    counts on one member computes them once per mean and grouping).
     """
-    d = x - mean
+    d = x - mean if delta is None else delta
     numel = d.size
-    shape_g = step_shape(d, levels, group)
+    shape_g = step_shape(d, levels, group) if shape is None else shape
 
     def full(c: float) -> Quantized:
         return quantize(

@@ -417,11 +417,27 @@ def fit(
     # ||x - mean|| with every code zero depends on the member and the mean only: once each.
     zeros: dict[tuple[int, str], float] = {}
 
+    # The member being searched: its delta from the last center tried (one full-size array:
+    # candidates come chain by chain, a chain keeps its center), and its step shape for each
+    # center and grouping (one number per group), shared by the candidates tried on it.
+    deltas: dict[tuple[int, str], np.ndarray] = {}
+    shapes: dict[tuple[int, str, int, bool], np.ndarray] = {}
+
     def search(cand: Candidate, i: int, x: np.ndarray, limit: float) -> tuple[int, np.ndarray] | None:
         mean = means[cand.mean_dtype][1]
         zero = zeros.get((i, cand.mean_dtype))
         if zero is None:
             zero = zeros[i, cand.mean_dtype] = quantize.zero_error(x, mean, member_dtypes[i])
+        if any(key[0] != i for key in shapes):
+            shapes.clear()
+        d = deltas.get((i, cand.mean_dtype))
+        if d is None:
+            deltas.clear()
+            d = deltas[i, cand.mean_dtype] = x - mean
+        shape_key = (i, cand.mean_dtype, cand.group, cand.levels == 2)
+        steps_shape = shapes.get(shape_key)
+        if steps_shape is None:
+            steps_shape = shapes[shape_key] = quantize.step_shape(d, cand.levels, cand.group)
         result = quantize.fit_step(
             x,
             mean,
@@ -432,6 +448,8 @@ def fit(
             member_dtype=member_dtypes[i],
             hint=hints.get(cand),
             zero=zero,
+            delta=d,
+            shape=steps_shape,
         )
         if result is None:
             tried[_label(cand, shape)] = None
@@ -518,6 +536,7 @@ def fit(
             survivors.update(search_rest({c: alive[c] for c in challengers}))
     else:
         survivors = search_rest({c: alive[c] for c in behind})
+    deltas.clear()  # the search is over: no member's delta is held while the winner is encoded
     if not survivors:
         return None
     for cand in ranked:
