@@ -22,6 +22,7 @@ caller, as a loaded checkpoint would be.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -57,18 +58,35 @@ def cast_bytes(shape: tuple[int, ...], itemsize: int) -> int:
 def int_delta(x: np.ndarray, mean: np.ndarray, bits: int) -> np.ndarray:
     """``mean + Q(x - mean)``: b-bit symmetric per-row absmax quantization, levels -m..m with
     m = 2^(b-1) - 1 (int8: +-127; int2: -1, 0, 1), the scale rounded to fp16 as stored."""
-    if bits < 2:
-        raise ValueError(f"int_delta: {bits} bits (use sign_delta for 1 bit)")
+    return next(int_deltas(x, mean, (bits,)))
+
+
+def int_deltas(x: np.ndarray, mean: np.ndarray, widths: Sequence[int]) -> Iterator[np.ndarray]:
+    """``int_delta(x, mean, b)`` for each b of ``widths`` in turn, with the delta and its row
+    maxima computed once for all (a merge measures int8, int4 and int2 on every member); one
+    result is made at a time, so a caller that drops each keeps one in memory."""
+    for bits in widths:
+        if bits < 2:
+            raise ValueError(f"int_delta: {bits} bits (use sign_delta for 1 bit)")
     shape = x.shape
     rows = rows_of(shape)
     d = (np.asarray(x, dtype=np.float64) - mean).reshape(rows, -1)
-    top = 2 ** (bits - 1) - 1
-    with np.errstate(over="ignore"):  # a row past fp16's range becomes inf, handled on the next line
-        scale = (np.abs(d).max(axis=1) / top).astype(np.float16).astype(np.float64)
-    scale = np.where(np.isfinite(scale), scale, 0.0)  # a row past fp16's range: beyond these baselines
-    safe = np.where(scale > 0, scale, 1.0)[:, None]
-    q = np.clip(np.round(d / safe), -top, top) * scale[:, None]
-    return (np.asarray(mean, dtype=np.float64).reshape(rows, -1) + q).reshape(shape)
+    row_max = np.abs(d).max(axis=1)
+    mean_rows = np.asarray(mean, dtype=np.float64).reshape(rows, -1)
+    for bits in widths:
+        top = 2 ** (bits - 1) - 1
+        with np.errstate(over="ignore"):  # a row past fp16's range becomes inf, handled on the next line
+            scale = (row_max / top).astype(np.float16).astype(np.float64)
+        scale = np.where(np.isfinite(scale), scale, 0.0)  # a row past fp16's range: beyond these baselines
+        safe = np.where(scale > 0, scale, 1.0)[:, None]
+        # clip(round(d / safe), -top, top) * scale + mean, one array worked in place
+        q = d / safe
+        np.round(q, out=q)
+        np.maximum(q, -top, out=q)
+        np.minimum(q, top, out=q)
+        q *= scale[:, None]
+        q += mean_rows
+        yield q.reshape(shape)
 
 
 def int_delta_bytes(shape: tuple[int, ...], bits: int) -> int:

@@ -27,7 +27,7 @@ that meets it. The report reads them back; nothing here changes what the bundle 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,9 +126,10 @@ class AlternativesMeter:
             norm = float(np.linalg.norm(x))
             delta_norm = float(np.linalg.norm(x - reference))
             norms.append(norm)
-            for method in outcomes:
-                start = reference if method in BASE_METHODS and base is not None else mean
-                approx = dtypes.round_trip(_approximate(method, x, start, dtype), dtype)
+            for method, approximation in _approximations(
+                list(outcomes), x, dtype, mean, reference if base is not None else None
+            ):
+                approx = dtypes.round_trip(approximation, dtype)
                 e = float(np.linalg.norm(x - approx))
                 o = outcomes[method]
                 o.errors.append(e / norm if norm > 0 else 0.0 if e == 0 else math.inf)
@@ -198,12 +199,21 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else -1.0
 
 
-def _approximate(method: str, x: np.ndarray, mean: np.ndarray, dtype: str) -> np.ndarray:
-    if method == "fp16":
-        return dtypes.round_trip(x, "F16") if dtypes.itemsize(dtype) > 2 else x
-    if method == "1-bit":
-        return alt.sign_delta(x, mean)
-    return alt.int_delta(x, mean, INT_BITS[method])
+def _approximations(
+    methods: Sequence[str], x: np.ndarray, dtype: str, mean: np.ndarray, base: np.ndarray | None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each method's reconstruction of member ``x`` (float64, before its rounding to ``dtype``),
+    one at a time: int-b deltas from the stored ``mean``, or for ``BASE_METHODS`` from ``base``
+    (from the mean on tensors the base lacks), the delta and row maxima computed once per center."""
+    for method in methods:
+        if method == "fp16":
+            yield method, dtypes.round_trip(x, "F16") if dtypes.itemsize(dtype) > 2 else x
+        elif method == "1-bit":
+            yield method, alt.sign_delta(x, mean)
+    for on_base in (False, True):
+        center = base if on_base and base is not None else mean
+        widths = [m for m in methods if m in INT_BITS and (m in BASE_METHODS) == on_base]
+        yield from zip(widths, alt.int_deltas(x, center, [INT_BITS[m] for m in widths]))
 
 
 def _bytes(method: str, job: TensorJob, on_base: bool = False) -> int:
