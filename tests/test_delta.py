@@ -117,17 +117,24 @@ def test_unpack_table_gives_each_byte_its_radix_digits() -> None:
     ],
 )
 @pytest.mark.parametrize(("numel", "group"), [(1000, 7), (1000, 1000), (5000, 5000), (70_000, 1), (600_000, 300_001)])
+@pytest.mark.parametrize("levels", [3, 5, 16, 255])  # 5, 3, 2 and 1 codes per byte
 def test_blockwise_dequantization_is_bit_identical_to_the_reference(
-    monkeypatch: pytest.MonkeyPatch, mean_dtype: str, mean_step: float | None, out_dtype: str, numel: int, group: int
+    monkeypatch: pytest.MonkeyPatch,
+    mean_dtype: str,
+    mean_step: float | None,
+    out_dtype: str,
+    numel: int,
+    group: int,
+    levels: int,
 ) -> None:
-    """The reader's block-by-block path rounds exactly what ``dequantize`` (the spec's float64
-    arithmetic) gives, for groups that do and do not divide the blocks or the tensor, one
-    step for all, and steps overflowing the output dtype."""
+    """The reader's block-by-block paths, from unpacked codes and straight from the packed
+    bytes, round exactly what ``dequantize`` (the spec's float64 arithmetic) gives, for groups
+    that do and do not divide the blocks, the bytes or the tensor, one step for all, and steps
+    overflowing the output dtype."""
     from unipack.format import dtypes
 
     monkeypatch.setattr(quantize, "READ_BLOCK", 4096)  # many blocks, even on small tensors
     rng = np.random.default_rng(numel + group)
-    levels = 5
     if mean_step is None:
         mean_held = dtypes.from_float(rng.standard_normal(numel), mean_dtype)
         mean64 = dtypes.to_float(mean_held, mean_dtype)
@@ -143,6 +150,12 @@ def test_blockwise_dequantization_is_bit_identical_to_the_reference(
     got = quantize.dequantize_rounded(mean_held, mean_dtype, mean_step, codes, scales, levels, group, out_dtype)
     assert got.dtype == reference.dtype
     assert got.tobytes() == reference.tobytes()
+    packed = quantize.pack(codes, levels)
+    direct = quantize.dequantize_packed(
+        mean_held, mean_dtype, mean_step, packed, numel, scales, levels, group, out_dtype
+    )
+    assert direct.dtype == reference.dtype
+    assert direct.tobytes() == reference.tobytes()
 
 
 @pytest.mark.parametrize("levels", [3, 5, 16, 255])

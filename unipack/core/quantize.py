@@ -137,16 +137,78 @@ def dequantize_rounded(
     arithmetic. ``mean_held``: the mean blob as stored (``mean_dtype``; integers times
     ``mean_step`` where that is set, spec §8.2).
     """
-    numel = codes.size
     flat_codes = codes.reshape(-1)
+    table = np.arange(levels, dtype=np.float64) - offset(levels)  # q for each code, exactly
+
+    def q_block(start: int, stop: int) -> np.ndarray:
+        return table[flat_codes[start:stop]]
+
+    return _dequantize_blocks(q_block, codes.size, group, mean_held, mean_dtype, mean_step, scales, out_dtype)
+
+
+def dequantize_packed(
+    mean_held: np.ndarray,
+    mean_dtype: str,
+    mean_step: float | None,
+    packed: np.ndarray,
+    numel: int,
+    scales: np.ndarray,
+    levels: int,
+    group: int,
+    out_dtype: str,
+) -> np.ndarray:
+    """``dequantize_rounded`` of ``unpack(packed, levels, numel)``, bit for bit, without the
+    unpacked codes: each packed byte is looked up once, straight to its k codes' float64 q
+    values (one gather instead of two passes). ``packed`` must hold ``valid_bytes``."""
+    k = per_byte(levels)
+    unit = k if group >= numel else math.lcm(group, k)  # blocks start on a byte and on a group
+    if unit > 4 * READ_BLOCK:  # groups too long to block on both: unpack first
+        return dequantize_rounded(
+            mean_held, mean_dtype, mean_step, unpack(packed, levels, numel), scales, levels, group, out_dtype
+        )
+    items = _q_items(levels)
+    data = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+
+    def q_block(start: int, stop: int) -> np.ndarray:
+        return items[data[start // k : -(-stop // k)]].view(np.float64)[: stop - start]
+
+    return _dequantize_blocks(q_block, numel, unit, mean_held, mean_dtype, mean_step, scales, out_dtype, group)
+
+
+@functools.lru_cache(maxsize=MAX_LEVELS)
+def _q_items(levels: int) -> np.ndarray:
+    """Item b: the float64 q values of the k codes packed in byte b, as one 8k-byte item
+    (``dequantize_packed``'s table; bytes beyond L^k get their digits too, never read)."""
+    k = per_byte(levels)
+    digits = _digits(levels).view(np.uint8).reshape(256, k)
+    values = np.ascontiguousarray(digits.astype(np.float64) - offset(levels))
+    items = values.view(np.dtype((np.void, 8 * k))).reshape(256)
+    items.setflags(write=False)
+    return items
+
+
+def _dequantize_blocks(
+    q_block: Callable[[int, int], np.ndarray],
+    numel: int,
+    unit: int,
+    mean_held: np.ndarray,
+    mean_dtype: str,
+    mean_step: float | None,
+    scales: np.ndarray,
+    out_dtype: str,
+    group: int | None = None,
+) -> np.ndarray:
+    """M + q * s rounded to ``out_dtype``, a block of ``unit``s at a time (a unit: whole groups,
+    so steps broadcast per row); ``q_block(start, stop)``: a fresh float64 array of those q."""
+    group = unit if group is None else group
     mean_flat = mean_held.reshape(-1)
     steps = np.asarray(scales, dtype=np.float64).reshape(-1)
-    table = np.arange(levels, dtype=np.float64) - offset(levels)  # q for each code, exactly
     out = np.empty(numel, dtype=dtypes.holder(out_dtype))
-    block = max(group, READ_BLOCK // group * group)  # whole groups, so steps broadcast per row
+    block = max(unit, READ_BLOCK // unit * unit)
+    widened = np.empty(min(block, numel)) if mean_step is not None else None
     for start in range(0, numel, block):
         stop = min(numel, start + block)
-        q = table[flat_codes[start:stop]]
+        q = q_block(start, stop)
         whole = (stop - start) // group * group
         first = start // group
         if whole:
@@ -155,10 +217,19 @@ def dequantize_rounded(
         if whole < stop - start:  # the tensor's last, shorter group
             q[whole:] *= steps[first + whole // group]
         piece = mean_flat[start:stop]
-        # q * s + M is M + q * s (IEEE addition commutes); M widened exactly as mean_values does.
-        q += piece.astype(np.float64) * mean_step if mean_step is not None else dtypes.to_float(piece, mean_dtype)
+        # q * s + M is M + q * s (IEEE addition commutes); M widened exactly as mean_values does:
+        # integers times the step in float64, floats widened in the ufunc's loop (no temporary).
+        if widened is not None and mean_step is not None:
+            q += np.multiply(piece, mean_step, out=widened[: stop - start], dtype=np.float64)
+        elif mean_dtype in ("F32", "F16", "F64"):
+            q += piece
+        else:
+            q += dtypes.to_float(piece, mean_dtype)
         with np.errstate(over="ignore"):
-            out[start:stop] = dtypes.from_float(q, out_dtype)
+            if out_dtype in ("F32", "F16", "F64"):
+                out[start:stop] = q  # the cast from_float makes (round to nearest even), in place
+            else:
+                out[start:stop] = dtypes.from_float(q, out_dtype)
     return out
 
 

@@ -157,10 +157,12 @@ class DeltaScheme(RebuiltScheme):
         if not quantize.valid_bytes(packed, p.levels):
             raise FormatError(f"{where}: tensor {t.name!r}: a code byte is not a packing of codes < {p.levels}")
         assert t.shape is not None
-        codes = quantize.unpack(packed, p.levels, p.numel(t))
         center, center_dtype, step = p.center_held(t, view.manifest, view.read_blob, view.read_base)
-        # Block by block, straight to the member's dtype (spec §8.2's arithmetic, then its rounding).
-        rounded = quantize.dequantize_rounded(center, center_dtype, step, codes, scales, p.levels, p.group, dtype)
+        # Block by block from the packed bytes, straight to the member's dtype (spec §8.2's
+        # arithmetic, then its rounding).
+        rounded = quantize.dequantize_packed(
+            center, center_dtype, step, packed, p.numel(t), scales, p.levels, p.group, dtype
+        )
         yield t, dtype, rounded.reshape(t.shape)
 
     def blob_parts(self, t: TensorRecord, manifest: Manifest) -> dict[str, str]:
