@@ -76,6 +76,7 @@ def pop(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         {},  # the default rule: deltas, subspaces, raw heads, exact buffers, the alternatives meter
         {"max_delta_error": 0.2, "lossless": "full"},  # another bound; the zstd -19 baseline on workers
         {"rank": 2, "dtype": "float16", "baselines": False},
+        {"exact_tier": True},  # the lossless tier's residuals, made on the workers
     ],
 )
 def test_a_dask_cluster_writes_the_serial_bundle_byte_for_byte(cluster, pop, tmp_path: Path, options: dict) -> None:

@@ -475,13 +475,13 @@ def test_a_lossless_bundle_is_the_same_bytes_on_every_run(tmp_path, monkeypatch)
     paths = lossless_population(tmp_path / "in", "F32")
     a, b = tmp_path / "a.upk", tmp_path / "b.upk"
     unipack.merge(paths, a, lossless="off", exact_tier=True)
-    slow = exact_tier._tensor_tier
+    slow = exact_tier.tensor_entries
 
     def slower(*args, **kwargs):
         time.sleep(0.002)
         return slow(*args, **kwargs)
 
-    monkeypatch.setattr(exact_tier, "_tensor_tier", slower)
+    monkeypatch.setattr(exact_tier, "tensor_entries", slower)
     unipack.merge(paths, b, lossless="off", exact_tier=True)
     assert a.read_bytes() == b.read_bytes()
     with unipack.open(a) as bundle:

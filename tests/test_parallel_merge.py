@@ -47,6 +47,7 @@ def pop(tmp_path_factory: pytest.TempPathFactory):
         {},  # the default rule: deltas, subspaces, raw heads, exact buffers, the alternatives meter
         {"rank": 2, "lossless": "full"},  # subspaces at a fixed rank, the zstd -19 baseline per member
         {"max_error": 0.02, "quantize": False, "baselines": False},
+        {"exact_tier": True},  # the lossless tier's residuals, made in each tensor's job
     ],
 )
 def test_two_jobs_write_the_serial_bundle_byte_for_byte(pop, tmp_path: Path, options: dict) -> None:

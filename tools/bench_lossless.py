@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 import unipack
-import unipack.pack.merge as unipack_merge
 
 MB = 1e6
 
@@ -128,23 +126,10 @@ def tensor_digests(path: Path) -> dict[str, str]:
 def unipack_lossless(paths: list[Path], out: Path, **options: object) -> dict[str, object]:
     cpu = time.process_time()
     folders = [p.parent for p in paths]  # Hugging Face folders: members named after them
-    tier_seconds = []
-    add_tier = unipack_merge.add_exact_tier
-
-    def timed_tier(*args: Any, **kwargs: Any) -> Any:  # the tier runs in this process, after the merge's jobs
-        started = time.perf_counter()
-        try:
-            return add_tier(*args, **kwargs)
-        finally:
-            tier_seconds.append(time.perf_counter() - started)
-
-    unipack_merge.add_exact_tier = timed_tier
-    try:
-        result = unipack.merge(folders, out, exact_tier=True, baselines=False, lossless="off", force=True, **options)
-    finally:
-        unipack_merge.add_exact_tier = add_tier
+    # The tier runs inside each tensor's job (on the workers): its time is part of the merge's.
+    result = unipack.merge(folders, out, exact_tier=True, baselines=False, lossless="off", force=True, **options)
     merge_cpu = time.process_time() - cpu
-    tier = {**result.manifest.stats["exact_tier"], "seconds": round(sum(tier_seconds), 3)}
+    tier = result.manifest.stats["exact_tier"]
     input_bytes = result.input_bytes
     wanted = [tensor_digests(path) for path in paths]
     extract_s = extract_cpu = 0.0
@@ -165,8 +150,6 @@ def unipack_lossless(paths: list[Path], out: Path, **options: object) -> dict[st
         "bit_exact": exact,
         "merge_s": round(result.seconds, 1),
         "merge_cpu_s": round(merge_cpu, 1),
-        "tier_s": tier["seconds"],
-        "tier_MBps": round(input_bytes / MB / tier["seconds"], 1),
         "extract_MBps": round(input_bytes / MB / extract_s, 1),
         "extract_cpu_MBps": round(input_bytes / MB / extract_cpu, 1),
     }

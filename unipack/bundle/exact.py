@@ -81,11 +81,16 @@ def center_prediction(
     if t.params.base_centred(t):
         assert isinstance(t.params, DeltaParams)
         held, center_dtype, _ = t.params.center_held(t, manifest, read_blob, read_base)
-        if center_dtype == dtype:  # its own rounding: its bits as they are
-            return residual.as_bits(np.ascontiguousarray(held))
-        return mean_prediction(dtypes.to_float(held, center_dtype), dtype)
+        return held_center_prediction(held, center_dtype, dtype)
     assert t.mean is not None
     return stored_mean_prediction(t, read_blob, manifest.blobs[t.mean].dtype, dtype)
+
+
+def held_center_prediction(held: np.ndarray, center_dtype: str, dtype: str) -> np.ndarray:
+    """The base model's tensor (held as ``center_dtype``) as a member's ``mean`` prediction."""
+    if center_dtype == dtype:  # its own rounding: its bits as they are
+        return residual.as_bits(np.ascontiguousarray(held))
+    return mean_prediction(dtypes.to_float(held, center_dtype), dtype)
 
 
 #: Threads that rebuild tensors at once, at most (fewer on fewer cores). Past four, reading and

@@ -164,6 +164,10 @@ class BundleWriter:
         data = codec.decode(stored, rec.codec, rec.shuffle, dtypes.itemsize(rec.dtype), rec.nbytes, f"spool: {name!r}")
         return dtypes.from_bytes(data, rec.dtype, rec.shape)
 
+    def dtype_of(self, name: str) -> str:
+        """The dtype a blob was added as."""
+        return self.blobs[name].dtype
+
     @property
     def stored_sizes(self) -> dict[str, int]:
         """Each blob's size as written (its stored, encoded bytes)."""

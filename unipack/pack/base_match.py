@@ -22,7 +22,6 @@ from unipack.errors import InputError
 from unipack.format.manifest import BaseReference, BaseTensor, TensorRecord
 from unipack.format.manifest.records import base_digest
 from unipack.pack.plan import BaseTensorPlan, TensorPlan
-from unipack.schemes.base import ReadBase
 from unipack.sources.checkpoint import Checkpoint, open_checkpoint, source_name
 
 
@@ -85,18 +84,6 @@ def base_tensor(plan: TensorPlan) -> tuple[np.ndarray, str] | None:
         return None
     base = open_base(plan.base.path)
     return base.read(plan.base.name), base.tensors[plan.base.name].dtype
-
-
-def base_reader(plans: Sequence[TensorPlan]) -> ReadBase:
-    """The base's tensors by bundle tensor name, as a reader of the bundle gets them."""
-    by_name = {p.name: p for p in plans}
-
-    def read(name: str) -> np.ndarray:
-        found = base_tensor(by_name[name])
-        assert found is not None
-        return found[0]
-
-    return read
 
 
 def match_base(

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from unipack.bundle.exact import held_center_prediction, stored_mean_prediction
 from unipack.core.decomposition import Encoded, Fit, KeepRaw, SchemeModel, TensorJob, decompose
 from unipack.core.fidelity import (
     EXACT,
@@ -32,6 +33,7 @@ from unipack.format.container import BundleWriter, blob_level
 from unipack.format.manifest import (
     BASE_REF_FORMAT_VERSION,
     FORMAT_VERSION,
+    ExactEntry,
     Manifest,
     MemberNumbers,
     MemberRecord,
@@ -39,7 +41,7 @@ from unipack.format.manifest import (
     code_runs,
 )
 from unipack.options import MergeOptions
-from unipack.pack import lossless, parallel
+from unipack.pack import exact_tier, lossless, parallel
 from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
 from unipack.pack.base_match import base_reference, base_tensor
 from unipack.pack.executors import Execution, Executor, Inputs, opened
@@ -82,6 +84,7 @@ class RecordingWriter:
     def __init__(self, codec_name: str, level: int, chunk_bytes: int | None = None) -> None:
         self._codec, self._level, self.chunk_bytes = codec_name, level, chunk_bytes
         self.made: list[EncodedBlob] = []
+        self._held: dict[str, tuple[np.ndarray, str]] = {}
 
     def level_for(self, dtype: str) -> int:
         return blob_level(dtype, self._level)
@@ -92,7 +95,22 @@ class RecordingWriter:
         stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
         shape = tuple(int(d) for d in array.shape)
         self.made.append(EncodedBlob(name, dtype, shape, bytes(stored), used, shuffled))
+        # What read_blob gives back (the codecs are lossless): the lossless tier predicts from a
+        # tensor's stored mean in the same job. One job's blobs, dropped with the job.
+        self._held[name] = (np.ascontiguousarray(array, dtype=dtypes.holder(dtype)), dtype)
         return name
+
+    def add_encoded(
+        self, name: str, dtype: str, shape: tuple[int, ...], stored: codec.Buffer, codec_name: str, shuffled: bool
+    ) -> str:
+        self.made.append(EncodedBlob(name, dtype, shape, bytes(stored), codec_name, shuffled))
+        return name
+
+    def read_blob(self, name: str) -> np.ndarray:
+        return self._held[name][0]
+
+    def dtype_of(self, name: str) -> str:
+        return self._held[name][1]
 
 
 @dataclasses.dataclass
@@ -107,6 +125,7 @@ class StoredTensor:
     errors: list[list[float]]
     fidelity: list[list[MemberFidelity]]
     meter_calls: list[tuple[str, tuple[Any, ...]]]
+    exact: list[dict[str, ExactEntry]]  # the lossless tier's entry of each member (merge --lossless)
 
 
 class Merger:
@@ -128,6 +147,7 @@ class Merger:
         self.fidelity: list[list[MemberFidelity]] = [[] for _ in range(n)]
         self.lossless: list[lossless.LosslessSize | None] = [None] * n
         self.zipnn: list[int | None] = [None] * n  # ZipNN of each input, next to a lossless tier
+        self.exact: list[dict[str, ExactEntry]] = [{} for _ in range(n)]  # the lossless tier's entries
         # What the one-line alternatives would cost, measured with the baselines (--no-baselines
         # skips both: they are what the report compares the bundle with, not what it stores).
         self.alternatives = AlternativesMeter(n, options.budget, with_base) if options.baselines else None
@@ -142,6 +162,8 @@ class Merger:
             records = list(self._stored(pool, self._store, tensor_job, plans))
             self._take_lossless(measured)
         manifest = self._manifest(records)
+        if self.options.exact_tier:
+            manifest = exact_tier.with_exact_tier(manifest, self.exact, self.writer, self.options.codec)
         base = base_reference(records, plans)
         if base is None:
             return manifest
@@ -201,6 +223,7 @@ class Merger:
         apart.writer = RecordingWriter(self.options.codec, self.options.zstd_level, chunk_bytes_for(self.options))  # type: ignore[assignment]
         apart.coefs, apart.codes = [[] for _ in range(n)], [[] for _ in range(n)]
         apart.raw, apart.errors, apart.fidelity = [{} for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        apart.exact = [{} for _ in range(n)]
         if self.alternatives is not None:
             apart.alternatives = RecordingMeter(n, self.options.budget, with_base)
         record = store(apart)
@@ -213,6 +236,7 @@ class Merger:
             errors=apart.errors,
             fidelity=apart.fidelity,
             meter_calls=apart.alternatives.calls if isinstance(apart.alternatives, RecordingMeter) else [],
+            exact=apart.exact,
         )
 
     def _apply(self, part: StoredTensor) -> TensorRecord:
@@ -225,11 +249,37 @@ class Merger:
             self.raw[i].update(part.raw[i])
             self.errors[i].extend(part.errors[i])
             self.fidelity[i].extend(part.fidelity[i])
+            self.exact[i].update(part.exact[i])
         if self.alternatives is not None:
             self.alternatives.replay(part.meter_calls)
         return part.record
 
     def _store(self, plan: TensorPlan) -> TensorRecord:
+        record = self._store_lossy(plan)
+        if self.options.exact_tier:
+            self._store_exact_tier(plan, record)
+        return record
+
+    def _store_exact_tier(self, plan: TensorPlan, t: TensorRecord) -> None:
+        """The lossless tier's entries of this tensor (``exact_tier.tensor_entries``), its residual
+        blobs written beside the tensor's own."""
+
+        def predict(dtype: str) -> np.ndarray:
+            if t.params.base_centred(t):
+                found = base_tensor(plan)
+                assert found is not None  # a record is centred on the base only where it has one
+                return held_center_prediction(found[0], found[1], dtype)
+            assert t.mean is not None
+            return stored_mean_prediction(t, self.writer.read_blob, self.writer.dtype_of(t.mean), dtype)
+
+        raw = [plan.name in self.raw[i] for i in range(len(self.checkpoints))]
+        entries = exact_tier.tensor_entries(
+            self.checkpoints, t, plan.dtypes, raw, predict, self.writer, self.options.codec
+        )
+        for i, entry in enumerate(entries):
+            self.exact[i][t.name] = entry
+
+    def _store_lossy(self, plan: TensorPlan) -> TensorRecord:
         record, job = self._choose_and_store(plan)
         if self.alternatives is None:
             return record

@@ -1,9 +1,10 @@
 """The lossless tier (``merge --lossless``, spec §9): what makes every member come back bit for bit.
 
-Runs after the lossy merge has stored its blobs, before the bundle is written. For every member
-and tensor it records the sha256 of the original bytes; where the lossy tier does not already
-rebuild the tensor exactly (a ``shared`` or ``delta`` tensor the member does not hold raw), it
-stores a residual blob against the best of these predictions:
+Runs in each tensor's job, right after the lossy tier has stored the tensor (so on the merge's
+workers too: ``--jobs``, Dask). For every member of the tensor it records the sha256 of the
+original bytes; where the lossy tier does not already rebuild the tensor exactly (a ``shared`` or
+``delta`` tensor the member does not hold raw), it stores a residual blob against the best of
+these predictions:
 
 - the tensor's stored mean, rounded to the member's dtype (every member can use it), or the base
   model's tensor where the record is a delta centred on it (spec §11);
@@ -28,12 +29,13 @@ read from the file).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 
-from unipack.bundle.exact import center_prediction
 from unipack.core import residual
 from unipack.format import codec, dtypes
 from unipack.format.container import BundleWriter
@@ -46,7 +48,6 @@ from unipack.format.manifest import (
     TensorRecord,
 )
 from unipack.format.manifest.records import MAX_BASE_DEPTH, MEAN_BASE, RESIDUAL_DTYPES
-from unipack.schemes.base import ReadBase, no_base
 from unipack.sources.checkpoint import Checkpoint
 
 
@@ -61,35 +62,38 @@ class Coded:
     shuffled: bool
 
 
-def add_exact_tier(
-    checkpoints: list[Checkpoint],
-    manifest: Manifest,
-    writer: BundleWriter,
-    codec_name: str,
-    read_base: ReadBase = no_base,
+class TierWriter(Protocol):
+    """What the tier writes residual blobs to: the bundle writer, or a worker's recording one."""
+
+    chunk_bytes: int | None
+
+    def level_for(self, dtype: str) -> int: ...
+
+    def add_encoded(
+        self, name: str, dtype: str, shape: tuple[int, ...], stored: codec.Buffer, codec_name: str, shuffled: bool
+    ) -> str: ...
+
+
+def with_exact_tier(
+    manifest: Manifest, entries: Sequence[dict[str, ExactEntry]], writer: BundleWriter, codec_name: str
 ) -> Manifest:
-    """``manifest`` with every member's ``exact`` map, its residual blobs written to ``writer``;
-    ``read_base``: the base model's tensors, where delta tensors are centred on it (their center,
-    the base's tensor, is then the ``mean`` prediction)."""
-    entries: list[dict[str, ExactEntry]] = [{} for _ in checkpoints]
-    for t in manifest.tensors:
-        _tensor_tier(checkpoints, manifest, writer, codec_name, t, entries, read_base)
-    members = tuple(dataclasses.replace(m, exact=entries[i]) for i, m in enumerate(manifest.members))
-    residual_bytes = sum(writer.stored_sizes[e.blob] for es in entries for e in es.values() if e.blob is not None)
+    """``manifest`` with every member's ``exact`` map (``entries``, from ``tensor_entries`` of each
+    tensor, in the manifest's member order) and the tier's record; its residual blobs are
+    already in ``writer``."""
+    members = tuple(dataclasses.replace(m, exact=dict(entries[i])) for i, m in enumerate(manifest.members))
+    sizes = writer.stored_sizes
+    residual_bytes = sum(sizes[e.blob] for es in entries for e in es.values() if e.blob is not None)
     stats = dict(manifest.stats)
     stats["exact_tier"] = {
         "residual_bytes": residual_bytes,
         "codec": codec_name,
     }
-    return Manifest(
-        created_by=manifest.created_by,
-        options=manifest.options,
-        tensors=manifest.tensors,
+    return dataclasses.replace(
+        manifest,
         members=members,
         blobs=writer.blobs,
         format_version=_version(manifest.format_version, writer),
         stats=stats,
-        base=manifest.base,
     )
 
 
@@ -100,35 +104,40 @@ def _version(version: int, writer: BundleWriter) -> int:
     return max(version, CHUNKED_FORMAT_VERSION if chunked else EXACT_TIER_FORMAT_VERSION)
 
 
-def _tensor_tier(
-    checkpoints: list[Checkpoint],
-    manifest: Manifest,
-    writer: BundleWriter,
-    codec_name: str,
+def tensor_entries(
+    checkpoints: Sequence[Checkpoint],
     t: TensorRecord,
-    entries: list[dict[str, ExactEntry]],
-    read_base: ReadBase,
-) -> None:
+    member_dtypes: Sequence[str],
+    raw: Sequence[bool],
+    predict: Callable[[str], np.ndarray],
+    writer: TierWriter,
+    codec_name: str,
+) -> list[ExactEntry]:
+    """Each member's ``exact`` entry for tensor ``t`` (just stored by the lossy tier), its residual
+    blobs written to ``writer``: a function of this tensor's inputs alone, so it runs in the
+    tensor's job, wherever that runs. ``raw[i]``: member i holds the tensor raw (bit-exact
+    already); ``predict(dtype)``: the record's center (the stored mean, or the base model's
+    tensor for a delta centred on it) rounded to ``dtype``, as bits (spec §9.2's ``mean``)."""
+    entries: list[ExactEntry] = []
     mean_bits: dict[str, np.ndarray] = {}  # member dtype -> the center rounded to it (once per tensor)
     centred = t.mean is not None or t.params.base_centred(t)
     # member name -> (original bits, length of its chain of member bases), for possible bases
     predictable: dict[str, tuple[np.ndarray, int]] = {}
     for i, c in enumerate(checkpoints):
-        member = manifest.members[i]
-        dtype = member.dtype_of(t)
+        dtype = member_dtypes[i]
         array = c.read(t.name)
         view = dtypes.byte_view(array, dtype)
         # The whole tensor's sha256 is one serial pass: it runs beside the ranking and the
         # (chunk-parallel) compression of the residual instead of before them.
         sha_of = codec.in_background(partial(codec.sha256, view))
-        if not centred or t.name in member.raw:  # raw or exact: the lossy tier is bit-exact
-            entries[i][t.name] = ExactEntry(sha_of())
+        if not centred or raw[i]:  # raw or exact: the lossy tier is bit-exact
+            entries.append(ExactEntry(sha_of()))
             if t.shape is not None and dtype in dtypes.FLOAT_DTYPES:
-                predictable[member.name] = (residual.as_bits(array), 0)
+                predictable[c.name] = (residual.as_bits(array), 0)
             continue
         x = residual.as_bits(array)
         if dtype not in mean_bits:
-            mean_bits[dtype] = center_prediction(t, manifest, writer.read_blob, read_base, dtype)
+            mean_bits[dtype] = predict(dtype)
         bases = {MEAN_BASE: mean_bits[dtype]}
         depths = {MEAN_BASE: 0}
         for name, (bits, depth) in predictable.items():
@@ -143,8 +152,9 @@ def _tensor_tier(
         if best.codec == CHUNKED_CODEC:  # each chunk's original bytes: what the reader verifies
             assert writer.chunk_bytes is not None
             chunks = chunk_digests(x, codec.chunk_elements(x.dtype.itemsize, writer.chunk_bytes))
-        entries[i][t.name] = ExactEntry(sha_of(), blob, best.coding, best.base, chunks)
-        predictable[member.name] = (x, depths[best.base] if best.base is not None else 0)
+        entries.append(ExactEntry(sha_of(), blob, best.coding, best.base, chunks))
+        predictable[c.name] = (x, depths[best.base] if best.base is not None else 0)
+    return entries
 
 
 def chunk_digests(x: np.ndarray, elements: int) -> tuple[str, ...]:
@@ -199,7 +209,7 @@ def residual_level(writer_level: int) -> int:
     return 1 if writer_level <= 3 else writer_level
 
 
-def _smallest(x: np.ndarray, p: np.ndarray, base: str, dtype: str, writer: BundleWriter, codec_name: str) -> Coded:
+def _smallest(x: np.ndarray, p: np.ndarray, base: str, dtype: str, writer: TierWriter, codec_name: str) -> Coded:
     level, itemsize = residual_level(writer.level_for(dtype)), dtypes.itemsize(dtype)
     chunk_bytes = writer.chunk_bytes
     if x.nbytes <= TRIAL_BYTES:

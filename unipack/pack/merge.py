@@ -22,9 +22,8 @@ from unipack.format.atomic import check_member_file_name, check_writable
 from unipack.format.container import BundleWriter
 from unipack.format.manifest import Manifest
 from unipack.options import MergeOptions
-from unipack.pack.base_match import BaseMatch, base_reader, close_bases, match_base, open_base
+from unipack.pack.base_match import BaseMatch, close_bases, match_base, open_base
 from unipack.pack.dense import MergeProgress, Merger, chunk_bytes_for
-from unipack.pack.exact_tier import add_exact_tier
 from unipack.pack.executors import Execution
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.plan import plan_tensors
@@ -140,9 +139,7 @@ def merge(
                     plans, matched = match_base(base_model, checkpoints, plans)
                 with BundleWriter.spooled(out_path, opts.codec, opts.zstd_level, chunk_bytes_for(opts)) as writer:
                     dense = Merger(checkpoints, opts, writer, progress, with_base=base_model is not None)
-                    manifest = dense.run(plans, execution)
-                    if opts.exact_tier:
-                        manifest = add_exact_tier(checkpoints, manifest, writer, opts.codec, base_reader(plans))
+                    manifest = dense.run(plans, execution)  # the lossless tier too, in each tensor's job
                     size = writer.finish(manifest, out_path, force=force)
     finally:
         close_all(checkpoints)
