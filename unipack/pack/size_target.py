@@ -20,15 +20,21 @@ deleted.
 
 Sizes are not continuous in the scale: where the chooser switches a tensor's storage or level
 count the bundle jumps by that tensor's worth, and a target inside a jump leaves the search a few
-% short. Then the bounds are allocated per tensor (``_allocate``): every attempt gave, per tensor,
-its bytes (``_profile``: exact for the blobs a tensor owns, its zstd'd share of a member's codes
-and coefficients, which pack every tensor together) and its squared error; a greedy Lagrangian
-fill (error saved per byte, along each tensor's lower convex hull of the attempts) picks each
-tensor's attempt so that the bundle fills the gap, and one more merge with those bounds per
-tensor (``MergeOptions.tensor_bounds``) is kept if it fits, is larger, and its total squared
-error is no larger than the uniform bundle's (a second merge corrects the first's estimate where
-it missed the band). A tensor's storage depends only on its own bounds, so its errors are exactly
-those of the attempt it took; only its bytes are estimated (the codes blobs' zstd mixes tensors).
+% short. Then the bounds are allocated per tensor (``_plan``). A tensor's storage depends only on
+its own bounds, so a bundle in which each tensor takes the bounds of one of the attempts holds,
+for that tensor, exactly what that attempt held: the same errors (``_tensor_errors``: recorded
+error times norm, squared, summed over members), the same blobs of its own; only the members'
+codes and coefficient blobs, which pack every tensor together (one zstd frame), mix them. So the
+bytes of such a pick are priced by assembling those blobs from the attempts' parts and
+compressing them as the writer would (``_Assembly``). Each tensor's step to a tighter attempt
+is priced alone (``_priced``; a tensor's share of a blob is not what it adds to it), the steps
+are taken greedily by error saved per byte along each tensor's lower convex hull of the attempts
+and then any that still fits (``_allocate``: the Lagrangian fill of the multiple-choice
+knapsack), and the whole pick priced again (cut back, by bisection over the steps in order, to
+what fits). One more merge with those bounds per tensor (``MergeOptions.tensor_bounds``) is kept
+if it fits, is larger, and its total squared error is no larger than the uniform bundle's; a
+second corrects the first's estimate where it missed the 1% (``ALLOCATION_ATTEMPTS``). The
+rule's bounds recorded are the loosest any tensor took, so they still hold for every tensor.
 LoRA adapter collections keep the uniform search: their modules are stored by ``pack/lora.py``,
 which takes one rule for all.
 """
@@ -79,9 +85,10 @@ ALLOCATION_ATTEMPTS = 2
 #: The first allocation aims this share of the 1% band below the largest size that fits (its
 #: per-tensor bytes are estimates: room both ways).
 ALLOCATION_AIM = 0.1
-#: Steps (a tensor at another attempt's bounds) priced exactly, each by compressing the members'
-#: codes and coefficient blobs once more (``_priced``); beyond, estimated (``_profile``).
-PRICED_STEPS = 256
+#: Steps (a tensor at another attempt's bounds) are priced exactly, each by compressing the
+#: members' codes and coefficient blobs once more (``_priced``), where that compresses at most
+#: this many bytes in all; beyond, they are estimated (``_profile``) and only the plans priced.
+PRICED_BYTES = 1 << 30
 
 TensorBounds = tuple[tuple[str, float | None, float | None], ...]
 
@@ -252,7 +259,8 @@ def merge_to_size(
         chosen = max(fitting, key=lambda s: sizes[s])
         finest = chosen <= lowest * 1.01  # the tightest bounds fit: there is nothing finer to give
         chosen_bounds: TensorBounds = ()
-        if allocate and not adapters and not finest and sizes[chosen] < aim_low:
+        tighter = any(s < chosen for s in sizes)  # an attempt to take tensors' bounds from
+        if allocate and tighter and not adapters and not finest and sizes[chosen] < aim_low:
             # Sizes here are trial files' (no record yet), held against room(): the file once the
             # record is written is within 1% below the target when its trial is within
             # band = target - aim_low below the room.
@@ -267,6 +275,7 @@ def merge_to_size(
             uniform, best, from_scale = _squared_error(profiles[chosen]), sizes[chosen], chosen
             band = target_bytes - aim_low
             correction = 0
+            planned: list[dict[str, float]] = []
             with _Assembly({s: trials[s] for s in sizes}, chosen, chunk_bytes_for(opts)) as assembly:
                 for _ in range(ALLOCATION_ATTEMPTS):
                     upper = room([*attempts, SizeAttempt(widest, widest, target_bytes, (), target_bytes)])
@@ -275,6 +284,9 @@ def merge_to_size(
                     if plan is None:
                         break
                     per_tensor, estimated = plan
+                    if per_tensor in planned:  # the correction changed nothing: no merge to learn from
+                        break
+                    planned.append(per_tensor)
                     loosest = max(per_tensor.values())
                     key = -float(len(attempts))  # a key of its own in ``trials`` (scales are positive)
                     size = run(loosest, key, _tensor_bounds(start, loosest, per_tensor), estimated)
@@ -457,16 +469,16 @@ def _plan(
             pick, trial, total = priced(moves[:fit])
         if error(pick) < (error(best[0]) if best is not None else uniform) and total <= budget:
             best = pick, trial
-        if total > budget - (budget - given) // 4 or total >= budget:
+        if total >= budget or given > budget:
             break
-        given += budget - total  # the estimate was high: give it what is left
+        given += budget - total  # priced below the budget (the estimate was high): give it what is left
     return best
 
 
 def _priced(profiles: dict[float, Profile], assembly: _Assembly, chosen: float) -> dict[float, Profile]:
     """``profiles`` with each tensor's bytes at each scale that would lower its error replaced by
     what the bundle at ``chosen`` grows by when that tensor alone takes that scale, priced
-    exactly by ``assembly``, where that takes at most ``PRICED_STEPS`` pricings. A tensor's
+    exactly by ``assembly``, where that compresses at most ``PRICED_BYTES``. A tensor's
     share of a codes blob is not what it adds to it: the blob's zstd block shares one literal
     table between every tensor of a level count (on the test population, a layer's step cost
     0.4x its share, the embedding's 3.6x)."""
@@ -478,7 +490,7 @@ def _priced(profiles: dict[float, Profile], assembly: _Assembly, chosen: float) 
         for n, c in p.costs.items()
         if c.squared_error < profiles[chosen].costs[n].squared_error
     ]
-    if not steps or len(steps) > PRICED_STEPS:
+    if not steps or len(steps) * assembly.shared_bytes > PRICED_BYTES:
         return profiles
     base = assembly.nbytes(reference)
     costs = {s: dict(p.costs) for s, p in profiles.items()}
@@ -583,6 +595,10 @@ class _Assembly:
         self.level = int(ref.manifest.options.get("zstd_level") or 3)
         self.chunk_bytes = chunk_bytes
         self.owned = {s: _owned_bytes(f) for s, f in self.files.items()}
+        # the bytes one pricing compresses: every member's codes and coefficients
+        blobs = ref.manifest.blobs
+        shared = [b for m in ref.manifest.members for b in (m.codes, m.coefficients) if b is not None]
+        self.shared_bytes = sum(math.prod(blobs[b].shape) * dtypes.itemsize(blobs[b].dtype) for b in shared)
         self.index = {s: {t.name: k for k, t in enumerate(f.manifest.tensors)} for s, f in self.files.items()}
 
     def nbytes(self, pick: dict[str, float]) -> int:
