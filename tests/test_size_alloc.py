@@ -242,7 +242,13 @@ def test_the_cli_line_says_how_many_tensors_were_allocated(population, tmp_path,
     doc = json.loads(r.stdout)
     record = doc["size_target"]
     assert doc["file_bytes"] <= target and record["allocated_tensors"] > 0
-    r = CliRunner().invoke(cli, ["merge", *paths, "-o", str(tmp_path / "c2.upk"), "--size", str(target), "-q"])
+    r = CliRunner().invoke(cli, ["merge", *paths, "-o", str(tmp_path / "c2.upk"), "--size", str(target)])
     assert r.exit_code == 0, r.output
-    assert f"{record['allocated_tensors']} tensors tighter (allocated per tensor)" in r.output
+    line = f"{record['allocated_tensors']} tensors tighter (allocated per tensor)"
+    assert line in r.output  # the summary's size target line
+    assert f"size search, merge 4: max-error {record['max_error']:.3g}" in r.output  # the allocation's merge
+    assert (
+        sum(text in r.output for text in ("size search, merge 4", "size search, merge 5"))
+        == len(doc["size_target"]["attempts"]) - 3
+    )
     assert math.isfinite(record["max_error"])

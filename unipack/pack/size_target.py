@@ -106,7 +106,10 @@ class SizeAttempt:
 
     @property
     def rule_text(self) -> str:
-        return rule_text("max-error", max_error=_short(self.max_error), max_delta_error=_short(self.max_delta_error))
+        text = rule_text("max-error", max_error=_short(self.max_error), max_delta_error=_short(self.max_delta_error))
+        if self.tensor_bounds is not None:
+            text += f", {len(self.tensor_bounds)} tensors tighter (allocated per tensor)"
+        return text
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
