@@ -557,21 +557,31 @@ def _allocate(
         at[name] = k
         recorded.move(name, chain[k][2])
         taken.append((name, chain[k][2]))
-    # What is left: the step (to any attempt) saving the most error per byte that still fits.
-    while True:
-        moves = []
-        for name in names:
-            now = point(name, pick[name])
-            for p in (point(name, s) for s in scales):
-                grow = p[0] - now[0]
-                if p[1] < now[1] and fixed + used + grow + recorded.bytes_with(name, p[2]) <= budget:
-                    moves.append(((now[1] - p[1]) / max(grow, 1.0), name, p))
-        if not moves:
-            break
-        _, name, p = max(moves, key=lambda m: (m[0], m[1]))
-        used += p[0] - point(name, pick[name])[0]
-        recorded.move(name, p[2])
-        taken.append((name, p[2]))
+    # What is left: steps to any attempt (on the hull or not) that still fit, the most error saved
+    # per byte first, in passes until none is taken (a pass moves each tensor at most once).
+    moved = True
+    while moved:
+        moved = False
+        candidates = sorted(
+            (
+                ((now[1] - p[1]) / max(p[0] - now[0], 1.0), name, p)
+                for name in names
+                for now in [point(name, pick[name])]
+                for p in (point(name, s) for s in scales)
+                if p[1] < now[1]
+            ),
+            key=lambda m: (-m[0], m[1], m[2][2]),
+        )
+        done: set[str] = set()
+        for _, name, p in candidates:
+            grow = p[0] - point(name, pick[name])[0]
+            if name in done or fixed + used + grow + recorded.bytes_with(name, p[2]) > budget:
+                continue
+            used += grow
+            recorded.move(name, p[2])
+            taken.append((name, p[2]))
+            done.add(name)
+            moved = True
     return taken
 
 
@@ -603,6 +613,7 @@ class _Assembly:
         shared = [b for m in ref.manifest.members for b in (m.codes, m.coefficients) if b is not None]
         self.shared_bytes = sum(math.prod(blobs[b].shape) * dtypes.itemsize(blobs[b].dtype) for b in shared)
         self.index = {s: {t.name: k for k, t in enumerate(f.manifest.tensors)} for s, f in self.files.items()}
+        self._ranges: dict[tuple[float, int, str], dict[str, tuple[int, int]]] = {}
 
     def nbytes(self, pick: dict[str, float]) -> int:
         total = self.fixed + sum(self.owned[pick[n]][n] for n in self.names)
@@ -616,7 +627,7 @@ class _Assembly:
                     f = self.files[pick[n]]
                     member = f.manifest.members[i]
                     blob = member.codes if kind == "codes" else member.coefficients
-                    offsets = f.manifest.code_offsets(member) if kind == "codes" else f.manifest.coef_offsets(member)
+                    offsets = self._offsets(pick[n], i, kind)
                     if blob is None or n not in offsets:
                         continue
                     if pick[n] not in decoded:
@@ -632,6 +643,16 @@ class _Assembly:
                 stored = codec.encode(data, dtypes.itemsize(dtype), self.codec, level, self.chunk_bytes, parts)[0]
                 total += len(stored)
         return total
+
+    def _offsets(self, scale: float, i: int, kind: str) -> dict[str, tuple[int, int]]:
+        """Each tensor's range in member ``i``'s ``kind`` blob (codes or coefficients) at ``scale``."""
+        key = (scale, i, kind)
+        if key not in self._ranges:
+            manifest = self.files[scale].manifest
+            member = manifest.members[i]
+            ranges = manifest.code_offsets(member) if kind == "codes" else manifest.coef_offsets(member)
+            self._ranges[key] = ranges
+        return self._ranges[key]
 
     def close(self) -> None:
         for f in self.files.values():
@@ -667,38 +688,38 @@ class _Recorded:
     """Bytes a pick's per-tensor bounds add to the manifest, in its options and in the search
     record (each an upper bound: a large manifest is compressed): per tensor named, its name (as
     an escaped JSON string inside the manifest string, twice), per distinct scale ``group_bytes``.
-    ``pick`` is updated in place by ``move``."""
+    ``pick`` is updated in place by ``move``; each answer costs a step per distinct scale."""
 
     def __init__(self, pick: dict[str, float], group_bytes: Callable[[float], int]) -> None:
         self.pick, self.group_bytes = pick, group_bytes
         self.name_bytes = {n: 2 * len(json.dumps(json.dumps(n) + ", ")) for n in pick}
-        self.counts: dict[float, int] = {}
-        for s in pick.values():
-            self.counts[s] = self.counts.get(s, 0) + 1
+        self.counts: dict[float, int] = {}  # per scale: how many tensors, and their names' bytes
+        self.names: dict[float, int] = {}
+        for n, s in pick.items():
+            self._shift(self.counts, self.names, n, s, 1)
+
+    def _shift(self, counts: dict[float, int], names: dict[float, int], name: str, scale: float, sign: int) -> None:
+        counts[scale] = counts.get(scale, 0) + sign
+        names[scale] = names.get(scale, 0) + sign * self.name_bytes[name]
+        if not counts[scale]:
+            del counts[scale], names[scale]
 
     def move(self, name: str, scale: float) -> None:
-        old = self.pick[name]
-        self.counts[old] -= 1
-        if not self.counts[old]:
-            del self.counts[old]
-        self.counts[scale] = self.counts.get(scale, 0) + 1
+        self._shift(self.counts, self.names, name, self.pick[name], -1)
+        self._shift(self.counts, self.names, name, scale, 1)
         self.pick[name] = scale
 
     def bytes_with(self, name: str | None, scale: float) -> int:
         """The bytes with ``name`` moved to ``scale`` (None: as it is)."""
-        counts = dict(self.counts)
+        counts, names = dict(self.counts), dict(self.names)
         if name is not None:
-            old = self.pick[name]
-            counts[old] -= 1
-            if not counts[old]:
-                del counts[old]
-            counts[scale] = counts.get(scale, 0) + 1
+            self._shift(counts, names, name, self.pick[name], -1)
+            self._shift(counts, names, name, scale, 1)
         loosest = max(counts)
         named = [s for s in counts if s != loosest]
         if not named:
             return 0
-        names = sum(b for n, b in self.name_bytes.items() if (scale if n == name else self.pick[n]) != loosest)
-        return OPTION_BYTES + sum(self.group_bytes(s) for s in named) + names
+        return OPTION_BYTES + sum(self.group_bytes(s) + names[s] for s in named)
 
 
 #: The key that names per-tensor bounds in the options, as the manifest holds it (a JSON string).
