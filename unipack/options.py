@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,11 @@ class MergeOptions:
         "With --lossless, also ZipNN where the zipnn package is installed.",
         choices=LOSSLESS,
     )
+    #: Per-tensor error bounds replacing the rule's for the tensors named (``merge --size``
+    #: allocates them; no CLI flag): ``(name, max_error, max_delta_error)`` sorted by name, given
+    #: as that or as a mapping ``{name: (max_error, max_delta_error)}``; recorded in the manifest as
+    #: ``{name: {"max_error": ..., "max_delta_error": ...}}`` (spec 3.4).
+    tensor_bounds: tuple[tuple[str, float | None, float | None], ...] = field(default=(), metadata={})
 
     def __post_init__(self) -> None:
         fixed = [n for n in ("rank", "energy") if getattr(self, n) is not None]
@@ -223,6 +229,7 @@ class MergeOptions:
         if self.gram_limit < 1:
             raise OptionsError(f"--gram-limit {self.gram_limit}: must be >= 1")
         object.__setattr__(self, "raw", tuple(self.raw))
+        object.__setattr__(self, "tensor_bounds", _tensor_bounds(self.tensor_bounds, self.rule))
         for pattern in self.raw:
             if not isinstance(pattern, str) or not pattern:
                 raise OptionsError(f"--raw {pattern!r}: must be a non-empty glob pattern")
@@ -230,7 +237,7 @@ class MergeOptions:
     @property
     def is_default_rule(self) -> bool:
         """Whether the error bounds are the defaults (none of the rule options was changed)."""
-        return (self.rank, self.energy, self.max_error, self.max_delta_error) == (
+        return not self.tensor_bounds and (self.rank, self.energy, self.max_error, self.max_delta_error) == (
             None,
             None,
             DEFAULT_MAX_ERROR,
@@ -271,6 +278,18 @@ class MergeOptions:
             max_delta_error=self.max_delta_error,
         )
 
+    def for_tensor(self, tensor: str) -> MergeOptions:
+        """These options as they apply to ``tensor``: its own bounds where ``tensor_bounds``
+        names it (and no per-tensor bounds left), else these options."""
+        bounds = self._bounds_by_tensor.get(tensor)
+        if bounds is None:
+            return self
+        return dataclasses.replace(self, max_error=bounds[0], max_delta_error=bounds[1], tensor_bounds=())
+
+    @functools.cached_property
+    def _bounds_by_tensor(self) -> dict[str, tuple[float | None, float | None]]:
+        return {name: (e, d) for name, e, d in self.tensor_bounds}
+
     def raw_pattern_for(self, tensor: str) -> str | None:
         """The first ``--raw`` pattern that names ``tensor``, if any."""
         for pattern in self.raw:
@@ -279,8 +298,11 @@ class MergeOptions:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["raw"] = list(self.raw)
+        del d["tensor_bounds"]
+        if self.tensor_bounds:  # written only where set: a bundle without keeps its options as before
+            d["tensor_bounds"] = tensor_bounds_doc(self.tensor_bounds)
         return d
 
     @classmethod
@@ -292,4 +314,56 @@ class MergeOptions:
         kwargs = dict(d)
         if "raw" in kwargs:
             kwargs["raw"] = tuple(kwargs["raw"])
+        if "tensor_bounds" in kwargs:
+            recorded = kwargs["tensor_bounds"]
+            shape = "a list of {max_error, max_delta_error, tensors: [names]}"
+            if not isinstance(recorded, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("tensors"), list) for g in recorded
+            ):
+                raise OptionsError(f"tensor_bounds: expected {shape}")
+            kwargs["tensor_bounds"] = tuple(
+                (n, g.get("max_error"), g.get("max_delta_error")) for g in recorded for n in g["tensors"]
+            )
         return cls(**kwargs)
+
+
+def tensor_bounds_doc(
+    tensor_bounds: Sequence[tuple[str, float | None, float | None]],
+) -> list[dict[str, Any]]:
+    """Per-tensor bounds as the manifest records them (spec 3.4): one entry per pair of bounds,
+    ``{"max_error", "max_delta_error", "tensors": [names]}``, loosest first."""
+    groups: dict[tuple[float | None, float | None], list[str]] = {}
+    for name, max_error, max_delta_error in tensor_bounds:
+        groups.setdefault((max_error, max_delta_error), []).append(name)
+    order = sorted(groups, key=lambda b: [-(x if x is not None else -1.0) for x in b])
+    return [{"max_error": b[0], "max_delta_error": b[1], "tensors": sorted(groups[b])} for b in order]
+
+
+def _tensor_bounds(given: object, rule: str) -> tuple[tuple[str, float | None, float | None], ...]:
+    """``MergeOptions.tensor_bounds`` checked and in its canonical form (sorted by name)."""
+    items = list(given.items()) if isinstance(given, Mapping) else [(t[0], tuple(t[1:])) for t in given]  # type: ignore[attr-defined]
+    if items and rule != "max-error":
+        raise OptionsError("per-tensor bounds (tensor_bounds) need error bounds, not --rank or --energy")
+    out = []
+    for name, bounds in items:
+        if not isinstance(name, str) or not name or len(bounds) != 2:
+            raise OptionsError(f"tensor_bounds {name!r}: expected a tensor name and (max_error, max_delta_error)")
+        max_error, max_delta_error = bounds
+        if max_error is None and max_delta_error is None:
+            raise OptionsError(f"tensor_bounds {name!r}: give max_error and/or max_delta_error")
+        for flag, value in (("max_error", max_error), ("max_delta_error", max_delta_error)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1
+            ):
+                raise OptionsError(f"tensor_bounds {name!r}: {flag} {value!r} must be a number in [0, 1)")
+        out.append(
+            (
+                name,
+                None if max_error is None else float(max_error),
+                None if max_delta_error is None else float(max_delta_error),
+            )
+        )
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise OptionsError("tensor_bounds: a tensor is named twice")
+    return tuple(sorted(out))

@@ -197,7 +197,13 @@ def rule_text(options: Mapping[str, Any]) -> str:
         max_error=options.get("max_error"),
         max_delta_error=options.get("max_delta_error"),
     )
-    return f"{words} per member per tensor" if rule == "max-error" else f"{words} (errors recorded, not bounded)"
+    if rule != "max-error":
+        return f"{words} (errors recorded, not bounded)"
+    groups = options.get("tensor_bounds")
+    own = sum(len(g.get("tensors") or ()) for g in groups if isinstance(g, dict)) if isinstance(groups, list) else 0
+    if own:  # merge --size allocated bounds per tensor (spec 3.4): the rule's hold for the others
+        return f"{words} per member per tensor ({own} tensors to bounds of their own)"
+    return f"{words} per member per tensor"
 
 
 def build_report(

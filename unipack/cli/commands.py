@@ -38,6 +38,8 @@ out_console = Console(width=None if sys.stdout.isatty() else 160)
 def merge_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add one click option per ``MergeOptions`` field, from the field's own metadata."""
     for f in reversed(dataclasses.fields(MergeOptions)):
+        if "flag" not in f.metadata:  # set by the Python API or by merge --size only (tensor_bounds)
+            continue
         meta = dict(f.metadata)
         flag, help_text = meta.pop("flag"), meta.pop("help")
         if "choices" in meta:

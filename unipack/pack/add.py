@@ -272,6 +272,7 @@ class _Adder:
         base_model: BaseModel | None = None,
     ) -> None:
         self.reader, self.checkpoint, self.options, self.adapter = reader, checkpoint, options, adapter
+        self.bundle_options = options
         self.base_model = base_model
         self.manifest: Manifest | None = None
         # (tensor, kind, recorded error, reason, its own blobs, over budget): bytes are known after writing
@@ -294,7 +295,13 @@ class _Adder:
             records = join.records()
             member_dtypes, lora, version = join.dtypes, join.lora, join.format_version
         else:
-            records = [scheme_of(t).add(self, t, c.tensors[t.name].dtype, c.read(t.name)) for t in old.tensors]
+            records = []
+            for t in old.tensors:
+                # The schemes read the rule from ``self.options``: each tensor's own bounds where the
+                # bundle records some (merge --size, spec 3.4 tensor_bounds), for its call alone.
+                self.options = self.bundle_options.for_tensor(t.name)
+                records.append(scheme_of(t).add(self, t, c.tensors[t.name].dtype, c.read(t.name)))
+            self.options = self.bundle_options
             member_dtypes = {t.name: c.tensors[t.name].dtype for t in old.tensors if c.tensors[t.name].dtype != t.dtype}
             lora, version = {}, old.format_version
         coef_blob = None

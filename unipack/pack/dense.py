@@ -327,13 +327,14 @@ class Merger:
         # With two families of candidates, the per-member SVD baselines (an eigendecomposition per
         # member) are measured once, for the winner, instead of inside every candidate's encoding.
         lazy_baselines = self.options.baselines and self._quantizing()
+        opts = self.options.for_tensor(plan.name)  # its own bounds where --size allocated them
         job = TensorJob(
             name=plan.name,
             shape=plan.shape,
             member_dtypes=plan.dtypes,
             load=lambda i: self._values(i, plan.name),
             rule=self.options.rule,
-            budget=self.options.budget,
+            budget=opts.budget,
             rank=self.options.rank,
             energy=self.options.energy,
             coef_dtype=self.coef_dtype,
@@ -343,7 +344,7 @@ class Merger:
         # The quantized deltas first: their bytes are a ceiling under which a decomposition must
         # come, which rules most decompositions out before their eigendecomposition (the costliest
         # step of a merge) and bounds the rank searched in the others.
-        quantized = self._fit_delta(plan, job)
+        quantized = self._fit_delta(plan, job, opts)
         ceiling = None if quantized is None else quantized.stored_bytes
         result = decompose(
             dataclasses.replace(job, ceiling=ceiling), [self._remembered_fit(name) for name in plan.schemes]
@@ -364,7 +365,7 @@ class Merger:
                             quantized.mean, quantized.mean_dtype
                         )
                     quantized.fidelity = self._svd_baselines(plan, quantized.fidelity, mean, values)
-                return self._store_delta(plan, quantized), job
+                return self._store_delta(plan, quantized, opts), job
         if isinstance(result, KeepRaw):
             return self._store_raw(plan, result.reason, "budget"), job
         return self._store_shared(plan, result, lazy_baselines), job
@@ -405,10 +406,11 @@ class Merger:
             cost += self._compressed(np.concatenate([c.reshape(-1) for c in enc.coefs]), self.coef_dtype)
         return cost
 
-    def _fit_delta(self, plan: TensorPlan, job: TensorJob) -> delta.DeltaEncoded | None:
-        """The cheapest quantized-delta storage meeting the error rule, or None (not asked for, a
-        rank or energy rule, or no candidate meets the rule)."""
-        budget = self.options.budget
+    def _fit_delta(self, plan: TensorPlan, job: TensorJob, opts: MergeOptions) -> delta.DeltaEncoded | None:
+        """The cheapest quantized-delta storage meeting the error rule (``opts``: the options as
+        they apply to this tensor), or None (not asked for, a rank or energy rule, or no
+        candidate meets the rule)."""
+        budget = opts.budget
         if not self._quantizing() or budget is None or job.shape is None:
             return None
         return delta.fit(
@@ -421,14 +423,14 @@ class Merger:
             base=base_tensor(plan),
         )
 
-    def _store_delta(self, plan: TensorPlan, enc: delta.DeltaEncoded) -> TensorRecord:
+    def _store_delta(self, plan: TensorPlan, enc: delta.DeltaEncoded, opts: MergeOptions) -> TensorRecord:
         if enc.on_base:  # referenced, not stored: the manifest's base table names it (base_reference)
             params = delta.DeltaParams(levels=enc.levels, group=enc.group, center=delta.BASE_CENTER)
-            reason = f"{self.options.rule_text} of the change from the base: quantized deltas ({enc.reason})"
+            reason = f"{opts.rule_text} of the change from the base: quantized deltas ({enc.reason})"
         else:
             mean = self.writer.add(f"mean/{plan.name}", enc.mean, enc.mean_dtype)
             params = delta.DeltaParams(mean=mean, levels=enc.levels, group=enc.group, mean_step=enc.mean_step)
-            reason = f"{self.options.rule_text}: mean + quantized deltas ({enc.reason})"
+            reason = f"{opts.rule_text}: mean + quantized deltas ({enc.reason})"
         for i in range(len(self.checkpoints)):
             self.coefs[i].append(enc.scales[i].reshape(-1))
             self.codes[i].append(enc.codes[i])

@@ -115,6 +115,8 @@ def merge(
         if adapters is not None:
             if opts.exact_tier:
                 raise OptionsError("--lossless is for full checkpoints, not LoRA adapters")
+            if opts.tensor_bounds:
+                raise OptionsError("per-tensor bounds (tensor_bounds) are for full checkpoints, not LoRA adapters")
             if not opts.is_default_rule and opts.max_delta_error is not None:
                 raise OptionsError(
                     "--max-delta-error is for full checkpoints; a LoRA adapter is already a delta: "

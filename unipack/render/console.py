@@ -139,6 +139,9 @@ def size_target_line(record: dict[str, Any], file_bytes: int) -> str:
     rule = bounds_text(
         "max-error", max_error=_sig3(record.get("max_error")), max_delta_error=_sig3(record.get("max_delta_error"))
     )
+    own = record.get("allocated_tensors")
+    if isinstance(own, int) and own > 0:  # the per-tensor step after the scale search (spec 3.6)
+        rule += f", {own} tensors tighter (allocated per tensor)"
     share = file_bytes / target if target else math.nan
     verdict = "met within 1%" if record.get("met") else f"fits, at {share:.1%} of it (no closer bundle found)"
     return (
