@@ -34,7 +34,7 @@ from unipack.errors import InputError
 from unipack.format import codec, dtypes
 from unipack.sources.checkpoint import Checkpoint
 from unipack.sources.remote import open_binary
-from unipack.sources.url import InputPath
+from unipack.sources.url import InputPath, Url
 
 LEVEL = 19
 #: Inputs up to this many bytes in all are compressed whole under ``--lossless-baseline auto``
@@ -225,7 +225,9 @@ def zipnn_size(files: Sequence[tuple[InputPath, int]], dtype: str) -> int | None
         try:
             with open_binary(path) as f:
                 while chunk := f.read(ZIPNN_CHUNK):
-                    total += len(coder.compress(chunk))
+                    # ZipNN groups the bytes it is given in place, even a bytes object's: a URL's
+                    # read may hand out the stored object itself (fsspec's memory://), so it gets a copy.
+                    total += len(coder.compress(bytearray(chunk) if isinstance(path, Url) else chunk))
         except OSError as exc:
             raise InputError(f"{path}: cannot read for the ZipNN baseline ({exc.strerror or exc})") from None
     return total
