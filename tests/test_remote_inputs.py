@@ -218,12 +218,19 @@ def test_bad_urls_are_one_clear_line(pop, tmp_path: Path, monkeypatch: pytest.Mo
 
     torch.save({"w": torch.zeros(2)}, torch_file)
     (bin_url,) = upload([torch_file])
+    (tmp_path / "bad.safetensors").write_bytes((10).to_bytes(8, "little") + b"{not json}")
+    (bad_url,) = upload([tmp_path / "bad.safetensors"])
+    (tmp_path / "bin-folder").mkdir()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bin-folder" / "pytorch_model.bin")
+    (bin_folder,) = upload([tmp_path / "bin-folder"])
     cases = [
         ([urls[0], f"{root}/missing.safetensors"], ["missing.safetensors", "no such file or folder"]),
         ([urls[0], "nosuchproto://bucket/a.safetensors"], ["unknown protocol 'nosuchproto'"]),
         ([urls[0], f"{root}/zz*.safetensors"], ["the pattern matches nothing"]),
         ([urls[0], bin_url], ["w.bin", "not a safetensors file"]),
         ([urls[0], root], [root, "without model weights"]),
+        ([urls[0], bad_url], [bad_url, "invalid JSON header"]),
+        ([urls[0], bin_folder], [bin_folder, "holds pytorch_model.bin", "safetensors weights only"]),
         ([urls[0], urls[1], "--size", "1MB"], ["--size and --bits read local inputs only"]),
     ]
     for args, mentions in cases:
@@ -232,7 +239,7 @@ def test_bad_urls_are_one_clear_line(pop, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(remote_module, "_fsspec", lambda: None)
     line = assert_one_line_error(run("merge", *urls[:2], "-o", out, "-q"), "needs fsspec", "unipack[remote]")
     assert line.startswith(f"Error: {urls[0]}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "bin-folder", "w.bin"]
 
 
 def test_a_bundle_by_url_is_refused_by_the_api(pop, tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from unipack.errors import FormatError, InputError, UnipackError
+from unipack.errors import InputError, UnipackError
 from unipack.format import dtypes
-from unipack.format.safetensors_file import MAX_HEADER_BYTES, parse_header
+from unipack.format.safetensors_file import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
 from unipack.sources.base import TensorInfo, TensorSource, check_tensor_key
 from unipack.sources.folder import (
     LAYOUTS,
@@ -129,15 +129,17 @@ def _stamp(fs: Any, path: str, info: dict[str, Any]) -> int:
 class RemoteSafetensorsSource:
     """One ``.safetensors`` file behind a URL: its header read up front, each tensor by range."""
 
-    def __init__(self, url: Url, header: Any, stamp: int) -> None:
-        self._url, self._header, self.stamp = url, header, stamp
+    def __init__(self, url: Url, header: SafetensorsHeader) -> None:
+        self._url, self._header = url, header
         self.tensors = {name: TensorInfo(e.dtype, e.shape) for name, e in header.tensors.items()}
         self._fs: Any = None
         self._path = ""
         self._pid = -1
 
     @classmethod
-    def open(cls, url: Url, fs: Any = None, path: str | None = None, info: dict[str, Any] | None = None) -> Any:
+    def open(
+        cls, url: Url, fs: Any = None, path: str | None = None, info: dict[str, Any] | None = None
+    ) -> RemoteSafetensorsSource:
         if fs is None or path is None:
             fs, path = filesystem(url)
         if info is None:
@@ -165,15 +167,13 @@ class RemoteSafetensorsSource:
             return raw
 
         check_header_limits(url, length, header)
-        try:
-            parsed = parse_header(Path(url.name), size, header(), what="safetensors checkpoint", where=str(url))
-        except FormatError as exc:
-            raise InputError(str(exc)) from None
+        # A header that does not parse is a FormatError naming the URL, as a local file's is.
+        parsed = parse_header(Path(url.name), size, header(), what="safetensors checkpoint", where=str(url))
         if parsed.metadata and parsed.metadata.get("format") == "unipack.upk":
             raise InputError(f"{url}: is a unipack bundle, not a checkpoint; extract its members first")
         for name in parsed.tensors:
             check_tensor_key(name, url)
-        source = cls(url, parsed, _stamp(fs, path, info))
+        source = cls(url, parsed)
         source._fs, source._path, source._pid = fs, path, os.getpid()
         return source
 
@@ -183,11 +183,11 @@ class RemoteSafetensorsSource:
 
     @property
     def file_size(self) -> int:
-        return int(self._header.file_size)
+        return self._header.file_size
 
     @property
     def metadata(self) -> dict[str, str] | None:
-        return self._header.metadata  # type: ignore[no-any-return]
+        return self._header.metadata
 
     @property
     def configs(self) -> dict[str, str] | None:
@@ -221,7 +221,7 @@ def open_remote(url: Url) -> TensorSource:
     info = _info(fs, path, url)
     if info.get("type") == "directory":
         return _open_folder(url, fs, path)
-    return RemoteSafetensorsSource.open(url, fs, path, info)  # type: ignore[no-any-return]
+    return RemoteSafetensorsSource.open(url, fs, path, info)
 
 
 def _open_folder(url: Url, fs: Any, path: str) -> HFFolderSource:
@@ -234,6 +234,7 @@ def _open_folder(url: Url, fs: Any, path: str) -> HFFolderSource:
         raise InputError(f"{url}: a PEFT adapter folder; adapters are read from local paths only: copy it locally")
     configs = {name: _config(url / name, fs, path, files[name]) for name in CONFIG_FILES if name in files}
     single, index_name, pattern, _ = LAYOUTS[0]
+    shards: list[TensorSource]
     if single in files:
         shards = [RemoteSafetensorsSource.open(url / single, fs, f"{path.rstrip('/')}/{single}", files[single])]
     elif index_name in files:
