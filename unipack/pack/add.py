@@ -103,7 +103,8 @@ def add(
     """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
 
     ``source`` is anything ``merge`` takes: a ``.safetensors`` file, a ``.bin``/``.pt`` state dict
-    or a Hugging Face model folder (whose config files are kept with the member); for a bundle of
+    or a Hugging Face model folder (whose config files are kept with the member), each also by URL
+    (``s3://...``: safetensors files and folders of them, see ``sources.remote``); for a bundle of
     LoRA adapters, a PEFT adapter folder of the same base (``pack.lora_add``).
 
     The bundle is rewritten in place, or written to ``output`` (which needs ``force`` to
