@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,33 @@ class CountingFS(MemoryFileSystem):
 fsspec.register_implementation("countmem", CountingFS, clobber=True)
 
 
+class ForkShyFS(MemoryFileSystem):
+    """``forkshy://``: a memory filesystem that, like fsspec's asynchronous ones (s3fs, gcsfs),
+    refuses to read in a process other than the one that made it (a forked child)."""
+
+    protocol = "forkshy"
+    store: dict[str, Any] = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made_in = os.getpid()
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        if path.startswith("forkshy://"):
+            path = "memory://" + path[len("forkshy://") :]
+        return super()._strip_protocol(path)  # type: ignore[no-any-return]
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        if self.made_in != os.getpid():
+            raise RuntimeError("This class is not fork-safe")
+        return super().cat_file(path, start=start, end=end, **kwargs)  # type: ignore[no-any-return]
+
+
+fsspec.register_implementation("forkshy", ForkShyFS, clobber=True)
+
+
 def upload(paths: list[Path], protocol: str = "memory") -> list[str]:
     """Each local file or folder copied under a fresh root of ``protocol``; their URLs, in order."""
     fs = fsspec.filesystem(protocol)
@@ -89,7 +117,7 @@ def pop(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 @pytest.fixture(autouse=True)
 def _clean_memory() -> Iterator[None]:
     yield
-    for cls in (MemoryFileSystem, CountingFS):
+    for cls in (MemoryFileSystem, CountingFS, ForkShyFS):
         for key in [k for k in cls.store if k.startswith("/unipack-test-")]:
             cls.store.pop(key, None)
 
@@ -117,6 +145,15 @@ def test_urls_give_the_local_bundle_byte_for_byte(pop, tmp_path: Path, jobs: int
     assert [m.name for m in result.manifest.members] == pop.names
     assert [m.source for m in result.manifest.members] == [p.name for p in pop.paths]  # names, not URLs
     assert "memory:" not in remote.read_bytes().decode("latin-1")  # no URL leaks into the bundle
+
+
+def test_forked_workers_open_the_filesystem_again(pop, tmp_path: Path) -> None:
+    """A filesystem made before the fork may not serve the child (fsspec's asynchronous ones do
+    not): each --jobs worker opens its own."""
+    urls = upload(pop.paths, "forkshy")
+    unipack.merge(pop.paths, tmp_path / "local.upk", jobs=1)
+    unipack.merge(urls, tmp_path / "forked.upk", jobs=2)
+    assert digest(tmp_path / "local.upk") == digest(tmp_path / "forked.upk")
 
 
 def test_hugging_face_folders_by_url(tmp_path: Path) -> None:
