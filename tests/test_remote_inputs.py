@@ -304,3 +304,27 @@ def test_a_dask_cluster_opens_the_urls_itself(pop, tmp_path: Path) -> None:
     assert digest(tmp_path / "local.upk") == digest(tmp_path / "dask.upk")
     assert result.manifest.members[0].source == pop.paths[0].name
     assert set(map(len, opened.values())) == {0}  # the merge is over: no worker holds its inputs
+
+
+def test_a_worker_refuses_an_object_replaced_since_the_merge_began(pop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a worker opens by URL must be the object the merge planned on: same size, same version."""
+
+    from unipack.pack import executors
+    from unipack.sources.checkpoint import close_all, open_inputs
+
+    monkeypatch.setattr(executors, "_WORKER_READY", True)  # this process is no worker: leave its BLAS be
+    urls = upload(pop.paths)
+    checkpoints = open_inputs([Url(u) for u in urls], None)
+    try:
+        inputs = executors.Inputs.of(checkpoints)
+    finally:
+        close_all(checkpoints)
+    assert inputs.paths == tuple(urls)  # the URLs travel, not local paths
+    opened = executors.opened(inputs)  # as a worker opens them: the same objects
+    assert [str(c.path) for c in opened] == urls
+    executors.forget(inputs)
+    fs = fsspec.filesystem("memory")
+    fs.pipe(urls[0].split("://", 1)[1], pop.paths[0].read_bytes())  # saved again: another version
+    with pytest.raises(InputError, match=r"ft0.safetensors: .* bytes version .* where the merge started"):
+        executors.opened(inputs)
+    assert executors._OPENED == {}
