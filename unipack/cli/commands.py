@@ -20,7 +20,7 @@ from rich.console import Console
 
 from unipack.api import Bundle
 from unipack.api import open as open_bundle
-from unipack.errors import UnipackError
+from unipack.errors import OptionsError, UnipackError
 from unipack.format.atomic import atomic_write, check_not_input, check_writable
 from unipack.options import MergeOptions
 from unipack.pack.executors import EXECUTORS
@@ -28,6 +28,7 @@ from unipack.pack.merge import MergeResult, merge
 from unipack.render.console import ProgressBars, format_bytes, info_table, merge_summary
 from unipack.render.documents import merge_document
 from unipack.sources.checkpoint import resolve_names
+from unipack.sources.url import as_input, is_url
 from unipack.version import __version__
 
 # Pipes and CI logs have no width; rich would fall back to 80 columns and cut member names.
@@ -153,8 +154,37 @@ def cli() -> None:
     """Pack many fine-tunes of one base model into one compact bundle, and get any one back."""
 
 
+class InputType(click.ParamType):
+    """An input: a local path (a ``Path``), or a URL (kept as typed: ``s3://bucket/ft1.safetensors``,
+    read through fsspec, see ``sources.remote``)."""
+
+    name = "path or URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path) or (isinstance(value, str) and is_url(value)):
+            return value
+        return Path(value)
+
+
+INPUT = InputType()
+
+
+def expanded(inputs: tuple[Path | str, ...]) -> list[Path | str]:
+    """The inputs with each URL pattern (``s3://bucket/run*/model.safetensors``) replaced by the
+    URLs it matches (sorted), as a shell expands a local pattern."""
+    out: list[Path | str] = []
+    for item in inputs:
+        if isinstance(item, str):
+            from unipack.sources.remote import expand
+
+            out.extend(expand([item]))
+        else:
+            out.append(item)
+    return out
+
+
 @cli.command("merge", short_help="Pack same-architecture checkpoints into one bundle.")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=INPUT)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle to write (.upk).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -229,7 +259,7 @@ def cli() -> None:
 )
 @merge_options
 def merge_cmd(
-    inputs: tuple[Path, ...],
+    inputs: tuple[Path | str, ...],
     output: Path,
     force: bool,
     quiet: bool,
@@ -248,6 +278,10 @@ def merge_cmd(
 ) -> None:
     """Merge same-architecture checkpoints (.safetensors, .bin/.pt, Hugging Face folders) into one bundle.
 
+    INPUTS are local paths or URLs (s3://bucket/ft1.safetensors, gs://bucket/ft2/ for a model folder,
+    s3://bucket/run*/model.safetensors as a pattern; any protocol fsspec knows: pip install
+    'unipack[remote]'), read by byte range.
+
     The merge summary is the result: on stdout (--json: as JSON); progress goes to stderr."""
     options = MergeOptions(**{k: v for k, v in fields.items()})
     if (max_drop is not None or metric is not None) and eval_spec is None:
@@ -263,13 +297,14 @@ def merge_cmd(
     where: dict[str, Any] = {"jobs": jobs, "executor": executor, "scheduler": scheduler, "base": base}
     if (size_target is not None or bits is not None) and eval_spec is not None:
         raise click.UsageError("--size/--bits cannot be combined with --eval yet: pick the bundle by size or by drop")
-    names = resolve_names(inputs, name_pairs) if name_pairs else None
+    given = expanded(inputs)
+    names = resolve_names([as_input(i) for i in given], name_pairs) if name_pairs else None
     bars = None if quiet else ProgressBars(err_console)
     try:
         if size_target is not None or bits is not None:
             from unipack.pack.size_target import bits_target, merge_to_size
 
-            target = size_target if size_target is not None else bits_target(list(inputs), bits or 0.0, names)
+            target = size_target if size_target is not None else bits_target(list(given), bits or 0.0, names)
             tries: list[int] = []
 
             def tried(a: Any) -> None:
@@ -280,7 +315,7 @@ def merge_cmd(
                 )
 
             result: MergeResult = merge_to_size(
-                list(inputs),
+                list(given),
                 output,
                 target,
                 options=options,
@@ -291,13 +326,13 @@ def merge_cmd(
                 **where,
             )
         elif eval_spec is None:
-            result = merge(list(inputs), output, options=options, names=names, force=force, progress=bars, **where)
+            result = merge(list(given), output, options=options, names=names, force=force, progress=bars, **where)
         else:
             from unipack.pack.max_drop import merge_with_eval
             from unipack.usercode import load_eval
 
             result = merge_with_eval(
-                list(inputs),
+                list(given),
                 output,
                 load_eval(eval_spec),
                 max_drop=max_drop,
@@ -334,7 +369,6 @@ def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _size_option(value: str | None, what: str) -> int | None:
-    from unipack.errors import OptionsError
     from unipack.export.hf_folder import parse_size
 
     try:
@@ -726,7 +760,7 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool, 
 
 @cli.command("add", short_help="Add a checkpoint to a bundle, onto its existing bases.")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", type=INPUT)
 @click.option("--name", help="Member name (default: SOURCE's file or folder name, without .safetensors, .bin or .pt).")
 @click.option(
     "-o",
@@ -744,7 +778,13 @@ def demo_cmd(workdir: Path, cache_dir: Path | None, small: bool, tensors: bool, 
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the add summary, with every tensor's outcome, as JSON.")
 def add_cmd(
-    bundle: Path, source: Path, name: str | None, output: Path | None, force: bool, base: Path | None, as_json: bool
+    bundle: Path,
+    source: Path | str,
+    name: str | None,
+    output: Path | None,
+    force: bool,
+    base: Path | None,
+    as_json: bool,
 ) -> None:
     """Add a checkpoint as a new member, projected onto the bundle's existing bases.
 

@@ -140,31 +140,39 @@ def read_header(
             raw = f.read(header_len)
     except OSError as exc:
         raise FormatError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    return parse_header(p, file_size, raw, what=what)
+
+
+def parse_header(p: Path, file_size: int, raw: bytes, *, what: str, where: str | None = None) -> SafetensorsHeader:
+    """Validate the JSON header ``raw`` of a ``file_size``-byte safetensors file (read by the
+    caller, from a file or by byte range from remote storage); errors name ``where`` (default
+    ``p``)."""
+    label = str(p) if where is None else where
     if not raw.lstrip().startswith(b"{"):
-        raise FormatError(f"{p}: not a {what} (its header is not a JSON object)")
-    doc = strict_json(raw, f"{p}")
+        raise FormatError(f"{label}: not a {what} (its header is not a JSON object)")
+    doc = strict_json(raw, label)
     if not isinstance(doc, dict):
-        raise FormatError(f"{p}: not a {what} (its header is not a JSON object)")
-    data_start = 8 + header_len
+        raise FormatError(f"{label}: not a {what} (its header is not a JSON object)")
+    data_start = 8 + len(raw)
     data_len = file_size - data_start
     metadata = doc.pop("__metadata__", None)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
-            raise FormatError(f"{p}: __metadata__ must map strings to strings")
-    entries = [_parse_entry(p, name, spec, data_start, data_len) for name, spec in doc.items()]
+            raise FormatError(f"{label}: __metadata__ must map strings to strings")
+    entries = [_parse_entry(label, name, spec, data_start, data_len) for name, spec in doc.items()]
     entries.sort(key=lambda e: (e.start, e.end))
     cursor = data_start
     for e in entries:
         if e.start < cursor:
-            raise FormatError(f"{p}: tensor {e.name!r} overlaps the previous tensor's bytes")
+            raise FormatError(f"{label}: tensor {e.name!r} overlaps the previous tensor's bytes")
         cursor = e.end
     return SafetensorsHeader(p, file_size, data_start, {e.name: e for e in entries}, metadata)
 
 
-def _parse_entry(p: Path, name: str, spec: Any, data_start: int, data_len: int) -> TensorEntry:
-    where = f"{p}: tensor {name!r}"
+def _parse_entry(label: str, name: str, spec: Any, data_start: int, data_len: int) -> TensorEntry:
+    where = f"{label}: tensor {name!r}"
     if not isinstance(spec, dict):
         raise FormatError(f"{where}: entry is not an object")
     dtype = dtypes.check_dtype(spec.get("dtype"), where)

@@ -36,6 +36,7 @@ from unipack.pack.lora_add import LoraJoin, check_adapter, rewritten_blobs
 from unipack.schemes import is_lora, scheme_of
 from unipack.sources import PeftAdapterSource
 from unipack.sources.checkpoint import Checkpoint, default_name, name_difference, open_checkpoint
+from unipack.sources.url import InputPath, as_input, local_inputs
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def add(
     """Add checkpoint ``source`` to ``bundle`` as member ``name`` (default: its file or folder name).
 
     ``source`` is anything ``merge`` takes: a ``.safetensors`` file, a ``.bin``/``.pt`` state dict
-    or a Hugging Face model folder (whose config files are kept with the member); for a bundle of
+    or a Hugging Face model folder (whose config files are kept with the member), each also by URL
+    (``s3://...``: safetensors files and folders of them, see ``sources.remote``); for a bundle of
     LoRA adapters, a PEFT adapter folder of the same base (``pack.lora_add``).
 
     The bundle is rewritten in place, or written to ``output`` (which needs ``force`` to
@@ -116,10 +118,10 @@ def add(
     ``base``: the base model a bundle merged with ``--base`` references (required for one, and
     checked as extraction checks it): the new member's deltas are taken from it, too.
     """
-    bundle_path, source_path = Path(bundle), Path(source)
+    bundle_path, source_path = Path(bundle), as_input(source)  # a URL too: see sources.remote
     out = Path(output) if output is not None else None
     if out is not None:
-        check_writable(out, force=force, inputs=[source_path])
+        check_writable(out, force=force, inputs=local_inputs([source]))
         if same_file(out, bundle_path):
             out = None  # -o naming the bundle itself (with --force) is an add in place, under its lock
     in_place = contextlib.nullcontext() if out is not None else bundle_lock(bundle_path)
@@ -201,7 +203,7 @@ def free_member_index(blob_names: Iterable[str]) -> int:
     return index
 
 
-def _member_name(name: str | None, source: Path, manifest: Manifest, bundle: Path) -> str:
+def _member_name(name: str | None, source: InputPath, manifest: Manifest, bundle: Path) -> str:
     chosen = default_name(source) if name is None else name
     try:
         check_member_file_name(check_member_name(chosen))

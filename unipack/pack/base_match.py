@@ -94,7 +94,7 @@ def match_base(
     prefix (``bert.`` on the members' side or the base's) that matches most of them."""
     members = [p.name for p in plans]
     prefix, members_prefixed = _prefix(members, list(base.tensors))
-    path = os.path.abspath(base.path)
+    path = os.path.abspath(str(base.path))  # a local path: open_base opens no URL
     out, matched, unmatched = [], 0, []
     for plan in plans:
         if plan.storage != "shared" or plan.shape is None:

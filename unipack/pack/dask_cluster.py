@@ -4,7 +4,8 @@ Imported only when that executor is chosen (``dask[distributed]`` is the optiona
 ``unipack[dask]``). A job is a top-level function of plain data (``dense.tensor_job``,
 ``lora.module_job``, ``dense.lossless_job``): Dask pickles a reference to the function and
 its arguments; a worker imports unipack, opens the inputs by path (``executors.opened``: shared
-storage, the same paths as here) and sends back the tensor's record and compressed blobs.
+storage, the same paths as here) or by URL (object storage, read through fsspec) and sends back
+the tensor's record and compressed blobs.
 The merging process takes results in plan order (``Executor.in_order``), so the bundle is the
 one ``--jobs 1`` writes, byte for byte, provided the workers run the same versions of unipack,
 numpy and zstd (checked on each worker's first job).

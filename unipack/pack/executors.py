@@ -13,8 +13,8 @@ interface (``Executor``):
 * ``ForkPool``: ``--jobs N`` forked workers. They inherit the merging process's open inputs
   (registered here before the fork), so a job opens nothing.
 * ``DaskCluster`` (``dask_cluster.py``, imported only when chosen): ``--executor dask
-  --scheduler ADDR``. Its workers open the inputs themselves by path (shared storage), once per
-  worker process and merge.
+  --scheduler ADDR``. Its workers open the inputs themselves by path (shared storage) or URL
+  (object storage), once per worker process and merge.
 
 Each keeps at most ``window`` jobs in flight: results are taken in order, so a slow job at the
 head would otherwise let every later result pile up in the merging process.
@@ -32,12 +32,13 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from unipack.errors import ClusterError, InputError, OptionsError
 from unipack.pack import parallel
 from unipack.sources.checkpoint import Checkpoint, close_all, open_inputs
+from unipack.sources.remote import file_stamp
+from unipack.sources.url import InputPath, Url, as_input
 
 #: ``--executor``: the choices.
 EXECUTORS = ("local", "dask")
@@ -46,7 +47,8 @@ EXECUTORS = ("local", "dask")
 @dataclass(frozen=True)
 class Inputs:
     """Where a merge's members are, as plain data a worker process opens by itself: absolute
-    paths (workers of a cluster must see them at the same paths: shared storage), the members'
+    paths (workers of a cluster must see them at the same paths: shared storage) or URLs (read
+    through fsspec: object storage the workers can reach, see ``sources.remote``), the members'
     names (reasons and errors name them), the sizes and latest modification times the merging
     process saw (a worker that sees other files refuses them; a file saved again is another
     input, never one a worker still holds open) and the versions that decide the bundle's bytes."""
@@ -60,7 +62,7 @@ class Inputs:
     @classmethod
     def of(cls, checkpoints: Sequence[Checkpoint]) -> Inputs:
         return cls(
-            tuple(os.path.abspath(c.path) for c in checkpoints),
+            tuple(c.path.text if isinstance(c.path, Url) else os.path.abspath(c.path) for c in checkpoints),
             tuple(c.name for c in checkpoints),
             tuple(c.file_size for c in checkpoints),
             tuple(modified(c) for c in checkpoints),
@@ -69,8 +71,9 @@ class Inputs:
 
 
 def modified(checkpoint: Checkpoint) -> int:
-    """The latest modification time (ns) of the files a member is read from."""
-    return max((os.stat(path).st_mtime_ns for path, _ in checkpoint.files), default=0)
+    """The latest modification time (ns) of the files a member is read from (for a URL: its
+    version, see ``sources.remote.file_stamp``)."""
+    return max((file_stamp(path) for path, _ in checkpoint.files), default=0)
 
 
 def environment() -> tuple[tuple[str, str], ...]:
@@ -155,15 +158,15 @@ def _open(inputs: Inputs) -> list[Checkpoint]:
             f"the same versions on the workers"
         )
     try:
-        checkpoints = open_inputs([Path(p) for p in inputs.paths], list(inputs.names))
+        checkpoints = open_inputs([as_input(p) for p in inputs.paths], list(inputs.names))
     except InputError as exc:
-        raise InputError(f"{exc} (opened on worker {_host()}: workers read the inputs by path)") from None
+        raise InputError(f"{exc} (opened on worker {_host()}: workers read the inputs by path or URL)") from None
     for c, size, stamp in zip(checkpoints, inputs.sizes, inputs.modified):
         if (c.file_size, modified(c)) != (size, stamp):
-            seen = f"{c.file_size:,} bytes modified {_when(modified(c))}"
+            seen = f"{c.file_size:,} bytes {_when(c.path, modified(c))}"
             close_all(checkpoints)
             raise InputError(
-                f"{c.path}: {seen} on worker {_host()}, {size:,} bytes modified {_when(stamp)} where the "
+                f"{c.path}: {seen} on worker {_host()}, {size:,} bytes {_when(c.path, stamp)} where the "
                 f"merge started; workers must read the same files (shared storage, not changed during the merge)"
             )
     _OPENED[inputs] = checkpoints
@@ -185,10 +188,15 @@ def _forget(inputs: Inputs) -> None:
         close_all(_OPENED.pop(inputs, []))
 
 
-def _when(ns: int) -> str:
+def _when(path: InputPath, ns: int) -> str:
+    """``modified <time>`` of a local file's stamp; ``version <hex>`` of a URL's."""
+    if isinstance(path, Url):
+        return f"version {ns:014x}"
     import datetime
 
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(timespec="microseconds")
+    return "modified " + datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(
+        timespec="microseconds"
+    )
 
 
 def _host() -> str:

@@ -11,7 +11,8 @@ stronger than plain zstd -19 (1.197x against about 1.10x) and about 90 times fas
 (199 MB per CPU second against 2.2): all 1.27 GB take 6.4 CPU seconds, what zstd -19 spent on
 its 15 MB sample (whose first-MiB windows said 1.61x: a sample can mislead). So every input is
 measured whole and the report's figure is exact, whatever the input size
-(``--lossless-baseline sample`` still estimates it from windows).
+(``--lossless-baseline sample`` still estimates it from windows). An input read by URL is
+streamed once for it, through fsspec (``sources.remote.open_binary``), and measured the same way.
 Level 1, not 3: below their top byte, float byte planes are near-random, where level 3's match
 finder spends bits on spurious matches that level 1 skips (1.5% smaller there, 4x faster).
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
@@ -33,6 +33,8 @@ import zstandard
 from unipack.errors import InputError
 from unipack.format import codec, dtypes
 from unipack.sources.checkpoint import Checkpoint
+from unipack.sources.remote import open_binary
+from unipack.sources.url import InputPath, Url
 
 LEVEL = 19
 #: Inputs up to this many bytes in all are compressed whole under ``--lossless-baseline auto``
@@ -91,7 +93,9 @@ def is_grouped(recorded: dict[str, object]) -> bool:
     return recorded.get("grouping") == GROUPING
 
 
-def measure_grouped(files: Sequence[tuple[Path, int]], itemsize: int, mode: str, share: float = 1.0) -> LosslessSize:
+def measure_grouped(
+    files: Sequence[tuple[InputPath, int]], itemsize: int, mode: str, share: float = 1.0
+) -> LosslessSize:
     """zstd at ``GROUPED_LEVEL`` of a member's files with their bytes grouped for elements of
     ``itemsize`` bytes (1: not grouped), summed; ``mode`` ``full`` (every byte, the default) or
     ``sample`` (``share`` of SAMPLE_BYTES in evenly spaced windows, scaled up: an estimate)."""
@@ -101,7 +105,7 @@ def measure_grouped(files: Sequence[tuple[Path, int]], itemsize: int, mode: str,
         budget = max(WINDOW, int(SAMPLE_BYTES * share * size / max(total, 1)))
         windows = max(1, min(size // WINDOW, budget // WINDOW))
         try:
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 if mode == "full" or windows * WINDOW >= size:
                     parts.append(LosslessSize(_grouped_size(f, size, itemsize), False, size))
                     continue
@@ -158,11 +162,11 @@ def plan_mode(mode: str, total_bytes: int, exact_tier: bool = False, grouped: bo
     return mode
 
 
-def measure(path: Path, size: int, mode: str, share: float = 1.0, level: int = LEVEL) -> LosslessSize:
+def measure(path: InputPath, size: int, mode: str, share: float = 1.0, level: int = LEVEL) -> LosslessSize:
     """zstd size of the file at ``path`` (``size`` bytes) at ``level``; ``share`` of SAMPLE_BYTES
     when sampling."""
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             if mode == "full" or size <= WINDOW:
                 return LosslessSize(_compressed_size(f, size, level), False, size)
             budget = max(WINDOW, int(SAMPLE_BYTES * share))
@@ -180,7 +184,9 @@ def measure(path: Path, size: int, mode: str, share: float = 1.0, level: int = L
         raise InputError(f"{path}: cannot read for the lossless baseline ({exc.strerror or exc})") from None
 
 
-def measure_files(files: Sequence[tuple[Path, int]], mode: str, share: float = 1.0, level: int = LEVEL) -> LosslessSize:
+def measure_files(
+    files: Sequence[tuple[InputPath, int]], mode: str, share: float = 1.0, level: int = LEVEL
+) -> LosslessSize:
     """zstd size of a member's weight files (a folder's shards) summed; an estimate if any was sampled.
 
     Each file gets its part of ``share`` in proportion to its size, so a sharded member is sampled
@@ -205,7 +211,7 @@ def zipnn_version() -> str | None:
         return None
 
 
-def zipnn_size(files: Sequence[tuple[Path, int]], dtype: str) -> int | None:
+def zipnn_size(files: Sequence[tuple[InputPath, int]], dtype: str) -> int | None:
     """ZipNN's size of a member's weight files, grouping bytes for ``dtype`` (a safetensors dtype),
     in ZIPNN_CHUNK pieces that keep elements aligned; None without ZipNN or for a dtype it does
     not group."""
@@ -217,9 +223,11 @@ def zipnn_size(files: Sequence[tuple[Path, int]], dtype: str) -> int | None:
     total = 0
     for path, _ in files:
         try:
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 while chunk := f.read(ZIPNN_CHUNK):
-                    total += len(coder.compress(chunk))
+                    # ZipNN groups the bytes it is given in place, even a bytes object's: a URL's
+                    # read may hand out the stored object itself (fsspec's memory://), so it gets a copy.
+                    total += len(coder.compress(bytearray(chunk) if isinstance(path, Url) else chunk))
         except OSError as exc:
             raise InputError(f"{path}: cannot read for the ZipNN baseline ({exc.strerror or exc})") from None
     return total

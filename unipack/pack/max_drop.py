@@ -35,6 +35,7 @@ from unipack.pack.executors import Execution
 from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, default_name, open_inputs
+from unipack.sources.url import as_input, local_inputs
 from unipack.usercode import EvalHook, pick_metric
 
 #: Budgets below this are treated as 0 (lossless): halving further would only add attempts.
@@ -91,8 +92,8 @@ def merge_with_eval(
         raise OptionsError(f"--max-drop {max_drop}: must be a non-negative number (in the metric's units)")
     started = time.perf_counter()
     out_path = Path(out)
-    check_writable(out_path, force=force, inputs=paths)
-    member_names = list(names) if names is not None else [default_name(Path(p)) for p in paths]
+    check_writable(out_path, force=force, inputs=local_inputs(paths))
+    member_names = list(names) if names is not None else [default_name(as_input(p)) for p in paths]
     originals, metric, adapters = _score_originals(paths, member_names, hook, metric)
     if adapters:  # as merge() does
         opts = opts.for_adapters()
@@ -214,7 +215,7 @@ def _score_originals(
     paths: Sequence[str | os.PathLike[str]], names: list[str], hook: EvalHook, metric: str | None
 ) -> tuple[dict[str, dict[str, float]], str, bool]:
     """Every original's scores, the metric, and whether the inputs are LoRA adapters."""
-    checkpoints = open_inputs([Path(p) for p in paths], names)
+    checkpoints = open_inputs([as_input(p) for p in paths], names)
     try:
         scores = {c.name: hook(c.state_dict(), c.name) for c in checkpoints}
         adapters = adapter_sources(checkpoints) is not None

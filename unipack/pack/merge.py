@@ -28,6 +28,7 @@ from unipack.pack.executors import Execution
 from unipack.pack.lora import LoraMerger, adapter_sources, plan_lora
 from unipack.pack.plan import plan_tensors
 from unipack.sources.checkpoint import close_all, open_inputs
+from unipack.sources.url import as_input, local_inputs
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ def merge(
     the same paths). The bundle is byte-identical whatever they are; only its speed and peak
     memory (one tensor per job) change.
 
+    ``paths``: local paths, or URLs (strings holding ``://``: ``s3://bucket/ft1.safetensors``, a
+    model folder's ``gs://bucket/ft2/``; any protocol fsspec knows, with ``unipack[remote]``), read
+    by byte range (``sources.remote``); every executor's workers open the URLs themselves.
+
     ``base``: the base model the members were fine-tuned from (a .safetensors file or a model
     folder): quantized deltas may then be taken from its tensors, which the bundle references by
     sha256 instead of storing a mean (spec §11); extracting such a member needs the base again."""
@@ -89,8 +94,8 @@ def merge(
     execution = Execution(executor, jobs, scheduler)
     started = time.perf_counter()
     out_path = Path(out)
-    check_writable(out_path, force=force, inputs=paths)  # -o onto an input would destroy it
-    checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
+    check_writable(out_path, force=force, inputs=local_inputs(paths))  # -o onto an input would destroy it
+    checkpoints = open_inputs([as_input(p) for p in paths], list(names) if names is not None else None)
     try:
         for c in checkpoints:  # every member must come back out as <name>.safetensors
             try:

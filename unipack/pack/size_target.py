@@ -63,6 +63,7 @@ from unipack.pack.executors import Execution
 from unipack.pack.lora import adapter_sources
 from unipack.pack.merge import MergeResult, merge, read_back
 from unipack.sources.checkpoint import close_all, open_inputs
+from unipack.sources.url import as_input, local_inputs
 
 #: A bundle within this fraction below the target is close enough ("met within 1%").
 TOLERANCE = 0.01
@@ -131,7 +132,7 @@ def bits_target(paths: Sequence[str | os.PathLike[str]], bits: float, names: Seq
     """``--bits B`` as bytes: B bits for every parameter of every input (all tensors, heads too)."""
     if not (math.isfinite(bits) and bits > 0):
         raise OptionsError(f"--bits {bits}: give a positive number of bits per parameter, e.g. 2.5")
-    checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
+    checkpoints = open_inputs([as_input(p) for p in paths], list(names) if names is not None else None)
     try:
         params = sum(info.numel for c in checkpoints for info in c.tensors.values())
     finally:
@@ -171,8 +172,8 @@ def merge_to_size(
         raise OptionsError(f"--size {target_bytes}: must be at least 1 byte")
     started = time.perf_counter()
     out_path = Path(out)
-    check_writable(out_path, force=force, inputs=paths)
-    checkpoints = open_inputs([Path(p) for p in paths], list(names) if names is not None else None)
+    check_writable(out_path, force=force, inputs=local_inputs(paths))  # -o onto an input would destroy it
+    checkpoints = open_inputs([as_input(p) for p in paths], list(names) if names is not None else None)
     try:
         adapters = adapter_sources(checkpoints) is not None
     finally:

@@ -10,28 +10,37 @@ from unipack.errors import InputError
 from unipack.sources.base import TensorInfo, TensorSource
 from unipack.sources.folder import HFFolderSource, open_folder
 from unipack.sources.peft_adapter import LoraModule, PeftAdapterSource, is_peft_adapter
+from unipack.sources.remote import open_remote
 from unipack.sources.safetensors_source import SafetensorsSource
 from unipack.sources.torch_source import TORCH_SUFFIXES, TorchSource
+from unipack.sources.url import InputPath, Url, as_input, is_url
 from unipack.sources.weights import open_weights_file
 
 __all__ = [
     "TORCH_SUFFIXES",
     "HFFolderSource",
+    "InputPath",
     "LoraModule",
     "PeftAdapterSource",
     "SafetensorsSource",
     "TensorInfo",
     "TensorSource",
     "TorchSource",
+    "Url",
+    "as_input",
+    "is_url",
     "is_peft_adapter",
     "open_weights_file",
     "open_source",
 ]
 
 
-def open_source(path: Path) -> TensorSource:
+def open_source(path: InputPath) -> TensorSource:
     """Open ``path`` as the kind of source it is: an adapter folder (it has ``adapter_config.json``),
-    a model folder, else a weights file, read as what its first bytes say it is."""
+    a model folder, else a weights file, read as what its first bytes say it is; a ``Url`` through
+    fsspec (``remote``: safetensors files and model folders of them)."""
+    if isinstance(path, Url):
+        return open_remote(path)
     if is_peft_adapter(path):
         return PeftAdapterSource.open(path)
     if path.is_dir():

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from unipack.errors import FormatError, InputError
 from unipack.format.manifest import MAX_TENSOR_NAME_CHARS, check_tensor_name
+from unipack.sources.url import InputPath
 
 #: The largest magnitude of a value unipack decomposes (2**40, about 1.1e12). Beyond it, sums of
 #: squares and products overflow: a member's deltas are multiplied in float32 (whose largest
@@ -43,8 +43,8 @@ class TensorSource(Protocol):
     """One member's tensors, readable one at a time (never all of a large file at once)."""
 
     @property
-    def path(self) -> Path:
-        """The file or folder the user named."""
+    def path(self) -> InputPath:
+        """The file or folder the user named (a ``Url`` for one read from remote storage)."""
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -63,7 +63,7 @@ class TensorSource(Protocol):
         """A Hugging Face folder's small config files, file name -> exact text; None for files."""
 
     @property
-    def files(self) -> tuple[tuple[Path, int], ...]:
+    def files(self) -> tuple[tuple[InputPath, int], ...]:
         """Each weight file with its size in bytes (one for a file, each shard for a folder)."""
 
     def read(self, name: str) -> np.ndarray:
@@ -73,7 +73,7 @@ class TensorSource(Protocol):
         """Release open files and loaded tensors."""
 
 
-def check_tensor_key(name: str, path: Path) -> str:
+def check_tensor_key(name: str, path: InputPath) -> str:
     """``name`` if a bundle may hold it as a tensor name; else an InputError naming the input.
 
     The verdict is the bundle reader's own (``format.manifest.check_tensor_name``): a name the

@@ -23,7 +23,9 @@ from unipack.format import dtypes
 from unipack.format.manifest import check_member_name
 from unipack.sources import TORCH_SUFFIXES, PeftAdapterSource, TensorInfo, TensorSource, open_source
 from unipack.sources.base import MAX_MAGNITUDE
+from unipack.sources.remote import RemoteSafetensorsSource
 from unipack.sources.safetensors_source import SafetensorsSource
+from unipack.sources.url import InputPath, Url, is_url
 
 #: float32's largest finite value.
 F32_MAX = float(np.finfo(np.float32).max)
@@ -57,7 +59,7 @@ class Checkpoint:
     _f64_checked: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> InputPath:
         return self.source.path
 
     @property
@@ -82,17 +84,18 @@ class Checkpoint:
         return self.source.configs
 
     @property
-    def files(self) -> tuple[tuple[Path, int], ...]:
+    def files(self) -> tuple[tuple[InputPath, int], ...]:
         return self.source.files
 
     @property
     def fork_safe(self) -> bool:
         """Whether a forked child process may read this member: safetensors files (folders of
         them, PEFT adapters saved as one) are read with ``pread``; a torch checkpoint reads
-        through torch, whose thread pools do not survive a fork."""
+        through torch, whose thread pools do not survive a fork. (A file read by URL reopens its
+        filesystem in the child: see ``remote``.)"""
         source = getattr(self.source, "weights", self.source)  # a PEFT adapter: its weights file
         shards = getattr(source, "shards", (source,))
-        return all(isinstance(s, SafetensorsSource) for s in shards)
+        return all(isinstance(s, (SafetensorsSource, RemoteSafetensorsSource)) for s in shards)
 
     @property
     def is_adapter(self) -> bool:
@@ -154,9 +157,10 @@ class Checkpoint:
         self.source.close()
 
 
-def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
-    """Open and validate every input; raise a clear error naming the first bad one."""
-    if len(paths) == 1 and paths[0].is_dir():
+def open_inputs(paths: Sequence[InputPath], names: list[str] | None) -> list[Checkpoint]:
+    """Open and validate every input (local paths, or ``Url``s: see ``as_input``); raise a clear
+    error naming the first bad one."""
+    if len(paths) == 1 and isinstance(paths[0], Path) and paths[0].is_dir():
         raise InputError(_one_folder_message(paths[0]))
     if len(paths) < 2:
         raise InputError(f"merge needs at least 2 checkpoints, got {len(paths)}")
@@ -164,7 +168,7 @@ def open_inputs(paths: list[Path], names: list[str] | None) -> list[Checkpoint]:
         names = [default_name(p) for p in paths]
     if len(names) != len(paths):
         raise InputError(f"{len(names)} names given for {len(paths)} checkpoints")
-    seen: dict[str, Path] = {}
+    seen: dict[str, InputPath] = {}
     for name, path in zip(names, paths):
         try:
             check_member_name(name)
@@ -217,7 +221,7 @@ def _one_folder_message(folder: Path) -> str:
     return f"{folder}: holds no checkpoints (.safetensors, .bin, .pt or model folders); merge needs at least 2"
 
 
-def open_checkpoint(path: Path, name: str) -> Checkpoint:
+def open_checkpoint(path: InputPath, name: str) -> Checkpoint:
     """Open and validate one checkpoint (a member's original, or a member to add)."""
     source = open_source(path)
     if not source.tensors:
@@ -226,14 +230,20 @@ def open_checkpoint(path: Path, name: str) -> Checkpoint:
     return Checkpoint(name, source)
 
 
-def source_name(path: Path) -> str:
-    """The file or folder name (``Path("dir/.")`` and ``Path(".")`` name the folder, not ``.``)."""
+def source_name(path: InputPath) -> str:
+    """The file or folder name (``Path("dir/.")`` and ``Path(".")`` name the folder, not ``.``; a
+    URL's last segment)."""
+    if isinstance(path, Url):
+        return path.name
     return Path(os.path.abspath(path)).name
 
 
-def default_name(path: Path) -> str:
-    """A member's default name: its file name without its suffix, or its folder name."""
+def default_name(path: InputPath) -> str:
+    """A member's default name: its file name without its suffix, or its folder name (a URL's last
+    segment, without .safetensors, .bin or .pt: whether it is a folder is not asked of the store)."""
     name = source_name(path)
+    if isinstance(path, Url):
+        return next((name[: -len(s)] for s in NAME_SUFFIXES if name.endswith(s) and len(name) > len(s)), name)
     if path.is_dir():
         return name
     for suffix in NAME_SUFFIXES:
@@ -242,7 +252,7 @@ def default_name(path: Path) -> str:
     return Path(name).stem
 
 
-def resolve_names(paths: Sequence[Path], pairs: Sequence[str]) -> list[str]:
+def resolve_names(paths: Sequence[InputPath], pairs: Sequence[str]) -> list[str]:
     """Member names for ``paths``: the defaults, with ``SOURCE=NAME`` pairs (``merge --name``) applied.
 
     SOURCE is an input path exactly as given (compared as a path, so ``./a`` is ``a``) or its
@@ -258,7 +268,7 @@ def resolve_names(paths: Sequence[Path], pairs: Sequence[str]) -> list[str]:
                 f"--name {pair!r}: expected SOURCE=NAME, with SOURCE an input path or its default "
                 f"name (e.g. --name {defaults[0]}=my-name)"
             )
-        matches = [i for i, p in enumerate(paths) if Path(source) == Path(p)] or [
+        matches = [i for i, p in enumerate(paths) if _same_input(source, p)] or [
             i for i, d in enumerate(defaults) if d == source
         ]
         if not matches:
@@ -279,6 +289,13 @@ def resolve_names(paths: Sequence[Path], pairs: Sequence[str]) -> list[str]:
             )
         chosen[index] = name
     return [chosen.get(i, d) for i, d in enumerate(defaults)]
+
+
+def _same_input(given: str, path: InputPath) -> bool:
+    """Whether ``--name SOURCE=...``'s SOURCE is the input ``path`` (a URL: as typed)."""
+    if isinstance(path, Url):
+        return given == path.text
+    return not is_url(given) and Path(given) == path
 
 
 def _check_same_names(checkpoints: list[Checkpoint]) -> None:

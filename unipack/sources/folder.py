@@ -28,6 +28,7 @@ from unipack.sources.base import TensorSource
 from unipack.sources.files import exists, open_file, require_file
 from unipack.sources.hf_configs import read_configs
 from unipack.sources.safetensors_source import MAX_INPUT_HEADER_BYTES
+from unipack.sources.url import InputPath
 from unipack.sources.weights import open_weights_file
 
 #: (single weight file, index file, shard file name pattern, how to open one file), in lookup order.
@@ -51,14 +52,14 @@ LAYOUTS: tuple[tuple[str, str, re.Pattern[str], Callable[[Path], TensorSource]],
 class HFFolderSource:
     """A model folder: its weight files (shards) and, per tensor, the shard that holds it."""
 
-    def __init__(self, path: Path, shards: list[TensorSource], configs: dict[str, str] | None) -> None:
+    def __init__(self, path: InputPath, shards: list[TensorSource], configs: dict[str, str] | None) -> None:
         self._path, self._shards, self.configs = path, shards, configs
         # Shards in file order, each in its own data order: the state dict's order for HF saves.
         self._where = {name: shard for shard in shards for name in shard.tensors}
         self.tensors = {name: info for shard in shards for name, info in shard.tensors.items()}
 
     @property
-    def path(self) -> Path:
+    def path(self) -> InputPath:
         return self._path
 
     @property
@@ -74,7 +75,7 @@ class HFFolderSource:
         return self._shards[0].metadata
 
     @property
-    def files(self) -> tuple[tuple[Path, int], ...]:
+    def files(self) -> tuple[tuple[InputPath, int], ...]:
         return tuple(f for s in self._shards for f in s.files)
 
     def read(self, name: str) -> np.ndarray:
@@ -117,7 +118,7 @@ def _open_shards(
             raise InputError(
                 f"{folder / name}: a shard that {index_name} names is missing; re-download or re-save the folder"
             )
-    _check_every_shard_listed(folder, index, set(files), pattern)
+    check_every_shard_listed(folder, index, set(files), pattern)
     shards: list[TensorSource] = []
     try:
         for name in files:
@@ -125,10 +126,10 @@ def _open_shards(
             # Checked as each shard opens: the index then bounds the work, since a shard holding
             # tensors it does not list is refused before the next shard is parsed (the rest of the
             # agreement is checked once all are open).
-            _check_shard_listed(index, weight_map, name, shards[-1])
-        _check_index_matches(index, weight_map, dict(zip(files, shards)))
+            check_shard_listed(index, weight_map, name, shards[-1])
+        check_index_matches(index, weight_map, dict(zip(files, shards)))
     except BaseException:
-        _close(shards)
+        close_sources(shards)
         raise
     return shards
 
@@ -142,6 +143,11 @@ def read_weight_map(index: Path) -> dict[str, str]:
             data = f.read(MAX_INPUT_HEADER_BYTES + 1)  # never more than the limit, whatever stat says
     except OSError as exc:
         raise InputError(f"{index}: cannot read ({exc.strerror or exc})") from None
+    return parse_weight_map(index, data)
+
+
+def parse_weight_map(index: InputPath, data: bytes) -> dict[str, str]:
+    """``read_weight_map`` of the index's first ``MAX_INPUT_HEADER_BYTES + 1`` bytes ``data``."""
     if len(data) > MAX_INPUT_HEADER_BYTES:
         raise InputError(
             f"{index}: over the {MAX_INPUT_HEADER_BYTES:,}-byte limit for an index; not a model index, or corrupt"
@@ -169,10 +175,17 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _check_every_shard_listed(folder: Path, index: Path, listed: set[str], pattern: re.Pattern[str]) -> None:
-    """No shard on disk the index ignores, and every shard ``i`` of ``n`` named ``-of-n`` listed."""
-    for path in sorted(folder.iterdir()):
-        if pattern.fullmatch(path.name) and path.name not in listed:
+def check_every_shard_listed(
+    folder: InputPath, index: InputPath, listed: set[str], pattern: re.Pattern[str], entries: list[str] | None = None
+) -> None:
+    """No shard on disk the index ignores, and every shard ``i`` of ``n`` named ``-of-n`` listed
+    (``entries``: the folder's file names, where it is not a local folder)."""
+    if entries is None:
+        assert isinstance(folder, Path)
+        entries = [p.name for p in sorted(folder.iterdir())]
+    for name in entries:
+        path = folder / name
+        if pattern.fullmatch(name) and name not in listed:
             raise InputError(
                 f"{path}: a shard that {index.name} does not list (left by another save?); remove "
                 f"it or restore the matching index"
@@ -191,7 +204,7 @@ def _check_every_shard_listed(folder: Path, index: Path, listed: set[str], patte
             )
 
 
-def _check_index_matches(index: Path, weight_map: dict[str, str], shards: dict[str, TensorSource]) -> None:
+def check_index_matches(index: InputPath, weight_map: dict[str, str], shards: dict[str, TensorSource]) -> None:
     """Every mapped tensor is in its shard, and every shard's tensors are mapped to it."""
     for tensor, file_name in weight_map.items():
         if tensor not in shards[file_name].tensors:
@@ -200,11 +213,11 @@ def _check_index_matches(index: Path, weight_map: dict[str, str], shards: dict[s
                 f"the index and the shards do not match: re-download or re-save the folder"
             )
     for file_name, shard in shards.items():
-        _check_shard_listed(index, weight_map, file_name, shard, unlisted_only=False)
+        check_shard_listed(index, weight_map, file_name, shard, unlisted_only=False)
 
 
-def _check_shard_listed(
-    index: Path, weight_map: dict[str, str], file_name: str, shard: TensorSource, *, unlisted_only: bool = True
+def check_shard_listed(
+    index: InputPath, weight_map: dict[str, str], file_name: str, shard: TensorSource, *, unlisted_only: bool = True
 ) -> None:
     """Every tensor of the shard ``file_name`` is mapped to it by the index (``unlisted_only``:
     is listed at all, the check made as each shard opens)."""
@@ -218,7 +231,7 @@ def _check_shard_listed(
             )
 
 
-def _close(sources: list[TensorSource]) -> None:
+def close_sources(sources: list[TensorSource]) -> None:
     for s in sources:
         try:
             s.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from unipack.errors import InputError
 from unipack.format.manifest import MAX_CONFIG_BYTES
 from unipack.sources.files import exists, open_file
+from unipack.sources.url import InputPath
 
 #: The files kept, when present: the model's, generation's and preprocessor's configuration.
 CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
@@ -39,6 +40,12 @@ def read_config(path: Path) -> str:
             data = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
         except OSError as exc:
             raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return config_text(path, data, size)
+
+
+def config_text(path: InputPath, data: bytes, size: int) -> str:
+    """The text of the config file ``path`` of ``size`` bytes, whose first bytes (up to
+    ``MAX_CONFIG_BYTES + 1``) are ``data``: checked as ``read_config`` checks it."""
     if size > MAX_CONFIG_BYTES:
         raise _too_big(path, size)
     if len(data) > MAX_CONFIG_BYTES:
@@ -56,7 +63,7 @@ def read_config(path: Path) -> str:
     return text
 
 
-def _too_big(path: Path, size: int) -> InputError:
+def _too_big(path: InputPath, size: int) -> InputError:
     return InputError(
         f"{path}: {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file kept "
         f"in the bundle; shrink it or remove it from the folder"

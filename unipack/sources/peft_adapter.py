@@ -34,6 +34,7 @@ from unipack.format.safetensors_file import reject_duplicate_keys
 from unipack.sources.base import MAX_MAGNITUDE, TensorInfo, TensorSource
 from unipack.sources.files import exists, open_file
 from unipack.sources.patterns import Budget, PatternError, PatternMatcher
+from unipack.sources.url import InputPath
 from unipack.sources.weights import open_weights_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -133,7 +134,7 @@ class PeftAdapterSource:
         return self._weights.metadata
 
     @property
-    def files(self) -> tuple[tuple[Path, int], ...]:
+    def files(self) -> tuple[tuple[InputPath, int], ...]:
         return self._weights.files
 
     def read(self, name: str) -> np.ndarray:
@@ -345,7 +346,7 @@ def _lora_modules(weights: TensorSource, scaling: _Scaling) -> dict[str, LoraMod
     return {name: _module(where, name, weights.tensors, scaling) for name in names}
 
 
-def _check_extra(where: Path, key: str) -> None:
+def _check_extra(where: InputPath, key: str) -> None:
     """A key that is not a factor is stored raw, unless it is part of a LoRA update unipack cannot merge."""
     parts = key.split(".")
     if "lora_magnitude_vector" in parts:
@@ -370,7 +371,7 @@ def _check_extra(where: Path, key: str) -> None:
         )
 
 
-def _module(where: Path, name: str, tensors: Mapping[str, TensorInfo], scaling: _Scaling) -> LoraModule:
+def _module(where: InputPath, name: str, tensors: Mapping[str, TensorInfo], scaling: _Scaling) -> LoraModule:
     a_key, b_key = f"{name}{A_SUFFIX}", f"{name}{B_SUFFIX}"
     for key, other in ((a_key, b_key), (b_key, a_key)):
         if other not in tensors:

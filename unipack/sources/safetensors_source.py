@@ -10,6 +10,7 @@ whose header was read (device, inode, size, modification time), reads, and close
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from unipack.format import dtypes
 from unipack.format.safetensors_file import MAX_HEADER_BYTES, SafetensorsHeader, read_bytes, read_header
 from unipack.sources.base import TensorInfo, check_tensor_key
 from unipack.sources.files import open_file
+from unipack.sources.url import InputPath
 
 #: Largest JSON header of an input accepted. The format allows 100 MiB, but parsing costs about
 #: 0.3 s per MiB here and a real checkpoint's header is ~130 bytes per tensor (16 MiB: ~120,000
@@ -104,6 +106,11 @@ def _check_header_size(path: Path, fd: int) -> None:
     length = int.from_bytes(prefix, "little")
     if length > MAX_HEADER_BYTES or 8 + length > os.fstat(fd).st_size:
         return  # not a header at all, or a truncated file: read_header says which
+    check_header_limits(path, length, lambda: _pread(path, fd, length, 8))
+
+
+def check_header_limits(path: InputPath, length: int, header: Callable[[], bytes]) -> None:
+    """Refuse a header of ``length`` bytes (``header()`` reads them) past the input limits."""
     if length > MAX_INPUT_HEADER_BYTES:
         raise InputError(
             f"{path}: its header is {length:,} bytes, over the {MAX_INPUT_HEADER_BYTES:,}-byte limit for "
@@ -111,7 +118,7 @@ def _check_header_size(path: Path, fd: int) -> None:
         )
     # Every tensor is one JSON object, so the header's "{" count bounds the tensor count from
     # above (a "{" in a name only adds to it): cheap, and before json.loads does any work.
-    objects = _pread(path, fd, length, 8).count(b"{")
+    objects = header().count(b"{")
     if objects > MAX_INPUT_TENSORS + 2:  # + the header itself and __metadata__
         raise InputError(
             f"{path}: its header holds {objects - 1:,} entries, over the limit of {MAX_INPUT_TENSORS:,} "
