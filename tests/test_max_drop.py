@@ -351,6 +351,9 @@ def test_api_refuses_bad_max_drop(setup: Setup, tmp_path: Path) -> None:
     for bad in (-0.5, math.inf, math.nan):
         with pytest.raises(OptionsError, match="must be a non-negative number"):
             merge_with_eval(setup.pop.paths, tmp_path / "b.upk", hook, max_drop=bad)
+    own = unipack.MergeOptions(tensor_bounds={"any.weight": (0.01, None)})
+    with pytest.raises(OptionsError, match="give no tensor_bounds"):  # it would scale the rule's bounds only
+        merge_with_eval(setup.pop.paths, tmp_path / "b.upk", hook, max_drop=1.0, options=own)
     assert list(tmp_path.iterdir()) == []
 
 

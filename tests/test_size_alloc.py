@@ -252,3 +252,40 @@ def test_the_cli_line_says_how_many_tensors_were_allocated(population, tmp_path,
         == len(doc["size_target"]["attempts"]) - 3
     )
     assert math.isfinite(record["max_error"])
+
+
+def test_the_alternatives_are_judged_by_each_tensors_own_bounds(population, tmp_path) -> None:
+    """A tensor held to bounds of its own is met by an alternative only if every member is within
+    those bounds (recomputed here with numpy), not the rule's looser ones."""
+    paths = population.paths[:6]
+    name = next(iter(SPECS))
+    uniform, tight = tmp_path / "uniform.upk", tmp_path / "tight.upk"
+    unipack.merge(paths, uniform, lossless="off")
+    options = unipack.MergeOptions(tensor_bounds={name: (1e-4, None)}, lossless="off")
+    unipack.merge(paths, tight, options=options)
+    loose = unipack.open(uniform).manifest.stats["alternatives"]
+    held = unipack.open(tight).manifest.stats["alternatives"]
+    ws = [as64(population.tensors[i][name]) for i in range(6)]
+    mean = np.mean(ws, axis=0).astype(np.float32).astype(np.float64)
+    center = np.mean(ws, axis=0)
+    mean = center.astype(np.float32).astype(np.float64)
+
+    def error(w: np.ndarray, approx: np.ndarray) -> float:
+        return float(np.linalg.norm((w - approx).ravel()))
+
+    approximations = {
+        "fp16": [w.astype(np.float16).astype(np.float64) for w in ws],
+        "int8": [unipack.core.alternatives.int_delta(w, mean, 8).astype(np.float32).astype(np.float64) for w in ws],
+    }
+    for method, approx in approximations.items():
+        errors = [error(w, a) for w, a in zip(ws, approx, strict=True)]
+        norms = [float(np.linalg.norm(w.ravel())) for w in ws]
+        # the default rule (5% of W, and 40% of W - mean or 2^-11 of W) holds; 1e-4 of W does not
+        assert all(
+            e <= 0.05 * n and (e <= 0.4 * error(w, center) or e <= 2.0**-11 * n)
+            for e, n, w in zip(errors, norms, ws, strict=True)
+        )
+        assert max(e / n for e, n in zip(errors, norms, strict=True)) > 1e-4
+        assert held["methods"][method]["tensors_met"] == loose["methods"][method]["tensors_met"] - 1
+    assert loose["cheapest"][name][0] is not None
+    assert held["cheapest"][name] == [None, 0]

@@ -82,8 +82,16 @@ class TensorOutcome:
 class AlternativesMeter:
     """Accumulates every method's bytes and errors over the tensors of one merge."""
 
-    def __init__(self, n_members: int, budget: ErrorBudget | None, with_base: bool = False) -> None:
-        self.n, self.budget = n_members, budget
+    def __init__(
+        self,
+        n_members: int,
+        budget: ErrorBudget | None,
+        with_base: bool = False,
+        tensor_budget: Callable[[str], ErrorBudget | None] | None = None,
+    ) -> None:
+        """``budget``: the merge's rule; ``tensor_budget(name)``: a tensor's own bounds where they
+        differ (``merge --size`` allocating them per tensor), each alternative judged by them."""
+        self.n, self.budget, self.tensor_budget = n_members, budget, tensor_budget
         #: With a base model (``merge --base``), also its int-b deltas (``BASE_METHODS``).
         self.methods = METHODS + BASE_METHODS if with_base else METHODS
         self.tallies = {m: Tally(err2=[0.0] * n_members, worst=[0.0] * n_members) for m in self.methods}
@@ -162,17 +170,17 @@ class AlternativesMeter:
             for i in range(self.n):
                 tally.err2[i] += o.err2[i]
                 tally.worst[i] = max(tally.worst[i], o.errors[i])
-            if self._met(o, bundle_errors):
+            if self._met(o, bundle_errors, self.tensor_budget(name) if self.tensor_budget else self.budget):
                 tally.met += 1
                 if best[0] is None or o.bytes < best[1]:
                     best = (method, o.bytes)
         self.cheapest[name] = best
 
-    def _met(self, o: TensorOutcome, bundle_errors: Sequence[float]) -> bool:
+    def _met(self, o: TensorOutcome, bundle_errors: Sequence[float], budget: ErrorBudget | None) -> bool:
         if not all(math.isfinite(e) for e in o.errors):
             return False
-        if self.budget is not None:
-            return self.budget.met(o.errors, o.delta_errors)
+        if budget is not None:
+            return budget.met(o.errors, o.delta_errors)
         return all(e <= b * (1 + 1e-9) + 1e-12 for e, b in zip(o.errors, bundle_errors))
 
     def to_stats(self) -> dict[str, Any]:

@@ -150,7 +150,11 @@ class Merger:
         self.exact: list[dict[str, ExactEntry]] = [{} for _ in range(n)]  # the lossless tier's entries
         # What the one-line alternatives would cost, measured with the baselines (--no-baselines
         # skips both: they are what the report compares the bundle with, not what it stores).
-        self.alternatives = AlternativesMeter(n, options.budget, with_base) if options.baselines else None
+        self.alternatives = (
+            AlternativesMeter(n, options.budget, with_base, tensor_budget=lambda name: options.for_tensor(name).budget)
+            if options.baselines
+            else None
+        )
 
     def run(self, plans: list[TensorPlan], execution: Execution | None = None) -> Manifest:
         """Every tensor stored in plan order; ``execution``: where the tensors' jobs run (default:

@@ -88,6 +88,9 @@ def merge_with_eval(
             "--max-drop chooses the error budget (--max-error, --max-delta-error); it cannot be combined with "
             "--rank or --energy"
         )
+    if max_drop is not None and opts.tensor_bounds:
+        # the search scales the rule's bounds; per-tensor ones would be left behind unscaled
+        raise OptionsError("--max-drop scales the error bounds itself: give no tensor_bounds")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
         raise OptionsError(f"--max-drop {max_drop}: must be a non-negative number (in the metric's units)")
     started = time.perf_counter()
