@@ -286,7 +286,8 @@ def quantize(
     codes = (q + offset(levels)).astype(np.uint8)
     with np.errstate(over="ignore", invalid="ignore"):
         if tiled:
-            q.reshape(-1, group).__imul__(s)  # q * s
+            rows = q.reshape(-1, group)  # a view: q * s, a step per row of groups
+            rows *= s
         else:
             q *= s
         q += mean  # mean + q * s
