@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -84,7 +85,6 @@ class RecordingWriter:
     def __init__(self, codec_name: str, level: int, chunk_bytes: int | None = None) -> None:
         self._codec, self._level, self.chunk_bytes = codec_name, level, chunk_bytes
         self.made: list[EncodedBlob] = []
-        self._held: dict[str, tuple[np.ndarray, str]] = {}
 
     def level_for(self, dtype: str) -> int:
         return blob_level(dtype, self._level)
@@ -95,9 +95,6 @@ class RecordingWriter:
         stored, used, shuffled = codec.encode(data, dtypes.itemsize(dtype), self._codec, level, self.chunk_bytes)
         shape = tuple(int(d) for d in array.shape)
         self.made.append(EncodedBlob(name, dtype, shape, bytes(stored), used, shuffled))
-        # What read_blob gives back (the codecs are lossless): the lossless tier predicts from a
-        # tensor's stored mean in the same job. One job's blobs, dropped with the job.
-        self._held[name] = (np.ascontiguousarray(array, dtype=dtypes.holder(dtype)), dtype)
         return name
 
     def add_encoded(
@@ -107,10 +104,20 @@ class RecordingWriter:
         return name
 
     def read_blob(self, name: str) -> np.ndarray:
-        return self._held[name][0]
+        """A blob made in this job, decoded as the bundle writer's ``read_blob`` decodes it (the
+        lossless tier predicts from a tensor's stored mean in the same job)."""
+        blob = self._made(name)
+        nbytes = math.prod(blob.shape) * dtypes.itemsize(blob.dtype)
+        data = codec.decode(
+            blob.stored, blob.codec, blob.shuffled, dtypes.itemsize(blob.dtype), nbytes, f"job: {name!r}"
+        )
+        return dtypes.from_bytes(data, blob.dtype, blob.shape)
 
     def dtype_of(self, name: str) -> str:
-        return self._held[name][1]
+        return self._made(name).dtype
+
+    def _made(self, name: str) -> EncodedBlob:
+        return next(blob for blob in self.made if blob.name == name)
 
 
 @dataclasses.dataclass
