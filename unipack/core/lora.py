@@ -42,46 +42,63 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
-@dataclass(frozen=True)
 class LoraFactors:
-    """One adapter's factors for one module: ΔW = scale · b · a."""
+    """One adapter's factors for one module: ΔW = scale · b · a.
 
-    a: np.ndarray  # r x in
-    b: np.ndarray  # out x r
-    scale: float
+    ``a`` and ``b`` are float64. Given in float16 or float32 they are held at that width and
+    widened (exactly) on each access, so that a module's adapters, all held while it is encoded,
+    take the memory of their stored factors rather than 4x (fp16) as float64; every computation
+    sees the same float64 values either way."""
 
-    def __post_init__(self) -> None:
-        a = np.asarray(self.a, dtype=np.float64)
-        b = np.asarray(self.b, dtype=np.float64)
+    __slots__ = ("_a", "_b", "scale", "_norm")
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, scale: float) -> None:
+        a, b = _held(a), _held(b)
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"LoRA factors need a (r x in) and b (out x r); got a {a.shape}, b {b.shape}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"LoRA scale must be finite, got {self.scale}")
-        object.__setattr__(self, "a", a)
-        object.__setattr__(self, "b", b)
-        object.__setattr__(self, "scale", float(self.scale))
+        if not math.isfinite(scale):
+            raise ValueError(f"LoRA scale must be finite, got {scale}")
+        self._a, self._b, self.scale = a, b, float(scale)
+        self._norm: float | None = None
+
+    @property
+    def a(self) -> np.ndarray:  # r x in, float64
+        return self._a if self._a.dtype == np.float64 else self._a.astype(np.float64)
+
+    @property
+    def b(self) -> np.ndarray:  # out x r, float64
+        return self._b if self._b.dtype == np.float64 else self._b.astype(np.float64)
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self._a.shape[0])
 
     @property
     def out_dim(self) -> int:
-        return int(self.b.shape[0])
+        return int(self._b.shape[0])
 
     @property
     def in_dim(self) -> int:
-        return int(self.a.shape[1])
+        return int(self._a.shape[1])
 
     @property
     def norm(self) -> float:
-        """||ΔW||_F from r x r Grams: ||s B A||² = s² tr((BᵀB)(AAᵀ))."""
-        sq = self.scale**2 * float(np.sum((self.b.T @ self.b) * (self.a @ self.a.T)))
-        return math.sqrt(max(sq, 0.0))
+        """||ΔW||_F from r x r Grams: ||s B A||² = s² tr((BᵀB)(AAᵀ)) (computed once)."""
+        if self._norm is None:
+            a, b = self.a, self.b
+            sq = self.scale**2 * float(np.sum((b.T @ b) * (a @ a.T)))
+            self._norm = math.sqrt(max(sq, 0.0))
+        return self._norm
 
     def update(self) -> np.ndarray:
         """The dense out x in update (tests and small modules only)."""
         return self.scale * (self.b @ self.a)
+
+
+def _held(x: np.ndarray) -> np.ndarray:
+    """Factors as held: float16 and float32 arrays as they are (each widens exactly), else float64."""
+    x = np.asarray(x)
+    return x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float64)
 
 
 class LoraModel:

@@ -177,7 +177,9 @@ class LoraMerger(Merger):
                 )
             if self.progress:
                 self.progress.member_read()
-            factors.append(LoraFactors(a, b, m.scale))
+            # Held at their stored width (F16 as float16; BF16, F32 as float32: exact), widened per use.
+            held = {"F16": np.float16, "BF16": np.float32, "F32": np.float32}.get(c.tensors[m.a_key].dtype, np.float64)
+            factors.append(LoraFactors(a.astype(held, copy=False), b.astype(held, copy=False), m.scale))
             member_dtypes.append(c.tensors[m.a_key].dtype)
         return factors, member_dtypes
 
