@@ -32,8 +32,9 @@ SKETCH_FROM = 1024
 #: any error budget, and every error is measured exactly on the basis found anyway.
 OVERSAMPLE = 16
 POWER_ITERATIONS = 2
-#: The sketch's random test matrix comes from this fixed seed (and the module's shape): the same
-#: adapters give the same bases, in any process and on any machine.
+#: The sketch's random test matrix comes from this fixed seed (and the module's shape), never
+#: from the machine or the process: the same adapters give the same bases serially, in forked
+#: workers and on Dask (as far as the exact SVD's do: both depend on the BLAS's rounding).
 SKETCH_SEED = 0x10AA
 
 
