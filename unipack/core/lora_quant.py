@@ -132,35 +132,17 @@ class ProductSvd:
 class QuantizedFactors:
     """One adapter's module at L levels: what is stored and what extraction returns."""
 
-    codes: np.ndarray  # uint8, r*in codes of A' then r*out of B'ᵀ (C order), unpacked (or packed: below)
+    codes: np.ndarray  # uint8, r*in codes of A' then r*out of B'ᵀ (C order), unpacked
     steps_held: np.ndarray  # 2r steps as stored (holder(step dtype)): A's rows, then B's columns
     a: np.ndarray | None  # float64 values of the extracted A (rounded to the member's dtype)
     b: np.ndarray | None  # float64 values of the extracted B; both None once ``stored_only``
     error: float  # ||ΔW - s B A|| / ||ΔW|| of exactly those
-    packed_for: int | None = None  # ``codes`` already packed for this many levels (``packed``)
-    code_count: int | None = None  # the number of codes, once packed
 
     def stored_only(self) -> QuantizedFactors:
         """Without the extracted values (8 bytes a number against the codes' 1): what the chooser
         keeps of each adapter at each level count it may still pick, so that a module's working
         set grows by the codes alone per adapter."""
         return dataclasses.replace(self, a=None, b=None)
-
-    def packed(self, levels: int) -> QuantizedFactors:
-        """``stored_only`` with the codes packed as the bundle stores them (``quantize.pack``:
-        1 to 5 codes a byte): what the merge's chooser keeps at each level count still open."""
-        assert self.packed_for is None
-        return dataclasses.replace(
-            self, a=None, b=None, codes=quantize.pack(self.codes, levels), packed_for=levels, code_count=self.codes.size
-        )
-
-    @property
-    def n_codes(self) -> int:
-        return self.codes.size if self.code_count is None else self.code_count
-
-    def packed_codes(self, levels: int) -> np.ndarray:
-        """The codes as stored for ``levels`` levels."""
-        return self.codes if self.packed_for == levels else quantize.pack(self.codes, levels)
 
 
 def dequantize(

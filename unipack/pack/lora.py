@@ -281,12 +281,13 @@ class LoraMerger(Merger):
         for i, q in enumerate(fits):
             if q is not None:
                 self.coefs[i].append(q.steps_held)
-        packed = np.concatenate([q.packed_codes(levels) for q in fits if q is not None])
+        packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])
         codes = self.writer.add(f"codes/{module.name}", packed, "U8")
         errors = [0.0 if q is None else q.error for q in fits]
         itemsize = dtypes.itemsize(self.coef_dtype)
         numbers = [
-            0.0 if q is None else q.steps_held.size + quantize.packed_size(q.n_codes, levels) / itemsize for q in fits
+            0.0 if q is None else q.steps_held.size + quantize.packed_size(q.codes.size, levels) / itemsize
+            for q in fits
         ]
         self._own_fidelity(model, factors, errors, numbers)
         return _module_record(module, model, reason, LoraQuantParams, levels=levels, codes=codes)
@@ -512,9 +513,7 @@ class Pricing:
             search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
             open_levels = [n for n in open_levels if search.floor_meets(budget.max_error, n)]
             for n in open_levels:
-                found = search.fit(budget.max_error, n)
-                # Packed as stored where nothing recodes them (a merge): 1.6 to 8 bits a code, not 8.
-                fits[n].append(found.packed(n) if code_levels is None else found.stored_only())
+                fits[n].append(search.fit(budget.max_error, n).stored_only())
             if not open_levels:
                 return None
         best: tuple[int, tuple[int, list[QuantizedFactors | None]]] | None = None
@@ -524,7 +523,7 @@ class Pricing:
             if not live:
                 continue  # no adapter touches the module
             packing = n if code_levels is None else code_levels
-            codes = np.concatenate([q.packed_codes(packing) for q in live])  # as stored: one blob
+            codes = np.concatenate([quantize.pack(q.codes, packing) for q in live])  # as stored: one blob
             steps = np.concatenate([q.steps_held for q in live])
             cost = self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype)
             if best is None or cost < best[0]:
