@@ -264,3 +264,152 @@ def test_large_module_stays_factored():
     u, v = model.u[:, :k_out], model.v[:, :k_in]
     dense = np.linalg.norm(w - u @ (u.T @ w @ v) @ v.T) / np.linalg.norm(w)
     assert errors[0] == pytest.approx(dense, rel=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# sketched bases (large collections): checked against numpy's SVD of the dense stacked updates
+
+SK_OUT, SK_IN = 120, 90
+
+
+def _sketch_population(n: int = 30, r: int = 8, seed: int = 3, gap: float = 1e-3) -> list[LoraFactors | None]:
+    """Updates in a shared 6-dim column and row space plus small private noise: a clear spectral
+    gap after 6 on both sides, and Σ r = 240 > both widths (the exact bases would be full width)."""
+    rng = np.random.default_rng(seed)
+    u0 = np.linalg.qr(rng.standard_normal((SK_OUT, 6)))[0]
+    v0 = np.linalg.qr(rng.standard_normal((SK_IN, 6)))[0]
+    out: list[LoraFactors | None] = []
+    for i in range(n):
+        if i == 4:
+            out.append(None)
+            continue
+        b = u0 @ rng.standard_normal((6, r)) + gap * rng.standard_normal((SK_OUT, r))
+        a = rng.standard_normal((r, 6)) @ v0.T + gap * rng.standard_normal((r, SK_IN))
+        out.append(LoraFactors(a=a, b=b, scale=lora.lora_scale(16.0, r)))
+    return out
+
+
+def _dense_sketch(adapters) -> list[np.ndarray]:
+    return [np.zeros((SK_OUT, SK_IN)) if f is None else f.scale * (f.b @ f.a) for f in adapters]
+
+
+@pytest.fixture(scope="module")
+def sketch_adapters():
+    return _sketch_population()
+
+
+@pytest.fixture(scope="module")
+def sketched(sketch_adapters):
+    return lora.fit(sketch_adapters, SK_OUT, SK_IN, max_rank=12, sketch_from=0)
+
+
+def test_sketched_bases_span_the_exact_ones(sketch_adapters, sketched):
+    ws = _dense_sketch(sketch_adapters)
+    exact = lora.fit(sketch_adapters, SK_OUT, SK_IN)
+    assert sketched.sketched and not exact.sketched
+    assert sketched.max_ranks == (12 + lora.OVERSAMPLE, 12 + lora.OVERSAMPLE)
+    assert exact.max_ranks == (SK_OUT, SK_IN)
+    u_np, su, _ = np.linalg.svd(np.hstack(ws), full_matrices=False)
+    _, sv, vt = np.linalg.svd(np.vstack(ws), full_matrices=False)
+    k_out, k_in = sketched.max_ranks
+    np.testing.assert_allclose(sketched.u.T @ sketched.u, np.eye(k_out), atol=1e-12)
+    np.testing.assert_allclose(sketched.v.T @ sketched.v, np.eye(k_in), atol=1e-12)
+    # The leading eigenvalues of Σ ΔW ΔWᵀ and Σ ΔWᵀ ΔW (the shared 6, behind a gap) and the
+    # projectors on their directions are numpy's. Past the gap (flat noise: a randomized method's
+    # worst case) the Ritz values stay below numpy's (Cauchy interlacing), within a few percent.
+    np.testing.assert_allclose(sketched.left_spectrum[:6], su[:6] ** 2, rtol=1e-10)
+    np.testing.assert_allclose(sketched.right_spectrum[:6], sv[:6] ** 2, rtol=1e-10)
+    for got, want in ((sketched.left_spectrum, su**2), (sketched.right_spectrum, sv**2)):
+        assert np.all(got[6:12] <= want[6:12] * (1 + 1e-9)) and np.all(got[6:12] >= 0.9 * want[6:12])
+    pu = sketched.u[:, :6] @ sketched.u[:, :6].T
+    pv = sketched.v[:, :6] @ sketched.v[:, :6].T
+    assert np.linalg.norm(pu - u_np[:, :6] @ u_np[:, :6].T, 2) < 1e-9
+    assert np.linalg.norm(pv - vt.T[:, :6] @ vt[:6], 2) < 1e-9
+    # At the largest rank asked for (12), each side's captured energy Σ ||U_kᵀ ΔW_i||² is the
+    # optimum Σ_{j<=12} σ_j² to 1e-7 (the directions past the gap are noise and hold ~nothing).
+    for k in (6, 12):
+        left = sum(float(np.sum((sketched.u[:, :k].T @ w) ** 2)) for w in ws)
+        right = sum(float(np.sum((w @ sketched.v[:, :k]) ** 2)) for w in ws)
+        assert left == pytest.approx(float(np.sum(su[:k] ** 2)), rel=1e-7) and left <= np.sum(su[:k] ** 2) * (1 + 1e-12)
+        assert right == pytest.approx(float(np.sum(sv[:k] ** 2)), rel=1e-7)
+    # ... and the top 6 directions themselves (signs fixed) are the exact fit's.
+    np.testing.assert_allclose(sketched.u[:, :6], exact.u[:, :6], atol=1e-8)
+    np.testing.assert_allclose(sketched.v[:, :6], exact.v[:, :6], atol=1e-8)
+    # The total the spectra no longer sum to: Σ ||ΔW_i||².
+    assert sketched.total == pytest.approx(sum(float(np.sum(w * w)) for w in ws), rel=1e-12)
+    assert exact.total is None
+
+
+@pytest.mark.parametrize("ks", [(0, 0), (3, 5), (6, 6), (12, 9), (28, 28), (28, 0)])
+def test_sketched_errors_and_cores_match_dense(sketch_adapters, sketched, ks):
+    """Errors are exact for the sketched bases, including the part of each update outside them."""
+    ws = _dense_sketch(sketch_adapters)
+    k_out, k_in = ks
+    u, v = sketched.u[:, :k_out], sketched.v[:, :k_in]
+    np.testing.assert_allclose(sketched.errors(k_out, k_in), _dense_errors(ws, u, v), rtol=1e-9, atol=1e-13)
+    for w, core in zip(ws, sketched.cores(k_out, k_in)):
+        np.testing.assert_allclose(core, u.T @ w @ v, atol=1e-12)
+    if ks == (28, 28):
+        # The full sketched bases still miss the private noise (unlike exact bases: error 0 there).
+        assert 1e-5 < max(sketched.errors(k_out, k_in)) < 1e-2
+
+
+def test_sketched_rank_choice_matches_exact(sketch_adapters, sketched):
+    exact = lora.fit(sketch_adapters, SK_OUT, SK_IN)
+    for budget in (0.5, 0.01):  # met by the shared directions: the same ranks
+        assert sketched.rank_for_max_error(budget) == exact.rank_for_max_error(budget) == (6, 6)
+    # Into the flat noise (exact: (22, 23)) the sketch's ranks stay within one of the exact ones,
+    # and each meets the budget on the dense errors.
+    ks = sketched.rank_for_max_error(0.005)
+    assert all(abs(a - b) <= 1 for a, b in zip(ks, exact.rank_for_max_error(0.005)))
+    ws = _dense_sketch(sketch_adapters)
+    assert max(_dense_errors(ws, sketched.u[:, : ks[0]], sketched.v[:, : ks[1]])) <= 0.005
+    # A budget not met inside the sketch (exact: (65, 66)) gives its full ranks: the merge refuses those.
+    assert sketched.rank_for_max_error(0.002) == sketched.max_ranks
+    assert not np.all(sketched.errors(*sketched.max_ranks) <= 0.002)
+
+
+def test_sketched_energy_rank_uses_the_total(sketch_adapters, sketched):
+    ws = _dense_sketch(sketch_adapters)
+    eig = np.linalg.svd(np.hstack(ws), compute_uv=False) ** 2
+    expect = int(np.searchsorted(np.cumsum(eig) / eig.sum(), 0.9 - 1e-12)) + 1
+    assert sketched.energy_rank(0.9)[0] == expect
+    assert sketched.energy_rank(0.9) == lora.fit(sketch_adapters, SK_OUT, SK_IN).energy_rank(0.9)
+    # A fraction the sketch cannot hold comes back out of range (the merge then keeps the factors).
+    k_out, k_in = sketched.energy_rank(1.0)
+    assert k_out > sketched.max_ranks[0] and k_in > sketched.max_ranks[1]
+
+
+def test_sketched_baselines_match_dense(sketch_adapters, sketched):
+    ws = _dense_sketch(sketch_adapters)
+    u, v = sketched.u, sketched.v
+    live = [w for f, w in zip(sketch_adapters, ws) if f is not None]
+    mean = u @ (u.T @ (sum(live) / len(live)) @ v) @ v.T  # the mean update, on the fitted bases
+    expect = [0.0 if f is None else np.linalg.norm(w - mean) / np.linalg.norm(w) for f, w in zip(sketch_adapters, ws)]
+    np.testing.assert_allclose(sketched.mean_errors(), expect, rtol=1e-8)
+    for (err, rank), f, w in zip(sketched.svd_baseline(6, 6), sketch_adapters, ws):
+        if f is None:
+            assert (err, rank) == (0.0, 0)
+            continue
+        sigma = np.linalg.svd(w, compute_uv=False)
+        assert err == pytest.approx(np.sqrt(np.sum(sigma[rank:] ** 2)) / np.linalg.norm(w), rel=1e-6, abs=1e-12)
+
+
+def test_sketch_is_deterministic(sketch_adapters, sketched):
+    copies = [None if f is None else LoraFactors(f.a.copy(), f.b.copy(), f.scale) for f in sketch_adapters]
+    again = lora.fit(copies, SK_OUT, SK_IN, max_rank=12, sketch_from=0)
+    for x, y in ((again.u, sketched.u), (again.v, sketched.v), (again.left_spectrum, sketched.left_spectrum)):
+        assert x.tobytes() == y.tobytes()
+    assert again.errors(7, 5).tobytes() == sketched.errors(7, 5).tobytes()
+
+
+def test_small_collections_keep_the_exact_bases(sketch_adapters):
+    """At or below ``SKETCH_FROM`` (Σ r = 232 here), or where the sketch would hold more than half
+    the exact basis, ``max_rank`` changes nothing: the same bytes as without it."""
+    plain = lora.fit(sketch_adapters, SK_OUT, SK_IN)
+    for max_rank, sketch_from in ((12, None), (12, 232), (50, 0), (None, 0)):
+        model = lora.fit(sketch_adapters, SK_OUT, SK_IN, max_rank=max_rank, sketch_from=sketch_from)
+        assert not model.sketched, (max_rank, sketch_from)
+        assert model.u.tobytes() == plain.u.tobytes() and model.v.tobytes() == plain.v.tobytes()
+        assert model.errors(5, 4).tobytes() == plain.errors(5, 4).tobytes()
+    assert lora.fit(sketch_adapters, SK_OUT, SK_IN, max_rank=12, sketch_from=231).sketched

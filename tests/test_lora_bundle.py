@@ -508,6 +508,66 @@ def test_energy_rule_ranks_match_dense_numpy(noisy, tmp_path) -> None:
         assert t.form == "subspace" and tuple(t.ranks) == want
 
 
+@pytest.fixture
+def sketching(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Sketched bases for these small collections (as for hundreds of adapters): from Σ r = 0,
+    2 columns of oversampling (so the sketch is under half the exact basis); counts the sketches."""
+    from unipack.core import lora
+
+    monkeypatch.setattr(lora, "SKETCH_FROM", 0)
+    monkeypatch.setattr(lora, "OVERSAMPLE", 2)
+    calls = {"n": 0}
+    sketch = lora._sketch
+
+    def counted(*args: Any) -> Any:
+        calls["n"] += 1
+        return sketch(*args)
+
+    monkeypatch.setattr(lora, "_sketch", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "options", [{"max_error": 0.3}, {"max_error": 0.15, "lossless": "full"}, {"rank": 6, "dtype": "float16"}]
+)
+def test_sketched_bases_in_a_merge(noisy, tmp_path, sketching, options) -> None:
+    """A merge on sketched bases: every recorded error is the dense error of the extracted
+    factors, the budget holds, and the bytes are the same serially, again, and in two workers."""
+    result = merge(noisy, tmp_path / "1.upk", jobs=1, **options)
+    assert sketching["n"] >= 3  # body.2 both sides, body.0's left (its right side is only 32 wide)
+    measured = check_recorded_errors(noisy, tmp_path / "1.upk", result.manifest)
+    for m in MODULES:
+        t = result.manifest.tensors[index_of(result.manifest)[m]]
+        assert t.form == "subspace"
+        if "max_error" in options:
+            assert max(measured[m]) <= options["max_error"]
+        else:
+            assert tuple(t.ranks) == (options["rank"], options["rank"])
+        # The record's variance is still Σ ||ΔW_i||² (the sketched spectrum holds only its head).
+        total = sum(float(np.sum(a.update(m) ** 2)) for a in noisy)
+        assert t.params.variance == pytest.approx(total, rel=1e-3)
+    merge(noisy, tmp_path / "2.upk", jobs=1, **options)
+    merge(noisy, tmp_path / "3.upk", jobs=2, **options)
+    assert (tmp_path / "1.upk").read_bytes() == (tmp_path / "2.upk").read_bytes() == (tmp_path / "3.upk").read_bytes()
+    with unipack.open(tmp_path / "1.upk") as b:
+        assert b.verify() == []
+
+
+def test_sketched_energy_rule_matches_dense_numpy(noisy, tmp_path, sketching) -> None:
+    """The energy rule on sketched bases: the fraction of the dense total, read from the sketch's
+    leading spectrum (the same ranks as the exact SVD's, on this population)."""
+    fraction = 0.9
+    result = merge(noisy, tmp_path / "b.upk", energy=fraction, jobs=1)
+    assert sketching["n"] >= 3
+    idx = index_of(result.manifest)
+    check_recorded_errors(noisy, tmp_path / "b.upk", result.manifest)
+    for m in MODULES:
+        _, left, _, right = stacked_bases([a.update(m) for a in noisy])
+        want = tuple(int(np.searchsorted(np.cumsum(e) / e.sum(), fraction - 1e-12) + 1) for e in (left, right))
+        t = result.manifest.tensors[idx[m]]
+        assert t.form == "subspace" and tuple(t.ranks) == want
+
+
 # --------------------------------------------------------------------------------------------
 # 3. invariance to the factors' gauge (B M, M⁻¹ A)
 # --------------------------------------------------------------------------------------------

@@ -177,14 +177,17 @@ class LoraMerger(Merger):
                 )
             if self.progress:
                 self.progress.member_read()
-            factors.append(LoraFactors(a, b, m.scale))
+            # Held at their stored width (F16 as float16; BF16, F32 as float32: exact), widened per use.
+            held = {"F16": np.float16, "BF16": np.float32, "F32": np.float32}.get(c.tensors[m.a_key].dtype, np.float64)
+            factors.append(LoraFactors(a.astype(held, copy=False), b.astype(held, copy=False), m.scale))
             member_dtypes.append(c.tensors[m.a_key].dtype)
         return factors, member_dtypes
 
     def _store_module(self, module: ModulePlan) -> TensorRecord:
         factors, member_dtypes = self._factors(module)
-        model = fit(factors, module.out_dim, module.in_dim)
         own_bytes = factor_bytes(factors, member_dtypes)
+        max_rank = self._max_rank(module, sum(f is not None for f in factors), own_bytes)
+        model = fit(factors, module.out_dim, module.in_dim, max_rank)
         pattern = self.options.raw_pattern_for(module.name)
         if pattern is not None:
             return self._store_factors(
@@ -304,6 +307,24 @@ class LoraMerger(Merger):
         self._own_fidelity(model, factors, errors, [0.0 if c is None else float(c.values_held.size) for c in casts])
         return _module_record(module, model, reason, LoraCastParams)
 
+    def _max_rank(self, module: ModulePlan, n_touched: int, own_bytes: int) -> int:
+        """The largest rank ``_choose`` may keep on a side: one past the largest k at which the
+        subspace at (k, k) still costs fewer bytes than the adapters' own factors (the rank rule's
+        rank, where smaller). The bases need no more directions than that (``fit``)."""
+        itemsize = dtypes.itemsize(self.coef_dtype)
+        width, n = module.out_dim + module.in_dim, max(n_touched, 1)
+        # The largest k with (width · k + n · k²) · itemsize < own_bytes, from the quadratic's root.
+        k = max(int((math.sqrt(width * width + 4.0 * n * own_bytes / itemsize) - width) / (2 * n)) + 1, 0)
+        while k > 0 and (width * k + n * k * k) * itemsize >= own_bytes:
+            k -= 1
+        while (width * (k + 1) + n * (k + 1) ** 2) * itemsize < own_bytes:
+            k += 1
+        cap = k + 1
+        if self.options.rule == "rank":
+            assert self.options.rank is not None
+            return min(self.options.rank, cap)
+        return cap
+
     def _choose(
         self, model: LoraModel, factors: list[LoraFactors | None], member_dtypes: list[str | None], own_bytes: int
     ) -> EncodedLora | str:
@@ -316,6 +337,11 @@ class LoraMerger(Merger):
         elif opts.rule == "energy":
             assert opts.energy is not None
             ranks = model.energy_rank(opts.energy)
+            if ranks[0] > k_out_max or ranks[1] > k_in_max:  # only with sketched bases (``fit``)
+                return (
+                    f"{self._rule_text()} needs ranks beyond the {k_out_max} x {k_in_max} sketched update space, "
+                    f"whose subspace costs no fewer bytes than the adapters' own factors: stored as factors, exactly"
+                )
         else:
             assert opts.max_error is not None
             ranks = model.rank_for_max_error(opts.max_error)
@@ -533,7 +559,7 @@ def _module_record(
     module: ModulePlan, model: LoraModel, reason: str, params: type[LoraParams], **fields: Any
 ) -> TensorRecord:
     """A LoRA module's record in any form, with the informative spectrum of its update space."""
-    head, variance = spectrum(model.left_spectrum)
+    head, variance = spectrum(model.left_spectrum, model.total)
     return TensorRecord(
         module.name,
         LoraScheme.storage,
