@@ -89,6 +89,19 @@ def _paper(ws: list[np.ndarray], k: int = 16) -> tuple[int, list[float]]:
     return size, errors
 
 
+def _paper_totals(values: list[dict[str, np.ndarray]], names: tuple[str, ...]) -> tuple[int, list[float], list[float]]:
+    """The recipe by SVD over ``names``: its bytes, and per member sum ||W - What||^2 and ||W||^2."""
+    size, err2, norm2 = 0, [0.0] * len(values), [0.0] * len(values)
+    for name in names:
+        ws = [v[name] for v in values]
+        s, errors = _paper(ws)
+        size += s
+        for i, (e, w) in enumerate(zip(errors, ws, strict=True)):
+            err2[i] += (e * np.linalg.norm(w)) ** 2
+            norm2[i] += float(np.sum(w * w))
+    return size, err2, norm2
+
+
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, np.ndarray]], dict]:
     tmp = tmp_path_factory.mktemp("alternatives")
@@ -137,14 +150,8 @@ def test_bytes_errors_and_met_tensors_match_numpy(merged, method: str) -> None:
 
 def test_paper_recipe_matches_an_svd_of_the_stacked_rows(merged) -> None:
     _, values, stats = merged
-    size, err2, norm2 = 4 * 12 + 4 * sum(v["head.weight"].size for v in values), [0.0] * N, [0.0] * N
-    for name in SHARED:
-        ws = [v[name] for v in values]
-        s, errors = _paper(ws)
-        size += s
-        for i, (e, w) in enumerate(zip(errors, ws, strict=True)):
-            err2[i] += (e * np.linalg.norm(w)) ** 2
-            norm2[i] += float(np.sum(w * w))
+    size, err2, norm2 = _paper_totals(values, SHARED)
+    size += 4 * 12 + 4 * sum(v["head.weight"].size for v in values)
     recorded = stats["methods"]["paper-k16"]
     assert recorded["bytes"] == size
     np.testing.assert_allclose(recorded["errors"], [math.sqrt(e / n) for e, n in zip(err2, norm2)], rtol=1e-4)
@@ -292,14 +299,7 @@ def test_paper_recipe_randomized_or_exact_matches_the_svd(tmp_path: Path, monkey
     header, _ = read_raw_header(out)
     recorded = json.loads(header["__metadata__"]["manifest"])["stats"]["alternatives"]["methods"]["paper-k16"]
     values = [{k: as64(v) for k, v in member.items()} for member in pop.tensors]
-    size, err2, norm2 = 0, [0.0] * 4, [0.0] * 4
-    for name in specs:
-        ws = [v[name] for v in values]
-        s, errors = _paper(ws)
-        size += s
-        for i, (e, w) in enumerate(zip(errors, ws, strict=True)):
-            err2[i] += (e * np.linalg.norm(w)) ** 2
-            norm2[i] += float(np.sum(w * w))
+    size, err2, norm2 = _paper_totals(values, tuple(specs))
     assert recorded["bytes"] == size
     best = [math.sqrt(e / n) for e, n in zip(err2, norm2)]
     np.testing.assert_allclose(recorded["errors"], best, rtol=1e-2)
