@@ -208,6 +208,53 @@ def test_chooser_picks_the_cheapest_own_factor_form(tmp_path, max_error, dtype) 
         assert max(m.errors) <= max_error
 
 
+def test_large_collections_price_level_counts_adapter_by_adapter(tmp_path, monkeypatch) -> None:
+    """From ``PRICED_APART_FROM`` adapters on, a module's level count is the one whose codes and
+    steps, compressed adapter by adapter, sum to the fewest bytes (by brute force here), and its
+    record's codes are those of that level count's fits: serially and in two workers alike."""
+    from unipack.pack import lora as lora_merge
+
+    monkeypatch.setattr(lora_merge, "PRICED_APART_FROM", 2)
+    calls = []
+    apart_pricing = lora_merge.Pricing._quant_priced_apart
+
+    def counted(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        return apart_pricing(self, *args)
+
+    monkeypatch.setattr(lora_merge.Pricing, "_quant_priced_apart", counted)
+    adapters = random_population(tmp_path / "rnd", n=4, r=4)
+    max_error = 0.05
+    result = merged(adapters, tmp_path / "b.upk", max_error=max_error, jobs=1)
+    assert calls  # this path priced the modules
+    files = read_files([a.path for a in adapters])
+    quantized = [t for t in result.manifest.tensors if t.storage == "lora" and t.form == "quant"]
+    assert quantized  # independent random factors: no subspace pays, quantized factors do
+    for t in quantized:
+        key_a, key_b = f"{t.name}.lora_A.weight", f"{t.name}.lora_B.weight"
+        fs = [LoraFactors(f[key_a], f[key_b], a.modules[t.name][2]) for f, a in zip(files, adapters)]
+        apart = {}
+        for levels in LEVELS:
+            qs = [fit_quantized(f, max_error, levels=levels, step_dtype="F32", member_dtype="F32") for f in fs]
+            if all(q is not None for q in qs):
+                apart[levels] = sum(
+                    compressed(quantize.pack(q.codes, levels), "U8", 1) + compressed(q.steps_held, "F32")
+                    for q in qs
+                    if q is not None
+                )
+        best = min(sorted(apart, reverse=True), key=lambda n: apart[n])
+        assert t.params.levels == best, (t.name, apart)
+        with unipack.open(tmp_path / "b.upk") as b:
+            stored = b.read_blob(t.params.codes)
+        qs = [fit_quantized(f, max_error, levels=best, step_dtype="F32", member_dtype="F32") for f in fs]
+        expected = np.concatenate([quantize.pack(q.codes, best) for q in qs if q is not None])
+        assert np.array_equal(stored, expected)
+    for m in result.manifest.members:
+        assert max(m.errors) <= max_error
+    merged(adapters, tmp_path / "two.upk", max_error=max_error, jobs=2)
+    assert (tmp_path / "b.upk").read_bytes() == (tmp_path / "two.upk").read_bytes()
+
+
 def test_blob_lengths_follow_section_10(tmp_path) -> None:
     """Per member: 2r steps per quant module in its coefficient blob; per module: one U8 codes blob
     of ceil(r (in + out) / k) bytes per touching member, in member order."""

@@ -451,6 +451,11 @@ class LoraMerger(Merger):
         return self._lora[i]
 
 
+#: From this many adapters on, a module's quantized candidates are priced adapter by adapter and
+#: only the winner's codes are kept (``Pricing._quant_priced_apart``); fewer are priced exactly.
+PRICED_APART_FROM = 64
+
+
 @dataclass(frozen=True)
 class Pricing:
     """The per-module chooser's prices of each adapter's own factors, quantized or cast (spec §10):
@@ -503,6 +508,8 @@ class Pricing:
         budget = self.options.budget
         if not self.options.quantize or budget is None or budget.max_error is None:
             return None
+        if code_levels is None and sum(f is not None for f in factors) >= PRICED_APART_FROM:
+            return self._quant_priced_apart(factors, member_dtypes, levels)
         open_levels = sorted(levels, reverse=True)
         fits: dict[int, list[QuantizedFactors | None]] = {n: [] for n in open_levels}
         for f, d in zip(factors, member_dtypes):
@@ -529,6 +536,49 @@ class Pricing:
             if best is None or cost < best[0]:
                 best = (cost, (n, written))
         return best
+
+
+    def _quant_priced_apart(
+        self, factors: list[LoraFactors | None], member_dtypes: list[str | None], levels: tuple[int, ...]
+    ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
+        """``quant_candidate`` for a large collection, in memory that does not grow with the
+        candidates: each level count still open is priced by the sum of each adapter's codes and
+        steps compressed on their own (nothing of them kept), and only the winner's are made
+        again, adapter by adapter, and kept (``fit`` at one level count gives what it gives
+        with the others searched beside it). Keeping every open level count's codes for every
+        adapter, as the exact pricing does, was a worker's peak: about 1 MB per adapter of a
+        4096-wide module. The winner can differ from the exact pricing's only where
+        compressing adapters one by one and all together rank two level counts differently."""
+        budget = self.options.budget
+        assert budget is not None and budget.max_error is not None
+        open_levels = sorted(levels, reverse=True)
+        priced: dict[int, int] = dict.fromkeys(open_levels, 0)
+        for f, d in zip(factors, member_dtypes):
+            if f is None or d is None:
+                continue
+            search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
+            open_levels = [n for n in open_levels if search.floor_meets(budget.max_error, n)]
+            if not open_levels:
+                return None
+            for n in open_levels:
+                q = search.fit(budget.max_error, n)
+                priced[n] += self.compressed(quantize.pack(q.codes, n), "U8")
+                priced[n] += self.compressed(q.steps_held, self.coef_dtype)
+        if not open_levels:
+            return None
+        # The first of the cheapest in the order searched (most levels first), as the exact path.
+        winner = min(open_levels, key=lambda n: priced[n])
+        written: list[QuantizedFactors | None] = []
+        for f, d in zip(factors, member_dtypes):
+            if f is None or d is None:
+                written.append(None)
+                continue
+            search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
+            written.append(search.fit(budget.max_error, winner).stored_only())
+        live = [q for q in written if q is not None]
+        codes = np.concatenate([quantize.pack(q.codes, winner) for q in live])  # as stored: one blob
+        steps = np.concatenate([q.steps_held for q in live])
+        return self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype), (winner, written)
 
 
 def _recoded(q: QuantizedFactors | None, levels: int, code_levels: int) -> QuantizedFactors | None:
