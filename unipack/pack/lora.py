@@ -537,7 +537,6 @@ class Pricing:
                 best = (cost, (n, written))
         return best
 
-
     def _quant_priced_apart(
         self, factors: list[LoraFactors | None], member_dtypes: list[str | None], levels: tuple[int, ...]
     ) -> tuple[int, tuple[int, list[QuantizedFactors | None]]] | None:
