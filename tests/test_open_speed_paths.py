@@ -245,3 +245,42 @@ def test_manifest_parses_to_the_same_records_either_way(small_bundle: Path) -> N
     assert fast == parse.from_json(strict_json(text, "t"), "t")
     with unipack.open(small_bundle) as b:
         assert b.manifest == fast
+
+
+def test_an_open_bundle_decodes_each_mean_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members loaded through one open bundle share its decoded means (read-only, within
+    ``SHARED_CACHE_BYTES``): the same arrays as a fresh open gives, each mean decoded once, the
+    arrays handed out still writable; past the budget, nothing is kept."""
+    import numpy as np
+
+    from unipack.format import container
+
+    pop, path = make_bundle(tmp_path, n=4)
+    decoded: list[str] = []
+    plain = container.BundleFile._decoded
+
+    def counted(self: Any, name: str, *, verify: bool) -> Any:
+        decoded.append(name)
+        return plain(self, name, verify=verify)
+
+    monkeypatch.setattr(container.BundleFile, "_decoded", counted)
+    with unipack.open(path) as b:
+        means = {getattr(t.params, "mean", None) for t in b.manifest.tensors} - {None}
+        assert means  # the default merge stores means
+        first = b.load_numpy(b.members[0])
+        second = b.load_numpy(b.members[1])
+        again = b.load_numpy(b.members[0])
+    assert all(decoded.count(m) == 1 for m in means)
+    for name, (dtype, array) in first.items():
+        assert again[name][0] == dtype and np.array_equal(again[name][1].view(np.uint8), array.view(np.uint8))
+        assert array.flags.writeable
+    for member, loaded in ((0, first), (1, second)):
+        with unipack.open(path) as fresh:  # nothing cached yet: the reference
+            for name, (_, array) in fresh.load_numpy(fresh.members[member]).items():
+                assert np.array_equal(loaded[name][1].view(np.uint8), array.view(np.uint8))
+    decoded.clear()
+    monkeypatch.setattr(container, "SHARED_CACHE_BYTES", 0)
+    with unipack.open(path) as b:
+        b.load_numpy(b.members[0])
+        b.load_numpy(b.members[1])
+    assert all(decoded.count(m) == 2 for m in means)

@@ -9,11 +9,13 @@ bundle after the fact: its blobs are copied verbatim and only the manifest and n
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -56,6 +58,8 @@ COMPRESS_MANIFEST_ABOVE = 64 << 10
 MANIFEST_LEVEL = 19
 #: The largest manifest a reader decompresses (the header's own JSON limit is of the same order).
 MAX_MANIFEST_BYTES = 1 << 30
+#: Decoded blobs no member owns that an open bundle keeps (``BundleFile.read_blob``), in bytes.
+SHARED_CACHE_BYTES = 256 << 20
 
 
 def blob_level(dtype: str, level: int) -> int:
@@ -253,6 +257,10 @@ class BundleFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self._shared: frozenset[str] | None = None
         # The path is opened once and everything (header, manifest, blobs) is read through this
         # one descriptor: a writer may rename a new bundle over the path at any moment, and a
         # header read by name and data read by a second open could come from two files.
@@ -286,8 +294,36 @@ class BundleFile:
 
     def read_blob(self, name: str) -> np.ndarray:
         """The blob's logical array (held as ``dtypes.holder(dtype)``), checksum verified (a
-        chunked blob's frames, each against its digest, as they decode)."""
-        return self._decoded(name, verify=True)
+        chunked blob's frames, each against its digest, as they decode).
+
+        A tensor's mean (every member's rebuild reads it) is kept decoded, read-only, up to
+        ``SHARED_CACHE_BYTES`` in all, so that loading several members through one open bundle
+        (``extract --all``, a server) decodes it once."""
+        if name not in self._shared_names():
+            return self._decoded(name, verify=True)
+        with self._cache_lock:
+            cached = self._cache.get(name)
+            if cached is not None:
+                self._cache.move_to_end(name)
+                return cached
+        array = self._decoded(name, verify=True)
+        if array.nbytes <= SHARED_CACHE_BYTES:
+            array.setflags(write=False)
+            with self._cache_lock:
+                self._cache[name] = array
+                self._cache_bytes += array.nbytes
+                while self._cache_bytes > SHARED_CACHE_BYTES:
+                    _, dropped = self._cache.popitem(last=False)
+                    self._cache_bytes -= dropped.nbytes
+        return array
+
+    def _shared_names(self) -> frozenset[str]:
+        """The tensors' means: blobs every member's rebuild computes from and none returns as
+        it is (an identical tensor's blob is returned to the caller, who may write to it)."""
+        if self._shared is None:
+            means = (getattr(t.params, "mean", None) for t in self.manifest.tensors)
+            self._shared = frozenset(m for m in means if isinstance(m, str))
+        return self._shared
 
     def read_unverified(self, name: str) -> np.ndarray:
         """:meth:`read_blob` without checking the stored checksums, for a caller that checks what
@@ -358,6 +394,8 @@ class BundleFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._cache.clear()
+        self._cache_bytes = 0
 
     def __enter__(self) -> BundleFile:
         return self
