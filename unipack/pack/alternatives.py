@@ -145,7 +145,7 @@ class AlternativesMeter:
                 o.err2.append(e * e)
         for method in outcomes:
             outcomes[method] = replace(outcomes[method], bytes=_bytes(method, job, base is not None))
-        outcomes["paper-k16"] = _paper(job, load, norms, rows_models)
+        outcomes["paper-k16"] = _paper(job, load, norms, rows_models, mean)
         self._record(job.name, outcomes, norms, bundle_errors)
 
     def replay(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
@@ -236,7 +236,11 @@ def _bytes(method: str, job: TensorJob, on_base: bool = False) -> int:
 
 
 def _paper(
-    job: TensorJob, load: Callable[[int], np.ndarray], norms: list[float], models: Sequence[SchemeModel] | None
+    job: TensorJob,
+    load: Callable[[int], np.ndarray],
+    norms: list[float],
+    models: Sequence[SchemeModel] | None,
+    mean: np.ndarray,
 ) -> TensorOutcome:
     """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs. The
     models depend on the members and the coefficient dtype only, not on the rank rule."""
@@ -258,7 +262,7 @@ def _paper(
         # fitted: the other side's Gram would be formed just to lose.
         side = cheapest_side(paper_job, PAPER_RANK)
         if side is not None and _side_length(job.shape, side) > PAPER_EXACT_SIDE:
-            return _paper_randomized(paper_job, load, norms, side)
+            return _paper_randomized(paper_job, load, norms, side, mean)
         models = fit_rows(paper_job, sides=[side]) if side is not None else []
     if not models:  # a scalar, or both sides beyond --gram-limit: counted as stored as it is (raw bytes)
         return TensorOutcome(job.raw_bytes, [0.0] * job.n_members, [0.0] * job.n_members, [0.0] * job.n_members)
@@ -279,34 +283,31 @@ def _side_length(shape: tuple[int, ...], side: str) -> int:
 
 
 def _paper_randomized(
-    job: TensorJob, load: Callable[[int], np.ndarray], norms: list[float], side: str
+    job: TensorJob, load: Callable[[int], np.ndarray], norms: list[float], side: str, mean: np.ndarray
 ) -> TensorOutcome:
     """The paper's recipe on a wide side, as its own code runs it (randomized PCA of the stacked
     rows): the top k = 16 directions of sum_i Y_i^T Y_i (Y_i the member centred on the stored
     mean) by subspace iteration on the members, never forming the p x p Gram, then the same
     fp32 encoding as the rows scheme (least-squares coefficients on the rounded basis), each
-    member's error measured after rounding to its dtype."""
+    member's error measured after rounding to its dtype. ``mean``: the members' mean as stored
+    (``measure``'s, in the tensor's shape)."""
     n_members = job.n_members
     m, n = job.shape[0], math.prod(job.shape[1:])
     r, p = (m, n) if side == "right" else (n, m)
 
-    def oriented(i: int) -> np.ndarray:
-        x = load(i).reshape(m, n)
+    def oriented(x: np.ndarray) -> np.ndarray:
+        x = x.reshape(m, n)
         return x if side == "right" else x.T
 
-    total = np.zeros((r, p))
-    for i in range(n_members):
-        total += oriented(i)
-    _, mean_q = dtypes.store_as(total / n_members, job.mean_dtype)
-    del total
+    mean_q = oriented(mean)
     # The products run in float32 (members' differences are small: no cancellation to fear),
     # summed in float64, as fit_rows does; F64 members stay in float64.
     work = np.float64 if "F64" in job.member_dtypes else np.float32
     keep = n_members * r * p * np.dtype(work).itemsize <= CACHE_BYTES
-    cache = [(oriented(i) - mean_q).astype(work) for i in range(n_members)] if keep else []
+    cache = [(oriented(load(i)) - mean_q).astype(work) for i in range(n_members)] if keep else []
 
     def centred(i: int) -> np.ndarray:
-        return cache[i] if cache else (oriented(i) - mean_q).astype(work)
+        return cache[i] if cache else (oriented(load(i)) - mean_q).astype(work)
 
     def apply(block: np.ndarray) -> np.ndarray:
         b = block.astype(work)
@@ -323,7 +324,7 @@ def _paper_randomized(
     projector = least_squares_projector(basis)
     errors, delta_errors, err2 = [], [], []
     for i, dtype in enumerate(job.member_dtypes):
-        x = oriented(i)
+        x = oriented(load(i))
         coef = dtypes.round_trip((x - mean_q) @ projector, job.coef_dtype)
         out = dtypes.round_trip(mean_q + coef @ basis.T, dtype)
         e = float(np.linalg.norm((x - out).ravel()))
