@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,15 +119,23 @@ def _open_shards(
                 f"{folder / name}: a shard that {index_name} names is missing; re-download or re-save the folder"
             )
     check_every_shard_listed(folder, index, set(files), pattern)
+    return open_listed_shards(index, weight_map, files, lambda name: opener(folder / name))
+
+
+def open_listed_shards(
+    index: InputPath, weight_map: dict[str, str], names: Sequence[str], open_one: Callable[[str], TensorSource]
+) -> list[TensorSource]:
+    """The shards ``names`` (``open_one(name)`` each), checked against the index's weight map;
+    none left open if any fails."""
     shards: list[TensorSource] = []
     try:
-        for name in files:
-            shards.append(opener(folder / name))
+        for name in names:
+            shards.append(open_one(name))
             # Checked as each shard opens: the index then bounds the work, since a shard holding
             # tensors it does not list is refused before the next shard is parsed (the rest of the
             # agreement is checked once all are open).
             check_shard_listed(index, weight_map, name, shards[-1])
-        check_index_matches(index, weight_map, dict(zip(files, shards)))
+        check_index_matches(index, weight_map, dict(zip(names, shards)))
     except BaseException:
         close_sources(shards)
         raise

@@ -30,18 +30,20 @@ import numpy as np
 from unipack.errors import InputError, UnipackError
 from unipack.format import dtypes
 from unipack.format.safetensors_file import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
-from unipack.sources.base import TensorInfo, TensorSource, check_tensor_key
+from unipack.sources.base import TensorInfo, TensorSource
 from unipack.sources.folder import (
     LAYOUTS,
     HFFolderSource,
     check_every_shard_listed,
-    check_index_matches,
-    check_shard_listed,
-    close_sources,
+    open_listed_shards,
     parse_weight_map,
 )
 from unipack.sources.hf_configs import CONFIG_FILES, config_text
-from unipack.sources.safetensors_source import MAX_INPUT_HEADER_BYTES, check_header_limits
+from unipack.sources.safetensors_source import (
+    MAX_INPUT_HEADER_BYTES,
+    check_checkpoint_header,
+    check_header_limits,
+)
 from unipack.sources.url import URL_MARK, InputPath, Url
 
 #: The optional extra that installs fsspec.
@@ -169,10 +171,7 @@ class RemoteSafetensorsSource:
         check_header_limits(url, length, header)
         # A header that does not parse is a FormatError naming the URL, as a local file's is.
         parsed = parse_header(Path(url.name), size, header(), what="safetensors checkpoint", where=str(url))
-        if parsed.metadata and parsed.metadata.get("format") == "unipack.upk":
-            raise InputError(f"{url}: is a unipack bundle, not a checkpoint; extract its members first")
-        for name in parsed.tensors:
-            check_tensor_key(name, url)
+        check_checkpoint_header(parsed, url)
         source = cls(url, parsed)
         source._fs, source._path, source._pid = fs, path, os.getpid()
         return source
@@ -277,16 +276,12 @@ def _open_shards(
                 f"{url / name}: a shard that {index_name} names is missing; re-upload or re-save the folder"
             )
     check_every_shard_listed(url, index, set(names), pattern, sorted(files))
-    shards: list[TensorSource] = []
-    try:
-        for name in names:
-            shards.append(RemoteSafetensorsSource.open(url / name, fs, f"{base}/{name}", files[name]))
-            check_shard_listed(index, weight_map, name, shards[-1])
-        check_index_matches(index, weight_map, dict(zip(names, shards)))
-    except BaseException:
-        close_sources(shards)
-        raise
-    return shards
+    return open_listed_shards(
+        index,
+        weight_map,
+        names,
+        lambda name: RemoteSafetensorsSource.open(url / name, fs, f"{base}/{name}", files[name]),
+    )
 
 
 def open_binary(path: InputPath) -> BinaryIO:

@@ -47,10 +47,7 @@ class SafetensorsSource:
             identity = _identity(fd)
         finally:
             os.close(fd)
-        if header.metadata and header.metadata.get("format") == "unipack.upk":
-            raise InputError(f"{path}: is a unipack bundle, not a checkpoint; extract its members first")
-        for name in header.tensors:
-            check_tensor_key(name, path)
+        check_checkpoint_header(header, path)
         return cls(header, identity)
 
     @property
@@ -96,6 +93,15 @@ class SafetensorsSource:
 def _identity(fd: int) -> tuple[int, ...]:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_checkpoint_header(header: SafetensorsHeader, where: InputPath) -> None:
+    """What makes a valid safetensors header a checkpoint unipack merges: not a bundle of its
+    own, and tensor names a manifest can hold."""
+    if header.metadata and header.metadata.get("format") == "unipack.upk":
+        raise InputError(f"{where}: is a unipack bundle, not a checkpoint; extract its members first")
+    for name in header.tensors:
+        check_tensor_key(name, where)
 
 
 def _check_header_size(path: Path, fd: int) -> None:
