@@ -13,7 +13,7 @@ formed, and a module's factors are held only while it is being encoded.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -529,10 +529,7 @@ class Pricing:
             live = [q for q in written if q is not None]
             if not live:
                 continue  # no adapter touches the module
-            packing = n if code_levels is None else code_levels
-            codes = np.concatenate([quantize.pack(q.codes, packing) for q in live])  # as stored: one blob
-            steps = np.concatenate([q.steps_held for q in live])
-            cost = self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype)
+            cost = self._price(live, n if code_levels is None else code_levels)
             if best is None or cost < best[0]:
                 best = (cost, (n, written))
         return best
@@ -560,9 +557,7 @@ class Pricing:
             if not open_levels:
                 return None
             for n in open_levels:
-                q = search.fit(budget.max_error, n)
-                priced[n] += self.compressed(quantize.pack(q.codes, n), "U8")
-                priced[n] += self.compressed(q.steps_held, self.coef_dtype)
+                priced[n] += self._price([search.fit(budget.max_error, n)], n)
         if not open_levels:
             return None
         # The first of the cheapest in the order searched (most levels first), as the exact path.
@@ -574,10 +569,14 @@ class Pricing:
                 continue
             search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
             written.append(search.fit(budget.max_error, winner).stored_only())
-        live = [q for q in written if q is not None]
-        codes = np.concatenate([quantize.pack(q.codes, winner) for q in live])  # as stored: one blob
-        steps = np.concatenate([q.steps_held for q in live])
-        return self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype), (winner, written)
+        return self._price([q for q in written if q is not None], winner), (winner, written)
+
+    def _price(self, fits: Sequence[QuantizedFactors], packing: int) -> int:
+        """The stored bytes of these adapters' quantized factors: their codes packed for
+        ``packing`` levels as one U8 blob, their steps as one at the coefficient dtype."""
+        codes = np.concatenate([quantize.pack(q.codes, packing) for q in fits])
+        steps = np.concatenate([q.steps_held for q in fits])
+        return self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype)
 
 
 def _recoded(q: QuantizedFactors | None, levels: int, code_levels: int) -> QuantizedFactors | None:
