@@ -71,7 +71,7 @@ def int_deltas(x: np.ndarray, mean: np.ndarray, widths: Sequence[int]) -> Iterat
     shape = x.shape
     rows = rows_of(shape)
     d = (np.asarray(x, dtype=np.float64) - mean).reshape(rows, -1)
-    row_max = np.abs(d).max(axis=1)
+    row_max = np.maximum(d.max(axis=1), -d.min(axis=1))  # max |d| per row, without an |d| array
     mean_rows = np.asarray(mean, dtype=np.float64).reshape(rows, -1)
     for bits in widths:
         top = 2 ** (bits - 1) - 1
@@ -99,7 +99,11 @@ def sign_delta(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     d = np.asarray(x, dtype=np.float64) - mean
     with np.errstate(over="ignore"):  # past fp16's range the scale is inf, as the stored fp16 would be
         scale = float(np.float16(np.abs(d).mean())) if d.size else 0.0
-    return mean + np.where(d >= 0, 1.0, -1.0) * scale
+    # mean + sign(d) * scale, with sign(d) * scale picked per element (the product by +-1 is exact)
+    out = np.where(d >= 0, scale, -scale)
+    del d
+    out += mean
+    return out
 
 
 def sign_delta_bytes(shape: tuple[int, ...]) -> int:

@@ -58,7 +58,7 @@ def svd_rank_for_budget(values: float, matrix: tuple[int, int]) -> int:
 
 def measure(
     x: np.ndarray,
-    out: np.ndarray,
+    out: np.ndarray | None,
     mean: np.ndarray,
     norm: float,
     member_dtype: str,
@@ -66,6 +66,7 @@ def measure(
     svd_values: float | None,
     *,
     reference: np.ndarray | None = None,
+    error: float | None = None,
 ) -> MemberFidelity:
     """Fidelity numbers for one member.
 
@@ -74,13 +75,30 @@ def measure(
     ``svd_values``: the per-member SVD's budget in numbers, or None to skip that baseline.
     ``reference``: what the delta error and the SVD's delta are measured from, where not the
     mean (the base model, spec §11.4); the mean-only baseline stays the mean's.
+    ``error``: ||x - out||, where the caller has it: then ``out`` may be None (a quantizer that
+    made the difference in place of what extract returns).
+
+    The full-size temporaries are made one at a time (the delta only while the SVD needs it,
+    the rounded mean made the difference in its own array): a merge of a large tensor peaks here.
     """
-    delta = x - (mean if reference is None else reference)
+    delta: np.ndarray | None = x - (mean if reference is None else reference)
+    assert delta is not None
     delta_norm = float(np.linalg.norm(delta.ravel()))
-    delta_error = rel_error(x, out, delta_norm)
-    mean_error = rel_error(x, dtypes.round_trip(mean, member_dtype), norm)
+    if svd_values is None:
+        delta = None
+    if out is not None:
+        delta_error = rel_error(x, out, delta_norm)
+    elif error is not None:  # rel_error's arithmetic on the caller's ||x - out||
+        delta_error = error / delta_norm if delta_norm > 0.0 else error
+    else:
+        raise ValueError("measure: give out or error")
+    rounded_mean = dtypes.round_trip_in_place(np.array(mean, dtype=np.float64), member_dtype)
+    np.subtract(x, rounded_mean, out=rounded_mean)
+    mean_diff = float(np.linalg.norm(rounded_mean.ravel()))  # rel_error(x, round_trip(mean), norm)
+    del rounded_mean
+    mean_error = mean_diff / norm if norm > 0.0 else mean_diff
     svd_error = svd_rank = None
-    if svd_values is not None:
+    if delta is not None and svd_values is not None:
         svd_error, svd_rank = svd_baseline(delta, delta_norm, norm, mean_error, svd_values)
     return MemberFidelity(norm, delta_error, mean_error, svd_error, svd_rank)
 

@@ -239,7 +239,7 @@ class Quantized:
 
     codes: np.ndarray  # uint8, one per element (unpacked), < levels
     scales_held: np.ndarray  # the steps as stored: holder(scale dtype), one per group
-    out: np.ndarray  # float64, what extract returns (rounded to the member's dtype), flat
+    out: np.ndarray | None  # float64, what extract returns (rounded to the member's dtype), flat; None: not kept
     error: float  # ||x - out|| (absolute)
     multiplier: float = math.nan  # the step search's c / c0 (``fit_step``): a hint for similar members
 
@@ -254,10 +254,13 @@ def quantize(
     scale_dtype: str,
     member_dtype: str,
     delta: np.ndarray | None = None,
+    keep_out: bool = True,
 ) -> Quantized:
     """Quantize ``x - mean`` (flat float64) with one step per group, rounded to ``scale_dtype``
     first so that the codes are optimal for the step a reader will see. ``delta``: ``x - mean``
-    when the caller already has it (a step search quantizes one delta many times)."""
+    when the caller already has it (a step search quantizes one delta many times); ``keep_out``:
+    False where only the codes and the error are needed (a search), so that no array of what
+    extract returns is made: the work array becomes the difference in place."""
     numel = x.size
     d = x - mean if delta is None else delta
     held, stored = dtypes.store_as(np.asarray(steps, dtype=np.float64), scale_dtype)
@@ -283,7 +286,15 @@ def quantize(
         s = expand(stored, group, numel)
         ratio = steps_ratio(d, s)
     q = nearest_level(ratio, levels, in_place=True)
-    codes = (q + offset(levels)).astype(np.uint8)
+    # codes = q + offset, without a second float64 array: the offset is added and taken away in
+    # place (small half-integers: both exact). A -0.0 level comes back as +0.0, the level a
+    # reader rebuilds from the code (code - offset): codes and errors are unchanged, and ``out``
+    # is then the reader's to the sign of a zero where the mean itself is -0.0.
+    top = offset(levels)
+    q += top
+    codes = q.astype(np.uint8)
+    q -= top
+    out: np.ndarray | None
     with np.errstate(over="ignore", invalid="ignore"):
         if tiled:
             rows = q.reshape(-1, group)  # a view: q * s, a step per row of groups
@@ -291,8 +302,12 @@ def quantize(
         else:
             q *= s
         q += mean  # mean + q * s
-        out = dtypes.round_trip(q, member_dtype)
-        np.subtract(x, out, out=q)
+        if keep_out:
+            out = dtypes.round_trip(q, member_dtype)
+            np.subtract(x, out, out=q)
+        else:
+            out = None
+            np.subtract(x, dtypes.round_trip_in_place(q, member_dtype), out=q)
         error = float(np.linalg.norm(q))  # ||x - out||
     return Quantized(codes, held, out, error if math.isfinite(error) else math.inf)
 
@@ -404,6 +419,7 @@ def fit_step(
     zero: float | None = None,
     delta: np.ndarray | None = None,
     shape: np.ndarray | None = None,
+    keep_out: bool = True,
 ) -> Quantized | None:
     """The coarsest quantization of ``x - mean`` (flat float64) whose error ||x - out|| is within
     ``budget``, or None if no step meets it.
@@ -416,7 +432,8 @@ def fit_step(
     A sign quantizer has its closed-form step (c = 1) and is taken or refused as it is.
     ``zero``: ``zero_error(x, mean, member_dtype)`` where the caller has it; ``delta``: ``x - mean``
     and ``shape``: ``step_shape(x - mean, levels, group)``, likewise (a chooser trying many level
-    counts on one member computes them once per mean and grouping).
+    counts on one member computes them once per mean and grouping); ``keep_out``: as for
+    ``quantize`` (False: the result's ``out`` is None).
     """
     d = x - mean if delta is None else delta
     numel = d.size
@@ -432,6 +449,7 @@ def fit_step(
             scale_dtype=scale_dtype,
             member_dtype=member_dtype,
             delta=d,
+            keep_out=keep_out,
         )
 
     if levels == 2:

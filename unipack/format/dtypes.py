@@ -113,6 +113,18 @@ def round_trip(values: np.ndarray, dtype: str) -> np.ndarray:
     return to_float(from_float(values, dtype), dtype)
 
 
+def round_trip_in_place(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``round_trip`` written back into ``values`` (a float64 array the caller no longer needs as
+    it was): the same numbers, bit for bit, without a second float64 array. Returns ``values``."""
+    held = from_float(values, dtype)
+    with np.errstate(invalid="ignore"):  # a signalling NaN widens to a quiet one, as in to_float
+        if dtype == "BF16":
+            np.copyto(values, (held.astype(np.uint32) << 16).view(np.float32))
+        else:
+            np.copyto(values, held)  # the widening cast astype(float64) makes
+    return values
+
+
 def widest_float(dtypes: set[str] | frozenset[str]) -> str:
     """The float dtype that holds every value of all ``dtypes`` exactly (F16+BF16 -> F32)."""
     if dtypes <= {"F16"}:

@@ -119,12 +119,10 @@ class AlternativesMeter:
         the base model's tensor (float64) where the merge was given one that holds it: the delta
         bound is then relative to ||W - base|| for every method, as the merge's rule is."""
         load = _cached(job)
-        total = None
-        for i in range(job.n_members):
-            x = load(i)
-            total = x.copy() if total is None else total + x
-        assert total is not None
-        center = total / job.n_members  # M of the delta rule, in float64
+        center = load(0).copy()
+        for i in range(1, job.n_members):
+            center += load(i)
+        center /= job.n_members  # M of the delta rule, in float64 (summed and divided in place)
         mean = dtypes.round_trip(center, job.mean_dtype)  # what the alternatives store
         reference = center if base is None else base.reshape(center.shape)
         outcomes = {m: TensorOutcome(0, [], [], []) for m in self.methods if m != "paper-k16"}
@@ -137,8 +135,13 @@ class AlternativesMeter:
             for method, approximation in _approximations(
                 list(outcomes), x, dtype, mean, reference if base is not None else None
             ):
-                approx = dtypes.round_trip(approximation, dtype)
-                e = float(np.linalg.norm(x - approx))
+                # Rounded to the member's dtype and made the difference, in the approximation's
+                # own array (each is made for this member and method alone; fp16 of a 2-byte
+                # member is x itself, which stays as it is).
+                work = approximation.copy() if approximation is x else approximation
+                np.subtract(x, dtypes.round_trip_in_place(work, dtype), out=work)
+                e = float(np.linalg.norm(work))
+                del work, approximation
                 o = outcomes[method]
                 o.errors.append(e / norm if norm > 0 else 0.0 if e == 0 else math.inf)
                 o.delta_errors.append(e / delta_norm if delta_norm > 0 else 0.0 if e == 0 else math.inf)
@@ -325,10 +328,15 @@ def _paper_randomized(
     errors, delta_errors, err2 = [], [], []
     for i, dtype in enumerate(job.member_dtypes):
         x = oriented(load(i))
-        coef = dtypes.round_trip((x - mean_q) @ projector, job.coef_dtype)
-        out = dtypes.round_trip(mean_q + coef @ basis.T, dtype)
-        e = float(np.linalg.norm((x - out).ravel()))
-        delta_norm = float(np.linalg.norm((x - mean_q).ravel()))
+        centred_x = x - mean_q
+        delta_norm = float(np.linalg.norm(centred_x.ravel()))
+        coef = dtypes.round_trip(centred_x @ projector, job.coef_dtype)
+        del centred_x
+        out = coef @ basis.T
+        out += mean_q  # mean_q + coef @ basis.T, in the product's array
+        np.subtract(x, dtypes.round_trip_in_place(out, dtype), out=out)
+        e = float(np.linalg.norm(out.ravel()))
+        del out
         errors.append(e / norms[i] if norms[i] > 0 else e)
         delta_errors.append(e / delta_norm if delta_norm > 0 else e)
         err2.append(e * e)

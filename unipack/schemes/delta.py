@@ -21,7 +21,6 @@ import numpy as np
 
 from unipack.core import quantize
 from unipack.core.fidelity import MemberFidelity, matrix_view, measure, round_up
-from unipack.core.linalg import rel_error
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import BlobRef, Manifest, MemberRecord, StorageParams, TensorRecord
@@ -213,7 +212,14 @@ class DeltaScheme(RebuiltScheme):
         if rule is not None:
             budget = rule.absolute(norm, float(np.linalg.norm(x - m)))
             result = quantize.fit_step(
-                x, m, budget, levels=p.levels, group=p.group, scale_dtype=ctx.coef_dtype, member_dtype=dtype
+                x,
+                m,
+                budget,
+                levels=p.levels,
+                group=p.group,
+                scale_dtype=ctx.coef_dtype,
+                member_dtype=dtype,
+                keep_out=False,  # the error is what is recorded
             )
         if result is None or not math.isfinite(result.error):
             ctx.store_raw(
@@ -227,12 +233,12 @@ class DeltaScheme(RebuiltScheme):
             return t
         shape = matrix_view(t.shape or ())
         fidelity = measure(
-            x.reshape(shape), result.out.reshape(shape), m.reshape(shape), norm, dtype, ctx.coef_dtype, None
+            x.reshape(shape), None, m.reshape(shape), norm, dtype, ctx.coef_dtype, None, error=result.error
         )
         ctx.keep(
             t,
             "quantized",
-            round_up(rel_error(x, result.out, norm)),
+            round_up(result.error / norm if norm > 0.0 else result.error),  # rel_error's arithmetic
             f"quantized from the bundle's {'base model' if p.center == BASE_CENTER else 'mean'} ({p.levels} levels)",
             fidelity,
             result.scales_held,
@@ -378,7 +384,8 @@ def fit(
         x = first if i == 0 else load(i).reshape(-1)
         total += x
         squares += float(np.dot(x, x))
-    exact_mean = total / n_members
+    total /= n_members  # in place: the mean without a second full-size array
+    exact_mean = total
     del total
     spread = math.sqrt(max(squares / n_members - float(np.dot(exact_mean, exact_mean)), 0.0) / numel)
     # The delta bound is relative to what the fine-tune changed: from the base model where it is
@@ -399,19 +406,41 @@ def fit(
         ]
     )
     cands = [c for chain in chains + base_chains for c in chain]
-    means = {
-        c.mean_dtype: dtypes.store_as(exact_mean, c.mean_dtype)
+    # Each center as stored (held); its float64 values are made when a candidate needs them and
+    # only the last center's are kept (candidates come chain by chain): one full-size float64
+    # array instead of one per mean dtype.
+    held_means = {
+        c.mean_dtype: dtypes.from_float(np.ascontiguousarray(exact_mean), c.mean_dtype)
         for c in cands
         if c.mean_dtype not in (INT_MEAN, BASE_CENTER)
     }
     mean_step = None
     if int_mean is not None:
-        means[INT_MEAN] = (int_mean[0], int_mean[1])
-        mean_step = int_mean[2]
-    mean_bytes = {dtype: compressed(held, dtype) for dtype, (held, _) in means.items()}
+        # Its float64 values are dropped here and made again from the int16 ones when needed.
+        held_means[INT_MEAN], mean_step = int_mean[0], int_mean[2]
+        int_mean = None
+    mean_bytes = {dtype: compressed(held, dtype) for dtype, held in held_means.items()}
     if base is not None:
-        means[BASE_CENTER] = (base[0], reference)
+        held_means[BASE_CENTER] = base[0]
         mean_bytes[BASE_CENTER] = 0  # referenced, not stored
+    widened: dict[str, np.ndarray] = {}
+
+    def center(dtype: str) -> np.ndarray:
+        """A center's float64 values, as a reader rebuilds them (``store_as``'s, bit for bit)."""
+        if dtype == BASE_CENTER:
+            return reference
+        values = widened.get(dtype)
+        if values is None:
+            widened.clear()
+            held = held_means[dtype]
+            if dtype == INT_MEAN:
+                assert mean_step is not None
+                values = held.astype(np.float64) * mean_step  # quantized_mean's q * step
+            else:
+                values = dtypes.to_float(held, dtype)
+            widened[dtype] = values
+        return values
+
     tried: dict[str, int | None] = {}
     # Member 0's c / c0 per candidate: members of one collection need about the same, so the
     # others' searches start there (a few tries instead of a full bracket).
@@ -426,7 +455,7 @@ def fit(
     shapes: dict[tuple[int, str, int, bool], np.ndarray] = {}
 
     def search(cand: Candidate, i: int, x: np.ndarray, limit: float) -> tuple[int, np.ndarray] | None:
-        mean = means[cand.mean_dtype][1]
+        mean = center(cand.mean_dtype)
         zero = zeros.get((i, cand.mean_dtype))
         if zero is None:
             zero = zeros[i, cand.mean_dtype] = quantize.zero_error(x, mean, member_dtypes[i])
@@ -452,6 +481,7 @@ def fit(
             zero=zero,
             delta=d,
             shape=steps_shape,
+            keep_out=False,  # only the codes' cost is kept: the winner is re-made by _encode
         )
         if result is None:
             tried[_label(cand, shape)] = None
@@ -552,7 +582,7 @@ def fit(
     encoded = _encode(
         best,
         alive[best][1],
-        means[best.mean_dtype],
+        (held_means[best.mean_dtype], center(best.mean_dtype)),
         exact_mean,
         reference,
         shape,
@@ -603,20 +633,22 @@ def _encode(
             group=cand.group,
             scale_dtype=scale_dtype,
             member_dtype=member_dtypes[i],
+            keep_out=False,  # its error is what is recorded: no copy of what extract returns
         )
         norm = float(np.linalg.norm(x))
         codes.append(quantize.pack(result.codes, cand.levels))
-        errors.append(rel_error(x, result.out, norm))
+        errors.append(result.error / norm if norm > 0.0 else result.error)  # rel_error's arithmetic
         fidelity.append(
             measure(
                 x.reshape(matrix),
-                result.out.reshape(matrix),
+                None,
                 exact_mean.reshape(matrix),
                 norm,
                 member_dtypes[i],
                 scale_dtype,
                 None,
                 reference=reference.reshape(matrix),
+                error=result.error,
             )
         )
     return DeltaEncoded(
