@@ -247,17 +247,7 @@ def _paper(
 ) -> TensorOutcome:
     """Rows PCA at k = 16 in fp32 on the cheaper side: the subspace, whatever it costs. The
     models depend on the members and the coefficient dtype only, not on the rank rule."""
-    paper_job = replace(
-        job,
-        load=load,
-        rule="rank",
-        budget=None,
-        rank=PAPER_RANK,
-        energy=None,
-        coef_dtype="F32",
-        baselines=False,
-        ceiling=None,
-    )
+    paper_job = replace(_paper_job(job), load=load)
     if models:  # the merge's own rows models, encoding for the recipe's job
         models = [m.for_job(paper_job) for m in models if isinstance(m, RowsModel)]
     elif len(job.shape) >= 1:  # a scalar has no rows to stack
@@ -269,7 +259,7 @@ def _paper(
         models = fit_rows(paper_job, sides=[side]) if side is not None else []
     if not models:  # a scalar, or both sides beyond --gram-limit: counted as stored as it is (raw bytes)
         return TensorOutcome(job.raw_bytes, [0.0] * job.n_members, [0.0] * job.n_members, [0.0] * job.n_members)
-    model = min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))
+    model = _cheapest_at_paper_rank(models)
     encoded = model.encode(min(PAPER_RANK, model.max_rank()))
     errors = [float(e) for e in encoded.errors]
     return TensorOutcome(
@@ -277,6 +267,31 @@ def _paper(
         errors=errors,
         delta_errors=[float(f.delta_error) for f in encoded.fidelity],
         err2=[(e * n) ** 2 for e, n in zip(errors, norms)],
+    )
+
+
+def _cheapest_at_paper_rank(models: Sequence[SchemeModel]) -> SchemeModel:
+    """The model storing k = 16 in the fewest bytes (the first on a tie): the recipe's side."""
+    return min(models, key=lambda m: m.bytes_at(min(PAPER_RANK, m.max_rank())))
+
+
+def paper_model(job: TensorJob, models: Sequence[SchemeModel] | None) -> list[SchemeModel] | None:
+    """Of the rows models a merge fitted to ``job``'s tensor, the one the paper's recipe uses
+    (``measure``'s ``rows_models``), so that a caller can drop the other side's (a Gram and a
+    mean each) before the alternatives are measured. None where there are none."""
+    if not models:
+        return None
+    rows = [m for m in models if isinstance(m, RowsModel)]
+    if not rows:
+        return list(models)  # nothing to choose from: measure decides as it would have
+    paper_job = _paper_job(job)
+    return [_cheapest_at_paper_rank([m.for_job(paper_job) for m in rows])]
+
+
+def _paper_job(job: TensorJob) -> TensorJob:
+    """``job`` as the paper's recipe runs it: rank 16, fp32 coefficients, nothing else."""
+    return replace(
+        job, rule="rank", budget=None, rank=PAPER_RANK, energy=None, coef_dtype="F32", baselines=False, ceiling=None
     )
 
 

@@ -43,7 +43,7 @@ from unipack.format.manifest import (
 )
 from unipack.options import MergeOptions
 from unipack.pack import exact_tier, lossless, parallel
-from unipack.pack.alternatives import AlternativesMeter, RecordingMeter
+from unipack.pack.alternatives import AlternativesMeter, RecordingMeter, paper_model
 from unipack.pack.base_match import base_reference, base_tensor
 from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.plan import TensorPlan
@@ -298,9 +298,12 @@ class Merger:
             # The paper's recipe is the rows scheme at rank 16 in fp32: where the merge fitted it,
             # the same models serve (their Gram and spectrum do not depend on the coefficients'
             # dtype), one Gram pass fewer per tensor.
-            reuse = self._fitted.get("rows")
             found = base_tensor(plan)
             base = None if found is None else dtypes.to_float(*found)
+            # Only the side the recipe uses is kept while the alternatives are measured (each
+            # side's model holds a Gram and a mean); the others are dropped here.
+            reuse = paper_model(job, self._fitted.pop("rows", None))
+            self._fitted.clear()
             self.alternatives.measure(job, [errors[-1] for errors in self.errors], rows_models=reuse, base=base)
         else:  # heads, identical and non-finite tensors: every alternative keeps them too
             numels = [c.tensors[plan.name].numel for c in self.checkpoints]
@@ -310,6 +313,8 @@ class Merger:
     def _remembered_fit(self, name: str) -> Fit:
         """The scheme's fit, its models kept (for this tensor only) for the alternatives."""
         fit = decomposition(name).fit
+        if name != "rows":  # only the rows models serve the paper's recipe
+            return fit
 
         def remembered(job: TensorJob) -> Sequence[SchemeModel]:
             self._fitted[name] = models = fit(job)

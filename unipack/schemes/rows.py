@@ -130,19 +130,36 @@ class RowsModel:
     scheme = "rows"
 
     def __init__(
-        self, job: TensorJob, side: str, shift: np.ndarray, total: np.ndarray, gram: np.ndarray, norms: np.ndarray
+        self,
+        job: TensorJob,
+        side: str,
+        shift: np.ndarray,
+        total: np.ndarray,
+        gram: np.ndarray,
+        norms: np.ndarray,
+        sibling: RowsModel | None = None,
     ) -> None:
         """Statistics of the oriented members relative to ``shift`` (member 0): ``total`` = sum of
-        Y_i = X_i - shift, ``gram`` = sum of Y_i^T Y_i, ``norms`` = ||X_i||."""
+        Y_i = X_i - shift, ``gram`` = sum of Y_i^T Y_i, ``norms`` = ||X_i||. ``sibling``: the
+        other side's model of the same members, whose stored mean this one shares (transposed:
+        the same numbers, one array for both sides)."""
         self.job, self.side, self.norms = job, side, norms
         m = job.shape[0]
         self.matrix = (m, math.prod(job.shape[1:]))
         self.r, self.p = total.shape
         self.coef_itemsize = dtypes.itemsize(job.coef_dtype)
         n_members = job.n_members
-        mean = shift + total / n_members
-        held, self.mean_q = dtypes.store_as(mean, job.mean_dtype)
-        self.mean_held = (held if side == "right" else held.T).reshape(job.shape)
+        self.mean_q: np.ndarray
+        self.mean_held: np.ndarray
+        if sibling is not None:
+            assert sibling.side != side and sibling.mean_q.shape == total.shape[::-1]
+            self.mean_q = sibling.mean_q.T
+            self.mean_held = sibling.mean_held
+        else:
+            mean = shift + total / n_members
+            held, self.mean_q = dtypes.store_as(mean, job.mean_dtype)
+            del mean
+            self.mean_held = (held if side == "right" else held.T).reshape(job.shape)
         # Centre on the *stored* mean: with c = Mq - shift,
         # sum (Y_i - c)^T (Y_i - c) = G - c^T T - T^T c + N c^T c.
         c = self.mean_q - shift
@@ -351,12 +368,12 @@ def fit_rows(job: TensorJob, sides: Sequence[str] | None = None) -> list[RowsMod
         y_work = y.astype(work)
         for side in sides:
             grams[side] += y_work.T @ y_work if side == "right" else y_work @ y_work.T
-    return [
-        RowsModel(
-            job, side, shift if side == "right" else shift.T, total if side == "right" else total.T, grams[side], norms
-        )
-        for side in sides
-    ]
+    models: list[RowsModel] = []
+    for side in sides:
+        oriented_shift, oriented_total = (shift, total) if side == "right" else (shift.T, total.T)
+        sibling = models[0] if models else None
+        models.append(RowsModel(job, side, oriented_shift, oriented_total, grams.pop(side), norms, sibling))
+    return models
 
 
 def cheapest_side(job: TensorJob, rank: int) -> str | None:
