@@ -22,7 +22,7 @@ import numpy as np
 
 from unipack.core.decomposition import Encoded, TensorJob, kept_energy
 from unipack.core.fidelity import measure
-from unipack.core.linalg import eigh_desc, least_squares_projector, rel_error, top_eigh
+from unipack.core.linalg import eigh_desc, least_squares_projector, top_eigh
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import TensorRecord
@@ -301,16 +301,22 @@ class RowsModel:
         svd_values = rows_svd_values(rank, self.r, self.p, job.n_members) if job.baselines else None
         for i in range(job.n_members):
             x = self._oriented(i)
-            approx = self.mean_q
             coef_held = None
+            dtype, norm = job.member_dtypes[i], float(self.norms[i])
+            # What extract returns, rounded and then made the difference x - out in one array
+            # (a large tensor's encoding would otherwise hold three more full-size copies).
             if rank:
                 coef_held, coef = dtypes.store_as((x - self.mean_q) @ projector, job.coef_dtype)
-                approx = self.mean_q + coef @ basis.T
-            out = dtypes.round_trip(approx, job.member_dtypes[i])
-            errors.append(rel_error(x, out, float(self.norms[i])))
-            fidelity.append(
-                measure(x, out, self.mean_q, float(self.norms[i]), job.member_dtypes[i], job.coef_dtype, svd_values)
-            )
+                diff = coef @ basis.T
+                diff += self.mean_q  # mean_q + coef @ basis.T
+                dtypes.round_trip_in_place(diff, dtype)
+            else:
+                diff = dtypes.round_trip(self.mean_q, dtype)
+            np.subtract(x, diff, out=diff)
+            error = float(np.linalg.norm(diff.ravel()))  # ||x - out||, as rel_error sums it
+            del diff
+            errors.append(error / norm if norm > 0.0 else error)
+            fidelity.append(measure(x, None, self.mean_q, norm, dtype, job.coef_dtype, svd_values, error=error))
             if coef_held is not None:
                 coefs.append(coef_held if self.side == "right" else np.ascontiguousarray(coef_held.T))
         return Encoded(
