@@ -402,7 +402,9 @@ def zero_error(x: np.ndarray, mean: np.ndarray, member_dtype: str) -> float:
     """||x - out|| when every code is zero (out = the mean in the member's dtype): the same for
     every level count and grouping, so a caller trying many can compute it once."""
     with np.errstate(over="ignore", invalid="ignore"):
-        error = float(np.linalg.norm(x - dtypes.round_trip(mean, member_dtype)))
+        diff = dtypes.round_trip_in_place(np.array(mean, dtype=np.float64), member_dtype)
+        np.subtract(x, diff, out=diff)  # x - round_trip(mean), in one array
+        error = float(np.linalg.norm(diff))
     return error if math.isfinite(error) else math.inf
 
 

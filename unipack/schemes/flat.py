@@ -102,7 +102,9 @@ class FlatModel:
             x = self._vector(i)
             total += x
             self.norms[i] = np.linalg.norm(x)
-        held, self.mean_q = dtypes.store_as(total / n_members, job.mean_dtype)
+        total /= n_members  # the mean, in place (no second full-size array)
+        held, self.mean_q = dtypes.store_as(total, job.mean_dtype)
+        del total
         self.mean_held = held.reshape(job.shape)
         self.gram = self._centred_gram()
         self.eigenvalues, self.q = eigh_desc(self.gram)
@@ -123,7 +125,8 @@ class FlatModel:
             hi = min(n_members, lo + rows)
             block = held[: hi - lo]
             for k, i in enumerate(range(lo, hi)):
-                block[k] = self._vector(i) - self.mean_q
+                # x - mean_q in float64, rounded into the block's row (no float64 temporary)
+                np.subtract(self._vector(i), self.mean_q, out=block[k], casting="same_kind")
             gram[lo:hi, lo:hi] = block @ block.T
             for j in range(hi, n_members):
                 col = block @ (self._vector(j) - self.mean_q).astype(work)

@@ -140,7 +140,8 @@ class RowsModel:
         sibling: RowsModel | None = None,
     ) -> None:
         """Statistics of the oriented members relative to ``shift`` (member 0): ``total`` = sum of
-        Y_i = X_i - shift, ``gram`` = sum of Y_i^T Y_i, ``norms`` = ||X_i||. ``sibling``: the
+        Y_i = X_i - shift, ``gram`` = sum of Y_i^T Y_i (taken over: centred in place), ``norms`` =
+        ||X_i||. ``sibling``: the
         other side's model of the same members, whose stored mean this one shares (transposed:
         the same numbers, one array for both sides)."""
         self.job, self.side, self.norms = job, side, norms
@@ -162,9 +163,19 @@ class RowsModel:
             self.mean_held = (held if side == "right" else held.T).reshape(job.shape)
         # Centre on the *stored* mean: with c = Mq - shift,
         # sum (Y_i - c)^T (Y_i - c) = G - c^T T - T^T c + N c^T c.
+        # Worked in ``gram``'s own array (``fit_rows`` hands each model its Gram), the same
+        # operations in the same order: a p x p array is as large as the tensor when it is square.
         c = self.mean_q - shift
         cross = c.T @ total
-        self._gram: np.ndarray | None = gram - cross - cross.T + n_members * (c.T @ c)
+        squares = c.T @ c
+        del c
+        squares *= n_members
+        gram -= cross
+        gram -= cross.T
+        del cross
+        gram += squares
+        del squares
+        self._gram: np.ndarray | None = gram
         # The total centred variance: sum ||X_i - M||^2, the trace (every eigenvalue's sum).
         self.variance = max(float(np.trace(self._gram)), 0.0)
         # Eigenpairs are computed when asked for: all of them (``_full``) where a rule needs the
@@ -372,8 +383,10 @@ def fit_rows(job: TensorJob, sides: Sequence[str] | None = None) -> list[RowsMod
         y = x - shift
         total += y
         y_work = y.astype(work)
+        del x, y  # the next member's arrays are made before these names are rebound
         for side in sides:
             grams[side] += y_work.T @ y_work if side == "right" else y_work @ y_work.T
+        del y_work  # nor are the last member's kept while the models are made
     models: list[RowsModel] = []
     for side in sides:
         oriented_shift, oriented_total = (shift, total) if side == "right" else (shift.T, total.T)
