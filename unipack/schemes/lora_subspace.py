@@ -120,7 +120,9 @@ class LoraSubspaceScheme(LoraScheme):
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
         return t.name in member.lora and not _params(t).overridden(t, member)
 
-    def add_candidate(self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str) -> AdapterCandidate:
+    def add_candidate(
+        self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
+    ) -> AdapterCandidate | None:
         """The new member's core on the bundle's bases as stored, fitted as the merge fits one
         (``core.lora_encode.encode``: least squares on the rounded bases, then rounded), and the
         error of the factors extraction then returns."""

@@ -1,0 +1,170 @@
+"""Factored subspace cores (spec §12): an adapter's core on a module's shared bases, stored as
+its factors C = P Q (P: k_out x c, Q: c x k_in) instead of the dense k_out x k_in block.
+
+An adapter's core C = s (U_kᵀ B)(A V_k) has rank at most r, so it is exactly the product of a
+k_out x r and an r x k_in factor: r (k_out + k_in) numbers against k_out · k_in (about 3x fewer at
+r = 16, k = 100). The factors are balanced (``core.lora_quant``'s gauge, with the scale folded
+into the product), then either cast to the coefficient dtype or quantized at L levels with one
+step per row of Q and per column of P: the arithmetic of the ``quant`` form (§10.2) applied to
+(Q, P) as if they were an adapter's (A, B) of rank c on a k_out x k_in module. So this module
+reuses ``QuantSearch``, ``cast_factors`` and ``dequantize`` rather than repeating them.
+
+The budget is the user's, on what extraction returns: ‖ΔW − s B' A'‖ / ‖ΔW‖ with B', A' the
+factors rebuilt from U_k (P Q) V_kᵀ (``peft_factors``, the ``subspace`` form's extraction)
+and rounded to the member's dtype. The quantization search runs on the small core, where each
+try costs k x c products: the core gets what the budget leaves after the bases' own error
+(‖ΔW − U_k C V_kᵀ‖, orthogonal to a change inside the bases when they are exact), and every
+result is then measured on the extracted factors; one that misses is searched again on a
+tighter core budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from unipack.core.linalg import least_squares_projector
+from unipack.core.lora import LoraFactors, LoraModel
+from unipack.core.lora_encode import peft_factors, product_error
+from unipack.core.lora_quant import QuantSearch, balanced, cast_factors, dequantize
+from unipack.format import dtypes
+
+#: A core's factors are values, not an adapter's tensors: they reach the extracted factors only
+#: through the float64 product P Q, so the searches "round" them to float64 (no rounding).
+CORE_DTYPE = "F64"
+#: Tries of the core search on a tighter core budget, and the factor each try tightens it by,
+#: when the extracted factors miss the rule (the bases' rounding, the member's dtype).
+_RETRIES = 4
+_TIGHTEN = 0.85
+
+
+@dataclass(frozen=True)
+class StoredBases:
+    """A module's U_k and V_k as stored (rounded to the coefficient dtype), with what the
+    cores are fitted and measured with."""
+
+    left_held: np.ndarray  # U_k, out x k_out, held as holder(coef dtype)
+    right_held: np.ndarray  # V_k, in x k_in
+    u: np.ndarray  # float64 values of U_k as read
+    v: np.ndarray
+    left_proj: np.ndarray  # least-squares projectors onto the stored bases (``encode``'s)
+    right_proj: np.ndarray
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return int(self.u.shape[1]), int(self.v.shape[1])
+
+
+def stored_bases(model: LoraModel, k_out: int, k_in: int, coef_dtype: str) -> StoredBases:
+    """The model's bases at (k_out, k_in) rounded to ``coef_dtype``, as ``encode`` stores them."""
+    left_held, u = dtypes.store_as(model.u[:, :k_out], coef_dtype)
+    right_held, v = dtypes.store_as(model.v[:, :k_in], coef_dtype)
+    return StoredBases(left_held, right_held, u, v, least_squares_projector(u), least_squares_projector(v))
+
+
+def read_bases(u: np.ndarray, v: np.ndarray) -> StoredBases:
+    """``StoredBases`` of bases read from a bundle (float64 values; ``add`` fits on them)."""
+    return StoredBases(u, v, u, v, least_squares_projector(u), least_squares_projector(v))
+
+
+def core_rank(rank: int, record_rank: int) -> int:
+    """c: the core rank a member of rank r stores under a record's core rank (spec §12.1)."""
+    return min(rank, record_rank)
+
+
+def core_factors(f: LoraFactors, bases: StoredBases, record_rank: int) -> LoraFactors:
+    """(Q, P) as the (a, b) of a scale-1 ``LoraFactors``: the balanced factors of the core
+    C = s (Lᵀ B)(A R) on the stored bases (L, R their least-squares projectors), its first
+    c = min(r, core rank) directions (all of it where c is at least C's rank)."""
+    b = f.scale * (bases.left_proj.T @ f.b)  # k_out x r
+    a = f.a @ bases.right_proj  # r x k_in
+    a_bal, b_bal, _ = balanced(LoraFactors(a, b, 1.0))
+    c = core_rank(f.rank, record_rank)
+    return LoraFactors(a_bal[:c], b_bal[:, :c], 1.0)
+
+
+def split_values(values: np.ndarray, rank: int, k_out: int, k_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, Q) from a member's c (k_in + k_out) values in the ``cast`` order: Q in C order, then Pᵀ."""
+    split = rank * k_in
+    return values[split:].reshape(rank, k_out).T, values[:split].reshape(rank, k_in)
+
+
+def extract_error(f: LoraFactors, bases: StoredBases, p: np.ndarray, q: np.ndarray, member_dtype: str) -> float:
+    """‖ΔW − s B' A'‖ / ‖ΔW‖ for the factors extraction returns from the core P Q (spec §12.2)."""
+    if not (np.isfinite(p).all() and np.isfinite(q).all()):
+        return math.inf
+    b2, a2 = peft_factors(bases.u, p @ q, bases.v, f.rank, f.scale, member_dtype)
+    return product_error(f, LoraFactors(a2, b2, f.scale))
+
+
+@dataclass(frozen=True)
+class FactoredCore:
+    """One adapter's core as stored: its block of the coefficient blob, its codes, its error."""
+
+    rank: int  # c
+    block: np.ndarray  # held as holder(coef dtype): c (k_in + k_out) values (cast) or 2c steps (quant)
+    codes: np.ndarray | None  # quant: c k_in codes of Q then c k_out of Pᵀ, unpacked; cast: None
+    error: float  # of the factors extraction returns
+
+    @property
+    def numbers(self) -> int:
+        """Numbers of its block and codes (codes counted one a number, before packing)."""
+        return int(self.block.size + (0 if self.codes is None else self.codes.size))
+
+
+def cast_core(f: LoraFactors, bases: StoredBases, record_rank: int, coef_dtype: str, member_dtype: str) -> FactoredCore:
+    """The core's balanced factors rounded to the coefficient dtype."""
+    core = core_factors(f, bases, record_rank)
+    cast = cast_factors(core, coef_dtype, CORE_DTYPE)
+    return FactoredCore(core.rank, cast.values_held, None, extract_error(f, bases, cast.b, cast.a, member_dtype))
+
+
+class FactoredSearch:
+    """One adapter's core on one module's stored bases, quantized at one level count after
+    another: at each, the coarsest steps whose extracted factors meet ``max_error``."""
+
+    def __init__(
+        self,
+        f: LoraFactors,
+        bases: StoredBases,
+        record_rank: int,
+        max_error: float,
+        *,
+        coef_dtype: str,
+        member_dtype: str,
+    ) -> None:
+        self.f, self.bases, self.max_error = f, bases, max_error
+        self.coef_dtype, self.member_dtype = coef_dtype, member_dtype
+        self.core = core_factors(f, bases, record_rank)
+        self._search = QuantSearch(self.core, step_dtype=coef_dtype, member_dtype=CORE_DTYPE)
+        # The core's share of the budget: the unquantized core's own error (what the bases and
+        # the core rank leave out, and the member's rounding) is what the quantization cannot
+        # touch; in exact bases the two are orthogonal, so their squares add.
+        base_error = extract_error(f, bases, self.core.b, self.core.a, member_dtype)
+        allowed = (max_error**2 - base_error**2) * f.norm**2 if f.norm > 0.0 else max_error**2
+        core_norm = self.core.norm
+        if not allowed > 0.0:
+            self._budget: float | None = None
+        else:
+            self._budget = math.sqrt(allowed) / core_norm if core_norm > 0.0 else max_error
+
+    def fit(self, levels: int) -> FactoredCore | None:
+        """The coarsest quantization at ``levels`` meeting the rule, or None if none found does."""
+        budget = self._budget
+        if budget is None:
+            return None
+        rank = self.core.rank
+        k_out, k_in = self.bases.ranks
+        for _ in range(_RETRIES):
+            if not self._search.floor_meets(budget, levels):
+                return None
+            fitted = self._search.fit(budget, levels)
+            steps = dtypes.to_float(fitted.steps_held, self.coef_dtype)
+            q, p = dequantize(fitted.codes, steps, levels, rank, k_out, k_in)  # spec §12.2: as a reader
+            error = extract_error(self.f, self.bases, p, q, self.member_dtype)
+            if error <= self.max_error:
+                return FactoredCore(rank, fitted.steps_held, fitted.codes, error)
+            budget *= _TIGHTEN
+        return None
