@@ -35,6 +35,25 @@ class LoraFactoredParams(LoraSubspaceParams):
     levels: int | None = None  # L of the quantized factors; None: cast to the coefficient dtype
     codes: str | None = None  # U8 blob (quantized only): every touching member's codes, in member order
 
+    def __post_init__(self) -> None:
+        # A reader refuses such a record (spec §12.3; ``parse_params`` says why): refuse to make
+        # one, so no writer (merge, add) can write a bundle nothing opens. A bug, not the user's.
+        k_out, k_in = self.ranks
+        quantized = self.levels is not None
+        if not (
+            k_out >= 1
+            and k_in >= 1
+            and self.left is not None
+            and self.right is not None
+            and 1 <= self.core_rank <= min(k_out, k_in)
+            and (not quantized or quantize.MIN_LEVELS <= (self.levels or 0) <= quantize.MAX_LEVELS)
+            and quantized == (self.codes is not None)
+        ):
+            raise ValueError(
+                f"subspace-factored record: ranks {self.ranks}, core rank {self.core_rank}, levels {self.levels}, "
+                f"bases {self.left!r} / {self.right!r}, codes {self.codes!r} break spec section 12.1"
+            )
+
     def to_doc(self, tensor: TensorRecord) -> dict[str, Any]:
         quantized = {} if self.levels is None else {"levels": self.levels, "codes": self.codes}
         return {
