@@ -538,7 +538,8 @@ def test_sketched_bases_in_a_merge(noisy, tmp_path, sketching, options) -> None:
     measured = check_recorded_errors(noisy, tmp_path / "1.upk", result.manifest)
     for m in MODULES:
         t = result.manifest.tensors[index_of(result.manifest)[m]]
-        assert t.form == "subspace"
+        # Under a max-error rule the cores may be stored factored (spec §12), on the same sketched bases.
+        assert t.form == "subspace" or ("max_error" in options and t.form == "subspace-factored")
         if "max_error" in options:
             assert max(measured[m]) <= options["max_error"]
         else:
