@@ -117,6 +117,14 @@ def _shape_ok(shape: Any) -> bool:
     return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
 
 
+def _per_byte(levels: int) -> int:
+    """§8.1: k, the codes of L levels one byte holds (the largest k with L^k <= 256)."""
+    k = 1
+    while levels ** (k + 1) <= 256:
+        k += 1
+    return k
+
+
 def _prod(shape: list[int]) -> int:
     return math.prod(shape)  # math.prod([]) == 1: a scalar has one element
 
@@ -486,24 +494,24 @@ class SpecBundle:
                     levels = t.get("levels") if form == "quant" else 0
                     if form == "quant":
                         _need(_is_int(levels) and 2 <= levels <= 256, f"{name}: levels {levels!r} not in 2..256")
-                    k = 1
-                    while form == "quant" and levels ** (k + 1) <= 256:
-                        k += 1
+                    k = _per_byte(levels) if form == "quant" else 1
                     self.own_layout[name] = {"form": form, "levels": levels, "per_byte": k, "codes": t.get("codes")}
-                if form == "subspace-factored":
-                    # §12.1, §12.3: version 11; ranks >= 1; U, V never null; 1 <= R <= min(k_out, k_in);
-                    # levels absent (cast) or 2..256 with a codes blob (quantized).
-                    _need(self.version >= 11, f"{name}: lora form {form} in a format version {self.version} bundle")
+                if form in ("subspace", "subspace-factored"):
                     ranks = t.get("ranks")
                     _need(
                         isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(k) for k in ranks),
                         f"{name}: ranks {ranks!r} is not [k_out, k_in]",
                     )
                     k_out, k_in = ranks
+                    least = 1 if form == "subspace-factored" else 0  # §12.1: a factored core needs both bases
                     _need(
-                        1 <= k_out <= out_dim and 1 <= k_in <= in_dim,
-                        f"{name}: ranks {ranks} outside 1..{shape}",
+                        least <= k_out <= out_dim and least <= k_in <= in_dim,
+                        f"{name}: ranks {ranks} outside {least}..{shape}",
                     )
+                if form == "subspace-factored":
+                    # §12.1, §12.3: version 11; U, V never null; 1 <= R <= min(k_out, k_in); levels
+                    # absent (cast) or 2..256 with a codes blob (quantized).
+                    _need(self.version >= 11, f"{name}: lora form {form} in a format version {self.version} bundle")
                     use(t.get("left"), f"left of {name}", dtype=self.coef_dtype, shape=[out_dim, k_out])
                     use(t.get("right"), f"right of {name}", dtype=self.coef_dtype, shape=[in_dim, k_in])
                     core_rank = t.get("core_rank")
@@ -517,27 +525,14 @@ class SpecBundle:
                         f"{name}: levels {levels!r} not in 2..256",
                     )
                     _need((t.get("codes") is None) == (levels is None), f"{name}: codes present iff levels")
-                    k = 1
-                    while levels is not None and levels ** (k + 1) <= 256:
-                        k += 1
                     self.factored_layout[name] = {
                         "ranks": ranks,
                         "core_rank": core_rank,
                         "levels": levels,
-                        "per_byte": k,
+                        "per_byte": 1 if levels is None else _per_byte(levels),
                         "codes": t.get("codes"),
                     }
                 if form == "subspace":
-                    ranks = t.get("ranks")
-                    _need(
-                        isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(k) for k in ranks),
-                        f"{name}: ranks {ranks!r} is not [k_out, k_in]",
-                    )
-                    k_out, k_in = ranks
-                    _need(
-                        0 <= k_out <= out_dim and 0 <= k_in <= in_dim,
-                        f"{name}: ranks {ranks} outside the shape {shape}",
-                    )
                     for key, k, blob_shape in (("left", k_out, [out_dim, k_out]), ("right", k_in, [in_dim, k_in])):
                         if k == 0:
                             _need(t.get(key) is None, f"{name}: {key} blob with a zero rank")
@@ -577,9 +572,7 @@ class SpecBundle:
                         f"{name}: mean_step {step!r} is not a positive finite number",
                     )
                     use(t.get("mean"), f"mean of {name}", dtype="I16", shape=shape)
-                k = 1
-                while levels ** (k + 1) <= 256:
-                    k += 1
+                k = _per_byte(levels)
                 self.delta_layout[name] = {
                     "levels": levels,
                     "group": group,
