@@ -680,7 +680,9 @@ class Pricing:
             bases_cost += self.compressed(bases.right_held, self.coef_dtype)
             limits = [c for c in (bound, None if best is None else best[0]) if c is not None]
             if limits and bases_cost >= min(limits):
-                continue
+                # A smaller fraction needs no smaller ranks: bases holding these columns and more,
+                # whose bytes (float mantissas hardly compress) are no fewer. No rank search more.
+                break
             for choice in self._factored_fits(bases, core_rank, factors, member_dtypes, budget.max_error):
                 live = [c for c in choice.cores if c is not None]
                 cost = bases_cost + self.compressed(np.concatenate([c.block for c in live]), self.coef_dtype)
