@@ -266,6 +266,47 @@ def compressed(array: np.ndarray, dtype: str, level: int) -> int:
     return len(stored)
 
 
+def factored_costs(
+    fs: list[LoraFactors],
+    bases: Any,
+    ranks: tuple[int, int],
+    coef_dtype: str,
+    member_dtype: str,
+    max_error: float,
+    quantized: bool,
+) -> dict[tuple[int, int | None], int]:
+    """The chooser's candidates on these bases, priced by brute force, by (core rank, L or None):
+    cast at the least core rank meeting the rule (every rank tried); quantized at every level
+    count, at the full core rank and at the least whose cast cores meet 0.7 of the budget."""
+    full = min(max(f.rank for f in fs), *ranks)
+
+    def cast_at(rank: int) -> list[Any]:
+        return [cast_core(f, bases, rank, coef_dtype, member_dtype) for f in fs]
+
+    def least(target: float) -> int | None:
+        meets = [rank for rank in range(1, full + 1) if max(c.error for c in cast_at(rank)) <= target]
+        return meets[0] if meets and meets[-1] == full else None
+
+    costs: dict[tuple[int, int | None], int] = {}
+    cast_rank = least(max_error)
+    if cast_rank is not None:
+        costs[(cast_rank, None)] = compressed(np.concatenate([c.block for c in cast_at(cast_rank)]), coef_dtype, 3)
+    quant_ranks = {full, least(lora_merge.CORE_TRUNCATION * max_error) or full} if quantized else set()
+    for rank in quant_ranks:
+        for levels in LEVELS:
+            search = [
+                FactoredSearch(f, bases, rank, max_error, coef_dtype=coef_dtype, member_dtype=member_dtype) for f in fs
+            ]
+            fits = [one.fit(levels) for one in search]
+            if any(q is None for q in fits):
+                continue
+            packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])
+            steps = np.concatenate([q.block for q in fits if q is not None])
+            # the writer packs codes (U8) at zstd level 1 when the bundle's level is 3
+            costs[(rank, levels)] = compressed(packed, "U8", 1) + compressed(steps, coef_dtype, 3)
+    return costs
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_chooser_picks_it_where_it_is_cheaper(populations, tmp_path, monkeypatch, case) -> None:
     """Brute force: at the record's ranks, its variant (cast, or the level count) is the cheapest
@@ -288,27 +329,11 @@ def test_the_chooser_picks_it_where_it_is_cheaper(populations, tmp_path, monkeyp
         model = fit(fs, *SHAPES[t.name])
         bases = stored_bases(model, *p.ranks, coef_dtype)
         bases_cost = compressed(bases.left_held, coef_dtype, 3) + compressed(bases.right_held, coef_dtype, 3)
-        costs: dict[int | None, int] = {}
-        casts = [cast_core(f, bases, p.core_rank, coef_dtype, member_dtype) for f in fs]
-        if max(c.error for c in casts) <= max_error:
-            costs[None] = compressed(np.concatenate([c.block for c in casts]), coef_dtype, 3)
-        if options.get("quantize", True):
-            for levels in LEVELS:
-                fits = [
-                    FactoredSearch(
-                        f, bases, p.core_rank, max_error, coef_dtype=coef_dtype, member_dtype=member_dtype
-                    ).fit(levels)
-                    for f in fs
-                ]
-                if any(q is None for q in fits):
-                    continue
-                packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])
-                steps = np.concatenate([q.block for q in fits if q is not None])
-                # the writer packs codes (U8) at zstd level 1 when the bundle's level is 3
-                costs[levels] = compressed(packed, "U8", 1) + compressed(steps, coef_dtype, 3)
-        assert p.levels in costs, (t.name, p.levels, costs)
-        assert costs[p.levels] == min(costs.values()), (t.name, p.levels, costs)
-        assert str(f"{bases_cost + costs[p.levels]:,} B") in t.reason, (t.name, t.reason)
+        costs = factored_costs(fs, bases, p.ranks, coef_dtype, member_dtype, max_error, options.get("quantize", True))
+        chosen = (p.core_rank, p.levels)
+        assert chosen in costs, (t.name, chosen, costs)
+        assert costs[chosen] == min(costs.values()), (t.name, chosen, costs)
+        assert str(f"{bases_cost + costs[chosen]:,} B") in t.reason, (t.name, t.reason)
     for m in result.manifest.members:
         assert max(m.errors) <= max_error
     without_factored(monkeypatch)

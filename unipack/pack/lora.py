@@ -508,6 +508,9 @@ class LoraMerger(Merger):
 #: max-error budget: the rest is the cores' quantization's (a larger basis leaves the cores more
 #: room, at more bytes of bases; the chooser keeps the cheapest that meets the rule).
 FACTORED_HEADROOMS = (1.0, 0.8, 0.6, 0.4)
+#: The quantized cores are also tried truncated to the least core rank whose cast cores meet this
+#: fraction of the budget (the rest is the quantization's).
+CORE_TRUNCATION = 0.7
 
 
 @dataclass(frozen=True)
@@ -660,7 +663,8 @@ class Pricing:
 
         For the ranks of each of ``FACTORED_HEADROOMS``, the cores' factors cast to the
         coefficient dtype, and (unless ``--no-quantize``) quantized at each level count of
-        ``LEVELS`` at which every adapter's core meets the rule (``FactoredSearch``)."""
+        ``LEVELS`` at which every adapter's core meets the rule (``FactoredSearch``); each at the
+        core ranks ``_factored_fits`` tries."""
         budget = self.options.budget
         if budget is None or budget.max_error is None:
             return None
@@ -675,7 +679,7 @@ class Pricing:
                 continue
             tried.add(ranks)
             bases = stored_bases(model, *ranks, self.coef_dtype)
-            core_rank = min(max(ranks_of), *ranks)
+            full_rank = min(max(ranks_of), *ranks)
             bases_cost = self.compressed(bases.left_held, self.coef_dtype)
             bases_cost += self.compressed(bases.right_held, self.coef_dtype)
             limits = [c for c in (bound, None if best is None else best[0]) if c is not None]
@@ -683,7 +687,7 @@ class Pricing:
                 # A smaller fraction needs no smaller ranks: bases holding these columns and more,
                 # whose bytes (float mantissas hardly compress) are no fewer. No rank search more.
                 break
-            for choice in self._factored_fits(bases, core_rank, factors, member_dtypes, budget.max_error):
+            for choice in self._factored_fits(bases, full_rank, factors, member_dtypes, budget.max_error):
                 live = [c for c in choice.cores if c is not None]
                 cost = bases_cost + self.compressed(np.concatenate([c.block for c in live]), self.coef_dtype)
                 if choice.levels is not None:
@@ -696,22 +700,78 @@ class Pricing:
     def _factored_fits(
         self,
         bases: StoredBases,
-        core_rank: int,
+        full_rank: int,
         factors: list[LoraFactors | None],
         member_dtypes: list[str | None],
         max_error: float,
     ) -> list[FactoredChoice]:
-        """Every encoding of the cores on ``bases`` that meets ``max_error`` for each adapter:
-        cast, and quantized at each level count still open after every adapter's search."""
+        """Every encoding of the cores on ``bases`` that meets ``max_error`` for each adapter: cast
+        at the least core rank that does (a core's weak directions cost as much as its strong
+        ones), and quantized at each level count still open after every adapter's search, at the
+        full core rank and at the least one leaving the quantization ``1 - CORE_TRUNCATION`` of
+        the budget (the search may zero weak directions itself, but each still costs its steps)."""
         found: list[FactoredChoice] = []
-        casts: list[FactoredCore | None] = [
-            None if f is None or d is None else cast_core(f, bases, core_rank, self.coef_dtype, d)
-            for f, d in zip(factors, member_dtypes)
-        ]
-        if self.meets([c.error for c in casts if c is not None]):
-            found.append(FactoredChoice(bases, core_rank, None, casts))
+        full = self._cast_cores(bases, full_rank, factors, member_dtypes)
+        full_errors = [c.error for c in full if c is not None]
+        if self.meets(full_errors):
+            rank = self._least_core_rank(bases, full_rank, factors, member_dtypes, max_error)
+            casts = full if rank == full_rank else self._cast_cores(bases, rank, factors, member_dtypes)
+            found.append(FactoredChoice(bases, rank, None, casts))
         if not self.options.quantize:
             return found
+        ranks = [full_rank]
+        target = CORE_TRUNCATION * max_error
+        if full_errors and max(full_errors) <= target:
+            tight = self._least_core_rank(bases, full_rank, factors, member_dtypes, target)
+            if tight < full_rank:
+                ranks.append(tight)
+        for rank in ranks:
+            found.extend(self._quantized_cores(bases, rank, factors, member_dtypes, max_error))
+        return found
+
+    def _cast_cores(
+        self, bases: StoredBases, rank: int, factors: list[LoraFactors | None], member_dtypes: list[str | None]
+    ) -> list[FactoredCore | None]:
+        return [
+            None if f is None or d is None else cast_core(f, bases, rank, self.coef_dtype, d)
+            for f, d in zip(factors, member_dtypes)
+        ]
+
+    def _least_core_rank(
+        self,
+        bases: StoredBases,
+        full_rank: int,
+        factors: list[LoraFactors | None],
+        member_dtypes: list[str | None],
+        target: float,
+    ) -> int:
+        """The least core rank R (at most ``full_rank``, where every adapter's cast core is within
+        ``target``) at which each still is: adapter by adapter, a bisection above the rank the
+        adapters before it need (a truncated core's error only grows as directions go)."""
+        need = 1
+        for f, d in zip(factors, member_dtypes):
+            if f is None or d is None:
+                continue
+            lo, hi = need, min(f.rank, full_rank)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if cast_core(f, bases, mid, self.coef_dtype, d).error <= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            need = max(need, lo)
+        return need
+
+    def _quantized_cores(
+        self,
+        bases: StoredBases,
+        rank: int,
+        factors: list[LoraFactors | None],
+        member_dtypes: list[str | None],
+        max_error: float,
+    ) -> list[FactoredChoice]:
+        """The cores at core rank ``rank`` quantized at each level count at which every adapter's
+        search meets ``max_error`` (a level count closes for all at the first that misses)."""
         open_levels = sorted(LEVELS, reverse=True)
         fits: dict[int, list[FactoredCore | None]] = {n: [] for n in open_levels}
         for f, d in zip(factors, member_dtypes):
@@ -719,7 +779,7 @@ class Pricing:
                 for n in open_levels:
                     fits[n].append(None)
                 continue
-            search = FactoredSearch(f, bases, core_rank, max_error, coef_dtype=self.coef_dtype, member_dtype=d)
+            search = FactoredSearch(f, bases, rank, max_error, coef_dtype=self.coef_dtype, member_dtype=d)
             still_open = []
             for n in open_levels:
                 fit = search.fit(n)
@@ -728,9 +788,8 @@ class Pricing:
                     still_open.append(n)
             open_levels = still_open
             if not open_levels:
-                break
-        found.extend(FactoredChoice(bases, core_rank, n, fits[n]) for n in open_levels)
-        return found
+                return []
+        return [FactoredChoice(bases, rank, n, fits[n]) for n in open_levels]
 
     def _price(self, fits: Sequence[QuantizedFactors], packing: int) -> int:
         """The stored bytes of these adapters' quantized factors: their codes packed for
