@@ -23,7 +23,7 @@ from test_spec_reader import SpecBundle, _factored_population, _member_names, _u
 import unipack
 from unipack.core import quantize
 from unipack.core.lora import LoraFactors, fit
-from unipack.core.lora_factored import FactoredSearch, cast_core, read_bases, stored_bases
+from unipack.core.lora_factored import AdapterCore, FactoredSearch, cast_core, read_bases, stored_bases
 from unipack.core.lora_quant import LEVELS
 from unipack.format import codec, dtypes
 from unipack.pack import lora as lora_merge
@@ -115,7 +115,7 @@ def test_rebuild_and_error_against_dense_numpy(levels, coef_dtype, member_dtype)
     if levels is None:
         got = cast_core(f, bases, r, coef_dtype, member_dtype)
     else:
-        found = FactoredSearch(f, bases, r, max_error, coef_dtype=coef_dtype, member_dtype=member_dtype).fit(levels)
+        found = FactoredSearch(AdapterCore(f, bases, member_dtype), r, max_error, coef_dtype=coef_dtype).fit(levels)
         if found is None:  # too few levels for this budget (the floors miss it): nothing to check
             assert levels <= 7
             return
@@ -280,8 +280,10 @@ def factored_costs(
     count, at the full core rank and at the least whose cast cores meet 0.7 of the budget."""
     full = min(max(f.rank for f in fs), *ranks)
 
+    cores = [AdapterCore(f, bases, member_dtype) for f in fs]
+
     def cast_at(rank: int) -> list[Any]:
-        return [cast_core(f, bases, rank, coef_dtype, member_dtype) for f in fs]
+        return [core.cast(rank, coef_dtype) for core in cores]
 
     def least(target: float) -> int | None:
         meets = [rank for rank in range(1, full + 1) if max(c.error for c in cast_at(rank)) <= target]
@@ -294,10 +296,7 @@ def factored_costs(
     quant_ranks = {full, least(lora_merge.CORE_TRUNCATION * max_error) or full} if quantized else set()
     for rank in quant_ranks:
         for levels in LEVELS:
-            search = [
-                FactoredSearch(f, bases, rank, max_error, coef_dtype=coef_dtype, member_dtype=member_dtype) for f in fs
-            ]
-            fits = [one.fit(levels) for one in search]
+            fits = [FactoredSearch(core, rank, max_error, coef_dtype=coef_dtype).fit(levels) for core in cores]
             if any(q is None for q in fits):
                 continue
             packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])

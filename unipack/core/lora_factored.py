@@ -27,8 +27,8 @@ import numpy as np
 
 from unipack.core.linalg import least_squares_projector
 from unipack.core.lora import LoraFactors, LoraModel
-from unipack.core.lora_encode import peft_factors, product_error
-from unipack.core.lora_quant import QuantSearch, balanced, cast_factors, dequantize
+from unipack.core.lora_encode import peft_factors
+from unipack.core.lora_quant import QuantSearch, balanced, cast_factors, dequantize, product_svd
 from unipack.format import dtypes
 
 #: A core's factors are values, not an adapter's tensors: they reach the extracted factors only
@@ -74,29 +74,52 @@ def core_rank(rank: int, record_rank: int) -> int:
     return min(rank, record_rank)
 
 
-def core_factors(f: LoraFactors, bases: StoredBases, record_rank: int) -> LoraFactors:
-    """(Q, P) as the (a, b) of a scale-1 ``LoraFactors``: the balanced factors of the core
-    C = s (Lᵀ B)(A R) on the stored bases (L, R their least-squares projectors), its first
-    c = min(r, core rank) directions (all of it where c is at least C's rank)."""
-    b = f.scale * (bases.left_proj.T @ f.b)  # k_out x r
-    a = f.a @ bases.right_proj  # r x k_in
-    a_bal, b_bal, _ = balanced(LoraFactors(a, b, 1.0))
-    c = core_rank(f.rank, record_rank)
-    return LoraFactors(a_bal[:c], b_bal[:, :c], 1.0)
-
-
 def split_values(values: np.ndarray, rank: int, k_out: int, k_in: int) -> tuple[np.ndarray, np.ndarray]:
     """(P, Q) from a member's c (k_in + k_out) values in the ``cast`` order: Q in C order, then Pᵀ."""
     split = rank * k_in
     return values[split:].reshape(rank, k_out).T, values[:split].reshape(rank, k_in)
 
 
-def extract_error(f: LoraFactors, bases: StoredBases, p: np.ndarray, q: np.ndarray, member_dtype: str) -> float:
-    """‖ΔW − s B' A'‖ / ‖ΔW‖ for the factors extraction returns from the core P Q (spec §12.2)."""
-    if not (np.isfinite(p).all() and np.isfinite(q).all()):
-        return math.inf
-    b2, a2 = peft_factors(bases.u, p @ q, bases.v, f.rank, f.scale, member_dtype)
-    return product_error(f, LoraFactors(a2, b2, f.scale))
+class AdapterCore:
+    """One adapter's core on one module's stored bases, computed once for every core rank, cast
+    and level count the chooser tries: the balanced factors of C = s (Lᵀ B)(A R) (L, R the
+    bases' least-squares projectors), all its directions, strongest first; and the adapter's own
+    update as ``ProductSvd``, which measures the extracted factors from out x r products."""
+
+    def __init__(self, f: LoraFactors, bases: StoredBases, member_dtype: str) -> None:
+        self.f, self.bases, self.member_dtype = f, bases, member_dtype
+        b = f.scale * (bases.left_proj.T @ f.b)  # k_out x r
+        a = f.a @ bases.right_proj  # r x k_in
+        self._a, self._b, _ = balanced(LoraFactors(a, b, 1.0))
+        self._product = product_svd(f)
+
+    def factors(self, record_rank: int) -> LoraFactors:
+        """(Q, P) as the (a, b) of a scale-1 ``LoraFactors``: the core's first c = min(r, core
+        rank) directions (all of it where c is at least C's rank)."""
+        c = core_rank(self.f.rank, record_rank)
+        return LoraFactors(self._a[:c], self._b[:, :c], 1.0)
+
+    def error(self, p: np.ndarray, q: np.ndarray) -> float:
+        """‖ΔW − s B' A'‖ / ‖ΔW‖ for the factors extraction returns from the core P Q (spec §12.2:
+        ``peft_factors``, the subspace form's extraction, then the member's dtype)."""
+        if not (np.isfinite(p).all() and np.isfinite(q).all()):
+            return math.inf
+        f = self.f
+        b2, a2 = peft_factors(self.bases.u, p @ q, self.bases.v, f.rank, f.scale, self.member_dtype)
+        if not (np.isfinite(a2).all() and np.isfinite(b2).all()):
+            return math.inf
+        return self._product.error(a2, b2)
+
+    def cast(self, record_rank: int, coef_dtype: str) -> FactoredCore:
+        """The core's balanced factors rounded to the coefficient dtype."""
+        core = self.factors(record_rank)
+        cast = cast_factors(core, coef_dtype, CORE_DTYPE)
+        return FactoredCore(core.rank, cast.values_held, None, self.error(cast.b, cast.a))
+
+
+def cast_core(f: LoraFactors, bases: StoredBases, record_rank: int, coef_dtype: str, member_dtype: str) -> FactoredCore:
+    """``AdapterCore.cast`` for one adapter and one core rank."""
+    return AdapterCore(f, bases, member_dtype).cast(record_rank, coef_dtype)
 
 
 @dataclass(frozen=True)
@@ -108,41 +131,27 @@ class FactoredCore:
     codes: np.ndarray | None  # quant: c k_in codes of Q then c k_out of Pᵀ, unpacked; cast: None
     error: float  # of the factors extraction returns
 
-    @property
-    def numbers(self) -> int:
-        """Numbers of its block and codes (codes counted one a number, before packing)."""
-        return int(self.block.size + (0 if self.codes is None else self.codes.size))
-
-
-def cast_core(f: LoraFactors, bases: StoredBases, record_rank: int, coef_dtype: str, member_dtype: str) -> FactoredCore:
-    """The core's balanced factors rounded to the coefficient dtype."""
-    core = core_factors(f, bases, record_rank)
-    cast = cast_factors(core, coef_dtype, CORE_DTYPE)
-    return FactoredCore(core.rank, cast.values_held, None, extract_error(f, bases, cast.b, cast.a, member_dtype))
-
 
 class FactoredSearch:
-    """One adapter's core on one module's stored bases, quantized at one level count after
-    another: at each, the coarsest steps whose extracted factors meet ``max_error``."""
+    """One adapter's core on one module's stored bases, at one core rank, quantized at one level
+    count after another: at each, the coarsest steps whose extracted factors meet ``max_error``."""
 
     def __init__(
         self,
-        f: LoraFactors,
-        bases: StoredBases,
+        core: AdapterCore,
         record_rank: int,
         max_error: float,
         *,
         coef_dtype: str,
-        member_dtype: str,
     ) -> None:
-        self.f, self.bases, self.max_error = f, bases, max_error
-        self.coef_dtype, self.member_dtype = coef_dtype, member_dtype
-        self.core = core_factors(f, bases, record_rank)
+        self.adapter, self.max_error, self.coef_dtype = core, max_error, coef_dtype
+        self.core = core.factors(record_rank)
         self._search = QuantSearch(self.core, step_dtype=coef_dtype, member_dtype=CORE_DTYPE)
         # The core's share of the budget: the unquantized core's own error (what the bases and
         # the core rank leave out, and the member's rounding) is what the quantization cannot
         # touch; in exact bases the two are orthogonal, so their squares add.
-        base_error = extract_error(f, bases, self.core.b, self.core.a, member_dtype)
+        f = core.f
+        base_error = core.error(self.core.b, self.core.a)
         allowed = (max_error**2 - base_error**2) * f.norm**2 if f.norm > 0.0 else max_error**2
         core_norm = self.core.norm
         if not allowed > 0.0:
@@ -156,14 +165,14 @@ class FactoredSearch:
         if budget is None:
             return None
         rank = self.core.rank
-        k_out, k_in = self.bases.ranks
+        k_out, k_in = self.adapter.bases.ranks
         for _ in range(_RETRIES):
             if not self._search.floor_meets(budget, levels):
                 return None
             fitted = self._search.fit(budget, levels)
             steps = dtypes.to_float(fitted.steps_held, self.coef_dtype)
             q, p = dequantize(fitted.codes, steps, levels, rank, k_out, k_in)  # spec §12.2: as a reader
-            error = extract_error(self.f, self.bases, p, q, self.member_dtype)
+            error = self.adapter.error(p, q)
             if error <= self.max_error:
                 return FactoredCore(rank, fitted.steps_held, fitted.codes, error)
             budget *= _TIGHTEN

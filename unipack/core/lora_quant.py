@@ -69,6 +69,11 @@ def balanced(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return a, b, padded
 
 
+def product_svd(f: LoraFactors) -> ProductSvd:
+    """``f``'s update as s P diag(σ) Qᵀ: what ``ProductSvd.error`` measures approximations against."""
+    return _balanced_svd(f)[3]
+
+
 def _balanced_svd(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray, ProductSvd]:
     """``balanced(f)`` and the thin SVD B A = P diag(σ) Qᵀ it comes from."""
     rank = f.rank

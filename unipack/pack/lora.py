@@ -26,7 +26,7 @@ from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
-from unipack.core.lora_factored import FactoredCore, FactoredSearch, StoredBases, cast_core, stored_bases
+from unipack.core.lora_factored import AdapterCore, FactoredCore, FactoredSearch, StoredBases, stored_bases
 from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, QuantSearch, balanced, cast_factors
 from unipack.errors import InputError
 from unipack.format import dtypes
@@ -710,52 +710,42 @@ class Pricing:
         ones), and quantized at each level count still open after every adapter's search, at the
         full core rank and at the least one leaving the quantization ``1 - CORE_TRUNCATION`` of
         the budget (the search may zero weak directions itself, but each still costs its steps)."""
+        cores = [None if f is None or d is None else AdapterCore(f, bases, d) for f, d in zip(factors, member_dtypes)]
         found: list[FactoredChoice] = []
-        full = self._cast_cores(bases, full_rank, factors, member_dtypes)
+        full = self._cast_cores(cores, full_rank)
         full_errors = [c.error for c in full if c is not None]
         if self.meets(full_errors):
-            rank = self._least_core_rank(bases, full_rank, factors, member_dtypes, max_error)
-            casts = full if rank == full_rank else self._cast_cores(bases, rank, factors, member_dtypes)
-            found.append(FactoredChoice(bases, rank, None, casts))
+            rank = self._least_core_rank(cores, full_rank, max_error)
+            found.append(
+                FactoredChoice(bases, rank, None, full if rank == full_rank else self._cast_cores(cores, rank))
+            )
         if not self.options.quantize:
             return found
         ranks = [full_rank]
         target = CORE_TRUNCATION * max_error
         if full_errors and max(full_errors) <= target:
-            tight = self._least_core_rank(bases, full_rank, factors, member_dtypes, target)
+            tight = self._least_core_rank(cores, full_rank, target)
             if tight < full_rank:
                 ranks.append(tight)
         for rank in ranks:
-            found.extend(self._quantized_cores(bases, rank, factors, member_dtypes, max_error))
+            found.extend(self._quantized_cores(bases, cores, rank, max_error))
         return found
 
-    def _cast_cores(
-        self, bases: StoredBases, rank: int, factors: list[LoraFactors | None], member_dtypes: list[str | None]
-    ) -> list[FactoredCore | None]:
-        return [
-            None if f is None or d is None else cast_core(f, bases, rank, self.coef_dtype, d)
-            for f, d in zip(factors, member_dtypes)
-        ]
+    def _cast_cores(self, cores: list[AdapterCore | None], rank: int) -> list[FactoredCore | None]:
+        return [None if c is None else c.cast(rank, self.coef_dtype) for c in cores]
 
-    def _least_core_rank(
-        self,
-        bases: StoredBases,
-        full_rank: int,
-        factors: list[LoraFactors | None],
-        member_dtypes: list[str | None],
-        target: float,
-    ) -> int:
+    def _least_core_rank(self, cores: list[AdapterCore | None], full_rank: int, target: float) -> int:
         """The least core rank R (at most ``full_rank``, where every adapter's cast core is within
         ``target``) at which each still is: adapter by adapter, a bisection above the rank the
         adapters before it need (a truncated core's error only grows as directions go)."""
         need = 1
-        for f, d in zip(factors, member_dtypes):
-            if f is None or d is None:
+        for core in cores:
+            if core is None:
                 continue
-            lo, hi = need, min(f.rank, full_rank)
+            lo, hi = need, min(core.f.rank, full_rank)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if cast_core(f, bases, mid, self.coef_dtype, d).error <= target:
+                if core.cast(mid, self.coef_dtype).error <= target:
                     hi = mid
                 else:
                     lo = mid + 1
@@ -763,23 +753,18 @@ class Pricing:
         return need
 
     def _quantized_cores(
-        self,
-        bases: StoredBases,
-        rank: int,
-        factors: list[LoraFactors | None],
-        member_dtypes: list[str | None],
-        max_error: float,
+        self, bases: StoredBases, cores: list[AdapterCore | None], rank: int, max_error: float
     ) -> list[FactoredChoice]:
         """The cores at core rank ``rank`` quantized at each level count at which every adapter's
         search meets ``max_error`` (a level count closes for all at the first that misses)."""
         open_levels = sorted(LEVELS, reverse=True)
         fits: dict[int, list[FactoredCore | None]] = {n: [] for n in open_levels}
-        for f, d in zip(factors, member_dtypes):
-            if f is None or d is None:
+        for core in cores:
+            if core is None:
                 for n in open_levels:
                     fits[n].append(None)
                 continue
-            search = FactoredSearch(f, bases, rank, max_error, coef_dtype=self.coef_dtype, member_dtype=d)
+            search = FactoredSearch(core, rank, max_error, coef_dtype=self.coef_dtype)
             still_open = []
             for n in open_levels:
                 fit = search.fit(n)

@@ -16,7 +16,7 @@ import numpy as np
 
 from unipack.core import quantize
 from unipack.core.lora import LoraFactors
-from unipack.core.lora_factored import FactoredCore, FactoredSearch, cast_core, core_rank, read_bases, split_values
+from unipack.core.lora_factored import AdapterCore, FactoredCore, FactoredSearch, core_rank, read_bases, split_values
 from unipack.core.lora_quant import dequantize
 from unipack.errors import FormatError
 from unipack.format import dtypes
@@ -175,17 +175,16 @@ class LoraFactoredScheme(LoraSubspaceScheme):
         assert p.left is not None and p.right is not None  # both ranks are at least 1 (parse_params)
         u = dtypes.to_float(ctx.read_blob(p.left), ctx.coef_dtype)
         v = dtypes.to_float(ctx.read_blob(p.right), ctx.coef_dtype)
-        bases = read_bases(u, v)
+        core = AdapterCore(f, read_bases(u, v), dtype)
         budget = ctx.options.budget
         max_error = None if budget is None else budget.max_error
         packed = None
         if p.levels is None:
-            fit: FactoredCore | None = cast_core(f, bases, p.core_rank, ctx.coef_dtype, dtype)
+            fit: FactoredCore | None = core.cast(p.core_rank, ctx.coef_dtype)
         elif max_error is None:
             return None  # no error rule to search the steps by (the merge writes this form under one)
         else:
-            search = FactoredSearch(f, bases, p.core_rank, max_error, coef_dtype=ctx.coef_dtype, member_dtype=dtype)
-            fit = search.fit(p.levels)
+            fit = FactoredSearch(core, p.core_rank, max_error, coef_dtype=ctx.coef_dtype).fit(p.levels)
             if fit is None:
                 return None
             assert fit.codes is not None
