@@ -454,3 +454,69 @@ def test_old_versions_still_read(tmp_path) -> None:
         for m in _member_names(path):
             mine, theirs = sb.read_member(m), _unipack_numpy(path, m)
             assert all(mine[k][1].tobytes() == np.ascontiguousarray(theirs[k][1]).tobytes() for k in mine)
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz: damaged version-11 bundles
+# --------------------------------------------------------------------------------------------
+
+
+def test_fuzzed_factored_bundles_give_one_clear_error(populations, tmp_path) -> None:
+    """``tools/fuzz_upk.py``'s mutator (bytes, header, manifest fields, blob checksums re-fixed so
+    that decoding is reached) on a cast and a quantized subspace-factored bundle: every input is
+    read, or refused with a UnipackError; no other exception, no hang."""
+    import importlib.util
+    import random
+    import sys
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "fuzz_upk.py"
+    spec = importlib.util.spec_from_file_location("fuzz_upk", tool)
+    assert spec is not None and spec.loader is not None
+    fuzz_upk = sys.modules.get("fuzz_upk") or importlib.util.module_from_spec(spec)
+    if "fuzz_upk" not in sys.modules:
+        sys.modules["fuzz_upk"] = fuzz_upk
+        spec.loader.exec_module(fuzz_upk)
+    seeds = []
+    for case, codec_name in (("cast", "none"), ("quant-f16", "zstd")):
+        pop, options = CASES[case]
+        out = tmp_path / f"{case}.upk"
+        merged(populations[pop], out, codec=codec_name, **options)
+        with unipack.open(out) as b:
+            assert any(t.form == "subspace-factored" for t in b.manifest.tensors if t.storage == "lora")
+        seeds.append((case, out.read_bytes()))
+    mutator = fuzz_upk.Mutator(seeds, random.Random(1311))
+    outcomes = {"ok": 0, "rejected": 0}
+    for i in range(200):
+        data, seed_name, desc = mutator.mutate()
+        outcome, exc, _ = fuzz_upk.run_one(data, str(tmp_path / "input.upk"))
+        assert outcome in outcomes, (i, seed_name, desc, repr(exc))
+        outcomes[outcome] += 1
+    assert outcomes["rejected"] > 0
+
+
+def test_the_form_is_invariant_to_the_factor_gauge(populations, tmp_path) -> None:
+    """B A = (B M)(M⁻¹ A): the same updates in another gauge give the same records (ranks, core
+    rank, level count) and the same extracted updates and errors."""
+    from test_spec_reader import _write_adapter
+
+    pop, options = CASES["quant-f16"]
+    dirs = populations[pop]
+    rng = np.random.default_rng(17)
+    gauged = []
+    for d in dirs:
+        factors = {}
+        for m in MODULES:
+            f = adapter_factors(d, m)
+            mat = np.linalg.qr(rng.standard_normal((f.rank, f.rank)))[0] @ np.diag(rng.uniform(0.5, 2.0, f.rank))
+            factors[m.removeprefix(PREFIX)] = (np.linalg.solve(mat, f.a), f.b @ mat)
+        gauged.append(_write_adapter(tmp_path / "gauged" / d.name, factors, 4, 8))
+    first = merged(dirs, tmp_path / "o.upk", **options)
+    second = merged(gauged, tmp_path / "g.upk", **options)
+
+    def records(result: Any) -> list[Any]:
+        return [(t.form, t.params.ranks, t.params.core_rank, t.params.levels) for t in result.manifest.tensors]
+
+    assert records(first) == records(second)
+    assert {t.form for t in first.manifest.tensors} == {"subspace-factored"}
+    for m1, m2 in zip(first.manifest.members, second.manifest.members):
+        np.testing.assert_allclose(m1.errors, m2.errors, rtol=0.05, atol=1e-6)

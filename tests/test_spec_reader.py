@@ -664,6 +664,14 @@ class SpecBundle:
                 _need(isinstance(rs, list) and len(rs) == 2, f"member {mname}: lora[{mod!r}] is not [r, s]")
                 _need(_is_int(rs[0]) and rs[0] >= 1, f"member {mname}: lora[{mod!r}] rank {rs[0]!r} is not an int >= 1")
                 _need(_is_number(rs[1]), f"member {mname}: lora[{mod!r}] scale {rs[1]!r} is not a finite number")
+                # §7.3: the adapter file held the module's factors: r (out + in) numbers at the member's dtype.
+                mod_dtype = (mem.get("dtypes") or {}).get(mod, self.lora_modules[mod]["dtype"])
+                _need(
+                    mod_dtype not in _DTYPES
+                    or rs[0] * sum(self.lora_modules[mod]["shape"]) * _DTYPES[mod_dtype][1]
+                    <= mem.get("source_bytes", 0),
+                    f"member {mname}: lora[{mod!r}] rank {rs[0]} takes more bytes than its adapter file",
+                )
             raw = mem.get("raw")
             # §3.3: every raw tensor, plus overrides of shared or exact tensors; §7.1: plus the factor
             # keys of every factors module the member touches, and never a lora module itself.
@@ -2562,6 +2570,9 @@ def _factored_mutations(sb: SpecBundle) -> dict[str, dict[str, Any]]:
     def left_shape(m: dict) -> None:
         m["blobs"][left]["shape"] = [k_out, out_dim]
 
+    def huge_rank(m: dict) -> None:  # §7.3: extraction would allocate factors no adapter file held
+        m["members"][0]["lora"][name][0] = 2**40
+
     return {
         "version-10-with-factored": {"edit_header": version_10, "edit_manifest": set_v10},
         "core-rank-above-ranks": record(lambda r: r.update(core_rank=min(k_out, k_in) + 1)),
@@ -2576,6 +2587,7 @@ def _factored_mutations(sb: SpecBundle) -> dict[str, dict[str, Any]]:
         "levels-3-codes-length": record(lambda r: r.update(levels=3)),  # the codes blob's length no longer fits
         "codes-without-levels": record(lambda r: r.pop("levels")),
         "levels-without-codes": record(lambda r: r.pop("codes")),
+        "member-rank-beyond-its-file": {"edit_manifest": huge_rank},
     }
 
 
@@ -2593,6 +2605,7 @@ _FACTORED_MUTATIONS = [
     "levels-3-codes-length",
     "codes-without-levels",
     "levels-without-codes",
+    "member-rank-beyond-its-file",
 ]
 
 
