@@ -14,8 +14,9 @@ factors rebuilt from U_k (P Q) V_kᵀ (``peft_factors``, the ``subspace`` form's
 and rounded to the member's dtype. The quantization search runs on the small core, where each
 try costs k x c products: the core gets what the budget leaves after the bases' own error
 (‖ΔW − U_k C V_kᵀ‖, orthogonal to a change inside the bases when they are exact), and every
-result is then measured on the extracted factors; one that misses is searched again on a
-tighter core budget.
+result is then measured on the extracted factors (``ProductSvd``: from out x r products against
+the adapter's own SVD, computed once per adapter in ``AdapterCore``); one that misses is searched
+again on a tighter core budget.
 """
 
 from __future__ import annotations
