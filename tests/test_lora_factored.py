@@ -520,3 +520,38 @@ def test_the_form_is_invariant_to_the_factor_gauge(populations, tmp_path) -> Non
     assert {t.form for t in first.manifest.tensors} == {"subspace-factored"}
     for m1, m2 in zip(first.manifest.members, second.manifest.members):
         np.testing.assert_allclose(m1.errors, m2.errors, rtol=0.05, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["cast", "quant-f16"])
+def test_fidelity_numbers_follow_section_12(populations, tmp_path, case) -> None:
+    """§12.2 (informative): norms ‖ΔW‖, delta errors = errors, and the adapter's own truncated SVD
+    at q = min(r, floor(m / (out + in))), m its block, its packed codes at the coefficient dtype's
+    size and its 1/N of the bases; all by dense numpy."""
+    pop, options = CASES[case]
+    dirs = populations[pop]
+    result = merged(dirs, tmp_path / "b.upk", baselines=True, **options)
+    manifest = result.manifest
+    itemsize = dtypes.itemsize(dtypes.STORAGE_DTYPES[options.get("dtype", "float32")])
+    for j, t in enumerate(manifest.tensors):
+        if t.name not in MODULES:
+            continue
+        p = t.params
+        out_dim, in_dim = SHAPES[t.name]
+        k_out, k_in = p.ranks
+        touching = sum(t.name in m.lora for m in manifest.members)
+        for m, d in zip(manifest.members, dirs):
+            f = adapter_factors(d, t.name)
+            delta = dense_update(f)
+            c = min(f.rank, p.core_rank)
+            n = c * (k_out + k_in)
+            block = n if p.levels is None else 2 * c + quantize.packed_size(n, p.levels) / itemsize
+            numbers = block + (out_dim * k_out + in_dim * k_in) / touching
+            q = min(f.rank, math.floor(numbers / (out_dim + in_dim)))
+            sigma = np.linalg.svd(delta, compute_uv=False)
+            fid = m.fidelity
+            assert fid is not None and fid.svd_ranks is not None and fid.svd_errors is not None
+            assert fid.norms[j] == pytest.approx(float(np.linalg.norm(delta)), rel=1e-3)
+            assert fid.delta_errors[j] == pytest.approx(m.errors[j], rel=1e-3, abs=1e-12)
+            assert fid.svd_ranks[j] == q, (m.name, t.name)
+            want = math.sqrt(float(np.sum(sigma[q:] ** 2))) / float(np.linalg.norm(sigma))
+            assert fid.svd_errors[j] == pytest.approx(want, rel=1e-3, abs=1e-9)
