@@ -555,3 +555,11 @@ def test_fidelity_numbers_follow_section_12(populations, tmp_path, case) -> None
             assert fid.svd_ranks[j] == q, (m.name, t.name)
             want = math.sqrt(float(np.sum(sigma[q:] ** 2))) / float(np.linalg.norm(sigma))
             assert fid.svd_errors[j] == pytest.approx(want, rel=1e-3, abs=1e-9)
+
+
+def test_two_jobs_write_the_serial_bundle(populations, tmp_path) -> None:
+    """The factored form's modules priced and written in forked workers: the same bytes."""
+    pop, options = CASES["quant-f16"]
+    merged(populations[pop], tmp_path / "one.upk", jobs=1, **options)
+    merged(populations[pop], tmp_path / "two.upk", jobs=2, **options)
+    assert (tmp_path / "one.upk").read_bytes() == (tmp_path / "two.upk").read_bytes()
