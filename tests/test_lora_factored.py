@@ -396,6 +396,14 @@ def test_add_joins_a_member_in_the_records_form(populations, tmp_path, case) -> 
     assert [kinds[m] for m in MODULES] == ["projected"] * len(MODULES), kinds
     assert result.format_version == 11 and result.budget_met
     with unipack.open(path) as b:
+        records = {t.name: t.params for t in b.manifest.tensors}
+    for o in result.outcomes:
+        if o.tensor in MODULES and records[o.tensor].levels is not None:
+            # a level count of the merge's, no more than the record's and of its parity
+            chosen = int(o.reason.split(" levels (codes in")[0].rsplit(" ", 1)[1])
+            assert chosen in {*LEVELS, records[o.tensor].levels} and chosen <= records[o.tensor].levels, o.reason
+            assert (records[o.tensor].levels - chosen) % 2 == 0
+    with unipack.open(path) as b:
         manifest = b.manifest
         new = manifest.members[-1]
         assert new.added and not new.raw  # no override: every module in the record's form

@@ -150,6 +150,14 @@ class QuantizedFactors:
         return dataclasses.replace(self, a=None, b=None)
 
 
+def recode(codes: np.ndarray, levels: int, code_levels: int) -> np.ndarray:
+    """Codes of ``levels`` levels written in the alphabet of ``code_levels`` (the same parity, no
+    fewer): each shifted by the difference of their offsets, so the same integers q come back."""
+    shift = quantize.offset(code_levels) - quantize.offset(levels)
+    assert shift >= 0 and shift == int(shift)
+    return codes if shift == 0 else (codes.astype(np.int16) + int(shift)).astype(np.uint8)
+
+
 def dequantize(
     codes: np.ndarray, steps: np.ndarray, levels: int, rank: int, out_dim: int, in_dim: int
 ) -> tuple[np.ndarray, np.ndarray]:

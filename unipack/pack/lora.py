@@ -27,7 +27,15 @@ from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
 from unipack.core.lora_factored import AdapterCore, FactoredCore, FactoredSearch, StoredBases, stored_bases
-from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, QuantSearch, balanced, cast_factors
+from unipack.core.lora_quant import (
+    LEVELS,
+    CastFactors,
+    QuantizedFactors,
+    QuantSearch,
+    balanced,
+    cast_factors,
+    recode,
+)
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
@@ -788,9 +796,7 @@ def _recoded(q: QuantizedFactors | None, levels: int, code_levels: int) -> Quant
     """``q``'s codes (of ``levels`` levels) in the alphabet of ``code_levels`` (same parity, no fewer)."""
     if q is None or levels == code_levels:
         return q
-    shift = quantize.offset(code_levels) - quantize.offset(levels)
-    assert shift >= 0 and shift == int(shift)
-    return replace(q, codes=(q.codes.astype(np.int16) + int(shift)).astype(np.uint8))
+    return replace(q, codes=recode(q.codes, levels, code_levels))
 
 
 def own_fidelity(f: LoraFactors, error: float, numbers: float, mean_error: float, baselines: bool) -> MemberFidelity:

@@ -17,7 +17,7 @@ import numpy as np
 from unipack.core import quantize
 from unipack.core.lora import LoraFactors
 from unipack.core.lora_factored import AdapterCore, FactoredCore, FactoredSearch, core_rank, read_bases, split_values
-from unipack.core.lora_quant import dequantize
+from unipack.core.lora_quant import LEVELS, dequantize, recode
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import FACTORED_CORES_FORMAT_VERSION, BlobRef, Manifest, MemberRecord, TensorRecord
@@ -168,9 +168,9 @@ class LoraFactoredScheme(LoraSubspaceScheme):
         self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
     ) -> AdapterCandidate | None:
         """The new member's core on the bundle's bases as stored, factored as the merge factors one
-        (``core.lora_factored``) at the record's core rank, and cast or quantized at the record's
-        L (its codes in the record's alphabet as they are): the coarsest steps meeting the
-        bundle's max-error rule. None where no such steps are found (then ``add`` overrides)."""
+        (``core.lora_factored``) at the record's core rank, and cast, or quantized at the cheapest
+        level count of the merge's that the record's code alphabet holds, with the coarsest steps
+        meeting the bundle's max-error rule. None where none does (then ``add`` overrides)."""
         p = _params(t)
         assert p.left is not None and p.right is not None  # both ranks are at least 1 (parse_params)
         u = dtypes.to_float(ctx.read_blob(p.left), ctx.coef_dtype)
@@ -178,24 +178,40 @@ class LoraFactoredScheme(LoraSubspaceScheme):
         core = AdapterCore(f, read_bases(u, v), dtype)
         budget = ctx.options.budget
         max_error = None if budget is None else budget.max_error
-        packed = None
+        packed, chosen = None, p.levels
         if p.levels is None:
             fit: FactoredCore | None = core.cast(p.core_rank, ctx.coef_dtype)
+            assert fit is not None
+            cost = ctx.compressed(fit.block, ctx.coef_dtype)
         elif max_error is None:
             return None  # no error rule to search the steps by (the merge writes this form under one)
         else:
-            fit = FactoredSearch(core, p.core_rank, max_error, coef_dtype=ctx.coef_dtype).fit(p.levels)
+            # As ``quant`` joins a member: the level counts the merge tries that the record's code
+            # alphabet holds (no more levels, the same parity), codes shifted into that alphabet.
+            code_levels = p.levels
+            tried = sorted({n for n in LEVELS if n <= code_levels and (code_levels - n) % 2 == 0} | {code_levels})
+            search = FactoredSearch(core, p.core_rank, max_error, coef_dtype=ctx.coef_dtype)
+            fit, cost = None, 0
+            for n in reversed(tried):  # the first of the cheapest, most levels first (as the merge)
+                found = search.fit(n)
+                if found is None or found.codes is None:
+                    continue
+                written = quantize.pack(recode(found.codes, n, code_levels), code_levels)
+                price = ctx.compressed(found.block, ctx.coef_dtype) + ctx.compressed(written, "U8")
+                if fit is None or price < cost:
+                    fit, cost, packed, chosen = found, price, written, n
             if fit is None:
                 return None
-            assert fit.codes is not None
-            packed = quantize.pack(fit.codes, p.levels)
         assert fit is not None
         k_out, k_in = p.ranks
         out_dim, in_dim = u.shape[0], v.shape[0]
         touching = 1 + sum(t.name in m.lora and not p.overridden(t, m) for m in ctx.old.members)
         itemsize = dtypes.itemsize(ctx.coef_dtype)
-        cost = ctx.compressed(fit.block, ctx.coef_dtype) + (0 if packed is None else ctx.compressed(packed, "U8"))
-        form = f"cast to {ctx.coef_dtype}" if p.levels is None else f"at L={p.levels}"
+        form = (
+            f"cast to {ctx.coef_dtype}"
+            if p.levels is None
+            else f"at {chosen} levels (codes in the record's {p.levels})"
+        )
         return AdapterCandidate(
             "projected",
             cost,
