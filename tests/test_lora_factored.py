@@ -571,3 +571,32 @@ def test_two_jobs_write_the_serial_bundle(populations, tmp_path) -> None:
     merged(populations[pop], tmp_path / "one.upk", jobs=1, **options)
     merged(populations[pop], tmp_path / "two.upk", jobs=2, **options)
     assert (tmp_path / "one.upk").read_bytes() == (tmp_path / "two.upk").read_bytes()
+
+
+def test_on_sketched_bases(populations, tmp_path, monkeypatch) -> None:
+    """Bases sketched as for hundreds of adapters (they may miss part of each update): the factored
+    cores' recorded errors are still their extracted factors' by dense numpy, within the rule."""
+    from unipack.core import lora
+
+    monkeypatch.setattr(lora, "SKETCH_FROM", 0)
+    monkeypatch.setattr(lora, "OVERSAMPLE", 2)
+    sketches = []
+    sketch = lora._sketch
+    monkeypatch.setattr(lora, "_sketch", lambda *args: sketches.append(1) or sketch(*args))
+    pop, options = CASES["cast"]
+    dirs = populations[pop]
+    result = merged(dirs, tmp_path / "b.upk", jobs=1, **options)
+    assert sketches
+    assert "subspace-factored" in {t.form for t in result.manifest.tensors}
+    with unipack.open(tmp_path / "b.upk") as b:
+        for j, t in enumerate(b.manifest.tensors):
+            for member, d in zip(b.manifest.members, dirs):
+                if t.name not in member.lora:
+                    continue
+                loaded = b.load(member.name)
+                f = adapter_factors(d, t.name)
+                b2 = loaded[f"{t.name}.lora_B.weight"].to(torch.float64).numpy()
+                a2 = loaded[f"{t.name}.lora_A.weight"].to(torch.float64).numpy()
+                err = rel(dense_update(f), f.scale * (b2 @ a2))
+                assert member.errors[j] == pytest.approx(err, rel=1e-6, abs=1e-12)
+                assert err <= options["max_error"] * (1 + 1e-9)
