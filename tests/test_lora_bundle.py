@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -245,10 +246,14 @@ def update_key(module: str) -> str:
 
 
 def merge(adapters: list[Adapter], out: Path, **options: Any) -> Any:
-    """Merge with the subspace and exact-factor forms only (``--no-quantize``): this file checks
-    those; the quantized and cast forms have their own tests (``test_lora_quant.py``)."""
+    """Merge with the subspace and exact-factor forms only (``--no-quantize``, and no factored
+    cores): this file checks those; the quantized and cast forms (``test_lora_quant.py``) and the
+    factored cores (``test_lora_factored.py``) have their own tests."""
+    from unipack.pack import lora as lora_merge
+
     options.setdefault("quantize", False)
-    return unipack.merge([a.path for a in adapters], out, **options)
+    with mock.patch.object(lora_merge, "FACTORED_HEADROOMS", ()):
+        return unipack.merge([a.path for a in adapters], out, **options)
 
 
 def index_of(manifest: Any) -> dict[str, int]:

@@ -31,6 +31,7 @@ EXPECTED = {  # registry name -> (storage, discriminating field value)
     "delta": ("delta", None),
     "lora-quant": ("lora", "quant"),
     "lora-cast": ("lora", "cast"),
+    "lora-subspace-factored": ("lora", "subspace-factored"),
 }
 
 

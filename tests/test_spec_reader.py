@@ -1,4 +1,4 @@
-"""An independent .upk reader (format versions 1 to 8), written from ``format_spec/upk-v1.md``
+"""An independent .upk reader (format versions 1 to 11), written from ``format_spec/upk-v1.md``
 alone, checked against unipack.
 
 The reader part of this file (everything above the "Fixtures" banner) was written from the
@@ -15,7 +15,8 @@ codes or its coefficient block), version 7 (§3.1: ``zstd-chunks`` blobs, a chun
 frame per chunk; §9.1: a residual's ``chunk_sha256``) and version 8 (§7.4: a member added later
 holding a module of any form as its own factors, an override), and version 10 (§11: ``delta``
 records centred on a base model the bundle references by sha256; the base is given to the reader
-as a dict of its tensors, read from its file by the caller).
+as a dict of its tensors, read from its file by the caller), and version 11 (§12: ``lora`` records
+in ``subspace-factored`` form, each member's core as its factors P Q, cast or quantized).
 If the two disagree, the tests follow the specification: see the section numbers quoted in the
 comments ("§2.1" etc. refer to format_spec/upk-v1.md).
 """
@@ -39,7 +40,7 @@ import zstandard
 # The reader (spec only: stdlib + numpy; zstandard lazily for zstd blobs)
 # ======================================================================================
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 _MANIFEST_BLOB = "__manifest__"  # §2.3
 _NUMBERS_BLOB = "__numbers__"  # §2.4
 _MAX_HEADER = 100 * 1024 * 1024  # §2.1: H larger than 100 MiB is rejected
@@ -114,6 +115,14 @@ def _need(cond: bool, msg: str) -> None:
 
 def _shape_ok(shape: Any) -> bool:
     return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+
+
+def _per_byte(levels: int) -> int:
+    """§8.1: k, the codes of L levels one byte holds (the largest k with L^k <= 256)."""
+    k = 1
+    while levels ** (k + 1) <= 256:
+        k += 1
+    return k
 
 
 def _prod(shape: list[int]) -> int:
@@ -432,7 +441,7 @@ class SpecBundle:
                 ("basis",)
                 if t.get("storage") == "shared"
                 else ("left", "right")
-                if t.get("storage") == "lora" and t.get("form") == "subspace"
+                if t.get("storage") == "lora" and t.get("form") in ("subspace", "subspace-factored")
                 else ()
             )
             if isinstance(t.get(key), str) and t[key] in blobs
@@ -449,6 +458,7 @@ class SpecBundle:
         self.delta_layout: dict[str, dict[str, int]] = {}  # §8.1: name -> levels, group, k, G, P
         self.centred: set[str] = set()  # §11: delta tensors centred on the base model
         self.own_layout: dict[str, dict[str, Any]] = {}  # §10.1: quant / cast module -> form, L, k
+        self.factored_layout: dict[str, dict[str, Any]] = {}  # §12.1: module -> ranks, R, L (or None), k
         coef_total = 0
         raw_names = []
         for t in tensors:
@@ -474,28 +484,55 @@ class SpecBundle:
                 )
                 out_dim, in_dim = shape
                 form = t.get("form")
-                _need(form in ("subspace", "factors", "quant", "cast"), f"{name}: unknown lora form {form!r}")
+                _need(
+                    form in ("subspace", "factors", "quant", "cast", "subspace-factored"),
+                    f"{name}: unknown lora form {form!r}",
+                )
                 if form in ("quant", "cast"):
                     # §10, §10.3: the adapters' own factors, quantized or cast, from version 6.
                     _need(self.version >= 6, f"{name}: lora form {form} in a format version {self.version} bundle")
                     levels = t.get("levels") if form == "quant" else 0
                     if form == "quant":
                         _need(_is_int(levels) and 2 <= levels <= 256, f"{name}: levels {levels!r} not in 2..256")
-                    k = 1
-                    while form == "quant" and levels ** (k + 1) <= 256:
-                        k += 1
+                    k = _per_byte(levels) if form == "quant" else 1
                     self.own_layout[name] = {"form": form, "levels": levels, "per_byte": k, "codes": t.get("codes")}
-                if form == "subspace":
+                if form in ("subspace", "subspace-factored"):
                     ranks = t.get("ranks")
                     _need(
                         isinstance(ranks, list) and len(ranks) == 2 and all(_is_int(k) for k in ranks),
                         f"{name}: ranks {ranks!r} is not [k_out, k_in]",
                     )
                     k_out, k_in = ranks
+                    least = 1 if form == "subspace-factored" else 0  # §12.1: a factored core needs both bases
                     _need(
-                        0 <= k_out <= out_dim and 0 <= k_in <= in_dim,
-                        f"{name}: ranks {ranks} outside the shape {shape}",
+                        least <= k_out <= out_dim and least <= k_in <= in_dim,
+                        f"{name}: ranks {ranks} outside {least}..{shape}",
                     )
+                if form == "subspace-factored":
+                    # §12.1, §12.3: version 11; U, V never null; 1 <= R <= min(k_out, k_in); levels
+                    # absent (cast) or 2..256 with a codes blob (quantized).
+                    _need(self.version >= 11, f"{name}: lora form {form} in a format version {self.version} bundle")
+                    use(t.get("left"), f"left of {name}", dtype=self.coef_dtype, shape=[out_dim, k_out])
+                    use(t.get("right"), f"right of {name}", dtype=self.coef_dtype, shape=[in_dim, k_in])
+                    core_rank = t.get("core_rank")
+                    _need(
+                        _is_int(core_rank) and 1 <= core_rank <= min(k_out, k_in),
+                        f"{name}: core_rank {core_rank!r} not in 1..{min(k_out, k_in)}",
+                    )
+                    levels = t.get("levels")
+                    _need(
+                        levels is None or (_is_int(levels) and 2 <= levels <= 256),
+                        f"{name}: levels {levels!r} not in 2..256",
+                    )
+                    _need((t.get("codes") is None) == (levels is None), f"{name}: codes present iff levels")
+                    self.factored_layout[name] = {
+                        "ranks": ranks,
+                        "core_rank": core_rank,
+                        "levels": levels,
+                        "per_byte": 1 if levels is None else _per_byte(levels),
+                        "codes": t.get("codes"),
+                    }
+                if form == "subspace":
                     for key, k, blob_shape in (("left", k_out, [out_dim, k_out]), ("right", k_in, [in_dim, k_in])):
                         if k == 0:
                             _need(t.get(key) is None, f"{name}: {key} blob with a zero rank")
@@ -535,9 +572,7 @@ class SpecBundle:
                         f"{name}: mean_step {step!r} is not a positive finite number",
                     )
                     use(t.get("mean"), f"mean of {name}", dtype="I16", shape=shape)
-                k = 1
-                while levels ** (k + 1) <= 256:
-                    k += 1
+                k = _per_byte(levels)
                 self.delta_layout[name] = {
                     "levels": levels,
                     "group": group,
@@ -629,6 +664,14 @@ class SpecBundle:
                 _need(isinstance(rs, list) and len(rs) == 2, f"member {mname}: lora[{mod!r}] is not [r, s]")
                 _need(_is_int(rs[0]) and rs[0] >= 1, f"member {mname}: lora[{mod!r}] rank {rs[0]!r} is not an int >= 1")
                 _need(_is_number(rs[1]), f"member {mname}: lora[{mod!r}] scale {rs[1]!r} is not a finite number")
+                # §7.3: the adapter file held the module's factors: r (out + in) numbers at the member's dtype.
+                mod_dtype = (mem.get("dtypes") or {}).get(mod, self.lora_modules[mod]["dtype"])
+                _need(
+                    mod_dtype not in _DTYPES
+                    or rs[0] * sum(self.lora_modules[mod]["shape"]) * _DTYPES[mod_dtype][1]
+                    <= mem.get("source_bytes", 0),
+                    f"member {mname}: lora[{mod!r}] rank {rs[0]} takes more bytes than its adapter file",
+                )
             raw = mem.get("raw")
             # §3.3: every raw tensor, plus overrides of shared or exact tensors; §7.1: plus the factor
             # keys of every factors module the member touches, and never a lora module itself.
@@ -713,6 +756,19 @@ class SpecBundle:
                         quant_total[tname] = quant_total.get(tname, 0) + size
                     else:
                         c_shape = [n]
+                elif tname in self.factored_layout and tname in lora:
+                    # §12.1: a core of rank c = min(r, R): 2c steps and ceil(c (k_in + k_out) / k)
+                    # code bytes in the record's codes blob (quantized), or its c (k_in + k_out) values.
+                    info = self.factored_layout[tname]
+                    c = min(lora[tname][0], info["core_rank"])
+                    n = c * sum(info["ranks"])
+                    if info["levels"] is not None:
+                        c_shape = [2 * c]
+                        size = -(-n // info["per_byte"])
+                        self.quant_codes.setdefault(tname, {})[mname] = (quant_total.get(tname, 0), size)
+                        quant_total[tname] = quant_total.get(tname, 0) + size
+                    else:
+                        c_shape = [n]
                 else:
                     continue
                 layout[tname] = (total, c_shape)
@@ -738,6 +794,10 @@ class SpecBundle:
         # §10.1: a quant record's codes blob holds every touching member's P bytes, in member order.
         for tname, info in self.own_layout.items():
             if info["form"] == "quant":
+                use(info["codes"], f"codes of {tname}", dtype="U8", shape=[quant_total.get(tname, 0)])
+        # §12.1: so does a quantized subspace-factored record's.
+        for tname, info in self.factored_layout.items():
+            if info["levels"] is not None:
                 use(info["codes"], f"codes of {tname}", dtype="U8", shape=[quant_total.get(tname, 0)])
         self.members = {mem["name"]: mem for mem in members}
         # §9.1, §9.3: the lossless tier, one entry per tensor; residual blobs U<w> of the tensor's shape.
@@ -1083,16 +1143,43 @@ class SpecBundle:
         b = values[r * in_dim :].reshape(r, out_dim).T
         return a, b
 
+    def _factored_core(self, member: str, name: str, coef: Any) -> np.ndarray:
+        """§12.2 steps 1-2: the member's core C = P Q (float64) of a subspace-factored module."""
+        info = self.factored_layout[name]
+        k_out, k_in = info["ranks"]
+        c = min(self.members[member]["lora"][name][0], info["core_rank"])
+        n = c * (k_in + k_out)
+        off, (count,) = self.member_layout[member][name]
+        block = coef[off : off + count]
+        if info["levels"] is None:
+            values = block
+        else:
+            levels, k = info["levels"], info["per_byte"]
+            start, size = self.quant_codes[name][member]
+            packed = self.decode_blob(info["codes"])[start : start + size].astype(np.int64)
+            _need(bool(np.all(packed < levels**k)), f"{name}: a code byte is >= L^k = {levels**k}")
+            digits = np.stack([(packed // levels**i) % levels for i in range(k)], axis=1).reshape(-1)[:n]
+            q = digits.astype(np.float64) - (levels - 1) / 2
+            # Row j of Q has step block[j]; column j of P (row j of P^T) has step block[c + j].
+            values = q * np.concatenate([np.repeat(block[:c], k_in), np.repeat(block[c:], k_out)])
+        q_factor = values[: c * k_in].reshape(c, k_in)
+        p_factor = values[c * k_in :].reshape(c, k_out).T
+        return p_factor @ q_factor
+
     def _subspace_parts(
         self, member: str, t: dict[str, Any], coef: np.ndarray | None
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """U, the member's core C and V of a subspace module (float64), or Nones when k_out k_in = 0."""
+        """U, the member's core C and V of a subspace module (float64), or Nones when k_out k_in = 0;
+        for a subspace-factored module, C = P Q (§12.2)."""
         name = t["name"]
-        if name not in self.core_shapes:
+        if name in self.factored_layout:
+            core = self._factored_core(member, name, coef)
+        elif name not in self.core_shapes:
             return None, None, None
-        off, c_shape = self.member_layout[member][name]
-        assert coef is not None
-        core = coef[off : off + _prod(c_shape)].reshape(c_shape)
+        else:
+            off, c_shape = self.member_layout[member][name]
+            assert coef is not None
+            core = coef[off : off + _prod(c_shape)].reshape(c_shape)
         u = _widen(self.decode_blob(t["left"]), self.coef_dtype)
         v = _widen(self.decode_blob(t["right"]), self.coef_dtype)
         return u, core, v
@@ -1952,6 +2039,21 @@ def _subspace_population(tmp: Path, dtype: torch.dtype = torch.float32, n: int =
     return dirs
 
 
+def _factored_population(
+    tmp: Path, n: int, ranks: tuple[int, ...], k: int, seed: int, dtype: torch.dtype = torch.float32
+) -> list[Path]:
+    """(c) many low-rank adapters in shared k-dim spaces, k well above their ranks: each dense k x k
+    core costs more than its factors, so the subspace-factored form (§12) wins."""
+    rng = np.random.default_rng(seed)
+    spaces = {m: (rng.standard_normal((o, k)), rng.standard_normal((i, k))) for m, (o, i) in _LORA_SHAPES.items()}
+    dirs = []
+    for i in range(n):
+        r = ranks[i % len(ranks)]
+        factors = {m: _low_rank_factors(rng, *spaces[m], r, 1e-4) for m in ("layers.0.q", "layers.0.v", "layers.1.fc")}
+        dirs.append(_write_adapter(tmp / f"fac{i}", factors, r, 2 * r, dtype=dtype))
+    return dirs
+
+
 def _mixed_population(tmp: Path, seed: int = 11) -> list[Path]:
     """(b) different ranks, partial target modules, rank/alpha patterns, rsLoRA, a negative scale, an F16
     adapter, and a module whose updates are all zero (B = 0, PEFT's default initialisation)."""
@@ -2060,6 +2162,11 @@ LORA_VARIANTS: dict[str, dict[str, Any]] = {
     "own-quant": {"population": "peft", "options": {"max_error": 0.1}},
     "own-quant-mixed-bf16": {"population": "mixed", "options": {"max_error": 0.2, "dtype": "bfloat16"}},
     "own-cast": {"population": "peft", "options": {"max_error": 0.002, "dtype": "float16", "codec": "none"}},
+    # §12 (version 11): cores as their factors, cast (ranks 2 and 3: c = min(r, R) differs by member)
+    # and quantized (coefficient dtype F16; BF16 adapters).
+    "factored-cast": {"population": "factored", "options": {"max_error": 0.01, "quantize": False}},
+    "factored-quant": {"population": "factored-r4", "options": {"max_error": 0.05, "dtype": "float16"}},
+    "factored-quant-bf16": {"population": "factored-bf16", "options": {"max_error": 0.05, "codec": "none"}},
 }
 
 
@@ -2071,6 +2178,9 @@ def lora_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
         "subspace-bf16": _subspace_population(root / "subspace-bf16", dtype=torch.bfloat16, seed=13),
         "mixed": _mixed_population(root / "mixed"),
         "peft": _peft_population(root / "peft"),
+        "factored": _factored_population(root / "factored", 12, (2, 3), 12, seed=21),
+        "factored-r4": _factored_population(root / "factored-r4", 24, (4,), 8, seed=22),
+        "factored-bf16": _factored_population(root / "factored-bf16", 24, (4,), 8, seed=23, dtype=torch.bfloat16),
     }
     out = {}
     for key, spec in LORA_VARIANTS.items():
@@ -2104,7 +2214,8 @@ def test_lora_bundles_use_expected_forms(lora_bundles):
     forms = {}
     for key, (path, _) in lora_bundles.items():
         sb = SpecBundle(path)
-        version = 6 if key.startswith("own-") else 2  # §10: the quant and cast forms need version 6
+        # §10: the quant and cast forms need version 6; §12: subspace-factored, version 11
+        version = 6 if key.startswith("own-") else 11 if key.startswith("factored-") else 2
         assert sb.version == version and sb.meta["format_version"] == str(version), key
         assert sb.manifest["format_version"] == version, key
         forms[key] = {t["name"].removeprefix(_PREFIX): (t["form"], t.get("ranks")) for t in sb.lora_modules.values()}
@@ -2126,6 +2237,18 @@ def test_lora_bundles_use_expected_forms(lora_bundles):
     assert forms["own-quant"]["fc"][0] == "quant"
     assert "quant" in {f for f, _ in forms["own-quant-mixed-bf16"].values()}
     assert "cast" in {f for f, _ in forms["own-cast"].values()}
+    for key in ("factored-cast", "factored-quant", "factored-quant-bf16"):
+        assert {f for f, _ in forms[key].values()} == {"subspace-factored"}, (key, forms[key])
+    quantized = {
+        key: {sb_t.get("levels") for sb_t in SpecBundle(lora_bundles[key][0]).lora_modules.values()}
+        for key in ("factored-cast", "factored-quant", "factored-quant-bf16")
+    }
+    assert quantized["factored-cast"] == {None} and None not in quantized["factored-quant"], quantized
+    assert SpecBundle(lora_bundles["factored-quant"][0]).coef_dtype == "F16"
+    cast = SpecBundle(lora_bundles["factored-cast"][0])
+    assert {
+        min(mem["lora"][m][0], cast.lora_modules[m]["core_rank"]) for mem in cast.members.values() for m in mem["lora"]
+    } == {2, 3}  # §12.1: c = min(r, R) differs by member
 
 
 @pytest.mark.parametrize("variant", list(LORA_VARIANTS))
@@ -2416,15 +2539,83 @@ _LORA_MUTATIONS = [
 @pytest.mark.parametrize("case", _LORA_MUTATIONS)
 def test_lora_structural_rules(lora_bundles, tmp_path, case):
     path, _ = lora_bundles["peft"]  # codec none: one subspace module, one factors module, a raw head
-    sb = SpecBundle(path)
-    mutation = _lora_mutations(sb)[case]
-    bad = tmp_path / f"{case}.upk"
+    _refused_by_both(path, tmp_path / f"{case}.upk", _lora_mutations(SpecBundle(path))[case])
+
+
+def _refused_by_both(path: Path, bad: Path, mutation: dict[str, Any]) -> None:
+    """``path`` rewritten with ``mutation`` into ``bad``: the spec reader and unipack both refuse it."""
     _rewrite(path, bad, **mutation)
     member = _member_names(path)[0]
     with pytest.raises(SpecFormatError):
         _read_member(bad, member)
     with pytest.raises(unipack.FormatError), unipack.open(str(bad)) as b:
         b.load_numpy(member)
+
+
+def _factored_mutations(sb: SpecBundle) -> dict[str, dict[str, Any]]:
+    """Hostile edits of a quantized subspace-factored record (§12.3), each refused by both readers."""
+    name = next(n for n, t in sb.lora_modules.items() if t["form"] == "subspace-factored")
+    t = sb.lora_modules[name]
+    out_dim, in_dim = t["shape"]
+    k_out, k_in = t["ranks"]
+    left = t["left"]
+
+    def record(edit: Any) -> dict[str, Any]:
+        return {"edit_manifest": lambda m: edit(_find(m, name))}
+
+    def version_10(h: dict) -> None:
+        h["__metadata__"]["format_version"] = "10"
+
+    def set_v10(m: dict) -> None:
+        m["format_version"] = 10
+
+    def left_shape(m: dict) -> None:
+        m["blobs"][left]["shape"] = [k_out, out_dim]
+
+    def huge_rank(m: dict) -> None:  # §7.3: extraction would allocate factors no adapter file held
+        m["members"][0]["lora"][name][0] = 2**40
+
+    return {
+        "version-10-with-factored": {"edit_header": version_10, "edit_manifest": set_v10},
+        "core-rank-above-ranks": record(lambda r: r.update(core_rank=min(k_out, k_in) + 1)),
+        "core-rank-0": record(lambda r: r.update(core_rank=0)),
+        "core-rank-not-int": record(lambda r: r.update(core_rank=1.5)),
+        "ranks-zero": record(lambda r: r.update(ranks=[0, k_in])),
+        "ranks-exceed-shape": record(lambda r: r.update(ranks=[k_out, in_dim + 1])),
+        "left-null": record(lambda r: r.update(left=None)),
+        "left-wrong-shape": {"edit_manifest": left_shape},
+        "levels-1": record(lambda r: r.update(levels=1)),
+        "levels-257": record(lambda r: r.update(levels=257)),
+        "levels-3-codes-length": record(lambda r: r.update(levels=3)),  # the codes blob's length no longer fits
+        "codes-without-levels": record(lambda r: r.pop("levels")),
+        "levels-without-codes": record(lambda r: r.pop("codes")),
+        "member-rank-beyond-its-file": {"edit_manifest": huge_rank},
+    }
+
+
+_FACTORED_MUTATIONS = [
+    "version-10-with-factored",
+    "core-rank-above-ranks",
+    "core-rank-0",
+    "core-rank-not-int",
+    "ranks-zero",
+    "ranks-exceed-shape",
+    "left-null",
+    "left-wrong-shape",
+    "levels-1",
+    "levels-257",
+    "levels-3-codes-length",
+    "codes-without-levels",
+    "levels-without-codes",
+    "member-rank-beyond-its-file",
+]
+
+
+@pytest.mark.parametrize("case", _FACTORED_MUTATIONS)
+def test_factored_structural_rules(lora_bundles, tmp_path, case):
+    """§12.3: each hostile subspace-factored record is one clear error from both readers."""
+    path, _ = lora_bundles["factored-quant-bf16"]  # codec none
+    _refused_by_both(path, tmp_path / f"{case}.upk", _factored_mutations(SpecBundle(path))[case])
 
 
 def test_lora_rewrite_roundtrip_is_accepted(lora_bundles, tmp_path):

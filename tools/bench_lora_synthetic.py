@@ -31,9 +31,9 @@ SHARED = 4  # directions per module and side shared by the population
 CHILD = """
 import json, resource, sys, time
 import unipack
-paths, out, max_error, jobs = json.loads(sys.argv[1])
+paths, out, max_error, jobs, quantize = json.loads(sys.argv[1])
 wall, cpu = time.perf_counter(), time.process_time()
-result = unipack.merge(paths, out, force=True, max_error=max_error, jobs=jobs)
+result = unipack.merge(paths, out, force=True, max_error=max_error, jobs=jobs, quantize=quantize)
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 children = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({
@@ -105,7 +105,7 @@ def ensure_adapters(folder: Path, count: int, ns: argparse.Namespace) -> list[Pa
 
 
 def merge_in_child(paths: list[Path], out: Path, ns: argparse.Namespace) -> dict[str, float]:
-    args = json.dumps([[str(p) for p in paths], str(out), ns.max_error, ns.jobs])
+    args = json.dumps([[str(p) for p in paths], str(out), ns.max_error, ns.jobs, not ns.no_quantize])
     done = subprocess.run([sys.executable, "-c", CHILD, args], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=int, help="N: merge N/4, N/2 and N adapters (instead of --counts)")
     p.add_argument("--max-error", type=float, default=0.1, help="the merge's --max-error (default 0.1)")
     p.add_argument("--jobs", type=int, help="the merge's --jobs (default: automatic)")
+    p.add_argument("--no-quantize", action="store_true", help="the merge's --no-quantize (no quantized forms)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("bench-work"), help="where adapters and bundles go")
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
@@ -147,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['input_bytes'] / row['file_bytes']:>6.2f}x",
             flush=True,
         )
-    doc = {"shape": {"width": ns.width, "layers": ns.layers, "rank": ns.rank}, "max_error": ns.max_error, "rows": rows}
+    doc = {
+        "shape": {"width": ns.width, "layers": ns.layers, "rank": ns.rank},
+        "max_error": ns.max_error,
+        "quantize": not ns.no_quantize,
+        "rows": rows,
+    }
     if ns.json:
         ns.json.write_text(json.dumps(doc, indent=1))
 

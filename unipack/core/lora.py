@@ -134,6 +134,9 @@ class LoraModel:
         self._coords = coords  # per adapter (p_i, q_i, s_i) or None
         self.norms = norms  # ||ΔW_i||_F, one per adapter
         self._residuals = residuals  # None: exact bases (every update inside them)
+        # errors() by (k_out, k_in): the rank searches (the subspace's, the factored form's at
+        # several budgets) visit many of the same points, each a pass over every adapter.
+        self._errors: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def sketched(self) -> bool:
@@ -180,6 +183,12 @@ class LoraModel:
         exactly 0 at the full ranks.
         """
         self._check(k_out, k_in)
+        known = self._errors.get((k_out, k_in))
+        if known is None:
+            known = self._errors[(k_out, k_in)] = self._errors_at(k_out, k_in)
+        return known.copy()
+
+    def _errors_at(self, k_out: int, k_in: int) -> np.ndarray:
         if self._residuals is not None:
             return self._sketched_errors(k_out, k_in, self._residuals)
         out = np.zeros(self.n_adapters)

@@ -69,6 +69,11 @@ def balanced(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return a, b, padded
 
 
+def product_svd(f: LoraFactors) -> ProductSvd:
+    """``f``'s update as s P diag(σ) Qᵀ: what ``ProductSvd.error`` measures approximations against."""
+    return _balanced_svd(f)[3]
+
+
 def _balanced_svd(f: LoraFactors) -> tuple[np.ndarray, np.ndarray, np.ndarray, ProductSvd]:
     """``balanced(f)`` and the thin SVD B A = P diag(σ) Qᵀ it comes from."""
     rank = f.rank
@@ -143,6 +148,14 @@ class QuantizedFactors:
         keeps of each adapter at each level count it may still pick, so that a module's working
         set grows by the codes alone per adapter."""
         return dataclasses.replace(self, a=None, b=None)
+
+
+def recode(codes: np.ndarray, levels: int, code_levels: int) -> np.ndarray:
+    """Codes of ``levels`` levels written in the alphabet of ``code_levels`` (the same parity, no
+    fewer): each shifted by the difference of their offsets, so the same integers q come back."""
+    shift = quantize.offset(code_levels) - quantize.offset(levels)
+    assert shift >= 0 and shift == int(shift)
+    return codes if shift == 0 else (codes.astype(np.int16) + int(shift)).astype(np.uint8)
 
 
 def dequantize(

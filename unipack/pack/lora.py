@@ -4,8 +4,10 @@ Per LoRA module, the adapters that touch it give updates ΔW_i = s_i B_i A_i. Ev
 meets the user's rule is priced at its compressed bytes and the cheapest is kept: shared bases
 U, V and one small core per adapter (``core.lora``, at the ranks the rule picks); each adapter's
 own factors, balanced and quantized to L levels for each L of ``core.lora_quant.LEVELS``, or
-rounded to a narrower ``--dtype`` (``schemes.lora_quant``); or the factors themselves, bit-exact.
-A tie goes to the earlier of exact, cast, quantized, subspace. Tensors that are not LoRA factors
+rounded to a narrower ``--dtype`` (``schemes.lora_quant``); the factors themselves, bit-exact;
+or, under a max-error rule, the shared bases with each core stored as its factors, cast or
+quantized (``subspace-factored``, ``core.lora_factored``). A tie goes to the earlier of exact,
+cast, quantized, subspace, factored. Tensors that are not LoRA factors
 (``modules_to_save`` heads, trained biases) are stored raw per adapter. Nothing out x in is ever
 formed, and a module's factors are held only while it is being encoded.
 """
@@ -24,7 +26,16 @@ from unipack.core.decomposition import grow, meets_rule
 from unipack.core.fidelity import EXACT, MemberFidelity, round_up, spectrum
 from unipack.core.lora import LoraFactors, LoraModel, fit
 from unipack.core.lora_encode import EncodedLora, encode, factor_bytes, stored_bytes
-from unipack.core.lora_quant import LEVELS, CastFactors, QuantizedFactors, QuantSearch, balanced, cast_factors
+from unipack.core.lora_factored import AdapterCore, FactoredCore, FactoredSearch, StoredBases, stored_bases
+from unipack.core.lora_quant import (
+    LEVELS,
+    CastFactors,
+    QuantizedFactors,
+    QuantSearch,
+    balanced,
+    cast_factors,
+    recode,
+)
 from unipack.errors import InputError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_FORMAT_VERSION, Manifest, TensorRecord
@@ -33,6 +44,7 @@ from unipack.pack import parallel
 from unipack.pack.dense import Merger, StoredTensor, worker_merger
 from unipack.pack.executors import Execution, Inputs
 from unipack.schemes.lora_common import LoraParams, LoraScheme
+from unipack.schemes.lora_factored import LoraFactoredParams
 from unipack.schemes.lora_factors import LoraFactorsParams
 from unipack.schemes.lora_quant import LoraCastParams, LoraQuantParams
 from unipack.schemes.lora_subspace import LoraSubspaceParams
@@ -205,7 +217,13 @@ class LoraMerger(Merger):
         subspace_cost = None if isinstance(chosen, str) else self._subspace_cost(chosen)
         if subspace_cost is not None and subspace_cost < best[0]:
             best = (subspace_cost, "subspace")
+        factored = self.pricing.factored_candidate(model, factors, member_dtypes, bound=best[0])
+        if factored is not None and factored[0] < best[0]:
+            best = (factored[0], "factored")
         priced = f"{best[0]:,} B compressed vs the exact factors' {exact_cost:,} B"
+        if best[1] == "factored":
+            assert factored is not None
+            return self._store_factored(module, model, factors, factored[1], priced)
         if best[1] == "subspace":
             assert not isinstance(chosen, str)
             return self._store_subspace(module, model, factors, chosen)
@@ -390,6 +408,49 @@ class LoraMerger(Merger):
         reason = f"{self._rule_text()}: ranks {k_out} x {k_in} of the update space ({model.n_touched} adapters)"
         return _module_record(module, model, reason, LoraSubspaceParams, ranks=(k_out, k_in), left=left, right=right)
 
+    def _store_factored(
+        self,
+        module: ModulePlan,
+        model: LoraModel,
+        factors: list[LoraFactors | None],
+        choice: FactoredChoice,
+        priced: str,
+    ) -> TensorRecord:
+        bases, levels = choice.bases, choice.levels
+        k_out, k_in = bases.ranks
+        left = self.writer.add(f"left/{module.name}", bases.left_held, self.coef_dtype)
+        right = self.writer.add(f"right/{module.name}", bases.right_held, self.coef_dtype)
+        codes = None
+        if levels is not None:
+            packed = [quantize.pack(c.codes, levels) for c in choice.cores if c is not None and c.codes is not None]
+            codes = self.writer.add(f"codes/{module.name}", np.concatenate(packed), "U8")
+        itemsize = dtypes.itemsize(self.coef_dtype)
+        bases_share = (module.out_dim * k_out + module.in_dim * k_in) / max(model.n_touched, 1)
+        errors, numbers = [], []
+        for i, core in enumerate(choice.cores):
+            if core is not None:
+                self.coefs[i].append(core.block)
+            errors.append(0.0 if core is None else core.error)
+            numbers.append(0.0 if core is None else choice.numbers(core, itemsize) + bases_share)
+        self._own_fidelity(model, factors, errors, numbers)
+        stored = f"cast to {self.coef_dtype}" if levels is None else f"at {levels} levels"
+        reason = (
+            f"{self._rule_text()}: ranks {k_out} x {k_in} of the update space ({model.n_touched} adapters), "
+            f"each core as factors of rank {choice.core_rank} {stored} ({priced})"
+        )
+        return _module_record(
+            module,
+            model,
+            reason,
+            LoraFactoredParams,
+            ranks=(k_out, k_in),
+            left=left,
+            right=right,
+            core_rank=choice.core_rank,
+            levels=levels,
+            codes=codes,
+        )
+
     def _store_factors(
         self, module: ModulePlan, model: LoraModel, factors: list[LoraFactors | None], reason: str, cause: str
     ) -> TensorRecord:
@@ -449,6 +510,31 @@ class LoraMerger(Merger):
 
     def _member_lora(self, i: int) -> dict[str, tuple[int, float]]:
         return self._lora[i]
+
+
+#: The factored form's bases are tried at the ranks meeting each of these fractions of the
+#: max-error budget: the rest is the cores' quantization's (a larger basis leaves the cores more
+#: room, at more bytes of bases; the chooser keeps the cheapest that meets the rule).
+FACTORED_HEADROOMS = (1.0, 0.8, 0.6, 0.4)
+#: The quantized cores are also tried truncated to the least core rank whose cast cores meet this
+#: fraction of the budget (the rest is the quantization's).
+CORE_TRUNCATION = 0.7
+
+
+@dataclass(frozen=True)
+class FactoredChoice:
+    """A module in the ``subspace-factored`` form (spec §12), as the chooser found it."""
+
+    bases: StoredBases
+    core_rank: int
+    levels: int | None  # None: the cores' factors cast to the coefficient dtype
+    cores: list[FactoredCore | None]  # per adapter; None where it does not touch the module
+
+    def numbers(self, core: FactoredCore, itemsize: int) -> float:
+        """Numbers at the coefficient dtype a core takes: its block, and its packed codes."""
+        if self.levels is None or core.codes is None:
+            return float(core.block.size)
+        return core.block.size + quantize.packed_size(core.codes.size, self.levels) / itemsize
 
 
 #: From this many adapters on, a module's quantized candidates are priced adapter by adapter and
@@ -571,6 +657,133 @@ class Pricing:
             written.append(search.fit(budget.max_error, winner).stored_only())
         return self._price([q for q in written if q is not None], winner), (winner, written)
 
+    def factored_candidate(
+        self,
+        model: LoraModel,
+        factors: list[LoraFactors | None],
+        member_dtypes: list[str | None],
+        bound: int | None = None,
+    ) -> tuple[int, FactoredChoice] | None:
+        """The cheapest ``subspace-factored`` encoding meeting a max-error rule, with its
+        compressed bytes (bases, blocks, codes); None under another rule, or where none found
+        meets it (or costs under ``bound``, the best other form's bytes: bases that alone cost
+        that much are not tried).
+
+        For the ranks of each of ``FACTORED_HEADROOMS``, the cores' factors cast to the
+        coefficient dtype, and (unless ``--no-quantize``) quantized at each level count of
+        ``LEVELS`` at which every adapter's core meets the rule (``FactoredSearch``); each at the
+        core ranks ``_factored_fits`` tries."""
+        budget = self.options.budget
+        if budget is None or budget.max_error is None:
+            return None
+        ranks_of = [f.rank for f in factors if f is not None]
+        if not ranks_of:
+            return None
+        best: tuple[int, FactoredChoice] | None = None
+        tried: set[tuple[int, int]] = set()
+        for headroom in FACTORED_HEADROOMS:
+            ranks = model.rank_for_max_error(budget.max_error * headroom)
+            if ranks in tried or 0 in ranks:
+                continue
+            tried.add(ranks)
+            bases = stored_bases(model, *ranks, self.coef_dtype)
+            full_rank = min(max(ranks_of), *ranks)
+            bases_cost = self.compressed(bases.left_held, self.coef_dtype)
+            bases_cost += self.compressed(bases.right_held, self.coef_dtype)
+            limits = [c for c in (bound, None if best is None else best[0]) if c is not None]
+            if limits and bases_cost >= min(limits):
+                # A smaller fraction needs no smaller ranks: bases holding these columns and more,
+                # whose bytes (float mantissas hardly compress) are no fewer. No rank search more.
+                break
+            for choice in self._factored_fits(bases, full_rank, factors, member_dtypes, budget.max_error):
+                live = [c for c in choice.cores if c is not None]
+                cost = bases_cost + self.compressed(np.concatenate([c.block for c in live]), self.coef_dtype)
+                if choice.levels is not None:
+                    packed = [quantize.pack(c.codes, choice.levels) for c in live if c.codes is not None]
+                    cost += self.compressed(np.concatenate(packed), "U8")
+                if best is None or cost < best[0]:
+                    best = (cost, choice)
+        return best
+
+    def _factored_fits(
+        self,
+        bases: StoredBases,
+        full_rank: int,
+        factors: list[LoraFactors | None],
+        member_dtypes: list[str | None],
+        max_error: float,
+    ) -> list[FactoredChoice]:
+        """Every encoding of the cores on ``bases`` that meets ``max_error`` for each adapter: cast
+        at the least core rank that does (a core's weak directions cost as much as its strong
+        ones), and quantized at each level count still open after every adapter's search, at the
+        full core rank and at the least one leaving the quantization ``1 - CORE_TRUNCATION`` of
+        the budget (the search may zero weak directions itself, but each still costs its steps)."""
+        cores = [None if f is None or d is None else AdapterCore(f, bases, d) for f, d in zip(factors, member_dtypes)]
+        found: list[FactoredChoice] = []
+        full = self._cast_cores(cores, full_rank)
+        full_errors = [c.error for c in full if c is not None]
+        if self.meets(full_errors):
+            rank = self._least_core_rank(cores, full_rank, max_error)
+            found.append(
+                FactoredChoice(bases, rank, None, full if rank == full_rank else self._cast_cores(cores, rank))
+            )
+        if not self.options.quantize:
+            return found
+        ranks = [full_rank]
+        target = CORE_TRUNCATION * max_error
+        if full_errors and max(full_errors) <= target:
+            tight = self._least_core_rank(cores, full_rank, target)
+            if tight < full_rank:
+                ranks.append(tight)
+        for rank in ranks:
+            found.extend(self._quantized_cores(bases, cores, rank, max_error))
+        return found
+
+    def _cast_cores(self, cores: list[AdapterCore | None], rank: int) -> list[FactoredCore | None]:
+        return [None if c is None else c.cast(rank, self.coef_dtype) for c in cores]
+
+    def _least_core_rank(self, cores: list[AdapterCore | None], full_rank: int, target: float) -> int:
+        """The least core rank R (at most ``full_rank``, where every adapter's cast core is within
+        ``target``) at which each still is: adapter by adapter, a bisection above the rank the
+        adapters before it need (a truncated core's error only grows as directions go)."""
+        need = 1
+        for core in cores:
+            if core is None:
+                continue
+            lo, hi = need, min(core.f.rank, full_rank)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if core.cast(mid, self.coef_dtype).error <= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            need = max(need, lo)
+        return need
+
+    def _quantized_cores(
+        self, bases: StoredBases, cores: list[AdapterCore | None], rank: int, max_error: float
+    ) -> list[FactoredChoice]:
+        """The cores at core rank ``rank`` quantized at each level count at which every adapter's
+        search meets ``max_error`` (a level count closes for all at the first that misses)."""
+        open_levels = sorted(LEVELS, reverse=True)
+        fits: dict[int, list[FactoredCore | None]] = {n: [] for n in open_levels}
+        for core in cores:
+            if core is None:
+                for n in open_levels:
+                    fits[n].append(None)
+                continue
+            search = FactoredSearch(core, rank, max_error, coef_dtype=self.coef_dtype)
+            still_open = []
+            for n in open_levels:
+                fit = search.fit(n)
+                if fit is not None:
+                    fits[n].append(fit)
+                    still_open.append(n)
+            open_levels = still_open
+            if not open_levels:
+                return []
+        return [FactoredChoice(bases, rank, n, fits[n]) for n in open_levels]
+
     def _price(self, fits: Sequence[QuantizedFactors], packing: int) -> int:
         """The stored bytes of these adapters' quantized factors: their codes packed for
         ``packing`` levels as one U8 blob, their steps as one at the coefficient dtype."""
@@ -583,9 +796,7 @@ def _recoded(q: QuantizedFactors | None, levels: int, code_levels: int) -> Quant
     """``q``'s codes (of ``levels`` levels) in the alphabet of ``code_levels`` (same parity, no fewer)."""
     if q is None or levels == code_levels:
         return q
-    shift = quantize.offset(code_levels) - quantize.offset(levels)
-    assert shift >= 0 and shift == int(shift)
-    return replace(q, codes=(q.codes.astype(np.int16) + int(shift)).astype(np.uint8))
+    return replace(q, codes=recode(q.codes, levels, code_levels))
 
 
 def own_fidelity(f: LoraFactors, error: float, numbers: float, mean_error: float, baselines: bool) -> MemberFidelity:

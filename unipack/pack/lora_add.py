@@ -7,7 +7,9 @@ rule and costs fewer compressed bytes than its exact factors, else as its exact 
 bases (``subspace``); its own balanced factors at the cheapest level count of the merge's chooser
 (``pack.lora.Pricing``) no finer than the record's ``levels``, codes written in the record's
 alphabet and appended to the record's one codes blob (``quant``, which is why that blob is
-rewritten); cast (``cast``); its factors, bit-exact (``factors``). Non-LoRA tensors
+rewritten); cast (``cast``); its core on the stored bases factored at the record's core rank,
+cast or quantized as a ``quant`` member is (``subspace-factored``, codes appended likewise); its
+factors, bit-exact (``factors``). Non-LoRA tensors
 (``modules_to_save`` heads) are stored raw, as for every member.
 """
 

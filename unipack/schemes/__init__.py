@@ -9,7 +9,7 @@ it (the spec reader in ``tests/test_spec_reader.py`` must decode it bit for bit)
 # isort: off
 # Registration order is the order in which the spec lists them, and in which error messages list
 # the allowed ``storage``, ``scheme`` and ``form`` values: keep it.
-from unipack.schemes import rows, flat, raw, exact, lora_subspace, lora_factors, delta, lora_quant  # noqa: F401  (registers them)
+from unipack.schemes import rows, flat, raw, exact, lora_subspace, lora_factors, delta, lora_quant, lora_factored  # noqa: F401  (registers them)
 
 # isort: on
 from unipack.schemes.base import AddContext, MemberView, Scheme

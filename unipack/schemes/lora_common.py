@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from unipack.core import quantize
 from unipack.core.lora import LoraFactors
 from unipack.core.lora_quant import CastFactors, QuantizedFactors
 from unipack.errors import FormatError
@@ -202,6 +203,45 @@ def factor_shapes(t: TensorRecord, member: MemberRecord) -> list[tuple[str, tupl
     rank = member.lora[t.name][0]
     a_key, b_key = t.lora_keys
     return [(a_key, (rank, t.shape[1])), (b_key, (t.shape[0], rank))]
+
+
+class RecordCodes(Protocol):
+    """A LoRA record with one codes blob holding every touching member's packed codes, in member
+    order (``quant``, spec §10.1; ``subspace-factored``, §12.1)."""
+
+    @property
+    def levels(self) -> int | None: ...
+
+    @property
+    def codes(self) -> str | None: ...
+
+    def member_code_bytes(self, tensor: TensorRecord, member: MemberRecord) -> int:
+        """The member's bytes in the codes blob (0 where it has none)."""
+
+
+def code_range(params: RecordCodes, manifest: Manifest, t: TensorRecord, member: MemberRecord) -> tuple[int, int]:
+    """The member's byte range in the record's codes blob (whose length the manifest reader
+    checked against every member's)."""
+    lo = 0
+    for m in manifest.members:
+        if m.name == member.name:
+            return lo, lo + params.member_code_bytes(t, m)
+        lo += params.member_code_bytes(t, m)
+    raise KeyError(member.name)
+
+
+def member_codes(params: RecordCodes, view: MemberView, t: TensorRecord, count: int) -> np.ndarray:
+    """The member's ``count`` codes (unpacked) from the record's codes blob; a byte that is not a
+    packing of codes below L is one clear error."""
+    levels = params.levels
+    assert params.codes is not None and levels is not None  # the manifest reader checked both
+    lo, hi = code_range(params, view.manifest, t, view.member)
+    packed = view.read_blob(params.codes)[lo:hi]
+    if not quantize.valid_bytes(packed, levels):
+        raise FormatError(
+            f"member {view.member.name!r}: module {t.name!r}: a code byte is not a packing of codes < {levels}"
+        )
+    return quantize.unpack(packed, levels, count)
 
 
 def _lora(t: TensorRecord) -> LoraParams:

@@ -24,12 +24,11 @@ import numpy as np
 from unipack.core import quantize
 from unipack.core.lora import LoraFactors
 from unipack.core.lora_quant import dequantize
-from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import LORA_QUANT_FORMAT_VERSION, BlobRef, Manifest, MemberRecord, TensorRecord
 from unipack.format.manifest.doc import Doc
 from unipack.schemes.base import MemberView
-from unipack.schemes.lora_common import AdapterCandidate, LoraAddContext, LoraParams, LoraScheme
+from unipack.schemes.lora_common import AdapterCandidate, LoraAddContext, LoraParams, LoraScheme, member_codes
 from unipack.schemes.registry import register
 
 
@@ -120,26 +119,9 @@ class LoraQuantScheme(_OwnFactorsScheme):
         assert t.shape is not None
         out_dim, in_dim = t.shape
         steps = view.coefficients(t)
-        assert steps is not None and p.codes is not None  # the manifest reader checked both exist
-        lo, hi = self.code_range(view.manifest, t, view.member)
-        packed = view.read_blob(p.codes)[lo:hi]
-        if not quantize.valid_bytes(packed, p.levels):
-            raise FormatError(
-                f"member {view.member.name!r}: module {t.name!r}: a code byte is not a packing of codes < {p.levels}"
-            )
-        codes = quantize.unpack(packed, p.levels, rank * (out_dim + in_dim))
+        assert steps is not None  # the manifest reader checked the block exists
+        codes = member_codes(p, view, t, rank * (out_dim + in_dim))
         return dequantize(codes, steps.reshape(-1), p.levels, rank, out_dim, in_dim)
-
-    def code_range(self, manifest: Manifest, t: TensorRecord, member: MemberRecord) -> tuple[int, int]:
-        """The member's byte range in the record's codes blob (whose length the manifest reader
-        checked against every member's)."""
-        p = _quant(t)
-        lo = 0
-        for m in manifest.members:
-            if m.name == member.name:
-                return lo, lo + p.member_code_bytes(t, m)
-            lo += p.member_code_bytes(t, m)
-        raise KeyError(member.name)
 
     def add_candidate(
         self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str

@@ -92,7 +92,14 @@ class LoraSubspaceScheme(LoraScheme):
         rank, scale = view.member.lora[t.name]
         dtype = view.member.dtype_of(t)
         u, v = self.bases(view, t)
-        b, a = peft_factors(u, self.core(view, t), v, rank, scale, dtype)
+        core = self.core(view, t)
+        if not np.isfinite(core).all():
+            # §7.2's SVD of the core has no answer (LAPACK fails to converge): a damaged bundle
+            # whose checksums were made to match, never one a writer wrote.
+            raise FormatError(
+                f"member {view.member.name!r}: module {t.name!r}: its core holds NaN or inf; the bundle is damaged"
+            )
+        b, a = peft_factors(u, core, v, rank, scale, dtype)
         return dtypes.from_float(a, dtype), dtypes.from_float(b, dtype)
 
     def member_update(self, view: MemberView, t: TensorRecord) -> np.ndarray | None:
@@ -120,7 +127,9 @@ class LoraSubspaceScheme(LoraScheme):
     def projected(self, t: TensorRecord, member: MemberRecord) -> bool:
         return t.name in member.lora and not _params(t).overridden(t, member)
 
-    def add_candidate(self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str) -> AdapterCandidate:
+    def add_candidate(
+        self, ctx: LoraAddContext, t: TensorRecord, f: LoraFactors, dtype: str
+    ) -> AdapterCandidate | None:
         """The new member's core on the bundle's bases as stored, fitted as the merge fits one
         (``core.lora_encode.encode``: least squares on the rounded bases, then rounded), and the
         error of the factors extraction then returns."""

@@ -23,6 +23,7 @@ from unipack.format.manifest.records import (
     COMPRESSED_MANIFEST_VERSION,
     DELTA_FORMAT_VERSION,
     EXACT_TIER_FORMAT_VERSION,
+    FACTORED_CORES_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     LORA_FORMAT_VERSION,
@@ -50,6 +51,7 @@ from unipack.format.manifest.records import (
 
 __all__ = [
     "BASE_REF_FORMAT_VERSION",
+    "FACTORED_CORES_FORMAT_VERSION",
     "CHUNKED_CODEC",
     "CHUNKED_FORMAT_VERSION",
     "COMPRESSED_MANIFEST_VERSION",

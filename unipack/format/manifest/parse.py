@@ -361,6 +361,30 @@ def _parse_lora_map(value: Any, where: str, tensors: tuple[TensorRecord, ...]) -
     return out
 
 
+def _check_lora_ranks(
+    lora: dict[str, tuple[int, float]],
+    member_dtypes: dict[str, str],
+    source_bytes: int,
+    where: str,
+    tensors: tuple[TensorRecord, ...],
+) -> None:
+    """Spec §7.3: the adapter file held each module's factors, r (in + out) numbers at the
+    member's dtype, so none takes more than its ``source_bytes``. Extraction allocates factors of
+    that rank whatever the form stores (a subspace core may have a far lower rank): a rank no
+    file held would only exhaust memory."""
+    by_name = {t.name: t for t in tensors}
+    for module, (rank, _) in lora.items():
+        t = by_name[module]
+        dtype = member_dtypes.get(module, t.dtype)
+        if t.shape is None or len(t.shape) != 2 or dtype not in dtypes.FLOAT_DTYPES:
+            continue  # the record's own checks refuse these
+        if rank * (t.shape[0] + t.shape[1]) * dtypes.itemsize(dtype) > source_bytes:
+            raise FormatError(
+                f"{where}: lora entry {module!r} has rank {rank}, whose factors take more bytes than its "
+                f"adapter file ({source_bytes:,} B)"
+            )
+
+
 def _parse_member(
     raw: Any,
     where: str,
@@ -395,10 +419,13 @@ def _parse_member(
     member_dtypes = str_map(d.obj("dtypes"), f"{where}: dtypes")
     for dt in member_dtypes.values():
         dtypes.check_dtype(dt, f"{where}: dtypes")
+    source_bytes = d.integer("source_bytes")
+    if lora:
+        _check_lora_ranks(lora, member_dtypes, source_bytes, where, tensors)
     return MemberRecord(
         name=name,
         source=d.text("source"),
-        source_bytes=d.integer("source_bytes"),
+        source_bytes=source_bytes,
         metadata=None if metadata is None else str_map(metadata, f"{where}: metadata"),
         coefficients=d.text("coefficients", optional=True),
         raw=str_map(d.obj("raw"), f"{where}: raw"),

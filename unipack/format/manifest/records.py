@@ -56,6 +56,10 @@ MEMBER_NUMBERS_FORMAT_VERSION = 9
 #: uses one needs that base. Only bundles that reference a base are written as version 10.
 #: (A reader of 10 reads every earlier version.)
 BASE_REF_FORMAT_VERSION = 10
+#: Version 11 adds the ``lora`` form ``subspace-factored`` (spec §12): the subspace's bases with each
+#: member's core stored as its factors P Q, cast or quantized. Only bundles that use it are
+#: written as version 11. (A reader of 11 reads every earlier version.)
+FACTORED_CORES_FORMAT_VERSION = 11
 SUPPORTED_VERSIONS = (
     1,
     2,
@@ -67,6 +71,7 @@ SUPPORTED_VERSIONS = (
     LORA_OVERRIDE_FORMAT_VERSION,
     MEMBER_NUMBERS_FORMAT_VERSION,
     BASE_REF_FORMAT_VERSION,
+    FACTORED_CORES_FORMAT_VERSION,
 )
 #: The tensor that holds a compressed manifest (never a blob of the manifest's own table).
 MANIFEST_BLOB = "__manifest__"
