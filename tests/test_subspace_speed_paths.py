@@ -16,7 +16,7 @@ import unipack
 from unipack.core.decomposition import KeepRaw, TensorJob, decompose
 from unipack.core.linalg import eigh_desc, top_eigh
 from unipack.options import ErrorBudget
-from unipack.schemes.rows import fit_rows
+from unipack.schemes.rows import cheapest_side, fit_rows, sides_worth_fitting
 
 
 def _decaying_gram(n: int, strong: int, seed: int) -> np.ndarray:
@@ -149,3 +149,68 @@ def test_a_low_rank_collection_still_gets_its_subspace(tmp_path) -> None:
     assert record.storage == "shared" and "rank 2" in record.reason
     for member in bundle.manifest.members:
         assert max(member.errors) <= 0.05
+
+
+def _rank_job(members: list[np.ndarray], rank: int, coef_dtype: str = "F16") -> TensorJob:
+    return TensorJob(
+        name="w",
+        shape=members[0].shape,
+        member_dtypes=("F32",) * len(members),
+        load=lambda i: members[i],
+        rule="rank",
+        budget=None,
+        rank=rank,
+        energy=None,
+        coef_dtype=coef_dtype,
+        gram_limit=4096,
+        baselines=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "n", "rank"),
+    [((48, 160), 6, 3), ((160, 48), 6, 3), ((40, 40), 5, 4), ((30, 200), 2, 40), ((200, 12), 3, 16), ((8, 8), 9, 20)],
+)
+def test_a_rank_rule_fits_only_the_side_decompose_keeps(shape: tuple[int, int], n: int, rank: int) -> None:
+    """At a fixed rank a side's bytes follow from the shapes, so only that side is fitted: the
+    encoding is the one a fit of both sides gives (brute force: decompose over both), bit for bit,
+    and the paper recipe's side (k = 16, fp32) is fitted too where it differs."""
+    members = [m.astype(np.float32).astype(np.float64) for m in _members(seed=sum(shape) + n, n=n, shape=shape)]
+    job = _rank_job(members, rank)
+    sides = sides_worth_fitting(job)
+    assert sides is not None and 1 <= len(sides) <= 2
+    assert cheapest_side(job, rank) in sides
+    both = decompose(job, [lambda j: fit_rows(j)])
+    only = decompose(job, [lambda j: fit_rows(j, sides=sides)])
+    if isinstance(both, KeepRaw):
+        assert isinstance(only, KeepRaw) and only.reason == both.reason
+        return
+    assert not isinstance(only, KeepRaw)
+    assert (only.side, only.rank) == (both.side, both.rank)
+    np.testing.assert_array_equal(only.basis, both.basis)
+    np.testing.assert_array_equal(only.mean, both.mean)
+    for a, b in zip(only.coefs, both.coefs):
+        np.testing.assert_array_equal(a, b)
+    assert list(only.errors) == list(both.errors)
+    # Under the other rules the choice depends on the spectra: every usable side is fitted.
+    assert sides_worth_fitting(_job(members, ErrorBudget(max_error=0.1))) is None
+
+
+def test_a_rank_rule_merge_is_the_bundle_both_sides_give(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end, alternatives (the paper's recipe reuses the fitted side) included."""
+    from safetensors.numpy import save_file
+
+    from unipack.schemes import rows
+
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((64, 96)).astype(np.float32)
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"m{i}.safetensors"
+        w = base + 0.05 * rng.standard_normal((64, 96)).astype(np.float32)
+        save_file({"a": w, "b": w.T.copy()}, str(path))
+        paths.append(path)
+    unipack.merge(paths, tmp_path / "one.upk", rank=8, lossless="off")
+    monkeypatch.setattr(rows, "sides_worth_fitting", lambda job: None)
+    unipack.merge(paths, tmp_path / "both.upk", rank=8, lossless="off")
+    assert (tmp_path / "one.upk").read_bytes() == (tmp_path / "both.upk").read_bytes()

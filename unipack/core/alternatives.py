@@ -42,6 +42,8 @@ LABELS = {
     "base-int4": "base + int4 per-row deltas (base not stored)",
     "base-int2": "base + int2 per-row deltas (base not stored)",
 }
+#: The paper's recipe keeps k = 16 directions (``paper-k16``).
+PAPER_RANK = 16
 #: Measured only by a merge given a base model (``merge --base``), after ``METHODS``.
 BASE_METHODS = ("base-int8", "base-int4", "base-int2")
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from unipack.core import alternatives as alt
-from unipack.core.alternatives import BASE_METHODS, METHODS
+from unipack.core.alternatives import BASE_METHODS, METHODS, PAPER_RANK
 from unipack.core.decomposition import SchemeModel, TensorJob
 from unipack.core.linalg import least_squares_projector, top_eigh_of
 from unipack.format import dtypes
@@ -42,7 +42,6 @@ from unipack.options import ErrorBudget
 from unipack.schemes.rows import RowsModel, cheapest_side, fit_rows
 
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2, "base-int8": 8, "base-int4": 4, "base-int2": 2}
-PAPER_RANK = 16
 #: Where the side the recipe keeps is longer than this, its basis comes from randomized subspace
 #: iteration over the members (``_paper_randomized``: what the paper's code runs, sklearn's
 #: randomized PCA) instead of a full Gram of that side, which costs O(N r p^2) to form: on a

@@ -15,11 +15,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
+from unipack.core.alternatives import PAPER_RANK
 from unipack.core.decomposition import Encoded, TensorJob, kept_energy
 from unipack.core.fidelity import measure
 from unipack.core.linalg import eigh_desc, least_squares_projector, top_eigh
@@ -113,7 +114,22 @@ class RowsScheme(SharedScheme):
         return f"rows, {t.params.side}"
 
     def fit(self, job: TensorJob) -> list[RowsModel]:
-        return fit_rows(job)
+        return fit_rows(job, sides=sides_worth_fitting(job))
+
+
+def sides_worth_fitting(job: TensorJob) -> list[str] | None:
+    """Under a rank rule, the sides a merge can use: the one ``decompose`` keeps (at a fixed
+    rank a side's bytes follow from the shapes alone, ``cheapest_side``; the other side's Gram,
+    the costliest step of such a merge, would be formed just to lose) and the one the report's
+    paper recipe keeps at k = 16 in fp32 (its alternative reuses the merge's models): the same
+    side unless the ranks tell them apart. None (every usable side) under the other rules, whose
+    choice depends on the spectra. The kept side is the one a fit of both sides would have kept:
+    the cheaper side is cheaper at every rank it can reach, so it is affordable whenever the
+    other is, and ties go to the first of ``usable_sides`` in both."""
+    if job.rule != "rank" or job.rank is None:
+        return None
+    wanted = {cheapest_side(job, job.rank), cheapest_side(replace(job, coef_dtype="F32"), PAPER_RANK)}
+    return [side for side in usable_sides(job.shape, job.gram_limit) if side in wanted]
 
 
 #: Columns of V probed per pass when searching the smallest rank that meets a budget.
