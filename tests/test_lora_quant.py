@@ -109,6 +109,28 @@ def test_quantized_factors_rebuild_and_errors_by_dense_numpy(levels, step_dtype,
     assert np.array_equal(digits[: q.codes.size], q.codes)
 
 
+@pytest.mark.parametrize("levels", [3, 5, 15, 16, 31])
+def test_codes_kept_packed_are_the_codes_packed_as_written(levels: int) -> None:
+    """A large collection keeps each adapter's winning codes packed (``stored_packed``): the same
+    bytes ``quantize.pack`` gives the unpacked codes, checked against numpy's base-L digits."""
+    f = random_factors(levels + 100)
+    q = fit_quantized(f, 0.9, levels=levels, step_dtype="F16", member_dtype="F32")
+    assert q is not None
+    kept = q.stored_packed(levels)
+    assert kept.a is None and kept.b is None and kept.code_count == q.codes.size == q.code_count
+    np.testing.assert_array_equal(kept.packed(levels), quantize.pack(q.codes, levels))
+    np.testing.assert_array_equal(q.packed(levels), quantize.pack(q.codes, levels))
+    assert kept.codes.nbytes == quantize.packed_size(q.codes.size, levels) < q.codes.nbytes or levels > 15
+    # numpy: k codes a byte, the first code the lowest digit (spec 8.1), zero-padded at the end
+    k = quantize.per_byte(levels)
+    digits = np.zeros(-(-q.codes.size // k) * k, dtype=np.int64)
+    digits[: q.codes.size] = q.codes
+    expected = (digits.reshape(-1, k) * levels ** np.arange(k)).sum(axis=1)
+    np.testing.assert_array_equal(kept.codes.astype(np.int64), expected)
+    with pytest.raises(AssertionError):
+        kept.packed(levels + 2)
+
+
 @pytest.mark.parametrize(
     "out_dim, in_dim, r, rank_deficient", [(48, 40, 6, False), (30, 70, 8, True), (5, 64, 8, False)]
 )

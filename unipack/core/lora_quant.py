@@ -137,17 +137,38 @@ class ProductSvd:
 class QuantizedFactors:
     """One adapter's module at L levels: what is stored and what extraction returns."""
 
-    codes: np.ndarray  # uint8, r*in codes of A' then r*out of B'ᵀ (C order), unpacked
+    codes: np.ndarray  # uint8, r*in codes of A' then r*out of B'ᵀ (C order), unpacked (or packed: ``packed_for``)
     steps_held: np.ndarray  # 2r steps as stored (holder(step dtype)): A's rows, then B's columns
     a: np.ndarray | None  # float64 values of the extracted A (rounded to the member's dtype)
     b: np.ndarray | None  # float64 values of the extracted B; both None once ``stored_only``
     error: float  # ||ΔW - s B A|| / ||ΔW|| of exactly those
+    packed_for: int | None = None  # ``codes`` are packed for this many levels (``stored_packed``)
+    packed_count: int = 0  # then: how many codes they hold
 
     def stored_only(self) -> QuantizedFactors:
         """Without the extracted values (8 bytes a number against the codes' 1): what the chooser
         keeps of each adapter at each level count it may still pick, so that a module's working
         set grows by the codes alone per adapter."""
         return dataclasses.replace(self, a=None, b=None)
+
+    def stored_packed(self, levels: int) -> QuantizedFactors:
+        """``stored_only`` with the codes already packed for ``levels`` as they will be written
+        (``quantize.pack``: 2 to 5 codes a byte below 16 levels): what a large collection keeps of
+        each adapter's winning codes until the module is written."""
+        assert self.packed_for is None
+        packed = quantize.pack(self.codes, levels)
+        return dataclasses.replace(self, codes=packed, a=None, b=None, packed_for=levels, packed_count=self.codes.size)
+
+    @property
+    def code_count(self) -> int:
+        return self.packed_count if self.packed_for is not None else self.codes.size
+
+    def packed(self, levels: int) -> np.ndarray:
+        """The codes packed for ``levels`` (``quantize.pack``), as a U8 blob holds them."""
+        if self.packed_for is None:
+            return quantize.pack(self.codes, levels)
+        assert self.packed_for == levels, "codes packed for another level count"
+        return self.codes
 
 
 def recode(codes: np.ndarray, levels: int, code_levels: int) -> np.ndarray:

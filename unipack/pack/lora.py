@@ -299,12 +299,12 @@ class LoraMerger(Merger):
         for i, q in enumerate(fits):
             if q is not None:
                 self.coefs[i].append(q.steps_held)
-        packed = np.concatenate([quantize.pack(q.codes, levels) for q in fits if q is not None])
+        packed = np.concatenate([q.packed(levels) for q in fits if q is not None])
         codes = self.writer.add(f"codes/{module.name}", packed, "U8")
         errors = [0.0 if q is None else q.error for q in fits]
         itemsize = dtypes.itemsize(self.coef_dtype)
         numbers = [
-            0.0 if q is None else q.steps_held.size + quantize.packed_size(q.codes.size, levels) / itemsize
+            0.0 if q is None else q.steps_held.size + quantize.packed_size(q.code_count, levels) / itemsize
             for q in fits
         ]
         self._own_fidelity(model, factors, errors, numbers)
@@ -654,7 +654,9 @@ class Pricing:
                 written.append(None)
                 continue
             search = QuantSearch(f, step_dtype=self.coef_dtype, member_dtype=d)
-            written.append(search.fit(budget.max_error, winner).stored_only())
+            # Packed now, as they will be written: half to a fifth of the unpacked codes' bytes,
+            # for every adapter until the module is written.
+            written.append(search.fit(budget.max_error, winner).stored_packed(winner))
         return self._price([q for q in written if q is not None], winner), (winner, written)
 
     def factored_candidate(
@@ -787,7 +789,7 @@ class Pricing:
     def _price(self, fits: Sequence[QuantizedFactors], packing: int) -> int:
         """The stored bytes of these adapters' quantized factors: their codes packed for
         ``packing`` levels as one U8 blob, their steps as one at the coefficient dtype."""
-        codes = np.concatenate([quantize.pack(q.codes, packing) for q in fits])
+        codes = np.concatenate([q.packed(packing) for q in fits])
         steps = np.concatenate([q.steps_held for q in fits])
         return self.compressed(codes, "U8") + self.compressed(steps, self.coef_dtype)
 
@@ -796,6 +798,7 @@ def _recoded(q: QuantizedFactors | None, levels: int, code_levels: int) -> Quant
     """``q``'s codes (of ``levels`` levels) in the alphabet of ``code_levels`` (same parity, no fewer)."""
     if q is None or levels == code_levels:
         return q
+    assert q.packed_for is None
     return replace(q, codes=recode(q.codes, levels, code_levels))
 
 
