@@ -406,7 +406,7 @@ class Merger:
 
     def _compressed(self, array: np.ndarray, dtype: str) -> int:
         """Bytes ``array`` (held as ``dtype``) takes in the bundle, compressed as the writer will."""
-        data = dtypes.to_bytes(array, dtype)
+        data = dtypes.byte_view(array, dtype)  # the array's own bytes where it is contiguous: no copy
         level = self.writer.level_for(dtype)
         stored, _, _ = codec.encode(data, dtypes.itemsize(dtype), self.options.codec, level)
         return len(stored)
