@@ -55,12 +55,12 @@ def logits(model: torch.nn.Module, ids: list[list[int]], labels: list[int]) -> t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, help="the population cache (default ~/.cache/unipack/rd-minilm)")
+    parser.add_argument("--cache", type=Path, default=rd.default_cache_dir(), help="the population cache")
     parser.add_argument("--workdir", type=Path, default=Path("lora-serve"))
     parser.add_argument("--adapters", type=int, default=22)
     parser.add_argument("--json", type=Path)
     ns = parser.parse_args(argv)
-    cache = ns.cache or Path.home() / ".cache" / "unipack" / "rd-minilm"
+    cache = ns.cache
     folders = [pop.lora_dir(cache) / s.name for s in pop.PLAN[: ns.adapters]]
     missing = [f for f in folders if not (f / "lora_member.json").is_file()]
     if missing:

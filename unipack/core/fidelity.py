@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unipack.core.linalg import eigh_desc, rel_error
+from unipack.core.linalg import eigh_desc, rel_error, rounded_error
 from unipack.format import dtypes
 from unipack.format.manifest import FidelityRecord
 
@@ -92,10 +92,7 @@ def measure(
         delta_error = error / delta_norm if delta_norm > 0.0 else error
     else:
         raise ValueError("measure: give out or error")
-    rounded_mean = dtypes.round_trip_in_place(np.array(mean, dtype=np.float64), member_dtype)
-    np.subtract(x, rounded_mean, out=rounded_mean)
-    mean_diff = float(np.linalg.norm(rounded_mean.ravel()))  # rel_error(x, round_trip(mean), norm)
-    del rounded_mean
+    mean_diff = rounded_error(x, np.array(mean, dtype=np.float64), member_dtype)  # rel_error's difference
     mean_error = mean_diff / norm if norm > 0.0 else mean_diff
     svd_error = svd_rank = None
     if delta is not None and svd_values is not None:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from unipack.format import dtypes
+
 
 def eigh_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending, clipped at 0) and eigenvectors of a symmetric PSD matrix.
@@ -82,6 +84,15 @@ def least_squares_projector(basis: np.ndarray) -> np.ndarray:
     """
     gram = basis.T @ basis
     return np.linalg.solve(gram, basis.T).T if gram.size else basis
+
+
+def rounded_error(x: np.ndarray, work: np.ndarray, dtype: str) -> float:
+    """``||x - round_trip(work, dtype)||_F``, made in ``work``'s own array (float64, of ``x``'s
+    shape; the caller no longer needs it: it is left holding the difference). Summed in C order,
+    as ``rel_error`` sums its difference: one full-size array where the plain expression makes
+    three (a merge of a large tensor peaks in these)."""
+    np.subtract(x, dtypes.round_trip_in_place(work, dtype), out=work)
+    return float(np.linalg.norm(work.reshape(-1)))
 
 
 def rel_error(original: np.ndarray, approx: np.ndarray, norm: float) -> float:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unipack.core.linalg import rounded_error
 from unipack.format import dtypes
 
 #: The number of levels a record may use (L = 1 would store nothing: that is a mean).
@@ -307,7 +308,7 @@ def quantize(
             np.subtract(x, out, out=q)
         else:
             out = None
-            np.subtract(x, dtypes.round_trip_in_place(q, member_dtype), out=q)
+            rounded_error(x, q, member_dtype)  # q becomes x - out
         error = float(np.linalg.norm(q))  # ||x - out||
     return Quantized(codes, held, out, error if math.isfinite(error) else math.inf)
 
@@ -402,9 +403,7 @@ def zero_error(x: np.ndarray, mean: np.ndarray, member_dtype: str) -> float:
     """||x - out|| when every code is zero (out = the mean in the member's dtype): the same for
     every level count and grouping, so a caller trying many can compute it once."""
     with np.errstate(over="ignore", invalid="ignore"):
-        diff = dtypes.round_trip_in_place(np.array(mean, dtype=np.float64), member_dtype)
-        np.subtract(x, diff, out=diff)  # x - round_trip(mean), in one array
-        error = float(np.linalg.norm(diff))
+        error = rounded_error(x, np.array(mean, dtype=np.float64), member_dtype)
     return error if math.isfinite(error) else math.inf
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from unipack.core import alternatives as alt
 from unipack.core.alternatives import BASE_METHODS, METHODS, PAPER_RANK
 from unipack.core.decomposition import SchemeModel, TensorJob
-from unipack.core.linalg import least_squares_projector, top_eigh_of
+from unipack.core.linalg import least_squares_projector, rounded_error, top_eigh_of
 from unipack.format import dtypes
 from unipack.options import ErrorBudget
 from unipack.schemes.rows import RowsModel, cheapest_side, fit_rows
@@ -137,10 +137,8 @@ class AlternativesMeter:
                 # Rounded to the member's dtype and made the difference, in the approximation's
                 # own array (each is made for this member and method alone; fp16 of a 2-byte
                 # member is x itself, which stays as it is).
-                work = approximation.copy() if approximation is x else approximation
-                np.subtract(x, dtypes.round_trip_in_place(work, dtype), out=work)
-                e = float(np.linalg.norm(work))
-                del work, approximation
+                e = rounded_error(x, approximation.copy() if approximation is x else approximation, dtype)
+                del approximation
                 o = outcomes[method]
                 o.errors.append(e / norm if norm > 0 else 0.0 if e == 0 else math.inf)
                 o.delta_errors.append(e / delta_norm if delta_norm > 0 else 0.0 if e == 0 else math.inf)
@@ -348,8 +346,7 @@ def _paper_randomized(
         del centred_x
         out = coef @ basis.T
         out += mean_q  # mean_q + coef @ basis.T, in the product's array
-        np.subtract(x, dtypes.round_trip_in_place(out, dtype), out=out)
-        e = float(np.linalg.norm(out.ravel()))
+        e = rounded_error(x, out, dtype)
         del out
         errors.append(e / norms[i] if norms[i] > 0 else e)
         delta_errors.append(e / delta_norm if delta_norm > 0 else e)

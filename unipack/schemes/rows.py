@@ -23,7 +23,7 @@ import numpy as np
 from unipack.core.alternatives import PAPER_RANK
 from unipack.core.decomposition import Encoded, TensorJob, kept_energy
 from unipack.core.fidelity import measure
-from unipack.core.linalg import eigh_desc, least_squares_projector, top_eigh
+from unipack.core.linalg import eigh_desc, least_squares_projector, rounded_error, top_eigh
 from unipack.errors import FormatError
 from unipack.format import dtypes
 from unipack.format.manifest import TensorRecord
@@ -334,14 +334,12 @@ class RowsModel:
             # (a large tensor's encoding would otherwise hold three more full-size copies).
             if rank:
                 coef_held, coef = dtypes.store_as((x - self.mean_q) @ projector, job.coef_dtype)
-                diff = coef @ basis.T
-                diff += self.mean_q  # mean_q + coef @ basis.T
-                dtypes.round_trip_in_place(diff, dtype)
+                approx = coef @ basis.T
+                approx += self.mean_q  # mean_q + coef @ basis.T
             else:
-                diff = dtypes.round_trip(self.mean_q, dtype)
-            np.subtract(x, diff, out=diff)
-            error = float(np.linalg.norm(diff.ravel()))  # ||x - out||, as rel_error sums it
-            del diff
+                approx = self.mean_q.copy()
+            error = rounded_error(x, approx, dtype)  # ||x - out||, as rel_error sums it
+            del approx
             errors.append(error / norm if norm > 0.0 else error)
             fidelity.append(measure(x, None, self.mean_q, norm, dtype, job.coef_dtype, svd_values, error=error))
             if coef_held is not None:
