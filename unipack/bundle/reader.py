@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from unipack.allocator import reuse_freed_memory
 from unipack.bundle.base_model import BASE_OPTION, BaseModel, base_text, missing_base_message, needs_base
 from unipack.bundle.exact import ExactMember, default_threads
 from unipack.bundle.lora import AdapterParts, fan_in_fan_out, update_key
@@ -108,6 +109,7 @@ class BundleReader:
         ``exact``: the original bits from the lossless tier (spec §9), each tensor's sha256 checked.
         Either way tensors are rebuilt on ``threads`` threads (default: one per core, up to 4; the
         order is the same, and so are the arrays)."""
+        reuse_freed_memory()  # a member's arrays are tensor-sized blocks, made and freed tensor by tensor
         if exact:
             rec = self.member(member)
             self._require_base(rec)

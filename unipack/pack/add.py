@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from unipack.allocator import reuse_freed_memory
 from unipack.bundle.base_model import BASE_OPTION, BaseModel, base_text
 from unipack.core.fidelity import EXACT, MemberFidelity, fidelity_record
 from unipack.errors import FormatError, InputError, OptionsError, UnipackError
@@ -118,6 +119,7 @@ def add(
     ``base``: the base model a bundle merged with ``--base`` references (required for one, and
     checked as extraction checks it): the new member's deltas are taken from it, too.
     """
+    reuse_freed_memory()
     bundle_path, source_path = Path(bundle), as_input(source)  # a URL too: see sources.remote
     out = Path(output) if output is not None else None
     if out is not None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from unipack.allocator import reuse_freed_memory
 from unipack.bundle.exact import held_center_prediction, stored_mean_prediction
 from unipack.core.decomposition import Encoded, Fit, KeepRaw, SchemeModel, TensorJob, decompose
 from unipack.core.fidelity import (
@@ -641,6 +642,7 @@ def chunk_bytes_for(options: MergeOptions) -> int | None:
 
 def worker_merger(cls: type[Merger], inputs: Inputs, options: MergeOptions) -> Merger:
     """A merger over ``inputs`` in a worker process, writing nowhere (``_apart`` records)."""
+    reuse_freed_memory()  # a Dask worker is not forked from the merge, which set it
     writer = RecordingWriter(options.codec, options.zstd_level, chunk_bytes_for(options))
     return cls(opened(inputs), options, writer, None)  # type: ignore[arg-type]
 

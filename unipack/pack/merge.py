@@ -16,6 +16,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from unipack.allocator import reuse_freed_memory
 from unipack.bundle.reader import BundleReader
 from unipack.errors import FormatError, InputError, OptionsError
 from unipack.format.atomic import check_member_file_name, check_writable
@@ -91,6 +92,7 @@ def merge(
     if options is not None and option_fields:
         raise TypeError("give either options= or option keywords, not both")
     opts = options or MergeOptions(**option_fields)
+    reuse_freed_memory()  # before any tensor is read: forked workers inherit it
     execution = Execution(executor, jobs, scheduler)
     started = time.perf_counter()
     out_path = Path(out)
