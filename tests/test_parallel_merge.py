@@ -207,3 +207,52 @@ def test_rank_rule_members_read_back_identically(pop, tmp_path: Path) -> None:
             for key, (dtype, array) in left.items():
                 assert right[key][0] == dtype
                 assert array.tobytes() == right[key][1].tobytes(), key
+
+
+@pytest.mark.parametrize("options", [{}, {"rank": 2}])
+def test_alternatives_measured_apart(pop, tmp_path: Path, monkeypatch, options: dict) -> None:
+    """Large tensors' alternatives run as jobs of their own: the same bytes serial or forked, the
+    same bundle and report numbers as when measured in the tensor's job (the paper's recipe on
+    its own fit instead of the merge's rows models: equal to rounding)."""
+    whole = tmp_path / "whole.upk"
+    unipack.merge(pop.paths, whole, jobs=1, **options)
+    monkeypatch.setattr(dense, "ALTERNATIVES_APART_FROM", 2000)  # the two 6144-element blocks
+    serial, forked = tmp_path / "serial.upk", tmp_path / "forked.upk"
+    unipack.merge(pop.paths, serial, jobs=1, **options)
+    unipack.merge(pop.paths, forked, jobs=2, **options)
+    assert digest(serial) == digest(forked)
+    with unipack.open(whole) as a, unipack.open(serial) as b:
+        assert a.manifest.tensors == b.manifest.tensors
+        assert [m.resolved_numbers for m in a.manifest.members] == [m.resolved_numbers for m in b.manifest.members]
+        before, after = a.manifest.stats["alternatives"], b.manifest.stats["alternatives"]
+    assert after["tensors"] == before["tensors"] and after["cheapest"].keys() == before["cheapest"].keys()
+    assert set(after["methods"]) == set(before["methods"])
+    for method, numbers in before["methods"].items():
+        if method == "paper-k16":
+            assert after["methods"][method]["bytes"] == numbers["bytes"]
+            assert after["methods"][method]["errors"] == pytest.approx(numbers["errors"], rel=1e-4)
+        else:
+            assert after["methods"][method] == numbers
+
+
+def test_only_large_shared_tensors_are_measured_apart(pop, monkeypatch) -> None:
+    from unipack.options import MergeOptions
+    from unipack.pack.plan import plan_tensors
+
+    monkeypatch.setattr(dense, "ALTERNATIVES_APART_FROM", 2000)
+    checkpoints = open_inputs(pop.paths, None)
+    try:
+        options = MergeOptions()
+        plans = plan_tensors(checkpoints, options)
+        merger = dense.Merger(checkpoints, options, None, None)  # type: ignore[arg-type]
+        items = merger._items(plans)
+        apart = [item.plan.name for item in items if isinstance(item, dense.AlternativesItem)]
+        assert apart == ["blocks.0.weight", "blocks.1.weight"]
+        for index, item in enumerate(items):  # each right after its tensor's own job
+            if isinstance(item, dense.AlternativesItem):
+                assert items[index - 1] is item.plan
+        assert [p for p in items if not isinstance(p, dense.AlternativesItem)] == plans
+        no_report = dense.Merger(checkpoints, MergeOptions(baselines=False), None, None)  # type: ignore[arg-type]
+        assert no_report._items(plans) == plans  # nothing to measure without the report's baselines
+    finally:
+        close_all(checkpoints)

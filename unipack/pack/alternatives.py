@@ -69,6 +69,17 @@ class Tally:
 
 
 @dataclass(frozen=True)
+class MeasuredApart:
+    """The alternatives of one large tensor, measured in a job of their own (``dense``'s
+    ``AlternativesItem``) beside the tensor's: the meter adds them to its tallies once the
+    tensor's own job has said (``deferred``) with which of the bundle's errors."""
+
+    name: str
+    outcomes: dict[str, TensorOutcome] | None  # None: the tensor is not compared (identical, non-finite)
+    norms: list[float]
+
+
+@dataclass(frozen=True)
 class TensorOutcome:
     """One method on one tensor: bytes for all members, and each member's errors."""
 
@@ -97,6 +108,8 @@ class AlternativesMeter:
         self.norm2 = [0.0] * n_members
         self.compared = 0
         self.cheapest: dict[str, tuple[str | None, int]] = {}
+        #: The bundle's errors on tensors whose alternatives are measured apart, until they come.
+        self.pending: dict[str, list[float]] = {}
 
     def kept(self, numel_by_member: Sequence[int], member_dtypes: Sequence[str], *, once: bool) -> None:
         """A tensor every method keeps as it is (``once``: one copy, identical in every member)."""
@@ -117,6 +130,32 @@ class AlternativesMeter:
         models the merge already fitted to this tensor with fp32 coefficients, if any; ``base``:
         the base model's tensor (float64) where the merge was given one that holds it: the delta
         bound is then relative to ||W - base|| for every method, as the merge's rule is."""
+        self._record(job.name, *self.outcomes(job, rows_models, base), bundle_errors)
+
+    def deferred(self, name: str, bundle_errors: Sequence[float]) -> None:
+        """Tensor ``name`` is compared, its alternatives measured apart: ``bundle_errors`` wait
+        for them (``take``)."""
+        self.pending[name] = list(bundle_errors)
+
+    def take(self, measured: MeasuredApart) -> None:
+        """A tensor's alternatives measured apart, added as ``measure`` would have added them."""
+        bundle_errors = self.pending.pop(measured.name, None)
+        if measured.outcomes is None:
+            # Its survey kept it whole (identical or non-finite members): so did the tensor's
+            # job, which said so itself (``kept``) instead of deferring.
+            assert bundle_errors is None, measured.name
+            return
+        assert bundle_errors is not None, f"{measured.name}: the tensor's own job comes first"
+        self._record(measured.name, measured.outcomes, measured.norms, bundle_errors)
+
+    def outcomes(
+        self,
+        job: TensorJob,
+        rows_models: Sequence[SchemeModel] | None = None,
+        base: np.ndarray | None = None,
+    ) -> tuple[dict[str, TensorOutcome], list[float]]:
+        """Every method's outcome on one decomposable tensor, and the members' norms (``measure``'s
+        arithmetic, before anything is added to the tallies)."""
         load = _cached(job)
         center = load(0).copy()
         for i in range(1, job.n_members):
@@ -146,7 +185,7 @@ class AlternativesMeter:
         for method in outcomes:
             outcomes[method] = replace(outcomes[method], bytes=_bytes(method, job, base is not None))
         outcomes["paper-k16"] = _paper(job, load, norms, rows_models, mean)
-        self._record(job.name, outcomes, norms, bundle_errors)
+        return outcomes, norms
 
     def replay(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
         """Add the tensors a ``RecordingMeter`` measured (in a worker process), in their order."""
@@ -154,6 +193,8 @@ class AlternativesMeter:
             if method == "kept":
                 numels, member_dtypes, once = args
                 self.kept(numels, member_dtypes, once=once)
+            elif method == "deferred":
+                self.deferred(*args)
             else:
                 self._record(*args)
 
@@ -374,6 +415,9 @@ class RecordingMeter(AlternativesMeter):
 
     def kept(self, numel_by_member: Sequence[int], member_dtypes: Sequence[str], *, once: bool) -> None:
         self.calls.append(("kept", (list(numel_by_member), list(member_dtypes), once)))
+
+    def deferred(self, name: str, bundle_errors: Sequence[float]) -> None:
+        self.calls.append(("deferred", (name, list(bundle_errors))))
 
     def _record(
         self, name: str, outcomes: dict[str, TensorOutcome], norms: list[float], bundle_errors: Sequence[float]

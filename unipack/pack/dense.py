@@ -44,7 +44,7 @@ from unipack.format.manifest import (
 )
 from unipack.options import MergeOptions
 from unipack.pack import exact_tier, lossless, parallel
-from unipack.pack.alternatives import AlternativesMeter, RecordingMeter, paper_model
+from unipack.pack.alternatives import AlternativesMeter, MeasuredApart, RecordingMeter, paper_model
 from unipack.pack.base_match import base_reference, base_tensor
 from unipack.pack.executors import Execution, Executor, Inputs, opened
 from unipack.pack.plan import TensorPlan
@@ -121,6 +121,26 @@ class RecordingWriter:
         return next(blob for blob in self.made if blob.name == name)
 
 
+#: Tensors of at least this many elements have the report's alternatives measured in a job of
+#: their own (``AlternativesItem``), beside the tensor's: on a large tensor they are a third of its
+#: work (the int-b and 1-bit deltas, the paper's recipe), and one tensor's job is the merge's
+#: critical path when it holds much of the model (a real MiniLM's embedding: half of its
+#: parameters, three quarters of its merge on one core). A rule of the plan alone, never of the
+#: executor, so the bytes stay the same whatever runs the jobs.
+ALTERNATIVES_APART_FROM = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class AlternativesItem:
+    """The job that measures a large tensor's alternatives (``Merger._measure_alternatives``)."""
+
+    plan: TensorPlan
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
 @dataclasses.dataclass
 class StoredTensor:
     """Everything storing one tensor writes: its record, blobs, and each member's parts."""
@@ -169,9 +189,10 @@ class Merger:
         in this process). The bundle's bytes do not depend on it."""
         if self.progress:
             self.progress.start(len(plans), len(self.checkpoints))
-        with self._executor(execution, len(plans), parallel.PARALLEL_FROM_BYTES) as pool:
+        items = self._items(plans)
+        with self._executor(execution, len(items), parallel.PARALLEL_FROM_BYTES) as pool:
             measured = self._start_lossless(pool)
-            records = list(self._stored(pool, self._store, tensor_job, plans))
+            records = list(self._stored(pool, self._store_item, item_job, items))
             self._take_lossless(measured)
         manifest = self._manifest(records)
         if self.options.exact_tier:
@@ -185,22 +206,65 @@ class Merger:
     def _stored(
         self,
         pool: Executor,
-        here: Callable[[Any], TensorRecord],
-        job: Callable[[Inputs, MergeOptions, Any], StoredTensor],
+        here: Callable[[Any], TensorRecord | MeasuredApart],
+        job: Callable[[Inputs, MergeOptions, Any], StoredTensor | MeasuredApart],
         items: Sequence[Any],
     ) -> Iterator[TensorRecord]:
         """Each item's record in order: ``here(item)`` where the pool runs jobs in this process,
         else ``job(inputs, options, item)`` on its workers, whose blobs are written here
-        (``_apply``). Each is reported to the progress once stored."""
+        (``_apply``). Each is reported to the progress once stored. An item whose job measured
+        alternatives apart (``MeasuredApart``) yields no record: the meter takes it."""
         if pool.in_process:
             parts = pool.in_order(here, [(item,) for item in items])
         else:
             inputs = Inputs.of(self.checkpoints)
             parts = pool.in_order(job, [(inputs, self.options, item) for item in items])
-        for index, part in enumerate(parts):
+        index = 0
+        for part in parts:
+            if isinstance(part, MeasuredApart):  # follows its tensor's record: adds nothing to the bundle
+                assert self.alternatives is not None
+                self.alternatives.take(part)
+                continue
             if self.progress:
-                self.progress.tensor(index, items[index].name)
+                self.progress.tensor(index, part.record.name if isinstance(part, StoredTensor) else part.name)
+            index += 1
             yield part if pool.in_process else self._apply(part)
+
+    def _items(self, plans: Sequence[TensorPlan]) -> list[TensorPlan | AlternativesItem]:
+        """The merge's jobs in order: each tensor's, followed by its alternatives' where those are
+        measured apart (``measured_apart``)."""
+        items: list[TensorPlan | AlternativesItem] = []
+        for plan in plans:
+            items.append(plan)
+            if self._measured_apart(plan):
+                items.append(AlternativesItem(plan))
+        return items
+
+    def _measured_apart(self, plan: TensorPlan) -> bool:
+        return (
+            self.alternatives is not None
+            and plan.storage == "shared"
+            and plan.shape is not None
+            and math.prod(plan.shape) >= ALTERNATIVES_APART_FROM
+        )
+
+    def _store_item(self, item: TensorPlan | AlternativesItem) -> TensorRecord | MeasuredApart:
+        if isinstance(item, AlternativesItem):
+            return self._measure_alternatives(item.plan)
+        return self._store(item)
+
+    def _measure_alternatives(self, plan: TensorPlan) -> MeasuredApart:
+        """The alternatives of ``plan``'s tensor, as ``_store_lossy`` measures them where the
+        tensor reached the decomposition, but on the paper recipe's own fit (the tensor's job
+        keeps its rows models to itself)."""
+        assert self.alternatives is not None and plan.shape is not None
+        identical, non_finite = self._survey(plan)
+        if identical or non_finite is not None:  # kept whole by the tensor's job too
+            return MeasuredApart(plan.name, None, [])
+        found = base_tensor(plan)
+        base = None if found is None else dtypes.to_float(*found)
+        outcomes, norms = self.alternatives.outcomes(self._tensor_job(plan), base=base)
+        return MeasuredApart(plan.name, outcomes, norms)
 
     def _executor(self, execution: Execution | None, n_jobs: int, from_bytes: int) -> Executor:
         return (execution or Execution(jobs=1)).open(self.checkpoints, n_jobs, from_bytes)
@@ -295,7 +359,10 @@ class Merger:
         record, job = self._choose_and_store(plan)
         if self.alternatives is None:
             return record
-        if job is not None:  # decomposable: every alternative is measured on it
+        if job is not None and self._measured_apart(plan):  # in its own job: the bundle's errors wait for it
+            self._fitted.clear()
+            self.alternatives.deferred(plan.name, [errors[-1] for errors in self.errors])
+        elif job is not None:  # decomposable: every alternative is measured on it
             # The paper's recipe is the rows scheme at rank 16 in fp32: where the merge fitted it,
             # the same models serve (their Gram and spectrum do not depend on the coefficients'
             # dtype), one Gram pass fewer per tensor.
@@ -345,19 +412,7 @@ class Merger:
         # member) are measured once, for the winner, instead of inside every candidate's encoding.
         lazy_baselines = self.options.baselines and self._quantizing()
         opts = self.options.for_tensor(plan.name)  # its own bounds where --size allocated them
-        job = TensorJob(
-            name=plan.name,
-            shape=plan.shape,
-            member_dtypes=plan.dtypes,
-            load=lambda i: self._values(i, plan.name),
-            rule=self.options.rule,
-            budget=opts.budget,
-            rank=self.options.rank,
-            energy=self.options.energy,
-            coef_dtype=self.coef_dtype,
-            gram_limit=self.options.gram_limit,
-            baselines=self.options.baselines and not lazy_baselines,
-        )
+        job = dataclasses.replace(self._tensor_job(plan), baselines=self.options.baselines and not lazy_baselines)
         # The quantized deltas first: their bytes are a ceiling under which a decomposition must
         # come, which rules most decompositions out before their eigendecomposition (the costliest
         # step of a merge) and bounds the rank searched in the others.
@@ -386,6 +441,23 @@ class Merger:
         if isinstance(result, KeepRaw):
             return self._store_raw(plan, result.reason, "budget"), job
         return self._store_shared(plan, result, lazy_baselines), job
+
+    def _tensor_job(self, plan: TensorPlan) -> TensorJob:
+        """``plan``'s tensor as the decomposition sees it (its members read on demand)."""
+        assert plan.shape is not None
+        return TensorJob(
+            name=plan.name,
+            shape=plan.shape,
+            member_dtypes=plan.dtypes,
+            load=lambda i: self._values(i, plan.name),
+            rule=self.options.rule,
+            budget=self.options.for_tensor(plan.name).budget,  # its own bounds where --size allocated them
+            rank=self.options.rank,
+            energy=self.options.energy,
+            coef_dtype=self.coef_dtype,
+            gram_limit=self.options.gram_limit,
+            baselines=self.options.baselines,
+        )
 
     def _quantizing(self) -> bool:
         return self.options.quantize and self.options.budget is not None
@@ -650,6 +722,15 @@ def worker_merger(cls: type[Merger], inputs: Inputs, options: MergeOptions) -> M
 def tensor_job(inputs: Inputs, options: MergeOptions, plan: TensorPlan) -> StoredTensor:
     """Everything the merge writes for ``plan``'s tensor, computed where this runs."""
     return worker_merger(Merger, inputs, options)._store_apart(plan)
+
+
+def item_job(
+    inputs: Inputs, options: MergeOptions, item: TensorPlan | AlternativesItem
+) -> StoredTensor | MeasuredApart:
+    """A dense merge's job where this runs: a tensor's (``tensor_job``) or its alternatives'."""
+    if isinstance(item, AlternativesItem):
+        return worker_merger(Merger, inputs, options)._measure_alternatives(item.plan)
+    return tensor_job(inputs, options, item)
 
 
 def lossless_job(inputs: Inputs, options: MergeOptions, i: int) -> tuple[lossless.LosslessSize | None, int | None]:
