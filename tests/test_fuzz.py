@@ -64,8 +64,26 @@ def test_seeds_are_valid_and_varied(seeds: list[tuple[str, bytes]], tmp_path: Pa
     in_header = [p for p in parsed.values() if p.manifest is not None]
     codecs = {b["codec"] for p in in_header for b in p.manifest["blobs"].values()}
     storages = {t["storage"] for p in in_header for t in p.manifest["tensors"]}
-    assert codecs == {"none", "zstd"}
-    assert storages == {"shared", "raw", "exact", "delta"}
+    assert codecs == {"none", "zstd", "zstd-chunks"}
+    assert storages == {"shared", "raw", "exact", "delta", "lora"}
+    versions = {p.manifest["format_version"] for p in in_header}
+    assert versions == {1, 3, 5, 6, 7, 8, 10, 11}
+    # every LoRA form (spec 7, 10, 12), the factored cores both cast and quantized
+    lora = [t for p in in_header for t in p.manifest["tensors"] if t["storage"] == "lora"]
+    assert {t["form"] for t in lora} == {"subspace", "factors", "quant", "cast", "subspace-factored"}
+    assert {"levels" in t for t in lora if t["form"] == "subspace-factored"} == {True, False}
+    # an added adapter held as its own factors where the record's form is subspace (an override,
+    # spec 7.4), and one added in a quant record's form (its codes appended)
+    subspace = {t["name"] for t in lora if t["form"] == "subspace"}
+    members = [m for p in in_header for m in p.manifest["members"] if m.get("added")]
+    assert any(f"{name}.lora_A.weight" in m["raw"] for m in members for name in subspace)
+    assert any(m.get("coefficients") is not None and not m["raw"] for m in members)
+    # members with a lossless tier (spec 9): every coding, predictions from the mean and from
+    # another member, and residuals in zstd-chunks with their chunk digests
+    exact = [e for p in in_header for m in p.manifest["members"] for e in (m.get("exact") or {}).values()]
+    assert {e.get("coding") for e in exact} == {None, "bits", "xor", "sub"}
+    assert {"mean", "member0"} <= {e.get("base") for e in exact}
+    assert any(e.get("chunk_sha256") for e in exact)
     # one seed whose deltas are taken from a referenced base (version 10), opened with its base
     assert [p.header["__metadata__"]["format_version"] for p in in_header if "base" in p.manifest] == ["10"]
     # and one seed with the compressed manifest and its members' numbers section (version 9)

@@ -15,6 +15,7 @@ import pytest
 import zstandard
 from click.testing import CliRunner
 from conftest import standard_specs, write_population
+from test_spec_reader import SpecBundle, SpecChecksumError, _repack
 
 import unipack
 from unipack.cli import cli
@@ -116,6 +117,47 @@ def test_numbers_section_must_match_the_manifest(packed_and_plain, tmp_path: Pat
     doc["members"][1]["errors"] = doc["members"][1]["errors"][1:]
     with pytest.raises(unipack.FormatError, match=f"one non-negative number per tensor \\({tensors}\\)"):
         parse.parse_numbers(json.dumps(doc), "s", members, tensors)
+
+
+def _declaring(frame: bytes, size: int) -> bytes:
+    """``frame`` with its header's content size field rewritten to 8 bytes declaring ``size``
+    (RFC 8878 3.1.1.1: the descriptor's top two bits give the field's width, 0 meaning one byte in
+    a single-segment frame, which has no window descriptor, else none)."""
+    descriptor = frame[4]
+    single_segment = descriptor >> 5 & 1
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    rewritten = bytes([0xC0 | descriptor & 0x3F])
+    return frame[:4] + rewritten + frame[5:start] + size.to_bytes(8, "little") + frame[start + width :]
+
+
+@pytest.mark.parametrize("section", ["manifest", "numbers"])
+def test_a_frame_declaring_more_than_its_section_is_refused_before_decoding(
+    packed_and_plain, tmp_path: Path, section: str
+) -> None:
+    """Found by fuzzing: zstd's one-shot decompress allocates the content size a frame's header
+    declares, whatever bound it is given, so a damaged header declaring 2**62 bytes was a
+    MemoryError. Both readers refuse a declared size other than the metadata's before decoding
+    (spec 2.3, 2.4: decompressing no more than that); unipack in one line naming the section."""
+    packed, _, _ = packed_and_plain
+    name, size = f"__{section}__", int(_header(packed)["__metadata__"][f"{section}_bytes"])
+    frame = _section(packed, name)
+    # the rewriting itself keeps a frame whole: declaring its true size in 8 bytes, it still decodes
+    assert zstandard.ZstdDecompressor().decompress(_declaring(frame, size)) == zstandard.ZstdDecompressor().decompress(
+        frame
+    )
+    huge = 2**62
+    edit = {"frame" if section == "manifest" else "numbers": lambda b: _declaring(b, huge)}
+    bad = _repack(packed, tmp_path / "bad.upk", **edit)
+    with pytest.raises(SpecChecksumError, match=f"declares {huge} bytes, not {size}"):
+        SpecBundle(bad)
+    said = f"is corrupt \\(its zstd frame declares {huge} bytes, not {size}\\); re-download or re-merge"
+    if section == "manifest":
+        with pytest.raises(unipack.ChecksumError, match="the manifest " + said):
+            unipack.open(bad)
+    else:  # the numbers are read when first asked for
+        with unipack.open(bad) as b, pytest.raises(unipack.ChecksumError, match="numbers section " + said):
+            _ = b.manifest.members[0].errors
 
 
 def test_info_and_report_count_the_compressed_manifest(packed_and_plain) -> None:

@@ -113,6 +113,22 @@ def _need(cond: bool, msg: str) -> None:
         raise SpecFormatError(msg)
 
 
+def _section_frame(stored: bytes, size: int, what: str) -> bytes:
+    """§2.3, §2.4: one zstd frame that decompresses to exactly ``size`` bytes, decompressing no more
+    than that. zstd's one-shot call allocates what the frame's header declares (its bound applies
+    only to a frame that declares nothing), so a declared size is checked first."""
+    try:
+        declared = zstandard.get_frame_parameters(stored[:18]).content_size
+    except zstandard.ZstdError as exc:
+        raise SpecChecksumError(f"{what} is not a zstd frame: {exc}") from None
+    if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+        raise SpecChecksumError(f"{what}: its frame declares {declared} bytes, not {size}")
+    try:
+        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise SpecChecksumError(f"{what} does not decompress: {exc}") from None
+
+
 def _shape_ok(shape: Any) -> bool:
     return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
 
@@ -315,10 +331,7 @@ class SpecBundle:
         _need(self.meta["manifest_codec"] == "zstd", f"manifest codec {self.meta['manifest_codec']!r}")
         size = self.meta["manifest_bytes"]
         _need(re.fullmatch(r"[0-9]+", size) is not None and 0 < int(size) <= 2**30, f"manifest_bytes {size!r}")
-        try:
-            data = zstandard.ZstdDecompressor().decompress(self.packed_manifest, max_output_size=int(size))
-        except zstandard.ZstdError as exc:
-            raise SpecChecksumError(f"compressed manifest does not decompress: {exc}") from None
+        data = _section_frame(self.packed_manifest, int(size), "compressed manifest")
         if len(data) != int(size):
             raise SpecChecksumError(f"compressed manifest holds {len(data)} bytes, not {size}")
         try:
@@ -332,10 +345,7 @@ class SpecBundle:
         size = self.meta["numbers_bytes"]
         _need(re.fullmatch(r"[0-9]+", size) is not None and 0 < int(size) <= 2**30, f"numbers_bytes {size!r}")
         _need(int(size) <= 1024 * len(self.packed_numbers), f"numbers_bytes {size} is over 1024x the stored section")
-        try:
-            data = zstandard.ZstdDecompressor().decompress(self.packed_numbers, max_output_size=int(size))
-        except zstandard.ZstdError as exc:
-            raise SpecChecksumError(f"numbers section does not decompress: {exc}") from None
+        data = _section_frame(self.packed_numbers, int(size), "numbers section")
         if len(data) != int(size) or hashlib.sha256(data).hexdigest() != self.meta["numbers_sha256"]:
             raise SpecChecksumError("numbers section: size or sha256 mismatch")
         try:

@@ -5,8 +5,12 @@ Usage::
 
     python tools/fuzz_upk.py --seconds 60 --seed 0 [--findings DIR]
 
-Seeds are small valid bundles of different shapes, built with ``unipack.merge`` from synthetic
-safetensors checkpoints (zstd/rows+flat, codec none, float16 + raw heads + int64 exact, rank 0).
+Seeds are small valid bundles of different shapes (``SEED_SPECS``), built with ``unipack.merge``
+from synthetic safetensors checkpoints (zstd/rows+flat, codec none, float16 + raw heads + int64
+exact, rank 0, quantized deltas, the compressed manifest with its numbers section, deltas from a
+referenced base model, the lossless tier with and without zstd-chunks blobs) and from synthetic
+PEFT LoRA adapters (the forms subspace, factors, quant, cast and subspace-factored, cast and
+quantized; an adapter added later, as overrides or in the record's form).
 Each input is a seed after 1-3 mutations: byte-level (bit flips, byte overwrites, truncation,
 extension, splicing, insert/delete) or structure-aware (edit the safetensors JSON header or the
 manifest JSON: numbers to huge/negative/float, strings changed, keys deleted/duplicated, values
@@ -14,11 +18,14 @@ swapped, blob names swapped, shapes/dtypes/offsets changed). Structure-aware mut
 optionally re-fix the checksums a reader verifies first (blob ``sha256`` in the manifest,
 ``manifest_sha256``, the 8-byte header length) so that inputs reach deep code.
 
-The target opens the input, loads every member with ``load_numpy``, calls ``summary`` and
-closes it. The only allowed outcomes are success or a ``unipack.UnipackError``; anything else
-(or an input taking more than ``--slow`` seconds) is a finding, saved under ``--findings``
-(default ``fuzz-findings/``) as ``<key>-<n>.upk`` plus ``<key>-<n>.txt`` (traceback and the
-mutations applied). Findings are deduplicated by exception type + innermost unipack frame.
+The target opens the input (with its base model where the bundle names a seed's), loads every
+member with ``load_numpy`` (and bit for bit, ``exact=True``, where the member has a lossless tier;
+a LoRA member's dense updates and its adapter parts too, as ``load(member, lora="updates")`` and
+base-model folding read them), calls ``summary`` and closes it. The only allowed outcomes are
+success or a ``unipack.UnipackError``; anything else (or an input taking more than ``--slow``
+seconds) is a finding, saved under ``--findings`` (default ``fuzz-findings/``) as
+``<key>-<n>.upk`` plus ``<key>-<n>.txt`` (traceback and the mutations applied). Findings are
+deduplicated by exception type + innermost unipack frame.
 
 The CLI runs the loop in a child process under ``RLIMIT_AS`` (``--memory-mib``, default 2048):
 a MemoryError is a finding, and a child killed by a signal is reported as a crash.
@@ -56,8 +63,11 @@ MAX_SAVED_PER_KEY = 3
 
 
 def _population(
-    rng: Any, n: int, *, dtype: str = "float32", heads: bool = False, ints: bool = False
+    rng: Any, n: int, *, dtype: str = "float32", heads: bool = False, ints: bool = False, twins: bool = False
 ) -> list[dict[str, Any]]:
+    """``n`` checkpoints of one architecture. ``twins``: the last one is the first with one element
+    of each float tensor changed, so that a lossless tier predicts it from that member rather than
+    from the mean (a member base, spec 9.2), after the same draws."""
     import numpy as np
 
     base_w = rng.standard_normal((16, 12)).astype(np.float64)
@@ -84,17 +94,103 @@ def _population(
             out["step"] = np.array([i * 7 + 1], dtype=np.int32)  # differs: raw
             out["mask"] = np.array([True, False, i % 2 == 0])
         members.append(out)
+    if twins:
+        twin = {k: val.copy() for k, val in members[0].items()}
+        for val in twin.values():
+            if val.dtype.kind == "f":
+                val.reshape(-1)[0] += 1
+        members[-1] = twin
     return members
 
 
+#: LoRA seeds' modules: PEFT's key prefix, then each adapted module's path and [out, in].
+LORA_PREFIX = "base_model.model."
+LORA_SHAPES = {"layers.0.q": (24, 32), "layers.0.v": (24, 32), "layers.1.fc": (16, 24)}
+
+
+def _adapters(
+    rng: Any,
+    directory: Path,
+    n: int,
+    *,
+    ranks: tuple[int, ...] = (4,),
+    k: int = 3,
+    unshared: tuple[str, ...] = (),
+    noise: float = 0.0,
+    heads: bool = False,
+    partial: bool = False,
+    prefix: str = "ad",
+) -> list[str]:
+    """``n`` PEFT LoRA adapter folders (float32, written by hand as ``save_pretrained`` lays them
+    out). Each module's updates share one k-dim column space and one row space across adapters
+    (B = U X + noise, A = Y Vᵀ), so a subspace pays, except the modules in ``unshared``, whose
+    factors are independent draws (nothing to share: the adapters' own factors pay). ``heads``: a
+    ``modules_to_save`` head per adapter (raw records); ``partial``: the second adapter leaves the
+    last module out and the third uses rsLoRA, so members differ in what they touch and how they
+    scale it."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    spaces = {
+        m: (rng.standard_normal((out, k)), rng.standard_normal((inn, k))) for m, (out, inn) in LORA_SHAPES.items()
+    }
+    paths = []
+    for i in range(n):
+        r = ranks[i % len(ranks)]
+        modules = list(LORA_SHAPES)[:-1] if partial and i == 1 else list(LORA_SHAPES)
+        tensors = {}
+        for m in modules:
+            (out, inn), (u, v) = LORA_SHAPES[m], spaces[m]
+            if m in unshared:
+                a, b = rng.standard_normal((r, inn)), rng.standard_normal((out, r))
+            else:
+                b = u @ rng.standard_normal((k, r)) + noise * rng.standard_normal((out, r))
+                a = rng.standard_normal((r, k)) @ v.T / np.sqrt(inn)
+            tensors[f"{LORA_PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
+            tensors[f"{LORA_PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b, dtype=np.float32)
+        if heads:
+            tensors[f"{LORA_PREFIX}head.weight"] = (0.1 * rng.standard_normal((3, 16))).astype(np.float32)
+        folder = directory / f"{prefix}{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": 2 * r,
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+            "modules_to_save": ["head"] if heads else None,
+            "use_rslora": partial and i == 2,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "base_model_name_or_path": None,
+            "task_type": None,
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+        paths.append(str(folder))
+    return paths
+
+
+#: A population option (not a merge option): the members are LoRA adapters, ``_adapters``'s keywords.
+ADAPTERS = "adapters"
 #: A seed option (not a merge option): write the manifest compressed, with its numbers section.
 PACKED = "packed"
 #: A seed option: merge against a base model (``--base``: deltas from a referenced base, format
 #: version 10), a perturbed copy of the first member's float tensors, written beside the seed.
 BASED = "based"
+#: A seed option: store blobs larger than this many bytes as ``zstd-chunks`` (format version 7;
+#: the writer chunks only for a lossless tier, and only blobs over 4 MiB unless told smaller).
+CHUNKED = "chunked"
+#: A seed option: then ``unipack.add`` one adapter unrelated to the bundle's (random factors of
+#: every module, ``_adapters(..., unshared=all)``): modules whose record cannot hold it within the
+#: rule become its own factors (overrides, format version 8), the others join the record's form.
+ADD_STRANGER = "add_stranger"
 #: The seeds' base models, by the digest a bundle records for its base (``target`` opens a bundle
 #: with the base it names, where one is known: a mutated digest finds none).
 BASES: dict[str, Path] = {}
+# Append new seeds at the end: a seed's index picks its random draws, and findings name seeds.
 SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     # name, population kwargs, merge options
     ("zstd-rows-flat", {"n": 3}, {"codec": "zstd", "max_error": 0.05}),
@@ -109,11 +205,65 @@ SEED_SPECS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     # the compressed manifest and the members' numbers section (format version 9), whatever its size
     ("packed-numbers", {"n": 3}, {"max_error": 0.05, PACKED: True}),
     ("base-referenced", {"n": 4}, {"max_error": 0.05, BASED: True}),
+    # the lossless tier (members' `exact` maps and residual blobs, format version 5; no lossless
+    # baseline: measuring ZipNN's would import torch, seconds of seed building) ...
+    (
+        "lossless",
+        {"n": 3, "dtype": "float16", "ints": True, "twins": True},
+        {"max_error": 0.05, "exact_tier": True, "lossless": "off"},
+    ),
+    # ... with its blobs over 256 bytes as zstd-chunks (format version 7)
+    ("lossless-chunks", {"n": 3}, {"max_error": 0.05, "exact_tier": True, "lossless": "off", CHUNKED: 256}),
+    # LoRA (format version 2): subspace modules, a factors module, heads as raw records; then an
+    # added unrelated adapter, kept as overrides (format version 8)
+    (
+        "lora-subspace-factors-override",
+        {ADAPTERS: {"n": 5, "unshared": ("layers.1.fc",), "heads": True, "partial": True}},
+        {"max_error": 0.05, "quantize": False, ADD_STRANGER: True},
+    ),
+    # the adapters' own factors quantized (format version 6), and an adapter added in that form
+    ("lora-quant", {ADAPTERS: {"n": 4, "unshared": tuple(LORA_SHAPES)}}, {"max_error": 0.1, ADD_STRANGER: True}),
+    # ... or cast to the coefficient dtype
+    (
+        "lora-cast",
+        {ADAPTERS: {"n": 3, "unshared": tuple(LORA_SHAPES)}},
+        {"max_error": 0.002, "dtype": "float16", "codec": "none"},
+    ),
+    # cores stored as their factors, cast (format version 11): many low-rank adapters in wide spaces
+    (
+        "lora-factored-cast",
+        {ADAPTERS: {"n": 12, "ranks": (2, 3), "k": 12, "noise": 1e-4}},
+        {"max_error": 0.01, "quantize": False},
+    ),
+    # ... and quantized
+    (
+        "lora-factored-quant",
+        {ADAPTERS: {"n": 12, "ranks": (2,), "k": 6, "noise": 1e-4}},
+        {"max_error": 0.05, "dtype": "float16"},
+    ),
 ]
 
 
+def _merge_seed(paths: list[str], out: Path, opts: dict[str, Any]) -> None:
+    """``unipack.merge`` with the seed options that are not merge options applied."""
+    import unipack
+    from unipack.format import codec, container
+
+    opts = dict(opts)
+    packed, chunk_bytes = opts.pop(PACKED, False), opts.pop(CHUNKED, None)
+    saved = container.COMPRESS_MANIFEST_ABOVE, codec.CHUNK_BYTES
+    if packed:
+        container.COMPRESS_MANIFEST_ABOVE = 0  # every manifest counts as large
+    if chunk_bytes is not None:
+        codec.CHUNK_BYTES = chunk_bytes
+    try:
+        unipack.merge(paths, out, force=True, **opts)
+    finally:
+        container.COMPRESS_MANIFEST_ABOVE, codec.CHUNK_BYTES = saved
+
+
 def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
-    """Write the synthetic checkpoints and merge them into one bundle per seed spec."""
+    """Write the synthetic checkpoints (or adapters) and merge them into one bundle per seed spec."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -124,13 +274,17 @@ def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
         rng = np.random.default_rng(1000 + idx)
         d = workdir / name
         d.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, tensors in enumerate(_population(rng, **pop)):
-            p = d / f"member{i}.safetensors"
-            save_file(tensors, str(p), metadata={"task": f"t{i}", "seed": name})
-            paths.append(str(p))
         out = d / "bundle.upk"
         opts = dict(opts)
+        stranger = opts.pop(ADD_STRANGER, False)
+        if ADAPTERS in pop:
+            paths = _adapters(rng, d, **pop[ADAPTERS])
+        else:
+            paths = []
+            for i, tensors in enumerate(_population(rng, **pop)):
+                p = d / f"member{i}.safetensors"
+                save_file(tensors, str(p), metadata={"task": f"t{i}", "seed": name})
+                paths.append(str(p))
         if opts.pop(BASED, False):
             first = _population(np.random.default_rng(1000 + idx), **pop)[0]
             noise = np.random.default_rng(7)
@@ -142,26 +296,18 @@ def build_seeds(workdir: Path) -> list[tuple[str, bytes]]:
             save_file(base, str(d / "base.safetensors"))
             opts["base"] = d / "base.safetensors"
             paths = paths[1:]
-        if opts.pop(PACKED, False):
-            from unipack.format import container
-
-            limit = container.COMPRESS_MANIFEST_ABOVE
-            container.COMPRESS_MANIFEST_ABOVE = 0  # every manifest counts as large
-            try:
-                unipack.merge(paths, out, force=True, **opts)
-            finally:
-                container.COMPRESS_MANIFEST_ABOVE = limit
-        else:
-            unipack.merge(paths, out, force=True, **opts)
+        _merge_seed(paths, out, opts)
+        if stranger:
+            heads = pop[ADAPTERS].get("heads", False)  # the bundle's adapters' non-LoRA tensors, as add requires
+            (folder,) = _adapters(rng, d, 1, unshared=tuple(LORA_SHAPES), heads=heads, prefix="stranger")
+            unipack.add(out, folder)
         data = out.read_bytes()
         if "base" in opts:
             with unipack.open(out) as b:
                 assert b.manifest.base is not None, f"seed {name}: no tensor took its deltas from the base"
                 BASES[b.manifest.base.sha256] = Path(opts["base"])
-        with unipack.open(out, base=opts.get("base")) as b:  # seeds must be valid
-            for m in b.members:
-                b.load_numpy(m)
-            b.summary()
+        # seeds must be valid: the target accepts them
+        target(str(out))
         seeds.append((name, data))
     return seeds
 
@@ -900,6 +1046,14 @@ def target(path: str) -> None:
     try:
         for member in b.members:
             b.load_numpy(member)
+            if b.member(member).exact is not None:  # the lossless tier: what `extract --exact` reads
+                b.load_numpy(member, exact=True)
+            if b.is_lora:  # what `load(member, lora="updates")` and base-model folding read
+                for _ in b.iter_updates(member):
+                    pass
+                parts = b.adapter_parts(member)
+                for key in parts.replacements:
+                    parts.replacement(key)
         b.summary()
     finally:
         b.close()

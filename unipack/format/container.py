@@ -456,7 +456,7 @@ def _manifest_text(header: SafetensorsHeader, fd: int, version: int) -> str:
     entry = _trailing_section(header, 1, MANIFEST_BLOB, "the compressed manifest is not the last tensor")
     stored = read_bytes(fd, entry, p)
     try:
-        data = zstandard.ZstdDecompressor().decompress(bytes(stored), max_output_size=size)
+        data = _decompress_section(bytes(stored), size)
     except zstandard.ZstdError as exc:
         raise ChecksumError(f"{p}: the manifest is corrupt ({exc}); re-download or re-merge it") from None
     if len(data) != size:
@@ -497,7 +497,7 @@ def _numbers_section(header: SafetensorsHeader, fd: int, version: int) -> Number
     def load(members: int, tensors: int) -> tuple[MemberNumbers, ...]:
         where = f"{p}: the members' numbers section"
         try:
-            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
+            data = _decompress_section(stored, size)
         except zstandard.ZstdError as exc:
             raise ChecksumError(f"{where} is corrupt ({exc}); re-download or re-merge the bundle") from None
         if len(data) != size or codec.sha256(data) != digest:
@@ -505,6 +505,20 @@ def _numbers_section(header: SafetensorsHeader, fd: int, version: int) -> Number
         return manifest_json.parse_numbers(data.decode("utf-8"), where, members, tensors)
 
     return NumbersSection(load)
+
+
+def _decompress_section(stored: bytes, size: int) -> bytes:
+    """A compressed section's one zstd frame, decoded to at most ``size`` bytes (spec 2.3, 2.4).
+
+    zstd's one-shot ``decompress`` sizes its output by the content size the frame's header
+    declares and honours ``max_output_size`` only for a frame that declares none: a damaged header
+    declaring exabytes would be allocated (a MemoryError, not an error about the file). So a
+    declared size other than ``size`` is refused before anything is decoded; unipack's frames
+    declare theirs. Raises ``zstandard.ZstdError``, as decompressing does."""
+    declared = zstandard.get_frame_parameters(stored[:18]).content_size
+    if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+        raise zstandard.ZstdError(f"its zstd frame declares {declared} bytes, not {size}")
+    return zstandard.ZstdDecompressor().decompress(stored, max_output_size=size)
 
 
 def _declared_size(header: SafetensorsHeader, key: str) -> int:
