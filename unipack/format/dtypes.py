@@ -54,7 +54,7 @@ def holder(dtype: str) -> np.dtype:
     return np.dtype(_DTYPES[dtype][1])
 
 
-def from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+def from_bytes(buf: bytes | bytearray | memoryview | np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """View little-endian tensor bytes as a numpy array (bit patterns for BF16/F8)."""
     return np.frombuffer(buf, dtype=holder(dtype)).reshape(shape)
 

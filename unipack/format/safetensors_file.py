@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from unipack.errors import FormatError
 from unipack.format import dtypes
 
@@ -198,7 +200,19 @@ def _parse_entry(label: str, name: str, spec: Any, data_start: int, data_len: in
 def read_bytes(fd: int, entry: TensorEntry, path: Path) -> bytearray:
     """Read one tensor's bytes with ``pread`` (no memory map, no shared file position)."""
     buf = bytearray(entry.nbytes)
-    view = memoryview(buf)
+    _read_into(fd, entry, path, memoryview(buf))
+    return buf
+
+
+def read_array(fd: int, entry: TensorEntry, path: Path) -> np.ndarray:
+    """``read_bytes`` into a fresh uint8 array: the bytes are written once, by the read (a
+    ``bytearray`` is zero-filled first: one more pass over a tensor-sized block)."""
+    buf = np.empty(entry.nbytes, dtype=np.uint8)
+    _read_into(fd, entry, path, buf.data)
+    return buf
+
+
+def _read_into(fd: int, entry: TensorEntry, path: Path, view: memoryview) -> None:
     got = 0
     while got < entry.nbytes:
         try:
@@ -208,7 +222,6 @@ def read_bytes(fd: int, entry: TensorEntry, path: Path) -> bytearray:
         if chunk <= 0:
             raise FormatError(f"{path}: truncated while reading tensor {entry.name!r}")
         got += chunk
-    return buf
 
 
 def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:

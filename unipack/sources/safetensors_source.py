@@ -17,7 +17,7 @@ import numpy as np
 
 from unipack.errors import InputError
 from unipack.format import dtypes
-from unipack.format.safetensors_file import MAX_HEADER_BYTES, SafetensorsHeader, read_bytes, read_header
+from unipack.format.safetensors_file import MAX_HEADER_BYTES, SafetensorsHeader, read_array, read_header
 from unipack.sources.base import TensorInfo, check_tensor_key
 from unipack.sources.files import open_file
 from unipack.sources.url import InputPath
@@ -81,7 +81,7 @@ class SafetensorsSource:
                     f"{self.path}: changed during the merge (replaced or rewritten); run again on files "
                     f"that stay as they are"
                 )
-            data = read_bytes(fd, e, self.path)
+            data = read_array(fd, e, self.path)
         finally:
             os.close(fd)
         return dtypes.from_bytes(data, e.dtype, e.shape)
