@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import unipack
 from unipack.cli import cli
 from unipack.errors import InputError, OptionsError
-from unipack.pack import dense, parallel
+from unipack.pack import dense, executors, parallel
 from unipack.sources.checkpoint import close_all, open_inputs
 
 SPECS = {
@@ -254,5 +254,59 @@ def test_only_large_shared_tensors_are_measured_apart(pop, monkeypatch) -> None:
         assert [p for p in items if not isinstance(p, dense.AlternativesItem)] == plans
         no_report = dense.Merger(checkpoints, MergeOptions(baselines=False), None, None)  # type: ignore[arg-type]
         assert no_report._items(plans) == plans  # nothing to measure without the report's baselines
+    finally:
+        close_all(checkpoints)
+
+
+class Counting(executors.Executor):
+    """Runs each job when taken, counting the jobs started and not yet taken."""
+
+    window = 2
+
+    def __init__(self) -> None:
+        self.outstanding = self.most = 0
+
+    def start(self, fn, *args):  # type: ignore[no-untyped-def]
+        self.outstanding += 1
+        self.most = max(self.most, self.outstanding)
+
+        def wait():  # type: ignore[no-untyped-def]
+            self.outstanding -= 1
+            return fn(*args)
+
+        return wait
+
+
+@pytest.mark.parametrize(
+    ("bounds", "most"),
+    [
+        (None, 2),  # a count of jobs: the window
+        ([executors.PILE_BYTES + 1] * 12, 2),  # each could fill the pile alone: the window
+        ([executors.PILE_BYTES // 3] * 12, 4),  # three fit behind the head
+        ([10 * executors.PILE_BYTES] + [1] * 11, 12),  # a huge head, small results behind it: all start
+        ([1] * 40, 2 * executors.PILE_JOBS),  # and never more than window x PILE_JOBS
+    ],
+)
+def test_small_results_start_behind_a_slow_head(bounds: list[int] | None, most: int) -> None:
+    counting = Counting()
+    n = len(bounds) if bounds is not None else 12
+    assert list(counting.in_order(lambda x: x * x, [(i,) for i in range(n)], bounds)) == [i * i for i in range(n)]
+    assert counting.most == most and counting.outstanding == 0
+
+
+def test_a_tensor_job_is_bounded_by_its_inputs(pop) -> None:
+    from unipack.options import MergeOptions
+    from unipack.pack.plan import plan_tensors
+
+    checkpoints = open_inputs(pop.paths, None)
+    try:
+        plans = plan_tensors(checkpoints, MergeOptions())
+        plan = next(p for p in plans if p.name == "blocks.0.weight")
+        inputs = sum(c.tensors[plan.name].numel * 4 for c in checkpoints)  # float32 members
+        merger = dense.Merger(checkpoints, MergeOptions(), None, None)  # type: ignore[arg-type]
+        assert merger._result_bound(plan) == inputs + dense.RESULT_SLACK
+        assert merger._result_bound(dense.AlternativesItem(plan)) == dense.RESULT_SLACK
+        lossless = dense.Merger(checkpoints, MergeOptions(exact_tier=True), None, None)  # type: ignore[arg-type]
+        assert lossless._result_bound(plan) == 2 * inputs + dense.RESULT_SLACK  # the residuals too
     finally:
         close_all(checkpoints)

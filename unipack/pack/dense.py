@@ -130,6 +130,10 @@ class RecordingWriter:
 ALTERNATIVES_APART_FROM = 1 << 22
 
 
+#: A job's result beyond its blobs (records, errors, numbers), at most, for ``_result_bound``.
+RESULT_SLACK = 1 << 16
+
+
 @dataclasses.dataclass(frozen=True)
 class AlternativesItem:
     """The job that measures a large tensor's alternatives (``Merger._measure_alternatives``)."""
@@ -218,7 +222,12 @@ class Merger:
             parts = pool.in_order(here, [(item,) for item in items])
         else:
             inputs = Inputs.of(self.checkpoints)
-            parts = pool.in_order(job, [(inputs, self.options, item) for item in items])
+            bounds = [self._result_bound(item) for item in items]
+            parts = pool.in_order(
+                job,
+                [(inputs, self.options, item) for item in items],
+                None if any(b is None for b in bounds) else [b for b in bounds if b is not None],
+            )
         index = 0
         for part in parts:
             if isinstance(part, MeasuredApart):  # follows its tensor's record: adds nothing to the bundle
@@ -229,6 +238,17 @@ class Merger:
                 self.progress.tensor(index, part.record.name if isinstance(part, StoredTensor) else part.name)
             index += 1
             yield part if pool.in_process else self._apply(part)
+
+    def _result_bound(self, item: object) -> int | None:
+        """At most the bytes of ``item``'s job's result, for the executor's window (None: not
+        known, the window is a count of jobs): a tensor never stores more than its members' own
+        bytes, twice that with the lossless tier's residuals; an alternatives job returns numbers."""
+        if isinstance(item, AlternativesItem):
+            return RESULT_SLACK
+        if not isinstance(item, TensorPlan):
+            return None
+        inputs = sum(c.tensors[item.name].numel * dtypes.itemsize(c.tensors[item.name].dtype) for c in self.checkpoints)
+        return inputs * (2 if self.options.exact_tier else 1) + RESULT_SLACK
 
     def _items(self, plans: Sequence[TensorPlan]) -> list[TensorPlan | AlternativesItem]:
         """The merge's jobs in order: each tensor's, followed by its alternatives' where those are

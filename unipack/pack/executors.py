@@ -17,7 +17,11 @@ interface (``Executor``):
   (object storage), once per worker process and merge.
 
 Each keeps at most ``window`` jobs in flight: results are taken in order, so a slow job at the
-head would otherwise let every later result pile up in the merging process.
+head would otherwise let every later result pile up in the merging process. Where the caller
+bounds each job's result (``in_order``'s ``bounds``: a tensor's input bytes, which its stored
+bytes never exceed), more jobs may start behind a slow head, while the results that could pile
+up behind it stay under ``PILE_BYTES``: one large tensor's job (a real model's embedding) then
+no longer leaves the other workers idle.
 """
 
 from __future__ import annotations
@@ -248,7 +252,7 @@ class Executor(ABC):
 
     #: True: jobs run in the merging process, which may call its own methods instead.
     in_process = False
-    #: The most jobs ``in_order`` keeps started and not yet taken.
+    #: The most jobs ``in_order`` keeps started and not yet taken, whatever their bounds.
     window = 1
 
     @abstractmethod
@@ -256,21 +260,46 @@ class Executor(ABC):
         """Start ``fn(*args)``; returns the function that waits for its result (and raises the
         job's exception, if it raised one)."""
 
-    def in_order(self, fn: Callable[..., Any], argses: Iterable[tuple[Any, ...]]) -> Iterator[Any]:
-        """``fn(*args)`` for each of ``argses``, yielded in that order, at most ``window`` in flight."""
-        waiting: deque[Callable[[], Any]] = deque()
-        for args in argses:
-            waiting.append(self.start(fn, *args))
-            if len(waiting) >= self.window:
-                yield waiting.popleft()()
+    def in_order(
+        self, fn: Callable[..., Any], argses: Iterable[tuple[Any, ...]], bounds: Sequence[int] | None = None
+    ) -> Iterator[Any]:
+        """``fn(*args)`` for each of ``argses``, yielded in that order, at most ``window`` in flight;
+        with ``bounds`` (each job's result, in bytes, at most), more while the bounds of the jobs
+        behind the oldest sum to at most ``PILE_BYTES`` and fewer than ``window * PILE_JOBS`` are
+        in flight."""
+        waiting: deque[tuple[Callable[[], Any], int]] = deque()
+        behind = 0  # the bounds of the jobs after the oldest: what could pile up while it runs
+        for index, args in enumerate(argses):
+            bound = bounds[index] if bounds is not None else 0
+            # Room first: the oldest is taken while the window is full and this job could push
+            # what piles up behind it over the limit (or the jobs in flight over their cap).
+            while len(waiting) >= self.window and (
+                bounds is None or behind + bound > PILE_BYTES or len(waiting) >= self.window * PILE_JOBS
+            ):
+                yield self._take(waiting)
+                behind -= waiting[0][1] if waiting else 0  # the next oldest is no longer behind
+            if waiting:
+                behind += bound
+            waiting.append((self.start(fn, *args), bound))
         while waiting:
-            yield waiting.popleft()()
+            yield self._take(waiting)
+
+    @staticmethod
+    def _take(waiting: deque[tuple[Callable[[], Any], int]]) -> Any:
+        wait, _ = waiting.popleft()
+        return wait()
 
     def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc: object) -> None:  # noqa: B027 (nothing to release unless a pool says so)
         pass
+
+
+#: The most result bytes (by the callers' bounds) ``in_order`` lets pile up behind a slow job.
+PILE_BYTES = 512 << 20
+#: And the most jobs in flight, as a multiple of ``window`` (each is a task a pool or scheduler holds).
+PILE_JOBS = 8
 
 
 class Serial(Executor):
