@@ -9,6 +9,8 @@ against the full computation (numpy's ``eigh``, brute force over ranks).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -152,18 +154,14 @@ def test_a_low_rank_collection_still_gets_its_subspace(tmp_path) -> None:
 
 
 def _rank_job(members: list[np.ndarray], rank: int, coef_dtype: str = "F16") -> TensorJob:
-    return TensorJob(
-        name="w",
-        shape=members[0].shape,
+    """``_job`` under a rank rule, for float32 members."""
+    return dataclasses.replace(
+        _job(members, ErrorBudget()),
         member_dtypes=("F32",) * len(members),
-        load=lambda i: members[i],
         rule="rank",
         budget=None,
         rank=rank,
-        energy=None,
         coef_dtype=coef_dtype,
-        gram_limit=4096,
-        baselines=False,
     )
 
 

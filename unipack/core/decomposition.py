@@ -59,6 +59,13 @@ class TensorJob:
         return len(self.member_dtypes)
 
     @property
+    def product_dtype(self) -> type[np.float32] | type[np.float64]:
+        """The precision of products over the members' differences (Grams, projections; their
+        sums stay float64): float32, twice as fast, since the differences are small; F64
+        members keep float64."""
+        return np.float64 if "F64" in self.member_dtypes else np.float32
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 

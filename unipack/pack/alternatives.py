@@ -358,7 +358,7 @@ def _paper_randomized(
     mean_q = oriented(mean)
     # The products run in float32 (members' differences are small: no cancellation to fear),
     # summed in float64, as fit_rows does; F64 members stay in float64.
-    work = np.float64 if "F64" in job.member_dtypes else np.float32
+    work = job.product_dtype
     keep = n_members * r * p * np.dtype(work).itemsize <= CACHE_BYTES
     cache = [(oriented(load(i)) - mean_q).astype(work) for i in range(n_members)] if keep else []
 

@@ -117,7 +117,7 @@ class FlatModel:
         real error in float64. It is filled in place, so no second copy of it ever exists.
         """
         n_members = self.job.n_members
-        work = np.float64 if "F64" in self.job.member_dtypes else np.float32
+        work = self.job.product_dtype
         gram = np.zeros((n_members, n_members))
         rows = max(1, min(n_members, BLOCK_BYTES // (np.dtype(work).itemsize * max(self.dim, 1))))
         held = np.empty((rows, self.dim), dtype=work)

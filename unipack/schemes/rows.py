@@ -180,11 +180,11 @@ class RowsModel:
         # Centre on the *stored* mean: with c = Mq - shift,
         # sum (Y_i - c)^T (Y_i - c) = G - c^T T - T^T c + N c^T c = G - A - A^T, A = c^T (T - N c / 2):
         # one p x p product instead of two (on a tensor's wide side each costs as much as two
-        # members' Grams), in the members' Gram precision (``gram_work_dtype``: c and T - N c / 2
+        # members' Grams), in the members' Gram precision (``TensorJob.product_dtype``: c and T - N c / 2
         # are differences of the same size as the Y_i, so it loses no more than their products
         # did) and subtracted in float64. Worked in ``gram``'s own array (``fit_rows`` hands each
         # model its Gram): a p x p array is as large as the tensor when it is square.
-        work = gram_work_dtype(job)
+        work = job.product_dtype
         c = self.mean_q - shift
         half = c * (-n_members / 2)
         half += total
@@ -391,7 +391,7 @@ def fit_rows(job: TensorJob, sides: Sequence[str] | None = None) -> list[RowsMod
     ]
     if not sides:
         return []
-    work = gram_work_dtype(job)
+    work = job.product_dtype
     shift = job.load(0).reshape(m, n)
     total = np.zeros((m, n))
     grams = {side: np.zeros((n, n) if side == "right" else (m, m)) for side in sides}
@@ -413,12 +413,6 @@ def fit_rows(job: TensorJob, sides: Sequence[str] | None = None) -> list[RowsMod
         sibling = models[0] if models else None
         models.append(RowsModel(job, side, oriented_shift, oriented_total, grams.pop(side), norms, sibling))
     return models
-
-
-def gram_work_dtype(job: TensorJob) -> type:
-    """The precision of the members' Gram products (sums stay float64): float32, twice as fast,
-    on differences from member 0; F64 members keep float64."""
-    return np.float64 if "F64" in job.member_dtypes else np.float32
 
 
 def cheapest_side(job: TensorJob, rank: int) -> str | None:
